@@ -1,0 +1,29 @@
+"""HF's LlamaForCausalLM with Transformer Engine decoder layers, and a pure-PyTorch twin.
+
+Importing this package never imports Transformer Engine: `TELlamaDecoderLayer` is resolved on first
+access, and `backend="auto"` only tries TE when a CUDA device is present.
+"""
+
+from .backend import BACKENDS, BackendUnavailableError, resolve_backend
+from .fp8 import RECIPES, FP8UnsupportedError, check_fp8_tokens, fp8_autocast, pad_to_multiple
+from .layer import KVCacheUnsupportedError, TorchLlamaDecoderLayer
+from .model import SegmentedLlamaModel, build_model, replace_decoder
+from .rope import UnsupportedRopeError
+from .segments import AttentionPlan, MaskError, plan_attention
+from .weights import CheckpointError, from_hf_checkpoint, hf_to_te_key, save_hf_checkpoint, te_to_hf_keys
+
+__all__ = [
+    "BACKENDS", "RECIPES", "AttentionPlan", "BackendUnavailableError", "CheckpointError",
+    "FP8UnsupportedError", "KVCacheUnsupportedError", "MaskError", "SegmentedLlamaModel",
+    "TELlamaDecoderLayer", "TorchLlamaDecoderLayer", "UnsupportedRopeError", "build_model",
+    "check_fp8_tokens", "fp8_autocast", "from_hf_checkpoint", "hf_to_te_key", "pad_to_multiple",
+    "plan_attention", "replace_decoder", "resolve_backend", "save_hf_checkpoint", "te_to_hf_keys",
+]
+
+
+def __getattr__(name):
+    if name == "TELlamaDecoderLayer":
+        from .layer_te import TELlamaDecoderLayer
+
+        return TELlamaDecoderLayer
+    raise AttributeError(f"module 'te_model' has no attribute {name!r}")

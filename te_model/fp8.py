@@ -1,0 +1,160 @@
+"""FP8 training with Transformer Engine: recipes by name, the autocast, and proof that it is on.
+
+In FP8 training the GEMM inputs of every TE linear layer (activations, weights, and in the backward
+pass the gradients) are cast to 8-bit floats with a per-tensor (or per-block) scale, multiplied on the
+FP8 tensor cores, and accumulated in higher precision. Master weights, optimizer state and everything
+outside TE's modules (embeddings, LM head, norms' outputs) stay in bf16/fp32. The recipe decides where the
+scales come from:
+
+- `delayed`: DelayedScaling, HYBRID (E4M3 forward, E5M2 gradients), scales from an amax history of
+  `amax_history_len` steps. Cheapest; Hopper and Ada.
+- `current`: Float8CurrentScaling, the scale of each tensor from its own amax at cast time.
+- `block`: Float8BlockScaling, 1x128 / 128x128 block scales (Hopper).
+- `mxfp8`: MXFP8BlockScaling, 32-element microscaling (Blackwell only).
+
+`fp8_autocast` wraps the forward pass only; TE runs the matching backward by itself. Token counts must
+be divisible by 16 (TE's FP8 GEMM constraint): `pad_to_multiple` pads a batch with padding segments.
+`fp8_evidence` reads TE's own scaling state, so a run can show FP8 really happened.
+"""
+
+import contextlib
+
+import torch
+
+RECIPES = ("delayed", "current", "block", "mxfp8")
+FP8_TOKEN_MULTIPLE = 16
+
+
+class FP8UnsupportedError(RuntimeError):
+    """The recipe is unknown or this GPU / TE build cannot run it."""
+
+
+def make_recipe(name: str, *, amax_history_len: int = 1024):
+    """TE recipe object for a recipe name, after checking this GPU supports it."""
+    if name not in RECIPES:
+        raise FP8UnsupportedError(f"fp8 recipe {name!r} is unknown (choose from {', '.join(RECIPES)})")
+    try:
+        import transformer_engine.common.recipe as r
+        import transformer_engine.pytorch as te
+    except ImportError as exc:
+        raise FP8UnsupportedError(f"fp8 recipe {name!r} needs Transformer Engine: {exc}") from exc
+    check = {
+        "delayed": te.is_fp8_available,
+        "current": te.is_fp8_available,
+        "block": te.is_fp8_block_scaling_available,
+        "mxfp8": te.is_mxfp8_available,
+    }[name]
+    ok, reason = check(return_reason=True)
+    if not ok:
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        raise FP8UnsupportedError(f"fp8 recipe {name!r} is not supported on {gpu}: {reason}")
+    if name == "delayed":
+        return r.DelayedScaling(
+            fp8_format=r.Format.HYBRID, amax_history_len=amax_history_len, amax_compute_algo="max"
+        )
+    if name == "current":
+        return r.Float8CurrentScaling(fp8_format=r.Format.HYBRID)
+    if name == "block":
+        return r.Float8BlockScaling(fp8_format=r.Format.E4M3)
+    return r.MXFP8BlockScaling(fp8_format=r.Format.E4M3)
+
+
+def fp8_autocast(recipe: str | None, *, amax_history_len: int = 1024, group=None):
+    """Context for the forward pass: FP8 with the named recipe, or nothing when `recipe` is None."""
+    if recipe is None or recipe == "none":
+        return contextlib.nullcontext()
+    import transformer_engine.pytorch as te
+
+    made = make_recipe(recipe, amax_history_len=amax_history_len)
+    return te.autocast(enabled=True, recipe=made, amax_reduction_group=group)
+
+
+def check_fp8_tokens(num_tokens: int, where: str = "batch") -> None:
+    if num_tokens % FP8_TOKEN_MULTIPLE:
+        raise FP8UnsupportedError(
+            f"{where} has {num_tokens} tokens; FP8 needs a multiple of {FP8_TOKEN_MULTIPLE} "
+            f"(pad with te_model.pad_to_multiple)"
+        )
+
+
+def pad_to_multiple(batch: dict, pad_token_id: int, multiple: int = FP8_TOKEN_MULTIPLE) -> dict:
+    """Right-pad input_ids/labels/position_ids (and attention_mask) so seq length % multiple == 0.
+
+    The padding is its own segment (positions restart at 0, labels -100), so it changes no real token's
+    output or loss.
+    """
+    seqlen = batch["input_ids"].shape[1]
+    extra = -seqlen % multiple
+    if not extra:
+        return batch
+    fill = {"input_ids": pad_token_id, "labels": -100, "attention_mask": 0}
+    out = {}
+    for key, value in batch.items():
+        if key == "position_ids":
+            pad = torch.arange(extra, device=value.device).expand(value.shape[0], extra)
+            out[key] = torch.cat([value, pad.to(value.dtype)], dim=1)
+        elif key in fill:
+            pad = torch.full((value.shape[0], extra), fill[key], dtype=value.dtype, device=value.device)
+            out[key] = torch.cat([value, pad], dim=1)
+        else:
+            out[key] = value
+    if "attention_mask" not in batch and "position_ids" not in batch:
+        mask = torch.ones_like(batch["input_ids"])
+        out["attention_mask"] = torch.cat([mask, torch.zeros_like(mask[:, :extra])], dim=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# evidence
+
+
+def delayed_scaling_state(model) -> dict:
+    """Summary of every TE module's forward FP8 meta (DelayedScaling): amax seen, scales in use."""
+    amax, scales, modules = [], [], 0
+    for module in model.modules():
+        meta = getattr(module, "fp8_meta", None)
+        if not meta or "scaling_fwd" not in meta:
+            continue
+        modules += 1
+        amax.append(meta["scaling_fwd"].amax_history.detach().abs().max().float())
+        scales.append(meta["scaling_fwd"].scale.detach().float().flatten())
+    if not modules:
+        return {"modules": 0}
+    scales = torch.cat(scales)
+    return {
+        "modules": modules,
+        "amax_max": float(torch.stack(amax).max()),
+        "scale_min": float(scales.min()),
+        "scale_max": float(scales.max()),
+        "scales_not_one": int((scales != 1).sum()),
+    }
+
+
+FP8_STORAGE_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@contextlib.contextmanager
+def record_fp8_saved_tensors():
+    """Counts, during a forward pass, the FP8 tensors autograd keeps for the backward pass.
+
+    TE saves its quantized activations and weights either as QuantizedTensor objects or, split up, as
+    their raw 8-bit storage; both are counted, with their bytes. A bf16 forward saves none, so a
+    non-zero count is evidence of FP8 GEMMs for every recipe, read from what TE actually produced.
+    """
+    try:
+        from transformer_engine.pytorch.tensor import QuantizedTensor
+    except ImportError:
+        QuantizedTensor = ()
+    seen = {"fp8_tensors": 0, "fp8_bytes": 0, "types": set()}
+
+    def pack(t):
+        if isinstance(t, QuantizedTensor) or t.dtype in FP8_STORAGE_DTYPES:
+            seen["fp8_tensors"] += 1
+            seen["types"].add(type(t).__name__ if isinstance(t, QuantizedTensor) else str(t.dtype))
+            if t.dtype in FP8_STORAGE_DTYPES:
+                seen["fp8_bytes"] += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+    seen["types"] = sorted(seen["types"])

@@ -1,0 +1,75 @@
+"""`TELlamaDecoderLayer`: HF's Llama decoder layer as a Transformer Engine `TransformerLayer`.
+
+Importing this module imports Transformer Engine; `te_model` only does so when the TE backend is
+chosen. The LlamaConfig → TransformerLayer mapping follows HF's layer exactly: RMSNorm with HF's eps,
+SwiGLU with fc1 = [gate; up], no biases, GQA through `num_gqa_groups`, unfused Q/K/V weights (so HF
+checkpoints map tensor by tensor), dropout off.
+
+Attention runs in TE's THD layout: the (B, S) batch is flattened to B*S tokens and `cu_seqlens` marks
+the segments of the `AttentionPlan`. That is the one layout in which plain rows, left/right padding and
+packed documents are the same call to TE's fused attention; BSHD could express packed documents only
+through a dense (S, S) "arbitrary" mask, which falls back to unfused attention. RoPE comes from the
+model's HF rotary module as an angle table (`rope.angles_table`); TE's fused RoPE indexes it by the
+position within each segment.
+"""
+
+import torch
+import transformer_engine.pytorch as te
+
+from .layer import DecoderCall, head_dim
+from .rope import angles_table
+from .segments import AttentionPlan
+
+
+class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
+    """Drop-in replacement for `LlamaDecoderLayer` built on `te.pytorch.TransformerLayer`."""
+
+    wants_rope_angles = True  # SegmentedLlamaModel adds TE's angle table to the plan
+
+    def __init__(self, config, layer_idx: int = 0):
+        std = config.initializer_range
+        super().__init__(
+            hidden_size=config.hidden_size,
+            ffn_hidden_size=config.intermediate_size,
+            num_attention_heads=config.num_attention_heads,
+            num_gqa_groups=config.num_key_value_heads,
+            kv_channels=head_dim(config),
+            layernorm_epsilon=config.rms_norm_eps,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            bias=False,
+            normalization="RMSNorm",
+            activation="swiglu",
+            attn_input_format="thd",
+            self_attn_mask_type="padding_causal",
+            fuse_qkv_params=False,
+            layer_number=layer_idx + 1,
+            init_method=lambda w: torch.nn.init.normal_(w, mean=0.0, std=std),
+            output_layer_init_method=lambda w: torch.nn.init.normal_(w, mean=0.0, std=std),
+            params_dtype=torch.get_default_dtype(),
+            device=torch.get_default_device(),
+        )
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim(config)
+
+    def _block(self, x, plan: AttentionPlan, position_embeddings) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            raise TypeError("the TE backend runs in bf16 or fp16 (TE's THD attention has no fp32 kernel)")
+        if plan.rope_angles is None:
+            raise ValueError("TELlamaDecoderLayer needs the plan's rope angles: build it with te_model")
+        b, s, h = x.shape
+        out = te.TransformerLayer.forward(
+            self,
+            x.reshape(b * s, h),
+            rotary_pos_emb=plan.rope_angles,
+            cu_seqlens_q=plan.cu_seqlens,
+            cu_seqlens_kv=plan.cu_seqlens,
+            max_seqlen_q=plan.max_seqlen,
+            max_seqlen_kv=plan.max_seqlen,
+        )
+        return out.view(b, s, h)
+
+    @staticmethod
+    def _checkpoint(fn, *args):
+        # TE's checkpoint keeps FP8 scaling state consistent when the forward is recomputed.
+        return te.checkpoint(fn, *args, use_reentrant=False)

@@ -1,0 +1,116 @@
+"""Building HF's `LlamaForCausalLM` with TE-style decoder layers.
+
+`replace_decoder` swaps, for the duration of a `with` block, the two classes transformers' Llama module
+instantiates by name:
+
+- `LlamaDecoderLayer` → the chosen backend's layer (`TELlamaDecoderLayer` or `TorchLlamaDecoderLayer`);
+- `LlamaModel` → `SegmentedLlamaModel`, which computes the attention plan (and TE's RoPE angles) once per
+  forward and hands it to every layer, and declares the new layers to HF's output recorder so
+  `output_hidden_states=True` returns every layer's output.
+
+Everything else (embeddings, final norm, LM head, loss, `save_pretrained` of the config, Trainer
+integration) is HF's own. The originals are restored on exit, also when the body raises.
+"""
+
+import contextlib
+import dataclasses
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama import modeling_llama
+
+from .backend import decoder_layer_class, resolve_backend
+from .layer import KV_CACHE_MESSAGE, DecoderCall, KVCacheUnsupportedError
+from .rope import angles_table, rope_type
+from .segments import plan_attention
+
+
+class SegmentedLlamaModel(modeling_llama.LlamaModel):
+    """HF's LlamaModel, planning attention once per forward for its TE-style layers."""
+
+    _can_record_outputs = {"hidden_states": DecoderCall}
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        if past_key_values is not None or use_cache:
+            raise KVCacheUnsupportedError(KV_CACHE_MESSAGE)
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        batch, seqlen = tokens.shape[:2]
+        plan = plan_attention(batch, seqlen, position_ids, attention_mask, device=tokens.device)
+        if getattr(self.layers[0], "wants_rope_angles", False):
+            angles = angles_table(self.rotary_emb.inv_freq, plan.max_seqlen)
+            plan = dataclasses.replace(plan, rope_angles=angles)
+        # The padding now lives in the plan; HF's 4-D mask would be built for nothing.
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=None,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            attention_plan=plan,
+            **kwargs,
+        )
+
+
+@contextlib.contextmanager
+def replace_decoder(backend: str = "auto"):
+    """Within the block, `LlamaForCausalLM(config)` builds TE-style layers of `backend`."""
+    layer_cls = decoder_layer_class(backend)
+    saved = modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaModel
+    modeling_llama.LlamaDecoderLayer = layer_cls
+    modeling_llama.LlamaModel = SegmentedLlamaModel
+    try:
+        yield layer_cls
+    finally:
+        modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaModel = saved
+
+
+def check_llama_config(config, where: str = "config") -> None:
+    """Refuse configs the layers cannot reproduce, naming what is wrong."""
+    model_type = getattr(config, "model_type", None)
+    if model_type != "llama":
+        raise ValueError(f"{where}: model_type is {model_type!r}, only 'llama' checkpoints are supported")
+    rope_type(config)
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ValueError(f"{where}: attention_bias/mlp_bias are set; the TE-style layers have no biases")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def build_model(
+    config: LlamaConfig,
+    *,
+    backend: str = "auto",
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device | None = None,
+) -> LlamaForCausalLM:
+    """A randomly initialised `LlamaForCausalLM` with TE-style layers (weights: `weights.py`)."""
+    check_llama_config(config)
+    backend = resolve_backend(backend)
+    if backend == "te":
+        if dtype == torch.float32:
+            raise ValueError("backend 'te' needs dtype bfloat16 or float16, not float32")
+        device = torch.device(device or "cuda")
+        if device.type != "cuda":
+            raise ValueError(f"backend 'te' needs a CUDA device, got {device}")
+    config.use_cache = False
+    with replace_decoder(backend), torch.device(device or "cpu"), _default_dtype(dtype):
+        model = LlamaForCausalLM(config)
+    model.te_backend = backend
+    return model

@@ -1,0 +1,93 @@
+"""Which tokens attend to which: one description for plain, padded and packed rows.
+
+Every row of a batch is cut into *segments*, runs of consecutive tokens that attend causally to each
+other and to nothing else:
+
+- no mask, positions 0..S-1: one segment per row (plain causal);
+- an HF padding mask (left or right padding): the padding and the real tokens are separate segments,
+  so real tokens never see padding (what the padding tokens compute is ignored, as in HF);
+- packed rows: a new segment starts wherever `position_ids` do not continue by +1, i.e. where a
+  document restarts at 0.
+
+That single rule feeds both backends: the torch layer turns it into a block-diagonal causal mask, and the
+TE layer hands the same boundaries to its THD attention as `cu_seqlens`. The plan is computed once per
+model forward (`SegmentedLlamaModel`), not per layer, because `max_seqlen` needs one host sync.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+class MaskError(ValueError):
+    """An attention mask or position ids the layers cannot represent."""
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Segment layout of one batch of shape (batch, seq)."""
+
+    segment_ids: torch.Tensor  # (B, S) int64, unique across the whole batch
+    cu_seqlens: torch.Tensor  # (num_segments + 1,) int32, offsets into the flattened B*S tokens
+    max_seqlen: int
+    one_segment_per_row: bool  # plain causal rows: the fast path needs no mask at all
+    rope_angles: torch.Tensor | None = None  # (max_seqlen, 1, 1, head_dim) for TE's fused RoPE
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.segment_ids.shape)
+
+    def block_causal_mask(self) -> torch.Tensor:
+        """(B, 1, S, S) bool, True where a query may attend to a key (torch SDPA convention)."""
+        seg = self.segment_ids
+        same = seg[:, :, None] == seg[:, None, :]
+        causal = torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool, device=seg.device).tril()
+        return (same & causal)[:, None]
+
+
+def _check_padding(mask: torch.Tensor) -> None:
+    """Each row must be one run of real tokens: left padding, right padding, or none."""
+    real = mask.bool()
+    changes = (real[:, 1:] != real[:, :-1]).sum(dim=1)
+    # one change: right (1..1 0..0) or left (0..0 1..1) padding; none: an unpadded row
+    bad = (changes > 1) | ((changes == 0) & ~real[:, 0])
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise MaskError(
+            f"attention_mask row {row} is not left or right padding around one run of tokens "
+            f"(or has no real token)"
+        )
+
+
+def plan_attention(
+    batch: int,
+    seqlen: int,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> AttentionPlan:
+    """Cut each row into causal segments from its position ids and padding mask."""
+    if position_ids is None:
+        position_ids = torch.arange(seqlen, device=device)[None]
+    position_ids = position_ids.expand(batch, seqlen)
+    starts = torch.ones(batch, seqlen, dtype=torch.bool, device=position_ids.device)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seqlen):
+            raise MaskError(
+                f"attention_mask must be a 2-D padding mask of shape {(batch, seqlen)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        _check_padding(attention_mask)
+        starts[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
+    segment_ids = starts.flatten().cumsum(0).view(batch, seqlen) - 1
+    flat_starts = starts.flatten().nonzero().flatten()
+    total = torch.tensor([batch * seqlen], device=flat_starts.device)
+    cu_seqlens = torch.cat([flat_starts, total]).to(torch.int32)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return AttentionPlan(
+        segment_ids=segment_ids,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(lengths.max()),
+        one_segment_per_row=len(lengths) == batch,
+    )

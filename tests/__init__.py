@@ -1,0 +1,1 @@
+"""Test suite of the pipeline; a package so fixtures can be shared as `tests.<module>`."""
