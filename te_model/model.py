@@ -40,7 +40,7 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
         use_cache=None,
         **kwargs,
     ):
-        if past_key_values is not None or use_cache:
+        if past_key_values is not None:  # use_cache itself is simply turned off below
             raise KVCacheUnsupportedError(KV_CACHE_MESSAGE)
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, seqlen = tokens.shape[:2]

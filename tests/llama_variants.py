@@ -48,7 +48,12 @@ def llama_config(name: str, feature_on: bool = True, **extra) -> LlamaConfig:
 
 def hf_model(config: LlamaConfig, seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # not .to(dtype): that would also round RoPE's fp32 inv_freq
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(saved)
     if not config.tie_word_embeddings:  # a distinct head, so an untied load would be visibly wrong
         torch.nn.init.normal_(model.lm_head.weight, std=config.initializer_range)
     return model.eval()

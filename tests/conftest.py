@@ -1,0 +1,3 @@
+"""Fixtures shared by the whole test suite."""
+
+from tests.s3_server import *  # noqa
