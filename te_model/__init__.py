@@ -14,7 +14,7 @@ from .weights import CheckpointError, from_hf_checkpoint, hf_to_te_key, save_hf_
 
 __all__ = [
     "BACKENDS", "RECIPES", "AttentionPlan", "BackendUnavailableError", "CheckpointError",
-    "FP8UnsupportedError", "KVCacheUnsupportedError", "MaskError", "SegmentedLlamaModel",
+    "FP8UnsupportedError", "KVCacheUnsupportedError", "MaskError", "SaveHFCheckpointCallback", "SegmentedLlamaModel",
     "TELlamaDecoderLayer", "TorchLlamaDecoderLayer", "UnsupportedRopeError", "build_model",
     "check_fp8_tokens", "fp8_autocast", "from_hf_checkpoint", "hf_to_te_key", "pad_to_multiple",
     "plan_attention", "replace_decoder", "resolve_backend", "save_hf_checkpoint", "te_to_hf_keys",
@@ -26,4 +26,8 @@ def __getattr__(name):
         from .layer_te import TELlamaDecoderLayer
 
         return TELlamaDecoderLayer
+    if name == "SaveHFCheckpointCallback":  # transformers' Trainer stack pulls in accelerate (and TE)
+        from .hf_trainer import SaveHFCheckpointCallback
+
+        return SaveHFCheckpointCallback
     raise AttributeError(f"module 'te_model' has no attribute {name!r}")

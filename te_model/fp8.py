@@ -29,8 +29,12 @@ class FP8UnsupportedError(RuntimeError):
     """The recipe is unknown or this GPU / TE build cannot run it."""
 
 
-def make_recipe(name: str, *, amax_history_len: int = 1024):
-    """TE recipe object for a recipe name, after checking this GPU supports it."""
+def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "hybrid"):
+    """TE recipe object for a recipe name, after checking this GPU supports it.
+
+    `fp8_format` applies to the per-tensor recipes: "hybrid" (E4M3 forward, E5M2 gradients) or
+    "e4m3" (both); the block recipes are E4M3 by construction.
+    """
     if name not in RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is unknown (choose from {', '.join(RECIPES)})")
     try:
@@ -48,24 +52,23 @@ def make_recipe(name: str, *, amax_history_len: int = 1024):
     if not ok:
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is not supported on {gpu}: {reason}")
+    fmt = {"hybrid": r.Format.HYBRID, "e4m3": r.Format.E4M3}[fp8_format]
     if name == "delayed":
-        return r.DelayedScaling(
-            fp8_format=r.Format.HYBRID, amax_history_len=amax_history_len, amax_compute_algo="max"
-        )
+        return r.DelayedScaling(fp8_format=fmt, amax_history_len=amax_history_len, amax_compute_algo="max")
     if name == "current":
-        return r.Float8CurrentScaling(fp8_format=r.Format.HYBRID)
+        return r.Float8CurrentScaling(fp8_format=fmt)
     if name == "block":
         return r.Float8BlockScaling(fp8_format=r.Format.E4M3)
     return r.MXFP8BlockScaling(fp8_format=r.Format.E4M3)
 
 
-def fp8_autocast(recipe: str | None, *, amax_history_len: int = 1024, group=None):
+def fp8_autocast(recipe: str | None, *, amax_history_len: int = 1024, fp8_format: str = "hybrid", group=None):
     """Context for the forward pass: FP8 with the named recipe, or nothing when `recipe` is None."""
     if recipe is None or recipe == "none":
         return contextlib.nullcontext()
     import transformer_engine.pytorch as te
 
-    made = make_recipe(recipe, amax_history_len=amax_history_len)
+    made = make_recipe(recipe, amax_history_len=amax_history_len, fp8_format=fp8_format)
     return te.autocast(enabled=True, recipe=made, amax_reduction_group=group)
 
 
@@ -113,11 +116,12 @@ def delayed_scaling_state(model) -> dict:
     amax, scales, modules = [], [], 0
     for module in model.modules():
         meta = getattr(module, "fp8_meta", None)
-        if not meta or "scaling_fwd" not in meta:
+        state = meta.get("scaling_fwd") if meta else None
+        if state is None or not hasattr(state, "amax_history"):  # other recipes keep no history
             continue
         modules += 1
-        amax.append(meta["scaling_fwd"].amax_history.detach().abs().max().float())
-        scales.append(meta["scaling_fwd"].scale.detach().float().flatten())
+        amax.append(state.amax_history.detach().abs().max().float())
+        scales.append(state.scale.detach().float().flatten())
     if not modules:
         return {"modules": 0}
     scales = torch.cat(scales)

@@ -1,3 +1,4 @@
 """Fixtures shared by the whole test suite."""
 
 from tests.s3_server import *  # noqa
+from tests.mlflow_server import *  # noqa

@@ -1,0 +1,423 @@
+"""One typed configuration for every stage, loaded from a YAML preset plus dotted command-line overrides.
+
+Why it exists: every job (fine-tune, publish, retrain, compare) and every Ray worker must agree on the
+same settings, and a typo must fail before a cluster spins up. So the config is a tree of dataclasses
+whose fields are checked on construction (`__post_init__`): wrong types, out-of-range values and
+unknown keys raise `PipelineError` naming the dotted key (`train.lr`), with the closest valid key
+suggested for typos.
+
+Decisions made here:
+- The embedded defaults are the tiny CPU demo job, so `load_config(None, [])` runs anywhere in minutes.
+  GPU presets in `configs/` set everything that differs.
+- Override values are parsed with `yaml.safe_load`, so `train.lr=2e-5`, `train.use_gpu=true` and
+  `data.train_files=[a.jsonl,b.jsonl]` mean what they look like; `key=` or `key=null` means None;
+  text that is not valid YAML (a Jinja template) is taken verbatim.
+- Float fields also accept strings such as "2e-5": PyYAML (YAML 1.1) reads exponent numbers without a
+  dot as strings, which would otherwise make the most common learning-rate spelling an error.
+- `tracking.experiment` left empty takes `run.experiment`, so one name groups the runs everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEMO_BASE_URI = ".cache/demo-store/tiny-llama"
+SHIPPED_TEXT = "data/tiny_text.jsonl"
+
+# Names other trainers use for our keys; difflib alone cannot see that `learning_rate` means `lr`.
+_ALIASES = {
+    "learning_rate": "lr",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "per_device_train_batch_size": "micro_batch_size",
+    "batch_size": "micro_batch_size",
+    "num_workers": "workers",
+    "max_seq_length": "seq_len",
+    "seq_length": "seq_len",
+    "max_length": "seq_len",
+    "fp8_recipe": "fp8",
+    "gradient_checkpointing": "activation_checkpointing",
+    "torch_dtype": "dtype",
+}
+_SHARD_SIZE = re.compile(r"^\d+(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+
+
+class _Section:
+    """Shared construction checks: every field is type-checked, then `_validate` checks ranges."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            key = f"{self.section}.{f.name}"
+            setattr(self, f.name, _coerce(key, getattr(self, f.name), hints[f.name]))
+        self._validate()
+
+    def _validate(self) -> None:
+        """Range and cross-field rules of the section; raise via `_require`."""
+
+    def _require(self, ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            value = getattr(self, name)
+            raise PipelineError(f"{self.section}.{name} {rule} (got {value!r})")
+
+
+@dataclass
+class RunConfig(_Section):
+    section: ClassVar[str] = "run"
+    # Run name in MLflow and the folder name of this run's checkpoints and exports.
+    name: str = "tiny-demo"
+    # MLflow experiment the run belongs to (also the default of tracking.experiment).
+    experiment: str = "tiny-demo"
+    # Seed for weight-free randomness: data split, row order, dropout, sampling.
+    seed: int = 0
+    # Root uri (local folder, file://, s3://) for checkpoints, exports and the prepared-data cache.
+    output_uri: str = ".cache/runs"
+    # Node-local folder where pulled checkpoints are cached; must be a local path.
+    cache_dir: str = ".cache/node"
+
+    def _validate(self) -> None:
+        self._require(bool(self.name.strip()), "name", "must not be empty")
+        self._require("://" not in self.cache_dir, "cache_dir", "must be a local path")
+
+
+@dataclass
+class StorageConfig(_Section):
+    section: ClassVar[str] = "storage"
+    # S3-compatible endpoint (MinIO, moto, Ceph); None = AWS. Credentials come from the environment only.
+    endpoint_url: Optional[str] = None
+    # Object-store region; None = the client's default.
+    region: Optional[str] = None
+
+
+@dataclass
+class ModelConfig(_Section):
+    section: ClassVar[str] = "model"
+    # Uri of the Hugging Face checkpoint folder (config.json, safetensors shards, tokenizer files).
+    base_uri: str = DEMO_BASE_URI
+    # Layer implementation: te = Transformer Engine, torch = plain PyTorch, auto = te when usable.
+    backend: Literal["auto", "te", "torch"] = "auto"
+    # Master weight and compute dtype outside FP8 regions.
+    dtype: Literal["bf16", "fp32"] = "fp32"
+
+
+@dataclass
+class DataConfig(_Section):
+    section: ClassVar[str] = "data"
+    # Training inputs: jsonl/json/parquet/csv files or `datasets` save_to_disk folders, local or remote.
+    train_files: list[str] = field(default_factory=lambda: [SHIPPED_TEXT])
+    # Held-out inputs; when set, val_fraction is ignored and no training document is held out.
+    validation_files: Optional[list[str]] = None
+    # Record layout: text = raw `text_field`; instruction = instruction/input/output; chat = messages.
+    format: Literal["text", "instruction", "chat"] = "text"
+    # Column holding the document in text format.
+    text_field: str = "text"
+    # Tokens per packed row; a document longer than this is truncated.
+    seq_len: int = 128
+    # Share of documents held out for validation when validation_files is not set.
+    val_fraction: float = 0.1
+    # Processes used to tokenize.
+    num_proc: int = 1
+    # Jinja chat template used instead of the tokenizer's (for base tokenizers that lack one).
+    chat_template: Optional[str] = None
+    # Prepend the tokenizer's BOS token to every document (never doubled if the text already has it).
+    add_bos: bool = True
+    # Append the tokenizer's EOS token to every document that is not truncated.
+    add_eos: bool = True
+    # Use only the first this many documents of the training files (and of validation_files); None = all.
+    max_documents: Optional[int] = None
+
+    def _validate(self) -> None:
+        self._require(len(self.train_files) > 0, "train_files", "must list at least one uri")
+        multiple_of_16 = self.seq_len >= 16 and self.seq_len % 16 == 0
+        self._require(multiple_of_16, "seq_len", "must be >= 16 and a multiple of 16")
+        self._require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        self._require(self.num_proc >= 1, "num_proc", "must be >= 1")
+        self._require(bool(self.text_field), "text_field", "must not be empty")
+        self._require(self.max_documents is None or self.max_documents >= 1, "max_documents", "must be >= 1")
+
+
+@dataclass
+class TrainConfig(_Section):
+    section: ClassVar[str] = "train"
+    # Ray Train workers (one per GPU when use_gpu).
+    workers: int = 2
+    # Give each worker one GPU.
+    use_gpu: bool = False
+    # Packed rows per worker per forward pass.
+    micro_batch_size: int = 4
+    # Micro-batches accumulated per optimizer step.
+    grad_accum_steps: int = 1
+    # Peak AdamW learning rate.
+    lr: float = 3e-3
+    # Final learning rate of the cosine decay as a fraction of lr.
+    min_lr_ratio: float = 0.1
+    # AdamW decoupled weight decay.
+    weight_decay: float = 0.01
+    # Linear warmup optimizer steps.
+    warmup_steps: int = 3
+    # Optimizer steps in the run.
+    max_steps: int = 30
+    # Global gradient-norm clip; 0 disables clipping.
+    max_grad_norm: float = 1.0
+    # FP8 recipe for linear layers: none, delayed scaling, current scaling, block scaling, MXFP8.
+    fp8: Literal["none", "delayed", "current", "block", "mxfp8"] = "none"
+    # Amax history length of the delayed-scaling recipe.
+    fp8_amax_history_len: int = 1024
+    # Recompute decoder-layer activations in backward to save memory.
+    activation_checkpointing: bool = False
+    # Save a resumable checkpoint every this many optimizer steps; 0 = only at the end.
+    checkpoint_every: int = 10
+    # Newest checkpoints kept; older ones are deleted.
+    keep_checkpoints: int = 2
+    # Log training metrics every this many optimizer steps.
+    log_every: int = 1
+
+    def _validate(self) -> None:
+        for name in ("workers", "micro_batch_size", "grad_accum_steps", "max_steps", "log_every",
+                     "keep_checkpoints", "fp8_amax_history_len"):
+            self._require(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every"):
+            self._require(getattr(self, name) >= 0, name, "must be >= 0")
+        self._require(self.lr > 0, "lr", "must be > 0")
+        self._require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+        self._require(self.warmup_steps <= self.max_steps, "warmup_steps", "must be <= train.max_steps")
+        self._require(self.fp8 == "none" or self.use_gpu, "fp8", "needs train.use_gpu=true")
+
+
+@dataclass
+class EvalConfig(_Section):
+    section: ClassVar[str] = "eval"
+    # Packed validation rows per forward pass.
+    batch_size: int = 4
+    # Validation batches scored for loss/perplexity; None = the whole validation split.
+    max_batches: Optional[int] = 8
+    # How many of `prompts` get a generated completion logged.
+    num_samples: int = 3
+    # Greedy generation length per sample.
+    max_new_tokens: int = 32
+    # Prompts for generated samples.
+    prompts: list[str] = field(default_factory=lambda: [
+        "The old lighthouse keeper",
+        "In the morning the baker",
+        "The children walked to the river and",
+    ])
+
+    def _validate(self) -> None:
+        self._require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self._require(self.max_batches is None or self.max_batches >= 1, "max_batches", "must be >= 1")
+        self._require(self.num_samples >= 0, "num_samples", "must be >= 0")
+        self._require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+
+
+@dataclass
+class ExportConfig(_Section):
+    section: ClassVar[str] = "export"
+    # Largest safetensors shard of the exported checkpoint, e.g. "2GB", "200KB".
+    max_shard_size: str = "2GB"
+    # MLflow registered-model name the export is registered under; None = do not register.
+    registered_model_name: Optional[str] = "tiny-llama-demo"
+
+    def _validate(self) -> None:
+        well_formed = bool(_SHARD_SIZE.match(self.max_shard_size))
+        self._require(well_formed, "max_shard_size", "must look like 2GB or 200KB")
+
+
+@dataclass
+class TrackingConfig(_Section):
+    section: ClassVar[str] = "tracking"
+    # MLflow tracking uri: http(s):// server, sqlite:/// database or local folder.
+    uri: str = "sqlite:///.cache/mlflow.db"
+    # MLflow experiment name; None = run.experiment.
+    experiment: Optional[str] = None
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "run": RunConfig, "storage": StorageConfig, "model": ModelConfig, "data": DataConfig,
+    "train": TrainConfig, "eval": EvalConfig, "export": ExportConfig, "tracking": TrackingConfig,
+}
+
+
+@dataclass
+class Config:
+    """The whole pipeline configuration; sections are checked on construction."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, cls):
+                raise PipelineError(f"{name}: expected a {cls.__name__}, got {type(section).__name__}")
+        if self.tracking.experiment is None:
+            self.tracking.experiment = self.run.experiment
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (YAML/JSON-safe); `Config.from_dict(c.to_dict()) == c`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        """Build from a nested dict; missing keys take defaults, unknown keys are errors."""
+        if not isinstance(raw, dict):
+            raise PipelineError(f"config must be a mapping of sections, got {type(raw).__name__}")
+        sections = {}
+        for name, values in raw.items():
+            if name not in _SECTIONS:
+                raise PipelineError(_unknown_key_message(str(name), list(_SECTIONS)))
+            if values is None:
+                values = {}
+            if not isinstance(values, dict):
+                raise PipelineError(f"{name}: expected a mapping of keys, got {type(values).__name__}")
+            for key in values:
+                _check_known_key(f"{name}.{key}")
+            sections[name] = _SECTIONS[name](**values)
+        return cls(**sections)
+
+    def to_yaml(self) -> str:
+        """The config as YAML text, loadable again with `load_config`."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat_params(self) -> dict[str, Any]:
+        """Every setting keyed by its dotted name, e.g. {"train.lr": 3e-3}, for MLflow params."""
+        sections = self.to_dict().items()
+        return {f"{section}.{key}": value for section, values in sections for key, value in values.items()}
+
+
+def valid_keys() -> list[str]:
+    """All dotted keys a preset or override may set."""
+    return [f"{name}.{f.name}" for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML preset at `path` (a file or a name in configs/), then `key=value` overrides."""
+    raw = {} if path is None else _read_preset(path)  # absent sections and keys take the defaults
+    for override in overrides or []:
+        key, value = _parse_override(override)
+        section, name = key.split(".", 1)
+        if not isinstance(raw.get(section), dict):
+            raw[section] = {}
+        raw[section][name] = value
+    return Config.from_dict(raw)
+
+
+def _read_preset(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.exists() and (PRESET_DIR / f"{path}.yaml").exists():
+        file = PRESET_DIR / f"{path}.yaml"
+    if not file.is_file():
+        raise PipelineError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"invalid YAML in {file}: {str(exc).splitlines()[0]}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{file}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _parse_override(override: str) -> tuple[str, Any]:
+    if "=" not in override:
+        raise PipelineError(f"override {override!r} must look like section.key=value")
+    key, text = override.split("=", 1)
+    key = key.strip()
+    _check_known_key(key)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # not YAML (e.g. a Jinja template): the raw text, still type-checked as a string
+    return key, value
+
+
+def _check_known_key(key: str) -> None:
+    keys = valid_keys()
+    if key not in keys:
+        raise PipelineError(_unknown_key_message(key, keys))
+
+
+def _unknown_key_message(key: str, candidates: list[str]) -> str:
+    section, _, leaf = key.rpartition(".")
+    alias = _ALIASES.get(leaf)
+    guess = f"{section}.{alias}" if alias and f"{section}.{alias}" in candidates else None
+    if guess is None:
+        matches = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+        guess = matches[0] if matches else None
+    hint = f" (did you mean '{guess}'?)" if guess else ""
+    return f"unknown key '{key}'{hint}"
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return {int: "int", float: "float", str: "str", bool: "bool (true/false)"}.get(hint, str(hint))
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """`value` checked against `hint` (int→float and "2e-5"→float allowed); PipelineError naming `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        try:
+            return _coerce(key, value, inner[0]) if len(inner) == 1 else _fail(key, value, hint)
+        except PipelineError as exc:
+            if str(exc).startswith(f"{key}: "):  # the value itself is wrong, not one of its list items
+                _fail(key, value, hint)
+            raise
+    if origin is Literal:
+        return value if value in args and isinstance(value, str) else _fail(key, value, hint)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, hint)
+        return [_coerce(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value)]
+    if hint is float:
+        return _as_float(key, value, hint)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    return _fail(key, value, hint)
+
+
+def _as_float(key: str, value: Any, hint: Any) -> float:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    return number if number is not None and math.isfinite(number) else _fail(key, value, hint)
+
+
+def _fail(key: str, value: Any, hint: Any) -> Any:
+    raise PipelineError(f"{key}: expected {_type_name(hint)}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,467 @@
+"""Data preparation: raw documents in, packed token rows (parquet) out, cached by content hash.
+
+Why it exists: training wants fixed-length rows of `input_ids`, `labels` and `position_ids` so that no
+token of compute is wasted on padding and no document attends to another (te_model's packed-row
+convention). This stage turns text, instruction or chat records into such rows once, and stores them
+under `{run.output_uri}/data/{hash}/` so every later run with the same inputs reuses them.
+
+Rules decided here (all recorded in stats.json):
+- Special tokens are added by these rules only, never by the tokenizer's own post-processor: BOS before
+  every document when `data.add_bos` (not doubled when the text or chat template already starts with
+  it), EOS after every document when `data.add_eos` (not doubled either).
+- Pad id: the tokenizer's pad token; if it has none (Llama 3), its EOS id. Pad positions are never
+  trained, so reusing EOS is safe; `pad_token_source` says which was used.
+- Labels are aligned with input_ids (the model shifts them). -100 marks untrained tokens: instruction
+  prompts, non-assistant chat text, padding, and the first token of every document, which nothing in
+  its own document can predict.
+- A document longer than `data.seq_len` is truncated (its EOS is lost with the tail) and counted; a
+  document is never split across rows. Empty documents and documents left with no trained token are
+  dropped and counted.
+- Packing is best-fit decreasing; position ids restart at 0 for every document and for the trailing pad
+  segment, so a position id of 0 marks each segment start. Rows are then shuffled with `run.seed`.
+- Chat: each assistant turn is found by rendering the conversation prefix with the generation prompt;
+  pieces are tokenized separately, exactly as a prompt and its reply are tokenized at inference time.
+- Cache key: sha256 over every input file's bytes, the tokenizer files' bytes, the data settings that
+  change the output, `run.seed` and FORMAT_VERSION. File names and `data.num_proc` are not part of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import random
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from pipeline import storage
+from pipeline.config import DEMO_BASE_URI, Config, DataConfig, load_config
+from pipeline.errors import PipelineError
+from pipeline.manifest import MANIFEST_NAME
+
+# Bump whenever tokenization or packing output changes, so older caches stop matching.
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+_FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Settings that do not change the prepared rows: leaving them out lets e.g. num_proc change and still hit.
+_NOT_HASHED = ("train_files", "validation_files", "num_proc")
+INSTRUCTION_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+INSTRUCTION_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n### Response:\n")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Where the packed rows are and what went into them."""
+
+    uri: str  # folder holding train.parquet, val.parquet (if any), stats.json
+    train_uri: str
+    val_uri: str | None  # None when no document was held out
+    stats: dict[str, Any]
+
+    @property
+    def cache_hit(self) -> bool:
+        return bool(self.stats.get("cache_hit"))
+
+
+@dataclass
+class _Source:
+    """One input uri read into memory: a file, or the arrow files of a `save_to_disk` folder."""
+
+    uri: str
+    kind: str
+    blobs: dict[str, bytes]  # relative name -> bytes; "" for a single file
+
+
+def format_instruction_prompt(instruction: str, input_text: str = "") -> str:
+    """The Alpaca-style prompt the model is trained on; use the same at inference."""
+    if input_text and input_text.strip():
+        return INSTRUCTION_PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return INSTRUCTION_PROMPT.format(instruction=instruction)
+
+
+def load_tokenizer(tokenizer_dir: str, data: DataConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer in a local folder, with `data.chat_template` applied when configured."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"cannot load tokenizer from {tokenizer_dir}: {reason}") from None
+    if data.chat_template:
+        tokenizer.chat_template = data.chat_template
+    return tokenizer
+
+
+def pad_token(tokenizer: PreTrainedTokenizerBase) -> tuple[int, str]:
+    """(pad id, "pad_token" | "eos_token"): the tokenizer's pad, else its EOS (Llama 3 has no pad)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id, "pad_token"
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id, "eos_token"
+    raise PipelineError("tokenizer has neither a pad nor an eos token: cannot pad packed rows")
+
+
+def _read_source(uri: str, options: storage.StorageOptions) -> _Source:
+    kind = _FILE_KINDS.get(Path(uri.rstrip("/")).suffix.lower())
+    if kind:
+        return _Source(uri, kind, {"": storage.read_bytes(uri, options)})
+    if not storage.exists(uri, options):
+        raise PipelineError(f"input not found: {uri}")
+    fs, path = storage.filesystem(uri, options)
+    names = storage.list_files(uri, options) if fs.isdir(path) else {}
+    if "dataset_dict.json" in names:
+        example = storage.join(uri, "train")
+        raise PipelineError(f"{uri} is a DatasetDict: point at one split's folder (e.g. {example})")
+    if "state.json" not in names:
+        raise PipelineError(f"unsupported input {uri}: expected .jsonl/.json/.parquet/.csv "
+                            "or a datasets save_to_disk folder")
+    state = json.loads(storage.read_bytes(storage.join(uri, "state.json"), options))
+    arrow_files = [entry["filename"] for entry in state.get("_data_files", [])]
+    return _Source(uri, "arrow", {n: storage.read_bytes(storage.join(uri, n), options) for n in arrow_files})
+
+
+def _tokenizer_blobs(tokenizer_dir: str) -> dict[str, bytes]:
+    paths = [Path(tokenizer_dir) / name for name in TOKENIZER_FILES]
+    found = {path.name: path.read_bytes() for path in paths if path.is_file()}
+    if not found:
+        raise PipelineError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in {tokenizer_dir}")
+    return found
+
+
+def data_hash(cfg: Config, sources: dict[str, list[_Source]], tokenizer_blobs: dict[str, bytes]) -> str:
+    """Content hash of everything that determines the prepared rows (see module docstring)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_HASHED}
+    digest = hashlib.sha256(json.dumps({"format_version": FORMAT_VERSION, "seed": cfg.run.seed, **settings},
+                                       sort_keys=True).encode())
+    for role, role_sources in sources.items():
+        for source in role_sources:
+            for name, blob in source.blobs.items():
+                digest.update(f"\0{role}\0{source.kind}\0{name}\0".encode() + hashlib.sha256(blob).digest())
+    for name, blob in sorted(tokenizer_blobs.items()):
+        digest.update(f"\0tokenizer\0{name}\0".encode() + hashlib.sha256(blob).digest())
+    return digest.hexdigest()
+
+
+def _records(source: _Source) -> list[tuple[str, dict]]:
+    """(where, record) pairs of a source, `where` naming file and line/row for error messages."""
+    blob = source.blobs.get("", b"")
+    if source.kind in ("jsonl", "json"):
+        text = blob.decode("utf-8")
+        try:
+            whole = json.loads(text) if source.kind == "json" else None
+        except json.JSONDecodeError:
+            whole = None  # a .json file holding JSON lines
+        if isinstance(whole, list):
+            return [(f"{source.uri} row {i}", r) for i, r in enumerate(whole)]
+        return [(f"{source.uri}:{n}", _json_line(line, source.uri, n))
+                for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if source.kind == "csv":
+        rows = csv.DictReader(io.StringIO(blob.decode("utf-8")))
+        return [(f"{source.uri} row {i}", r) for i, r in enumerate(rows)]
+    if source.kind == "parquet":
+        tables = [pq.read_table(io.BytesIO(blob))]
+    else:
+        tables = [pa.ipc.open_stream(io.BytesIO(b)).read_all() for b in source.blobs.values()]
+    rows = [r for table in tables for r in table.to_pylist()]
+    return [(f"{source.uri} row {i}", r) for i, r in enumerate(rows)]
+
+
+def _json_line(line: str, uri: str, line_no: int) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{uri}:{line_no}: invalid JSON ({exc.msg})") from None
+
+
+def _field(record: Any, name: str, where: str, required: bool = True) -> str:
+    if not isinstance(record, dict):
+        raise PipelineError(f"{where}: expected an object, got {type(record).__name__}")
+    value = record.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        problem = "missing" if name not in record else f"not a string ({type(value).__name__})"
+        raise PipelineError(f"{where}: field '{name}' is {problem}; fields: {', '.join(map(str, record))}")
+    return value
+
+
+def _document(record: Any, where: str, data: DataConfig) -> dict[str, str]:
+    """A record in the column layout of its format: text | prompt+response | messages (JSON)."""
+    if data.format == "text":
+        return {"text": _field(record, data.text_field, where)}
+    if data.format == "instruction":
+        instruction, input_text = _field(record, "instruction", where), _field(record, "input", where, False)
+        return {"prompt": format_instruction_prompt(instruction, input_text),
+                "response": _field(record, "output", where)}
+    messages = record.get("messages") if isinstance(record, dict) else None
+    well_formed = isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not well_formed:
+        raise PipelineError(f"{where}: 'messages' must be a list of {{role, content}} strings")
+    return {"messages": json.dumps(messages), "where": where}
+
+
+def _documents(sources: list[_Source], data: DataConfig) -> list[dict[str, str]]:
+    docs = [_document(record, where, data) for source in sources for where, record in _records(source)]
+    return docs[: data.max_documents] if data.max_documents else docs
+
+
+def _chat_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+                 where: str) -> list[tuple[str, bool]]:
+    """The rendered conversation as consecutive (text, trained) pieces; assistant turns are trained."""
+    def render(msgs: list[dict], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # jinja raises its own types, including template-defined errors
+            raise PipelineError(f"{where}: chat template failed: {type(exc).__name__}: {exc}") from None
+
+    full, pieces, cursor = render(messages, False), [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (full.startswith(end) and end.startswith(start) and len(start) >= cursor):
+            raise PipelineError(f"{where}: chat template does not render message {i} as an extension of the "
+                                "conversation before it, so assistant tokens cannot be located")
+        pieces += [(full[cursor:len(start)], False), (full[len(start):len(end)], True)]
+        cursor = len(end)
+    return [(text, trained) for text, trained in pieces + [(full[cursor:], False)] if text]
+
+
+def _pieces(doc: dict[str, str], fmt: str, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    if fmt == "text":
+        return [(doc["text"], True)] if doc["text"].strip() else []
+    if fmt == "instruction":
+        return [(doc["prompt"], False), (doc["response"], True)] if doc["response"].strip() else []
+    return _chat_pieces(tokenizer, json.loads(doc["messages"]), doc["where"])
+
+
+def _tokenize_batch(batch: dict[str, list], *, tokenizer: PreTrainedTokenizerBase,
+                    data: DataConfig) -> dict[str, list]:
+    """Tokens, labels and truncation flag per document (`datasets.map`, batched)."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for row in range(len(next(iter(batch.values())))):
+        doc = {key: values[row] for key, values in batch.items()}
+        ids, labels = [], []
+        for text, trained in _pieces(doc, data.format, tokenizer):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        if ids and data.add_bos and ids[0] != bos:
+            ids, labels = [bos] + ids, [IGNORE_INDEX] + labels
+        if ids and data.add_eos and ids[-1] != eos:
+            ids, labels = ids + [eos], labels + [eos]
+        if ids:
+            labels[0] = IGNORE_INDEX  # nothing in this document predicts its first token
+        out["truncated"].append(len(ids) > data.seq_len)
+        out["input_ids"].append(ids[: data.seq_len])
+        out["labels"].append(labels[: data.seq_len])
+    return out
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> None:
+    if data.add_bos and tokenizer.bos_token_id is None:
+        raise PipelineError("data.add_bos is true but the tokenizer has no bos token; set data.add_bos=false")
+    if data.add_eos and tokenizer.eos_token_id is None:
+        raise PipelineError("data.add_eos is true but the tokenizer has no eos token; set data.add_eos=false")
+    if data.format == "chat" and not tokenizer.chat_template:
+        raise PipelineError(
+            "data.format is chat but the tokenizer has no chat template; set data.chat_template")
+
+
+def tokenize_documents(docs: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, data: DataConfig,
+                       split: str) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
+    """(input_ids, labels) of the kept documents, and counts of truncated and dropped ones."""
+    if not docs:
+        return [], {"truncated": 0, "dropped_empty": 0, "dropped_untrained": 0}
+    dataset = datasets.Dataset.from_list(docs)
+    tokenized = dataset.map(
+        _tokenize_batch, batched=True, batch_size=256, remove_columns=dataset.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "data": data}, desc=f"tokenize {split}",
+        num_proc=data.num_proc if data.num_proc > 1 and len(docs) > 1 else None)
+    columns = tokenized.data.to_pydict()
+    kept, counts = [], {"truncated": sum(columns["truncated"]), "dropped_empty": 0, "dropped_untrained": 0}
+    for ids, labels in zip(columns["input_ids"], columns["labels"]):
+        if not ids:
+            counts["dropped_empty"] += 1
+        elif all(label == IGNORE_INDEX for label in labels):
+            counts["dropped_untrained"] += 1
+        else:
+            kept.append((ids, labels))
+    return kept, counts
+
+
+def pack_documents(docs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
+                   seed: int) -> dict[str, list]:
+    """Best-fit-decreasing packing into rows of exactly `seq_len`; columns input_ids/labels/position_ids."""
+    rows: list[list[int]] = []
+    rows_with_space: list[list[int]] = [[] for _ in range(seq_len + 1)]  # free tokens -> row indices
+    row_count_by_space = np.zeros(seq_len + 1, dtype=np.int64)
+    for index in sorted(range(len(docs)), key=lambda i: -len(docs[i][0])):
+        length = len(docs[index][0])
+        fitting = np.flatnonzero(row_count_by_space[length:])
+        if fitting.size:
+            space = length + int(fitting[0])
+            row = rows_with_space[space].pop()
+            row_count_by_space[space] -= 1
+        else:
+            space, row = seq_len, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        rows_with_space[space - length].append(row)
+        row_count_by_space[space - length] += 1
+    random.Random(seed).shuffle(rows)
+    return _row_columns(rows, docs, seq_len, pad_id)
+
+
+def _row_columns(rows: list[list[int]], docs: list, seq_len: int, pad_id: int) -> dict[str, list]:
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    for row in rows:
+        ids = [t for i in row for t in docs[i][0]]
+        labels = [t for i in row for t in docs[i][1]]
+        positions = [p for i in row for p in range(len(docs[i][0]))]
+        pad = seq_len - len(ids)
+        columns["input_ids"].append(ids + [pad_id] * pad)
+        columns["labels"].append(labels + [IGNORE_INDEX] * pad)
+        columns["position_ids"].append(positions + list(range(pad)))  # padding is its own segment
+    return columns
+
+
+def _split_stats(docs: list, columns: dict[str, list], seq_len: int) -> dict[str, Any]:
+    tokens = sum(len(ids) for ids, _ in docs)
+    slots = len(columns["input_ids"]) * seq_len
+    return {"documents": len(docs), "rows": len(columns["input_ids"]), "tokens": tokens,
+            "trained_tokens": sum(sum(1 for t in labels if t != IGNORE_INDEX) for _, labels in docs),
+            "padding_waste": round(1 - tokens / slots, 6) if slots else 0.0}
+
+
+def _write_parquet(columns: dict[str, list], path: Path) -> None:
+    arrays = {name: pa.array(values, type=pa.list_(pa.int32())) for name, values in columns.items()}
+    pq.write_table(pa.table(arrays), path)
+
+
+def prepare(cfg: Config, tokenizer_dir: str) -> PreparedData:
+    """Tokenize, pack and store the configured data under `{run.output_uri}/data/{hash}`, or reuse it."""
+    options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    tokenizer_dir = _local_tokenizer_dir(tokenizer_dir, cfg, options)
+    sources = {"train": [_read_source(u, options) for u in cfg.data.train_files],
+               "validation": [_read_source(u, options) for u in cfg.data.validation_files or []]}
+    digest = data_hash(cfg, sources, _tokenizer_blobs(tokenizer_dir))
+    folder = storage.join(cfg.run.output_uri, "data", digest[:16])
+    stats = _cached_stats(folder, options)
+    if stats is None:
+        tokenizer = load_tokenizer(tokenizer_dir, cfg.data)
+        _check_tokenizer(tokenizer, cfg.data)
+        with tempfile.TemporaryDirectory(prefix="prepared-data-") as local:
+            stats = _build(cfg, tokenizer, _splits(cfg, sources), Path(local))
+            stats["data_hash"] = digest
+            (Path(local) / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+            storage.publish(local, folder, options)  # manifest last: its presence marks a complete folder
+        stats["cache_hit"] = False
+    val_uri = storage.join(folder, "val.parquet") if stats["validation"]["rows"] else None
+    return PreparedData(folder, storage.join(folder, "train.parquet"), val_uri, stats)
+
+
+def _cached_stats(folder: str, options: storage.StorageOptions) -> dict[str, Any] | None:
+    if not storage.exists(storage.join(folder, MANIFEST_NAME), options):
+        return None
+    return {**json.loads(storage.read_bytes(storage.join(folder, "stats.json"), options)), "cache_hit": True}
+
+
+def _splits(cfg: Config, sources: dict[str, list[_Source]]) -> dict[str, list[dict[str, str]]]:
+    """Validation documents come from validation_files, else `val_fraction` of the training documents
+    (at least one when > 0) is held out, chosen by `run.seed`; both keep file order."""
+    docs = _documents(sources["train"], cfg.data)
+    if cfg.data.validation_files:
+        return {"train": docs, "validation": _documents(sources["validation"], cfg.data)}
+    n_val = round(len(docs) * cfg.data.val_fraction)
+    if cfg.data.val_fraction > 0 and len(docs) >= 2:
+        n_val = min(max(n_val, 1), len(docs) - 1)
+    held_out = set(random.Random(cfg.run.seed).sample(range(len(docs)), n_val))
+    return {"train": [d for i, d in enumerate(docs) if i not in held_out],
+            "validation": [d for i, d in enumerate(docs) if i in held_out]}
+
+
+def _build(cfg: Config, tokenizer: PreTrainedTokenizerBase, splits: dict[str, list],
+           local: Path) -> dict[str, Any]:
+    """Tokenize and pack each split into `local`/{train,val}.parquet; returns the stats."""
+    data, (pad_id, pad_source) = cfg.data, pad_token(tokenizer)
+    stats: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "format": data.format, "seq_len": data.seq_len,
+        "bos_token_id": tokenizer.bos_token_id if data.add_bos else None,
+        "eos_token_id": tokenizer.eos_token_id if data.add_eos else None,
+        "pad_token_id": pad_id, "pad_token_source": pad_source,
+        "documents": sum(len(d) for d in splits.values()),
+        "truncated": 0, "dropped_empty": 0, "dropped_untrained": 0,
+    }
+    for split, docs in splits.items():
+        kept, counts = tokenize_documents(docs, tokenizer, data, split)
+        for key, count in counts.items():
+            stats[key] += count
+        columns = pack_documents(kept, data.seq_len, pad_id, cfg.run.seed)
+        stats[split] = _split_stats(kept, columns, data.seq_len)
+        if kept:
+            _write_parquet(columns, local / ("train.parquet" if split == "train" else "val.parquet"))
+    if not stats["train"]["rows"]:
+        raise PipelineError(f"no training document left after tokenization ({', '.join(data.train_files)})")
+    stats["dropped"] = stats["dropped_empty"] + stats["dropped_untrained"]
+    return stats
+
+
+def _local_tokenizer_dir(uri: str, cfg: Config, options: storage.StorageOptions) -> str:
+    """A local folder with the tokenizer at `uri`; remote tokenizer files are fetched into run.cache_dir."""
+    fs, path = storage.filesystem(uri, options)
+    if "file" in fs.protocol:
+        return path
+    target = Path(cfg.run.cache_dir) / "tokenizers" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    for name in storage.list_files(uri, options):
+        if name in TOKENIZER_FILES or name == "config.json":
+            storage.download_file(storage.join(uri, name), target / name, options)
+    return str(target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.data [--config PRESET] [--tokenizer URI] [section.key=value ...]`."""
+    parser = argparse.ArgumentParser(description="Prepare packed training data and print its stats.")
+    parser.add_argument("--config", help="YAML preset (file or name in configs/); default: the tiny demo")
+    parser.add_argument("--tokenizer", help="tokenizer folder or uri; default: model.base_uri")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as data.seq_len=256")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        tokenizer_uri = args.tokenizer or cfg.model.base_uri
+        if tokenizer_uri == DEMO_BASE_URI:
+            from pipeline.tiny import ensure_demo_base
+            ensure_demo_base(Path(DEMO_BASE_URI).parent)
+        prepared = prepare(cfg, tokenizer_uri)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"uri": prepared.uri, **prepared.stats}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

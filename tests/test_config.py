@@ -1,0 +1,167 @@
+"""Config loading: presets, dotted overrides, and one-line errors that name the offending key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import PRESET_DIR, Config, DataConfig, TrainConfig, load_config, valid_keys
+from pipeline.errors import PipelineError
+
+PRESETS = sorted(PRESET_DIR.glob("*.yaml"))
+
+
+def write_yaml(tmp_path: Path, content: dict) -> str:
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return str(path)
+
+
+def test_presets_exist_and_load():
+    names = {p.stem for p in PRESETS}
+    assert {"tiny-cpu", "llama3-8b-fp8", "gpu-small-fp8"} <= names
+    for path in PRESETS:
+        load_config(str(path), [])
+
+
+def test_tiny_preset_is_the_embedded_default():
+    assert load_config(str(PRESET_DIR / "tiny-cpu.yaml")) == Config() == load_config(None, [])
+    assert load_config("tiny-cpu") == Config()  # a bare name resolves to configs/<name>.yaml
+
+
+def test_default_is_a_small_cpu_job():
+    cfg = Config()
+    shape = (cfg.train.use_gpu, cfg.train.fp8, cfg.model.dtype, cfg.data.seq_len)
+    assert shape == (False, "none", "fp32", 128)
+    assert cfg.train.workers == 2 and cfg.train.max_steps <= 50
+    assert cfg.tracking.experiment == cfg.run.experiment
+    assert not any("://" in f for f in cfg.data.train_files)
+
+
+def test_gpu_presets_are_fp8_on_gpu():
+    big = load_config("llama3-8b-fp8")
+    assert (big.train.fp8, big.train.use_gpu, big.model.dtype, big.train.workers, big.data.seq_len) == (
+        "delayed", True, "bf16", 8, 4096)
+    assert big.model.base_uri.startswith("s3://")
+    small = load_config("gpu-small-fp8")
+    assert (small.train.fp8, small.train.use_gpu, small.train.workers) == ("delayed", True, 1)
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    cfg = load_config(None, [
+        "train.lr=2e-5", "train.max_steps=7", "train.warmup_steps=0", "data.add_eos=false",
+        "data.train_files=[a.jsonl, s3://b/c.parquet]", "data.validation_files=null", "eval.max_batches=",
+        "tracking.uri=http://host:5000/?x=1", "run.name=with spaces",
+    ])
+    assert cfg.train.lr == pytest.approx(2e-5) and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 7 and cfg.data.add_eos is False
+    assert cfg.data.train_files == ["a.jsonl", "s3://b/c.parquet"]
+    assert cfg.data.validation_files is None and cfg.eval.max_batches is None
+    assert cfg.tracking.uri == "http://host:5000/?x=1"  # only the first '=' separates key and value
+    assert cfg.run.name == "with spaces"
+
+
+def test_tracking_experiment_follows_run_experiment():
+    assert load_config(None, ["run.experiment=abc"]).tracking.experiment == "abc"
+    assert load_config("tiny-cpu", ["run.experiment=abc"]).tracking.experiment == "abc"
+    assert load_config("llama3-8b-fp8", ["run.experiment=abc"]).tracking.experiment == "abc"
+    assert load_config(None, ["run.experiment=abc", "tracking.experiment=xyz"]).tracking.experiment == "xyz"
+
+
+def test_overrides_apply_on_top_of_a_preset(tmp_path):
+    path = write_yaml(tmp_path, {"train": {"lr": 0.5, "max_steps": 9}})
+    cfg = load_config(path, ["train.lr=0.25"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.workers) == (0.25, 9, TrainConfig().workers)
+
+
+def test_exponent_strings_in_yaml_are_floats(tmp_path):
+    # PyYAML reads `1e-4` (no dot) as a string; float fields accept it anyway.
+    path = tmp_path / "p.yaml"
+    path.write_text("train:\n  lr: 1e-4\n")
+    assert load_config(str(path)).train.lr == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=1e-4", "unknown key 'train.learning_rate' (did you mean 'train.lr'?)"),
+    ("data.seqlen=64", "unknown key 'data.seqlen' (did you mean 'data.seq_len'?)"),
+    ("trian.lr=1", "unknown key 'trian.lr' (did you mean 'train.lr'?)"),
+    ("train.gradient_accumulation_steps=2", "(did you mean 'train.grad_accum_steps'?)"),
+    ("train.zzzzzz=1", "unknown key 'train.zzzzzz'"),
+])
+def test_unknown_override_key_suggests_closest(override, message):
+    with pytest.raises(PipelineError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_unknown_yaml_keys_and_sections(tmp_path):
+    suggestion = r"unknown key 'eval.max_batch' \(did you mean 'eval.max_batches'\?\)"
+    with pytest.raises(PipelineError, match=suggestion):
+        load_config(write_yaml(tmp_path, {"eval": {"max_batch": 3}}))
+    with pytest.raises(PipelineError, match=r"unknown key 'trainer' \(did you mean 'train'\?\)"):
+        load_config(write_yaml(tmp_path, {"trainer": {"lr": 1.0}}))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.workers=two", "train.workers: expected int, got str 'two'"),
+    ("train.workers=2.5", "train.workers: expected int, got float 2.5"),
+    ("train.use_gpu=1", "train.use_gpu: expected bool (true/false), got int 1"),
+    ("train.lr=fast", "train.lr: expected float, got str 'fast'"),
+    ("model.dtype=fp16", "model.dtype: expected one of 'bf16', 'fp32', got str 'fp16'"),
+    ("data.train_files=x.jsonl", "data.train_files: expected list of str, got str 'x.jsonl'"),
+    ("eval.prompts=[ok, 3]", "eval.prompts[1]: expected str, got int 3"),
+    ("data.max_documents=lots", "data.max_documents: expected int or null, got str 'lots'"),
+])
+def test_wrong_types_name_key_and_expected_type(override, message):
+    with pytest.raises(PipelineError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.seq_len=100", "data.seq_len must be >= 16 and a multiple of 16 (got 100)"),
+    ("data.seq_len=0", "data.seq_len must be >= 16"),
+    ("data.val_fraction=1.0", "data.val_fraction must be in [0, 1)"),
+    ("train.lr=0", "train.lr must be > 0"),
+    ("train.warmup_steps=100", "train.warmup_steps must be <= train.max_steps"),
+    ("train.fp8=delayed", "train.fp8 needs train.use_gpu=true"),
+    ("export.max_shard_size=big", "export.max_shard_size must look like 2GB"),
+    ("run.cache_dir=s3://b/cache", "run.cache_dir must be a local path"),
+])
+def test_out_of_range_values_name_the_key(override, message):
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_sections_validate_when_built_directly():
+    with pytest.raises(PipelineError, match=r"^data.seq_len must be"):
+        DataConfig(seq_len=8)
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+
+
+def test_malformed_override_and_files(tmp_path):
+    with pytest.raises(PipelineError, match="must look like section.key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(PipelineError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(PipelineError, match="top level must be a mapping"):
+        load_config(str(tmp_path / "list.yaml"))
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(PipelineError, match="invalid YAML"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_dict_yaml_round_trip_and_flat_params(tmp_path):
+    cfg = load_config("llama3-8b-fp8", ["train.lr=3e-5", "data.chat_template={{ bos_token }}"])
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "dumped.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(str(path)) == cfg
+    flat = cfg.flat_params()
+    assert list(flat) == valid_keys()
+    assert flat["train.lr"] == pytest.approx(3e-5) and flat["model.dtype"] == "bf16"
+    assert flat["data.chat_template"] == "{{ bos_token }}"

@@ -1,0 +1,187 @@
+"""The Transformer Engine backend on a real GPU: parity with HF in bf16, and FP8 training per recipe.
+
+Skipped (cleanly) wherever TE or CUDA is missing. Run with `python -m pytest tests/test_gpu_te.py -m gpu -s`;
+the `-s` shows the summary tables that docs/gpu-validation.md records.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import te_model
+from te_model.backend import te_unavailable_reason
+from te_model.fp8 import delayed_scaling_state, record_fp8_saved_tensors
+from tests.llama_variants import VARIANTS, hf_model, llama_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(te_unavailable_reason() is not None, reason=f"TE backend: {te_unavailable_reason()}"),
+]
+
+REL_TOL = 2e-2
+GPU_SHAPES = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, vocab_size=1024,
+                  initializer_range=0.05)
+LAYOUTS = ("plain", "right", "left", "packed")
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def layout_inputs(layout, vocab, batch=4, seq=256):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    valid = torch.ones(batch, seq, dtype=torch.bool)
+    kwargs = {}
+    if layout in ("right", "left"):
+        lengths = torch.tensor([seq, seq - 31, seq - 100, 40])
+        pos = torch.arange(seq)[None]
+        valid = pos < lengths[:, None] if layout == "right" else pos >= (seq - lengths)[:, None]
+        kwargs["attention_mask"] = valid.long()
+    if layout == "packed":
+        docs = [[100, 100, 56], [256], [16, 200, 40], [128, 128]]
+        kwargs["position_ids"] = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in docs])
+    return ids, kwargs, valid
+
+
+def hf_packed(hf, ids, position_ids):
+    rows = []
+    for b in range(ids.shape[0]):
+        starts = (position_ids[b] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+        rows.append(torch.cat([hf(ids[b : b + 1, s:e]).logits for s, e in zip(starts, starts[1:])], 1))
+    return torch.cat(rows)
+
+
+@pytest.fixture(scope="module")
+def parity_rows(tmp_path_factory):
+    rows = []
+    for name in VARIANTS:
+        path = tmp_path_factory.mktemp(name.replace(".", "_"))
+        hf = hf_model(llama_config(name, **GPU_SHAPES), dtype=torch.bfloat16)
+        hf.save_pretrained(path)
+        hf = hf.cuda()
+        te = te_model.from_hf_checkpoint(path, backend="te", dtype=torch.bfloat16).eval()
+        pt = te_model.from_hf_checkpoint(path, backend="torch", dtype=torch.bfloat16, device="cuda").eval()
+        for layout in LAYOUTS:
+            ids, kwargs, valid = layout_inputs(layout, hf.config.vocab_size)
+            ids, valid = ids.cuda(), valid.cuda()
+            kwargs = {k: v.cuda() for k, v in kwargs.items()}
+            with torch.no_grad():
+                ref = hf_packed(hf, ids, kwargs["position_ids"]) if layout == "packed" else hf(ids, **kwargs).logits
+                out_te, out_pt = te(ids, **kwargs).logits, pt(ids, **kwargs).logits
+            rows.append((name, layout, rel_err(out_te[valid], ref[valid]), rel_err(out_te[valid], out_pt[valid])))
+    print("\nvariant    layout  rel_err(TE vs HF)  rel_err(TE vs torch backend)")
+    for name, layout, e_hf, e_pt in rows:
+        print(f"{name:10s} {layout:7s} {e_hf:17.2e}  {e_pt:17.2e}")
+    return rows
+
+
+def test_te_backend_matches_hf_in_bf16(parity_rows):
+    bad = [r for r in parity_rows if not (r[2] <= REL_TOL and r[3] <= REL_TOL)]
+    assert not bad, bad
+
+
+def test_hidden_states_and_activation_checkpointing_on_te(tmp_path):
+    config = llama_config("llama3", num_hidden_layers=4, **GPU_SHAPES)
+    model = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
+    ids = torch.randint(0, config.vocab_size, (8, 1024), device="cuda")
+    out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+
+    def peak_step_mb():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with te_model.fp8_autocast("delayed"):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    plain = peak_step_mb()
+    model.gradient_checkpointing_enable()
+    ckpt = peak_step_mb()
+    print(f"\nactivation peak per step, 4 layers, 8x1024 tokens, FP8 delayed: {plain:.0f} MiB plain, "
+          f"{ckpt:.0f} MiB with gradient_checkpointing_enable()")
+    assert ckpt < 0.7 * plain
+
+
+def test_mxfp8_is_refused_on_hopper():
+    if torch.cuda.get_device_capability()[0] >= 10:
+        pytest.skip("Blackwell supports MXFP8")
+    with pytest.raises(te_model.FP8UnsupportedError, match="'mxfp8' is not supported on") as info:
+        te_model.fp8_autocast("mxfp8")
+    print(f"\nmxfp8 on {torch.cuda.get_device_name()}: {info.value}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 200-step training per recipe on the shipped text (bytes as tokens)
+
+STEPS, BATCH, SEQ = 200, 8, 512
+TRAIN_CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=4, vocab_size=256, initializer_range=0.02)
+
+
+def text_bytes() -> torch.Tensor:
+    path = Path(__file__).resolve().parents[1] / "data" / "tiny_text.jsonl"
+    text = "\n".join(json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip())
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def train(recipe: str | None, lr: float = 3e-4, fp8_format: str = "hybrid"):
+    torch.manual_seed(0)
+    data = text_bytes().cuda()
+    model = te_model.build_model(llama_config("llama3", **TRAIN_CONFIG), backend="te", dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    losses, evidence, states = [], None, []
+    for step in range(STEPS):
+        starts = torch.randint(0, len(data) - SEQ, (BATCH,), device="cuda", generator=g)
+        ids = torch.stack([data[s : s + SEQ] for s in starts.tolist()])
+        with record_fp8_saved_tensors() as seen, te_model.fp8_autocast(recipe, amax_history_len=16, fp8_format=fp8_format):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step in (0, STEPS - 1):
+            evidence = seen
+            states.append(delayed_scaling_state(model))
+    return losses, evidence, states
+
+
+@pytest.fixture(scope="module")
+def training_runs():
+    runs = {name: train(None if name == "bf16" else name) for name in ("bf16", "delayed", "current", "block")}
+    print("\nrecipe   first_loss  final_loss(mean last 10)  vs_bf16  fp8_saved_tensors  delayed amax/scale")
+    for name, (losses, seen, states) in runs.items():
+        final = sum(losses[-10:]) / 10
+        bf16 = sum(runs["bf16"][0][-10:]) / 10
+        state = states[-1]
+        scale = (f"amax {state['amax_max']:.3g}, scales {state['scale_min']:.3g}..{state['scale_max']:.3g}"
+                 if state.get("amax_max") is not None else "-")
+        print(f"{name:8s} {losses[0]:10.4f}  {final:24.4f}  {final / bf16 - 1:+7.2%}  "
+              f"{seen['fp8_tensors']:17d}  {scale}")
+    return runs
+
+
+def test_loss_falls_and_fp8_tracks_bf16(training_runs):
+    bf16_final = sum(training_runs["bf16"][0][-10:]) / 10
+    for name, (losses, _, _) in training_runs.items():
+        final = sum(losses[-10:]) / 10
+        assert all(math.isfinite(x) for x in losses), name
+        assert final < losses[0] - 2.5, f"{name}: loss {losses[0]:.3f} -> {final:.3f}"
+        assert abs(final / bf16_final - 1) <= 0.05, f"{name}: final {final:.4f} vs bf16 {bf16_final:.4f}"
+
+
+def test_fp8_is_really_active(training_runs):
+    assert training_runs["bf16"][1]["fp8_tensors"] == 0
+    for name in ("delayed", "current", "block"):
+        assert training_runs[name][1]["fp8_tensors"] > 0, name
+    first, last = training_runs["delayed"][2]
+    assert last["modules"] > 0 and last["amax_max"] > 0 and last["scales_not_one"] > 0
+    assert (first["scale_min"], first["scale_max"]) != (last["scale_min"], last["scale_max"])

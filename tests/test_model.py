@@ -1,0 +1,185 @@
+"""The patched model inside HF's machinery: swap and restore, hidden states, activation checkpointing,
+KV-cache refusal, masks, FP8 padding, and training with a plain loop and with `transformers.Trainer`."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers.models.llama import modeling_llama
+
+import te_model
+from te_model.backend import te_unavailable_reason
+from tests.llama_variants import hf_model, llama_config
+
+
+@pytest.fixture(scope="module")
+def hf_and_te(tmp_path_factory):
+    hf = hf_model(llama_config("llama3"))
+    path = tmp_path_factory.mktemp("ckpt")
+    hf.save_pretrained(path)
+    return hf, te_model.from_hf_checkpoint(path, backend="torch", dtype=torch.float32)
+
+
+def test_import_does_not_load_transformer_engine():
+    code = "import sys, te_model; print('transformer_engine' in sys.modules)"
+    assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "False"
+    code = "import sys, te_model; te_model.build_model; print('transformer_engine' in sys.modules)"
+    assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "False"
+
+
+@pytest.mark.skipif(te_unavailable_reason() is None, reason="TE can run here: auto resolves to te")
+def test_backend_resolution_on_cpu():
+    assert te_model.resolve_backend("auto") == "torch"
+    with pytest.raises(te_model.BackendUnavailableError, match="backend 'te' requested but"):
+        te_model.resolve_backend("te")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        te_model.resolve_backend("cuda")
+
+
+def test_replace_decoder_restores_after_exception():
+    original = modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaModel
+    with pytest.raises(RuntimeError, match="boom"):
+        with te_model.replace_decoder("torch"):
+            assert modeling_llama.LlamaDecoderLayer is te_model.TorchLlamaDecoderLayer
+            raise RuntimeError("boom")
+    assert (modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaModel) == original
+
+
+def test_parameter_names_are_transformer_engines():
+    model = te_model.build_model(llama_config("llama3"), backend="torch", dtype=torch.float32)
+    names = {n.split("layers.0.", 1)[1] for n, _ in model.named_parameters() if "layers.0." in n}
+    assert names == {
+        "self_attention.layernorm_qkv.layer_norm_weight", "self_attention.layernorm_qkv.query_weight",
+        "self_attention.layernorm_qkv.key_weight", "self_attention.layernorm_qkv.value_weight",
+        "self_attention.proj.weight", "layernorm_mlp.layer_norm_weight", "layernorm_mlp.fc1_weight",
+        "layernorm_mlp.fc2_weight",
+    }
+
+
+def test_output_hidden_states_returns_every_layer(hf_and_te):
+    hf, te = hf_and_te
+    ids = torch.randint(0, 320, (2, 48))
+    with torch.no_grad():
+        expected = hf(ids, output_hidden_states=True).hidden_states
+        actual = te(ids, output_hidden_states=True).hidden_states
+    assert len(actual) == hf.config.num_hidden_layers + 1
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=f"hidden state {i}")
+
+
+def test_kv_cache_is_refused_and_plain_generation_is_right(hf_and_te):
+    hf, te = hf_and_te
+    ids = torch.randint(0, 320, (1, 12))
+    with pytest.raises(te_model.KVCacheUnsupportedError, match="does not support a KV cache"):
+        te.generate(ids, max_new_tokens=3, do_sample=False, use_cache=True)
+    # with the cache off (the patched model's default), generation recomputes and matches HF
+    out = te.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, hf.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+def test_padding_with_holes_is_refused(hf_and_te):
+    _, te = hf_and_te
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 5] = 0
+    with pytest.raises(te_model.MaskError, match="attention_mask row 1"):
+        te(torch.randint(0, 320, (2, 16)), attention_mask=mask)
+
+
+def _saved_activation_bytes(model, ids):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    return total, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_gradient_checkpointing_takes_effect():
+    config = llama_config("llama3", num_hidden_layers=4)
+    model = te_model.build_model(config, backend="torch", dtype=torch.float32).train()
+    ids = torch.randint(0, 320, (4, 128))
+    plain_bytes, plain_grads = _saved_activation_bytes(model, ids)
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    ckpt_bytes, ckpt_grads = _saved_activation_bytes(model, ids)
+    assert ckpt_bytes < 0.5 * plain_bytes, f"saved {ckpt_bytes} vs {plain_bytes} bytes"
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_pad_to_multiple_keeps_outputs(hf_and_te):
+    _, te = hf_and_te
+    ids = torch.randint(0, 320, (2, 37))
+    positions = torch.cat([torch.arange(20), torch.arange(17)])[None].expand(2, -1)
+    batch = {"input_ids": ids, "labels": ids, "position_ids": positions}
+    padded = te_model.pad_to_multiple(batch, pad_token_id=0)
+    assert padded["input_ids"].shape[1] == 48
+    te_model.check_fp8_tokens(padded["input_ids"].numel())
+    with pytest.raises(te_model.FP8UnsupportedError, match="74 tokens"):
+        te_model.check_fp8_tokens(ids.numel())
+    with torch.no_grad():
+        a = te(**batch)
+        b = te(**padded)
+    torch.testing.assert_close(b.logits[:, :37], a.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+
+
+def _text_batches(vocab, steps, seed=0):
+    """A learnable stream: each row counts upward modulo the vocabulary from a random start."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        start = torch.randint(0, vocab, (8, 1), generator=g)
+        yield (start + torch.arange(64)) % vocab
+
+
+def test_plain_loop_trains():
+    model = te_model.build_model(llama_config("llama3"), backend="torch", dtype=torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for ids in _text_batches(320, 40):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+def test_trainer_trains_and_saves_hf_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = te_model.build_model(llama_config("llama3"), backend="torch", dtype=torch.float32)
+    rows = [r for batch in _text_batches(320, 30) for r in batch]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=3e-3, max_steps=30,
+        save_steps=30, logging_steps=5, report_to=[], use_cpu=True,
+        lr_scheduler_type="constant", disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_Rows(rows),
+                      callbacks=[te_model.SaveHFCheckpointCallback()])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-30" / "hf").eval()
+    ids = rows[0][None]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
