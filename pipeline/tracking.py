@@ -30,7 +30,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,9 +61,7 @@ _DIRTY_SUFFIX = "-dirty"
 # Pickled formats run code when loaded; a registered model must load from safetensors alone.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
-# ---------------------------------------------------------------------------------------------------
 # Redaction: secrets are recognised by key words and by the shape of values (signed urls, known tokens).
-# ---------------------------------------------------------------------------------------------------
 _SECRET_WORDS = frozenset({
     "secret", "password", "passwd", "passphrase", "pwd", "credential", "credentials", "apikey",
     "authorization", "auth", "cookie", "signature", "privatekey",
@@ -73,7 +71,7 @@ _SECRET_PAIRS = frozenset({
     ("ssh", "key"), ("signing", "key"), ("encryption", "key"), ("sas", "key"), ("master", "key"),
 })
 # "token" is a secret in `hf_token` but a vocabulary entry in `pad_token` or `eos_token_id`.
-_VOCAB_TOKEN_WORDS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "added", "start", "end"})
+_VOCAB_TOKEN_WORDS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "added", "start"})
 _SIGNED_QUERY_NAMES = frozenset({
     "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential",
     "signature", "sig", "token", "access_token", "api_key", "apikey", "key", "password",
@@ -114,14 +112,14 @@ def redact_text(text: str) -> str:
 
 def redact(params: Mapping[str, Any]) -> dict[str, str]:
     """Params as MLflow strings, with secret-looking keys masked and secrets inside values masked."""
-    return {str(key): REDACTED if is_secret_key(str(key)) else redact_text(str(value)) for key, value in params.items()}
+    return {str(k): REDACTED if is_secret_key(str(k)) else redact_text(str(v)) for k, v in params.items()}
 
 
 def _fit(text: str, limit: int) -> str:
     """Text cut to `limit` characters, saying how much was cut, so MLflow never rejects it."""
     if len(text) <= limit:
         return text
-    marker = f"...<truncated {len(text) - limit} chars>"
+    marker = f"...<{len(text)} chars, truncated>"
     return text[: limit - len(marker)] + marker
 
 
@@ -144,9 +142,7 @@ def flatten_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
-# ---------------------------------------------------------------------------------------------------
 # Code version and tracking uri.
-# ---------------------------------------------------------------------------------------------------
 def _git(repo_dir: str | Path, *args: str) -> str | None:
     try:
         done = subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True, timeout=30)
@@ -235,17 +231,10 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {redact_text(lines[0])[:300] if lines else 'no details'}"
 
 
-# ---------------------------------------------------------------------------------------------------
 # Runs.
-# ---------------------------------------------------------------------------------------------------
 def find_or_start_parent(
-    experiment: str,
-    run_name: str,
-    tags: Mapping[str, Any] | None = None,
-    *,
-    params: Mapping[str, Any] | None = None,
-    parent_id: str | None = None,
-    tracking_uri: str | None = None,
+    experiment: str, run_name: str, tags: Mapping[str, Any] | None = None, *,
+    params: Mapping[str, Any] | None = None, parent_id: str | None = None, tracking_uri: str | None = None,
 ) -> str:
     """The job's parent run id: `parent_id` if given (checked), else the newest live parent run named
     `run_name` in `experiment`, else a new one with `tags` and `params`. Raises PipelineError on failure."""
@@ -253,7 +242,9 @@ def find_or_start_parent(
     name_filter = f"tags.{_RUN_NAME_TAG} = {_quote(run_name)} and tags.`{ROLE_TAG}` = 'parent'"
     try:
         if parent_id:
-            return client.get_run(parent_id).info.run_id
+            if client.get_run(parent_id).info.lifecycle_stage == "deleted":
+                raise MlflowException(f"run {parent_id} is deleted")
+            return parent_id
         experiment_id = _experiment_id(client, experiment, uri)
         existing = client.search_runs(
             [experiment_id], filter_string=name_filter, order_by=["attributes.start_time DESC"], max_results=1
@@ -263,7 +254,8 @@ def find_or_start_parent(
         run_tags = {**(tags or {}), ROLE_TAG: "parent", _RUN_NAME_TAG: run_name}
         run_id = client.create_run(experiment_id, tags=_clean_tags(run_tags), run_name=run_name).info.run_id
     except Exception as exc:  # noqa: BLE001 - any failure here means the job cannot be tracked
-        raise PipelineError(f"cannot start MLflow parent run {run_name!r} at {_where(uri)}: {_one_line(exc)}") from exc
+        where = f"MLflow parent run {run_name!r} at {_where(uri)}"
+        raise PipelineError(f"cannot start {where}: {_one_line(exc)}") from exc
     if params:
         log_params(run_id, params, tracking_uri=uri)
     return run_id
@@ -292,12 +284,8 @@ def _quote(value: str) -> str:
 
 @contextmanager
 def stage_run(
-    parent_id: str,
-    stage: str,
-    *,
-    params: Mapping[str, Any] | None = None,
-    tags: Mapping[str, Any] | None = None,
-    tracking_uri: str | None = None,
+    parent_id: str, stage: str, *,
+    params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None, tracking_uri: str | None = None,
 ) -> Iterator[str]:
     """A new nested run for one execution of `stage` under the parent; yields its id.
 
@@ -305,12 +293,13 @@ def stage_run(
     later makes another nested run under the same parent.
     """
     client, uri = _client(tracking_uri)
-    run_tags = {**(tags or {}), _PARENT_TAG: parent_id, STAGE_TAG: stage, ROLE_TAG: "stage", _RUN_NAME_TAG: stage}
+    run_tags = {**(tags or {}), _PARENT_TAG: parent_id, STAGE_TAG: stage, ROLE_TAG: "stage"}
     try:
         experiment_id = client.get_run(parent_id).info.experiment_id
         run_id = client.create_run(experiment_id, tags=_clean_tags(run_tags), run_name=stage).info.run_id
     except Exception as exc:  # noqa: BLE001 - any failure here means the stage cannot be tracked
-        raise PipelineError(f"cannot start MLflow run of stage {stage!r} at {_where(uri)}: {_one_line(exc)}") from exc
+        where = f"MLflow run of stage {stage!r} at {_where(uri)}"
+        raise PipelineError(f"cannot start {where}: {_one_line(exc)}") from exc
     if params:
         log_params(run_id, params, tracking_uri=uri)
     status = RunStatus.to_string(RunStatus.FAILED)
@@ -328,12 +317,22 @@ def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
     return {_fit_key(k): _fit(v, MAX_TAG_VAL_LENGTH) for k, v in redact(tags).items()}
 
 
-def _best_effort(action: str, run_id: str, tracking_uri: str, call) -> bool:
-    """Run `call`; on failure warn (training goes on) and return False."""
+_best_effort_failures = 0
+
+
+def best_effort_failures() -> int:
+    """How many best-effort calls (params, tags, metrics, text, ending runs) failed in this process."""
+    return _best_effort_failures
+
+
+def _best_effort(action: str, run_id: str, tracking_uri: str, call: Callable[[], object]) -> bool:
+    """Run `call`; on failure count it, warn (the job goes on) and return False."""
+    global _best_effort_failures
     try:
         call()
         return True
     except Exception as exc:  # noqa: BLE001 - any tracking failure must not end the job
+        _best_effort_failures += 1
         log.warning("MLflow: could not %s for run %s at %s: %s", action, run_id, _where(tracking_uri), _one_line(exc))
         return False
 
@@ -371,9 +370,21 @@ def set_tags(run_id: str, tags: Mapping[str, Any], *, tracking_uri: str | None =
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0, *, tracking_uri: str | None = None) -> bool:
     """Log a few summary metrics (evaluation results) synchronously; False, with a warning, on failure."""
     client, uri = _client(tracking_uri)
-    now = int(time.time() * 1000)
-    entities = [Metric(_fit_key(k), float(v), now, step) for k, v in metrics.items()]
-    return _best_effort("log metrics", run_id, uri, lambda: client.log_batch(run_id, metrics=entities, synchronous=True))
+
+    def send() -> None:
+        now = int(time.time() * 1000)
+        entities = [Metric(_fit_key(k), float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(entities), MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=entities[start : start + MAX_METRICS_PER_BATCH], synchronous=True)
+
+    return _best_effort("log metrics", run_id, uri, send)
+
+
+def log_text(run_id: str, text: str, artifact_file: str, *, tracking_uri: str | None = None) -> bool:
+    """A small redacted text artifact (evaluation samples, a report); False, with a warning, on failure."""
+    client, uri = _client(tracking_uri)
+    text = redact_text(text)
+    return _best_effort(f"log {artifact_file}", run_id, uri, lambda: client.log_text(run_id, text, artifact_file))
 
 
 def end_run(run_id: str, status: str = "FINISHED", *, tracking_uri: str | None = None) -> bool:
@@ -382,9 +393,7 @@ def end_run(run_id: str, status: str = "FINISHED", *, tracking_uri: str | None =
     return _best_effort(f"end run as {status}", run_id, uri, lambda: client.set_terminated(run_id, status))
 
 
-# ---------------------------------------------------------------------------------------------------
 # Per-step metrics, off the training thread.
-# ---------------------------------------------------------------------------------------------------
 class AsyncMetricLogger:
     """Per-step metrics to one run through a bounded queue and a daemon thread; `log` never blocks.
 
@@ -393,15 +402,8 @@ class AsyncMetricLogger:
     back to the queue and are retried with backoff. When the queue is full the oldest step is dropped.
     """
 
-    def __init__(
-        self,
-        run_id: str,
-        tracking_uri: str | None = None,
-        *,
-        max_pending_steps: int = 10_000,
-        flush_every_s: float = 1.0,
-        batch_steps: int = 100,
-    ) -> None:
+    def __init__(self, run_id: str, tracking_uri: str | None = None, *, max_pending_steps: int = 10_000,
+                 flush_every_s: float = 1.0, batch_steps: int = 100) -> None:
         self.run_id = run_id
         self.dropped = 0  # steps lost: queue overflow, rejected by the server, or unsent at close
         self.failures = 0  # failed log_batch calls
@@ -438,7 +440,6 @@ class AsyncMetricLogger:
             full = len(self._pending) >= self._batch_steps and not self._in_outage  # no hammering a down server
         if full:
             self._wake.set()
-        self._send_pending()
 
     def close(self, timeout: float = 10.0) -> bool:
         """Send what is queued, waiting at most `timeout` seconds; True when every step was sent.
@@ -533,7 +534,7 @@ class AsyncMetricLogger:
 
 
 def _metric_entities(batch: list[tuple[int, int, dict[str, float]]]) -> list[Metric]:
-    return [Metric(_fit_key(key), value, timestamp, step) for step, timestamp, metrics in batch for key, value in metrics.items()]
+    return [Metric(_fit_key(k), value, stamp, step) for step, stamp, metrics in batch for k, value in metrics.items()]
 
 
 class NullLogger:
@@ -567,10 +568,10 @@ def metric_logger(rank: int, run_id: str | None, tracking_uri: str | None = None
     return AsyncMetricLogger(run_id, tracking_uri) if rank == 0 and run_id else NullLogger()
 
 
-# ---------------------------------------------------------------------------------------------------
 # Export: the checkpoint as run artifacts and a registered model version.
-# ---------------------------------------------------------------------------------------------------
-def log_model_dir(run_id: str, local_dir: str | Path, artifact_path: str = "model", *, tracking_uri: str | None = None) -> str:
+def log_model_dir(
+    run_id: str, local_dir: str | Path, artifact_path: str = "model", *, tracking_uri: str | None = None
+) -> str:
     """Upload a Hugging Face checkpoint folder as artifacts of the run; returns its runs:/ uri.
 
     Refuses pickled weight files: whoever loads the registered model must never unpickle.
@@ -591,12 +592,7 @@ def log_model_dir(run_id: str, local_dir: str | Path, artifact_path: str = "mode
 
 
 def register_model(
-    run_id: str,
-    artifact_path: str,
-    name: str,
-    *,
-    source_uri: str | None = None,
-    tracking_uri: str | None = None,
+    run_id: str, artifact_path: str, name: str, *, source_uri: str | None = None, tracking_uri: str | None = None
 ) -> str:
     """Register a model version whose files are the run's `artifact_path`; returns the version number.
 
@@ -619,7 +615,8 @@ def register_model(
                 raise
         return str(client.create_model_version(name, source, run_id=run_id).version)
     except Exception as exc:  # noqa: BLE001 - one line naming where it failed
-        raise PipelineError(f"cannot register {redact_text(source)} as model {name!r} at {_where(uri)}: {_one_line(exc)}") from exc
+        where = f"{redact_text(source)} as model {name!r} at {_where(uri)}"
+        raise PipelineError(f"cannot register {where}: {_one_line(exc)}") from exc
 
 
 def download_model_version(name: str, version: str, dst_dir: str | Path, *, tracking_uri: str | None = None) -> Path:
@@ -630,4 +627,5 @@ def download_model_version(name: str, version: str, dst_dir: str | Path, *, trac
         Path(dst_dir).mkdir(parents=True, exist_ok=True)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst_dir), tracking_uri=uri))
     except Exception as exc:  # noqa: BLE001 - one line naming where it failed
-        raise PipelineError(f"cannot download model {name!r} version {version} from {_where(uri)}: {_one_line(exc)}") from exc
+        where = f"model {name!r} version {version} from {_where(uri)}"
+        raise PipelineError(f"cannot download {where}: {_one_line(exc)}") from exc

@@ -24,6 +24,7 @@ from pipeline.errors import PipelineError
 
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "gpu_mem_gb")
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+SIGNED_AWAY = "https://bucket.s3.amazonaws.com/data/train.jsonl?<redacted>"
 PRESIGNED = (
     "https://bucket.s3.amazonaws.com/data/train.jsonl?X-Amz-Algorithm=AWS4-HMAC-SHA256"
     "&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20240101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Signature=0123abcdef"
@@ -72,11 +73,17 @@ def test_stages_nest_under_one_parent_that_a_rerun_finds_again(mlflow_server, cl
     with tracking.stage_run(parent, "train", tracking_uri=mlflow_server.uri) as train_rerun:
         pass
 
-    children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    experiment_id = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     by_status = sorted((r.data.tags["pipeline.stage"], r.info.status) for r in children)
     assert by_status == [("data-prep", "FINISHED"), ("train", "FAILED"), ("train", "FINISHED")]
     assert client.get_run(train_rerun).data.tags["mlflow.runName"] == "train"
     assert client.get_run(parent).data.tags["owner"] == "ml"
+
+    client.delete_run(parent)
+    with pytest.raises(PipelineError, match="deleted"):
+        tracking.find_or_start_parent(experiment, job, parent_id=parent, tracking_uri=mlflow_server.uri)
+    assert tracking.find_or_start_parent(experiment, job, tracking_uri=mlflow_server.uri) != parent
 
 
 def test_params_reach_the_server_flattened_truncated_and_without_secrets(mlflow_server, client, tmp_path):
@@ -93,16 +100,22 @@ def test_params_reach_the_server_flattened_truncated_and_without_secrets(mlflow_
     params = client.get_run(parent).data.params
 
     assert params["train.lr"] == "0.0003" and params["train.seed"] == "7" and params["data.pad_token_id"] == "2"
-    assert len(params["data.template"]) == 6000 and params["data.template"].endswith("chars>")
+    assert len(params["data.template"]) == 6000 and params["data.template"].endswith("x...<10000 chars, truncated>")
     assert params["storage.aws_secret_access_key"] == tracking.REDACTED
     assert params["storage.hf_token"] == tracking.REDACTED
     assert "s3://bucket/plain.jsonl" in params["data.train_files"]
-    assert "https://bucket.s3.amazonaws.com/data/train.jsonl?<redacted>" in params["data.train_files"]
+    assert SIGNED_AWAY in params["data.train_files"]
     everything = " ".join(params.values())
     for leaked in (SECRET, "X-Amz-Signature", "AKIAIOSFODNN7EXAMPLE", "hf_abcdefghij"):
         assert leaked not in everything
     tags = client.get_run(parent).data.tags
     assert tags["code.source"] == "unknown" and tags["code.commit"] == "unknown"
+
+    assert tracking.log_text(parent, f"prompt from {PRESIGNED}", "samples.txt", tracking_uri=mlflow_server.uri)
+    samples = mlflow.artifacts.download_artifacts(
+        run_id=parent, artifact_path="samples.txt", dst_path=str(tmp_path / "dl"), tracking_uri=mlflow_server.uri
+    )
+    assert Path(samples).read_text() == f"prompt from {SIGNED_AWAY}"
 
 
 def test_changed_params_keep_the_first_value_and_do_not_fail(mlflow_server, client, parent_id, caplog):
@@ -139,7 +152,7 @@ def test_code_version_comes_from_git_else_from_the_environment(tmp_path, monkeyp
 def test_redaction_masks_secret_keys_and_values_but_keeps_vocabulary_tokens():
     assert all(map(tracking.is_secret_key, ["AWS_SECRET_ACCESS_KEY", "hf_token", "db.password", "apiKey", "token"]))
     assert not any(map(tracking.is_secret_key, ["data.pad_token_id", "eos_token", "tokenizer", "tokens_per_s"]))
-    assert tracking.redact_text(f"see {PRESIGNED} now") == "see https://bucket.s3.amazonaws.com/data/train.jsonl?<redacted> now"
+    assert tracking.redact_text(f"see {PRESIGNED} now") == f"see {SIGNED_AWAY} now"
     assert tracking.redact_text("Authorization: Bearer abc.def-ghi") == "Authorization: <redacted>"
 
 
@@ -213,9 +226,11 @@ def test_tracking_outage_fails_the_parent_run_but_only_warns_later(no_http_retri
     with pytest.raises(PipelineError) as failure:
         tracking.find_or_start_parent("exp", "job", tracking_uri=uri)
     assert uri in str(failure.value) and "\n" not in str(failure.value)
+    failures_before = tracking.best_effort_failures()
     with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
         assert not tracking.log_params(uuid.uuid4().hex, {"train.lr": 1}, tracking_uri=uri)
         assert not tracking.end_run(uuid.uuid4().hex, tracking_uri=uri)
+    assert tracking.best_effort_failures() == failures_before + 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all(f"tracking uri {uri}:" in w for w in warnings)
 
@@ -229,7 +244,8 @@ def _tiny_checkpoint(out_dir: Path) -> LlamaForCausalLM:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 64)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(out_dir)
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special).save_pretrained(out_dir)
     return model
 
 
@@ -244,14 +260,17 @@ def test_registered_model_downloads_as_a_loadable_checkpoint(mlflow_server, pare
     original = _tiny_checkpoint(tmp_path / "export")
     name = _name("tiny-llama")
     with tracking.stage_run(parent_id, "export", tracking_uri=mlflow_server.uri) as run_id:
-        assert tracking.log_model_dir(run_id, tmp_path / "export", "model", tracking_uri=mlflow_server.uri) == f"runs:/{run_id}/model"
+        logged = tracking.log_model_dir(run_id, tmp_path / "export", "model", tracking_uri=mlflow_server.uri)
+        assert logged == f"runs:/{run_id}/model"
         assert tracking.register_model(run_id, "model", name, tracking_uri=mlflow_server.uri) == "1"
         assert tracking.register_model(run_id, "model", name, tracking_uri=mlflow_server.uri) == "2"
 
-    _assert_same_weights(tracking.download_model_version(name, "1", tmp_path / "dl", tracking_uri=mlflow_server.uri), original)
+    downloaded = tracking.download_model_version(name, "1", tmp_path / "dl", tracking_uri=mlflow_server.uri)
+    _assert_same_weights(downloaded, original)
     # What a consumer with only MLFLOW_TRACKING_URI set does.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    _assert_same_weights(Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2", dst_path=str(tmp_path / "dl2"))), original)
+    downloaded = mlflow.artifacts.download_artifacts(f"models:/{name}/2", dst_path=str(tmp_path / "dl2"))
+    _assert_same_weights(Path(downloaded), original)
 
 
 def test_pickled_weights_are_never_logged(mlflow_server, parent_id, tmp_path):
@@ -267,8 +286,11 @@ def test_a_version_can_point_at_the_object_storage_export(mlflow_server, s3_buck
     for path in (tmp_path / "export").iterdir():
         s3.upload_file(str(path), s3_bucket, f"exports/tiny/{path.name}")
     name = _name("tiny-llama-s3")
-    version = tracking.register_model(parent_id, "model", name, source_uri=f"s3://{s3_bucket}/exports/tiny", tracking_uri=mlflow_server.uri)
-    _assert_same_weights(tracking.download_model_version(name, version, tmp_path / "dl", tracking_uri=mlflow_server.uri), original)
+    source = f"s3://{s3_bucket}/exports/tiny"
+    version = tracking.register_model(parent_id, "model", name, source_uri=source, tracking_uri=mlflow_server.uri)
+    assert MlflowClient(registry_uri=mlflow_server.uri).get_model_version(name, version).source == source
+    downloaded = tracking.download_model_version(name, version, tmp_path / "dl", tracking_uri=mlflow_server.uri)
+    _assert_same_weights(downloaded, original)
 
 
 def test_local_tracking_keeps_database_and_artifacts_in_the_output_dir(tmp_path, monkeypatch):

@@ -1,0 +1,262 @@
+"""The job: data-prep → train → eval → export under one MLflow parent run, each stage re-runnable alone.
+
+What this module decides:
+- A job is identified by `run.name` under `run.output_uri`. Its small state file
+  (`{output_uri}/jobs/{name}/state.json`) records the MLflow parent run and each stage's outputs, so
+  `--stages eval` later finds the checkpoint that `train` wrote and logs under the same parent.
+- Each stage execution is a nested MLflow run carrying the resolved config, seed and code version.
+- The driver process only orchestrates. Training runs in Ray Train workers; eval and export run as one
+  Ray task that asks for a GPU when training did, so big models never load on the head node.
+- Every failure surfaces as one line naming the stage and the reason (`JobError`); `jobs/finetune.py`
+  turns it into an exit code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+
+from pipeline import storage, tracking
+from pipeline.config import DEMO_BASE_URI, Config
+from pipeline.errors import PipelineError
+
+STAGES = ("data", "train", "eval", "export")
+
+
+class JobError(RuntimeError):
+    """A stage failed; the message is one line: `<stage>: <reason>`."""
+
+
+@dataclasses.dataclass
+class JobContext:
+    cfg: Config
+    options: storage.StorageOptions
+    tracking_uri: str
+    code_version: dict
+    state: dict  # persisted between stage runs: parent run id and each stage's outputs
+
+    @property
+    def state_uri(self) -> str:
+        return storage.join(self.cfg.run.output_uri, "jobs", self.cfg.run.name, "state.json")
+
+    def save_state(self) -> None:
+        storage.write_bytes(self.state_uri, json.dumps(self.state, indent=2).encode(), self.options)
+
+    def need(self, key: str, stage: str) -> Any:
+        if key not in self.state:
+            raise PipelineError(f"no {key!r} from an earlier run of job {self.cfg.run.name!r} "
+                                f"({self.state_uri}); run the stages before {stage!r} first")
+        return self.state[key]
+
+
+def open_job(cfg: Config, code_version: dict) -> JobContext:
+    """Load (or start) the job's state and make sure its MLflow parent run exists."""
+    options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    ctx = JobContext(cfg, options, uri, code_version, {})
+    if storage.exists(ctx.state_uri, options):
+        ctx.state = json.loads(storage.read_bytes(ctx.state_uri, options))
+    params = {**cfg.flat_params(), "run.seed": cfg.run.seed}
+    tags = {**tracking.code_version_tags(code_version), "job.output_uri": cfg.run.output_uri}
+    ctx.state["parent_run_id"] = tracking.find_or_start_parent(
+        cfg.tracking.experiment, cfg.run.name, tags, params=params,
+        parent_id=ctx.state.get("parent_run_id"), tracking_uri=uri,
+    )
+    ctx.save_state()
+    return ctx
+
+
+def ensure_demo_base(cfg: Config) -> None:
+    """The embedded default trains a tiny model that the job builds itself, once."""
+    if cfg.model.base_uri == DEMO_BASE_URI:
+        from pipeline.tiny import ensure_demo_base as build
+
+        build(Path(DEMO_BASE_URI).parent)
+
+
+# ---------------------------------------------------------------------------------------------------
+# stages: each takes the context and its stage run id, updates ctx.state, returns a one-line summary
+
+
+def run_data(ctx: JobContext, run_id: str) -> str:
+    from pipeline.data import prepare
+
+    prepared = prepare(ctx.cfg, ctx.cfg.model.base_uri)
+    ctx.state["data"] = dataclasses.asdict(prepared)
+    stats = prepared.stats
+    flat = tracking.flatten_params(stats, prefix="data.")
+    numeric = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracking.log_metrics(run_id, numeric, tracking_uri=ctx.tracking_uri)
+    train = stats.get("train", {})
+    hit = "cache hit" if prepared.cache_hit else "prepared"
+    return (f"{train.get('rows', '?')} train rows, {train.get('tokens', '?')} tokens, "
+            f"{stats.get('truncated', 0)} truncated, {stats.get('dropped', 0)} dropped ({hit}) -> {prepared.uri}")
+
+
+def run_train(ctx: JobContext, run_id: str) -> str:
+    from pipeline.data import PreparedData
+    from pipeline.train import train
+
+    prepared = PreparedData(**ctx.need("data", "train"))
+    result = train(ctx.cfg, prepared, run_id=run_id, tracking_uri=ctx.tracking_uri,
+                   code_version=ctx.code_version)
+    ctx.state["checkpoint_uri"] = result.checkpoint_uri
+    return f"{result.steps} steps, final loss {result.final_loss:.4f} -> {result.checkpoint_uri}"
+
+
+def run_eval(ctx: JobContext, run_id: str) -> str:
+    data = ctx.need("data", "eval")
+    checkpoint_uri = ctx.need("checkpoint_uri", "eval")
+    metrics, samples = _on_worker(ctx, _eval_task, ctx.cfg, ctx.options, checkpoint_uri, data["val_uri"])
+    tracking.log_metrics(run_id, metrics, tracking_uri=ctx.tracking_uri)
+    tracking.log_text(run_id, json.dumps(samples, indent=2), "samples.json", tracking_uri=ctx.tracking_uri)
+    ctx.state["eval"] = metrics
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()))
+    return f"{shown}; {len(samples)} samples"
+
+
+def run_export(ctx: JobContext, run_id: str) -> str:
+    checkpoint_uri = ctx.need("checkpoint_uri", "export")
+    result = _on_worker(ctx, _export_task, ctx.cfg, ctx.options, checkpoint_uri, run_id, ctx.tracking_uri)
+    ctx.state["export"] = result
+    version = f", registered {ctx.cfg.export.registered_model_name} v{result['version']}" if result["version"] else ""
+    return f"{result['uri']}{version}"
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[JobContext, str], str]] = {
+    "data": run_data, "train": run_train, "eval": run_eval, "export": run_export,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval and export run where the GPUs are
+
+
+def _on_worker(ctx: JobContext, fn, *args):
+    gpus = 1 if ctx.cfg.train.use_gpu else 0
+    return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(fn).remote(*args))
+
+
+def _local_dirs(cfg: Config, options, checkpoint_uri: str) -> tuple[Path, Path]:
+    base = storage.pull_checkpoint(cfg.model.base_uri, cfg.run.cache_dir, options)
+    checkpoint = storage.pull_checkpoint(checkpoint_uri, cfg.run.cache_dir, options)
+    return base, checkpoint
+
+
+def _eval_task(cfg: Config, options, checkpoint_uri: str, val_uri: str | None):
+    from pipeline.evaluate import evaluate, generate_samples
+    from pipeline.export import convert
+
+    base, checkpoint = _local_dirs(cfg, options, checkpoint_uri)
+    metrics = evaluate(cfg, base, checkpoint, val_uri, options=options) if val_uri else {}
+    hf_dir = convert(cfg, base, checkpoint)
+    samples = generate_samples(hf_dir, cfg.eval.prompts, cfg.eval.max_new_tokens, cfg.eval.num_samples)
+    return metrics, samples
+
+
+def _export_task(cfg: Config, options, checkpoint_uri: str, run_id: str, tracking_uri: str):
+    from pipeline.export import export
+
+    base, checkpoint = _local_dirs(cfg, options, checkpoint_uri)
+    result = export(cfg, base, checkpoint, run_id=run_id, tracking_uri=tracking_uri, options=options)
+    return {"uri": result.uri, "version": result.version}
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print) -> JobContext:
+    """Run `stages` in pipeline order; raises JobError naming the stage that failed."""
+    ensure_demo_base(cfg)
+    ctx = open_job(cfg, code_version)
+    params = {**cfg.flat_params(), "run.seed": cfg.run.seed}
+    tags = tracking.code_version_tags(code_version)
+    for stage in [s for s in STAGES if s in stages]:
+        start = time.time()
+        try:
+            with tracking.stage_run(ctx.state["parent_run_id"], stage, params=params, tags=tags,
+                                    tracking_uri=ctx.tracking_uri) as run_id:
+                summary = STAGE_FUNCTIONS[stage](ctx, run_id)
+        except (PipelineError, ValueError, RuntimeError, OSError) as exc:
+            raise JobError(f"{stage}: {_one_line(exc)}") from exc
+        ctx.save_state()
+        echo(f"[{stage}] {summary} ({time.time() - start:.0f}s)")
+    return ctx
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc  # Ray wraps task errors; show the original
+    text = str(cause).strip().splitlines()
+    return text[-1] if text else type(cause).__name__
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# --dry-run: every check a real run would fail on, without training
+
+
+def dry_run(cfg: Config) -> list[tuple[str, bool, str]]:
+    """(check, ok, detail) for data inputs, the base checkpoint, output storage and tracking."""
+    options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    checks = [("config", True, f"{len(cfg.flat_params())} settings valid")]
+    for uri in [*cfg.data.train_files, *(cfg.data.validation_files or [])]:
+        checks.append(_check(f"data {uri}", lambda u=uri: _exists(u, options)))
+    if cfg.model.base_uri == DEMO_BASE_URI and not storage.exists(cfg.model.base_uri, options):
+        checks.append(("base checkpoint", True, "demo base will be built on first run"))
+    else:
+        checks.append(_check(f"base checkpoint {cfg.model.base_uri}", lambda: _check_base(cfg, options)))
+    checks.append(_check(f"output {cfg.run.output_uri}", lambda: _check_writable(cfg.run.output_uri, options)))
+    checks.append(_check("tracking", lambda: _check_tracking(cfg.tracking.uri)))
+    return checks
+
+
+def _check(name: str, fn) -> tuple[str, bool, str]:
+    try:
+        return name, True, fn()
+    except Exception as exc:  # noqa: BLE001 - a dry run reports every failure, one line each
+        return name, False, _one_line(exc)
+
+
+def _exists(uri: str, options) -> str:
+    if not storage.exists(uri, options):
+        raise PipelineError(f"not found: {uri}")
+    return "found"
+
+
+def _check_base(cfg: Config, options) -> str:
+    from transformers import LlamaConfig
+
+    from te_model.model import check_llama_config
+
+    files = storage.list_files(cfg.model.base_uri, options)
+    shards = [n for n in files if n.endswith(".safetensors")]
+    if "config.json" not in files or not shards:
+        raise PipelineError(f"{cfg.model.base_uri}: needs config.json and *.safetensors")
+    raw = json.loads(storage.read_bytes(storage.join(cfg.model.base_uri, "config.json"), options))
+    if raw.get("model_type") != "llama":
+        raise PipelineError(f"{cfg.model.base_uri}/config.json: model_type is {raw.get('model_type')!r}, not 'llama'")
+    check_llama_config(LlamaConfig.from_dict(raw), where=f"{cfg.model.base_uri}/config.json")
+    size = sum(files[n] for n in shards) / 2**30
+    manifest = "manifest" if "manifest.json" in files else "no manifest"
+    return f"llama, {len(shards)} shard(s), {size:.2f} GiB, {manifest}"
+
+
+def _check_writable(uri: str, options) -> str:
+    probe = storage.join(uri, ".dry-run-probe")
+    storage.write_bytes(probe, b"ok", options)
+    fs, path = storage.filesystem(probe, options)
+    fs.rm(path)
+    return "writable"
+
+
+def _check_tracking(uri: str) -> str:
+    from mlflow import MlflowClient
+
+    resolved = tracking.resolve_tracking_uri(uri)
+    MlflowClient(tracking_uri=resolved).search_experiments(max_results=1)
+    return "reachable"
