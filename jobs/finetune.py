@@ -41,6 +41,8 @@ def parse_args(argv):
 def start_ray():
     import ray
 
+    if ray.is_initialized():
+        return
     # Locally, workers find the project through PYTHONPATH; under `ray job submit` the working dir does it.
     env = {"env_vars": {"PYTHONPATH": str(REPO)}} if not os.environ.get("RAY_ADDRESS") else None
     ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=env, log_to_driver=True,

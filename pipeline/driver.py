@@ -143,8 +143,9 @@ def _on_worker(ctx: JobContext, fn, *args):
 
 
 def _local_dirs(cfg: Config, options, checkpoint_uri: str) -> tuple[Path, Path]:
+    """The base checkpoint and the trained weights (not the optimizer state) on this node."""
     base = storage.pull_checkpoint(cfg.model.base_uri, cfg.run.cache_dir, options)
-    checkpoint = storage.pull_checkpoint(checkpoint_uri, cfg.run.cache_dir, options)
+    checkpoint = storage.pull_checkpoint(checkpoint_uri, cfg.run.cache_dir, options, only=["model.safetensors"])
     return base, checkpoint
 
 
@@ -155,7 +156,8 @@ def _eval_task(cfg: Config, options, checkpoint_uri: str, val_uri: str | None):
     base, checkpoint = _local_dirs(cfg, options, checkpoint_uri)
     metrics = evaluate(cfg, base, checkpoint, val_uri, options=options) if val_uri else {}
     hf_dir = convert(cfg, base, checkpoint)
-    samples = generate_samples(hf_dir, cfg.eval.prompts, cfg.eval.max_new_tokens, cfg.eval.num_samples)
+    samples = generate_samples(hf_dir, cfg.eval.prompts, cfg.eval.max_new_tokens, cfg.eval.num_samples,
+                               prompt_format=cfg.data.format, add_bos=cfg.data.add_bos)
     return metrics, samples
 
 

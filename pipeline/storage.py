@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -273,10 +273,19 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
 
 
 def pull_checkpoint(
-    uri: str, cache_root: str | Path, options: StorageOptions | None = None, max_workers: int = 8
+    uri: str,
+    cache_root: str | Path,
+    options: StorageOptions | None = None,
+    max_workers: int = 8,
+    only: Collection[str] | None = None,
 ) -> Path:
-    """Pull the checkpoint directory at `uri` into a node-local cache, once per node; returns the dir."""
-    cache_dir = checkpoint_cache_dir(uri, cache_root)
+    """Pull the checkpoint directory at `uri` into a node-local cache, once per node; returns the dir.
+
+    `only` names the files wanted (e.g. the weights of a training checkpoint, not its optimizer state);
+    such a partial pull gets a cache directory of its own.
+    """
+    key = uri if only is None else f"{uri.rstrip('/')}#{','.join(sorted(only))}"
+    cache_dir = checkpoint_cache_dir(key, cache_root)
     marker = cache_dir / _COMPLETE_MARKER
     if marker.is_file():
         return cache_dir  # pulled earlier on this node: no network access at all
@@ -285,21 +294,26 @@ def pull_checkpoint(
         if marker.is_file():
             log.info("checkpoint %s was pulled by another process into %s", uri, cache_dir)
         else:
-            _pull_into(uri, cache_dir, options, max_workers)
+            _pull_into(uri, cache_dir, options, max_workers, only)
     return cache_dir
 
 
 def _wanted_files(
-    uri: str, options: StorageOptions | None
+    uri: str, options: StorageOptions | None, only: Collection[str] | None = None
 ) -> tuple[dict[str, int], dict[str, FileEntry], bytes | None]:
     """(name -> remote size, name -> manifest entry, manifest bytes) of the files to pull from `uri`."""
     remote = list_files(uri, options)
+    if only is not None:
+        absent = sorted(set(only) - set(remote))
+        if absent:
+            raise PipelineError(f"{join(uri, absent[0])} not found")
+        remote = {n: s for n, s in remote.items() if n in only or n == MANIFEST_NAME}
     if MANIFEST_NAME not in remote:
         return {n: s for n, s in remote.items() if is_checkpoint_file(n)}, {}, None
     manifest_data = read_bytes(join(uri, MANIFEST_NAME), options)
     entries = parse_manifest(manifest_data, join(uri, MANIFEST_NAME))
     # With a manifest, it decides what the checkpoint is: stray objects at the prefix are not pulled.
-    wanted = {n: e for n, e in entries.items() if is_checkpoint_file(n)}
+    wanted = {n: e for n, e in entries.items() if is_checkpoint_file(n) and (only is None or n in only)}
     missing = sorted(set(wanted) - set(remote))
     if missing:
         raise PipelineError(f"{join(uri, missing[0])} is listed in the manifest but missing")
@@ -328,10 +342,12 @@ def _pull_file(
     download_file(join(uri, name), cache_dir / name, options, size=size, sha256=sha256)
 
 
-def _pull_into(uri: str, cache_dir: Path, options: StorageOptions | None, max_workers: int) -> None:
+def _pull_into(
+    uri: str, cache_dir: Path, options: StorageOptions | None, max_workers: int, only: Collection[str] | None
+) -> None:
     for leftover in cache_dir.rglob(f"*{_PART_SUFFIX}"):
         leftover.unlink()  # a download cut short by a crash; the lock says nobody is writing it now
-    sizes, entries, manifest_data = _wanted_files(uri, options)
+    sizes, entries, manifest_data = _wanted_files(uri, options, only)
     todo = {n: s for n, s in sizes.items() if not _already_pulled(cache_dir / n, s, entries.get(n))}
     _check_disk_space(cache_dir, sum(todo.values()), uri)
     log.info("pulling %d files (%d bytes) from %s into %s", len(todo), sum(todo.values()), uri, cache_dir)
