@@ -3,7 +3,8 @@
 Why it exists: training wants fixed-length rows of `input_ids`, `labels` and `position_ids` so that no
 token of compute is wasted on padding and no document attends to another (te_model's packed-row
 convention). This stage turns text, instruction or chat records into such rows once, and stores them
-under `{run.output_uri}/data/{hash}/` so every later run with the same inputs reuses them.
+under `{run.output_uri}/data/{hash}/` so every later run with the same inputs reuses them. Reading the
+inputs and turning their records into documents is `pipeline.sources`.
 
 Rules decided here (all recorded in stats.json):
 - Special tokens are added by these rules only, never by the tokenizer's own post-processor: BOS before
@@ -28,10 +29,8 @@ Rules decided here (all recorded in stats.json):
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import random
 import sys
@@ -50,6 +49,14 @@ from pipeline import storage
 from pipeline.config import DEMO_BASE_URI, Config, DataConfig, load_config
 from pipeline.errors import PipelineError
 from pipeline.manifest import MANIFEST_NAME
+from pipeline.sources import (  # noqa: F401 - the prompt and its formatter are re-exported
+    INSTRUCTION_PROMPT,
+    INSTRUCTION_PROMPT_WITH_INPUT,
+    Source,
+    documents,
+    format_instruction_prompt,
+    read_source,
+)
 
 # Bump whenever tokenization or packing output changes, so older caches stop matching.
 FORMAT_VERSION = 1
@@ -57,16 +64,8 @@ IGNORE_INDEX = -100
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json")
-_FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Settings that do not change the prepared rows: leaving them out lets e.g. num_proc change and still hit.
 _NOT_HASHED = ("train_files", "validation_files", "num_proc")
-INSTRUCTION_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-INSTRUCTION_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-    "### Input:\n{input}\n\n### Response:\n")
 
 
 @dataclass(frozen=True)
@@ -81,22 +80,6 @@ class PreparedData:
     @property
     def cache_hit(self) -> bool:
         return bool(self.stats.get("cache_hit"))
-
-
-@dataclass
-class _Source:
-    """One input uri read into memory: a file, or the arrow files of a `save_to_disk` folder."""
-
-    uri: str
-    kind: str
-    blobs: dict[str, bytes]  # relative name -> bytes; "" for a single file
-
-
-def format_instruction_prompt(instruction: str, input_text: str = "") -> str:
-    """The Alpaca-style prompt the model is trained on; use the same at inference."""
-    if input_text and input_text.strip():
-        return INSTRUCTION_PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
-    return INSTRUCTION_PROMPT.format(instruction=instruction)
 
 
 def load_tokenizer(tokenizer_dir: str, data: DataConfig) -> PreTrainedTokenizerBase:
@@ -120,25 +103,6 @@ def pad_token(tokenizer: PreTrainedTokenizerBase) -> tuple[int, str]:
     raise PipelineError("tokenizer has neither a pad nor an eos token: cannot pad packed rows")
 
 
-def _read_source(uri: str, options: storage.StorageOptions) -> _Source:
-    kind = _FILE_KINDS.get(Path(uri.rstrip("/")).suffix.lower())
-    if kind:
-        return _Source(uri, kind, {"": storage.read_bytes(uri, options)})
-    if not storage.exists(uri, options):
-        raise PipelineError(f"input not found: {uri}")
-    fs, path = storage.filesystem(uri, options)
-    names = storage.list_files(uri, options) if fs.isdir(path) else {}
-    if "dataset_dict.json" in names:
-        example = storage.join(uri, "train")
-        raise PipelineError(f"{uri} is a DatasetDict: point at one split's folder (e.g. {example})")
-    if "state.json" not in names:
-        raise PipelineError(f"unsupported input {uri}: expected .jsonl/.json/.parquet/.csv "
-                            "or a datasets save_to_disk folder")
-    state = json.loads(storage.read_bytes(storage.join(uri, "state.json"), options))
-    arrow_files = [entry["filename"] for entry in state.get("_data_files", [])]
-    return _Source(uri, "arrow", {n: storage.read_bytes(storage.join(uri, n), options) for n in arrow_files})
-
-
 def _tokenizer_blobs(tokenizer_dir: str) -> dict[str, bytes]:
     paths = [Path(tokenizer_dir) / name for name in TOKENIZER_FILES]
     found = {path.name: path.read_bytes() for path in paths if path.is_file()}
@@ -147,7 +111,7 @@ def _tokenizer_blobs(tokenizer_dir: str) -> dict[str, bytes]:
     return found
 
 
-def data_hash(cfg: Config, sources: dict[str, list[_Source]], tokenizer_blobs: dict[str, bytes]) -> str:
+def data_hash(cfg: Config, sources: dict[str, list[Source]], tokenizer_blobs: dict[str, bytes]) -> str:
     """Content hash of everything that determines the prepared rows (see module docstring)."""
     settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_HASHED}
     digest = hashlib.sha256(json.dumps({"format_version": FORMAT_VERSION, "seed": cfg.run.seed, **settings},
@@ -159,71 +123,6 @@ def data_hash(cfg: Config, sources: dict[str, list[_Source]], tokenizer_blobs: d
     for name, blob in sorted(tokenizer_blobs.items()):
         digest.update(f"\0tokenizer\0{name}\0".encode() + hashlib.sha256(blob).digest())
     return digest.hexdigest()
-
-
-def _records(source: _Source) -> list[tuple[str, dict]]:
-    """(where, record) pairs of a source, `where` naming file and line/row for error messages."""
-    blob = source.blobs.get("", b"")
-    if source.kind in ("jsonl", "json"):
-        text = blob.decode("utf-8")
-        try:
-            whole = json.loads(text) if source.kind == "json" else None
-        except json.JSONDecodeError:
-            whole = None  # a .json file holding JSON lines
-        if isinstance(whole, list):
-            return [(f"{source.uri} row {i}", r) for i, r in enumerate(whole)]
-        return [(f"{source.uri}:{n}", _json_line(line, source.uri, n))
-                for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if source.kind == "csv":
-        rows = csv.DictReader(io.StringIO(blob.decode("utf-8")))
-        return [(f"{source.uri} row {i}", r) for i, r in enumerate(rows)]
-    if source.kind == "parquet":
-        tables = [pq.read_table(io.BytesIO(blob))]
-    else:
-        tables = [pa.ipc.open_stream(io.BytesIO(b)).read_all() for b in source.blobs.values()]
-    rows = [r for table in tables for r in table.to_pylist()]
-    return [(f"{source.uri} row {i}", r) for i, r in enumerate(rows)]
-
-
-def _json_line(line: str, uri: str, line_no: int) -> dict:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{uri}:{line_no}: invalid JSON ({exc.msg})") from None
-
-
-def _field(record: Any, name: str, where: str, required: bool = True) -> str:
-    if not isinstance(record, dict):
-        raise PipelineError(f"{where}: expected an object, got {type(record).__name__}")
-    value = record.get(name)
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str):
-        problem = "missing" if name not in record else f"not a string ({type(value).__name__})"
-        raise PipelineError(f"{where}: field '{name}' is {problem}; fields: {', '.join(map(str, record))}")
-    return value
-
-
-def _document(record: Any, where: str, data: DataConfig) -> dict[str, str]:
-    """A record in the column layout of its format: text | prompt+response | messages (JSON)."""
-    if data.format == "text":
-        return {"text": _field(record, data.text_field, where)}
-    if data.format == "instruction":
-        instruction, input_text = _field(record, "instruction", where), _field(record, "input", where, False)
-        return {"prompt": format_instruction_prompt(instruction, input_text),
-                "response": _field(record, "output", where)}
-    messages = record.get("messages") if isinstance(record, dict) else None
-    well_formed = isinstance(messages, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages)
-    if not well_formed:
-        raise PipelineError(f"{where}: 'messages' must be a list of {{role, content}} strings")
-    return {"messages": json.dumps(messages), "where": where}
-
-
-def _documents(sources: list[_Source], data: DataConfig) -> list[dict[str, str]]:
-    docs = [_document(record, where, data) for source in sources for where, record in _records(source)]
-    return docs[: data.max_documents] if data.max_documents else docs
 
 
 def _chat_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
@@ -366,8 +265,8 @@ def prepare(cfg: Config, tokenizer_dir: str) -> PreparedData:
     """Tokenize, pack and store the configured data under `{run.output_uri}/data/{hash}`, or reuse it."""
     options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
     tokenizer_dir = _local_tokenizer_dir(tokenizer_dir, cfg, options)
-    sources = {"train": [_read_source(u, options) for u in cfg.data.train_files],
-               "validation": [_read_source(u, options) for u in cfg.data.validation_files or []]}
+    sources = {"train": [read_source(u, options) for u in cfg.data.train_files],
+               "validation": [read_source(u, options) for u in cfg.data.validation_files or []]}
     digest = data_hash(cfg, sources, _tokenizer_blobs(tokenizer_dir))
     folder = storage.join(cfg.run.output_uri, "data", digest[:16])
     stats = _cached_stats(folder, options)
@@ -390,12 +289,12 @@ def _cached_stats(folder: str, options: storage.StorageOptions) -> dict[str, Any
     return {**json.loads(storage.read_bytes(storage.join(folder, "stats.json"), options)), "cache_hit": True}
 
 
-def _splits(cfg: Config, sources: dict[str, list[_Source]]) -> dict[str, list[dict[str, str]]]:
+def _splits(cfg: Config, sources: dict[str, list[Source]]) -> dict[str, list[dict[str, str]]]:
     """Validation documents come from validation_files, else `val_fraction` of the training documents
     (at least one when > 0) is held out, chosen by `run.seed`; both keep file order."""
-    docs = _documents(sources["train"], cfg.data)
+    docs = documents(sources["train"], cfg.data)
     if cfg.data.validation_files:
-        return {"train": docs, "validation": _documents(sources["validation"], cfg.data)}
+        return {"train": docs, "validation": documents(sources["validation"], cfg.data)}
     n_val = round(len(docs) * cfg.data.val_fraction)
     if cfg.data.val_fraction > 0 and len(docs) >= 2:
         n_val = min(max(n_val, 1), len(docs) - 1)

@@ -10,24 +10,18 @@ What this module decides:
   run carries its own (a re-run may differ), because MLflow params can never change once logged.
 - Failing to create a run is an error (`PipelineError`, one line naming the tracking uri). Everything
   after that (params, tags, metrics, ending runs) is best effort: a warning and a count, never a crash.
-- Everything logged passes through `redact` and is truncated to MLflow's length limits.
-- Per-step training metrics go through `AsyncMetricLogger`: a bounded queue drained by a daemon thread with
-  `MlflowClient.log_batch`, so a slow or dead server never stalls a training step. HTTP retries are MLflow's
-  (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT); on top, unsent steps stay queued and are
-  retried with backoff, and when the queue is full the oldest step is dropped and counted.
 - Local tracking uses SQLite (`sqlite:///<dir>/mlflow.db`, artifacts beside it in `<dir>/mlartifacts`);
   one SQLite file must not be shared by several nodes, so multi-node jobs use a tracking server.
+
+What is logged is redacted and fitted to MLflow's limits by `pipeline.redact`; per-step training metrics
+go through `pipeline.metrics`. Both are re-exported here, so callers need only this module.
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import logging
 import os
-import re
 import subprocess
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
@@ -40,7 +34,6 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import (
-    MAX_ENTITY_KEY_LENGTH,
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
@@ -48,11 +41,21 @@ from mlflow.utils.validation import (
 )
 
 from pipeline.errors import PipelineError
+from pipeline.metrics import AsyncMetricLogger, NullLogger, metric_logger  # noqa: F401 - re-exported
+from pipeline.redact import (  # noqa: F401 - is_secret_key and REDACTED are re-exported
+    REDACTED,
+    error_line,
+    fit_key,
+    fit_text,
+    is_secret_key,
+    redact,
+    redact_text,
+    tracking_uri_label,
+)
 
 log = logging.getLogger(__name__)
 
 CODE_VERSION_ENV = "FINETUNE_CODE_VERSION"
-REDACTED = "<redacted>"
 ROLE_TAG = "pipeline.role"
 STAGE_TAG = "pipeline.stage"
 _PARENT_TAG = "mlflow.parentRunId"
@@ -60,74 +63,6 @@ _RUN_NAME_TAG = "mlflow.runName"
 _DIRTY_SUFFIX = "-dirty"
 # Pickled formats run code when loaded; a registered model must load from safetensors alone.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-# Redaction: secrets are recognised by key words and by the shape of values (signed urls, known tokens).
-_SECRET_WORDS = frozenset({
-    "secret", "password", "passwd", "passphrase", "pwd", "credential", "credentials", "apikey",
-    "authorization", "auth", "cookie", "signature", "privatekey",
-})
-_SECRET_PAIRS = frozenset({
-    ("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("account", "key"),
-    ("ssh", "key"), ("signing", "key"), ("encryption", "key"), ("sas", "key"), ("master", "key"),
-})
-# "token" is a secret in `hf_token` but a vocabulary entry in `pad_token` or `eos_token_id`.
-_VOCAB_TOKEN_WORDS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "added", "start"})
-_SIGNED_QUERY_NAMES = frozenset({
-    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential",
-    "signature", "sig", "token", "access_token", "api_key", "apikey", "key", "password",
-})
-_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>,\]]+")
-_TOKEN_SHAPES = re.compile(
-    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bhf_[A-Za-z0-9]{20,}\b|\bgh[pousr]_[A-Za-z0-9]{20,}\b"
-    r"|\bBearer\s+[A-Za-z0-9._~+/=-]+|\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]+"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
-)
-
-
-def is_secret_key(key: str) -> bool:
-    """True for names like aws_secret_access_key, hf_token, db.password, apiKey; False for pad_token_id."""
-    words = [w for w in re.split(r"[^a-z0-9]+", _CAMEL_BOUNDARY.sub("_", key).lower()) if w]
-    if any(word in _SECRET_WORDS for word in words) or set(zip(words, words[1:])) & _SECRET_PAIRS:
-        return True
-    return any(w == "token" and (i == 0 or words[i - 1] not in _VOCAB_TOKEN_WORDS) for i, w in enumerate(words))
-
-
-def _redact_url(match: re.Match[str]) -> str:
-    url = match.group(0)
-    parts = urllib.parse.urlsplit(url)
-    netloc, query = parts.netloc, parts.query
-    if "@" in netloc:  # user:password@host
-        netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
-    names = {name.lower() for name, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
-    if names & _SIGNED_QUERY_NAMES:
-        query = REDACTED
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def redact_text(text: str) -> str:
-    """The text with signed-url queries, url passwords and well-known token formats masked."""
-    return _TOKEN_SHAPES.sub(REDACTED, _URL.sub(_redact_url, text))
-
-
-def redact(params: Mapping[str, Any]) -> dict[str, str]:
-    """Params as MLflow strings, with secret-looking keys masked and secrets inside values masked."""
-    return {str(k): REDACTED if is_secret_key(str(k)) else redact_text(str(v)) for k, v in params.items()}
-
-
-def _fit(text: str, limit: int) -> str:
-    """Text cut to `limit` characters, saying how much was cut, so MLflow never rejects it."""
-    if len(text) <= limit:
-        return text
-    marker = f"...<{len(text)} chars, truncated>"
-    return text[: limit - len(marker)] + marker
-
-
-def _fit_key(key: str) -> str:
-    """A key within MLflow's limit that stays unique: a cut key ends with a hash of the full one."""
-    if len(key) <= MAX_ENTITY_KEY_LENGTH:
-        return key
-    return key[: MAX_ENTITY_KEY_LENGTH - 9] + "~" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def flatten_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -222,15 +157,6 @@ def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
-def _where(tracking_uri: str) -> str:
-    return f"tracking uri {redact_text(tracking_uri)}"
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {redact_text(lines[0])[:300] if lines else 'no details'}"
-
-
 # Runs.
 def find_or_start_parent(
     experiment: str, run_name: str, tags: Mapping[str, Any] | None = None, *,
@@ -254,8 +180,8 @@ def find_or_start_parent(
         run_tags = {**(tags or {}), ROLE_TAG: "parent", _RUN_NAME_TAG: run_name}
         run_id = client.create_run(experiment_id, tags=_clean_tags(run_tags), run_name=run_name).info.run_id
     except Exception as exc:  # noqa: BLE001 - any failure here means the job cannot be tracked
-        where = f"MLflow parent run {run_name!r} at {_where(uri)}"
-        raise PipelineError(f"cannot start {where}: {_one_line(exc)}") from exc
+        where = f"MLflow parent run {run_name!r} at {tracking_uri_label(uri)}"
+        raise PipelineError(f"cannot start {where}: {error_line(exc)}") from exc
     if params:
         log_params(run_id, params, tracking_uri=uri)
     return run_id
@@ -298,8 +224,8 @@ def stage_run(
         experiment_id = client.get_run(parent_id).info.experiment_id
         run_id = client.create_run(experiment_id, tags=_clean_tags(run_tags), run_name=stage).info.run_id
     except Exception as exc:  # noqa: BLE001 - any failure here means the stage cannot be tracked
-        where = f"MLflow run of stage {stage!r} at {_where(uri)}"
-        raise PipelineError(f"cannot start {where}: {_one_line(exc)}") from exc
+        where = f"MLflow run of stage {stage!r} at {tracking_uri_label(uri)}"
+        raise PipelineError(f"cannot start {where}: {error_line(exc)}") from exc
     if params:
         log_params(run_id, params, tracking_uri=uri)
     status = RunStatus.to_string(RunStatus.FAILED)
@@ -314,7 +240,7 @@ def stage_run(
 
 
 def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
-    return {_fit_key(k): _fit(v, MAX_TAG_VAL_LENGTH) for k, v in redact(tags).items()}
+    return {fit_key(k): fit_text(v, MAX_TAG_VAL_LENGTH) for k, v in redact(tags).items()}
 
 
 _best_effort_failures = 0
@@ -333,7 +259,8 @@ def _best_effort(action: str, run_id: str, tracking_uri: str, call: Callable[[],
         return True
     except Exception as exc:  # noqa: BLE001 - any tracking failure must not end the job
         _best_effort_failures += 1
-        log.warning("MLflow: could not %s for run %s at %s: %s", action, run_id, _where(tracking_uri), _one_line(exc))
+        log.warning("MLflow: could not %s for run %s at %s: %s",
+                    action, run_id, tracking_uri_label(tracking_uri), error_line(exc))
         return False
 
 
@@ -341,7 +268,7 @@ def log_params(run_id: str, params: Mapping[str, Any], *, tracking_uri: str | No
     """Log redacted, truncated params; values already logged are skipped, changed ones warned about
     (MLflow params are immutable). False, with a warning, when the server could not take them."""
     client, uri = _client(tracking_uri)
-    wanted = {_fit_key(k): _fit(v, MAX_PARAM_VAL_LENGTH) for k, v in redact(params).items()}
+    wanted = {fit_key(k): fit_text(v, MAX_PARAM_VAL_LENGTH) for k, v in redact(params).items()}
 
     def send() -> None:
         logged = client.get_run(run_id).data.params
@@ -373,7 +300,7 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0, *, tra
 
     def send() -> None:
         now = int(time.time() * 1000)
-        entities = [Metric(_fit_key(k), float(v), now, step) for k, v in metrics.items()]
+        entities = [Metric(fit_key(k), float(v), now, step) for k, v in metrics.items()]
         for start in range(0, len(entities), MAX_METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=entities[start : start + MAX_METRICS_PER_BATCH], synchronous=True)
 
@@ -391,181 +318,6 @@ def end_run(run_id: str, status: str = "FINISHED", *, tracking_uri: str | None =
     """Mark a run FINISHED / FAILED / KILLED; False, with a warning, on failure."""
     client, uri = _client(tracking_uri)
     return _best_effort(f"end run as {status}", run_id, uri, lambda: client.set_terminated(run_id, status))
-
-
-# Per-step metrics, off the training thread.
-class AsyncMetricLogger:
-    """Per-step metrics to one run through a bounded queue and a daemon thread; `log` never blocks.
-
-    The thread sends what is queued every `flush_every_s` (sooner once `batch_steps` steps wait) with
-    `MlflowClient.log_batch`. A failed send is counted and warned about once per outage; its steps go
-    back to the queue and are retried with backoff. When the queue is full the oldest step is dropped.
-    """
-
-    def __init__(self, run_id: str, tracking_uri: str | None = None, *, max_pending_steps: int = 10_000,
-                 flush_every_s: float = 1.0, batch_steps: int = 100) -> None:
-        self.run_id = run_id
-        self.dropped = 0  # steps lost: queue overflow, rejected by the server, or unsent at close
-        self.failures = 0  # failed log_batch calls
-        self.sent = 0  # steps the server accepted
-        self._client, self._uri = _client(tracking_uri)
-        self._max_pending, self._flush_every_s, self._batch_steps = max_pending_steps, flush_every_s, batch_steps
-        self._pending: collections.deque[tuple[int, int, dict[str, float]]] = collections.deque()
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closing = False
-        self._abandoned = False  # close() gave up on a request still in flight
-        self._in_flight = 0  # steps in the request being sent
-        self._in_outage = False
-        self._give_up_at = float("inf")
-        self._thread = threading.Thread(target=self._drain_forever, name="mlflow-metrics", daemon=True)
-        self._thread.start()
-
-    @property
-    def pending(self) -> int:
-        """Steps queued and not yet accepted by the server."""
-        return len(self._pending)
-
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Queue one step's metrics. Pass Python numbers: a CUDA tensor would sync the GPU in `float()`."""
-        entry = (step, int(time.time() * 1000), {key: float(value) for key, value in metrics.items()})
-        with self._lock:
-            if self._closing:
-                self.dropped += 1
-                return
-            if len(self._pending) >= self._max_pending:
-                self._pending.popleft()
-                self.dropped += 1
-            self._pending.append(entry)
-            full = len(self._pending) >= self._batch_steps and not self._in_outage  # no hammering a down server
-        if full:
-            self._wake.set()
-
-    def close(self, timeout: float = 10.0) -> bool:
-        """Send what is queued, waiting at most `timeout` seconds; True when every step was sent.
-
-        Steps not sent by then count as dropped; a request still hanging then is abandoned to the daemon
-        thread (its steps count as dropped too, though they may still arrive).
-        """
-        with self._lock:
-            self._closing = True
-            self._give_up_at = time.monotonic() + timeout
-        self._wake.set()
-        self._thread.join(timeout)
-        with self._lock:
-            self._abandoned = self._thread.is_alive()
-            lost = len(self._pending) + (self._in_flight if self._abandoned else 0)
-            self.dropped += lost
-            self._pending.clear()
-        return lost == 0
-
-    def __enter__(self) -> "AsyncMetricLogger":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _drain_forever(self) -> None:
-        backoff = 0.0
-        while True:
-            self._wake.wait(self._wait_s(backoff))
-            self._wake.clear()
-            if time.monotonic() >= self._give_up_at:
-                return
-            sent_all = self._send_pending()
-            if sent_all and self._closing and not self._pending:
-                return
-            backoff = 0.0 if sent_all else min(max(2 * backoff, 1.0), 30.0)
-
-    def _wait_s(self, backoff: float) -> float:
-        if not self._closing:
-            return backoff or self._flush_every_s
-        return min(backoff, max(self._give_up_at - time.monotonic(), 0.0))
-
-    def _send_pending(self) -> bool:
-        """Send queued steps batch by batch; False at the first failure."""
-        while batch := self._take_batch():
-            try:
-                self._client.log_batch(self.run_id, metrics=_metric_entities(batch), synchronous=True)
-            except Exception as exc:  # noqa: BLE001 - tracking outages must not reach training
-                self._on_failure(batch, exc)
-                return False
-            with self._lock:
-                self._in_flight = 0
-                self.sent += 0 if self._abandoned else len(batch)
-            if self._in_outage:
-                log.warning("MLflow: metric logging to %s works again", _where(self._uri))
-                self._in_outage = False
-        return True
-
-    def _take_batch(self) -> list[tuple[int, int, dict[str, float]]]:
-        """The oldest queued steps, up to MLflow's metrics-per-request limit; none past the deadline."""
-        batch: list[tuple[int, int, dict[str, float]]] = []
-        count = 0
-        with self._lock:
-            if time.monotonic() >= self._give_up_at:
-                return batch
-            while self._pending and (not batch or count + len(self._pending[0][2]) <= MAX_METRICS_PER_BATCH):
-                batch.append(self._pending.popleft())
-                count += len(batch[-1][2])
-            self._in_flight = len(batch)
-        return batch
-
-    def _on_failure(self, batch: list[tuple[int, int, dict[str, float]]], exc: Exception) -> None:
-        """Count the failure; requeue the steps unless the server rejected them or time is up."""
-        self.failures += 1
-        status = exc.get_http_status_code() if isinstance(exc, MlflowException) else 500
-        rejected = 400 <= status < 500 and status != 429  # resending the same data cannot help
-        with self._lock:
-            self._in_flight = 0
-            if self._abandoned:
-                return  # close() already counted these steps
-            if rejected or time.monotonic() >= self._give_up_at:
-                self.dropped += len(batch)
-            else:
-                self._pending.extendleft(reversed(batch))
-                while len(self._pending) > self._max_pending:
-                    self._pending.popleft()
-                    self.dropped += 1
-        if rejected or not self._in_outage:
-            log.warning("MLflow: metric logging to %s failed (%s); training goes on, %d steps queued",
-                        _where(self._uri), _one_line(exc), self.pending)
-        self._in_outage = not rejected
-
-
-def _metric_entities(batch: list[tuple[int, int, dict[str, float]]]) -> list[Metric]:
-    return [Metric(_fit_key(k), value, stamp, step) for step, stamp, metrics in batch for k, value in metrics.items()]
-
-
-class NullLogger:
-    """What ranks other than 0 get: the AsyncMetricLogger interface, doing nothing."""
-
-    def __init__(self) -> None:
-        self.run_id: str | None = None
-        self.dropped = 0
-        self.failures = 0
-        self.sent = 0
-
-    @property
-    def pending(self) -> int:
-        return 0
-
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        pass
-
-    def close(self, timeout: float = 10.0) -> bool:
-        return True
-
-    def __enter__(self) -> "NullLogger":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        pass
-
-
-def metric_logger(rank: int, run_id: str | None, tracking_uri: str | None = None) -> AsyncMetricLogger | NullLogger:
-    """An AsyncMetricLogger on rank 0 of a tracked run, a NullLogger everywhere else."""
-    return AsyncMetricLogger(run_id, tracking_uri) if rank == 0 and run_id else NullLogger()
 
 
 # Export: the checkpoint as run artifacts and a registered model version.
@@ -587,7 +339,8 @@ def log_model_dir(
     try:
         client.log_artifacts(run_id, str(folder), artifact_path)
     except Exception as exc:  # noqa: BLE001 - one line naming where it failed
-        raise PipelineError(f"cannot log {folder} to run {run_id} at {_where(uri)}: {_one_line(exc)}") from exc
+        where = f"{folder} to run {run_id} at {tracking_uri_label(uri)}"
+        raise PipelineError(f"cannot log {where}: {error_line(exc)}") from exc
     return f"runs:/{run_id}/{artifact_path}"
 
 
@@ -615,8 +368,8 @@ def register_model(
                 raise
         return str(client.create_model_version(name, source, run_id=run_id).version)
     except Exception as exc:  # noqa: BLE001 - one line naming where it failed
-        where = f"{redact_text(source)} as model {name!r} at {_where(uri)}"
-        raise PipelineError(f"cannot register {where}: {_one_line(exc)}") from exc
+        where = f"{redact_text(source)} as model {name!r} at {tracking_uri_label(uri)}"
+        raise PipelineError(f"cannot register {where}: {error_line(exc)}") from exc
 
 
 def download_model_version(name: str, version: str, dst_dir: str | Path, *, tracking_uri: str | None = None) -> Path:
@@ -627,5 +380,5 @@ def download_model_version(name: str, version: str, dst_dir: str | Path, *, trac
         Path(dst_dir).mkdir(parents=True, exist_ok=True)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst_dir), tracking_uri=uri))
     except Exception as exc:  # noqa: BLE001 - one line naming where it failed
-        where = f"model {name!r} version {version} from {_where(uri)}"
-        raise PipelineError(f"cannot download {where}: {_one_line(exc)}") from exc
+        where = f"model {name!r} version {version} from {tracking_uri_label(uri)}"
+        raise PipelineError(f"cannot download {where}: {error_line(exc)}") from exc
