@@ -1,0 +1,261 @@
+"""Resumable training checkpoints in safetensors and JSON only, so loading one never unpickles.
+
+A checkpoint is one directory, written whole by rank 0 and uploaded by Ray Train to
+`{run.output_uri}/ray/{run.name}/checkpoint_{step:06d}-{id}/`:
+
+    model.safetensors          parameters by TE-style name (the unwrapped module's `named_parameters`),
+                               in the training dtype
+    optimizer.safetensors      AdamW state by parameter name: `{name}.exp_avg`, `{name}.exp_avg_sq`, `{name}.step`
+    optimizer.json             param_groups: hyper-parameters and the parameter NAMES of each group
+    scheduler.json             the LR scheduler's state_dict
+    trainer_state.json         step, tokens seen, world size, resolved config, code version, logged metrics
+    rank-{r}/rng.safetensors   rank r's torch CPU RNG state (uint8) and CUDA RNG states, if any
+    rank-{r}/state.json        rank r's python `random` state and data position {epoch, offset}
+    manifest.json              size and sha256 of every file above (pipeline.manifest)
+
+What this module decides:
+- One writer. Every rank's RNG and data state travels to rank 0 as opaque bytes (already encoded as
+  safetensors/JSON) over torch.distributed, and rank 0 writes the directory. So the manifest vouches
+  for every file, and a resume pulls the checkpoint like any other: verified, once per node
+  (`storage.pull_checkpoint`). Ray would merge per-worker directories too, but then no single manifest
+  would cover the merged result.
+- Optimizer state is keyed by parameter name, not by position, so a checkpoint fails loudly (naming the
+  tensor) instead of silently loading moments into the wrong parameter.
+- TE's `_extra_state` (FP8 scaling metadata) is not saved: TE pickles it. FP8 delayed-scaling amax
+  history therefore restarts empty on resume and refills within `train.fp8_amax_history_len` steps.
+- There is no separate fp32 master copy: parameters and AdamW moments are in the training dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save, save_file
+
+from pipeline.errors import PipelineError
+from pipeline.manifest import write_manifest
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_GROUPS_FILE = "optimizer.json"
+SCHEDULER_FILE = "scheduler.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng.safetensors"
+RANK_STATE_FILE = "state.json"
+
+
+def rank_dir(rank: int) -> str:
+    """Folder of a rank's own files inside a checkpoint."""
+    return f"rank-{rank}"
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise PipelineError(f"checkpoint file missing: {path}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise PipelineError(f"{path}: invalid JSON ({exc})") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise PipelineError(f"checkpoint file missing: {path}")
+    try:
+        return load_file(path, device="cpu")
+    except SafetensorError as exc:
+        raise PipelineError(f"{path}: unreadable safetensors ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-rank state: RNG and data position
+# ---------------------------------------------------------------------------------------------------
+def rank_files(data_position: dict[str, int]) -> dict[str, bytes]:
+    """This rank's RNG states and data position, as the bytes of the files rank 0 will write for it."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{index}"] = state
+    version, internal, gauss_next = random.getstate()
+    state = {"python_random": [version, list(internal), gauss_next], "data": data_position}
+    return {RNG_FILE: save(tensors), RANK_STATE_FILE: _json_bytes(state)}
+
+
+def gather_bytes(blob: bytes) -> list[bytes]:
+    """Every rank's `blob`, in rank order (a collective: all ranks call it). Bytes, never pickles."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [blob]
+    # NCCL moves CUDA tensors only; gloo moves CPU tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = max(int(s) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    padded = padded.to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [part[: int(s)].cpu().numpy().tobytes() for part, s in zip(parts, sizes)]
+
+
+def gather_rank_files(files: dict[str, bytes]) -> list[dict[str, bytes]]:
+    """`rank_files` of every rank, in rank order (a collective: all ranks call it)."""
+    gathered = {name: gather_bytes(files[name]) for name in sorted(files)}
+    world = len(next(iter(gathered.values())))
+    return [{name: blobs[rank] for name, blobs in gathered.items()} for rank in range(world)]
+
+
+def restore_rank_state(local_dir: Path, rank: int) -> dict[str, int]:
+    """Restore this rank's RNG states from a checkpoint; returns its data position {epoch, offset}."""
+    folder = local_dir / rank_dir(rank)
+    tensors = _load_tensors(folder / RNG_FILE)
+    state = _read_json(folder / RANK_STATE_FILE)
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_states = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, internal, gauss_next = state["python_random"]
+    random.setstate((version, tuple(internal), gauss_next))
+    return {"epoch": int(state["data"]["epoch"]), "offset": int(state["data"]["offset"])}
+
+
+# ---------------------------------------------------------------------------------------------------
+# model and optimizer
+# ---------------------------------------------------------------------------------------------------
+def model_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter by TE-style name, on the CPU; no buffers and no `_extra_state`."""
+    return {name: p.detach().to("cpu").contiguous() for name, p in module.named_parameters()}
+
+
+@torch.no_grad()
+def load_model_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy saved parameters into `module`; every parameter must be present with its shape."""
+    params = dict(module.named_parameters())
+    unexpected = sorted(set(tensors) - set(params))
+    missing = sorted(set(params) - set(tensors))
+    if unexpected or missing:
+        name = (missing or unexpected)[0]
+        raise PipelineError(f"{where}: tensor {name!r} is {'missing' if missing else 'not a model parameter'}")
+    for name, param in params.items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise PipelineError(f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                                f"the model expects {tuple(param.shape)}")
+        param.copy_(tensors[name])
+
+
+def _ordered_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's own index order (the order of `state_dict()["state"]`)."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    """(tensors keyed `{param name}.{field}`, param_groups with parameter names) of the optimizer."""
+    names = _ordered_names(module, optimizer)
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, fields in state["state"].items():
+        for field, value in fields.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{names[index]}.{field}"] = value.detach().to("cpu").contiguous()
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+              for g in state["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         tensors: dict[str, torch.Tensor], groups: list[dict], where: str) -> None:
+    """Load name-keyed optimizer state; the saved groups must hold the model's parameters in order."""
+    names = _ordered_names(module, optimizer)
+    saved = [name for group in groups for name in group["params"]]
+    if saved != names:
+        odd = sorted(set(saved) ^ set(names)) or ["the parameter order"]
+        raise PipelineError(f"{where}: optimizer groups do not match the model's parameters ({odd[0]!r} differs)")
+    index = {name: i for i, name in enumerate(names)}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, field = key.rpartition(".")
+        if name not in index:
+            raise PipelineError(f"{where}: optimizer state {key!r} names no model parameter")
+        state.setdefault(index[name], {})[field] = tensor
+    param_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
+                    for g in groups]
+    optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": param_groups})
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole directory
+# ---------------------------------------------------------------------------------------------------
+def write_checkpoint(out_dir: str | Path, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, trainer_state: dict[str, Any],
+                     ranks: list[dict[str, bytes]]) -> Path:
+    """Write a complete checkpoint into `out_dir` (rank 0 only), manifest last; returns the dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(model_tensors(module), out / MODEL_FILE, metadata={"format": "pt"})
+    tensors, groups = optimizer_state(module, optimizer)
+    save_file(tensors, out / OPTIMIZER_FILE, metadata={"format": "pt"})
+    (out / OPTIMIZER_GROUPS_FILE).write_bytes(_json_bytes(groups))
+    (out / SCHEDULER_FILE).write_bytes(_json_bytes(scheduler.state_dict()))
+    for rank, files in enumerate(ranks):
+        (out / rank_dir(rank)).mkdir(exist_ok=True)
+        for name, blob in files.items():
+            (out / rank_dir(rank) / name).write_bytes(blob)
+    state = {"format": FORMAT_VERSION, **trainer_state, "world_size": len(ranks)}
+    (out / TRAINER_STATE_FILE).write_bytes(_json_bytes(state))
+    write_manifest(out)
+    return out
+
+
+def parse_trainer_state(data: bytes, where: str) -> dict[str, Any]:
+    """Decode trainer_state.json read from `where`, checked for a format this code reads."""
+    try:
+        state = json.loads(data)
+    except ValueError as exc:
+        raise PipelineError(f"{where}: invalid JSON ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise PipelineError(f"{where}: checkpoint format {found!r}, expected {FORMAT_VERSION}")
+    return state
+
+
+def read_trainer_state(local_dir: str | Path) -> dict[str, Any]:
+    """trainer_state.json of a local checkpoint directory."""
+    path = Path(local_dir) / TRAINER_STATE_FILE
+    if not path.is_file():
+        raise PipelineError(f"checkpoint file missing: {path}")
+    return parse_trainer_state(path.read_bytes(), str(path))
+
+
+def load_checkpoint(local_dir: str | Path, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int,
+                    world_size: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """Load a checkpoint into model, optimizer, scheduler and this rank's RNGs.
+
+    Returns (trainer_state, this rank's data position). Call it after everything that consumes random
+    numbers has been built, so the restored RNG states are the ones training continues with.
+    """
+    local = Path(local_dir)
+    state = read_trainer_state(local)
+    if state["world_size"] != world_size:
+        raise PipelineError(f"{local}: checkpoint was written by {state['world_size']} workers, this run has "
+                            f"{world_size} (set train.workers={state['world_size']} to resume it)")
+    load_model_tensors(module, _load_tensors(local / MODEL_FILE), str(local / MODEL_FILE))
+    groups = _read_json(local / OPTIMIZER_GROUPS_FILE)
+    load_optimizer_state(module, optimizer, _load_tensors(local / OPTIMIZER_FILE), groups,
+                         str(local / OPTIMIZER_FILE))
+    scheduler.load_state_dict(_read_json(local / SCHEDULER_FILE))
+    return state, restore_rank_state(local, rank)
+

@@ -1,0 +1,420 @@
+"""Fine-tuning on a Ray cluster: Ray Train's TorchTrainer runs DDP over the TE-style Llama.
+
+What this module decides:
+- Ray Train (V2 API) runs `train_loop_per_worker` on `train.workers` workers, one GPU each when
+  `train.use_gpu` (CPU workers use gloo). Ray keeps its run state and the checkpoints under
+  `{run.output_uri}/ray/{run.name}/`; S3 goes through the same s3fs filesystem as `pipeline.storage`
+  (custom endpoints included), handed to Ray as a pyarrow filesystem. Ray keeps the newest
+  `train.keep_checkpoints` checkpoints and deletes older ones. Layout: `pipeline.checkpoint`.
+- Resuming is Ray's own: a run started again with the same `run.name` and `run.output_uri` finds Ray's
+  checkpoint-manager snapshot in storage, `ray.train.get_checkpoint()` hands every worker the latest
+  checkpoint, and training goes on at the next step with the same data order. Ray retries nothing by
+  itself (FailureConfig max_failures=0): a failed run ends in a PipelineError, and running it again resumes.
+- Precision: pure bf16 or fp32 parameters (`model.dtype`), AdamW moments in the same dtype, no separate
+  fp32 master copy. FP8 (`train.fp8`) wraps the forward pass only; TE runs the matching backward itself,
+  with amax reduced over all ranks.
+- Data: epoch e visits a permutation of all packed rows seeded by `run.seed + e`; rank r takes
+  rows[r::world] in micro-batches of `train.micro_batch_size`. Every rank gets the same number of
+  micro-batches per epoch (a remainder is skipped) so DDP stays in lockstep. A micro-batch is a pure
+  function of (seed, epoch, rank, world, offset), so the position {epoch, offset} is all a resume needs.
+- Optimizer: AdamW (betas 0.9/0.95, weight decay on 2-D weights only), linear warmup over
+  `train.warmup_steps`, cosine decay to `min_lr_ratio * lr` at `train.max_steps`; gradients accumulate
+  over `train.grad_accum_steps` micro-batches (DDP syncs only on the last) and are clipped to `max_grad_norm`.
+- Metrics of every `train.log_every`-th step: loss (mean over ranks of each rank's mean token loss), lr,
+  grad_norm (before clipping), tokens_per_s (all ranks, padding included), mfu (against the GPU's dense
+  bf16 peak; 0.0 where no peak is known, e.g. on CPU), gpu_mem_gb (peak allocated, GiB). They go to
+  MLflow from rank 0 only (tracking's non-blocking logger; nothing when no run id is given) and into
+  every checkpoint's trainer_state.json, which is where `TrainResult.metrics` comes from.
+- Ray hears from the workers only at checkpoints (`ray.train.report` with that step's metrics). In Ray
+  2.60 each worker's report waits in a one-slot queue that the controller drains once per health-check
+  poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a report every step would cap training at one step
+  per poll interval; and Ray keeps only the metrics attached to checkpoints anyway.
+- Test hook: the environment variable PIPELINE_FAIL_AT_STEP=N, read where `train` is called, makes rank 0
+  raise right after reporting step N (and its checkpoint, when N is a checkpoint step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import te_model
+from pipeline import checkpoint as ckpt
+from pipeline import storage
+from pipeline.config import Config, TrainConfig
+from pipeline.data import PreparedData
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+FAIL_AT_STEP_ENV = "PIPELINE_FAIL_AT_STEP"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Dense (no sparsity) bf16 tensor-core peak per GPU, by a substring of torch.cuda.get_device_name().
+BF16_DENSE_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+COLUMNS = ("input_ids", "labels", "position_ids")
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run left behind."""
+
+    checkpoint_uri: str  # the final checkpoint (layout: pipeline.checkpoint)
+    steps: int  # optimizer steps done, across resumes
+    final_loss: float
+    metrics: list[dict[str, float]]  # every logged step, oldest first, across resumes
+    ray_result_path: str  # uri of Ray's run folder, {run.output_uri}/ray/{run.name}
+    resumed_from_step: int  # step the last attempt started from; 0 = from the base checkpoint
+
+
+@dataclass
+class Progress:
+    """Where training stands on one rank."""
+
+    step: int = 0
+    tokens_seen: int = 0  # all ranks, padding included
+    epoch: int = 0  # position of the next micro-batch this rank reads
+    offset: int = 0
+    resumed_from_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# driver side
+# ---------------------------------------------------------------------------------------------------
+def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tracking_uri: str | None = None,
+          code_version: dict | None = None) -> TrainResult:
+    """Fine-tune `model.base_uri` on `prepared.train_uri` with Ray Train; a run with checkpoints resumes.
+
+    Needs a running Ray (`ray.init` or a cluster address). `run_id`/`tracking_uri`: the MLflow run that
+    receives per-step metrics from rank 0; None logs nothing to MLflow.
+    """
+    cfg = _with_absolute_paths(cfg)
+    options = _storage_options(cfg)
+    ray_uri = storage.join(cfg.run.output_uri, "ray")
+    storage_path, storage_fs = _ray_storage(ray_uri, options)
+    loop_config = {"config": cfg.to_dict(), "train_uri": _absolute(prepared.train_uri), "ray_uri": ray_uri,
+                   "run_id": run_id, "tracking_uri": tracking_uri, "code_version": code_version,
+                   "fail_at_step": _fail_at_step()}
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise PipelineError(f"training run {cfg.run.name!r} failed ({_failure_summary(exc)}); run it again with "
+                            "the same run.name and run.output_uri to resume from its latest checkpoint") from exc
+    return _train_result(cfg, result, ray_uri, options)
+
+
+def _train_result(cfg: Config, result: ray.train.Result, ray_uri: str,
+                  options: storage.StorageOptions) -> TrainResult:
+    if result.checkpoint is None:
+        raise PipelineError(f"training run {cfg.run.name!r} finished without a checkpoint")
+    checkpoint_uri = storage.join(ray_uri, cfg.run.name, PurePosixPath(result.checkpoint.path).name)
+    state_uri = storage.join(checkpoint_uri, ckpt.TRAINER_STATE_FILE)
+    state = ckpt.parse_trainer_state(storage.read_bytes(state_uri, options), state_uri)
+    metrics = state["metrics"]
+    return TrainResult(checkpoint_uri=checkpoint_uri, steps=state["step"],
+                       final_loss=metrics[-1]["loss"] if metrics else math.nan, metrics=metrics,
+                       ray_result_path=storage.join(ray_uri, cfg.run.name),
+                       resumed_from_step=state["resumed_from_step"])
+
+
+def _absolute(uri: str) -> str:
+    """Local paths made absolute where `train` is called: Ray workers run in a directory of their own."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    elif "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def _with_absolute_paths(cfg: Config) -> Config:
+    raw = cfg.to_dict()
+    for section, key in (("run", "output_uri"), ("run", "cache_dir"), ("model", "base_uri")):
+        raw[section][key] = _absolute(raw[section][key])
+    return Config.from_dict(raw)
+
+
+def _storage_options(cfg: Config) -> storage.StorageOptions:
+    return storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+
+
+def _ray_storage(ray_uri: str, options: storage.StorageOptions) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """Ray's (storage_path, storage_filesystem): a plain path locally, s3fs wrapped for pyarrow for S3."""
+    fs, path = storage.filesystem(ray_uri, options)
+    if "file" in fs.protocol:
+        return path, None
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))  # path without the s3:// scheme
+
+
+def _fail_at_step() -> int | None:
+    value = os.environ.get(FAIL_AT_STEP_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise PipelineError(f"{FAIL_AT_STEP_ENV} must be a step number, got {value!r}")
+    return int(value)
+
+
+def _failure_summary(exc: Exception) -> str:
+    failures = getattr(exc, "worker_failures", None) or {}
+    error, where = (failures[min(failures)], f"rank {min(failures)}: ") if failures else (exc, "")
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return where + (lines[-1].strip()[:300] if lines else type(error).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# model, optimizer, schedule, data
+# ---------------------------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not on norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.95))
+
+
+def lr_multiplier(step: int, train: TrainConfig) -> float:
+    """Factor on `train.lr` for optimizer step `step` (0-based): linear warmup, then cosine decay."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+    return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    # A plain function (not a partial): LambdaLR then saves no state for it, and its state stays JSON.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))
+
+
+def read_rows(uri: str, options: storage.StorageOptions) -> pa.Table:
+    """The packed-row columns of a prepared parquet file."""
+    fs, path = storage.filesystem(uri, options)
+    try:
+        return pq.read_table(path, filesystem=fs, columns=list(COLUMNS))
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise PipelineError(f"cannot read training rows {uri}: {type(exc).__name__}: {exc}") from None
+
+
+def _as_matrix(column: pa.ChunkedArray, name: str) -> np.ndarray:
+    lists = column.combine_chunks()
+    lengths = np.diff(lists.offsets.to_numpy())
+    if len(lengths) and lengths.min() != lengths.max():
+        raise PipelineError(f"training rows: column {name} mixes row lengths {lengths.min()} and {lengths.max()}")
+    return lists.flatten().to_numpy().reshape(len(lists), -1).astype(np.int64)
+
+
+class RankShard:
+    """This rank's micro-batches by position (epoch, offset): rows[rank::world] of each epoch's permutation."""
+
+    def __init__(self, table: pa.Table, seed: int, rank: int, world: int, micro_batch_size: int) -> None:
+        self.table, self.seed, self.rank, self.world = table, seed, rank, world
+        self.micro_batch_size = micro_batch_size
+        self.batches_per_epoch = table.num_rows // world // micro_batch_size
+        if not self.batches_per_epoch:
+            raise PipelineError(f"the train split has {table.num_rows} rows, fewer than train.workers x "
+                                f"train.micro_batch_size = {world * micro_batch_size}")
+        self.seq_len = len(table.column("input_ids")[0])
+        self._epoch, self._rows = -1, np.empty(0, dtype=np.int64)
+
+    def _my_rows(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            order = np.random.default_rng((self.seed + epoch) % 2**64).permutation(self.table.num_rows)
+            self._epoch, self._rows = epoch, order[self.rank :: self.world]
+        return self._rows
+
+    def batch(self, epoch: int, offset: int) -> dict[str, torch.Tensor]:
+        start = offset * self.micro_batch_size
+        rows = self.table.take(self._my_rows(epoch)[start : start + self.micro_batch_size])
+        return {name: torch.from_numpy(_as_matrix(rows.column(name), name)) for name in COLUMNS}
+
+    def next_position(self, epoch: int, offset: int) -> tuple[int, int]:
+        return (epoch, offset + 1) if offset + 1 < self.batches_per_epoch else (epoch + 1, 0)
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul weight plus attention, 12 * layers * hidden * seq_len
+    (PaLM, appendix B; it counts full causal rows, an upper bound for packed documents)."""
+    embedding = model.get_input_embeddings().weight
+    tied = embedding is model.get_output_embeddings().weight
+    matmul_weights = sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.numel())
+    return 6 * matmul_weights + 12 * model.config.num_hidden_layers * model.config.hidden_size * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_DENSE_PEAK_FLOPS.items() if key in name), None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Worker:
+    """Everything one training worker holds."""
+
+    cfg: Config
+    options: storage.StorageOptions
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # the unwrapped module: its parameter names are the checkpoint's
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    shard: RankShard
+    flops_per_token: float
+    peak_flops: float | None
+
+
+def _build_worker(cfg: Config, train_uri: str) -> _Worker:
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    options = _storage_options(cfg)
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    device = ray.train.torch.get_device()
+    base = storage.pull_checkpoint(cfg.model.base_uri, cfg.run.cache_dir, options)  # once per node
+    model = te_model.from_hf_checkpoint(base, backend=cfg.model.backend, dtype=DTYPES[cfg.model.dtype],
+                                        device=device)
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    ddp_model = ray.train.torch.prepare_model(model)
+    optimizer = make_optimizer(model, cfg.train)
+    shard = RankShard(read_rows(train_uri, options), cfg.run.seed, rank, world, cfg.train.micro_batch_size)
+    if cfg.train.fp8 != "none":
+        te_model.check_fp8_tokens(cfg.train.micro_batch_size * shard.seq_len, where="a micro-batch")
+    return _Worker(cfg, options, rank, world, device, model, ddp_model, optimizer,
+                   make_scheduler(optimizer, cfg.train), shard, flops_per_token(model, shard.seq_len),
+                   peak_flops(device))
+
+
+def _resume(w: _Worker, ray_uri: str) -> Progress:
+    """Progress restored from Ray's latest checkpoint of this run, or a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Progress()
+    uri = storage.join(ray_uri, w.cfg.run.name, PurePosixPath(checkpoint.path).name)
+    local = storage.pull_checkpoint(uri, w.cfg.run.cache_dir, w.options)  # verified against its manifest
+    state, position = ckpt.load_checkpoint(local, module=w.model, optimizer=w.optimizer, scheduler=w.scheduler,
+                                           rank=w.rank, world_size=w.world)
+    log.info("rank %d resumes run %s at step %d from %s", w.rank, w.cfg.run.name, state["step"], uri)
+    return Progress(step=state["step"], tokens_seen=state["tokens_seen"], resumed_from_step=state["step"],
+                    history=state["metrics"], **position)
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        value = value / world
+    return float(value)
+
+
+def _train_step(w: _Worker, progress: Progress) -> dict[str, float]:
+    """One optimizer step over `grad_accum_steps` micro-batches; advances `progress`, returns the metrics."""
+    started = time.perf_counter()
+    train, accum = w.cfg.train, w.cfg.train.grad_accum_steps
+    recipe = None if train.fp8 == "none" else train.fp8
+    group = dist.group.WORLD if dist.is_initialized() else None
+    loss_sum, tokens = torch.zeros((), device=w.device), 0
+    for micro in range(accum):
+        batch = {k: v.to(w.device) for k, v in w.shard.batch(progress.epoch, progress.offset).items()}
+        progress.epoch, progress.offset = w.shard.next_position(progress.epoch, progress.offset)
+        tokens += batch["input_ids"].numel()
+        syncs = micro == accum - 1 or not isinstance(w.ddp_model, DistributedDataParallel)
+        with contextlib.nullcontext() if syncs else w.ddp_model.no_sync():
+            with te_model.fp8_autocast(recipe, amax_history_len=train.fp8_amax_history_len, group=group):
+                loss = w.ddp_model(**batch).loss
+            (loss / accum).backward()  # outside the FP8 autocast: TE runs the matching backward itself
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(w.model.parameters(), train.max_grad_norm or math.inf)
+    lr = w.scheduler.get_last_lr()[0]
+    w.optimizer.step()
+    w.scheduler.step()
+    w.optimizer.zero_grad(set_to_none=True)
+    loss_value = _mean_over_ranks(loss_sum / accum, w.world)
+    elapsed = time.perf_counter() - started
+    global_tokens = tokens * w.world
+    progress.step += 1
+    progress.tokens_seen += global_tokens
+    mfu = w.flops_per_token * global_tokens / elapsed / (w.peak_flops * w.world) if w.peak_flops else 0.0
+    memory = torch.cuda.max_memory_allocated(w.device) / 2**30 if w.device.type == "cuda" else 0.0
+    return {"step": progress.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+            "tokens_per_s": global_tokens / elapsed, "mfu": mfu, "gpu_mem_gb": memory}
+
+
+def _report_checkpoint(w: _Worker, progress: Progress, metrics: dict[str, float],
+                       loop_config: dict[str, Any]) -> None:
+    """ray.train.report on every rank (a collective), with the checkpoint rank 0 writes for all."""
+    ranks = ckpt.gather_rank_files(ckpt.rank_files({"epoch": progress.epoch, "offset": progress.offset}))
+    if w.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    state = {"step": progress.step, "tokens_seen": progress.tokens_seen,
+             "resumed_from_step": progress.resumed_from_step, "train_uri": loop_config["train_uri"],
+             "config": w.cfg.to_dict(), "code_version": loop_config["code_version"], "metrics": progress.history}
+    with tempfile.TemporaryDirectory(prefix="train-checkpoint-") as local:
+        ckpt.write_checkpoint(local, module=w.model, optimizer=w.optimizer, scheduler=w.scheduler,
+                              trainer_state=state, ranks=ranks)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_dir_name=f"checkpoint_{progress.step:06d}-{uuid.uuid4().hex[:8]}")
+
+
+def _metric_logger(rank: int, run_id: str | None, tracking_uri: str | None):
+    """MLflow's non-blocking per-step logger on rank 0 of a tracked run; a no-op logger elsewhere."""
+    from pipeline.metrics import metric_logger  # imports mlflow: only in workers that get here
+
+    return metric_logger(rank, run_id, tracking_uri)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: build the model, resume if Ray has a checkpoint, train to `train.max_steps`."""
+    cfg = Config.from_dict(loop_config["config"])
+    w = _build_worker(cfg, loop_config["train_uri"])
+    progress = _resume(w, loop_config["ray_uri"])  # last: restores the RNG states training goes on with
+    logger = _metric_logger(w.rank, loop_config["run_id"], loop_config["tracking_uri"])
+    train = cfg.train
+    try:
+        while progress.step < train.max_steps:
+            metrics = _train_step(w, progress)
+            step, last = progress.step, progress.step == train.max_steps
+            save = last or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0)
+            if last or save or step % train.log_every == 0:
+                progress.history.append(metrics)
+                logger.log(step, {k: v for k, v in metrics.items() if k != "step"})
+            if save:
+                _report_checkpoint(w, progress, metrics, loop_config)
+            if w.rank == 0 and loop_config["fail_at_step"] == step:
+                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={step}: failing on purpose after step {step}")
+    finally:
+        logger.close(timeout=30.0)

@@ -1,0 +1,184 @@
+"""The whole job against real parts on loopback: local Ray, moto S3 over HTTP, a real MLflow server.
+
+One tiny job runs every stage (base checkpoint and data in S3, checkpoints and export back to S3,
+tracking to the MLflow server). Then the same job is run again with more steps, which resumes training
+from its latest checkpoint. The MLflow record, the bucket's contents and the export are checked.
+A separate test submits the job with `ray job submit` to a `ray start --head` cluster.
+"""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from mlflow import MlflowClient
+from transformers import AutoModelForCausalLM
+
+from jobs import finetune
+from pipeline import storage
+from pipeline.evaluate import load_trained_model
+from pipeline.tiny import make_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _keys(bucket, prefix, endpoint):
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, s3_server, mlflow_server, ray_cluster):
+    """Inputs in S3 and the job's --set overrides; the job has run once, 6 steps, all stages."""
+    bucket = "e2e-job"
+    s3_server.create_bucket(bucket)
+    options = storage.StorageOptions(endpoint_url=s3_server.endpoint_url)
+    base = make_tiny_checkpoint(tmp_path_factory.mktemp("base"))
+    storage.publish(base, f"s3://{bucket}/base/tiny-llama", options)
+    storage.write_bytes(f"s3://{bucket}/data/text.jsonl", (REPO / "data/tiny_text.jsonl").read_bytes(), options)
+    overrides = [
+        "run.name=e2e", "run.experiment=e2e", f"run.output_uri=s3://{bucket}/runs",
+        f"run.cache_dir={tmp_path_factory.mktemp('node')}",
+        f"storage.endpoint_url={s3_server.endpoint_url}",
+        f"model.base_uri=s3://{bucket}/base/tiny-llama", "model.backend=torch", "model.dtype=fp32",
+        f"data.train_files=[s3://{bucket}/data/text.jsonl]", "data.seq_len=64", "data.max_documents=120",
+        "train.workers=2", "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2",
+        "train.warmup_steps=1", "eval.max_batches=2", "eval.num_samples=2", "eval.max_new_tokens=8",
+        "export.registered_model_name=e2e-tiny", f"tracking.uri={mlflow_server.uri}",
+    ]
+    args = [a for o in overrides for a in ("--set", o)]
+    assert finetune.main(args) == 0
+    return {"bucket": bucket, "args": args, "endpoint": s3_server.endpoint_url, "options": options,
+            "client": MlflowClient(mlflow_server.uri), "base": base}
+
+
+def _stage_runs(client, parent):
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def _parent(client):
+    experiment = client.get_experiment_by_name("e2e")
+    (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.`pipeline.role` = 'parent'")
+    return parent
+
+
+def test_mlflow_record(job):
+    client = job["client"]
+    parent = _parent(client)
+    assert parent.data.params["train.lr"] and parent.data.params["run.seed"] == "0"
+    assert parent.data.tags["code.commit"] not in ("", "unknown")
+    stages = _stage_runs(client, parent)
+    assert [r.data.tags["pipeline.stage"] for r in stages][:4] == ["data", "train", "eval", "export"]
+    assert all(r.info.status == "FINISHED" for r in stages)
+    train_run = stages[1]
+    losses = client.get_metric_history(train_run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, 7))  # one value per step: rank 0 only
+    for name in ("lr", "grad_norm", "tokens_per_s"):
+        assert client.get_metric_history(train_run.info.run_id, name), name
+    metrics = stages[2].data.metrics
+    assert metrics["finetuned/val_loss"] < metrics["base/val_loss"]
+    versions = client.search_model_versions("name='e2e-tiny'")
+    assert versions and versions[0].run_id == stages[3].info.run_id
+
+
+def test_bucket_holds_checkpoints_and_export(job):
+    keys = _keys(job["bucket"], "runs/", job["endpoint"])
+    checkpoint_manifests = [k for k in keys if k.startswith("runs/ray/") and k.endswith("/manifest.json")]
+    assert checkpoint_manifests, keys
+    assert {"runs/exports/e2e/manifest.json", "runs/exports/e2e/config.json"} <= set(keys)
+    assert any(k.startswith("runs/exports/e2e/model") and k.endswith(".safetensors") for k in keys)
+
+
+def test_export_reproduces_the_trained_model(job, tmp_path):
+    state = json.loads(storage.read_bytes(f"s3://{job['bucket']}/runs/jobs/e2e/state.json", job["options"]))
+    exported_dir = storage.pull_checkpoint(state["export"]["uri"], tmp_path, job["options"])
+    exported, info = AutoModelForCausalLM.from_pretrained(exported_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    checkpoint = storage.pull_checkpoint(state["checkpoint_uri"], tmp_path, job["options"])
+    trained = load_trained_model(checkpoint, job["base"], backend="torch", dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, exported.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(ids).logits, trained.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_rerun_resumes_training_from_the_latest_checkpoint(job):
+    args = [*job["args"], "--set", "train.max_steps=8", "--stages", "train"]
+    assert finetune.main(args) == 0
+    client = job["client"]
+    train_runs = [r for r in _stage_runs(client, _parent(client)) if r.data.tags["pipeline.stage"] == "train"]
+    assert len(train_runs) == 2
+    resumed = client.get_metric_history(train_runs[-1].info.run_id, "loss")
+    assert sorted(m.step for m in resumed) == [7, 8]
+
+
+def test_bad_config_fails_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "jobs/finetune.py", "--set", "train.learning_rate=1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "finetune: error: unknown key 'train.learning_rate' (did you mean 'train.lr'?)")
+    assert "Traceback" not in done.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(1)
+    raise TimeoutError(f"no Ray dashboard on port {port} after {timeout}s")
+
+
+def test_ray_job_submit_to_a_head_node(tmp_path):
+    """`ray job submit --working-dir .` against a `ray start --head` cluster runs the demo job."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    port, dash = _free_port(), _free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    # --block keeps the head's processes in one process group, so the test stops exactly this cluster
+    # (`ray stop` would also stop the session's other local cluster).
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=3", "--include-dashboard=true",
+         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir=/tmp/rayh{os.getpid()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_for_port(dash, head)
+        out = tmp_path / "out"
+        overrides = ["run.name=submitted", "train.workers=1", "train.max_steps=2", f"run.output_uri={out}",
+                     f"run.cache_dir={tmp_path / 'node'}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                     "eval.max_batches=1", "eval.num_samples=1", "eval.max_new_tokens=4"]
+        submit = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+                  "python", "jobs/finetune.py", *[a for o in overrides for a in ("--set", o)]]
+        done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "SUCCEEDED" in done.stdout + done.stderr
+        assert "[export]" in done.stdout
+        assert (out / "exports" / "submitted" / "manifest.json").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
