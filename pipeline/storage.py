@@ -202,7 +202,7 @@ def publish(
     # An older manifest at the destination would vouch for files this upload is about to replace.
     with _storage_errors("replace", manifest_uri):
         if fs.exists(manifest_path):
-            fs.rm_file(manifest_path)
+            fs.rm(manifest_path)  # rm, not rm_file: s3fs implements only the former with older fsspec
     upload_dir(local_dir, uri, options, names=sorted(entries))
     upload_dir(local_dir, uri, options, names=[MANIFEST_NAME])
     log.info("published %d files from %s to %s", len(entries), local_dir, uri)
