@@ -171,7 +171,11 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
                      "eval.max_batches=1", "eval.num_samples=1", "eval.max_new_tokens=4"]
         submit = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
                   "python", "jobs/finetune.py", *[a for o in overrides for a in ("--set", o)]]
-        done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        for _ in range(12):  # the dashboard answers before the head's job agent has registered
+            done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent to submit job" not in done.stderr:
+                break
+            time.sleep(5)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in (done.stdout + done.stderr).lower()
         assert "[export]" in done.stdout
@@ -182,3 +186,32 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_dry_run_checks_everything_and_names_what_is_missing(job, capsys):
+    assert finetune.main([*job["args"], "--dry-run"]) == 0
+    ok = capsys.readouterr().out
+    assert "ok   base checkpoint s3://e2e-job/base/tiny-llama: llama" in ok
+    missing = f"s3://{job['bucket']}/data/missing.jsonl"
+    assert finetune.main([*job["args"], "--set", f"data.train_files=[{missing}]", "--dry-run"]) == 1
+    assert f"FAIL data {missing}: not found: {missing}" in capsys.readouterr().out
+
+
+def test_retrain_runs_only_when_data_changed_and_compare_shows_jobs(job, tmp_path):
+    from pipeline.compare import format_table, load_jobs
+    from pipeline.config import load_config
+    from pipeline.retrain import retrain_once
+
+    overrides = [a for a in job["args"] if a != "--set"] + ["run.name=nightly"]
+    cfg = load_config(None, overrides)
+    lines = []
+    first = retrain_once(cfg, {"commit": "test", "dirty": False, "source": "test"}, echo=lines.append)
+    assert first and first.startswith("nightly-")
+    assert retrain_once(cfg, {"commit": "test", "dirty": False, "source": "test"}, echo=lines.append) is None
+    assert lines[-1].startswith(f"data unchanged since job {first}")
+
+    jobs = load_jobs("e2e", cfg.tracking.uri)
+    assert {j.name for j in jobs} >= {"e2e", first}
+    table = format_table(jobs)
+    assert table.splitlines()[0].split()[:1] == ["job"] and "finetuned/val_loss" in table
+    assert "run.name" in table  # the parameter that differs between the two jobs
