@@ -45,8 +45,8 @@ def start_ray():
         return
     # Locally, workers find the project through PYTHONPATH; under `ray job submit` the working dir does it.
     env = {"env_vars": {"PYTHONPATH": str(REPO)}} if not os.environ.get("RAY_ADDRESS") else None
-    ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=env, log_to_driver=True,
-             include_dashboard=False)
+    # the dashboard also serves Ray's state API, which Ray Train polls; without it Train logs warnings
+    ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=env)
 
 
 def report_dry_run(cfg) -> int:

@@ -185,9 +185,12 @@ def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print) -> J
                                     tracking_uri=ctx.tracking_uri) as run_id:
                 summary = STAGE_FUNCTIONS[stage](ctx, run_id)
         except (PipelineError, ValueError, RuntimeError, OSError) as exc:
+            tracking.end_run(ctx.state["parent_run_id"], "FAILED", tracking_uri=ctx.tracking_uri)
             raise JobError(f"{stage}: {_one_line(exc)}") from exc
         ctx.save_state()
         echo(f"[{stage}] {summary} ({time.time() - start:.0f}s)")
+    # a later re-run of a stage attaches to this parent again, whatever its status
+    tracking.end_run(ctx.state["parent_run_id"], "FINISHED", tracking_uri=ctx.tracking_uri)
     return ctx
 
 

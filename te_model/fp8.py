@@ -80,6 +80,15 @@ def check_fp8_tokens(num_tokens: int, where: str = "batch") -> None:
         )
 
 
+def fp8_active() -> bool:
+    """Whether a TE FP8 autocast is active in this thread (False where TE is absent)."""
+    try:
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+    except ImportError:
+        return False
+    return FP8GlobalStateManager.is_fp8_enabled()
+
+
 def pad_to_multiple(batch: dict, pad_token_id: int, multiple: int = FP8_TOKEN_MULTIPLE) -> dict:
     """Right-pad input_ids/labels/position_ids (and attention_mask) so seq length % multiple == 0.
 

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
 from .backend import decoder_layer_class, resolve_backend
+from .fp8 import check_fp8_tokens, fp8_active
 from .layer import KV_CACHE_MESSAGE, DecoderCall, KVCacheUnsupportedError
 from .rope import angles_table, rope_type
 from .segments import plan_attention
@@ -45,7 +46,9 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, seqlen = tokens.shape[:2]
         plan = plan_attention(batch, seqlen, position_ids, attention_mask, device=tokens.device)
-        if getattr(self.layers[0], "wants_rope_angles", False):
+        if getattr(self.layers[0], "wants_rope_angles", False):  # the TE backend
+            if fp8_active():
+                check_fp8_tokens(batch * seqlen, where=f"batch of shape {(batch, seqlen)}")
             angles = angles_table(self.rotary_emb.inv_freq, plan.max_seqlen)
             plan = dataclasses.replace(plan, rope_angles=angles)
         # The padding now lives in the plan; HF's 4-D mask would be built for nothing.

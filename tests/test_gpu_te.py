@@ -109,6 +109,17 @@ def test_hidden_states_and_activation_checkpointing_on_te(tmp_path):
     assert ckpt < 0.7 * plain
 
 
+def test_fp8_refuses_token_counts_not_divisible_by_16():
+    model = te_model.build_model(llama_config("llama3", **GPU_SHAPES), backend="te", dtype=torch.bfloat16)
+    ids = torch.randint(0, 1024, (3, 37), device="cuda")
+    with pytest.raises(te_model.FP8UnsupportedError, match=r"batch of shape \(3, 37\) has 111 tokens"):
+        with te_model.fp8_autocast("delayed"):
+            model(ids)
+    padded = te_model.pad_to_multiple({"input_ids": ids}, pad_token_id=0)
+    with te_model.fp8_autocast("delayed"):
+        assert model(**padded).logits.shape == (3, 48, 1024)
+
+
 def test_mxfp8_is_refused_on_hopper():
     if torch.cuda.get_device_capability()[0] >= 10:
         pytest.skip("Blackwell supports MXFP8")
