@@ -24,7 +24,7 @@ def main() -> None:
     for lr in (1e-3, 3e-4):
         for recipe, fmt in RUNS:
             start = time.time()
-            losses, _, _ = train(recipe, lr=lr, fp8_format=fmt)
+            losses, _, _, _ = train(recipe, lr=lr, fp8_format=fmt)
             rows.append((lr, recipe or "bf16", fmt, losses[0], sum(losses[-10:]) / 10, time.time() - start))
     print("lr      recipe   format  first   final(last 10)  vs_bf16  seconds")
     for lr, recipe, fmt, first, final, secs in rows:

@@ -142,16 +142,20 @@ def text_bytes() -> torch.Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
 
-def train(recipe: str | None, lr: float = 3e-4, fp8_format: str = "hybrid"):
-    torch.manual_seed(0)
+def train(recipe: str | None, lr: float = 1e-4, fp8_format: str = "hybrid", seed: int = 0):
+    """200 steps on the first 90% of the text; returns (train losses, FP8 evidence, scaling states,
+    loss on the held-out last 10%, in bf16 without FP8, so every recipe is scored the same way)."""
+    torch.manual_seed(seed)
     data = text_bytes().cuda()
+    split = int(len(data) * 0.9)
+    train_data, held_out = data[:split], data[split:]
     model = te_model.build_model(llama_config("llama3", **TRAIN_CONFIG), backend="te", dtype=torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device="cuda").manual_seed(seed)
     losses, evidence, states = [], None, []
     for step in range(STEPS):
-        starts = torch.randint(0, len(data) - SEQ, (BATCH,), device="cuda", generator=g)
-        ids = torch.stack([data[s : s + SEQ] for s in starts.tolist()])
+        starts = torch.randint(0, len(train_data) - SEQ, (BATCH,), device="cuda", generator=g)
+        ids = torch.stack([train_data[s : s + SEQ] for s in starts.tolist()])
         with record_fp8_saved_tensors() as seen, te_model.fp8_autocast(recipe, amax_history_len=16, fp8_format=fp8_format):
             loss = model(ids, labels=ids).loss
         loss.backward()
@@ -162,31 +166,48 @@ def train(recipe: str | None, lr: float = 3e-4, fp8_format: str = "hybrid"):
         if step in (0, STEPS - 1):
             evidence = seen
             states.append(delayed_scaling_state(model))
-    return losses, evidence, states
+    windows = held_out[: len(held_out) // SEQ * SEQ].view(-1, SEQ)
+    with torch.no_grad():
+        val_loss = model(windows, labels=windows).loss.item()
+    return losses, evidence, states, val_loss
+
+
+SEEDS = (0, 1)
 
 
 @pytest.fixture(scope="module")
 def training_runs():
-    runs = {name: train(None if name == "bf16" else name) for name in ("bf16", "delayed", "current", "block")}
-    print("\nrecipe   first_loss  final_loss(mean last 10)  vs_bf16  fp8_saved_tensors  delayed amax/scale")
-    for name, (losses, seen, states) in runs.items():
-        final = sum(losses[-10:]) / 10
-        bf16 = sum(runs["bf16"][0][-10:]) / 10
+    """Per recipe: seed 0's (losses, evidence, states) and the held-out loss of every seed."""
+    runs = {}
+    for name in ("bf16", "delayed", "current", "block"):
+        per_seed = [train(None if name == "bf16" else name, seed=s) for s in SEEDS]
+        runs[name] = (*per_seed[0][:3], [r[3] for r in per_seed])
+    bf16 = sum(runs["bf16"][3]) / len(SEEDS)
+    print(f"\nlr 1e-4, seeds {SEEDS}; held-out loss = the last 10% of the text, scored in bf16")
+    print("recipe   first_loss  train_loss(last 10)  held_out_loss per seed  mean    vs_bf16  fp8_saved_tensors  delayed amax/scale")
+    for name, (losses, seen, states, vals) in runs.items():
         state = states[-1]
         scale = (f"amax {state['amax_max']:.3g}, scales {state['scale_min']:.3g}..{state['scale_max']:.3g}"
                  if state.get("amax_max") is not None else "-")
-        print(f"{name:8s} {losses[0]:10.4f}  {final:24.4f}  {final / bf16 - 1:+7.2%}  "
-              f"{seen['fp8_tensors']:17d}  {scale}")
+        mean = sum(vals) / len(vals)
+        print(f"{name:8s} {losses[0]:10.4f}  {sum(losses[-10:]) / 10:19.4f}  {', '.join(f'{v:.4f}' for v in vals):22s}  "
+              f"{mean:.4f}  {mean / bf16 - 1:+7.2%}  {seen['fp8_tensors']:17d}  {scale}")
     return runs
 
 
 def test_loss_falls_and_fp8_tracks_bf16(training_runs):
-    bf16_final = sum(training_runs["bf16"][0][-10:]) / 10
-    for name, (losses, _, _) in training_runs.items():
+    """FP8's final (held-out) loss is within 5% of bf16's, both averaged over two seeds.
+
+    At lr 3e-4 these runs memorise the 55 KB text (train loss near 0.08) and single runs of bf16 moved
+    by 3% between identical launches on the H100; lr 1e-4 and two seeds keep the comparison above noise.
+    """
+    bf16 = sum(training_runs["bf16"][3]) / len(SEEDS)
+    for name, (losses, _, _, vals) in training_runs.items():
         final = sum(losses[-10:]) / 10
         assert all(math.isfinite(x) for x in losses), name
-        assert final < losses[0] - 2.5, f"{name}: loss {losses[0]:.3f} -> {final:.3f}"
-        assert abs(final / bf16_final - 1) <= 0.05, f"{name}: final {final:.4f} vs bf16 {bf16_final:.4f}"
+        assert final < losses[0] - 2.0, f"{name}: loss {losses[0]:.3f} -> {final:.3f}"
+        mean = sum(vals) / len(vals)
+        assert abs(mean / bf16 - 1) <= 0.05, f"{name}: held-out loss {mean:.4f} vs bf16 {bf16:.4f}"
 
 
 def test_fp8_is_really_active(training_runs):
