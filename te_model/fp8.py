@@ -140,6 +140,8 @@ def delayed_scaling_state(model) -> dict:
         "scale_min": float(scales.min()),
         "scale_max": float(scales.max()),
         "scales_not_one": int((scales != 1).sum()),
+        "scale_sum": float(scales.sum()),  # moves whenever any scale does
+        "amax_sum": float(torch.stack(amax).sum()),
     }
 
 

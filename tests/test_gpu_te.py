@@ -142,7 +142,7 @@ def text_bytes() -> torch.Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
 
-def train(recipe: str | None, lr: float = 1e-4, fp8_format: str = "hybrid", seed: int = 0):
+def train(recipe: str | None, lr: float = 3e-5, fp8_format: str = "hybrid", seed: int = 0):
     """200 steps on the first 90% of the text; returns (train losses, FP8 evidence, scaling states,
     loss on the held-out last 10%, in bf16 without FP8, so every recipe is scored the same way)."""
     torch.manual_seed(seed)
@@ -183,7 +183,7 @@ def training_runs():
         per_seed = [train(None if name == "bf16" else name, seed=s) for s in SEEDS]
         runs[name] = (*per_seed[0][:3], [r[3] for r in per_seed])
     bf16 = sum(runs["bf16"][3]) / len(SEEDS)
-    print(f"\nlr 1e-4, seeds {SEEDS}; held-out loss = the last 10% of the text, scored in bf16")
+    print(f"\nlr 3e-5, seeds {SEEDS}; held-out loss = the last 10% of the text, scored in bf16")
     print("recipe   first_loss  train_loss(last 10)  held_out_loss per seed  mean    vs_bf16  fp8_saved_tensors  delayed amax/scale")
     for name, (losses, seen, states, vals) in runs.items():
         state = states[-1]
@@ -198,8 +198,9 @@ def training_runs():
 def test_loss_falls_and_fp8_tracks_bf16(training_runs):
     """FP8's final (held-out) loss is within 5% of bf16's, both averaged over two seeds.
 
-    At lr 3e-4 these runs memorise the 55 KB text (train loss near 0.08) and single runs of bf16 moved
-    by 3% between identical launches on the H100; lr 1e-4 and two seeds keep the comparison above noise.
+    At lr 3e-4 and 1e-4 these runs memorise the 55 KB text (held-out loss near 0.15), where bf16 alone
+    moved by 3-4% between seeds and between identical launches on the H100 (docs/gpu-validation.md);
+    lr 3e-5 keeps the loss where a 5% difference is a difference in learning, not noise.
     """
     bf16 = sum(training_runs["bf16"][3]) / len(SEEDS)
     for name, (losses, _, _, vals) in training_runs.items():
@@ -216,4 +217,4 @@ def test_fp8_is_really_active(training_runs):
         assert training_runs[name][1]["fp8_tensors"] > 0, name
     first, last = training_runs["delayed"][2]
     assert last["modules"] > 0 and last["amax_max"] > 0 and last["scales_not_one"] > 0
-    assert (first["scale_min"], first["scale_max"]) != (last["scale_min"], last["scale_max"])
+    assert first["amax_sum"] != last["amax_sum"] and first["scale_sum"] != last["scale_sum"]
