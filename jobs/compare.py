@@ -2,7 +2,7 @@
 
     python jobs/compare.py                                   # newest jobs of the demo experiment
     python jobs/compare.py --config my.yaml --last 5         # experiment and tracking uri from a preset
-    python jobs/compare.py --experiment llama3-8b --tracking-uri http://mlflow:5000 --jobs run-a run-b
+    python jobs/compare.py --experiment llama3.2-3b-fp8 --tracking-uri http://mlflow:5000 --jobs run-a run-b
 """
 
 import argparse

@@ -22,7 +22,7 @@ def write_yaml(tmp_path: Path, content: dict) -> str:
 
 def test_presets_exist_and_load():
     names = {p.stem for p in PRESETS}
-    assert {"tiny-cpu", "llama3-8b-fp8", "gpu-small-fp8"} <= names
+    assert {"tiny-cpu", "llama3.2-3b-fp8", "gpu-small-fp8"} <= names
     for path in PRESETS:
         load_config(str(path), [])
 
@@ -42,7 +42,7 @@ def test_default_is_a_small_cpu_job():
 
 
 def test_gpu_presets_are_fp8_on_gpu():
-    big = load_config("llama3-8b-fp8")
+    big = load_config("llama3.2-3b-fp8")
     assert (big.train.fp8, big.train.use_gpu, big.model.dtype, big.train.workers, big.data.seq_len) == (
         "delayed", True, "bf16", 8, 4096)
     assert big.model.base_uri.startswith("s3://")
@@ -67,7 +67,7 @@ def test_overrides_are_parsed_as_yaml_values():
 def test_tracking_experiment_follows_run_experiment():
     assert load_config(None, ["run.experiment=abc"]).tracking.experiment == "abc"
     assert load_config("tiny-cpu", ["run.experiment=abc"]).tracking.experiment == "abc"
-    assert load_config("llama3-8b-fp8", ["run.experiment=abc"]).tracking.experiment == "abc"
+    assert load_config("llama3.2-3b-fp8", ["run.experiment=abc"]).tracking.experiment == "abc"
     assert load_config(None, ["run.experiment=abc", "tracking.experiment=xyz"]).tracking.experiment == "xyz"
 
 
@@ -156,7 +156,7 @@ def test_malformed_override_and_files(tmp_path):
 
 
 def test_dict_yaml_round_trip_and_flat_params(tmp_path):
-    cfg = load_config("llama3-8b-fp8", ["train.lr=3e-5", "data.chat_template={{ bos_token }}"])
+    cfg = load_config("llama3.2-3b-fp8", ["train.lr=3e-5", "data.chat_template={{ bos_token }}"])
     assert Config.from_dict(cfg.to_dict()) == cfg
     path = tmp_path / "dumped.yaml"
     path.write_text(cfg.to_yaml())

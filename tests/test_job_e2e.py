@@ -155,13 +155,13 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     port, dash = _free_port(), _free_port()
-    # The session's other local cluster holds Ray's default agent ports: give this head its own.
+    # The test session's other local cluster holds Ray's default agent ports: give this head its own.
     agent_ports = [f"--{name}={_free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
         "metrics-export-port", "ray-client-server-port")]
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # --block keeps the head's processes in one process group, so the test stops exactly this cluster
-    # (`ray stop` would also stop the session's other local cluster).
+    # (`ray stop` would also stop the test session's other local cluster).
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=3", "--include-dashboard=true",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir=/tmp/rayh{os.getpid()}",
