@@ -60,6 +60,9 @@ def time_steps(model, recipe=None) -> tuple[float, float]:
 
 
 def main() -> None:
+    # Import TE before any CUDA work: on a host whose system cuDNN differs from torch's bundled one,
+    # loading TE after torch has loaded cuDNN fails with an undefined-symbol error.
+    te_model.resolve_backend("te")
     variants = [("HF LlamaDecoderLayer, bf16 (baseline)", hf_model, None),
                 ("torch backend, bf16", lambda: te_style("torch"), None),
                 ("TE backend, bf16", lambda: te_style("te"), None),
