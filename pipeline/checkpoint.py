@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 
 from pipeline.errors import PipelineError
@@ -139,20 +139,35 @@ def model_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().to("cpu").contiguous() for name, p in module.named_parameters()}
 
 
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 @torch.no_grad()
-def load_model_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Copy saved parameters into `module`; every parameter must be present with its shape."""
-    params = dict(module.named_parameters())
-    unexpected = sorted(set(tensors) - set(params))
-    missing = sorted(set(params) - set(tensors))
-    if unexpected or missing:
-        name = (missing or unexpected)[0]
-        raise PipelineError(f"{where}: tensor {name!r} is {'missing' if missing else 'not a model parameter'}")
-    for name, param in params.items():
-        if tuple(tensors[name].shape) != tuple(param.shape):
-            raise PipelineError(f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                                f"the model expects {tuple(param.shape)}")
-        param.copy_(tensors[name])
+def load_model_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Copy a `model.safetensors` into `module`, one tensor in memory at a time.
+
+    Strict: every parameter present with its shape and nothing else, or a PipelineError naming the
+    tensors. Used to resume training and to load a trained checkpoint for eval and export.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint file missing: {path}")
+    params = dict(module.named_parameters())  # a tied LM head is the embedding, listed once
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        missing, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
+        problems = ([f"missing tensors {_names(missing)}"] if missing else []) + (
+            [f"unexpected tensors {_names(unexpected)} (each is not a model parameter)"] if unexpected else [])
+        if problems:
+            raise PipelineError(f"{path} does not match the model: {'; '.join(problems)}")
+        for name, param in params.items():
+            tensor = f.get_tensor(name)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise PipelineError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                    f"the model expects {tuple(param.shape)}")
+            param.copy_(tensor)
 
 
 def _ordered_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -252,7 +267,7 @@ def load_checkpoint(local_dir: str | Path, *, module: torch.nn.Module, optimizer
     if state["world_size"] != world_size:
         raise PipelineError(f"{local}: checkpoint was written by {state['world_size']} workers, this run has "
                             f"{world_size} (set train.workers={state['world_size']} to resume it)")
-    load_model_tensors(module, _load_tensors(local / MODEL_FILE), str(local / MODEL_FILE))
+    load_model_weights(module, local / MODEL_FILE)
     groups = _read_json(local / OPTIMIZER_GROUPS_FILE)
     load_optimizer_state(module, optimizer, _load_tensors(local / OPTIMIZER_FILE), groups,
                          str(local / OPTIMIZER_FILE))

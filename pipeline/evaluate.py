@@ -33,11 +33,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import te_model
 from pipeline import storage
+from pipeline.checkpoint import MODEL_FILE as CHECKPOINT_WEIGHTS, load_model_weights
 from pipeline.config import Config
 from pipeline.data import IGNORE_INDEX, format_instruction_prompt
 from pipeline.errors import PipelineError
@@ -45,7 +45,6 @@ from te_model.weights import load_config
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_WEIGHTS = "model.safetensors"
 ROW_COLUMNS = ("input_ids", "labels", "position_ids")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Scored tokens per vocabulary projection: 2048 x 128k fp32 logits is 1 GiB.
@@ -77,20 +76,6 @@ def local_checkpoint(uri: str | Path, cfg: Config, options: storage.StorageOptio
 # loading a trained checkpoint
 
 
-def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:5])
-    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
-def _check_keys(weights: Path, keys: set[str], params: dict, base_dir) -> None:
-    """Every parameter present and nothing else, or a PipelineError naming what is missing and extra."""
-    missing, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
-    problems = ([f"missing tensors {_names(missing)}"] if missing else []) + (
-        [f"unexpected tensors {_names(unexpected)}"] if unexpected else [])
-    if problems:
-        raise PipelineError(f"{weights} does not match the model of {base_dir}: {'; '.join(problems)}")
-
-
 def load_trained_model(
     checkpoint_dir: str | Path,
     base_dir: str | Path,
@@ -107,15 +92,7 @@ def load_trained_model(
     if not weights.is_file():
         raise PipelineError(f"{checkpoint_dir}: no {CHECKPOINT_WEIGHTS} (not a training checkpoint?)")
     model = te_model.build_model(load_config(base_dir), backend=backend, dtype=dtype, device=device)
-    params = dict(model.named_parameters())  # a tied LM head is the embedding, listed once
-    with safe_open(weights, framework="pt") as f, torch.no_grad():
-        _check_keys(weights, set(f.keys()), params, base_dir)
-        for name, param in params.items():
-            tensor = f.get_tensor(name)
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise PipelineError(f"{weights}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                    f"the model expects {tuple(param.shape)}")
-            param.copy_(tensor)
+    load_model_weights(model, weights)
     return model.eval()
 
 
