@@ -38,6 +38,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 
+from pipeline import parallel
 from pipeline.errors import PipelineError
 from pipeline.manifest import write_manifest
 
@@ -134,9 +135,19 @@ def restore_rank_state(local_dir: Path, rank: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------
 # model and optimizer
 # ---------------------------------------------------------------------------------------------------
-def model_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter by TE-style name, on the CPU; no buffers and no `_extra_state`."""
-    return {name: p.detach().to("cpu").contiguous() for name, p in module.named_parameters()}
+def model_tensors(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter by TE-style name, whole and on the CPU; no buffers and no `_extra_state`.
+
+    Sharded (FSDP) parameters are gathered one at a time, a collective: every worker calls this, and
+    only the writer passes `keep` (the others take part and get nothing).
+    """
+    tensors = {}
+    for name, p in module.named_parameters():
+        if keep or parallel.is_sharded(p):
+            whole = parallel.full_tensor(p.detach())
+            if keep:
+                tensors[name] = whole.to("cpu").contiguous()
+    return tensors
 
 
 def _names(names: list[str]) -> str:
@@ -167,7 +178,7 @@ def load_model_weights(module: torch.nn.Module, path: str | Path) -> None:
             if tuple(tensor.shape) != tuple(param.shape):
                 raise PipelineError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                     f"the model expects {tuple(param.shape)}")
-            param.copy_(tensor)
+            param.copy_(parallel.shard_like(tensor, param))
 
 
 def _ordered_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -176,15 +187,22 @@ def _ordered_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
-    """(tensors keyed `{param name}.{field}`, param_groups with parameter names) of the optimizer."""
+def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    keep: bool = True) -> tuple[dict, list]:
+    """(tensors keyed `{param name}.{field}`, param_groups with parameter names) of the optimizer.
+
+    Whole tensors: sharded moments are gathered, a collective like `model_tensors(keep=...)`.
+    """
     names = _ordered_names(module, optimizer)
     state = optimizer.state_dict()
     tensors = {}
     for index, fields in state["state"].items():
         for field, value in fields.items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{names[index]}.{field}"] = value.detach().to("cpu").contiguous()
+            if keep or parallel.is_sharded(value):
+                whole = parallel.full_tensor(value.detach())
+                if keep:
+                    tensors[f"{names[index]}.{field}"] = whole.to("cpu").contiguous()
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
               for g in state["param_groups"]]
     return tensors, groups
@@ -199,11 +217,15 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
         odd = sorted(set(saved) ^ set(names)) or ["the parameter order"]
         raise PipelineError(f"{where}: optimizer groups do not match the model's parameters ({odd[0]!r} differs)")
     index = {name: i for i, name in enumerate(names)}
+    params = dict(module.named_parameters())
     state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    for key in sorted(tensors):  # the same order on every worker: sharding moments is a collective
         name, _, field = key.rpartition(".")
         if name not in index:
             raise PipelineError(f"{where}: optimizer state {key!r} names no model parameter")
+        tensor = tensors[key]
+        if tensor.dim() and parallel.is_sharded(params[name]):
+            tensor = parallel.shard_like(tensor, params[name])
         state.setdefault(index[name], {})[field] = tensor
     param_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
                     for g in groups]
@@ -213,10 +235,18 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 # ---------------------------------------------------------------------------------------------------
 # the whole directory
 # ---------------------------------------------------------------------------------------------------
+def join_gather(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """What a worker that writes nothing does while rank 0 runs `write_checkpoint`: take part in gathering
+    sharded tensors, in the same order (nothing at all when nothing is sharded)."""
+    model_tensors(module, keep=False)
+    optimizer_state(module, optimizer, keep=False)
+
+
 def write_checkpoint(out_dir: str | Path, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      scheduler: torch.optim.lr_scheduler.LRScheduler, trainer_state: dict[str, Any],
                      ranks: list[dict[str, bytes]]) -> Path:
-    """Write a complete checkpoint into `out_dir` (rank 0 only), manifest last; returns the dir."""
+    """Write a complete checkpoint into `out_dir` (rank 0 only, while the other ranks `join_gather`),
+    manifest last; returns the dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(model_tensors(module), out / MODEL_FILE, metadata={"format": "pt"})
@@ -255,16 +285,18 @@ def read_trainer_state(local_dir: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(local_dir: str | Path, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int,
-                    world_size: int) -> tuple[dict[str, Any], dict[str, int]]:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int, world_size: int,
+                    micro_batch_size: int | None = None) -> tuple[dict[str, Any], dict[str, int]]:
     """Load a checkpoint into model, optimizer, scheduler and this rank's RNGs.
 
     Returns (trainer_state, this rank's data position). Call it after everything that consumes random
-    numbers has been built, so the restored RNG states are the ones training continues with.
+    numbers has been built, so the restored RNG states are the ones training continues with. A checkpoint
+    written by a different number of workers resumes too when `micro_batch_size` is given: see
+    `regrid_position`.
     """
     local = Path(local_dir)
     state = read_trainer_state(local)
-    if state["world_size"] != world_size:
+    if state["world_size"] != world_size and micro_batch_size is None:
         raise PipelineError(f"{local}: checkpoint was written by {state['world_size']} workers, this run has "
                             f"{world_size} (set train.workers={state['world_size']} to resume it)")
     load_model_weights(module, local / MODEL_FILE)
@@ -272,5 +304,28 @@ def load_checkpoint(local_dir: str | Path, *, module: torch.nn.Module, optimizer
     load_optimizer_state(module, optimizer, _load_tensors(local / OPTIMIZER_FILE), groups,
                          str(local / OPTIMIZER_FILE))
     scheduler.load_state_dict(_read_json(local / SCHEDULER_FILE))
-    return state, restore_rank_state(local, rank)
+    if state["world_size"] == world_size:
+        return state, restore_rank_state(local, rank)
+    # Another worker count: RNG streams of the old ranks carry over where they exist (Llama has no
+    # dropout, so they only matter to sampling), and the data position is re-cut for the new grid.
+    position = restore_rank_state(local, min(rank, state["world_size"] - 1))
+    return state, regrid_position(position, state, world_size, micro_batch_size, where=str(local))
 
+
+def regrid_position(position: dict[str, int], state: dict[str, Any], world_size: int, micro_batch_size: int,
+                    where: str) -> dict[str, int]:
+    """A data position {epoch, offset} saved by `state["world_size"]` workers, for `world_size` workers.
+
+    Rank r reads rows[r::world] of each epoch's permutation, so after `offset` micro-batches per rank the
+    workers together have read exactly the first offset * micro_batch_size * world rows of the epoch:
+    the same prefix is where the new grid starts, which needs it to be a whole number of new micro-batches.
+    """
+    saved_micro = int(state["config"]["train"]["micro_batch_size"])
+    rows_read = position["offset"] * saved_micro * state["world_size"]
+    per_step = micro_batch_size * world_size
+    if rows_read % per_step:
+        raise PipelineError(
+            f"{where}: {state['world_size']} workers x micro-batch {saved_micro} read {rows_read} rows of epoch "
+            f"{position['epoch']}, not a multiple of train.workers x train.micro_batch_size = {per_step}; "
+            f"resume with a worker count that divides it")
+    return {"epoch": position["epoch"], "offset": rows_read // per_step}

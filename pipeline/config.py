@@ -185,6 +185,9 @@ class TrainConfig(_Section):
     keep_checkpoints: int = 2
     # Log training metrics every this many optimizer steps.
     log_every: int = 1
+    # How workers share the model: ddp = a whole replica each; fsdp = FSDP2, parameters, gradients and
+    # optimizer state sharded over the workers (models too big for one GPU). See pipeline/parallel.py.
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
 
     def _validate(self) -> None:
         for name in ("workers", "micro_batch_size", "grad_accum_steps", "max_steps", "log_every",

@@ -1,8 +1,9 @@
-"""Fine-tuning on a Ray cluster: Ray Train's TorchTrainer runs DDP over the TE-style Llama.
+"""Fine-tuning on a Ray cluster: Ray Train's TorchTrainer runs the TE-style Llama data-parallel.
 
 What this module decides:
 - Ray Train (V2 API) runs `train_loop_per_worker` on `train.workers` workers, one GPU each when
-  `train.use_gpu` (CPU workers use gloo). Ray keeps its run state and the checkpoints under
+  `train.use_gpu` (CPU workers use gloo), with the model replicated (DDP) or sharded (FSDP2) as
+  `train.parallelism` says (`pipeline.parallel`). Ray keeps its run state and the checkpoints under
   `{run.output_uri}/ray/{run.name}/`; S3 goes through the same s3fs filesystem as `pipeline.storage`
   (custom endpoints included), handed to Ray as a pyarrow filesystem. Ray keeps the newest
   `train.keep_checkpoints` checkpoints and deletes older ones. Layout: `pipeline.checkpoint`.
@@ -35,7 +36,6 @@ What this module decides:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -55,11 +55,9 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-
 import te_model
 from pipeline import checkpoint as ckpt
-from pipeline import storage
+from pipeline import parallel, storage
 from pipeline.config import Config, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
@@ -309,7 +307,7 @@ def _build_worker(cfg: Config, train_uri: str) -> _Worker:
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    ddp_model = ray.train.torch.prepare_model(model)
+    ddp_model = parallel.wrap(model, cfg.train.parallelism)
     optimizer = make_optimizer(model, cfg.train)
     shard = RankShard(read_rows(train_uri, options), cfg.run.seed, rank, world, cfg.train.micro_batch_size)
     if cfg.train.fp8 != "none":
@@ -327,7 +325,10 @@ def _resume(w: _Worker, ray_uri: str) -> Progress:
     uri = storage.join(ray_uri, w.cfg.run.name, PurePosixPath(checkpoint.path).name)
     local = storage.pull_checkpoint(uri, w.cfg.run.cache_dir, w.options)  # verified against its manifest
     state, position = ckpt.load_checkpoint(local, module=w.model, optimizer=w.optimizer, scheduler=w.scheduler,
-                                           rank=w.rank, world_size=w.world)
+                                           rank=w.rank, world_size=w.world,
+                                           micro_batch_size=w.cfg.train.micro_batch_size)
+    if position["offset"] >= w.shard.batches_per_epoch:  # another worker count cuts epochs differently
+        position = {"epoch": position["epoch"] + 1, "offset": 0}
     log.info("rank %d resumes run %s at step %d from %s", w.rank, w.cfg.run.name, state["step"], uri)
     return Progress(step=state["step"], tokens_seen=state["tokens_seen"], resumed_from_step=state["step"],
                     history=state["metrics"], **position)
@@ -351,13 +352,13 @@ def _train_step(w: _Worker, progress: Progress) -> dict[str, float]:
         batch = {k: v.to(w.device) for k, v in w.shard.batch(progress.epoch, progress.offset).items()}
         progress.epoch, progress.offset = w.shard.next_position(progress.epoch, progress.offset)
         tokens += batch["input_ids"].numel()
-        syncs = micro == accum - 1 or not isinstance(w.ddp_model, DistributedDataParallel)
-        with contextlib.nullcontext() if syncs else w.ddp_model.no_sync():
+        with parallel.gradient_sync(w.ddp_model, enabled=micro == accum - 1):
             with te_model.fp8_autocast(recipe, amax_history_len=train.fp8_amax_history_len, group=group):
                 loss = w.ddp_model(**batch).loss
             (loss / accum).backward()  # outside the FP8 autocast: TE runs the matching backward itself
         loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(w.model.parameters(), train.max_grad_norm or math.inf)
+    grad_norm = parallel.full_tensor(
+        torch.nn.utils.clip_grad_norm_(w.model.parameters(), train.max_grad_norm or math.inf))
     lr = w.scheduler.get_last_lr()[0]
     w.optimizer.step()
     w.scheduler.step()
@@ -378,6 +379,7 @@ def _report_checkpoint(w: _Worker, progress: Progress, metrics: dict[str, float]
     """ray.train.report on every rank (a collective), with the checkpoint rank 0 writes for all."""
     ranks = ckpt.gather_rank_files(ckpt.rank_files({"epoch": progress.epoch, "offset": progress.offset}))
     if w.rank != 0:
+        ckpt.join_gather(w.model, w.optimizer)
         ray.train.report(metrics, checkpoint=None)
         return
     state = {"step": progress.step, "tokens_seen": progress.tokens_seen,

@@ -1,0 +1,77 @@
+"""How the model is spread over the training workers: DDP (replicated) or FSDP2 (sharded).
+
+Why it exists: the model code is written for one device and parallelism is applied from outside, here,
+so the training loop and the checkpoint code ask this module instead of testing wrapper types.
+
+What this module decides:
+- `ddp`: Ray Train's `prepare_model` (DistributedDataParallel). Every worker holds the whole model,
+  its gradients and AdamW moments: about 8 bytes per parameter in bf16, so roughly 3B parameters per
+  80 GB GPU once activations are counted.
+- `fsdp`: PyTorch's FSDP2 `fully_shard`, one unit per decoder layer plus the root (embedding, final norm,
+  LM head; a tied head stays with the embedding it is). Parameters, gradients and moments are sharded
+  over the workers and each layer is all-gathered just for its forward and backward. Parameters stay
+  in the training dtype (bf16 master weights, as with DDP); gradients are reduce-scattered in fp32.
+  TE layers work unchanged under FP8 autocast: FSDP2 hands them whole bf16 weights to quantize.
+- Sharded parameters and moments are DTensors. `full_tensor` gathers one (a collective every worker
+  joins) and `shard_like` cuts a whole tensor read from a checkpoint into the local shard, so checkpoints
+  keep one layout - whole tensors by name - whatever the wrapping, and stay HF-exportable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+    """The module the training step calls: `model` wrapped for `strategy` (FSDP2 shards it in place)."""
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model)
+
+
+@contextlib.contextmanager
+def gradient_sync(wrapped: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Backward passes inside reduce gradients over workers only when `enabled` (the last micro-batch)."""
+    if isinstance(wrapped, DistributedDataParallel) and not enabled:
+        with wrapped.no_sync():
+            yield
+    elif hasattr(wrapped, "set_requires_gradient_sync"):  # an FSDP2 module
+        wrapped.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor; for a shard, gathered from every worker (all of them must call this)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` laid out as `like`: this worker's shard when `like` is sharded, else `whole` on its device."""
+    whole = whole.to(device=like.device, dtype=like.dtype)
+    if isinstance(like, DTensor):
+        return distribute_tensor(whole, like.device_mesh, like.placements)
+    return whole
