@@ -1,0 +1,95 @@
+"""Data parallel and sharded FP8 training over two GPUs through Ray Train, against one GPU.
+
+Skipped (cleanly) without two CUDA GPUs and TE. The same 380M-parameter Llama (8 layers, hidden 2048, GQA
+16/8), the same rows and the same global batch (16 rows x 1024 tokens per step) run as 1 worker x 2
+micro-batches, 2 DDP workers and 2 FSDP2 workers, under FP8 delayed scaling. The loss curves must agree
+within FP8 noise and two workers must reach 90% of twice one worker's tokens/s. Run with
+`python -m pytest tests/test_gpu_scaling.py -m gpu -s`; docs/gpu-validation.md records what it printed.
+"""
+
+import json
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import tiny
+from pipeline.config import Config
+from pipeline.data import prepare
+from pipeline.train import train
+from te_model.backend import te_unavailable_reason
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, WARMUP = 60, 10  # throughput is the median over steps after WARMUP
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(te_unavailable_reason() is not None, reason=f"TE backend: {te_unavailable_reason()}"),
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
+]
+
+
+def corpus(path: Path) -> Path:
+    """The shipped text, sentences reshuffled 20 times: about a million tokens, so epochs are long."""
+    docs = [json.loads(line)["text"] for line in (REPO / "data" / "tiny_text.jsonl").read_text().splitlines()]
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for _ in range(20):
+            for doc in docs:
+                sentences = doc.split(". ")
+                rng.shuffle(sentences)
+                f.write(json.dumps({"text": ". ".join(sentences)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scaling")
+    base = tiny.make_tiny_checkpoint(root / "base", layers=8, hidden=2048, heads=16, kv_heads=8,
+                                     intermediate=5632, max_shard_size="500MB")
+    text = corpus(root / "text.jsonl")
+
+    def cfg_for(name: str, **train) -> Config:
+        return Config.from_dict({
+            "run": {"name": name, "output_uri": str(root / "runs"), "cache_dir": str(root / "node")},
+            "model": {"base_uri": str(base), "backend": "te", "dtype": "bf16"},
+            "data": {"train_files": [str(text)], "seq_len": 1024, "val_fraction": 0.02},
+            "train": {"use_gpu": True, "micro_batch_size": 8, "lr": 3e-4, "warmup_steps": 10,
+                      "max_steps": STEPS, "fp8": "delayed", "checkpoint_every": 0, "keep_checkpoints": 2, **train},
+        })
+
+    return cfg_for, prepare(cfg_for("data"), str(base))
+
+
+def summary(result) -> dict:
+    after = result.metrics[WARMUP:]
+    return {"losses": [m["loss"] for m in result.metrics],
+            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in after),
+            "gpu_mem_gb": max(m["gpu_mem_gb"] for m in result.metrics)}
+
+
+def test_two_gpus_match_one_and_scale(ray_cluster, setup):
+    cfg_for, prepared = setup
+    runs = {
+        "1 GPU, ddp": cfg_for("one", workers=1, grad_accum_steps=2),
+        "2 GPUs, ddp": cfg_for("ddp", workers=2, grad_accum_steps=1),
+        "2 GPUs, fsdp": cfg_for("fsdp", workers=2, grad_accum_steps=1, parallelism="fsdp"),
+    }
+    results = {label: summary(train(cfg, prepared)) for label, cfg in runs.items()}
+    one = results["1 GPU, ddp"]
+    rows = []
+    for label, r in results.items():
+        diffs = [abs(a - b) / b for a, b in zip(r["losses"], one["losses"])]
+        r["loss_rel_diff_mean"], r["loss_rel_diff_max"] = statistics.mean(diffs), max(diffs)
+        r["scaling_efficiency"] = r["tokens_per_s"] / (one["tokens_per_s"] * (1 if label.startswith("1") else 2))
+        rows.append(f"| {label} | {r['losses'][0]:.3f} | {r['losses'][-1]:.3f} | {r['loss_rel_diff_mean']:.4f} | "
+                    f"{r['loss_rel_diff_max']:.4f} | {r['tokens_per_s']:,.0f} | {r['scaling_efficiency']:.3f} | "
+                    f"{r['gpu_mem_gb']:.1f} |")
+    print("\n| run | first loss | last loss | mean rel diff vs 1 GPU | max rel diff | tokens/s (median) "
+          "| scaling efficiency | peak GiB |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    for label in ("2 GPUs, ddp", "2 GPUs, fsdp"):
+        r = results[label]
+        assert r["losses"][-1] < r["losses"][0] - 1.0, label
+        assert r["loss_rel_diff_mean"] < 0.02 and r["loss_rel_diff_max"] < 0.05, label
+    assert results["2 GPUs, ddp"]["scaling_efficiency"] >= 0.9
