@@ -9,8 +9,8 @@ What this module decides:
   80 GB GPU once activations are counted.
 - `fsdp`: PyTorch's FSDP2 `fully_shard`, one unit per decoder layer plus the root (embedding, final norm,
   LM head; a tied head stays with the embedding it is). Parameters, gradients and moments are sharded
-  over the workers and each layer is all-gathered just for its forward and backward. Parameters stay
-  in the training dtype (bf16 master weights, as with DDP); gradients are reduce-scattered in fp32.
+  over the workers and each layer is all-gathered just for its forward and backward. Parameters and
+  gradient reductions stay in the training dtype (bf16 master weights, as with DDP).
   TE layers work unchanged under FP8 autocast: FSDP2 hands them whole bf16 weights to quantize.
 - Sharded parameters and moments are DTensors. `full_tensor` gathers one (a collective every worker
   joins) and `shard_like` cuts a whole tensor read from a checkpoint into the local shard, so checkpoints
@@ -32,12 +32,11 @@ STRATEGIES = ("ddp", "fsdp")
 def wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
     """The module the training step calls: `model` wrapped for `strategy` (FSDP2 shards it in place)."""
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         for layer in model.model.layers:
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            fully_shard(layer)
+        fully_shard(model)
         return model
     import ray.train.torch
 
