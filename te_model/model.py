@@ -8,8 +8,12 @@ instantiates by name:
   forward and hands it to every layer, and declares the new layers to HF's output recorder so
   `output_hidden_states=True` returns every layer's output.
 
-Everything else (embeddings, final norm, LM head, loss, `save_pretrained` of the config, Trainer
-integration) is HF's own. The originals are restored on exit, also when the body raises.
+Everything else (embeddings, final norm, LM head, `save_pretrained` of the config, Trainer integration)
+is HF's own. The originals are restored on exit, also when the body raises.
+
+`build_model` makes a `TELlamaForCausalLM`: HF's class, except that a training forward pass (training
+mode, gradients on, labels given) computes the loss from the hidden states without logits
+(`te_model.loss`), and returns `logits=None`.
 """
 
 import contextlib
@@ -17,11 +21,13 @@ import dataclasses
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama import modeling_llama
 
 from .backend import decoder_layer_class, resolve_backend
 from .fp8 import check_fp8_tokens, fp8_active
 from .layer import KV_CACHE_MESSAGE, DecoderCall, KVCacheUnsupportedError
+from .loss import causal_lm_loss
 from .rope import angles_table, rope_type
 from .segments import plan_attention
 
@@ -63,6 +69,32 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
         )
 
 
+class TELlamaForCausalLM(LlamaForCausalLM):
+    """HF's LlamaForCausalLM; training with labels skips the (batch, seq, vocab) logits.
+
+    With `fused_loss` on (the default), a forward pass in training mode, with gradients enabled and
+    `labels` given, returns the loss of `te_model.loss.causal_lm_loss` and `logits=None`: the same value
+    as HF's loss, without the logits' memory. Evaluation mode, `torch.no_grad`, generation and calls
+    without labels run HF's forward unchanged. Set `model.fused_loss = False` to get logits in training.
+    """
+
+    fused_loss = True
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        if labels is None or not (self.fused_loss and self.training and torch.is_grad_enabled()):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)  # HF Trainer's count under gradient accumulation
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             **kwargs)
+        loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch=num_items)
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions)
+
+
 @contextlib.contextmanager
 def replace_decoder(backend: str = "auto"):
     """Within the block, `LlamaForCausalLM(config)` builds TE-style layers of `backend`."""
@@ -102,8 +134,8 @@ def build_model(
     backend: str = "auto",
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device | None = None,
-) -> LlamaForCausalLM:
-    """A randomly initialised `LlamaForCausalLM` with TE-style layers (weights: `weights.py`)."""
+) -> TELlamaForCausalLM:
+    """A randomly initialised `TELlamaForCausalLM` with TE-style layers (weights: `weights.py`)."""
     check_llama_config(config)
     backend = resolve_backend(backend)
     if backend == "te":
@@ -114,6 +146,6 @@ def build_model(
             raise ValueError(f"backend 'te' needs a CUDA device, got {device}")
     config.use_cache = False
     with replace_decoder(backend), torch.device(device or "cpu"), _default_dtype(dtype):
-        model = LlamaForCausalLM(config)
+        model = TELlamaForCausalLM(config)
     model.te_backend = backend
     return model

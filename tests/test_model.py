@@ -183,3 +183,29 @@ def test_trainer_trains_and_saves_hf_checkpoint(tmp_path):
     ids = rows[0][None]
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_training_loss_skips_logits_and_matches_hf(hf_and_te):
+    """A training forward pass returns HF's loss and gradients without logits; `fused_loss=False` restores them."""
+    hf, te = hf_and_te
+    ids = torch.randint(0, 320, (2, 29))
+    labels = ids.clone()
+    labels[0, :7] = -100  # a masked prompt
+    hf.train(), te.train()
+    ref = hf(input_ids=ids, labels=labels)
+    ref.loss.backward()
+    out = te(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    grads = {"lm_head.weight": "lm_head.weight", "model.embed_tokens.weight": "model.embed_tokens.weight",
+             "model.norm.weight": "model.norm.weight"}
+    for te_name, hf_name in grads.items():
+        te_grad, hf_grad = te.get_parameter(te_name).grad, hf.get_parameter(hf_name).grad
+        torch.testing.assert_close(te_grad, hf_grad, rtol=1e-4, atol=1e-6, msg=te_name)
+    te.fused_loss = False
+    try:
+        assert te(input_ids=ids, labels=labels).logits.shape == (2, 29, te.config.vocab_size)
+    finally:
+        te.fused_loss = True
+        hf.zero_grad(set_to_none=True), te.zero_grad(set_to_none=True)
