@@ -25,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from te_model.backend import te_unavailable_reason
-from te_model.weights import fc1_part, hf_to_te_key
+from te_model.weights import fc1_part, hf_to_te_key, te_to_hf_keys
 
 DATASHEET_BF16_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core peak
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
@@ -113,9 +113,10 @@ def load_hf_state(model: torch.nn.Module, state: dict) -> None:
             raise ValueError(f"weight {key}: shape {tuple(tensor.shape)}, our model has {tuple(target.shape)}")
         target.copy_(tensor)
         filled.add(target_key)
-    unfilled = sorted(n for n in params if not any(f[0] == n for f in filled))
+    # fc1 holds two HF tensors (gate, up): each half counts on its own
+    unfilled = sorted(hf for name in params for hf, _ in te_to_hf_keys(name) if hf_to_te_key(hf) not in filled)
     if unfilled:
-        raise ValueError(f"reference weights left {len(unfilled)} parameters unset, e.g. {unfilled[0]}")
+        raise ValueError(f"reference weights left {len(unfilled)} tensors unset, e.g. {unfilled[0]}")
 
 
 def free_memory() -> None:
