@@ -164,33 +164,40 @@ def measure(args, device) -> dict:
     common.free_memory()
     state = common.reference_state(config, common.DTYPES[args.dtype], device, args.seed)
     flops = model_flops(state, config, args.batch, args.seq)
-    rows = []
-    for name in args.variants:
-        row = {"variant": name, "label": label(name, backend, args.dtype)}
-        row["skipped"] = skip_reason(name, backend, backend_reason)
-        if not row["skipped"]:
-            try:
-                row.update(run_variant(name, args, config, state, batches, device, backend))
-            except te_model.FP8UnsupportedError as exc:
-                row["skipped"] = str(exc)
-            except torch.OutOfMemoryError as exc:
-                row["error"] = f"out of memory at batch {args.batch} x seq {args.seq}: {str(exc).splitlines()[0]}"
-        torch._dynamo.reset()
-        common.free_memory()
-        rows.append(row)
     tokens = args.batch * args.seq
-    add_rates(rows, flops, tokens, matmul_peak)
     run = {"shape": args.shape, "layers": config.num_hidden_layers, "seq": args.seq, "batch": args.batch,
            "tokens_per_step": tokens, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
            "model_flops_per_step": flops, "matmul_peak_tflops": matmul_peak / 1e12, "matmul_size": size,
            "datasheet_peak_tflops": common.DATASHEET_BF16_FLOPS / 1e12, "ours_backend": backend,
            "ours_backend_reason": backend_reason}
-    return {"environment": common.environment(device), "run": run, "variants": rows}
+    result = {"environment": common.environment(device), "run": run, "variants": []}
+    for name in args.variants:
+        print(f"[train_step] {name} ...", file=sys.stderr, flush=True)
+        result["variants"].append(variant_row(name, args, config, state, batches, device, backend, backend_reason))
+        add_rates(result["variants"], flops, tokens, matmul_peak)
+        common.write_json(args.out, result)  # after every variant: a run cut short keeps what it measured
+    return result
+
+
+def variant_row(name: str, args, config, state, batches, device, backend: str, backend_reason) -> dict:
+    """One variant's measurements, or why it was skipped or failed; memory is freed afterwards."""
+    row = {"variant": name, "label": label(name, backend, args.dtype)}
+    row["skipped"] = skip_reason(name, backend, backend_reason)
+    if not row["skipped"]:
+        try:
+            row.update(run_variant(name, args, config, state, batches, device, backend))
+        except te_model.FP8UnsupportedError as exc:
+            row["skipped"] = str(exc)
+        except torch.OutOfMemoryError as exc:
+            row["error"] = f"out of memory at batch {args.batch} x seq {args.seq}: {str(exc).splitlines()[0]}"
+    torch._dynamo.reset()
+    common.free_memory()
+    return row
 
 
 def add_rates(rows: list[dict], flops: float, tokens: int, matmul_peak: float) -> None:
     """tokens/s, model TFLOP/s, both MFUs and the speed-up over `hf` (when it ran) for every timed row."""
-    base = next((r["step_ms"] for r in rows if r["variant"] == "hf" and "step_ms" in r), None)
+    base = next((r for r in rows if r["variant"] == "hf" and "step_ms" in r), None)
     for row in rows:
         if "step_ms" not in row:
             continue
@@ -199,7 +206,9 @@ def add_rates(rows: list[dict], flops: float, tokens: int, matmul_peak: float) -
         row["model_tflops"] = flops / seconds / 1e12
         row["mfu_datasheet"] = flops / seconds / common.DATASHEET_BF16_FLOPS
         row["mfu_measured_peak"] = flops / seconds / matmul_peak
-        row["speedup_vs_hf"] = base / row["step_ms"] if base else None
+        row["speedup_vs_hf"] = base["step_ms"] / row["step_ms"] if base else None
+        # identical starting weights and batches: only kernel rounding may separate the first losses
+        row["loss_first_diff_vs_hf"] = row["loss_first"] - base["loss_first"] if base else None
 
 
 def print_table(result: dict) -> None:
@@ -222,7 +231,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = common.setup_device(args.device)
     result = measure(args, device)
-    common.write_json(args.out, result)
     print_table(result)
     return result
 
