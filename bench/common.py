@@ -1,0 +1,202 @@
+"""What every bench script shares: the model shapes, one set of starting weights, timing and reporting.
+
+Decided here, so that the scripts compare like with like:
+- Shapes are LlamaConfigs with the real dimensions (`SHAPES`); `tiny` is for CPU smoke runs.
+- Starting weights come from one seeded HF `LlamaForCausalLM`, kept on the host, and are copied into every
+  variant: HF models by `load_state_dict`, ours through te_model's HF→TE key table (`load_hf_state`), so
+  no variant starts from a different random draw.
+- A step is timed with CUDA events on a GPU (no host sync inside the timed loop) and with the wall clock
+  on CPU; scripts report the median over the timed steps.
+- Transformer Engine is imported before any other CUDA work (on some hosts loading it after torch's own
+  cuDNN fails with an undefined symbol), and `backend_label` says when "ours" ran on the torch backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from te_model.backend import te_unavailable_reason
+from te_model.weights import fc1_part, hf_to_te_key, te_to_hf_keys
+
+DATASHEET_BF16_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core peak
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA31_ROPE = {**LLAMA3_ROPE, "factor": 8.0}
+SHAPES = {
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+                        max_position_embeddings=131072, rope_parameters=LLAMA3_ROPE),
+    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+                        max_position_embeddings=131072, rope_parameters=LLAMA31_ROPE),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                 max_position_embeddings=131072, rope_parameters=LLAMA31_ROPE),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def llama_config(shape: str, layers: int | None = None) -> LlamaConfig:
+    """The LlamaConfig of a named shape; `layers` overrides the depth (embedding and lm_head stay real)."""
+    if shape not in SHAPES:
+        raise SystemExit(f"--shape {shape!r} is unknown; choose from {', '.join(SHAPES)}")
+    kwargs = dict(SHAPES[shape], rms_norm_eps=1e-5, use_cache=False, attn_implementation="sdpa")
+    if layers:
+        kwargs["num_hidden_layers"] = layers
+    return LlamaConfig(**kwargs)
+
+
+def setup_device(name: str) -> torch.device:
+    """The torch device for `--device`; on CUDA, TE (if installed) is imported before anything else."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible")
+        te_unavailable_reason()  # imports TE first, when it can be imported at all
+    return device
+
+
+def ours_backend(device: torch.device) -> tuple[str, str | None]:
+    """('te' or 'torch', why TE is not used or None) for our model on `device`."""
+    reason = te_unavailable_reason() if device.type == "cuda" else f"device is {device.type}"
+    return ("torch", reason) if reason else ("te", None)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def build_hf(config: LlamaConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """Stock HF LlamaForCausalLM (SDPA attention), parameters in `dtype` on `device`."""
+    with torch.device(device), default_dtype(dtype):
+        return LlamaForCausalLM(config)
+
+
+def reference_state(config: LlamaConfig, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
+    """The starting weights of every variant: a seeded HF model's state dict, on the host."""
+    torch.manual_seed(seed)
+    model = build_hf(config, dtype, device)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    del model
+    free_memory()
+    return state
+
+
+@torch.no_grad()
+def load_hf_state(model: torch.nn.Module, state: dict) -> None:
+    """Copy an HF Llama state dict into our model through te_model's key table; every parameter is filled."""
+    params = dict(model.named_parameters())
+    filled = set()
+    for key, tensor in state.items():
+        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # tied: the embedding matrix is the head
+        target_key = hf_to_te_key(key)
+        if target_key is None:
+            continue  # buffers such as rotary inv_freq: computed from the config by both models
+        target = fc1_part(params[target_key[0]], target_key[1])
+        if target.shape != tensor.shape:
+            raise ValueError(f"weight {key}: shape {tuple(tensor.shape)}, our model has {tuple(target.shape)}")
+        target.copy_(tensor)
+        filled.add(target_key)
+    # fc1 holds two HF tensors (gate, up): each half counts on its own
+    unfilled = sorted(hf for name in params for hf, _ in te_to_hf_keys(name) if hf_to_te_key(hf) not in filled)
+    if unfilled:
+        raise ValueError(f"reference weights left {len(unfilled)} tensors unset, e.g. {unfilled[0]}")
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+class StepTimer:
+    """Times steps with CUDA events (read after the loop, so no host sync per step) or the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def matmul_peak_flops(device: torch.device, size: int, reps: int = 10) -> float:
+    """Measured bf16 matmul FLOP/s: the median of `reps` (size x size) @ (size x size) products."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    timer = StepTimer(device)
+    timer.mark()
+    for _ in range(reps):
+        a @ b
+        timer.mark()
+    return 2 * size**3 / (statistics.median(timer.step_ms()) / 1e3)
+
+
+def write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def fmt(value, spec: str) -> str:
+    """A table cell: the number formatted, or '-' when missing."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and hardware, for the record."""
+    import transformers
+
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.version.cuda, "te_available": te_unavailable_reason() is None}
+    if info["te_available"]:
+        import transformer_engine
+
+        info["transformer_engine"] = transformer_engine.__version__
+    info["time"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return info
+
+

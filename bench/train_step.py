@@ -1,0 +1,241 @@
+"""Full training steps, side by side in one process: stock HF Llama against our model in bf16 and FP8.
+
+Variants (`--variants`, comma-separated; default all):
+- `hf`: stock `LlamaForCausalLM`, SDPA attention: the baseline (ratios are against it);
+- `hf_compile`: the same under `torch.compile`, the stronger peer;
+- `ours_bf16`: our model (te_model, TE backend) in bf16;
+- `fp8_delayed`, `fp8_current`, `fp8_block`, `fp8_mxfp8`: our model under each FP8 recipe; a recipe this
+  GPU or TE build cannot run is skipped with TE's reason.
+
+A step is the whole thing: embedding, decoder, lm_head, loss, backward, fused AdamW step, bf16 parameters.
+Every variant starts from the same weights (`bench.common.reference_state`) and sees the same token
+batches in the same order, so the first-step losses must agree (they are in the JSON). Warm-up steps
+(which include torch.compile's compilation) are not timed; the step time is the median of the timed steps.
+
+Model FLOPs per step = 6 * (non-embedding parameters + lm_head) * tokens + 6 * layers * batch * seq^2 *
+hidden; MFU is given against the datasheet dense bf16 peak and against a bf16 matmul peak measured in the
+same run. Peak memory is reset before each variant builds its model.
+
+Without CUDA or TE (CI, laptops), `ours_*` runs on te_model's torch backend, labelled so, and the FP8
+variants are skipped with the reason. One shape and sequence length per call, so a matrix can be split
+over several short calls:
+
+    python bench/train_step.py --shape llama3.1-8b --seq 4096 --out results/8b-4096.json
+    python bench/train_step.py --shape tiny --seq 128 --device cpu --dtype fp32 --variants hf,ours_bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import te_model  # noqa: E402
+from bench import common  # noqa: E402
+
+VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
+    "hf": ("hf", False, None),
+    "hf_compile": ("hf", True, None),
+    "ours_bf16": ("ours", False, None),
+    **{f"fp8_{recipe}": ("ours", False, recipe) for recipe in te_model.RECIPES},
+}
+# Rows per step that fit the HF bf16 baseline in 80 GB (8192 tokens a step); raise with --batch.
+DEFAULT_BATCH = {("llama3.2-1b", 2048): 4, ("llama3.2-1b", 4096): 2,
+                 ("llama3.1-8b", 2048): 4, ("llama3.1-8b", 4096): 2}
+DEFAULT_LAYERS = {"llama3.1-8b": 8}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama3.2-1b", choices=sorted(common.SHAPES))
+    p.add_argument("--layers", type=int, help="decoder layers (default: the model's; 8 for llama3.1-8b)")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, help="rows per step (default: per shape and seq, else 2)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES), help="parameter dtype")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--matmul-size", type=int, help="side of the bf16 peak matmul (default 8192; 512 on CPU)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of hf_compile")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    args.layers = args.layers or DEFAULT_LAYERS.get(args.shape)
+    args.batch = args.batch or DEFAULT_BATCH.get((args.shape, args.seq), 2)
+    return args
+
+
+def token_batches(vocab: int, batch: int, seq: int, count: int, seed: int, device) -> list[torch.Tensor]:
+    """`count` batches of random token ids, the same for every variant."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(count)]
+
+
+def model_flops(state: dict, config, batch: int, seq: int) -> float:
+    """6 * (non-embedding parameters incl. lm_head) * tokens + 6 * layers * batch * seq^2 * hidden."""
+    body = sum(t.numel() for k, t in state.items() if k.startswith("model.layers.") or k == "model.norm.weight")
+    head = config.vocab_size * config.hidden_size
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    return 6 * (body + head) * batch * seq + 6 * layers * batch * seq**2 * hidden
+
+
+def build_variant(name: str, config, state: dict, dtype, device, backend: str) -> torch.nn.Module:
+    """The variant's model in train mode, holding the reference weights."""
+    if VARIANTS[name][0] == "hf":
+        model = common.build_hf(config, dtype, device)
+        model.load_state_dict(state, strict=True)
+    else:
+        model = te_model.build_model(config, backend=backend, dtype=dtype, device=device)
+        common.load_hf_state(model, state)
+    return model.train()
+
+
+def run_variant(name: str, args, config, state, batches, device, backend: str) -> dict:
+    """Warm up, then time `args.steps` full training steps; the raw per-variant measurements."""
+    _, compiled, recipe = VARIANTS[name]
+    if recipe:
+        te_model.fp8.make_recipe(recipe)  # raises FP8UnsupportedError with TE's reason
+    common.reset_peak(device)
+    model = build_variant(name, config, state, common.DTYPES[args.dtype], device, backend)
+    forward = torch.compile(model, backend=args.compile_backend) if compiled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+    timer, losses, wall_start = common.StepTimer(device), [], None
+    for i, ids in enumerate(batches):
+        if i == args.warmup:
+            _sync(device)
+            wall_start = time.perf_counter()
+            timer.mark()
+        with te_model.fp8_autocast(recipe):
+            loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()  # outside the autocast: TE runs the matching FP8 backward itself
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        if i >= args.warmup:
+            timer.mark()
+    _sync(device)
+    wall_ms = (time.perf_counter() - wall_start) * 1e3 / args.steps
+    step_ms = timer.step_ms()
+    result = {"step_ms": statistics.median(step_ms), "step_ms_min": min(step_ms), "step_ms_max": max(step_ms),
+              "wall_ms_mean": wall_ms, "peak_mem_gib": common.peak_gib(device),
+              "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
+    del model, forward, optimizer, losses
+    return result
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def label(name: str, backend: str, dtype: str) -> str:
+    kind, compiled, recipe = VARIANTS[name]
+    if kind == "hf":
+        return f"HF LlamaForCausalLM sdpa {dtype}" + (" + compile" if compiled else "")
+    where = "TE" if backend == "te" else "torch backend (no TE)"
+    return f"ours {where}, " + (f"FP8 {recipe}" if recipe else dtype)
+
+
+def skip_reason(name: str, backend: str, reason: str | None) -> str | None:
+    if VARIANTS[name][2] and backend != "te":
+        return f"FP8 needs Transformer Engine on CUDA: {reason}"
+    return None
+
+
+def measure(args, device) -> dict:
+    """Every requested variant on the same weights and batches; a result row (or skip/error) each."""
+    backend, backend_reason = common.ours_backend(device)
+    config = common.llama_config(args.shape, args.layers)
+    batches = token_batches(config.vocab_size, args.batch, args.seq, args.warmup + args.steps, args.seed, device)
+    size = args.matmul_size or (8192 if device.type == "cuda" else 512)
+    matmul_peak = common.matmul_peak_flops(device, size)
+    common.free_memory()
+    state = common.reference_state(config, common.DTYPES[args.dtype], device, args.seed)
+    flops = model_flops(state, config, args.batch, args.seq)
+    tokens = args.batch * args.seq
+    run = {"shape": args.shape, "layers": config.num_hidden_layers, "seq": args.seq, "batch": args.batch,
+           "tokens_per_step": tokens, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+           "model_flops_per_step": flops, "matmul_peak_tflops": matmul_peak / 1e12, "matmul_size": size,
+           "datasheet_peak_tflops": common.DATASHEET_BF16_FLOPS / 1e12, "ours_backend": backend,
+           "ours_backend_reason": backend_reason}
+    result = {"environment": common.environment(device), "run": run, "variants": []}
+    for name in args.variants:
+        print(f"[train_step] {name} ...", file=sys.stderr, flush=True)
+        result["variants"].append(variant_row(name, args, config, state, batches, device, backend, backend_reason))
+        add_rates(result["variants"], flops, tokens, matmul_peak)
+        common.write_json(args.out, result)  # after every variant: a run cut short keeps what it measured
+    return result
+
+
+def variant_row(name: str, args, config, state, batches, device, backend: str, backend_reason) -> dict:
+    """One variant's measurements, or why it was skipped or failed; memory is freed afterwards."""
+    row = {"variant": name, "label": label(name, backend, args.dtype)}
+    row["skipped"] = skip_reason(name, backend, backend_reason)
+    if not row["skipped"]:
+        try:
+            row.update(run_variant(name, args, config, state, batches, device, backend))
+        except te_model.FP8UnsupportedError as exc:
+            row["skipped"] = str(exc)
+        except torch.OutOfMemoryError as exc:
+            row["error"] = f"out of memory at batch {args.batch} x seq {args.seq}: {str(exc).splitlines()[0]}"
+    torch._dynamo.reset()
+    common.free_memory()
+    return row
+
+
+def add_rates(rows: list[dict], flops: float, tokens: int, matmul_peak: float) -> None:
+    """tokens/s, model TFLOP/s, both MFUs and the speed-up over `hf` (when it ran) for every timed row."""
+    base = next((r for r in rows if r["variant"] == "hf" and "step_ms" in r), None)
+    for row in rows:
+        if "step_ms" not in row:
+            continue
+        seconds = row["step_ms"] / 1e3
+        row["tokens_per_s"] = tokens / seconds
+        row["model_tflops"] = flops / seconds / 1e12
+        row["mfu_datasheet"] = flops / seconds / common.DATASHEET_BF16_FLOPS
+        row["mfu_measured_peak"] = flops / seconds / matmul_peak
+        row["speedup_vs_hf"] = base["step_ms"] / row["step_ms"] if base else None
+        # identical starting weights and batches: only kernel rounding may separate the first losses
+        row["loss_first_diff_vs_hf"] = row["loss_first"] - base["loss_first"] if base else None
+
+
+def print_table(result: dict) -> None:
+    run, env = result["run"], result["environment"]
+    print(f"\n{env['device']}, {run['shape']} ({run['layers']} layers), {run['batch']}x{run['seq']} tokens, "
+          f"{run['dtype']} params, full step incl. fused AdamW, median of {run['steps']} "
+          f"(matmul peak {run['matmul_peak_tflops']:.0f} TFLOP/s)")
+    print(f"{'variant':40s} {'ms/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU989':>7s} {'MFUmeas':>7s} "
+          f"{'GiB':>6s} {'vs HF':>6s} {'loss0':>8s}")
+    for r in result["variants"]:
+        if "step_ms" not in r:
+            print(f"{r['label']:40s} {'skipped: ' + r['skipped'] if r.get('skipped') else r.get('error')}")
+            continue
+        print(f"{r['label']:40s} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:8.1f} "
+              f"{r['mfu_datasheet']:7.1%} {r['mfu_measured_peak']:7.1%} {common.fmt(r['peak_mem_gib'], '6.1f')} "
+              f"{common.fmt(r['speedup_vs_hf'], '5.2f')}x {r['loss_first']:8.4f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = common.setup_device(args.device)
+    result = measure(args, device)
+    print_table(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The bench scripts on CPU with the tiny shape: they run end to end and their numbers mean what they say.
+
+Speed on CPU says nothing, so these tests check what would make a GPU run worthless: the JSON fields are
+there and finite, every variant starts from the same weights and sees the same batches (in fp32 the first
+losses of HF and our model agree to rounding), the FLOP count matches the model's real parameter count,
+both packing modes carry exactly the same documents, and the Ray job and the bare loop run the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench import common, packing, ray_overhead, train_step
+
+TINY = ["--shape", "tiny", "--device", "cpu", "--dtype", "fp32"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the tiny matmuls gain nothing from two, and lose a lot on a shared machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def finite_positive(row: dict, *keys: str) -> None:
+    for key in keys:
+        value = row[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{key}={value!r} in {row}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# train_step
+
+
+@pytest.fixture(scope="module")
+def train_step_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "train_step.json"
+    argv = TINY + ["--seq", "64", "--batch", "2", "--steps", "2", "--warmup", "1", "--matmul-size", "128",
+                   "--variants", "hf,hf_compile,ours_bf16,fp8_delayed,fp8_block", "--compile-backend", "aot_eager",
+                   "--out", str(out)]
+    train_step.main(argv)
+    return json.loads(out.read_text())
+
+
+def test_train_step_reports_every_variant(train_step_result):
+    run, rows = train_step_result["run"], {r["variant"]: r for r in train_step_result["variants"]}
+    assert run["ours_backend"] == "torch" and run["ours_backend_reason"]
+    finite_positive(run, "model_flops_per_step", "matmul_peak_tflops", "tokens_per_step")
+    for name in ("hf", "hf_compile", "ours_bf16"):
+        finite_positive(rows[name], "step_ms", "wall_ms_mean", "tokens_per_s", "model_tflops", "mfu_datasheet",
+                        "mfu_measured_peak", "speedup_vs_hf", "loss_first", "loss_last")
+        assert rows[name]["tokens_per_s"] == pytest.approx(run["tokens_per_step"] / rows[name]["step_ms"] * 1e3)
+    assert rows["hf"]["speedup_vs_hf"] == 1.0
+    assert "torch backend" in rows["ours_bf16"]["label"]
+    for name in ("fp8_delayed", "fp8_block"):
+        assert "step_ms" not in rows[name] and "Transformer Engine" in rows[name]["skipped"]
+
+
+def test_train_step_variants_start_from_the_same_weights(train_step_result):
+    rows = {r["variant"]: r for r in train_step_result["variants"]}
+    first = rows["hf"]["loss_first"]
+    assert abs(first - math.log(512)) < 0.5  # a random model over the tiny vocabulary
+    for name in ("hf_compile", "ours_bf16"):
+        assert rows[name]["loss_first"] == pytest.approx(first, abs=1e-5), name
+        assert rows[name]["loss_first_diff_vs_hf"] == pytest.approx(rows[name]["loss_first"] - first)
+    # the same batches and the same updates: still equal after the optimizer steps
+    assert rows["ours_bf16"]["loss_last"] == pytest.approx(rows["hf"]["loss_last"], abs=1e-4)
+    assert rows["hf"]["loss_last"] != pytest.approx(first, abs=1e-6)  # the steps did train
+
+
+def test_model_flops_counts_the_real_parameters():
+    config = common.llama_config("tiny")
+    state = common.reference_state(config, torch.float32, torch.device("cpu"), seed=0)
+    model = common.build_hf(config, torch.float32, torch.device("cpu"))
+    non_embedding = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.hidden_size
+    batch, seq = 2, 64
+    attention = 6 * config.num_hidden_layers * batch * seq**2 * config.hidden_size
+    assert train_step.model_flops(state, config, batch, seq) == 6 * non_embedding * batch * seq + attention
+
+
+def test_load_hf_state_refuses_missing_weights():
+    config = common.llama_config("tiny")
+    state = common.reference_state(config, torch.float32, torch.device("cpu"), seed=0)
+    model = train_step.te_model.build_model(config, backend="torch", dtype=torch.float32, device="cpu")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match="unset"):
+        common.load_hf_state(model, state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# packing
+
+
+def test_length_mix_is_the_skewed_one():
+    lengths = packing.document_lengths(20000, 4096, seed=0)
+    assert lengths.min() >= 64 and lengths.max() <= 4096
+    shares = [np.mean(lengths <= 256), np.mean((lengths > 256) & (lengths <= 1024)), np.mean(lengths > 1024)]
+    assert shares == pytest.approx([0.70, 0.25, 0.05], abs=0.015)
+
+
+def test_packing_compares_the_same_documents(tmp_path):
+    out = tmp_path / "packing.json"
+    packing.main(TINY + ["--seq", "256", "--batch", "2", "--steps", "3", "--warmup", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    packed, padded = result["modes"]
+    assert (packed["mode"], padded["mode"]) == ("packed", "padded")
+    for mode in (packed, padded):
+        finite_positive(mode, "useful_tokens_per_s", "time_s", "step_ms_median", "steps", "loss_first")
+        assert mode["useful_tokens"] == result["run"]["document_tokens"]  # every document, once, no padding
+    assert packed["padding_fraction"] < 0.2 < padded["padding_fraction"]
+    assert padded["slot_tokens"] > packed["slot_tokens"]
+    ratio = packed["useful_tokens_per_s"] / padded["useful_tokens_per_s"]
+    assert result["packed_over_padded"] == pytest.approx(ratio)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ray_overhead
+
+
+def test_ray_job_and_bare_loop_run_the_same_step(ray_cluster, tmp_path):
+    out = tmp_path / "ray.json"
+    ray_overhead.main(TINY + ["--seq", "128", "--batch", "2", "--steps", "3", "--warmup", "1",
+                              "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    result = json.loads(out.read_text())
+    for side in ("bare", "ray"):
+        finite_positive(result[side], "step_ms_median", "step_ms_mean", "step_ms_min", "loss_first")
+        assert result[side]["steps_timed"] == 3
+    # same weights, rows and step on both sides, fp32 on CPU: the same losses
+    assert result["ray"]["loss_first"] == pytest.approx(result["bare"]["loss_first"], abs=1e-6)
+    assert result["ray"]["loss_last"] == pytest.approx(result["bare"]["loss_last"], abs=1e-5)
+    finite_positive(result, "ray_over_bare")

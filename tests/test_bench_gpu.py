@@ -1,0 +1,64 @@
+"""The bench's CUDA-only paths with the tiny shape, a minute's check before a long GPU run.
+
+What only runs on a GPU with TE: our model on the TE backend against HF from the same weights, the FP8
+variants (timed or skipped with TE's reason), and the padded side of the packing bench, a BSHD twin of our
+layers that must compute the same loss as our THD model on the same padded rows.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import common, packing, train_step
+from te_model.backend import te_unavailable_reason
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(te_unavailable_reason() is not None, reason=f"TE backend: {te_unavailable_reason()}"),
+]
+TINY_GPU = ["--shape", "tiny", "--device", "cuda", "--dtype", "bf16"]
+
+
+def test_train_step_on_te(tmp_path):
+    out = tmp_path / "train_step.json"
+    train_step.main(TINY_GPU + ["--seq", "128", "--batch", "2", "--steps", "3", "--warmup", "2",
+                                "--matmul-size", "2048", "--out", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["variants"]}
+    assert rows["ours_bf16"]["label"].startswith("ours TE")
+    first = rows["hf"]["loss_first"]
+    for name, row in rows.items():
+        if row.get("skipped"):
+            assert name.startswith("fp8_"), row
+            continue
+        assert row["step_ms"] > 0 and row["peak_mem_gib"] > 0, row
+        tolerance = 0.05 if name.startswith("fp8_") else 0.02  # bf16 rounding; FP8 GEMMs on top
+        assert abs(row["loss_first"] - first) < tolerance, (name, row["loss_first"], first)
+    assert not rows["fp8_delayed"].get("skipped")
+
+
+def test_bshd_twin_matches_our_thd_model():
+    args = packing.parse_args(TINY_GPU + ["--seq", "256", "--batch", "2", "--steps", "2"])
+    device = common.setup_device("cuda")
+    config = common.llama_config("tiny")
+    state = common.reference_state(config, torch.bfloat16, device, seed=0)
+    batch = {k: v.to(device) for k, v in packing.padded_batches(packing.make_documents(args, 512), args)[0].items()}
+    thd = packing.build_mode("packed", config, state, torch.bfloat16, device, "te")
+    bshd = packing.build_mode("padded", config, state, torch.bfloat16, device, "te")
+    assert type(bshd.model.layers[0]).__name__ == "BSHDLayer"
+    with torch.no_grad():
+        expected = float(thd(**batch).loss)  # the padding mask becomes a padding segment in THD
+        got = float(packing.padded_bshd_loss(bshd, batch))
+    assert got == pytest.approx(expected, abs=0.02)
+
+
+def test_packing_on_te(tmp_path):
+    out = tmp_path / "packing.json"
+    packing.main(TINY_GPU + ["--seq", "256", "--batch", "2", "--steps", "3", "--warmup", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    packed, padded = result["modes"]
+    assert packed["useful_tokens"] == padded["useful_tokens"] == result["run"]["document_tokens"]
+    assert "BSHD" in padded["label"] and "THD" in packed["label"]
+    assert result["packed_over_padded"] > 0
