@@ -4,6 +4,8 @@ Variants (`--variants`, comma-separated; default all):
 - `hf`: stock `LlamaForCausalLM`, SDPA attention: the baseline (ratios are against it);
 - `hf_compile`: the same under `torch.compile`, the stronger peer;
 - `ours_bf16`: our model (te_model, TE backend) in bf16;
+- `ours_bf16_logits`: the same with HF's loss (bf16 logits, then fp32) instead of te_model's logits-free
+  loss, to measure what that loss alone is worth;
 - `fp8_delayed`, `fp8_current`, `fp8_block`, `fp8_mxfp8`: our model under each FP8 recipe; a recipe this
   GPU or TE build cannot run is skipped with TE's reason.
 
@@ -43,6 +45,7 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "hf": ("hf", False, None),
     "hf_compile": ("hf", True, None),
     "ours_bf16": ("ours", False, None),
+    "ours_bf16_logits": ("ours", False, None),
     **{f"fp8_{recipe}": ("ours", False, recipe) for recipe in te_model.RECIPES},
 }
 # Rows per step that fit the HF bf16 baseline in 80 GB (8192 tokens a step); raise with --batch.
@@ -101,6 +104,7 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
     else:
         model = te_model.build_model(config, backend=backend, dtype=dtype, device=device)
         common.load_hf_state(model, state)
+        model.fused_loss = not name.endswith("_logits")
     return model.train()
 
 
@@ -147,7 +151,7 @@ def label(name: str, backend: str, dtype: str) -> str:
     if kind == "hf":
         return f"HF LlamaForCausalLM sdpa {dtype}" + (" + compile" if compiled else "")
     where = "TE" if backend == "te" else "torch backend (no TE)"
-    return f"ours {where}, " + (f"FP8 {recipe}" if recipe else dtype)
+    return f"ours {where}, " + (f"FP8 {recipe}" if recipe else dtype) + (", HF loss" if "logits" in name else "")
 
 
 def skip_reason(name: str, backend: str, reason: str | None) -> str | None:
