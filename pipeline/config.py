@@ -25,6 +25,7 @@ import math
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
@@ -52,6 +53,7 @@ _ALIASES = {
     "torch_dtype": "dtype",
 }
 _SHARD_SIZE = re.compile(r"^\d+(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+_STORAGE_SCHEMES = ("s3", "file")
 
 
 class _Section:
@@ -74,6 +76,13 @@ class _Section:
             value = getattr(self, name)
             raise PipelineError(f"{self.section}.{name} {rule} (got {value!r})")
 
+    def _require_storage_uri(self, name: str) -> None:
+        """A storage uri: s3://bucket/..., file://... or a local path, never with credentials in it."""
+        values = getattr(self, name)
+        for i, uri in enumerate(values if isinstance(values, list) else [values]):
+            key = f"{self.section}.{name}" + (f"[{i}]" if isinstance(values, list) else "")
+            _check_storage_uri(key, uri)
+
 
 @dataclass
 class RunConfig(_Section):
@@ -92,6 +101,7 @@ class RunConfig(_Section):
     def _validate(self) -> None:
         self._require(bool(self.name.strip()), "name", "must not be empty")
         self._require("://" not in self.cache_dir, "cache_dir", "must be a local path")
+        self._require_storage_uri("output_uri")
 
 
 @dataclass
@@ -101,6 +111,13 @@ class StorageConfig(_Section):
     endpoint_url: Optional[str] = None
     # Object-store region; None = the client's default.
     region: Optional[str] = None
+
+    def _validate(self) -> None:
+        if self.endpoint_url is not None:
+            parts = _split_uri("storage.endpoint_url", self.endpoint_url)
+            self._require(parts.scheme in ("http", "https") and bool(parts.hostname), "endpoint_url",
+                          "must look like http://host:port")
+            _refuse_credentials("storage.endpoint_url", parts)
 
 
 @dataclass
@@ -112,6 +129,9 @@ class ModelConfig(_Section):
     backend: Literal["auto", "te", "torch"] = "auto"
     # Master weight and compute dtype outside FP8 regions.
     dtype: Literal["bf16", "fp32"] = "fp32"
+
+    def _validate(self) -> None:
+        self._require_storage_uri("base_uri")
 
 
 @dataclass
@@ -142,6 +162,9 @@ class DataConfig(_Section):
 
     def _validate(self) -> None:
         self._require(len(self.train_files) > 0, "train_files", "must list at least one uri")
+        self._require_storage_uri("train_files")
+        if self.validation_files:
+            self._require_storage_uri("validation_files")
         multiple_of_16 = self.seq_len >= 16 and self.seq_len % 16 == 0
         self._require(multiple_of_16, "seq_len", "must be >= 16 and a multiple of 16")
         self._require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
@@ -161,6 +184,10 @@ class TrainConfig(_Section):
     micro_batch_size: int = 4
     # Micro-batches accumulated per optimizer step.
     grad_accum_steps: int = 1
+    # Packed rows per optimizer step over all workers; None = workers x micro_batch_size x grad_accum_steps.
+    # When set, it pins the batch: it must split evenly into workers x micro_batch_size, and
+    # grad_accum_steps becomes the quotient, so changing train.workers keeps the optimization the same.
+    global_batch_size: Optional[int] = None
     # Peak AdamW learning rate.
     lr: float = 3e-3
     # Final learning rate of the cosine decay as a fraction of lr.
@@ -195,7 +222,21 @@ class TrainConfig(_Section):
         self._require(self.lr > 0, "lr", "must be > 0")
         self._require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
         self._require(self.warmup_steps <= self.max_steps, "warmup_steps", "must be <= train.max_steps")
-        self._require(self.fp8 == "none" or self.use_gpu, "fp8", "needs train.use_gpu=true")
+        self._require(self.fp8 == "none" or self.use_gpu, "fp8",
+                      "needs GPU workers: set train.use_gpu=true, or train.fp8=none to train on CPU")
+        if self.global_batch_size is not None:
+            self._derive_grad_accum()
+
+    def _derive_grad_accum(self) -> None:
+        per_pass = self.workers * self.micro_batch_size
+        divisible = self.global_batch_size >= 1 and self.global_batch_size % per_pass == 0
+        self._require(divisible, "global_batch_size", f"must be a multiple of train.workers x "
+                      f"train.micro_batch_size = {self.workers} x {self.micro_batch_size} = {per_pass}; "
+                      "change one of the three")
+        steps = self.global_batch_size // per_pass
+        self._require(self.grad_accum_steps in (1, steps), "grad_accum_steps",
+                      f"contradicts train.global_batch_size (which needs {steps}); set only one of them")
+        self.grad_accum_steps = steps
 
 
 @dataclass
@@ -364,8 +405,41 @@ def _unknown_key_message(key: str, candidates: list[str]) -> str:
     if guess is None:
         matches = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
         guess = matches[0] if matches else None
-    hint = f" (did you mean '{guess}'?)" if guess else ""
-    return f"unknown key '{key}'{hint}"
+    if guess:
+        return f"unknown key '{key}' (did you mean '{guess}'?)"
+    sections = sorted({c.partition(".")[0] for c in candidates}, key=list(_SECTIONS).index)
+    if section and section not in sections:
+        return f"unknown key '{key}': no section {section!r}; valid sections: {', '.join(sections)}"
+    valid = [c.rpartition(".")[2] for c in candidates if c.rpartition(".")[0] == section]
+    return f"unknown key '{key}'; valid {f'keys of {section!r}' if section else 'sections'}: {', '.join(valid)}"
+
+
+def _split_uri(key: str, uri: str) -> urllib.parse.SplitResult:
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise PipelineError(f"{key}: malformed uri; use s3://bucket/key, file:///path or a local path") from None
+    return parts
+
+
+def _refuse_credentials(key: str, parts: urllib.parse.SplitResult) -> None:
+    """A uri must not carry user:password; the message never repeats them."""
+    if "@" in parts.netloc:
+        host = parts.netloc.rsplit("@", 1)[1]
+        raise PipelineError(f"{key}: the uri carries credentials before '@{host}'; remove them and give them "
+                            "through the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile)")
+
+
+def _check_storage_uri(key: str, uri: str) -> None:
+    """Schemes the storage layer serves, with a bucket for s3, and no credentials inside."""
+    parts = _split_uri(key, uri)
+    if "://" in uri and parts.scheme not in _STORAGE_SCHEMES:
+        raise PipelineError(f"{key}: unsupported uri scheme '{parts.scheme}://'; "
+                            "use s3://bucket/key, file:///path or a local path")
+    _refuse_credentials(key, parts)
+    if parts.scheme == "s3" and not parts.netloc:
+        raise PipelineError(f"{key}: {uri!r} names no bucket; use s3://bucket/key")
 
 
 def _type_name(hint: Any) -> str:
