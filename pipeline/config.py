@@ -35,6 +35,8 @@ import yaml
 from pipeline.errors import PipelineError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The job's stages, in pipeline order (`pipeline.driver` runs them).
+STAGES = ("data", "train", "eval", "export")
 DEMO_BASE_URI = ".cache/demo-store/tiny-llama"
 SHIPPED_TEXT = "data/tiny_text.jsonl"
 
@@ -367,7 +369,8 @@ def _read_preset(path: str) -> dict[str, Any]:
     if not file.exists() and (PRESET_DIR / f"{path}.yaml").exists():
         file = PRESET_DIR / f"{path}.yaml"
     if not file.is_file():
-        raise PipelineError(f"config file not found: {path}")
+        presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise PipelineError(f"config file not found: {path}; give a YAML file or a preset name ({presets})")
     try:
         raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
