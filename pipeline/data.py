@@ -276,8 +276,12 @@ def _write_parquet(columns: dict[str, list], path: Path) -> None:
     pq.write_table(pa.table(arrays), path)
 
 
-def prepare(cfg: Config, tokenizer_dir: str) -> PreparedData:
-    """Tokenize, pack and store the configured data under `{run.output_uri}/data/{hash}`, or reuse it."""
+def prepare(cfg: Config, tokenizer_dir: str, min_train_rows: int = 1) -> PreparedData:
+    """Tokenize, pack and store the configured data under `{run.output_uri}/data/{hash}`, or reuse it.
+
+    Fewer than `min_train_rows` packed training rows (training needs a micro-batch per worker) is an
+    error raised before anything is stored.
+    """
     options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
     tokenizer_dir = _local_tokenizer_dir(tokenizer_dir, cfg, options)
     sources = read_inputs(cfg.data, options)
@@ -289,10 +293,12 @@ def prepare(cfg: Config, tokenizer_dir: str) -> PreparedData:
         _check_tokenizer(tokenizer, cfg.data)
         with tempfile.TemporaryDirectory(prefix="prepared-data-") as local:
             stats = _build(cfg, tokenizer, _splits(cfg, sources), Path(local))
+            _check_rows(stats, min_train_rows)
             stats["data_hash"] = digest
             (Path(local) / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
             storage.publish(local, folder, options)  # manifest last: its presence marks a complete folder
         stats["cache_hit"] = False
+    _check_rows(stats, min_train_rows)
     val_uri = storage.join(folder, "val.parquet") if stats["validation"]["rows"] else None
     return PreparedData(folder, storage.join(folder, "train.parquet"), val_uri, stats)
 
@@ -308,6 +314,14 @@ def read_inputs(data: DataConfig, options: storage.StorageOptions) -> dict[str, 
             except PipelineError as exc:
                 raise PipelineError(f"data.{key}[{i}]: {exc}") from None
     return sources
+
+
+def _check_rows(stats: dict[str, Any], min_train_rows: int) -> None:
+    rows = stats["train"]["rows"]
+    if rows < min_train_rows:
+        raise PipelineError(
+            f"the train split packs into {rows} rows, fewer than train.workers x train.micro_batch_size = "
+            f"{min_train_rows}; add training data, or lower train.workers or train.micro_batch_size")
 
 
 def _cached_stats(folder: str, options: storage.StorageOptions) -> dict[str, Any] | None:

@@ -206,10 +206,9 @@ def _prepare_data(cfg: Config, train: bool):
     """The data stage's work, done before the job is opened; JobError("data: ...") on bad data."""
     from pipeline.data import prepare
 
+    min_rows = cfg.train.workers * cfg.train.micro_batch_size if train else 1
     try:
-        prepared = prepare(cfg, cfg.model.base_uri)
-        if train:
-            preflight.check_prepared_rows(cfg, prepared.stats["train"]["rows"])
+        prepared = prepare(cfg, cfg.model.base_uri, min_train_rows=min_rows)
     except (PipelineError, ValueError, RuntimeError, OSError) as exc:
         raise JobError(f"data: {_one_line(exc)}") from exc
     return prepared

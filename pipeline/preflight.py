@@ -52,15 +52,6 @@ def check_inputs(cfg: Config, stages: list[str]) -> None:
         check_base_checkpoint(cfg.model.base_uri, options)
 
 
-def check_prepared_rows(cfg: Config, train_rows: int) -> None:
-    """Every worker needs at least one full micro-batch of packed rows per epoch."""
-    needed = cfg.train.workers * cfg.train.micro_batch_size
-    if train_rows < needed:
-        raise PipelineError(
-            f"the train split packs into {train_rows} rows, fewer than train.workers x train.micro_batch_size "
-            f"= {needed}; add training data, or lower train.workers or train.micro_batch_size")
-
-
 # ---------------------------------------------------------------------------------------------------
 # storage and cluster
 

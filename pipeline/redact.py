@@ -67,6 +67,8 @@ def _redact_url(match: re.Match[str]) -> str:
     names = {name.lower() for name, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
     if names & _SIGNED_QUERY_NAMES:
         query = REDACTED
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing secret; urlunsplit would also turn s3:///key into s3:/key
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
