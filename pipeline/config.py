@@ -15,6 +15,9 @@ Decisions made here:
 - Float fields also accept strings such as "2e-5": PyYAML (YAML 1.1) reads exponent numbers without a
   dot as strings, which would otherwise make the most common learning-rate spelling an error.
 - `tracking.experiment` left empty takes `run.experiment`, so one name groups the runs everywhere.
+- Uris never carry credentials: the resolved config goes into MLflow params and into every checkpoint,
+  so a `user:password@` in a storage or tracking uri is refused (without repeating it); credentials
+  come from the environment. Storage uris are s3://bucket/..., file://... or local paths.
 """
 
 from __future__ import annotations
@@ -119,7 +122,6 @@ class StorageConfig(_Section):
             parts = _split_uri("storage.endpoint_url", self.endpoint_url)
             self._require(parts.scheme in ("http", "https") and bool(parts.hostname), "endpoint_url",
                           "must look like http://host:port")
-            _refuse_credentials("storage.endpoint_url", parts)
 
 
 @dataclass
@@ -287,6 +289,9 @@ class TrackingConfig(_Section):
     # MLflow experiment name; None = run.experiment.
     experiment: Optional[str] = None
 
+    def _validate(self) -> None:
+        _split_uri("tracking.uri", self.uri)
+
 
 _SECTIONS: dict[str, type[_Section]] = {
     "run": RunConfig, "storage": StorageConfig, "model": ModelConfig, "data": DataConfig,
@@ -417,7 +422,26 @@ def _unknown_key_message(key: str, candidates: list[str]) -> str:
     return f"unknown key '{key}'; valid {f'keys of {section!r}' if section else 'sections'}: {', '.join(valid)}"
 
 
+# user:password@ after the scheme; the password may hold '/' (AWS secret keys do), which urlsplit misreads.
+_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*|[^/@:]+:[^@]*)@([^/?#]*)")
+
+
+def _refuse_credentials(key: str, uri: str) -> None:
+    """A uri must not carry user:password; the message never repeats them."""
+    found = _CREDENTIALS.match(uri)
+    if found:
+        raise PipelineError(f"{key}: the uri carries credentials before '@{found[1]}'; remove them and "
+                            + _CREDENTIAL_SOURCES.get(key.split(".")[0], _CREDENTIAL_SOURCES["storage"]))
+
+
+_CREDENTIAL_SOURCES = {
+    "storage": "give them through the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile)",
+    "tracking": "set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
+}
+
+
 def _split_uri(key: str, uri: str) -> urllib.parse.SplitResult:
+    _refuse_credentials(key, uri)
     try:
         parts = urllib.parse.urlsplit(uri)
         parts.port  # noqa: B018 - raises on a malformed port
@@ -426,21 +450,12 @@ def _split_uri(key: str, uri: str) -> urllib.parse.SplitResult:
     return parts
 
 
-def _refuse_credentials(key: str, parts: urllib.parse.SplitResult) -> None:
-    """A uri must not carry user:password; the message never repeats them."""
-    if "@" in parts.netloc:
-        host = parts.netloc.rsplit("@", 1)[1]
-        raise PipelineError(f"{key}: the uri carries credentials before '@{host}'; remove them and give them "
-                            "through the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile)")
-
-
 def _check_storage_uri(key: str, uri: str) -> None:
     """Schemes the storage layer serves, with a bucket for s3, and no credentials inside."""
     parts = _split_uri(key, uri)
     if "://" in uri and parts.scheme not in _STORAGE_SCHEMES:
         raise PipelineError(f"{key}: unsupported uri scheme '{parts.scheme}://'; "
                             "use s3://bucket/key, file:///path or a local path")
-    _refuse_credentials(key, parts)
     if parts.scheme == "s3" and not parts.netloc:
         raise PipelineError(f"{key}: {uri!r} names no bucket; use s3://bucket/key")
 

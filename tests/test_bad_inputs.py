@@ -2,8 +2,8 @@
 
 Every case runs the real entry point, `jobs/finetune.py`'s `main`, in-process (or, for a few, as a
 subprocess) against moto's S3 over HTTP and a real MLflow server. Both already hold an earlier job's
-traces: its state file and an export in the bucket and in a local output folder, its parent run and a
-registered model version. Each case asserts exit code 1, exactly one stderr line that holds the exact
+traces (the `world` fixture, tests/job_traces.py: its state file and an export in the bucket and in a
+local output folder, its parent run and a registered model version). Each case asserts exit code 1, exactly one stderr line that holds the exact
 key, file, row or tensor and the fix, no traceback, and an unchanged bucket, output folder and MLflow
 record (`tests/job_traces.py`). All cases fail before Ray starts. docs/reliability.md lists them.
 """
@@ -24,76 +24,14 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from mlflow import MlflowClient
 from safetensors.torch import load_file, save_file
 
 from jobs import finetune
 from pipeline import storage
-from pipeline.tiny import make_tiny_checkpoint
-from tests.job_traces import Snapshot
+from tests.job_traces import World
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = "bad-inputs"
 INDEX = "model.safetensors.index.json"
-
-
-@dataclass
-class World:
-    """The storage and tracking a job of these tests sees, and the earlier job's traces in them."""
-
-    bucket: str
-    endpoint: str
-    tracking_uri: str
-    base_dir: Path  # the tiny base checkpoint, also published at base_uri
-    base_uri: str
-    data_uri: str
-    out: Path  # a local output folder holding an earlier job's state
-    cache: Path
-    options: storage.StorageOptions
-
-    def settings(self) -> list[str]:
-        """--set arguments of a good job; a case adds the one bad setting (later --set wins)."""
-        sets = [f"run.name={RUN}", f"run.experiment={RUN}", f"run.output_uri=s3://{self.bucket}/runs",
-                f"run.cache_dir={self.cache}", f"storage.endpoint_url={self.endpoint}",
-                f"model.base_uri={self.base_uri}", "model.backend=torch", f"data.train_files=[{self.data_uri}]",
-                "data.seq_len=64", "train.max_steps=2", "train.warmup_steps=1",
-                f"export.registered_model_name={RUN}", f"tracking.uri={self.tracking_uri}"]
-        return [arg for s in sets for arg in ("--set", s)]
-
-    def snapshot(self) -> Snapshot:
-        return Snapshot.take(self.endpoint, self.bucket, self.out, self.tracking_uri)
-
-
-def _earlier_job(world: World) -> None:
-    """A finished job's parent run, model version, state file and export: all must survive untouched."""
-    client = MlflowClient(tracking_uri=world.tracking_uri, registry_uri=world.tracking_uri)
-    experiment = client.create_experiment(RUN)
-    parent = client.create_run(experiment, run_name=RUN, tags={"pipeline.role": "parent"}).info.run_id
-    client.set_terminated(parent, "FINISHED")
-    client.create_registered_model(RUN)
-    export = f"s3://{world.bucket}/runs/exports/{RUN}"
-    client.create_model_version(RUN, export, run_id=parent)
-    state = json.dumps({"parent_run_id": parent, "export": {"uri": export, "version": "1"}}).encode()
-    for root in (f"s3://{world.bucket}/runs", str(world.out)):
-        storage.write_bytes(storage.join(root, "jobs", RUN, "state.json"), state, world.options)
-        storage.write_bytes(storage.join(root, "exports", RUN, "config.json"), b'{"model_type": "llama"}',
-                            world.options)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, s3_server, mlflow_server) -> World:
-    tmp = tmp_path_factory.mktemp("bad-inputs")
-    bucket = s3_server.create_bucket(f"bad-inputs-{uuid.uuid4().hex[:8]}")
-    options = storage.StorageOptions(endpoint_url=s3_server.endpoint_url)
-    base_dir = make_tiny_checkpoint(tmp / "base")
-    base_uri = f"s3://{bucket}/base/tiny-llama"
-    storage.publish(base_dir, base_uri, options)
-    data_uri = f"s3://{bucket}/data/text.jsonl"
-    storage.write_bytes(data_uri, (REPO / "data/tiny_text.jsonl").read_bytes(), options)
-    world = World(bucket, s3_server.endpoint_url, mlflow_server.uri, base_dir, base_uri, data_uri,
-                  tmp / "out", tmp / "node", options)
-    _earlier_job(world)
-    return world
 
 
 # ---------------------------------------------------------------------------------------------------
