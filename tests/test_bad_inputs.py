@@ -208,7 +208,8 @@ CASES = [
         "--set", "train.use_gpu=true", "--set", "train.fp8=delayed",
         expect=["train.use_gpu=true, but this machine has no CUDA GPU", "set train.use_gpu=false"])),
     Case("config-file-missing", settings("--config", "{tmp}/nope.yaml",
-                                         expect=["config file not found:", "nope.yaml", "preset name"])),
+                                         expect=["config file not found:", "nope.yaml", "preset name"]),
+         subprocess=True),
     # dataset
     Case("data-missing-file", settings(
         "--set", "data.train_files=[{tmp}/missing.jsonl]",
@@ -246,7 +247,7 @@ CASES = [
     Case("ckpt-shape-mismatch", shape_mismatch),
     Case("ckpt-index-names-absent-tensor", index_names_absent_tensor),
     Case("ckpt-missing-tensor", missing_tensor),
-    Case("ckpt-pickle-only", pickle_only, subprocess=True),
+    Case("ckpt-pickle-only", pickle_only),
     # storage
     Case("storage-bad-uri-scheme", settings(
         "--set", "run.output_uri=gs://{w.bucket}/runs",
