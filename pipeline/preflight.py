@@ -210,13 +210,12 @@ def _safetensors_header(ckpt: _Checkpoint, name: str) -> dict[str, dict]:
     """The tensor table of a safetensors file, from two ranged reads; checks the file's length."""
     where, size = ckpt.where(name), ckpt.files[name]
     fs, path = storage.filesystem(where, ckpt.options)
-    try:
-        with fs.open(path, "rb") as handle:
-            head = handle.read(8)
-            length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 0 < length <= min(_MAX_HEADER_BYTES, size - 8):
-                raise ValueError(f"header length {length} does not fit a {size}-byte file")
-            header = json.loads(handle.read(length))
+    try:  # two ranged reads; fs.open would read ahead a whole block of the shard
+        head = fs.cat_file(path, start=0, end=8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(_MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"header length {length} does not fit a {size}-byte file")
+        header = json.loads(fs.cat_file(path, start=8, end=8 + length))
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
         end = max((int(t["data_offsets"][1]) for t in tensors.values()), default=0)
     except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
