@@ -17,7 +17,7 @@ Decisions made here:
 - `tracking.experiment` left empty takes `run.experiment`, so one name groups the runs everywhere.
 - Uris never carry credentials: the resolved config goes into MLflow params and into every checkpoint,
   so a `user:password@` in a storage or tracking uri is refused (without repeating it); credentials
-  come from the environment. Storage uris are s3://bucket/..., file://... or local paths.
+  come from the environment. Storage uris are s3://bucket/..., file://... or local paths (`pipeline.uris`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import math
 import re
 import types
 import typing
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
@@ -36,6 +35,7 @@ from typing import Any, ClassVar, Literal, Optional
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.uris import check_storage_uri, split_uri
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The job's stages, in pipeline order (`pipeline.driver` runs them).
@@ -58,7 +58,6 @@ _ALIASES = {
     "torch_dtype": "dtype",
 }
 _SHARD_SIZE = re.compile(r"^\d+(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
-_STORAGE_SCHEMES = ("s3", "file")
 
 
 class _Section:
@@ -86,7 +85,7 @@ class _Section:
         values = getattr(self, name)
         for i, uri in enumerate(values if isinstance(values, list) else [values]):
             key = f"{self.section}.{name}" + (f"[{i}]" if isinstance(values, list) else "")
-            _check_storage_uri(key, uri)
+            check_storage_uri(key, uri)
 
 
 @dataclass
@@ -119,7 +118,7 @@ class StorageConfig(_Section):
 
     def _validate(self) -> None:
         if self.endpoint_url is not None:
-            parts = _split_uri("storage.endpoint_url", self.endpoint_url)
+            parts = split_uri("storage.endpoint_url", self.endpoint_url)
             self._require(parts.scheme in ("http", "https") and bool(parts.hostname), "endpoint_url",
                           "must look like http://host:port")
 
@@ -290,7 +289,7 @@ class TrackingConfig(_Section):
     experiment: Optional[str] = None
 
     def _validate(self) -> None:
-        _split_uri("tracking.uri", self.uri)
+        split_uri("tracking.uri", self.uri)
 
 
 _SECTIONS: dict[str, type[_Section]] = {
@@ -420,44 +419,6 @@ def _unknown_key_message(key: str, candidates: list[str]) -> str:
         return f"unknown key '{key}': no section {section!r}; valid sections: {', '.join(sections)}"
     valid = [c.rpartition(".")[2] for c in candidates if c.rpartition(".")[0] == section]
     return f"unknown key '{key}'; valid {f'keys of {section!r}' if section else 'sections'}: {', '.join(valid)}"
-
-
-# user:password@ after the scheme; the password may hold '/' (AWS secret keys do), which urlsplit misreads.
-_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*|[^/@:]+:[^@]*)@([^/?#]*)")
-
-
-def _refuse_credentials(key: str, uri: str) -> None:
-    """A uri must not carry user:password; the message never repeats them."""
-    found = _CREDENTIALS.match(uri)
-    if found:
-        raise PipelineError(f"{key}: the uri carries credentials before '@{found[1]}'; remove them and "
-                            + _CREDENTIAL_SOURCES.get(key.split(".")[0], _CREDENTIAL_SOURCES["storage"]))
-
-
-_CREDENTIAL_SOURCES = {
-    "storage": "give them through the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile)",
-    "tracking": "set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
-}
-
-
-def _split_uri(key: str, uri: str) -> urllib.parse.SplitResult:
-    _refuse_credentials(key, uri)
-    try:
-        parts = urllib.parse.urlsplit(uri)
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        raise PipelineError(f"{key}: malformed uri; use s3://bucket/key, file:///path or a local path") from None
-    return parts
-
-
-def _check_storage_uri(key: str, uri: str) -> None:
-    """Schemes the storage layer serves, with a bucket for s3, and no credentials inside."""
-    parts = _split_uri(key, uri)
-    if "://" in uri and parts.scheme not in _STORAGE_SCHEMES:
-        raise PipelineError(f"{key}: unsupported uri scheme '{parts.scheme}://'; "
-                            "use s3://bucket/key, file:///path or a local path")
-    if parts.scheme == "s3" and not parts.netloc:
-        raise PipelineError(f"{key}: {uri!r} names no bucket; use s3://bucket/key")
 
 
 def _type_name(hint: Any) -> str:
