@@ -90,7 +90,8 @@ def load_tokenizer(tokenizer_dir: str, data: DataConfig) -> PreTrainedTokenizerB
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PipelineError(f"cannot load tokenizer from {tokenizer_dir}: {reason}") from None
+        raise PipelineError(f"cannot load tokenizer from {tokenizer_dir}: {reason}; model.base_uri must hold "
+                            "the checkpoint's tokenizer files") from None
     if data.chat_template:
         tokenizer.chat_template = data.chat_template
     return tokenizer
@@ -109,7 +110,8 @@ def _tokenizer_blobs(tokenizer_dir: str) -> dict[str, bytes]:
     paths = [Path(tokenizer_dir) / name for name in TOKENIZER_FILES]
     found = {path.name: path.read_bytes() for path in paths if path.is_file()}
     if not found:
-        raise PipelineError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in {tokenizer_dir}")
+        raise PipelineError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in {tokenizer_dir}; "
+                            "put the tokenizer beside the weights at model.base_uri")
     return found
 
 
@@ -135,7 +137,8 @@ def _chat_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
             return tokenizer.apply_chat_template(
                 msgs, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja raises its own types, including template-defined errors
-            raise PipelineError(f"{where}: chat template failed: {type(exc).__name__}: {exc}") from None
+            raise PipelineError(f"{where}: chat template failed ({type(exc).__name__}: {exc}); fix the record "
+                                "or data.chat_template") from None
 
     full, pieces, cursor = render(messages, False), [], 0
     for i, message in enumerate(messages):
@@ -369,7 +372,8 @@ def _build(cfg: Config, tokenizer: PreTrainedTokenizerBase, splits: dict[str, li
         if kept:
             _write_parquet(columns, local / ("train.parquet" if split == "train" else "val.parquet"))
     if not stats["train"]["rows"]:
-        raise PipelineError(f"no training document left after tokenization ({', '.join(data.train_files)})")
+        raise PipelineError(f"no training document left after tokenization ({', '.join(data.train_files)}): "
+                            "each was empty or had nothing to train on; check data.format against the records")
     stats["dropped"] = stats["dropped_empty"] + stats["dropped_untrained"]
     return stats
 
