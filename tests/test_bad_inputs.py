@@ -2,10 +2,11 @@
 
 Every case runs the real entry point, `jobs/finetune.py`'s `main`, in-process (or, for a few, as a
 subprocess) against moto's S3 over HTTP and a real MLflow server. Both already hold an earlier job's
-traces (the `world` fixture, tests/job_traces.py: its state file and an export in the bucket and in a
-local output folder, its parent run and a registered model version). Each case asserts exit code 1, exactly one stderr line that holds the exact
-key, file, row or tensor and the fix, no traceback, and an unchanged bucket, output folder and MLflow
-record (`tests/job_traces.py`). All cases fail before Ray starts. docs/reliability.md lists them.
+traces (the `world` fixture of tests/job_traces.py: its state file and an export in the bucket and in
+a local output folder, its parent run and a registered model version). Each case asserts exit code 1,
+exactly one stderr line that holds the exact key, file, row or tensor and the fix, no traceback, an
+unchanged bucket, output folder and MLflow record, and that Ray was not started. docs/reliability.md
+lists the cases.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -286,11 +288,12 @@ def test_bad_input_is_refused_in_one_line_and_leaves_no_trace(case, world, tmp_p
     if case.id == "config-gpu-workers-on-a-machine-without-gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     extra, expected = case.arrange(world, tmp_path)
-    before = world.snapshot()
+    before, ray_was_up = world.snapshot(), ray.is_initialized()
     capfd.readouterr()
     with case.during(world):
         code, out, err = run_job([*world.settings(), *extra], case.subprocess, tmp_path, capfd)
     after = world.snapshot()
+    assert ray.is_initialized() == ray_was_up
 
     assert code == 1, out + err
     lines = err.strip().splitlines()
