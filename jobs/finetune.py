@@ -6,7 +6,8 @@
     python jobs/finetune.py --config my.yaml --dry-run       # validate config, data, storage, tracking
     ray job submit --working-dir . -- python jobs/finetune.py --config my.yaml
 
-Exits 0 on success, 1 with a one-line reason on failure (--traceback shows the full trace).
+Exits 0 on success, 1 with a one-line reason on failure: what is wrong, where (the config key, file,
+row or tensor) and how to fix it. --debug (alias --traceback) adds the full traceback.
 """
 
 import argparse
@@ -18,8 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.driver import STAGES, JobError, dry_run, run_job  # noqa: E402
+# pipeline.driver (Ray, MLflow, torch: seconds to import) is imported once the config is valid, so a
+# typo in the config fails at once.
+from pipeline.config import STAGES, load_config  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
 
@@ -29,7 +31,8 @@ def parse_args(argv):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=2e-5")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--dry-run", action="store_true", help="check everything, train nothing")
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback on failure")
+    parser.add_argument("--debug", "--traceback", dest="debug", action="store_true",
+                        help="on failure, print the full traceback before the one-line reason")
     args = parser.parse_args(argv)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in args.stages if s not in STAGES]
@@ -50,10 +53,27 @@ def start_ray():
 
 
 def report_dry_run(cfg) -> int:
+    from pipeline.driver import dry_run
+
     checks = dry_run(cfg)
     for name, ok, detail in checks:
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
     return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def fail(exc: BaseException, debug: bool) -> int:
+    """Report a failure as one redacted line on stderr (after the traceback with --debug)."""
+    from pipeline.redact import error_line, redact_text
+
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, PipelineError):  # bad input, or a stage's JobError
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        message = redact_text(" ".join(line.strip() for line in lines))
+    else:  # not a known bad input: a bug or an environment problem, still one line
+        message = f"unexpected {error_line(exc)} (run with --debug for the full traceback)"
+    print(f"finetune: error: {message}", file=sys.stderr)
+    return 1
 
 
 def main(argv=None) -> int:
@@ -62,18 +82,18 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.set)
         if args.dry_run:
             return report_dry_run(cfg)
+        from pipeline.driver import run_job
         from pipeline.tracking import code_version
 
-        start_ray()
-        ctx = run_job(cfg, args.stages, code_version(REPO))
-    except (JobError, PipelineError) as exc:
-        if args.traceback:
-            traceback.print_exc()
-        print(f"finetune: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"done: job {cfg.run.name!r}, MLflow parent run {ctx.state['parent_run_id']} at {ctx.tracking_uri}")
+        ctx = run_job(cfg, args.stages, code_version(REPO), connect=start_ray)
+    except Exception as exc:  # noqa: BLE001 - every failure ends as one line and exit code 1
+        return fail(exc, args.debug)
+    from pipeline.redact import redact_text
+
+    tracking_uri = redact_text(ctx.tracking_uri)
+    print(f"done: job {cfg.run.name!r}, MLflow parent run {ctx.state['parent_run_id']} at {tracking_uri}")
     if ctx.tracking_uri.startswith("sqlite:"):
-        print(f"open it with: mlflow ui --backend-store-uri {ctx.tracking_uri}")
+        print(f"open it with: mlflow ui --backend-store-uri {tracking_uri}")
     return 0
 
 

@@ -15,6 +15,9 @@ Decisions made here:
 - Float fields also accept strings such as "2e-5": PyYAML (YAML 1.1) reads exponent numbers without a
   dot as strings, which would otherwise make the most common learning-rate spelling an error.
 - `tracking.experiment` left empty takes `run.experiment`, so one name groups the runs everywhere.
+- Uris never carry credentials: the resolved config goes into MLflow params and into every checkpoint,
+  so a `user:password@` in a storage or tracking uri is refused (without repeating it); credentials
+  come from the environment. Storage uris are s3://bucket/..., file://... or local paths (`pipeline.uris`).
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ from typing import Any, ClassVar, Literal, Optional
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.uris import check_storage_uri, split_uri
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The job's stages, in pipeline order (`pipeline.driver` runs them).
+STAGES = ("data", "train", "eval", "export")
 DEMO_BASE_URI = ".cache/demo-store/tiny-llama"
 SHIPPED_TEXT = "data/tiny_text.jsonl"
 
@@ -74,6 +80,13 @@ class _Section:
             value = getattr(self, name)
             raise PipelineError(f"{self.section}.{name} {rule} (got {value!r})")
 
+    def _require_storage_uri(self, name: str) -> None:
+        """A storage uri: s3://bucket/..., file://... or a local path, never with credentials in it."""
+        values = getattr(self, name)
+        for i, uri in enumerate(values if isinstance(values, list) else [values]):
+            key = f"{self.section}.{name}" + (f"[{i}]" if isinstance(values, list) else "")
+            check_storage_uri(key, uri)
+
 
 @dataclass
 class RunConfig(_Section):
@@ -92,6 +105,7 @@ class RunConfig(_Section):
     def _validate(self) -> None:
         self._require(bool(self.name.strip()), "name", "must not be empty")
         self._require("://" not in self.cache_dir, "cache_dir", "must be a local path")
+        self._require_storage_uri("output_uri")
 
 
 @dataclass
@@ -101,6 +115,12 @@ class StorageConfig(_Section):
     endpoint_url: Optional[str] = None
     # Object-store region; None = the client's default.
     region: Optional[str] = None
+
+    def _validate(self) -> None:
+        if self.endpoint_url is not None:
+            parts = split_uri("storage.endpoint_url", self.endpoint_url)
+            self._require(parts.scheme in ("http", "https") and bool(parts.hostname), "endpoint_url",
+                          "must look like http://host:port")
 
 
 @dataclass
@@ -112,6 +132,9 @@ class ModelConfig(_Section):
     backend: Literal["auto", "te", "torch"] = "auto"
     # Master weight and compute dtype outside FP8 regions.
     dtype: Literal["bf16", "fp32"] = "fp32"
+
+    def _validate(self) -> None:
+        self._require_storage_uri("base_uri")
 
 
 @dataclass
@@ -142,6 +165,9 @@ class DataConfig(_Section):
 
     def _validate(self) -> None:
         self._require(len(self.train_files) > 0, "train_files", "must list at least one uri")
+        self._require_storage_uri("train_files")
+        if self.validation_files:
+            self._require_storage_uri("validation_files")
         multiple_of_16 = self.seq_len >= 16 and self.seq_len % 16 == 0
         self._require(multiple_of_16, "seq_len", "must be >= 16 and a multiple of 16")
         self._require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
@@ -161,6 +187,10 @@ class TrainConfig(_Section):
     micro_batch_size: int = 4
     # Micro-batches accumulated per optimizer step.
     grad_accum_steps: int = 1
+    # Packed rows per optimizer step over all workers; None = workers x micro_batch_size x grad_accum_steps.
+    # When set, it pins the batch: it must split evenly into workers x micro_batch_size, and
+    # grad_accum_steps becomes the quotient, so changing train.workers keeps the optimization the same.
+    global_batch_size: Optional[int] = None
     # Peak AdamW learning rate.
     lr: float = 3e-3
     # Final learning rate of the cosine decay as a fraction of lr.
@@ -198,7 +228,21 @@ class TrainConfig(_Section):
         self._require(self.lr > 0, "lr", "must be > 0")
         self._require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
         self._require(self.warmup_steps <= self.max_steps, "warmup_steps", "must be <= train.max_steps")
-        self._require(self.fp8 == "none" or self.use_gpu, "fp8", "needs train.use_gpu=true")
+        self._require(self.fp8 == "none" or self.use_gpu, "fp8",
+                      "needs GPU workers: set train.use_gpu=true, or train.fp8=none to train on CPU")
+        if self.global_batch_size is not None:
+            self._derive_grad_accum()
+
+    def _derive_grad_accum(self) -> None:
+        per_pass = self.workers * self.micro_batch_size
+        divisible = self.global_batch_size >= 1 and self.global_batch_size % per_pass == 0
+        self._require(divisible, "global_batch_size", f"must be a multiple of train.workers x "
+                      f"train.micro_batch_size = {self.workers} x {self.micro_batch_size} = {per_pass}; "
+                      "change one of the three")
+        steps = self.global_batch_size // per_pass
+        self._require(self.grad_accum_steps in (1, steps), "grad_accum_steps",
+                      f"contradicts train.global_batch_size (which needs {steps}); set only one of them")
+        self.grad_accum_steps = steps
 
 
 @dataclass
@@ -246,6 +290,9 @@ class TrackingConfig(_Section):
     uri: str = "sqlite:///.cache/mlflow.db"
     # MLflow experiment name; None = run.experiment.
     experiment: Optional[str] = None
+
+    def _validate(self) -> None:
+        split_uri("tracking.uri", self.uri)
 
 
 _SECTIONS: dict[str, type[_Section]] = {
@@ -329,7 +376,8 @@ def _read_preset(path: str) -> dict[str, Any]:
     if not file.exists() and (PRESET_DIR / f"{path}.yaml").exists():
         file = PRESET_DIR / f"{path}.yaml"
     if not file.is_file():
-        raise PipelineError(f"config file not found: {path}")
+        presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise PipelineError(f"config file not found: {path}; give a YAML file or a preset name ({presets})")
     try:
         raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
@@ -367,8 +415,13 @@ def _unknown_key_message(key: str, candidates: list[str]) -> str:
     if guess is None:
         matches = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
         guess = matches[0] if matches else None
-    hint = f" (did you mean '{guess}'?)" if guess else ""
-    return f"unknown key '{key}'{hint}"
+    if guess:
+        return f"unknown key '{key}' (did you mean '{guess}'?)"
+    sections = sorted({c.partition(".")[0] for c in candidates}, key=list(_SECTIONS).index)
+    if section and section not in sections:
+        return f"unknown key '{key}': no section {section!r}; valid sections: {', '.join(sections)}"
+    valid = [c.rpartition(".")[2] for c in candidates if c.rpartition(".")[0] == section]
+    return f"unknown key '{key}'; valid {f'keys of {section!r}' if section else 'sections'}: {', '.join(valid)}"
 
 
 def _type_name(hint: Any) -> str:

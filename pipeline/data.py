@@ -16,7 +16,8 @@ Rules decided here (all recorded in stats.json):
   prompts, non-assistant chat text, padding, and the first token of every document, which nothing in
   its own document can predict.
 - A document longer than `data.seq_len` is truncated (its EOS is lost with the tail) and counted; a
-  document is never split across rows. Empty documents and documents left with no trained token are
+  document is never split across rows. When every training document would be truncated, the settings
+  are wrong (seq_len far too short for the data), and preparation stops naming data.seq_len. Empty documents and documents left with no trained token are
   dropped and counted.
 - Packing is best-fit decreasing; position ids restart at 0 for every document and for the trailing pad
   segment, so a position id of 0 marks each segment start. Rows are then shuffled with `run.seed`.
@@ -29,6 +30,7 @@ Rules decided here (all recorded in stats.json):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -88,7 +90,8 @@ def load_tokenizer(tokenizer_dir: str, data: DataConfig) -> PreTrainedTokenizerB
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PipelineError(f"cannot load tokenizer from {tokenizer_dir}: {reason}") from None
+        raise PipelineError(f"cannot load tokenizer from {tokenizer_dir}: {reason}; model.base_uri must hold "
+                            "the checkpoint's tokenizer files") from None
     if data.chat_template:
         tokenizer.chat_template = data.chat_template
     return tokenizer
@@ -107,7 +110,8 @@ def _tokenizer_blobs(tokenizer_dir: str) -> dict[str, bytes]:
     paths = [Path(tokenizer_dir) / name for name in TOKENIZER_FILES]
     found = {path.name: path.read_bytes() for path in paths if path.is_file()}
     if not found:
-        raise PipelineError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in {tokenizer_dir}")
+        raise PipelineError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in {tokenizer_dir}; "
+                            "put the tokenizer beside the weights at model.base_uri")
     return found
 
 
@@ -133,7 +137,8 @@ def _chat_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
             return tokenizer.apply_chat_template(
                 msgs, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja raises its own types, including template-defined errors
-            raise PipelineError(f"{where}: chat template failed: {type(exc).__name__}: {exc}") from None
+            raise PipelineError(f"{where}: chat template failed ({type(exc).__name__}: {exc}); fix the record "
+                                "or data.chat_template") from None
 
     full, pieces, cursor = render(messages, False), [], 0
     for i, message in enumerate(messages):
@@ -190,16 +195,29 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> No
             "data.format is chat but the tokenizer has no chat template; set data.chat_template")
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """A job's stderr carries its errors only; the data stage reports its counts in one summary line."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def tokenize_documents(docs: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, data: DataConfig,
                        split: str) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
     """(input_ids, labels) of the kept documents, and counts of truncated and dropped ones."""
     if not docs:
         return [], {"truncated": 0, "dropped_empty": 0, "dropped_untrained": 0}
     dataset = datasets.Dataset.from_list(docs)
-    tokenized = dataset.map(
-        _tokenize_batch, batched=True, batch_size=256, remove_columns=dataset.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "data": data}, desc=f"tokenize {split}",
-        num_proc=data.num_proc if data.num_proc > 1 and len(docs) > 1 else None)
+    with _no_progress_bars():
+        tokenized = dataset.map(
+            _tokenize_batch, batched=True, batch_size=256, remove_columns=dataset.column_names,
+            fn_kwargs={"tokenizer": tokenizer, "data": data}, desc=f"tokenize {split}",
+            num_proc=data.num_proc if data.num_proc > 1 and len(docs) > 1 else None)
     columns = tokenized.data.to_pydict()
     kept, counts = [], {"truncated": sum(columns["truncated"]), "dropped_empty": 0, "dropped_untrained": 0}
     for ids, labels in zip(columns["input_ids"], columns["labels"]):
@@ -261,12 +279,15 @@ def _write_parquet(columns: dict[str, list], path: Path) -> None:
     pq.write_table(pa.table(arrays), path)
 
 
-def prepare(cfg: Config, tokenizer_dir: str) -> PreparedData:
-    """Tokenize, pack and store the configured data under `{run.output_uri}/data/{hash}`, or reuse it."""
+def prepare(cfg: Config, tokenizer_dir: str, min_train_rows: int = 1) -> PreparedData:
+    """Tokenize, pack and store the configured data under `{run.output_uri}/data/{hash}`, or reuse it.
+
+    Fewer than `min_train_rows` packed training rows (training needs a micro-batch per worker) is an
+    error raised before anything is stored.
+    """
     options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
     tokenizer_dir = _local_tokenizer_dir(tokenizer_dir, cfg, options)
-    sources = {"train": [read_source(u, options) for u in cfg.data.train_files],
-               "validation": [read_source(u, options) for u in cfg.data.validation_files or []]}
+    sources = read_inputs(cfg.data, options)
     digest = data_hash(cfg, sources, _tokenizer_blobs(tokenizer_dir))
     folder = storage.join(cfg.run.output_uri, "data", digest[:16])
     stats = _cached_stats(folder, options)
@@ -275,12 +296,35 @@ def prepare(cfg: Config, tokenizer_dir: str) -> PreparedData:
         _check_tokenizer(tokenizer, cfg.data)
         with tempfile.TemporaryDirectory(prefix="prepared-data-") as local:
             stats = _build(cfg, tokenizer, _splits(cfg, sources), Path(local))
+            _check_rows(stats, min_train_rows)
             stats["data_hash"] = digest
             (Path(local) / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
             storage.publish(local, folder, options)  # manifest last: its presence marks a complete folder
         stats["cache_hit"] = False
+    _check_rows(stats, min_train_rows)
     val_uri = storage.join(folder, "val.parquet") if stats["validation"]["rows"] else None
     return PreparedData(folder, storage.join(folder, "train.parquet"), val_uri, stats)
+
+
+def read_inputs(data: DataConfig, options: storage.StorageOptions) -> dict[str, list[Source]]:
+    """Every train and validation input read into memory; a failure names its config key."""
+    sources: dict[str, list[Source]] = {}
+    for role, key in (("train", "train_files"), ("validation", "validation_files")):
+        sources[role] = []
+        for i, uri in enumerate(getattr(data, key) or []):
+            try:
+                sources[role].append(read_source(uri, options))
+            except PipelineError as exc:
+                raise PipelineError(f"data.{key}[{i}]: {exc}") from None
+    return sources
+
+
+def _check_rows(stats: dict[str, Any], min_train_rows: int) -> None:
+    rows = stats["train"]["rows"]
+    if rows < min_train_rows:
+        raise PipelineError(
+            f"the train split packs into {rows} rows, fewer than train.workers x train.micro_batch_size = "
+            f"{min_train_rows}; add training data, or lower train.workers or train.micro_batch_size")
 
 
 def _cached_stats(folder: str, options: storage.StorageOptions) -> dict[str, Any] | None:
@@ -317,6 +361,10 @@ def _build(cfg: Config, tokenizer: PreTrainedTokenizerBase, splits: dict[str, li
     }
     for split, docs in splits.items():
         kept, counts = tokenize_documents(docs, tokenizer, data, split)
+        if split == "train" and docs and counts["truncated"] == len(docs):
+            raise PipelineError(f"every one of the {len(docs)} training documents ({', '.join(data.train_files)}) "
+                                f"is longer than data.seq_len={data.seq_len} tokens; raise data.seq_len "
+                                "or split the documents")
         for key, count in counts.items():
             stats[key] += count
         columns = pack_documents(kept, data.seq_len, pad_id, cfg.run.seed)
@@ -324,7 +372,8 @@ def _build(cfg: Config, tokenizer: PreTrainedTokenizerBase, splits: dict[str, li
         if kept:
             _write_parquet(columns, local / ("train.parquet" if split == "train" else "val.parquet"))
     if not stats["train"]["rows"]:
-        raise PipelineError(f"no training document left after tokenization ({', '.join(data.train_files)})")
+        raise PipelineError(f"no training document left after tokenization ({', '.join(data.train_files)}): "
+                            "each was empty or had nothing to train on; check data.format against the records")
     stats["dropped"] = stats["dropped_empty"] + stats["dropped_untrained"]
     return stats
 

@@ -7,8 +7,12 @@ What this module decides:
 - Each stage execution is a nested MLflow run carrying the resolved config, seed and code version.
 - The driver process only orchestrates. Training runs in Ray Train workers; eval and export run as one
   Ray task that asks for a GPU when training did, so big models never load on the head node.
-- Every failure surfaces as one line naming the stage and the reason (`JobError`); `jobs/finetune.py`
-  turns it into an exit code.
+- Bad input leaves no trace. Before the job writes anything (MLflow runs, its state file, Ray), the
+  inputs are checked (`pipeline.preflight`) and the data is prepared, since tokenizing is where bad
+  records show; prepared data goes to a content-addressed cache folder only once it is complete. The
+  data stage's MLflow run then records what preparation found.
+- Every failure surfaces as one line naming the stage and the reason (`JobError`), or the bad input
+  (`PipelineError`); `jobs/finetune.py` turns it into an exit code.
 """
 
 from __future__ import annotations
@@ -21,15 +25,9 @@ from typing import Any, Callable
 
 import ray
 
-from pipeline import storage, tracking
-from pipeline.config import DEMO_BASE_URI, Config
-from pipeline.errors import PipelineError
-
-STAGES = ("data", "train", "eval", "export")
-
-
-class JobError(RuntimeError):
-    """A stage failed; the message is one line: `<stage>: <reason>`."""
+from pipeline import preflight, storage, tracking
+from pipeline.config import DEMO_BASE_URI, STAGES, Config  # noqa: F401 - STAGES is re-exported
+from pipeline.errors import JobError, PipelineError  # noqa: F401 - JobError is re-exported
 
 
 @dataclasses.dataclass
@@ -39,6 +37,7 @@ class JobContext:
     tracking_uri: str
     code_version: dict
     state: dict  # persisted between stage runs: parent run id and each stage's outputs
+    prepared: Any = None  # the data stage's result, made before the job was opened
 
     @property
     def state_uri(self) -> str:
@@ -84,9 +83,7 @@ def ensure_demo_base(cfg: Config) -> None:
 
 
 def run_data(ctx: JobContext, run_id: str) -> str:
-    from pipeline.data import prepare
-
-    prepared = prepare(ctx.cfg, ctx.cfg.model.base_uri)
+    prepared = ctx.prepared
     ctx.state["data"] = dataclasses.asdict(prepared)
     stats = prepared.stats
     flat = tracking.flatten_params(stats, prefix="data.")
@@ -172,14 +169,25 @@ def _export_task(cfg: Config, options, checkpoint_uri: str, run_id: str, trackin
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print) -> JobContext:
-    """Run `stages` in pipeline order; raises JobError naming the stage that failed."""
+def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print,
+            connect: Callable[[], None] | None = None) -> JobContext:
+    """Run `stages` in pipeline order; raises JobError naming the stage that failed.
+
+    Inputs are checked and the data prepared first; `connect` (e.g. starting Ray) and opening the job
+    come after, so a bad input raises PipelineError or JobError("data: ...") with nothing written.
+    """
     ensure_demo_base(cfg)
+    preflight.check_inputs(cfg, stages)
+    started = {"data": time.time()}
+    prepared = _prepare_data(cfg, train="train" in stages) if "data" in stages else None
+    if connect is not None:
+        connect()
     ctx = open_job(cfg, code_version)
+    ctx.prepared = prepared
     params = {**cfg.flat_params(), "run.seed": cfg.run.seed}
     tags = tracking.code_version_tags(code_version)
     for stage in [s for s in STAGES if s in stages]:
-        start = time.time()
+        start = started.get(stage, time.time())
         try:
             with tracking.stage_run(ctx.state["parent_run_id"], stage, params=params, tags=tags,
                                     tracking_uri=ctx.tracking_uri) as run_id:
@@ -192,6 +200,18 @@ def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print) -> J
     # a later re-run of a stage attaches to this parent again, whatever its status
     tracking.end_run(ctx.state["parent_run_id"], "FINISHED", tracking_uri=ctx.tracking_uri)
     return ctx
+
+
+def _prepare_data(cfg: Config, train: bool):
+    """The data stage's work, done before the job is opened; JobError("data: ...") on bad data."""
+    from pipeline.data import prepare
+
+    min_rows = cfg.train.workers * cfg.train.micro_batch_size if train else 1
+    try:
+        prepared = prepare(cfg, cfg.model.base_uri, min_train_rows=min_rows)
+    except (PipelineError, ValueError, RuntimeError, OSError) as exc:
+        raise JobError(f"data: {_one_line(exc)}") from exc
+    return prepared
 
 
 def _one_line(exc: BaseException) -> str:
@@ -208,7 +228,8 @@ def _one_line(exc: BaseException) -> str:
 def dry_run(cfg: Config) -> list[tuple[str, bool, str]]:
     """(check, ok, detail) for data inputs, the base checkpoint, output storage and tracking."""
     options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
-    checks = [("config", True, f"{len(cfg.flat_params())} settings valid")]
+    checks = [("config", True, f"{len(cfg.flat_params())} settings valid"),
+              _check("storage buckets", lambda: preflight.check_buckets(cfg, options) or "reachable")]
     for uri in [*cfg.data.train_files, *(cfg.data.validation_files or [])]:
         checks.append(_check(f"data {uri}", lambda u=uri: _exists(u, options)))
     if cfg.model.base_uri == DEMO_BASE_URI and not storage.exists(cfg.model.base_uri, options):
@@ -234,21 +255,7 @@ def _exists(uri: str, options) -> str:
 
 
 def _check_base(cfg: Config, options) -> str:
-    from transformers import LlamaConfig
-
-    from te_model.model import check_llama_config
-
-    files = storage.list_files(cfg.model.base_uri, options)
-    shards = [n for n in files if n.endswith(".safetensors")]
-    if "config.json" not in files or not shards:
-        raise PipelineError(f"{cfg.model.base_uri}: needs config.json and *.safetensors")
-    raw = json.loads(storage.read_bytes(storage.join(cfg.model.base_uri, "config.json"), options))
-    if raw.get("model_type") != "llama":
-        raise PipelineError(f"{cfg.model.base_uri}/config.json: model_type is {raw.get('model_type')!r}, not 'llama'")
-    check_llama_config(LlamaConfig.from_dict(raw), where=f"{cfg.model.base_uri}/config.json")
-    size = sum(files[n] for n in shards) / 2**30
-    manifest = "manifest" if "manifest.json" in files else "no manifest"
-    return f"llama, {len(shards)} shard(s), {size:.2f} GiB, {manifest}"
+    return preflight.check_base_checkpoint(cfg.model.base_uri, options)
 
 
 def _check_writable(uri: str, options) -> str:

@@ -7,3 +7,7 @@ can print it without a traceback.
 
 class PipelineError(Exception):
     """A clear, one-line, user-facing failure: bad config, missing file, corrupt checkpoint, and the like."""
+
+
+class JobError(PipelineError):
+    """A stage of a job failed; the message is one line: `<stage>: <reason>`."""

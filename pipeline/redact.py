@@ -43,6 +43,8 @@ _SIGNED_QUERY_NAMES = frozenset({
 })
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>,\]]+")
+# user:password@ whose password holds '/' (AWS secret keys do): urlsplit alone would see no '@' in it.
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@:]+:[^@]*@")
 _TOKEN_SHAPES = re.compile(
     r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bhf_[A-Za-z0-9]{20,}\b|\bgh[pousr]_[A-Za-z0-9]{20,}\b"
     r"|\bBearer\s+[A-Za-z0-9._~+/=-]+|\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]+"
@@ -59,7 +61,7 @@ def is_secret_key(key: str) -> bool:
 
 
 def _redact_url(match: re.Match[str]) -> str:
-    url = match.group(0)
+    url = _URL_PASSWORD.sub(rf"\1{REDACTED}@", match.group(0))
     parts = urllib.parse.urlsplit(url)
     netloc, query = parts.netloc, parts.query
     if "@" in netloc:  # user:password@host
@@ -67,6 +69,8 @@ def _redact_url(match: re.Match[str]) -> str:
     names = {name.lower() for name, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
     if names & _SIGNED_QUERY_NAMES:
         query = REDACTED
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing secret; urlunsplit would also turn s3:///key into s3:/key
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

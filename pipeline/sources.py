@@ -13,7 +13,9 @@ What this module decides:
   the optional `input`, the response its `output`; chat -> {messages, where}, the `messages` list of
   {role, content} strings kept as JSON.
 - A bad record is a `PipelineError` naming the file and line (JSON lines) or row, the field and what is
-  wrong with it. `data.max_documents` keeps the first documents of a split's inputs, in file order.
+  wrong with it, and how to fix it; so is an input that is empty or not UTF-8, and a chat message whose
+  role is not one of `CHAT_ROLES`. `data.max_documents` keeps the first documents of a split's inputs,
+  in file order.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 
 _FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Roles of Llama chat templates (3.1 adds `ipython` for tool output); anything else is a conversion mistake.
+CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython")
 # The prompt of instruction records; inference must use the same (`format_instruction_prompt`).
 INSTRUCTION_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -62,10 +66,10 @@ class Source:
 def read_source(uri: str, options: storage.StorageOptions) -> Source:
     """The bytes of the input at `uri`: the file, or the arrow files of a one-split datasets folder."""
     kind = _FILE_KINDS.get(Path(uri.rstrip("/")).suffix.lower())
+    if not storage.exists(uri, options):
+        raise PipelineError(f"input not found: {uri}; fix the uri or upload the file")
     if kind:
         return Source(uri, kind, {"": storage.read_bytes(uri, options)})
-    if not storage.exists(uri, options):
-        raise PipelineError(f"input not found: {uri}")
     fs, path = storage.filesystem(uri, options)
     names = storage.list_files(uri, options) if fs.isdir(path) else {}
     if "dataset_dict.json" in names:
@@ -83,7 +87,7 @@ def _records(source: Source) -> list[tuple[str, dict]]:
     """(where, record) pairs of a source, `where` naming file and line/row for error messages."""
     blob = source.blobs.get("", b"")
     if source.kind in ("jsonl", "json"):
-        text = blob.decode("utf-8")
+        text = _utf8(blob, source.uri)
         try:
             whole = json.loads(text) if source.kind == "json" else None
         except json.JSONDecodeError:
@@ -93,24 +97,38 @@ def _records(source: Source) -> list[tuple[str, dict]]:
         return [(f"{source.uri}:{n}", _json_line(line, source.uri, n))
                 for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if source.kind == "csv":
-        rows = csv.DictReader(io.StringIO(blob.decode("utf-8")))
+        rows = csv.DictReader(io.StringIO(_utf8(blob, source.uri)))
         return [(f"{source.uri} row {i}", r) for i, r in enumerate(rows)]
-    if source.kind == "parquet":
-        tables = [pq.read_table(io.BytesIO(blob))]
-    else:
-        tables = [pa.ipc.open_stream(io.BytesIO(b)).read_all() for b in source.blobs.values()]
+    try:
+        if source.kind == "parquet":
+            tables = [pq.read_table(io.BytesIO(blob))]
+        else:
+            tables = [pa.ipc.open_stream(io.BytesIO(b)).read_all() for b in source.blobs.values()]
+    except pa.ArrowException as exc:
+        raise PipelineError(f"{source.uri}: unreadable {source.kind} data ({str(exc).splitlines()[0]}); "
+                            "write it again, or convert it to JSON lines") from None
     rows = [r for table in tables for r in table.to_pylist()]
     return [(f"{source.uri} row {i}", r) for i, r in enumerate(rows)]
+
+
+def _utf8(blob: bytes, uri: str) -> str:
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = blob.count(b"\n", 0, exc.start) + 1
+        raise PipelineError(f"{uri}:{line}: not UTF-8 (byte 0x{blob[exc.start]:02x} at offset {exc.start}); "
+                            "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _json_line(line: str, uri: str, line_no: int) -> dict:
     try:
         return json.loads(line)
     except json.JSONDecodeError as exc:
-        raise PipelineError(f"{uri}:{line_no}: invalid JSON ({exc.msg})") from None
+        raise PipelineError(f"{uri}:{line_no}: invalid JSON ({exc.msg} at column {exc.colno}); "
+                            "fix or remove that line") from None
 
 
-def _field(record: Any, name: str, where: str, required: bool = True) -> str:
+def _field(record: Any, name: str, where: str, fix: str, required: bool = True) -> str:
     if not isinstance(record, dict):
         raise PipelineError(f"{where}: expected an object, got {type(record).__name__}")
     value = record.get(name)
@@ -118,28 +136,46 @@ def _field(record: Any, name: str, where: str, required: bool = True) -> str:
         return ""
     if not isinstance(value, str):
         problem = "missing" if name not in record else f"not a string ({type(value).__name__})"
-        raise PipelineError(f"{where}: field '{name}' is {problem}; fields: {', '.join(map(str, record))}")
+        fields = ", ".join(map(str, record)) or "none"
+        raise PipelineError(f"{where}: field '{name}' is {problem} (fields: {fields}); {fix}")
     return value
 
 
-def _document(record: Any, where: str, data: DataConfig) -> dict[str, str]:
-    """A record in the column layout of its format: text | prompt+response | messages (JSON)."""
-    if data.format == "text":
-        return {"text": _field(record, data.text_field, where)}
-    if data.format == "instruction":
-        instruction, input_text = _field(record, "instruction", where), _field(record, "input", where, False)
-        return {"prompt": format_instruction_prompt(instruction, input_text),
-                "response": _field(record, "output", where)}
+def _chat_messages(record: Any, where: str) -> list[dict]:
     messages = record.get("messages") if isinstance(record, dict) else None
     well_formed = isinstance(messages, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in messages)
     if not well_formed:
         raise PipelineError(f"{where}: 'messages' must be a list of {{role, content}} strings")
-    return {"messages": json.dumps(messages), "where": where}
+    for i, message in enumerate(messages):
+        if message["role"] not in CHAT_ROLES:
+            raise PipelineError(f"{where}: message {i} has role {message['role']!r}; use one of "
+                                f"{', '.join(CHAT_ROLES)} (ShareGPT's human/gpt are user/assistant)")
+    return messages
+
+
+def _document(record: Any, where: str, data: DataConfig) -> dict[str, str]:
+    """A record in the column layout of its format: text | prompt+response | messages (JSON)."""
+    if data.format == "text":
+        fix = "set data.text_field to the column holding the text, or data.format to match the records"
+        return {"text": _field(record, data.text_field, where, fix)}
+    if data.format == "instruction":
+        fix = "instruction records need 'instruction' and 'output' strings (and an optional 'input')"
+        instruction = _field(record, "instruction", where, fix)
+        input_text = _field(record, "input", where, fix, required=False)
+        return {"prompt": format_instruction_prompt(instruction, input_text),
+                "response": _field(record, "output", where, fix)}
+    return {"messages": json.dumps(_chat_messages(record, where)), "where": where}
 
 
 def documents(sources: list[Source], data: DataConfig) -> list[dict[str, str]]:
     """The documents of every record of `sources`, in order, at most `data.max_documents`."""
-    docs = [_document(record, where, data) for source in sources for where, record in _records(source)]
+    docs = []
+    for source in sources:
+        records = _records(source)
+        if not records:
+            raise PipelineError(f"{source.uri}: holds no records (empty input); "
+                                "remove it from the data files or point at the right one")
+        docs += [_document(record, where, data) for where, record in records]
     return docs[: data.max_documents] if data.max_documents else docs

@@ -127,13 +127,23 @@ def test_wrong_types_name_key_and_expected_type(override, message):
     ("data.val_fraction=1.0", "data.val_fraction must be in [0, 1)"),
     ("train.lr=0", "train.lr must be > 0"),
     ("train.warmup_steps=100", "train.warmup_steps must be <= train.max_steps"),
-    ("train.fp8=delayed", "train.fp8 needs train.use_gpu=true"),
+    ("train.fp8=delayed", "train.fp8 needs GPU workers: set train.use_gpu=true, or train.fp8=none"),
+    ("train.global_batch_size=12", "train.global_batch_size must be a multiple of train.workers x "
+                                   "train.micro_batch_size = 2 x 4 = 8"),
     ("export.max_shard_size=big", "export.max_shard_size must look like 2GB"),
     ("run.cache_dir=s3://b/cache", "run.cache_dir must be a local path"),
 ])
 def test_out_of_range_values_name_the_key(override, message):
     with pytest.raises(PipelineError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_global_batch_size_sets_grad_accum_steps():
+    assert load_config(None, ["train.global_batch_size=32"]).train.grad_accum_steps == 4
+    cfg = load_config(None, ["train.global_batch_size=32", "train.workers=4"])
+    assert cfg.train.grad_accum_steps == 2 and Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(PipelineError, match="train.grad_accum_steps contradicts train.global_batch_size"):
+        load_config(None, ["train.global_batch_size=32", "train.grad_accum_steps=3"])
 
 
 def test_sections_validate_when_built_directly():

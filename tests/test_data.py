@@ -215,7 +215,7 @@ def test_chat_template_that_rewrites_history_is_rejected(tmp_path, tokenizer_dir
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"txt": "x"}', r"bad.jsonl:2: field 'text' is missing; fields: txt"),
+    ('{"txt": "x"}', r"bad.jsonl:2: field 'text' is missing \(fields: txt\); set data.text_field"),
     ('{"text": 3}', r"bad.jsonl:2: field 'text' is not a string \(int\)"),
     ("{not json", r"bad.jsonl:2: invalid JSON"),
 ])
@@ -229,7 +229,7 @@ def test_unsupported_input_is_named(tmp_path, tokenizer_dir):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(PipelineError, match=r"unsupported input .*notes.txt: expected .jsonl"):
         prepare(make_cfg(tmp_path, [str(tmp_path / "notes.txt")]), tokenizer_dir)
-    with pytest.raises(PipelineError, match=r"cannot read .*missing.jsonl: not found"):
+    with pytest.raises(PipelineError, match=r"data.train_files\[0\]: input not found: .*missing.jsonl; fix the uri"):
         prepare(make_cfg(tmp_path, [str(tmp_path / "missing.jsonl")]), tokenizer_dir)
     with pytest.raises(PipelineError, match=r"unsupported input .*empty: expected .jsonl"):
         (tmp_path / "empty").mkdir()

@@ -154,6 +154,9 @@ def test_redaction_masks_secret_keys_and_values_but_keeps_vocabulary_tokens():
     assert not any(map(tracking.is_secret_key, ["data.pad_token_id", "eos_token", "tokenizer", "tokens_per_s"]))
     assert tracking.redact_text(f"see {PRESIGNED} now") == f"see {SIGNED_AWAY} now"
     assert tracking.redact_text("Authorization: Bearer abc.def-ghi") == "Authorization: <redacted>"
+    # AWS secret keys hold '/', which ends the host part for urlsplit; s3:///key has no host at all
+    assert tracking.redact_text("s3://AKIA:wJal/K7MD+x@bucket/k") == "s3://<redacted>@bucket/k"
+    assert tracking.redact_text("s3:///key and s3://b/a:b@c") == "s3:///key and s3://b/a:b@c"
 
 
 def test_metric_logger_delivers_every_step_in_order(mlflow_server, client, parent_id):
