@@ -263,7 +263,7 @@ def _write_parquet(columns: dict[str, list], path: Path) -> None:
 
 def prepare(cfg: Config, tokenizer_dir: str) -> PreparedData:
     """Tokenize, pack and store the configured data under `{run.output_uri}/data/{hash}`, or reuse it."""
-    options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    options = storage.StorageOptions.from_config(cfg.storage)
     tokenizer_dir = _local_tokenizer_dir(tokenizer_dir, cfg, options)
     sources = {"train": [read_source(u, options) for u in cfg.data.train_files],
                "validation": [read_source(u, options) for u in cfg.data.validation_files or []]}

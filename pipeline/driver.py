@@ -56,7 +56,7 @@ class JobContext:
 
 def open_job(cfg: Config, code_version: dict) -> JobContext:
     """Load (or start) the job's state and make sure its MLflow parent run exists."""
-    options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    options = storage.StorageOptions.from_config(cfg.storage)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ctx = JobContext(cfg, options, uri, code_version, {})
     if storage.exists(ctx.state_uri, options):
@@ -207,7 +207,7 @@ def _one_line(exc: BaseException) -> str:
 
 def dry_run(cfg: Config) -> list[tuple[str, bool, str]]:
     """(check, ok, detail) for data inputs, the base checkpoint, output storage and tracking."""
-    options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    options = storage.StorageOptions.from_config(cfg.storage)
     checks = [("config", True, f"{len(cfg.flat_params())} settings valid")]
     for uri in [*cfg.data.train_files, *(cfg.data.validation_files or [])]:
         checks.append(_check(f"data {uri}", lambda u=uri: _exists(u, options)))

@@ -7,3 +7,11 @@ can print it without a traceback.
 
 class PipelineError(Exception):
     """A clear, one-line, user-facing failure: bad config, missing file, corrupt checkpoint, and the like."""
+
+
+class IntegrityError(PipelineError):
+    """Stored data that does not match its manifest or commit marker: missing, truncated or altered.
+
+    A reader that holds an older good copy (the previous checkpoint) may skip such data; a plain
+    storage failure (endpoint down, access denied) is a PipelineError and must not be skipped.
+    """

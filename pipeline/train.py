@@ -163,7 +163,7 @@ def _with_absolute_paths(cfg: Config) -> Config:
 
 
 def _storage_options(cfg: Config) -> storage.StorageOptions:
-    return storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    return storage.StorageOptions.from_config(cfg.storage)
 
 
 def _ray_storage(ray_uri: str, options: storage.StorageOptions) -> tuple[str, pyarrow.fs.FileSystem | None]:

@@ -1,5 +1,6 @@
 """Fixtures shared by the whole test suite."""
 
 from tests.s3_server import *  # noqa
+from tests.s3_fault_proxy import *  # noqa
 from tests.mlflow_server import *  # noqa
 from tests.ray_cluster import *  # noqa
