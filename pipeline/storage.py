@@ -225,6 +225,18 @@ def list_files(uri: str, options: StorageOptions | None = None) -> dict[str, int
     return files
 
 
+def list_dirs(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """Names of the directories (prefixes) right below `uri`, sorted; none when `uri` does not exist."""
+    fs, path = filesystem(uri, options)
+    with _storage_errors("list", uri):
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+    return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries
+                  if entry.get("type") == "directory")
+
+
 def upload_dir(
     local_dir: str | Path, uri: str, options: StorageOptions | None = None, names: list[str] | None = None
 ) -> list[str]:
