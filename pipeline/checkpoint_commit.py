@@ -117,7 +117,8 @@ def resume_checkpoint(run_uri: str, cache_root: str | Path, options: storage.Sto
     if rank == 0 and chosen is None and ray_has_one:
         raise PipelineError(f"no complete checkpoint under {run_uri} although Ray Train registered one; "
                             "every checkpoint of the run is damaged or deleted: start a new run.name")
-    uri = gather_bytes((chosen[0] if chosen else "").encode())[0].decode()
+    # "@" first: gather_bytes cannot carry an empty blob, and "no checkpoint" is the empty uri.
+    uri = gather_bytes(("@" + (chosen[0] if chosen else "")).encode())[0].decode()[1:]
     if not uri:
         return None
     return chosen if chosen else (uri, pull_committed(uri, cache_root, options))
