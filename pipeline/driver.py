@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import ray
 
-from pipeline import storage, tracking
+from pipeline import precision, storage, tracking
 from pipeline.config import DEMO_BASE_URI, Config
 from pipeline.errors import PipelineError
 
@@ -103,6 +103,8 @@ def run_train(ctx: JobContext, run_id: str) -> str:
     from pipeline.train import train
 
     prepared = PreparedData(**ctx.need("data", "train"))
+    # Before Ray Train starts: FP8 that cannot run is an error here, or (train.fp8_fallback) a tagged fallback.
+    ctx.cfg = precision.settle_fp8(ctx.cfg, [run_id, ctx.state["parent_run_id"]], ctx.tracking_uri)
     result = train(ctx.cfg, prepared, run_id=run_id, tracking_uri=ctx.tracking_uri,
                    code_version=ctx.code_version)
     ctx.state["checkpoint_uri"] = result.checkpoint_uri
