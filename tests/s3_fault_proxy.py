@@ -31,7 +31,8 @@ __all__ = ["Fault", "S3FaultProxy", "s3_fault_proxy"]
 
 # Headers that describe one hop, not the message: never forwarded as they are.
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "expect", "te", "upgrade"}
-_ERROR_BODY = "<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
+_ERROR_BODY = ("<?xml version='1.0' encoding='UTF-8'?>"
+               "<Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>")
 _CODES = {500: "InternalError", 502: "BadGateway", 503: "ServiceUnavailable", 504: "GatewayTimeout"}
 
 
