@@ -1,6 +1,6 @@
 """Resumable training checkpoints in safetensors and JSON only, so loading one never unpickles.
 
-A checkpoint is one directory, written whole by rank 0 and uploaded by Ray Train to
+A checkpoint is one directory, written whole by rank 0 and uploaded (through Ray Train's report) to
 `{run.output_uri}/ray/{run.name}/checkpoint_{step:06d}-{id}/`:
 
     model.safetensors          parameters by TE-style name (the unwrapped module's `named_parameters`),
@@ -12,6 +12,8 @@ A checkpoint is one directory, written whole by rank 0 and uploaded by Ray Train
     rank-{r}/rng.safetensors   rank r's torch CPU RNG state (uint8) and CUDA RNG states, if any
     rank-{r}/state.json        rank r's python `random` state and data position {epoch, offset}
     manifest.json              size and sha256 of every file above (pipeline.manifest)
+    COMMITTED                  in storage only, written last by the upload: the sha256 of manifest.json
+                               (pipeline.checkpoint_commit; a folder without it is never loaded)
 
 What this module decides:
 - One writer. Every rank's RNG and data state travels to rank 0 as opaque bytes (already encoded as

@@ -115,6 +115,17 @@ class StorageConfig(_Section):
     endpoint_url: Optional[str] = None
     # Object-store region; None = the client's default.
     region: Optional[str] = None
+    # Tries per S3 request (5xx, throttling, timeouts are retried with exponential backoff) before failing.
+    max_attempts: int = 5
+    # Seconds to connect to the object store before a try fails.
+    connect_timeout_s: float = 10.0
+    # Seconds without a byte from the object store before a try fails (so a stalled request is retried).
+    read_timeout_s: float = 60.0
+
+    def _validate(self) -> None:
+        self._require(self.max_attempts >= 1, "max_attempts", "must be >= 1")
+        for name in ("connect_timeout_s", "read_timeout_s"):
+            self._require(getattr(self, name) > 0, name, "must be > 0")
 
     def _validate(self) -> None:
         if self.endpoint_url is not None:
@@ -218,18 +229,24 @@ class TrainConfig(_Section):
     # How workers share the model: ddp = a whole replica each; fsdp = FSDP2, parameters, gradients and
     # optimizer state sharded over the workers (models too big for one GPU). See pipeline/parallel.py.
     parallelism: Literal["ddp", "fsdp"] = "ddp"
+    # When FP8 is requested but cannot run (no GPU, no Transformer Engine, unsupported GPU): false = stop
+    # at job start with the reason; true = warn, train without FP8, tag the MLflow run fp8.fallback.
+    fp8_fallback: bool = False
 
     def _validate(self) -> None:
         for name in ("workers", "micro_batch_size", "grad_accum_steps", "max_steps", "log_every",
-                     "keep_checkpoints", "fp8_amax_history_len"):
+                     "fp8_amax_history_len"):
             self._require(getattr(self, name) >= 1, name, "must be >= 1")
+        self._require(self.keep_checkpoints >= 2, "keep_checkpoints",
+                      "must be >= 2 (a corrupt newest checkpoint falls back to the one before it)")
         for name in ("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every"):
             self._require(getattr(self, name) >= 0, name, "must be >= 0")
         self._require(self.lr > 0, "lr", "must be > 0")
         self._require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
         self._require(self.warmup_steps <= self.max_steps, "warmup_steps", "must be <= train.max_steps")
-        self._require(self.fp8 == "none" or self.use_gpu, "fp8",
-                      "needs GPU workers: set train.use_gpu=true, or train.fp8=none to train on CPU")
+        self._require(self.fp8 == "none" or self.use_gpu or self.fp8_fallback, "fp8",
+                      "needs GPU workers: set train.use_gpu=true, or train.fp8=none to train on CPU "
+                      "(or train.fp8_fallback=true to train without FP8 here)")
         if self.global_batch_size is not None:
             self._derive_grad_accum()
 

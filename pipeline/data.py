@@ -285,7 +285,7 @@ def prepare(cfg: Config, tokenizer_dir: str, min_train_rows: int = 1) -> Prepare
     Fewer than `min_train_rows` packed training rows (training needs a micro-batch per worker) is an
     error raised before anything is stored.
     """
-    options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    options = storage.StorageOptions.from_config(cfg.storage)
     tokenizer_dir = _local_tokenizer_dir(tokenizer_dir, cfg, options)
     sources = read_inputs(cfg.data, options)
     digest = data_hash(cfg, sources, _tokenizer_blobs(tokenizer_dir))

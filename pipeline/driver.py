@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import ray
 
-from pipeline import preflight, storage, tracking
+from pipeline import precision, preflight, storage, tracking
 from pipeline.config import DEMO_BASE_URI, STAGES, Config  # noqa: F401 - STAGES is re-exported
 from pipeline.errors import JobError, PipelineError  # noqa: F401 - JobError is re-exported
 
@@ -55,7 +55,7 @@ class JobContext:
 
 def open_job(cfg: Config, code_version: dict) -> JobContext:
     """Load (or start) the job's state and make sure its MLflow parent run exists."""
-    options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    options = storage.StorageOptions.from_config(cfg.storage)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ctx = JobContext(cfg, options, uri, code_version, {})
     if storage.exists(ctx.state_uri, options):
@@ -100,6 +100,8 @@ def run_train(ctx: JobContext, run_id: str) -> str:
     from pipeline.train import train
 
     prepared = PreparedData(**ctx.need("data", "train"))
+    # Before Ray Train starts: FP8 that cannot run is an error here, or (train.fp8_fallback) a tagged fallback.
+    ctx.cfg = precision.settle_fp8(ctx.cfg, [run_id, ctx.state["parent_run_id"]], ctx.tracking_uri)
     result = train(ctx.cfg, prepared, run_id=run_id, tracking_uri=ctx.tracking_uri,
                    code_version=ctx.code_version)
     ctx.state["checkpoint_uri"] = result.checkpoint_uri
@@ -227,7 +229,7 @@ def _one_line(exc: BaseException) -> str:
 
 def dry_run(cfg: Config) -> list[tuple[str, bool, str]]:
     """(check, ok, detail) for data inputs, the base checkpoint, output storage and tracking."""
-    options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    options = storage.StorageOptions.from_config(cfg.storage)
     checks = [("config", True, f"{len(cfg.flat_params())} settings valid"),
               _check("storage buckets", lambda: preflight.check_buckets(cfg, options) or "reachable")]
     for uri in [*cfg.data.train_files, *(cfg.data.validation_files or [])]:

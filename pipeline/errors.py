@@ -11,3 +11,11 @@ class PipelineError(Exception):
 
 class JobError(PipelineError):
     """A stage of a job failed; the message is one line: `<stage>: <reason>`."""
+
+
+class IntegrityError(PipelineError):
+    """Stored data that does not match its manifest or commit marker: missing, truncated or altered.
+
+    A reader that holds an older good copy (the previous checkpoint) may skip such data; a plain
+    storage failure (endpoint down, access denied) is a PipelineError and must not be skipped.
+    """

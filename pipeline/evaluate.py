@@ -189,7 +189,7 @@ def evaluate(
         log.warning("eval: no validation split (data.val_fraction=0 and no data.validation_files): "
                     "skipping validation loss and perplexity")
         return {}
-    options = options or storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    options = options or storage.StorageOptions.from_config(cfg.storage)
     base_dir, checkpoint_dir = local_checkpoint(base_dir, cfg, options), local_checkpoint(checkpoint_dir, cfg, options)
     kwargs = {"backend": cfg.model.backend, "dtype": model_dtype(cfg), "device": device or default_device()}
     loaders = {"base": lambda: te_model.from_hf_checkpoint(base_dir, **kwargs),

@@ -122,7 +122,7 @@ def convert(
     `out_dir` (default `export_dir(cfg)`) is replaced as a whole: the new directory is built beside it
     and swapped in, so a reader never sees a half-written export.
     """
-    options = options or storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    options = options or storage.StorageOptions.from_config(cfg.storage)
     base = local_checkpoint(base_dir, cfg, options)
     checkpoint = local_checkpoint(checkpoint_dir, cfg, options)
     target = Path(out_dir) if out_dir is not None else export_dir(cfg)
@@ -210,7 +210,7 @@ def export(
 
     `tracking_uri` defaults to `tracking.uri` of the config.
     """
-    options = options or storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    options = options or storage.StorageOptions.from_config(cfg.storage)
     local_dir = convert(cfg, base_dir, checkpoint_dir, options=options)
     uri = export_uri(cfg)
     reused = publish_export(local_dir, uri, options)

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import IntegrityError, PipelineError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -83,7 +83,7 @@ def parse_manifest(data: bytes, where: str) -> dict[str, FileEntry]:
         files = json.loads(data)["files"]
         entries = {str(n): FileEntry(int(e["size"]), str(e["sha256"]).lower()) for n, e in files.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise PipelineError(f"malformed manifest {where}: {type(exc).__name__}: {exc}") from None
+        raise IntegrityError(f"malformed manifest {where}: {type(exc).__name__}: {exc}") from None
     return entries
 
 
@@ -99,10 +99,10 @@ def verify_file(path: str | Path, entry: FileEntry, name: str) -> None:
     """Raise a PipelineError naming `name` unless the file at `path` has the entry's size and sha256."""
     size = Path(path).stat().st_size
     if size != entry.size:
-        raise PipelineError(f"size mismatch for {name}: {size} bytes, manifest says {entry.size}")
+        raise IntegrityError(f"size mismatch for {name}: {size} bytes, manifest says {entry.size}")
     actual = sha256_file(path)
     if actual != entry.sha256:
-        raise PipelineError(f"sha256 mismatch for {name}: got {actual}, manifest says {entry.sha256}")
+        raise IntegrityError(f"sha256 mismatch for {name}: got {actual}, manifest says {entry.sha256}")
 
 
 def verify_dir(local_dir: str | Path, names: list[str] | None = None) -> None:

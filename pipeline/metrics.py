@@ -10,7 +10,8 @@ What this module decides:
   (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT); on top, unsent steps stay queued and are
   retried with backoff, and when the queue is full the oldest step is dropped and counted.
 - Steps the server rejects (4xx other than 429) are dropped, not resent: the same data cannot succeed.
-- Closing waits a bounded time; steps not sent by then count as dropped.
+- Closing waits a bounded time; steps not sent by then count as dropped. Losses are never silent: a
+  warning when the queue first overflows, and one with the count of lost steps at close.
 - Only rank 0 of a tracked run logs; other ranks and untracked runs get a `NullLogger`, which has the
   same interface and does nothing.
 """
@@ -61,6 +62,7 @@ class AsyncMetricLogger:
         self._in_flight = 0  # steps in the request being sent
         self._in_outage = False
         self._give_up_at = float("inf")
+        self._warned_overflow = False
         self._thread = threading.Thread(target=self._drain_forever, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
@@ -76,13 +78,18 @@ class AsyncMetricLogger:
             if self._closing:
                 self.dropped += 1
                 return
-            if len(self._pending) >= self._max_pending:
+            overflow = len(self._pending) >= self._max_pending
+            if overflow:
                 self._pending.popleft()
                 self.dropped += 1
             self._pending.append(entry)
             full = len(self._pending) >= self._batch_steps and not self._in_outage  # no hammering a down server
         if full:
             self._wake.set()
+        if overflow and not self._warned_overflow:
+            self._warned_overflow = True  # once per logger: the count comes with close()
+            log.warning("MLflow: %d steps of metrics queued for %s and it still does not take them; dropping "
+                        "the oldest from now on, training goes on", self._max_pending, tracking_uri_label(self._uri))
 
     def close(self, timeout: float = 10.0) -> bool:
         """Send what is queued, waiting at most `timeout` seconds; True when every step was sent.
@@ -100,6 +107,9 @@ class AsyncMetricLogger:
             lost = len(self._pending) + (self._in_flight if self._abandoned else 0)
             self.dropped += lost
             self._pending.clear()
+        if self.dropped:
+            log.warning("MLflow: %d steps of metrics were lost for run %s (queue overflow during an outage, "
+                        "rejected, or unsent at close); %d steps arrived", self.dropped, self.run_id, self.sent)
         return lost == 0
 
     def __enter__(self) -> "AsyncMetricLogger":

@@ -44,7 +44,7 @@ _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 
 def check_inputs(cfg: Config, stages: list[str]) -> None:
     """Every cheap check for running `stages` of the job of `cfg`; raises one PipelineError line."""
-    options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    options = storage.StorageOptions.from_config(cfg.storage)
     check_buckets(cfg, options)
     if cfg.train.use_gpu:
         check_gpus_reachable()

@@ -11,6 +11,16 @@ What this module decides:
 - `pull_checkpoint` fills a node-local cache once per node, however many worker processes ask at the
   same time (file lock plus a `.complete` marker written last), and verifies every file it pulls.
 - Only safetensors, json and tokenizer files are ever pulled: pickled formats are never fetched.
+- Transient S3 failures (5xx, throttling, connection errors, timeouts) are retried by botocore's
+  "standard" mode: `max_attempts` tries with exponential backoff and jitter, every request bounded by
+  the connect and read timeouts, so a dead endpoint ends in a PipelineError naming the uri, never a
+  hang. s3fs's own retry loop is cut to one try (`_S3_CALL_TRIES`): its tries multiply botocore's (and
+  nest, in `cat_file`), which would stretch a persistent stall to many times `max_attempts` read
+  timeouts. The price: a failure while reading a response body, which botocore does not retry, fails
+  the call; the caller (a checkpoint pull, a training attempt) is then retried as a whole.
+  This is the filesystem Ray Train writes checkpoints through too (`pipeline.train._ray_storage`).
+- Data that does not match its manifest or commit marker raises `IntegrityError`: a reader may skip
+  such a copy and take an older one, which it must never do for a plain storage failure.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import fsspec
 import s3fs
 from fsspec import AbstractFileSystem
 
-from pipeline.errors import PipelineError
+from pipeline.errors import IntegrityError, PipelineError
 from pipeline.manifest import (
     MANIFEST_NAME,
     FileEntry,
@@ -54,6 +64,8 @@ _PART_SUFFIX = ".part"
 _CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".txt", ".jinja")
 _CHECKPOINT_NAMES = ("tokenizer.model",)
 _STORAGE_ERRORS = (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+_S3_CALL_TRIES = 1
+_TRANSIENT_HINT = " (still failing after retries: check the endpoint, or raise storage.max_attempts/read_timeout_s)"
 
 
 @dataclass(frozen=True)
@@ -66,11 +78,42 @@ class StorageOptions:
     region: str | None = None
     """Region used to sign requests; None lets botocore resolve it (AWS_DEFAULT_REGION, ~/.aws/config)."""
 
+    max_attempts: int = 5
+    """Tries per S3 request, the first included, before its failure is an error (botocore standard mode:
+    5xx, throttling, connection errors and timeouts, exponential backoff with jitter)."""
+
+    connect_timeout_s: float = 10.0
+    """Seconds to open a connection to the endpoint before that try fails."""
+
+    read_timeout_s: float = 60.0
+    """Seconds without a byte from the endpoint (headers or body) before that try fails."""
+
+    @classmethod
+    def from_config(cls, section) -> "StorageOptions":
+        """The options of a `pipeline.config.StorageConfig` section."""
+        return cls(section.endpoint_url, section.region, section.max_attempts, section.connect_timeout_s,
+                   section.read_timeout_s)
+
 
 def _describe(exc: BaseException) -> str:
-    """Exception class and the first line of its message, short enough for a one-line error."""
+    """Exception class and the first line of its message, short enough for a one-line error.
+
+    s3fs turns botocore's ClientError into a bare OSError; the ClientError it keeps as the cause names
+    the S3 error code, the operation and the retries, so that is the one described.
+    """
+    if isinstance(exc.__cause__, botocore.exceptions.ClientError):
+        exc = exc.__cause__
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else 'no details'}"
+    text = f"{type(exc).__name__}: {lines[0][:300] if lines else 'no details'}"
+    return text + (_TRANSIENT_HINT if _is_transient(exc) else "")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Whether `exc` is a failure that retries were meant to outlast (5xx, throttling, timeouts)."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+    transient = (TimeoutError, botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
+    return isinstance(exc, transient) or "timeout" in type(exc).__name__.lower()
 
 
 @contextmanager
@@ -86,12 +129,22 @@ def _storage_errors(action: str, uri: str) -> Iterator[None]:
         raise PipelineError(f"cannot {action} {uri}: {_describe(exc)}") from None
 
 
+class _S3FileSystem(s3fs.S3FileSystem):
+    """s3fs with its own retry loop cut to `_S3_CALL_TRIES` (a class attribute: it survives pickling,
+    so Ray's copies of the filesystem keep it)."""
+
+    retries = _S3_CALL_TRIES
+
+
 def _s3_filesystem(options: StorageOptions) -> AbstractFileSystem:
     endpoint_url = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     client_kwargs = {"endpoint_url": endpoint_url, "region_name": options.region}
+    config_kwargs = {"retries": {"total_max_attempts": options.max_attempts, "mode": "standard"},
+                     "connect_timeout": options.connect_timeout_s, "read_timeout": options.read_timeout_s}
     # No listing cache: another node may publish between two listings made by this process.
-    return s3fs.S3FileSystem(
-        client_kwargs={k: v for k, v in client_kwargs.items() if v}, use_listings_cache=False
+    return _S3FileSystem(
+        client_kwargs={k: v for k, v in client_kwargs.items() if v}, config_kwargs=config_kwargs,
+        use_listings_cache=False,
     )
 
 
@@ -172,6 +225,18 @@ def list_files(uri: str, options: StorageOptions | None = None) -> dict[str, int
     return files
 
 
+def list_dirs(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """Names of the directories (prefixes) right below `uri`, sorted; none when `uri` does not exist."""
+    fs, path = filesystem(uri, options)
+    with _storage_errors("list", uri):
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+    return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries
+                  if entry.get("type") == "directory")
+
+
 def upload_dir(
     local_dir: str | Path, uri: str, options: StorageOptions | None = None, names: list[str] | None = None
 ) -> list[str]:
@@ -239,9 +304,9 @@ def download_file(
         with _storage_errors("download", uri):
             got_size, got_sha256 = _stream_to(fs, path, temp)
         if size is not None and got_size != size:
-            raise PipelineError(f"size mismatch for {uri}: downloaded {got_size} bytes, expected {size}")
+            raise IntegrityError(f"size mismatch for {uri}: downloaded {got_size} bytes, expected {size}")
         if sha256 is not None and got_sha256 != sha256:
-            raise PipelineError(f"sha256 mismatch for {uri}: got {got_sha256}, manifest says {sha256}")
+            raise IntegrityError(f"sha256 mismatch for {uri}: got {got_sha256}, manifest says {sha256}")
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
@@ -316,7 +381,7 @@ def _wanted_files(
     wanted = {n: e for n, e in entries.items() if is_checkpoint_file(n) and (only is None or n in only)}
     missing = sorted(set(wanted) - set(remote))
     if missing:
-        raise PipelineError(f"{join(uri, missing[0])} is listed in the manifest but missing")
+        raise IntegrityError(f"{join(uri, missing[0])} is listed in the manifest but missing")
     return {n: remote[n] for n in wanted}, wanted, manifest_data
 
 

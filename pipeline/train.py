@@ -7,9 +7,9 @@ What this module decides:
   `{run.output_uri}/ray/{run.name}/`; S3 goes through the same s3fs filesystem as `pipeline.storage`
   (custom endpoints included), handed to Ray as a pyarrow filesystem. Ray keeps the newest
   `train.keep_checkpoints` checkpoints and deletes older ones. Layout: `pipeline.checkpoint`.
-- Resuming is Ray's own: a run started again with the same `run.name` and `run.output_uri` finds Ray's
-  checkpoint-manager snapshot in storage, `ray.train.get_checkpoint()` hands every worker the latest
-  checkpoint, and training goes on at the next step with the same data order. Ray retries nothing by
+- Resuming: a run started again with the same `run.name` and `run.output_uri` goes on from the newest
+  committed, verified checkpoint in its folder (`pipeline.checkpoint_commit`: a cut-off upload or a
+  damaged file is skipped with a warning), at the next step with the same data order. Ray retries nothing by
   itself (FailureConfig max_failures=0): a failed run ends in a PipelineError, and running it again resumes.
 - Precision: pure bf16 or fp32 parameters (`model.dtype`), AdamW moments in the same dtype, no separate
   fp32 master copy. FP8 (`train.fp8`) wraps the forward pass only; TE runs the matching backward itself,
@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 import te_model
 from pipeline import checkpoint as ckpt
+from pipeline import checkpoint_commit as commit
 from pipeline import parallel, storage
 from pipeline.config import Config, TrainConfig
 from pipeline.data import PreparedData
@@ -161,7 +162,7 @@ def _with_absolute_paths(cfg: Config) -> Config:
 
 
 def _storage_options(cfg: Config) -> storage.StorageOptions:
-    return storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    return storage.StorageOptions.from_config(cfg.storage)
 
 
 def _ray_storage(ray_uri: str, options: storage.StorageOptions) -> tuple[str, pyarrow.fs.FileSystem | None]:
@@ -323,12 +324,12 @@ def _build_worker(cfg: Config, train_uri: str) -> _Worker:
 
 
 def _resume(w: _Worker, ray_uri: str) -> Progress:
-    """Progress restored from Ray's latest checkpoint of this run, or a fresh start."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    """Progress restored from the newest committed, verified checkpoint of this run, or a fresh start."""
+    found = commit.resume_checkpoint(storage.join(ray_uri, w.cfg.run.name), w.cfg.run.cache_dir, w.options,
+                                     rank=w.rank, ray_has_one=ray.train.get_checkpoint() is not None)
+    if found is None:
         return Progress()
-    uri = storage.join(ray_uri, w.cfg.run.name, PurePosixPath(checkpoint.path).name)
-    local = storage.pull_checkpoint(uri, w.cfg.run.cache_dir, w.options)  # verified against its manifest
+    uri, local = found  # a damaged newer checkpoint was skipped with a warning naming it
     state, position = ckpt.load_checkpoint(local, module=w.model, optimizer=w.optimizer, scheduler=w.scheduler,
                                            rank=w.rank, world_size=w.world,
                                            micro_batch_size=w.cfg.train.micro_batch_size)
@@ -393,8 +394,11 @@ def _report_checkpoint(w: _Worker, progress: Progress, metrics: dict[str, float]
     with tempfile.TemporaryDirectory(prefix="train-checkpoint-") as local:
         ckpt.write_checkpoint(local, module=w.model, optimizer=w.optimizer, scheduler=w.scheduler,
                               trainer_state=state, ranks=ranks)
+        # Our upload, not Ray's copy: files, manifest, then the COMMITTED marker (pipeline.checkpoint_commit).
+        upload = commit.ray_upload_fn(storage.join(loop_config["ray_uri"], w.cfg.run.name), w.options)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                         checkpoint_dir_name=f"checkpoint_{progress.step:06d}-{uuid.uuid4().hex[:8]}")
+                         checkpoint_dir_name=f"checkpoint_{progress.step:06d}-{uuid.uuid4().hex[:8]}",
+                         checkpoint_upload_fn=upload)
 
 
 def _metric_logger(rank: int, run_id: str | None, tracking_uri: str | None):

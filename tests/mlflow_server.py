@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["MlflowServer", "mlflow_server"]
+__all__ = ["MlflowServer", "RestartableMlflowServer", "mlflow_server"]
 
 _START_TIMEOUT_S = 90.0
 _LOG_TAIL_CHARS = 4000
@@ -90,6 +90,37 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=15)
 
 
+def _spawn(root: Path, port: int, log_path: Path) -> subprocess.Popen:
+    """Start `mlflow server` as the leader of a new process group (it holds the uvicorn worker too)."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            _server_command(root, port), cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+
+class RestartableMlflowServer:
+    """A dedicated server a test may stop and start again: same port, same backend store and artifacts.
+
+    For outage tests only; everything else shares the session's `mlflow_server`.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / "server.log"
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self._process = _spawn(self.root, self.port, self.log_path)
+        _wait_until_healthy(self._process, self.uri, self.log_path)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            _stop(self._process)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """A running `mlflow server` on 127.0.0.1 for the whole session, stopped at teardown."""
@@ -100,13 +131,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
     session_env = pytest.MonkeyPatch()
     session_env.setenv("NO_PROXY", no_proxy)  # MLflow clients in the tests must reach 127.0.0.1 directly
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(log_path, "wb") as log_file:
-        # A new session makes the server the leader of a process group holding its uvicorn worker too.
-        process = subprocess.Popen(
-            _server_command(root, port), cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+    process = _spawn(root, port, log_path)
     try:
         _wait_until_healthy(process, uri, log_path)
         yield MlflowServer(uri=uri, root=root, log_path=log_path)

@@ -1,0 +1,99 @@
+"""The MLflow server goes down mid-run and comes back: training steps keep their pace, the metrics
+logged meanwhile arrive once the server is back (exactly one value per step), and a logger whose queue
+is too small for the outage reports what it lost, with a count, in a warning.
+
+A dedicated `mlflow server` (same port, same SQLite store) is stopped for OUTAGE_S and started again.
+The "training" is a loop of steps at a steady rate on a thread of its own, logging to two runs: one
+through a queue large enough for the outage, one through a queue of SMALL_QUEUE steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.metrics import AsyncMetricLogger
+from tests.mlflow_server import RestartableMlflowServer
+
+STEP_S = 0.02  # one "training step": a sleep, so any slowdown comes from logging
+OUTAGE_S = 10.0
+SMALL_QUEUE = 30
+
+
+class SteadyTraining(threading.Thread):
+    """Steps at a steady rate, each logging to every logger; records (start time, step duration)."""
+
+    def __init__(self, loggers: list[AsyncMetricLogger]) -> None:
+        super().__init__(daemon=True)
+        self.loggers, self.steps, self.done = loggers, [], threading.Event()
+
+    def run(self) -> None:
+        step = 0
+        while not self.done.is_set():
+            start = time.monotonic()
+            time.sleep(STEP_S)
+            for logger in self.loggers:
+                logger.log(step, {"loss": 1.0 / (step + 1), "lr": 1e-3})
+            self.steps.append((start, time.monotonic() - start))
+            step += 1
+
+    def durations(self, since: float, until: float) -> list[float]:
+        return [d for t, d in self.steps if since <= t < until]
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = RestartableMlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_metrics_logged_while_mlflow_is_down_arrive_once_it_is_back(server, monkeypatch, caplog):
+    # The logger's own requeue-and-backoff is under test; MLflow's per-request retries (minutes of backoff
+    # by default, on the logger's thread) would only delay the delivery this test waits for.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = MlflowClient(tracking_uri=server.uri)
+    experiment = client.create_experiment("outage")
+    full, small = (client.create_run(experiment).info.run_id for _ in range(2))
+    loggers = [AsyncMetricLogger(full, server.uri, flush_every_s=0.2),
+               AsyncMetricLogger(small, server.uri, flush_every_s=0.2, max_pending_steps=SMALL_QUEUE)]
+    training = SteadyTraining(loggers)
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        training.start()
+        time.sleep(3.0)
+        down = time.monotonic()
+        server.stop()
+        time.sleep(OUTAGE_S)
+        up = time.monotonic()
+        server.start()
+        deadline = time.monotonic() + 60
+        while loggers[0].pending and time.monotonic() < deadline:
+            time.sleep(0.2)  # training goes on while the queue drains
+        training.done.set()
+        training.join()
+        assert all(logger.close(timeout=30) for logger in loggers)
+
+    before, outage = training.durations(0, down), training.durations(down, up)
+    # Steps are sleeps, so only a blocking log() could slow them; 25% covers scheduling noise on a busy
+    # 2-core machine (the drain thread and the stopped server's exit compete for the same cores).
+    assert statistics.mean(outage) <= 1.25 * statistics.mean(before), (statistics.mean(before), statistics.mean(outage))
+    assert sorted(outage)[int(0.99 * len(outage))] < STEP_S + 0.02
+    total = len(training.steps)
+    assert len(outage) > SMALL_QUEUE * 5  # the outage really outlasted the small queue
+
+    history = [m.step for m in client.get_metric_history(full, "loss")]
+    assert sorted(history) == list(range(total))  # exactly one value per step, none lost
+    assert loggers[0].dropped == 0 and loggers[0].failures >= 1 and loggers[0].sent == total
+
+    kept = [m.step for m in client.get_metric_history(small, "loss")]
+    assert len(set(kept)) == len(kept) and loggers[1].dropped == total - len(kept) > 0
+    sent_before_outage = len(training.durations(0, down - 1.0))  # flushed every 0.2 s while the server was up
+    assert set(range(sent_before_outage)) <= set(kept)  # only steps queued in the outage were lost
+    assert f"{loggers[1].dropped} steps of metrics were lost for run {small}" in caplog.text
+    assert "still does not take them; dropping the oldest" in caplog.text
