@@ -245,8 +245,8 @@ class TrainConfig(_Section):
         self._require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
         self._require(self.warmup_steps <= self.max_steps, "warmup_steps", "must be <= train.max_steps")
         self._require(self.fp8 == "none" or self.use_gpu or self.fp8_fallback, "fp8",
-                      "needs GPU workers: set train.use_gpu=true, or train.fp8=none to train on CPU "
-                      "(or train.fp8_fallback=true to train without FP8 here)")
+                      "needs GPU workers: set train.use_gpu=true, or train.fp8=none (or "
+                      "train.fp8_fallback=true) to train on CPU without FP8")
         if self.global_batch_size is not None:
             self._derive_grad_accum()
 

@@ -23,8 +23,8 @@ NO_CUDA = "no CUDA device is visible"
 def test_fp8_on_cpu_workers_without_the_opt_in_is_a_config_error():
     with pytest.raises(PipelineError) as error:
         load_config(None, ["train.fp8=delayed"])
-    assert str(error.value) == ("train.fp8 needs train.use_gpu=true (or train.fp8_fallback=true to train "
-                                "without FP8 here) (got 'delayed')")
+    assert str(error.value) == ("train.fp8 needs GPU workers: set train.use_gpu=true, or train.fp8=none (or "
+                                "train.fp8_fallback=true) to train on CPU without FP8 (got 'delayed')")
 
 
 def test_a_worker_reports_why_fp8_cannot_run_there(ray_cluster):
