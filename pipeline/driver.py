@@ -7,6 +7,8 @@ What this module decides:
 - Each stage execution is a nested MLflow run carrying the resolved config, seed and code version.
 - The driver process only orchestrates. Training runs in Ray Train workers; eval and export run as one
   Ray task that asks for a GPU when training did, so big models never load on the head node.
+- The parent run is tagged with what runs are compared by (`pipeline.run_tags`): precision, model,
+  data fingerprint at the start of every invocation, hardware once training has run (its nodes are up).
 - Every failure surfaces as one line naming the stage and the reason (`JobError`); `jobs/finetune.py`
   turns it into an exit code.
 """
@@ -15,17 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import ray
 
-from pipeline import storage, tracking
+from pipeline import run_tags, storage, tracking
 from pipeline.config import DEMO_BASE_URI, Config
 from pipeline.errors import PipelineError
 
 STAGES = ("data", "train", "eval", "export")
+log = logging.getLogger(__name__)
 
 
 class JobError(RuntimeError):
@@ -176,6 +180,7 @@ def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print) -> J
     """Run `stages` in pipeline order; raises JobError naming the stage that failed."""
     ensure_demo_base(cfg)
     ctx = open_job(cfg, code_version)
+    _tag_parent(ctx, lambda: run_tags.comparison_tags(cfg, ctx.options))
     params = {**cfg.flat_params(), "run.seed": cfg.run.seed}
     tags = tracking.code_version_tags(code_version)
     for stage in [s for s in STAGES if s in stages]:
@@ -188,10 +193,22 @@ def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print) -> J
             tracking.end_run(ctx.state["parent_run_id"], "FAILED", tracking_uri=ctx.tracking_uri)
             raise JobError(f"{stage}: {_one_line(exc)}") from exc
         ctx.save_state()
+        if stage == "train":
+            _tag_parent(ctx, lambda: run_tags.hardware_tags(cfg))
         echo(f"[{stage}] {summary} ({time.time() - start:.0f}s)")
     # a later re-run of a stage attaches to this parent again, whatever its status
     tracking.end_run(ctx.state["parent_run_id"], "FINISHED", tracking_uri=ctx.tracking_uri)
     return ctx
+
+
+def _tag_parent(ctx: JobContext, make_tags: Callable[[], dict[str, str]]) -> None:
+    """Best effort, like all tags: a missing input fails its stage later with a clearer message."""
+    try:
+        tags = make_tags()
+    except (PipelineError, ValueError, RuntimeError, OSError, KeyError) as exc:
+        log.warning("comparison tags of job %s not set: %s", ctx.cfg.run.name, _one_line(exc))
+        return
+    tracking.set_tags(ctx.state["parent_run_id"], tags, tracking_uri=ctx.tracking_uri)
 
 
 def _one_line(exc: BaseException) -> str:
