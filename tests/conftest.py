@@ -3,3 +3,4 @@
 from tests.s3_server import *  # noqa
 from tests.mlflow_server import *  # noqa
 from tests.ray_cluster import *  # noqa
+from tests.ray_head import *  # noqa
