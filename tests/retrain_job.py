@@ -3,9 +3,10 @@
 Same command line as `jobs/finetune.py` (`--config`, `--set`), but instead of training it reads its
 outcome from the first record of the first training file: `{"text": ..., "val_loss": 2.5}` becomes the
 eval metric `finetuned/val_loss`, and `"fail": true` makes the job exit 1. It creates the parent run and
-the eval and export stage runs with the pipeline's own tracking functions, and registers a model version
-the way export does (`pipeline.export.register_export`), so the scheduler reads it exactly like a real job.
-A whole fine-tuning job per tick would make the crash matrix take minutes; one test runs the real one.
+the eval and export stage runs with the pipeline's own tracking functions, and logs and registers a model
+version with the calls `pipeline.export.register_export` makes (without importing torch, which export
+does), so the scheduler reads it exactly like a real job. A whole fine-tuning job per tick would make
+the crash matrix take minutes; one test runs the real one.
 """
 
 import argparse
@@ -18,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import storage, tracking  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.export import register_export  # noqa: E402
 
 
 def main() -> int:
@@ -37,7 +37,9 @@ def main() -> int:
         tracking.log_metrics(run_id, {"finetuned/val_loss": first["val_loss"]}, tracking_uri=uri)
     with tracking.stage_run(parent, "export", tracking_uri=uri) as run_id, tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps({"model_type": "llama", "job": cfg.run.name}))
-        register_export(run_id, Path(d), cfg.export.registered_model_name, uri, f"{d} (test job)")
+        tracking.log_model_dir(run_id, d, "model", tracking_uri=uri)
+        version = tracking.register_model(run_id, "model", cfg.export.registered_model_name, tracking_uri=uri)
+        tracking.set_tags(run_id, {"export.uri": d, "export.registered_version": version}, tracking_uri=uri)
     tracking.end_run(parent, "FINISHED", tracking_uri=uri)
     print(f"job {cfg.run.name}: val_loss {first['val_loss']}")
     return 0
