@@ -104,8 +104,9 @@ def _parent_by_ref(client: MlflowClient, ref: str, experiment_id: str | None) ->
     try:
         run = client.get_run(ref)
     except MlflowException:  # not a run id either: say what was looked for
-        where = "is not a job name in the experiment nor a run id" if experiment_id else "is not a run id"
-        raise PipelineError(f"run {ref!r} {where}; pass --experiment to look jobs up by name") from None
+        where = ("is not a job name in the experiment nor a run id" if experiment_id
+                 else "is not a run id; pass --experiment to look jobs up by name")
+        raise PipelineError(f"run {ref!r} {where}") from None
     if run.data.tags.get(tracking.ROLE_TAG) != "parent":
         raise PipelineError(f"run {ref!r} is a {run.data.tags.get(tracking.ROLE_TAG, 'plain')} run, "
                             "not a job's parent run: pass the job's run id or name")

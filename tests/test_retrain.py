@@ -46,7 +46,8 @@ def setup(tmp_path, mlflow_server, ray_head):
                  f"data.train_files=[{data}]", f"export.registered_model_name=model-{tag}",
                  f"run.output_uri={tmp_path / 'out'}"]
     return {"data": data, "overrides": overrides, "model": f"model-{tag}", "job": f"nightly{tag}",
-            "mlflow": MlflowClient(mlflow_server.uri), "ray": JobSubmissionClient(ray_head.address, headers=ray_head.headers)}
+            "mlflow": MlflowClient(mlflow_server.uri),
+            "ray": JobSubmissionClient(ray_head.address, headers=ray_head.headers)}
 
 
 def _retrainer(setup, ray_head, *, crash_at=None, echo=None, script="tests/retrain_job.py", overrides=()):
