@@ -7,8 +7,9 @@ What this module decides:
 - Each stage execution is a nested MLflow run carrying the resolved config, seed and code version.
 - The driver process only orchestrates. Training runs in Ray Train workers; eval and export run as one
   Ray task that asks for a GPU when training did, so big models never load on the head node.
-- The parent run is tagged with what runs are compared by (`pipeline.run_tags`): precision, model,
-  data fingerprint at the start of every invocation, hardware once training has run (its nodes are up).
+- The parent and stage runs are tagged with what runs are compared by (`pipeline.run_tags`): precision,
+  model, data fingerprint at the start of every invocation; hardware once training ran (its nodes are
+  up by then) on the parent, the train run and the stage runs after it.
 - Every failure surfaces as one line naming the stage and the reason (`JobError`); `jobs/finetune.py`
   turns it into an exit code.
 """
@@ -180,9 +181,10 @@ def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print) -> J
     """Run `stages` in pipeline order; raises JobError naming the stage that failed."""
     ensure_demo_base(cfg)
     ctx = open_job(cfg, code_version)
-    _tag_parent(ctx, lambda: run_tags.comparison_tags(cfg, ctx.options))
+    compared = _comparison_tags(ctx, lambda: run_tags.comparison_tags(cfg, ctx.options))
+    tracking.set_tags(ctx.state["parent_run_id"], compared, tracking_uri=ctx.tracking_uri)
     params = {**cfg.flat_params(), "run.seed": cfg.run.seed}
-    tags = tracking.code_version_tags(code_version)
+    tags = {**tracking.code_version_tags(code_version), **compared}
     for stage in [s for s in STAGES if s in stages]:
         start = time.time()
         try:
@@ -194,21 +196,23 @@ def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print) -> J
             raise JobError(f"{stage}: {_one_line(exc)}") from exc
         ctx.save_state()
         if stage == "train":
-            _tag_parent(ctx, lambda: run_tags.hardware_tags(cfg))
+            hardware = _comparison_tags(ctx, lambda: run_tags.hardware_tags(cfg))
+            for tagged in (ctx.state["parent_run_id"], run_id):
+                tracking.set_tags(tagged, hardware, tracking_uri=ctx.tracking_uri)
+            tags.update(hardware)
         echo(f"[{stage}] {summary} ({time.time() - start:.0f}s)")
     # a later re-run of a stage attaches to this parent again, whatever its status
     tracking.end_run(ctx.state["parent_run_id"], "FINISHED", tracking_uri=ctx.tracking_uri)
     return ctx
 
 
-def _tag_parent(ctx: JobContext, make_tags: Callable[[], dict[str, str]]) -> None:
+def _comparison_tags(ctx: JobContext, make_tags: Callable[[], dict[str, str]]) -> dict[str, str]:
     """Best effort, like all tags: a missing input fails its stage later with a clearer message."""
     try:
-        tags = make_tags()
+        return make_tags()
     except (PipelineError, ValueError, RuntimeError, OSError, KeyError) as exc:
         log.warning("comparison tags of job %s not set: %s", ctx.cfg.run.name, _one_line(exc))
-        return
-    tracking.set_tags(ctx.state["parent_run_id"], tags, tracking_uri=ctx.tracking_uri)
+        return {}
 
 
 def _one_line(exc: BaseException) -> str:

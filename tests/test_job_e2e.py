@@ -165,6 +165,8 @@ def test_compare_shows_the_job_with_its_tags_and_real_loss_history(job, tmp_path
     tags = record.tags
     assert (tags["precision"], tags["hardware"], tags["model_name"]) == ("fp32", "cpu x2", "tiny-llama")
     assert len(tags["data_fingerprint"]) == 64 and tags["code.commit"] not in ("", "unknown")
+    train_tags = train_runs[-1].data.tags  # the loss lives here: the UI filters these runs by the same tags
+    assert (train_tags["precision"], train_tags["hardware"]) == ("fp32", "cpu x2")
     assert format_table([record]).splitlines()[0].split()[:2] == ["job", "final_loss"]
     plot_losses([record], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
