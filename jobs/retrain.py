@@ -46,6 +46,9 @@ def make_retrainer(args) -> Retrainer:
     from ray.job_submission import JobSubmissionClient
 
     cfg = load_config(args.config, args.set)
+    if args.config and Path(args.config).exists() and REPO not in Path(args.config).resolve().parents:
+        raise PipelineError(f"--config {args.config}: the job runs in an upload of {REPO}; "
+                            "put the preset inside it (e.g. configs/) and pass its relative path")
     runtime_env = {"working_dir": str(REPO), "env_vars": code_version_env(code_version(REPO))}
     return Retrainer(
         cfg, JobSubmissionClient(args.address), Gate(args.metric, args.higher_is_better, args.alias),

@@ -132,7 +132,8 @@ def test_ray_job_submit_to_a_head_node(tmp_path, ray_head):
     out = tmp_path / "out"
     overrides = ["run.name=submitted", "train.workers=1", "train.max_steps=2", "train.warmup_steps=1",
                  f"run.output_uri={out}", f"run.cache_dir={tmp_path / 'node'}",
-                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "eval.max_batches=1", "eval.num_samples=1", "eval.max_new_tokens=4"]
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "eval.max_batches=1", "eval.num_samples=1",
+                 "eval.max_new_tokens=4"]
     submit = [str(Path(sys.executable).with_name("ray")), "job", "submit", f"--address={ray_head.address}",
               "--working-dir", ".", "--", "python", "jobs/finetune.py", *[a for o in overrides for a in ("--set", o)]]
     done = subprocess.run(submit, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=900)

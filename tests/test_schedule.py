@@ -93,3 +93,14 @@ def test_interval_schedule_counts_from_each_tick_start():
 def test_a_schedule_needs_exactly_one_kind():
     with pytest.raises(PipelineError, match="exactly one"):
         run_schedule(lambda: None, max_ticks=1)
+
+
+def test_retrain_cli_refuses_a_bad_schedule_in_one_line(capsys, tmp_path):
+    from jobs import retrain
+
+    assert retrain.main(["--cron", "0 3 * *"]) == 1
+    assert capsys.readouterr().err.strip().startswith("retrain: error: cron '0 3 * *': needs 5 fields")
+    outside = tmp_path / "my.yaml"
+    outside.write_text("run: {name: x}\n")
+    assert retrain.main(["--config", str(outside)]) == 1
+    assert "put the preset inside it" in capsys.readouterr().err
