@@ -53,7 +53,7 @@ def make_retrainer(args) -> Retrainer:
     return Retrainer(
         cfg, JobSubmissionClient(args.address), Gate(args.metric, args.higher_is_better, args.alias),
         config_path=args.config, overrides=args.set, runtime_env=runtime_env,
-        poll_s=parse_interval(args.poll), timeout_s=parse_interval(args.timeout),
+        poll_s=parse_interval(args.poll, "--poll"), timeout_s=parse_interval(args.timeout, "--timeout"),
     )
 
 

@@ -31,15 +31,15 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def parse_interval(text: str) -> float:
-    """Seconds in '30m', '6h', '1d', '90s' or a plain number of seconds."""
+def parse_interval(text: str, flag: str = "--every") -> float:
+    """Seconds in '30m', '6h', '1d', '90s' or a plain number of seconds; errors name `flag`."""
     clean = text.strip().lower()
     try:
         seconds = float(clean[:-1]) * _UNITS[clean[-1]] if clean[-1:] in _UNITS else float(clean)
     except (ValueError, IndexError):
         seconds = 0.0
     if seconds <= 0:
-        raise PipelineError(f"--every {text!r}: not a positive interval like 90s, 30m, 6h or 1d")
+        raise PipelineError(f"{flag} {text!r}: not a positive interval like 90s, 30m, 6h or 1d")
     return seconds
 
 
