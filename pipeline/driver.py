@@ -7,6 +7,9 @@ What this module decides:
 - Each stage execution is a nested MLflow run carrying the resolved config, seed and code version.
 - The driver process only orchestrates. Training runs in Ray Train workers; eval and export run as one
   Ray task that asks for a GPU when training did, so big models never load on the head node.
+- The parent and stage runs are tagged with what runs are compared by (`pipeline.run_tags`): precision,
+  model, data fingerprint at the start of every invocation; hardware once training ran (its nodes are
+  up by then) on the parent, the train run and the stage runs after it.
 - Bad input leaves no trace. Before the job writes anything (MLflow runs, its state file, Ray), the
   inputs are checked (`pipeline.preflight`) and the data is prepared, since tokenizing is where bad
   records show; prepared data goes to a content-addressed cache folder only once it is complete. The
@@ -19,15 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import ray
 
-from pipeline import precision, preflight, storage, tracking
+from pipeline import precision, preflight, run_tags, storage, tracking
 from pipeline.config import DEMO_BASE_URI, STAGES, Config  # noqa: F401 - STAGES is re-exported
 from pipeline.errors import JobError, PipelineError  # noqa: F401 - JobError is re-exported
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -186,8 +192,10 @@ def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print,
         connect()
     ctx = open_job(cfg, code_version)
     ctx.prepared = prepared
+    compared = _comparison_tags(ctx, lambda: run_tags.comparison_tags(cfg, ctx.options))
+    tracking.set_tags(ctx.state["parent_run_id"], compared, tracking_uri=ctx.tracking_uri)
     params = {**cfg.flat_params(), "run.seed": cfg.run.seed}
-    tags = tracking.code_version_tags(code_version)
+    tags = {**tracking.code_version_tags(code_version), **compared}
     for stage in [s for s in STAGES if s in stages]:
         start = started.get(stage, time.time())
         try:
@@ -198,6 +206,11 @@ def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print,
             tracking.end_run(ctx.state["parent_run_id"], "FAILED", tracking_uri=ctx.tracking_uri)
             raise JobError(f"{stage}: {_one_line(exc)}") from exc
         ctx.save_state()
+        if stage == "train":
+            hardware = _comparison_tags(ctx, lambda: run_tags.hardware_tags(cfg))
+            for tagged in (ctx.state["parent_run_id"], run_id):
+                tracking.set_tags(tagged, hardware, tracking_uri=ctx.tracking_uri)
+            tags.update(hardware)
         echo(f"[{stage}] {summary} ({time.time() - start:.0f}s)")
     # a later re-run of a stage attaches to this parent again, whatever its status
     tracking.end_run(ctx.state["parent_run_id"], "FINISHED", tracking_uri=ctx.tracking_uri)
@@ -214,6 +227,15 @@ def _prepare_data(cfg: Config, train: bool):
     except (PipelineError, ValueError, RuntimeError, OSError) as exc:
         raise JobError(f"data: {_one_line(exc)}") from exc
     return prepared
+
+
+def _comparison_tags(ctx: JobContext, make_tags: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """Best effort, like all tags: a missing input fails its stage later with a clearer message."""
+    try:
+        return make_tags()
+    except (PipelineError, ValueError, RuntimeError, OSError, KeyError) as exc:
+        log.warning("comparison tags of job %s not set: %s", ctx.cfg.run.name, _one_line(exc))
+        return {}
 
 
 def _one_line(exc: BaseException) -> str:

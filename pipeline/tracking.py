@@ -187,6 +187,12 @@ def find_or_start_parent(
     return run_id
 
 
+def experiment_id(name: str, *, tracking_uri: str) -> str:
+    """The id of experiment `name`, created (with local artifacts beside a SQLite store) if missing."""
+    client, uri = _client(tracking_uri)
+    return _experiment_id(client, name, uri)
+
+
 def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:

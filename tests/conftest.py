@@ -5,3 +5,4 @@ from tests.s3_fault_proxy import *  # noqa
 from tests.mlflow_server import *  # noqa
 from tests.ray_cluster import *  # noqa
 from tests.job_traces import *  # noqa
+from tests.ray_head import *  # noqa

@@ -3,17 +3,12 @@
 One tiny job runs every stage (base checkpoint and data in S3, checkpoints and export back to S3,
 tracking to the MLflow server). Then the same job is run again with more steps, which resumes training
 from its latest checkpoint. The MLflow record, the bucket's contents and the export are checked.
-A separate test submits the job with `ray job submit` to a `ray start --head` cluster.
+A separate test submits the job with `ray job submit` to a `ray start --head` cluster (`ray_head`).
 """
 
 import json
-import os
-import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -132,65 +127,20 @@ def test_bad_config_fails_with_one_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start --head exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(1)
-    raise TimeoutError(f"no Ray dashboard on port {port} after {timeout}s")
-
-
-def test_ray_job_submit_to_a_head_node(tmp_path):
+def test_ray_job_submit_to_a_head_node(tmp_path, ray_head):
     """`ray job submit --working-dir .` against a `ray start --head` cluster runs the demo job."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    port, dash = _free_port(), _free_port()
-    # The test session's other local cluster holds Ray's default agent ports: give this head its own.
-    agent_ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port")]
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    # --block keeps the head's processes in one process group, so the test stops exactly this cluster
-    # (`ray stop` would also stop the test session's other local cluster).
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=3", "--include-dashboard=true",
-         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir=/tmp/rayh{os.getpid()}",
-         *agent_ports],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        _wait_for_port(dash, head)
-        out = tmp_path / "out"
-        overrides = ["run.name=submitted", "train.workers=1", "train.max_steps=2", "train.warmup_steps=1", f"run.output_uri={out}",
-                     f"run.cache_dir={tmp_path / 'node'}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                     "eval.max_batches=1", "eval.num_samples=1", "eval.max_new_tokens=4"]
-        submit = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-                  "python", "jobs/finetune.py", *[a for o in overrides for a in ("--set", o)]]
-        for _ in range(12):  # the dashboard answers before the head's job agent has registered
-            done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-            if "No available agent to submit job" not in done.stderr:
-                break
-            time.sleep(5)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "succeeded" in (done.stdout + done.stderr).lower()
-        assert "[export]" in done.stdout
-        assert (out / "exports" / "submitted" / "manifest.json").exists()
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+    out = tmp_path / "out"
+    overrides = ["run.name=submitted", "train.workers=1", "train.max_steps=2", "train.warmup_steps=1",
+                 f"run.output_uri={out}", f"run.cache_dir={tmp_path / 'node'}",
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "eval.max_batches=1", "eval.num_samples=1",
+                 "eval.max_new_tokens=4"]
+    submit = [str(Path(sys.executable).with_name("ray")), "job", "submit", f"--address={ray_head.address}",
+              "--working-dir", ".", "--", "python", "jobs/finetune.py", *[a for o in overrides for a in ("--set", o)]]
+    done = subprocess.run(submit, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in (done.stdout + done.stderr).lower()
+    assert "[export]" in done.stdout
+    assert (out / "exports" / "submitted" / "manifest.json").exists()
 
 
 def test_dry_run_checks_everything_and_names_what_is_missing(job, capsys):
@@ -202,21 +152,22 @@ def test_dry_run_checks_everything_and_names_what_is_missing(job, capsys):
     assert f"FAIL data {missing}: not found: {missing}" in capsys.readouterr().out
 
 
-def test_retrain_runs_only_when_data_changed_and_compare_shows_jobs(job, tmp_path):
-    from pipeline.compare import format_table, load_jobs
-    from pipeline.config import load_config
-    from pipeline.retrain import retrain_once
+def test_compare_shows_the_job_with_its_tags_and_real_loss_history(job, tmp_path):
+    from pipeline.compare import format_table, load_jobs, plot_losses
 
-    overrides = [a for a in job["args"] if a != "--set"] + ["run.name=nightly"]
-    cfg = load_config(None, overrides)
-    lines = []
-    first = retrain_once(cfg, {"commit": "test", "dirty": False, "source": "test"}, echo=lines.append)
-    assert first and first.startswith("nightly-")
-    assert retrain_once(cfg, {"commit": "test", "dirty": False, "source": "test"}, echo=lines.append) is None
-    assert lines[-1].startswith(f"data unchanged since job {first}")
-
-    jobs = load_jobs("e2e", cfg.tracking.uri)
-    assert {j.name for j in jobs} >= {"e2e", first}
-    table = format_table(jobs)
-    assert table.splitlines()[0].split()[:1] == ["job"] and "finetuned/val_loss" in table
-    assert "run.name" in table  # the parameter that differs between the two jobs
+    client = job["client"]
+    (record,) = load_jobs(client.tracking_uri, ["e2e"], experiment="e2e")
+    train_runs = [r for r in _stage_runs(client, _parent(client)) if r.data.tags["pipeline.stage"] == "train"]
+    newest_losses = client.get_metric_history(train_runs[-1].info.run_id, "loss")
+    last = max(newest_losses, key=lambda m: m.step)
+    assert record.curve[-1] == (last.step, last.value) and record.metrics["final_loss"] == last.value
+    assert [s for s, _ in record.curve] == list(range(1, last.step + 1))  # resumed runs joined by step
+    assert record.metrics["tokens_per_s"] > 0 and "finetuned/val_loss" in record.metrics
+    tags = record.tags
+    assert (tags["precision"], tags["hardware"], tags["model_name"]) == ("fp32", "cpu x2", "tiny-llama")
+    assert len(tags["data_fingerprint"]) == 64 and tags["code.commit"] not in ("", "unknown")
+    train_tags = train_runs[-1].data.tags  # the loss lives here: the UI filters these runs by the same tags
+    assert (train_tags["precision"], train_tags["hardware"]) == ("fp32", "cpu x2")
+    assert format_table([record]).splitlines()[0].split()[:2] == ["job", "final_loss"]
+    plot_losses([record], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
