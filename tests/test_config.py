@@ -22,7 +22,7 @@ def write_yaml(tmp_path: Path, content: dict) -> str:
 
 def test_presets_exist_and_load():
     names = {p.stem for p in PRESETS}
-    assert {"tiny-cpu", "llama3.2-3b-fp8", "gpu-small-fp8"} <= names
+    assert {"tiny-cpu", "llama3.2-3b-fp8", "llama3.1-8b-fp8-fsdp", "gpu-small-fp8"} <= names
     for path in PRESETS:
         load_config(str(path), [])
 
@@ -46,6 +46,7 @@ def test_gpu_presets_are_fp8_on_gpu():
     assert (big.train.fp8, big.train.use_gpu, big.model.dtype, big.train.workers, big.data.seq_len) == (
         "delayed", True, "bf16", 8, 4096)
     assert big.model.base_uri.startswith("s3://")
+    assert big.train.parallelism == "ddp" and load_config("llama3.1-8b-fp8-fsdp").train.parallelism == "fsdp"
     small = load_config("gpu-small-fp8")
     assert (small.train.fp8, small.train.use_gpu, small.train.workers) == ("delayed", True, 1)
 
