@@ -70,7 +70,7 @@ def job_config(args, workdir: Path, base_dir: Path, backend: str, use_gpu: bool)
         "data": {"seq_len": args.seq},
         "train": {"workers": 1, "use_gpu": use_gpu, "micro_batch_size": args.batch, "grad_accum_steps": 1,
                   "lr": 1e-5, "warmup_steps": 1, "max_steps": args.warmup + args.steps, "checkpoint_every": 0,
-                  "keep_checkpoints": 1, "log_every": 1, "fp8": args.fp8},
+                  "keep_checkpoints": 2, "log_every": 1, "fp8": args.fp8},
     })
 
 
