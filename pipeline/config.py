@@ -185,6 +185,14 @@ class TrainConfig(_Section):
     keep_checkpoints: int = 2
     # Log training metrics every this many optimizer steps.
     log_every: int = 1
+    # Worker-group restarts Ray Train makes after a worker dies or fails, each from the latest
+    # checkpoint; 0 = none, -1 = unlimited.
+    max_failures: int = 3
+    # A step whose loss or gradient norm is NaN/Inf on any rank: stop the run, skip the step (no
+    # optimizer update), or roll back to the last checkpoint and go on with the data after that step.
+    on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"
+    # Non-finite steps skipped or rolled back in one run before it stops anyway.
+    max_nonfinite_steps: int = 10
 
     def _validate(self) -> None:
         for name in ("workers", "micro_batch_size", "grad_accum_steps", "max_steps", "log_every",
@@ -196,6 +204,8 @@ class TrainConfig(_Section):
         self._require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
         self._require(self.warmup_steps <= self.max_steps, "warmup_steps", "must be <= train.max_steps")
         self._require(self.fp8 == "none" or self.use_gpu, "fp8", "needs train.use_gpu=true")
+        self._require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
+        self._require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", "must be >= 0")
 
 
 @dataclass

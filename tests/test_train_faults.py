@@ -1,0 +1,179 @@
+"""Worker faults on a real local Ray cluster: 2 CPU workers (gloo), checkpoints in moto S3, metrics to MLflow.
+
+An uninterrupted run is the reference (fp32 on CPU is deterministic). Then: workers are SIGKILLed three
+times in one run, a worker gets SIGTERM, and one rank's loss turns NaN. Kills are real signals to the
+worker processes, which the test finds through the pid files of the PIPELINE_WORKER_STATE_DIR hook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import storage, tiny, tracking
+from pipeline.config import Config
+from pipeline.data import prepare
+from pipeline.errors import PipelineError
+from pipeline.faults import POISON_LOSS_ENV, STATE_DIR_ENV
+from pipeline.train import train
+
+STEPS = 12
+SHIPPED_TEXT = str(Path(__file__).resolve().parent.parent / "data" / "tiny_text.jsonl")
+MLFLOW_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "nonfinite_steps")
+
+
+@pytest.fixture(scope="module")
+def setup(s3_server, tmp_path_factory):
+    """(config factory, prepared data): base checkpoint in S3, data prepared there."""
+    bucket = s3_server.create_bucket(f"faults-{uuid.uuid4().hex[:12]}")
+    options = storage.StorageOptions(endpoint_url=s3_server.endpoint_url)
+    base = tiny.make_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny-llama")
+    storage.publish(base, f"s3://{bucket}/base/tiny-llama", options)
+    cache_dir = tmp_path_factory.mktemp("node-cache")
+
+    def cfg_for(name: str, **train) -> Config:
+        return Config.from_dict({
+            "run": {"name": name, "seed": 0, "output_uri": f"s3://{bucket}/runs", "cache_dir": str(cache_dir)},
+            "storage": {"endpoint_url": s3_server.endpoint_url},
+            "model": {"base_uri": f"s3://{bucket}/base/tiny-llama", "backend": "torch", "dtype": "fp32"},
+            "data": {"train_files": [SHIPPED_TEXT], "seq_len": 64, "max_documents": 80, "val_fraction": 0.1},
+            "train": {"workers": 2, "use_gpu": False, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 3,
+                      "max_steps": STEPS, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1, **train},
+        })
+
+    return cfg_for, prepare(cfg_for("data"), str(base))
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, setup):
+    cfg_for, prepared = setup
+    return train(cfg_for("reference"), prepared)
+
+
+def tracked_train(cfg: Config, prepared, mlflow_uri: str):
+    """train() under a stage run of a fresh parent; (result, stage run id)."""
+    parent = tracking.find_or_start_parent("train-faults", cfg.run.name, tracking_uri=mlflow_uri)
+    with tracking.stage_run(parent, "train", tracking_uri=mlflow_uri) as run_id:
+        return train(cfg, prepared, run_id=run_id, tracking_uri=mlflow_uri), run_id
+
+
+def assert_one_value_per_step(mlflow_uri: str, run_id: str, result) -> None:
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    for key in MLFLOW_KEYS:
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(1, STEPS + 1)), (key, steps)
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert logged == pytest.approx({m["step"]: m["loss"] for m in result.metrics})
+
+
+def worker_events(state_dir: Path, rank: int) -> list[dict]:
+    path = state_dir / f"rank-{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+class Signaller(threading.Thread):
+    """Sends `sig` to rank r's worker process once it has finished step s, for each (r, s) in `plan`;
+    every signal goes to a worker process that has not had one yet."""
+
+    def __init__(self, state_dir: Path, plan: list[tuple[int, int]], sig: int, timeout_s: float = 240.0) -> None:
+        super().__init__(daemon=True)
+        self.state_dir, self.plan, self.sig, self.timeout_s = state_dir, plan, sig, timeout_s
+        self.sent: list[dict] = []  # {"rank", "pid", "step"} of every signal sent
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        signalled = set()
+        for rank, at_step in self.plan:
+            while time.monotonic() < deadline:
+                fresh = [e for e in worker_events(self.state_dir, rank)
+                         if e["event"] == "step" and e["step"] >= at_step and e["pid"] not in signalled]
+                if fresh:
+                    os.kill(fresh[-1]["pid"], self.sig)
+                    signalled.add(fresh[-1]["pid"])
+                    self.sent.append({"rank": rank, "pid": fresh[-1]["pid"], "step": fresh[-1]["step"]})
+                    break
+                time.sleep(0.02)
+
+
+def starts(state_dir: Path, rank: int) -> list[tuple[int, int]]:
+    """(pid, step it started from) of every attempt of `rank`, oldest first."""
+    return [(e["pid"], e["step"]) for e in worker_events(state_dir, rank) if e["event"] == "start"]
+
+
+def last_step(state_dir: Path, rank: int, pid: int) -> int:
+    return max(e["step"] for e in worker_events(state_dir, rank) if e["pid"] == pid and e["event"] == "step")
+
+
+@pytest.mark.slow
+def test_workers_sigkilled_three_times_resume_exactly_and_log_each_step_once(
+        reference, setup, mlflow_server, monkeypatch, tmp_path):
+    cfg_for, prepared = setup
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
+    killer = Signaller(tmp_path, [(0, 3), (1, 6), (0, 9)], signal.SIGKILL)
+    killer.start()
+    result, run_id = tracked_train(cfg_for("sigkill", max_failures=3), prepared, mlflow_server.uri)
+    killer.join(timeout=5)
+    assert [k["rank"] for k in killer.sent] == [0, 1, 0], killer.sent
+    for rank in (0, 1):
+        attempts = starts(tmp_path, rank)
+        assert len(attempts) == 4, attempts  # the first attempt and three restarts
+        for _, resumed_at in attempts[1:]:
+            assert resumed_at % 2 == 0 and resumed_at >= 2  # from a checkpoint (checkpoint_every=2)
+    assert result.steps == STEPS
+    assert [m["loss"] for m in result.metrics] == [m["loss"] for m in reference.metrics]  # exactly
+    assert [m["grad_norm"] for m in result.metrics] == [m["grad_norm"] for m in reference.metrics]
+    assert_one_value_per_step(mlflow_server.uri, run_id, result)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_that_step_and_the_restart_loses_none(reference, setup, monkeypatch, tmp_path):
+    cfg_for, prepared = setup
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
+    terminator = Signaller(tmp_path, [(1, 3)], signal.SIGTERM)
+    terminator.start()
+    # checkpoint_every=0: the only checkpoint before the end is the one SIGTERM asked for
+    result = train(cfg_for("sigterm", checkpoint_every=0, max_failures=1), prepared)
+    terminator.join(timeout=5)
+    assert len(terminator.sent) == 1
+    for rank in (0, 1):
+        (first_pid, first_start), (_, restart) = starts(tmp_path, rank)
+        assert first_start == 0
+        assert restart == last_step(tmp_path, rank, first_pid) >= 3  # every finished step kept
+    assert result.steps == STEPS and result.resumed_from_step == restart
+    assert [m["loss"] for m in result.metrics] == [m["loss"] for m in reference.metrics]
+
+
+POISON_STEP = 6  # after the step-4 checkpoint (checkpoint_every=4)
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_nonfinite_loss_on_one_rank_is_skipped_or_rolled_back(
+        policy, reference, setup, mlflow_server, monkeypatch):
+    cfg_for, prepared = setup
+    monkeypatch.setenv(POISON_LOSS_ENV, f"1:{POISON_STEP}")
+    cfg = cfg_for(f"nonfinite-{policy}", on_nonfinite=policy, checkpoint_every=4)
+    result, run_id = tracked_train(cfg, prepared, mlflow_server.uri)
+    assert result.steps == STEPS and result.metrics[-1]["nonfinite_steps"] == 1
+    losses, expected = [m["loss"] for m in result.metrics], [m["loss"] for m in reference.metrics]
+    same_until = POISON_STEP - 1 if policy == "skip" else 4  # rollback: back to the step-4 checkpoint
+    assert losses[:same_until] == expected[:same_until]
+    assert losses[same_until] != expected[same_until]  # the data after the non-finite step, not the same batch
+    assert_one_value_per_step(mlflow_server.uri, run_id, result)
+
+
+def test_nonfinite_loss_stops_the_run_naming_step_and_rank(ray_cluster, setup, monkeypatch):
+    cfg_for, prepared = setup
+    monkeypatch.setenv(POISON_LOSS_ENV, "1:3")
+    with pytest.raises(PipelineError) as caught:
+        train(cfg_for("nonfinite-stop", on_nonfinite="stop"), prepared)
+    message = str(caught.value)
+    assert "stopped: non-finite loss on rank 1 at step 3 (train.on_nonfinite=stop)" in message
+    assert "\n" not in message
