@@ -133,6 +133,15 @@ def agree(loss: torch.Tensor, grad_norm: torch.Tensor, rank: int, world: int) ->
     )
 
 
+def latest_committed_checkpoint() -> ray.train.Checkpoint | None:
+    """The newest checkpoint of this run that Ray committed, the same on every rank: within a run,
+    `ray.train.get_checkpoint()` learns of new checkpoints only on rank 0, the one that reports them."""
+    reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                                      timeout_s=COMMIT_TIMEOUT_S)
+    newest = max(reported, key=lambda r: Path(r.checkpoint.path).name, default=None)  # checkpoint_{step:06d}-…
+    return newest.checkpoint if newest else None
+
+
 def preempted_error(agreed: StepAgreement, step: int) -> PipelineError:
     return PipelineError(f"preempted: SIGTERM on rank {_ranks(agreed.sigterm_ranks)}; checkpoint of step {step} "
                          "written, the restart goes on from it")

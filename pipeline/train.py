@@ -317,9 +317,9 @@ def _build_worker(cfg: Config, train_uri: str) -> _Worker:
                    peak_flops(device))
 
 
-def _resume(w: _Worker, ray_uri: str) -> Progress:
-    """Progress restored from Ray's latest checkpoint of this run, or a fresh start."""
-    checkpoint = ray.train.get_checkpoint()
+def _resume(w: _Worker, ray_uri: str, checkpoint: ray.train.Checkpoint | None = None) -> Progress:
+    """Progress restored from `checkpoint` (default: Ray's latest checkpoint of this run), or a fresh start."""
+    checkpoint = checkpoint or ray.train.get_checkpoint()
     if checkpoint is None:
         return Progress()
     uri = storage.join(ray_uri, w.cfg.run.name, PurePosixPath(checkpoint.path).name)
@@ -388,9 +388,10 @@ def _after_nonfinite(w: _Worker, progress: Progress, agreed: faults.StepAgreemen
         return progress, f"{what}, {progress.nonfinite_steps} non-finite steps in this run " \
                          f"(train.max_nonfinite_steps={train.max_nonfinite_steps})"
     if train.on_nonfinite == "rollback":
-        if ray.train.get_checkpoint() is None:
+        checkpoint = faults.latest_committed_checkpoint()
+        if checkpoint is None:
             return progress, f"{what}, and no checkpoint yet to roll back to (train.on_nonfinite=rollback)"
-        progress = _rolled_back(w, progress, ray_uri)
+        progress = _rolled_back(w, progress, ray_uri, checkpoint)
         metrics.discard_held()
     if w.rank == 0:
         log.warning("%s: %s, going on from step %d (non-finite steps so far: %d)", what,
@@ -399,10 +400,10 @@ def _after_nonfinite(w: _Worker, progress: Progress, agreed: faults.StepAgreemen
     return progress, None
 
 
-def _rolled_back(w: _Worker, progress: Progress, ray_uri: str) -> Progress:
-    """Weights, optimizer, schedule and step from the latest checkpoint; the data goes on after the bad
-    step, so the micro-batches since that checkpoint are not replayed."""
-    restored = _resume(w, ray_uri)
+def _rolled_back(w: _Worker, progress: Progress, ray_uri: str, checkpoint: ray.train.Checkpoint) -> Progress:
+    """Weights, optimizer, schedule and step from `checkpoint`; the data goes on after the bad step, so
+    the micro-batches since that checkpoint are not replayed."""
+    restored = _resume(w, ray_uri, checkpoint)
     restored.epoch, restored.offset = progress.epoch, progress.offset
     restored.resumed_from_step, restored.nonfinite_steps = progress.resumed_from_step, progress.nonfinite_steps
     return restored
