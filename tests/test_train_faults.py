@@ -125,8 +125,9 @@ def test_workers_sigkilled_three_times_resume_exactly_and_log_each_step_once(
     for rank in (0, 1):
         attempts = starts(tmp_path, rank)
         assert len(attempts) == 4, attempts  # the first attempt and three restarts
-        for _, resumed_at in attempts[1:]:
-            assert resumed_at % 2 == 0 and resumed_at >= 2  # from a checkpoint (checkpoint_every=2)
+        resumed = [step for _, step in attempts[1:]]
+        # Each from the newest checkpoint Ray had committed (checkpoint_every=2), possibly none yet.
+        assert all(step % 2 == 0 for step in resumed) and resumed == sorted(resumed) and resumed[-1] >= 2, resumed
     assert result.steps == STEPS
     assert [m["loss"] for m in result.metrics] == [m["loss"] for m in reference.metrics]  # exactly
     assert [m["grad_norm"] for m in result.metrics] == [m["grad_norm"] for m in reference.metrics]
