@@ -91,7 +91,7 @@ def test_driver_killed_mid_train_resumes_when_submitted_again(job, tmp_path):
     driver = finetune_subprocess(args, tmp_path)
     try:
         wait_for(lambda: any(e["event"] == "step" and e["step"] >= 5 for e in events(tmp_path)),
-                 "training past the step-4 checkpoint")
+                 "training past its step-2 and step-4 checkpoints")
     finally:
         driver.kill()  # SIGKILL
         output = driver.communicate(timeout=60)[0]
@@ -106,7 +106,8 @@ def test_driver_killed_mid_train_resumes_when_submitted_again(job, tmp_path):
     output = again.communicate(timeout=600)[0]
     assert again.returncode == 0, output[-3000:]
     (_, resumed_at) = [(e["pid"], e["step"]) for e in events(tmp_path) if e["event"] == "start"][-1]
-    assert 4 <= resumed_at <= killed_at and resumed_at % 2 == 0  # its latest checkpoint, not step 0
+    # the newest checkpoint Ray had committed (one reported just before the kill may not be), not step 0
+    assert 2 <= resumed_at <= killed_at and resumed_at % 2 == 0
     assert f"[train] {STEPS} steps" in output
     client = job["client"]
     (parent,) = parents(client, "driver-kill")
