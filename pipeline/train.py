@@ -24,9 +24,10 @@ What this module decides:
   over `train.grad_accum_steps` micro-batches (DDP syncs only on the last) and are clipped to `max_grad_norm`.
 - Metrics of every `train.log_every`-th step: loss (mean over ranks of each rank's mean token loss), lr,
   grad_norm (before clipping), tokens_per_s (all ranks, padding included), mfu (against the GPU's dense
-  bf16 peak; 0.0 where no peak is known, e.g. on CPU), gpu_mem_gb (peak allocated, GiB). They go to
-  MLflow from rank 0 only (tracking's non-blocking logger; nothing when no run id is given) and into
-  every checkpoint's trainer_state.json, which is where `TrainResult.metrics` comes from.
+  bf16 peak; 0.0 where no peak is known, e.g. on CPU), gpu_mem_gb (peak allocated, GiB), nonfinite_steps
+  (skipped or rolled back so far). They go to MLflow from rank 0 only (tracking's non-blocking logger,
+  once a checkpoint covering them is committed; nothing when no run id is given) and into every
+  checkpoint's trainer_state.json, which is where `TrainResult.metrics` comes from.
 - Ray hears from the workers only at checkpoints (`ray.train.report` with that step's metrics). In Ray
   2.60 each worker's report waits in a one-slot queue that the controller drains once per health-check
   poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a report every step would cap training at one step
