@@ -15,8 +15,9 @@ What this module decides:
   committed by Ray's controller (`get_all_reported_checkpoints(COMMITTED)`, waited for on a thread so
   training goes on), then hands them to the MLflow logger. Steps re-done after a restart were never
   handed over. Steps handed over but still queued when the worker died are in that checkpoint's history
-  with their timestamps: a resumed worker sends the history again, and MLflow's database stores an
-  identical (key, value, step, timestamp) only once.
+  with their timestamps: a resumed worker sends again the history's steps taken since its MLflow run
+  started (older ones went to an earlier run of the job), and MLflow's database stores an identical
+  (key, value, step, timestamp) only once.
 - Test-only hooks, read from the environment where training starts: PIPELINE_FAIL_AT_STEP=N (rank 0
   raises after step N), PIPELINE_WORKER_STATE_DIR=dir (every worker appends its pid and step to
   dir/rank-R.jsonl, so a test can find the process to kill), PIPELINE_POISON_LOSS=R:N (rank R's loss at
@@ -168,10 +169,12 @@ class CommittedMetrics:
         self._held: list[dict[str, float]] = []
         self._handover: threading.Thread | None = None
 
-    def resend(self, history: list[dict[str, float]]) -> None:
-        """Send a resumed checkpoint's history again; steps already stored are not doubled."""
-        for entry in history if self.active else []:
-            self._log(entry)
+    def resend(self, history: list[dict[str, float]], since_ms: int | None) -> None:
+        """Send again the steps of a resumed checkpoint's history taken since `since_ms` (when this MLflow
+        run started; None sends none): they went to this run, and MLflow stores an identical step once."""
+        for entry in history if self.active and since_ms is not None else []:
+            if entry.get(TIME_KEY, 0) >= since_ms:
+                self._log(entry)
 
     def hold(self, metrics: dict[str, float]) -> None:
         if self.active:

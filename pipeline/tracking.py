@@ -244,12 +244,22 @@ def stage_run(
 
 def run_status(run_id: str, *, tracking_uri: str | None = None) -> str | None:
     """RUNNING / FINISHED / FAILED / KILLED, or None when the run is unknown, deleted or unreachable."""
+    info = _run_info(run_id, tracking_uri)
+    return None if info is None or info.lifecycle_stage == "deleted" else info.status
+
+
+def run_start_ms(run_id: str, *, tracking_uri: str | None = None) -> int | None:
+    """When the run was created (ms since the epoch), or None when it cannot be read."""
+    info = _run_info(run_id, tracking_uri)
+    return None if info is None else info.start_time
+
+
+def _run_info(run_id: str, tracking_uri: str | None):
     client, _ = _client(tracking_uri)
     try:
-        info = client.get_run(run_id).info
+        return client.get_run(run_id).info
     except Exception:  # noqa: BLE001 - unknown is an answer here
         return None
-    return None if info.lifecycle_stage == "deleted" else info.status
 
 
 def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:

@@ -117,6 +117,7 @@ def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tra
     storage_path, storage_fs = _ray_storage(ray_uri, options)
     loop_config = {"config": cfg.to_dict(), "train_uri": _absolute(prepared.train_uri), "ray_uri": ray_uri,
                    "run_id": run_id, "tracking_uri": tracking_uri, "code_version": code_version,
+                   "run_started_ms": _run_started_ms(run_id, tracking_uri),
                    "hooks": faults.Hooks.from_env().to_dict()}
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -152,6 +153,15 @@ def _train_result(cfg: Config, result: ray.train.Result, ray_uri: str,
                        final_loss=metrics[-1]["loss"] if metrics else math.nan, metrics=metrics,
                        ray_result_path=storage.join(ray_uri, cfg.run.name),
                        resumed_from_step=state["resumed_from_step"])
+
+
+def _run_started_ms(run_id: str | None, tracking_uri: str | None) -> int | None:
+    """Steps of a resumed history logged after this is when they went to this same MLflow run."""
+    if run_id is None:
+        return None
+    from pipeline import tracking  # imports mlflow: the driver only
+
+    return tracking.run_start_ms(run_id, tracking_uri=tracking_uri)
 
 
 def _absolute(uri: str) -> str:
@@ -445,7 +455,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
     progress = _resume(w, loop_config["ray_uri"])  # last: restores the RNG states training goes on with
     progress.nonfinite_steps = faults.nonfinite_count(progress.history)
     metrics = faults.CommittedMetrics(_metric_logger(w.rank, loop_config["run_id"], loop_config["tracking_uri"]))
-    metrics.resend(progress.history)
+    metrics.resend(progress.history, since_ms=loop_config["run_started_ms"])
     hooks.record(w.rank, "start", progress.step)
     faults.watch_sigterm()
     try:
