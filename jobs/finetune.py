@@ -46,8 +46,9 @@ def start_ray():
 
     if ray.is_initialized():
         return
-    # Locally, workers find the project through PYTHONPATH; under `ray job submit` the working dir does it.
-    env = {"env_vars": {"PYTHONPATH": str(REPO)}} if not os.environ.get("RAY_ADDRESS") else None
+    # Workers find the project through PYTHONPATH, also on a cluster joined by RAY_ADDRESS from this node;
+    # under `ray job submit` (which hands the driver its job config) the working dir does it.
+    env = None if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else {"env_vars": {"PYTHONPATH": str(REPO)}}
     # the dashboard also serves Ray's state API, which Ray Train polls; without it Train logs warnings
     ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=env)
 

@@ -232,6 +232,14 @@ class TrainConfig(_Section):
     # When FP8 is requested but cannot run (no GPU, no Transformer Engine, unsupported GPU): false = stop
     # at job start with the reason; true = warn, train without FP8, tag the MLflow run fp8.fallback.
     fp8_fallback: bool = False
+    # Worker-group restarts Ray Train makes after a worker dies or fails, each from the latest
+    # checkpoint; 0 = none, -1 = unlimited.
+    max_failures: int = 3
+    # A step whose loss or gradient norm is NaN/Inf on any rank: stop the run, skip the step (no
+    # optimizer update), or roll back to the last checkpoint and go on with the data after that step.
+    on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"
+    # Non-finite steps skipped or rolled back in one run before it stops anyway.
+    max_nonfinite_steps: int = 10
 
     def _validate(self) -> None:
         for name in ("workers", "micro_batch_size", "grad_accum_steps", "max_steps", "log_every",
@@ -247,6 +255,8 @@ class TrainConfig(_Section):
         self._require(self.fp8 == "none" or self.use_gpu or self.fp8_fallback, "fp8",
                       "needs GPU workers: set train.use_gpu=true, or train.fp8=none (or "
                       "train.fp8_fallback=true) to train on CPU without FP8")
+        self._require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
+        self._require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", "must be >= 0")
         if self.global_batch_size is not None:
             self._derive_grad_accum()
 

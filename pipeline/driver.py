@@ -16,6 +16,11 @@ What this module decides:
   data stage's MLflow run then records what preparation found.
 - Every failure surfaces as one line naming the stage and the reason (`JobError`), or the bad input
   (`PipelineError`); `jobs/finetune.py` turns it into an exit code.
+- Submitting a job again under the same `run.name` resumes it: same parent run, training from its latest
+  checkpoint. A stage whose driver was killed mid-way (its MLflow run left RUNNING, recorded in the state
+  file) carries on in that same run, so the train stage keeps one metric history. A run name stands for
+  one run: submitting it with another base model, seed or training data (`IDENTITY_KEYS`) is refused
+  rather than resuming that run's checkpoints; a new run name starts a new run.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from pipeline import precision, preflight, run_tags, storage, tracking
 from pipeline.config import DEMO_BASE_URI, STAGES, Config  # noqa: F401 - STAGES is re-exported
 from pipeline.errors import JobError, PipelineError  # noqa: F401 - JobError is re-exported
 
+# Settings a job's checkpoints were made with: a run name cannot be resumed under other values.
+IDENTITY_KEYS = ("run.seed", "model.base_uri", "data.train_files", "data.format", "data.seq_len")
 log = logging.getLogger(__name__)
 
 
@@ -66,6 +73,7 @@ def open_job(cfg: Config, code_version: dict) -> JobContext:
     ctx = JobContext(cfg, options, uri, code_version, {})
     if storage.exists(ctx.state_uri, options):
         ctx.state = json.loads(storage.read_bytes(ctx.state_uri, options))
+    _check_same_run(ctx)
     params = {**cfg.flat_params(), "run.seed": cfg.run.seed}
     tags = {**tracking.code_version_tags(code_version), "job.output_uri": cfg.run.output_uri}
     ctx.state["parent_run_id"] = tracking.find_or_start_parent(
@@ -74,6 +82,23 @@ def open_job(cfg: Config, code_version: dict) -> JobContext:
     )
     ctx.save_state()
     return ctx
+
+
+def _check_same_run(ctx: JobContext) -> None:
+    """Record the job's identity on its first run; refuse a later one under the same name that differs."""
+    flat = ctx.cfg.flat_params()
+    identity = {key: flat[key] for key in IDENTITY_KEYS}
+    recorded = ctx.state.setdefault("identity", identity)
+    for key in IDENTITY_KEYS:
+        if key in recorded and recorded[key] != identity[key]:
+            raise PipelineError(f"run.name {ctx.cfg.run.name!r} is a job with {key}={recorded[key]!r} "
+                                f"({ctx.state_uri}), not {identity[key]!r}; use a new run.name to start a new run")
+
+
+def _interrupted_run(ctx: JobContext, stage: str) -> str | None:
+    """The MLflow run of `stage` that a killed driver left RUNNING, to carry on in."""
+    run_id = ctx.state.get("running", {}).get(stage)
+    return run_id if run_id and tracking.run_status(run_id, tracking_uri=ctx.tracking_uri) == "RUNNING" else None
 
 
 def ensure_demo_base(cfg: Config) -> None:
@@ -200,11 +225,14 @@ def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print,
         start = started.get(stage, time.time())
         try:
             with tracking.stage_run(ctx.state["parent_run_id"], stage, params=params, tags=tags,
-                                    tracking_uri=ctx.tracking_uri) as run_id:
+                                    tracking_uri=ctx.tracking_uri, run_id=_interrupted_run(ctx, stage)) as run_id:
+                ctx.state.setdefault("running", {})[stage] = run_id
+                ctx.save_state()
                 summary = STAGE_FUNCTIONS[stage](ctx, run_id)
         except (PipelineError, ValueError, RuntimeError, OSError) as exc:
             tracking.end_run(ctx.state["parent_run_id"], "FAILED", tracking_uri=ctx.tracking_uri)
             raise JobError(f"{stage}: {_one_line(exc)}") from exc
+        ctx.state["running"].pop(stage)
         ctx.save_state()
         if stage == "train":
             hardware = _comparison_tags(ctx, lambda: run_tags.hardware_tags(cfg))

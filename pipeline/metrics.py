@@ -71,9 +71,14 @@ class AsyncMetricLogger:
         """Steps queued and not yet accepted by the server."""
         return len(self._pending)
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Queue one step's metrics. Pass Python numbers: a CUDA tensor would sync the GPU in `float()`."""
-        entry = (step, int(time.time() * 1000), {key: float(value) for key, value in metrics.items()})
+    def log(self, step: int, metrics: Mapping[str, Any], timestamp_ms: int | None = None) -> None:
+        """Queue one step's metrics. Pass Python numbers: a CUDA tensor would sync the GPU in `float()`.
+
+        `timestamp_ms` (default: now) lets a step be sent again unchanged: MLflow's database stores an
+        identical (key, value, step, timestamp) once.
+        """
+        stamp = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
+        entry = (step, stamp, {key: float(value) for key, value in metrics.items()})
         with self._lock:
             if self._closing:
                 self.dropped += 1
@@ -203,7 +208,7 @@ class NullLogger:
     def pending(self) -> int:
         return 0
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def log(self, step: int, metrics: Mapping[str, Any], timestamp_ms: int | None = None) -> None:
         pass
 
     def close(self, timeout: float = 10.0) -> bool:

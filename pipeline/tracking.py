@@ -218,17 +218,20 @@ def _quote(value: str) -> str:
 def stage_run(
     parent_id: str, stage: str, *,
     params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None, tracking_uri: str | None = None,
+    run_id: str | None = None,
 ) -> Iterator[str]:
     """A new nested run for one execution of `stage` under the parent; yields its id.
 
     The run ends FINISHED, FAILED when the block raises, KILLED on Ctrl-C. Running a stage again
-    later makes another nested run under the same parent.
+    later makes another nested run under the same parent. `run_id`: an unfinished run of this stage
+    (its driver died) to carry on in instead of a new one.
     """
     client, uri = _client(tracking_uri)
     run_tags = {**(tags or {}), _PARENT_TAG: parent_id, STAGE_TAG: stage, ROLE_TAG: "stage"}
     try:
         experiment_id = client.get_run(parent_id).info.experiment_id
-        run_id = client.create_run(experiment_id, tags=_clean_tags(run_tags), run_name=stage).info.run_id
+        if run_id is None:
+            run_id = client.create_run(experiment_id, tags=_clean_tags(run_tags), run_name=stage).info.run_id
     except Exception as exc:  # noqa: BLE001 - any failure here means the stage cannot be tracked
         where = f"MLflow run of stage {stage!r} at {tracking_uri_label(uri)}"
         raise PipelineError(f"cannot start {where}: {error_line(exc)}") from exc
@@ -243,6 +246,26 @@ def stage_run(
         raise
     finally:
         end_run(run_id, status, tracking_uri=uri)
+
+
+def run_status(run_id: str, *, tracking_uri: str | None = None) -> str | None:
+    """RUNNING / FINISHED / FAILED / KILLED, or None when the run is unknown, deleted or unreachable."""
+    info = _run_info(run_id, tracking_uri)
+    return None if info is None or info.lifecycle_stage == "deleted" else info.status
+
+
+def run_start_ms(run_id: str, *, tracking_uri: str | None = None) -> int | None:
+    """When the run was created (ms since the epoch), or None when it cannot be read."""
+    info = _run_info(run_id, tracking_uri)
+    return None if info is None else info.start_time
+
+
+def _run_info(run_id: str, tracking_uri: str | None):
+    client, _ = _client(tracking_uri)
+    try:
+        return client.get_run(run_id).info
+    except Exception:  # noqa: BLE001 - unknown is an answer here
+        return None
 
 
 def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:

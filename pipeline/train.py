@@ -9,8 +9,11 @@ What this module decides:
   `train.keep_checkpoints` checkpoints and deletes older ones. Layout: `pipeline.checkpoint`.
 - Resuming: a run started again with the same `run.name` and `run.output_uri` goes on from the newest
   committed, verified checkpoint in its folder (`pipeline.checkpoint_commit`: a cut-off upload or a
-  damaged file is skipped with a warning), at the next step with the same data order. Ray retries nothing by
-  itself (FailureConfig max_failures=0): a failed run ends in a PipelineError, and running it again resumes.
+  damaged file is skipped with a warning), at the next step with the same data order. Within a run, Ray
+  restarts the worker group after a worker dies or fails, `train.max_failures` times, each from the
+  newest committed checkpoint; after that the run ends in a PipelineError, and running it again resumes.
+  SIGTERM, non-finite steps (`train.on_nonfinite`) and logging each step's metrics once across restarts:
+  `pipeline.faults`.
 - Precision: pure bf16 or fp32 parameters (`model.dtype`), AdamW moments in the same dtype, no separate
   fp32 master copy. FP8 (`train.fp8`) wraps the forward pass only; TE runs the matching backward itself,
   with amax reduced over all ranks.
@@ -23,15 +26,16 @@ What this module decides:
   over `train.grad_accum_steps` micro-batches (DDP syncs only on the last) and are clipped to `max_grad_norm`.
 - Metrics of every `train.log_every`-th step: loss (mean over ranks of each rank's mean token loss), lr,
   grad_norm (before clipping), tokens_per_s (all ranks, padding included), mfu (against the GPU's dense
-  bf16 peak; 0.0 where no peak is known, e.g. on CPU), gpu_mem_gb (peak allocated, GiB). They go to
-  MLflow from rank 0 only (tracking's non-blocking logger; nothing when no run id is given) and into
-  every checkpoint's trainer_state.json, which is where `TrainResult.metrics` comes from.
+  bf16 peak; 0.0 where no peak is known, e.g. on CPU), gpu_mem_gb (peak allocated, GiB), nonfinite_steps
+  (skipped or rolled back so far). They go to MLflow from rank 0 only (tracking's non-blocking logger,
+  once a checkpoint covering them is committed; nothing when no run id is given) and into every
+  checkpoint's trainer_state.json, which is where `TrainResult.metrics` comes from.
 - Ray hears from the workers only at checkpoints (`ray.train.report` with that step's metrics). In Ray
   2.60 each worker's report waits in a one-slot queue that the controller drains once per health-check
   poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a report every step would cap training at one step
   per poll interval; and Ray keeps only the metrics attached to checkpoints anyway.
-- Test hook: the environment variable PIPELINE_FAIL_AT_STEP=N, read where `train` is called, makes rank 0
-  raise right after reporting step N (and its checkpoint, when N is a checkpoint step).
+- Test hooks (`pipeline.faults.Hooks`) are read from the environment where `train` is called; e.g.
+  PIPELINE_FAIL_AT_STEP=N makes rank 0 raise right after reporting step N (and its checkpoint, if any).
 """
 
 from __future__ import annotations
@@ -58,14 +62,14 @@ import torch.distributed as dist
 import te_model
 from pipeline import checkpoint as ckpt
 from pipeline import checkpoint_commit as commit
-from pipeline import parallel, storage
+from pipeline import faults, parallel, storage
 from pipeline.config import Config, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-FAIL_AT_STEP_ENV = "PIPELINE_FAIL_AT_STEP"
+FAIL_AT_STEP_ENV = faults.FAIL_AT_STEP_ENV
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Dense (no sparsity) bf16 tensor-core peak per GPU, by a substring of torch.cuda.get_device_name().
 BF16_DENSE_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -94,6 +98,7 @@ class Progress:
     offset: int = 0
     resumed_from_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    nonfinite_steps: int = 0  # steps skipped or rolled back for a NaN/Inf loss or gradient
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,7 +117,8 @@ def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tra
     storage_path, storage_fs = _ray_storage(ray_uri, options)
     loop_config = {"config": cfg.to_dict(), "train_uri": _absolute(prepared.train_uri), "ray_uri": ray_uri,
                    "run_id": run_id, "tracking_uri": tracking_uri, "code_version": code_version,
-                   "fail_at_step": _fail_at_step()}
+                   "run_started_ms": _run_started_ms(run_id, tracking_uri),
+                   "hooks": faults.Hooks.from_env().to_dict()}
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -120,7 +126,7 @@ def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tra
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
     try:
@@ -128,6 +134,10 @@ def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tra
     except ray.train.TrainingFailedError as exc:
         raise PipelineError(f"training run {cfg.run.name!r} failed ({_failure_summary(exc)}); run it again with "
                             "the same run.name and run.output_uri to resume from its latest checkpoint") from exc
+    stopped = (result.return_value or {}).get("stopped")
+    if stopped:
+        raise PipelineError(f"training run {cfg.run.name!r} stopped: {stopped}; lower train.lr or check the data, "
+                            "or set train.on_nonfinite=skip or rollback")
     return _train_result(cfg, result, ray_uri, options)
 
 
@@ -143,6 +153,15 @@ def _train_result(cfg: Config, result: ray.train.Result, ray_uri: str,
                        final_loss=metrics[-1]["loss"] if metrics else math.nan, metrics=metrics,
                        ray_result_path=storage.join(ray_uri, cfg.run.name),
                        resumed_from_step=state["resumed_from_step"])
+
+
+def _run_started_ms(run_id: str | None, tracking_uri: str | None) -> int | None:
+    """Steps of a resumed history logged after this is when they went to this same MLflow run."""
+    if run_id is None:
+        return None
+    from pipeline import tracking  # imports mlflow: the driver only
+
+    return tracking.run_start_ms(run_id, tracking_uri=tracking_uri)
 
 
 def _absolute(uri: str) -> str:
@@ -171,15 +190,6 @@ def _ray_storage(ray_uri: str, options: storage.StorageOptions) -> tuple[str, py
     if "file" in fs.protocol:
         return path, None
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))  # path without the s3:// scheme
-
-
-def _fail_at_step() -> int | None:
-    value = os.environ.get(FAIL_AT_STEP_ENV, "").strip()
-    if not value:
-        return None
-    if not value.isdigit():
-        raise PipelineError(f"{FAIL_AT_STEP_ENV} must be a step number, got {value!r}")
-    return int(value)
 
 
 def _failure_summary(exc: Exception) -> str:
@@ -323,13 +333,18 @@ def _build_worker(cfg: Config, train_uri: str) -> _Worker:
                    peak_flops(device))
 
 
-def _resume(w: _Worker, ray_uri: str) -> Progress:
-    """Progress restored from the newest committed, verified checkpoint of this run, or a fresh start."""
-    found = commit.resume_checkpoint(storage.join(ray_uri, w.cfg.run.name), w.cfg.run.cache_dir, w.options,
-                                     rank=w.rank, ray_has_one=ray.train.get_checkpoint() is not None)
-    if found is None:
-        return Progress()
-    uri, local = found  # a damaged newer checkpoint was skipped with a warning naming it
+def _resume(w: _Worker, ray_uri: str, checkpoint: ray.train.Checkpoint | None = None) -> Progress:
+    """Progress restored from `checkpoint` (a committed one Ray reported: a rollback), else from the newest
+    committed, verified checkpoint of this run; or a fresh start."""
+    if checkpoint is not None:
+        uri = storage.join(ray_uri, w.cfg.run.name, PurePosixPath(checkpoint.path).name)
+        local = storage.pull_checkpoint(uri, w.cfg.run.cache_dir, w.options)  # verified against its manifest
+    else:
+        found = commit.resume_checkpoint(storage.join(ray_uri, w.cfg.run.name), w.cfg.run.cache_dir, w.options,
+                                         rank=w.rank, ray_has_one=ray.train.get_checkpoint() is not None)
+        if found is None:
+            return Progress()
+        uri, local = found  # a damaged newer checkpoint was skipped with a warning naming it
     state, position = ckpt.load_checkpoint(local, module=w.model, optimizer=w.optimizer, scheduler=w.scheduler,
                                            rank=w.rank, world_size=w.world,
                                            micro_batch_size=w.cfg.train.micro_batch_size)
@@ -340,16 +355,8 @@ def _resume(w: _Worker, ray_uri: str) -> Progress:
                     history=state["metrics"], **position)
 
 
-def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
-    if world > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        value = value / world
-    return float(value)
-
-
-def _train_step(w: _Worker, progress: Progress) -> dict[str, float]:
-    """One optimizer step over `grad_accum_steps` micro-batches; advances `progress`, returns the metrics."""
-    started = time.perf_counter()
+def _accumulate_gradients(w: _Worker, progress: Progress, hooks: faults.Hooks) -> tuple[torch.Tensor, int]:
+    """Forward and backward over `grad_accum_steps` micro-batches; (this rank's mean loss, tokens read)."""
     train, accum = w.cfg.train, w.cfg.train.grad_accum_steps
     recipe = None if train.fp8 == "none" else train.fp8
     group = dist.group.WORLD if dist.is_initialized() else None
@@ -360,24 +367,70 @@ def _train_step(w: _Worker, progress: Progress) -> dict[str, float]:
         tokens += batch["input_ids"].numel()
         with parallel.gradient_sync(w.ddp_model, enabled=micro == accum - 1):
             with te_model.fp8_autocast(recipe, amax_history_len=train.fp8_amax_history_len, group=group):
-                loss = w.ddp_model(**batch).loss
+                loss = hooks.poisoned(w.ddp_model(**batch).loss, w.rank, progress.step + 1)
             (loss / accum).backward()  # outside the FP8 autocast: TE runs the matching backward itself
         loss_sum += loss.detach()
+    return loss_sum / accum, tokens
+
+
+def _train_step(w: _Worker, progress: Progress,
+                hooks: faults.Hooks) -> tuple[dict[str, float] | None, faults.StepAgreement]:
+    """One optimizer step; advances `progress`. Metrics are None when the loss or gradient norm was
+    non-finite on some rank: then every rank dropped the gradients and only the data position moved."""
+    started = time.perf_counter()
+    loss, tokens = _accumulate_gradients(w, progress, hooks)
     grad_norm = parallel.full_tensor(
-        torch.nn.utils.clip_grad_norm_(w.model.parameters(), train.max_grad_norm or math.inf))
+        torch.nn.utils.clip_grad_norm_(w.model.parameters(), w.cfg.train.max_grad_norm or math.inf))
+    agreed = faults.agree(loss, grad_norm, w.rank, w.world)
+    if agreed.nonfinite:
+        w.optimizer.zero_grad(set_to_none=True)
+        return None, agreed
     lr = w.scheduler.get_last_lr()[0]
     w.optimizer.step()
     w.scheduler.step()
     w.optimizer.zero_grad(set_to_none=True)
-    loss_value = _mean_over_ranks(loss_sum / accum, w.world)
     elapsed = time.perf_counter() - started
     global_tokens = tokens * w.world
     progress.step += 1
     progress.tokens_seen += global_tokens
     mfu = w.flops_per_token * global_tokens / elapsed / (w.peak_flops * w.world) if w.peak_flops else 0.0
     memory = torch.cuda.max_memory_allocated(w.device) / 2**30 if w.device.type == "cuda" else 0.0
-    return {"step": progress.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens_per_s": global_tokens / elapsed, "mfu": mfu, "gpu_mem_gb": memory}
+    return {"step": progress.step, "loss": agreed.loss, "lr": lr, "grad_norm": float(grad_norm),
+            "tokens_per_s": global_tokens / elapsed, "mfu": mfu, "gpu_mem_gb": memory,
+            "nonfinite_steps": progress.nonfinite_steps, faults.TIME_KEY: int(time.time() * 1000)}, agreed
+
+
+def _after_nonfinite(w: _Worker, progress: Progress, agreed: faults.StepAgreement, ray_uri: str,
+                     metrics: faults.CommittedMetrics) -> tuple[Progress, str | None]:
+    """`train.on_nonfinite` applied: the progress to go on with, or why the run stops."""
+    train = w.cfg.train
+    progress.nonfinite_steps += 1
+    what = agreed.describe(progress.step + 1)
+    if train.on_nonfinite == "stop":
+        return progress, f"{what} (train.on_nonfinite=stop)"
+    if progress.nonfinite_steps > train.max_nonfinite_steps:
+        return progress, f"{what}, {progress.nonfinite_steps} non-finite steps in this run " \
+                         f"(train.max_nonfinite_steps={train.max_nonfinite_steps})"
+    if train.on_nonfinite == "rollback":
+        checkpoint = faults.latest_committed_checkpoint()
+        if checkpoint is None:
+            return progress, f"{what}, and no checkpoint yet to roll back to (train.on_nonfinite=rollback)"
+        progress = _rolled_back(w, progress, ray_uri, checkpoint)
+        metrics.discard_held()
+    if w.rank == 0:
+        log.warning("%s: %s, going on from step %d (non-finite steps so far: %d)", what,
+                    "skipped" if train.on_nonfinite == "skip" else "rolled back", progress.step + 1,
+                    progress.nonfinite_steps)
+    return progress, None
+
+
+def _rolled_back(w: _Worker, progress: Progress, ray_uri: str, checkpoint: ray.train.Checkpoint) -> Progress:
+    """Weights, optimizer, schedule and step from `checkpoint`; the data goes on after the bad step, so
+    the micro-batches since that checkpoint are not replayed."""
+    restored = _resume(w, ray_uri, checkpoint)
+    restored.epoch, restored.offset = progress.epoch, progress.offset
+    restored.resumed_from_step, restored.nonfinite_steps = progress.resumed_from_step, progress.nonfinite_steps
+    return restored
 
 
 def _report_checkpoint(w: _Worker, progress: Progress, metrics: dict[str, float],
@@ -408,24 +461,48 @@ def _metric_logger(rank: int, run_id: str | None, tracking_uri: str | None):
     return metric_logger(rank, run_id, tracking_uri)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: build the model, resume if Ray has a checkpoint, train to `train.max_steps`."""
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
+    """One Ray Train worker: build the model, resume if Ray has a checkpoint, train to `train.max_steps`.
+
+    Returns {"stopped": reason} when a non-finite step stopped the run (on every rank alike).
+    """
     cfg = Config.from_dict(loop_config["config"])
+    hooks = faults.Hooks(**loop_config["hooks"])
     w = _build_worker(cfg, loop_config["train_uri"])
     progress = _resume(w, loop_config["ray_uri"])  # last: restores the RNG states training goes on with
-    logger = _metric_logger(w.rank, loop_config["run_id"], loop_config["tracking_uri"])
-    train = cfg.train
+    progress.nonfinite_steps = faults.nonfinite_count(progress.history)
+    metrics = faults.CommittedMetrics(_metric_logger(w.rank, loop_config["run_id"], loop_config["tracking_uri"]))
+    metrics.resend(progress.history, since_ms=loop_config["run_started_ms"])
+    hooks.record(w.rank, "start", progress.step)
+    faults.watch_sigterm()
     try:
-        while progress.step < train.max_steps:
-            metrics = _train_step(w, progress)
-            step, last = progress.step, progress.step == train.max_steps
-            save = last or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0)
-            if last or save or step % train.log_every == 0:
-                progress.history.append(metrics)
-                logger.log(step, {k: v for k, v in metrics.items() if k != "step"})
-            if save:
-                _report_checkpoint(w, progress, metrics, loop_config)
-            if w.rank == 0 and loop_config["fail_at_step"] == step:
-                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={step}: failing on purpose after step {step}")
+        return _train_steps(w, progress, metrics, hooks, loop_config)
     finally:
-        logger.close(timeout=30.0)
+        faults.unwatch_sigterm()
+        metrics.close(timeout=30.0)
+
+
+def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetrics, hooks: faults.Hooks,
+                 loop_config: dict[str, Any]) -> dict[str, str] | None:
+    train = w.cfg.train
+    while progress.step < train.max_steps:
+        step_metrics, agreed = _train_step(w, progress, hooks)
+        if step_metrics is None:
+            progress, stopped = _after_nonfinite(w, progress, agreed, loop_config["ray_uri"], metrics)
+            if stopped:
+                return {"stopped": stopped}
+            continue
+        step, last = progress.step, progress.step == train.max_steps
+        save = last or bool(agreed.sigterm_ranks) or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0)
+        if last or save or step % train.log_every == 0:
+            progress.history.append(step_metrics)
+            metrics.hold(step_metrics)
+        if save:
+            _report_checkpoint(w, progress, step_metrics, loop_config)
+            metrics.checkpoint_reported()
+        hooks.record(w.rank, "step", step)
+        if agreed.sigterm_ranks and not last:
+            raise faults.preempted_error(agreed, step)
+        if w.rank == 0 and hooks.fail_at_step == step:
+            raise RuntimeError(f"{FAIL_AT_STEP_ENV}={step}: failing on purpose after step {step}")
+    return None

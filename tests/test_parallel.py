@@ -81,7 +81,7 @@ def test_fsdp_run_resumes_with_another_worker_count(ddp_run, setup, monkeypatch)
     cfg_for, prepared, _ = setup
     monkeypatch.setenv(FAIL_AT_STEP_ENV, str(FAIL_AT))
     with pytest.raises(PipelineError, match=f"{FAIL_AT_STEP_ENV}={FAIL_AT}"):
-        train(cfg_for("regrid", parallelism="fsdp"), prepared)
+        train(cfg_for("regrid", parallelism="fsdp", max_failures=0), prepared)
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
 
     # One worker, two micro-batches per step: the same global batch, so the same rows in each step, and

@@ -1,60 +1,180 @@
-"""A real training run (Ray Train, 2 CPU workers, tiny Llama) whose storage traffic goes through the
-fault-injecting proxy: transient 5xx on checkpoint uploads are retried; a checkpoint upload that keeps
-failing is cut off mid-way, the run fails with an error naming it, and the run started again skips that
-partial checkpoint, resumes from the one before through failing and stalled reads, and finishes.
+"""Worker faults on a real local Ray cluster: 2 CPU workers (gloo), checkpoints in moto S3, metrics to MLflow.
+
+An uninterrupted run is the reference (fp32 on CPU is deterministic). Then: workers are SIGKILLed three
+times in one run, a worker gets SIGTERM, and one rank's loss turns NaN. Kills are real signals to the
+worker processes, which the test finds through the pid files of the PIPELINE_WORKER_STATE_DIR hook.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
-from pipeline import checkpoint_commit as commit
-from pipeline import storage
+from pipeline import storage, tiny, tracking
+from pipeline.config import Config
+from pipeline.data import prepare
 from pipeline.errors import PipelineError
-from pipeline.storage import StorageOptions
+from pipeline.faults import POISON_LOSS_ENV, STATE_DIR_ENV
 from pipeline.train import train
-from tests.test_train import base_dir, bucket, make_cfg  # noqa: F401 - module fixtures reused
 
-STEPS, EVERY = 12, 4
+STEPS = 12
+SHIPPED_TEXT = str(Path(__file__).resolve().parent.parent / "data" / "tiny_text.jsonl")
+MLFLOW_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "nonfinite_steps")
 
 
 @pytest.fixture(scope="module")
-def prepared_run(bucket, base_dir, s3_server, tmp_path_factory):  # noqa: F811
-    from pipeline.data import prepare
+def setup(s3_server, tmp_path_factory):
+    """(config factory, prepared data): base checkpoint in S3, data prepared there."""
+    bucket = s3_server.create_bucket(f"faults-{uuid.uuid4().hex[:12]}")
+    options = storage.StorageOptions(endpoint_url=s3_server.endpoint_url)
+    base = tiny.make_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny-llama")
+    storage.publish(base, f"s3://{bucket}/base/tiny-llama", options)
+    cache_dir = tmp_path_factory.mktemp("node-cache")
 
-    storage.publish(base_dir, f"s3://{bucket}/base/tiny-llama", StorageOptions(endpoint_url=s3_server.endpoint_url))
-    cfg = make_cfg(bucket, s3_server.endpoint_url, tmp_path_factory.mktemp("cache"), "data")
-    return prepare(cfg, str(base_dir))
+    def cfg_for(name: str, **train) -> Config:
+        return Config.from_dict({
+            "run": {"name": name, "seed": 0, "output_uri": f"s3://{bucket}/runs", "cache_dir": str(cache_dir)},
+            "storage": {"endpoint_url": s3_server.endpoint_url},
+            "model": {"base_uri": f"s3://{bucket}/base/tiny-llama", "backend": "torch", "dtype": "fp32"},
+            "data": {"train_files": [SHIPPED_TEXT], "seq_len": 64, "max_documents": 80, "val_fraction": 0.1},
+            "train": {"workers": 2, "use_gpu": False, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 3,
+                      "max_steps": STEPS, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1, **train},
+        })
+
+    return cfg_for, prepare(cfg_for("data"), str(base))
 
 
-def test_checkpoint_upload_and_resume_pull_survive_s3_faults(ray_cluster, bucket, s3_fault_proxy,  # noqa: F811
-                                                            prepared_run, tmp_path):
-    name = f"faulty-{uuid.uuid4().hex[:6]}"
-    cfg = make_cfg(bucket, s3_fault_proxy.url, tmp_path / "cache", name, max_steps=STEPS,
-                   checkpoint_every=EVERY)
-    raw = cfg.to_dict()
-    raw["storage"].update(max_attempts=3, read_timeout_s=2.0)
-    cfg = type(cfg).from_dict(raw)
-    options = StorageOptions.from_config(cfg.storage)
-    run_uri = storage.join(cfg.run.output_uri, "ray", name)
+@pytest.fixture(scope="module")
+def reference(ray_cluster, setup):
+    cfg_for, prepared = setup
+    return train(cfg_for("reference"), prepared)
 
-    transient = s3_fault_proxy.fail("PUT", r"/checkpoint_000004-[^/]+/model\.safetensors$", times=2, status=503)
-    cut_off = s3_fault_proxy.fail("PUT", r"/checkpoint_000008-[^/]+/optimizer\.safetensors$", times=10**6)
-    with pytest.raises(PipelineError, match=r"cannot upload to s3://\S+/checkpoint_000008-\w+: .*ServiceUnavailable"):
-        train(cfg, prepared_run)
-    assert transient.hits == 2 and cut_off.hits == 3  # retried twice then stored; 3 tries then given up
-    names = commit.checkpoint_names(run_uri, options)
-    assert [n[:17] for n in names] == ["checkpoint_000008", "checkpoint_000004"]
-    with pytest.raises(PipelineError, match="no COMMITTED marker"):
-        commit.verify_commit(storage.join(run_uri, names[0]), options)  # the cut-off one: partial
 
-    s3_fault_proxy.clear()
-    failing = s3_fault_proxy.fail("GET", r"/checkpoint_000004-[^/]+/optimizer\.safetensors$", times=2, status=500)
-    stalled = s3_fault_proxy.stall("GET", r"/checkpoint_000004-[^/]+/model\.safetensors$", times=1, seconds=6)
-    result = train(cfg, prepared_run)
-    assert result.resumed_from_step == 4 and result.steps == STEPS  # fell back past the partial step-8 one
-    assert [m["step"] for m in result.metrics] == list(range(1, STEPS + 1))
-    assert failing.hits == 2 and stalled.hits == 1
-    commit.verify_commit(result.checkpoint_uri, options)  # the final checkpoint is committed
+def tracked_train(cfg: Config, prepared, mlflow_uri: str):
+    """train() under a stage run of a fresh parent; (result, stage run id)."""
+    parent = tracking.find_or_start_parent("train-faults", cfg.run.name, tracking_uri=mlflow_uri)
+    with tracking.stage_run(parent, "train", tracking_uri=mlflow_uri) as run_id:
+        return train(cfg, prepared, run_id=run_id, tracking_uri=mlflow_uri), run_id
+
+
+def assert_one_value_per_step(mlflow_uri: str, run_id: str, result) -> None:
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    for key in MLFLOW_KEYS:
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(1, STEPS + 1)), (key, steps)
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert logged == pytest.approx({m["step"]: m["loss"] for m in result.metrics})
+
+
+def worker_events(state_dir: Path, rank: int) -> list[dict]:
+    path = state_dir / f"rank-{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+class Signaller(threading.Thread):
+    """Sends `sig` to rank r's worker process once it has finished step s, for each (r, s) in `plan`;
+    every signal goes to a worker process that has not had one yet."""
+
+    def __init__(self, state_dir: Path, plan: list[tuple[int, int]], sig: int, timeout_s: float = 240.0) -> None:
+        super().__init__(daemon=True)
+        self.state_dir, self.plan, self.sig, self.timeout_s = state_dir, plan, sig, timeout_s
+        self.sent: list[dict] = []  # {"rank", "pid", "step"} of every signal sent
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        signalled = set()
+        for rank, at_step in self.plan:
+            while time.monotonic() < deadline:
+                fresh = [e for e in worker_events(self.state_dir, rank)
+                         if e["event"] == "step" and e["step"] >= at_step and e["pid"] not in signalled]
+                if fresh:
+                    os.kill(fresh[-1]["pid"], self.sig)
+                    signalled.add(fresh[-1]["pid"])
+                    self.sent.append({"rank": rank, "pid": fresh[-1]["pid"], "step": fresh[-1]["step"]})
+                    break
+                time.sleep(0.02)
+
+
+def starts(state_dir: Path, rank: int) -> list[tuple[int, int]]:
+    """(pid, step it started from) of every attempt of `rank`, oldest first."""
+    return [(e["pid"], e["step"]) for e in worker_events(state_dir, rank) if e["event"] == "start"]
+
+
+def last_step(state_dir: Path, rank: int, pid: int) -> int:
+    return max(e["step"] for e in worker_events(state_dir, rank) if e["pid"] == pid and e["event"] == "step")
+
+
+@pytest.mark.slow
+def test_workers_sigkilled_three_times_resume_exactly_and_log_each_step_once(
+        reference, setup, mlflow_server, monkeypatch, tmp_path):
+    cfg_for, prepared = setup
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
+    killer = Signaller(tmp_path, [(0, 3), (1, 6), (0, 9)], signal.SIGKILL)
+    killer.start()
+    result, run_id = tracked_train(cfg_for("sigkill", max_failures=3), prepared, mlflow_server.uri)
+    killer.join(timeout=5)
+    assert [k["rank"] for k in killer.sent] == [0, 1, 0], killer.sent
+    for rank in (0, 1):
+        attempts = starts(tmp_path, rank)
+        assert len(attempts) == 4, attempts  # the first attempt and three restarts
+        resumed = [step for _, step in attempts[1:]]
+        # Each from the newest checkpoint Ray had committed (checkpoint_every=2), possibly none yet.
+        assert all(step % 2 == 0 for step in resumed) and resumed == sorted(resumed) and resumed[-1] >= 2, resumed
+    assert result.steps == STEPS
+    assert [m["loss"] for m in result.metrics] == [m["loss"] for m in reference.metrics]  # exactly
+    assert [m["grad_norm"] for m in result.metrics] == [m["grad_norm"] for m in reference.metrics]
+    assert_one_value_per_step(mlflow_server.uri, run_id, result)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_that_step_and_the_restart_loses_none(reference, setup, monkeypatch, tmp_path):
+    cfg_for, prepared = setup
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
+    terminator = Signaller(tmp_path, [(1, 3)], signal.SIGTERM)
+    terminator.start()
+    # checkpoint_every=0: the only checkpoint before the end is the one SIGTERM asked for
+    result = train(cfg_for("sigterm", checkpoint_every=0, max_failures=1), prepared)
+    terminator.join(timeout=5)
+    assert len(terminator.sent) == 1
+    for rank in (0, 1):
+        (first_pid, first_start), (_, restart) = starts(tmp_path, rank)
+        assert first_start == 0
+        assert restart == last_step(tmp_path, rank, first_pid) >= 3  # every finished step kept
+    assert result.steps == STEPS and result.resumed_from_step == restart
+    assert [m["loss"] for m in result.metrics] == [m["loss"] for m in reference.metrics]
+
+
+POISON_STEP = 6  # after the step-4 checkpoint (checkpoint_every=4)
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_nonfinite_loss_on_one_rank_is_skipped_or_rolled_back(
+        policy, reference, setup, mlflow_server, monkeypatch):
+    cfg_for, prepared = setup
+    monkeypatch.setenv(POISON_LOSS_ENV, f"1:{POISON_STEP}")
+    cfg = cfg_for(f"nonfinite-{policy}", on_nonfinite=policy, checkpoint_every=4)
+    result, run_id = tracked_train(cfg, prepared, mlflow_server.uri)
+    assert result.steps == STEPS and result.metrics[-1]["nonfinite_steps"] == 1
+    losses, expected = [m["loss"] for m in result.metrics], [m["loss"] for m in reference.metrics]
+    same_until = POISON_STEP - 1 if policy == "skip" else 4  # rollback: back to the step-4 checkpoint
+    assert losses[:same_until] == expected[:same_until]
+    assert losses[same_until] != expected[same_until]  # the data after the non-finite step, not the same batch
+    assert_one_value_per_step(mlflow_server.uri, run_id, result)
+
+
+def test_nonfinite_loss_stops_the_run_naming_step_and_rank(ray_cluster, setup, monkeypatch):
+    cfg_for, prepared = setup
+    monkeypatch.setenv(POISON_LOSS_ENV, "1:3")
+    with pytest.raises(PipelineError) as caught:
+        train(cfg_for("nonfinite-stop", on_nonfinite="stop"), prepared)
+    message = str(caught.value)
+    assert "stopped: non-finite loss on rank 1 at step 3 (train.on_nonfinite=stop)" in message
+    assert "\n" not in message

@@ -1,0 +1,269 @@
+"""What a training worker does about faults: preemption notices, non-finite steps, and per-step metrics
+that must reach MLflow exactly once although a restart re-does the steps after the last checkpoint.
+
+What this module decides:
+- Dead or failed workers are Ray Train's to handle: it restarts the whole worker group up to
+  `train.max_failures` times, each time from the latest checkpoint its controller committed.
+- SIGTERM (a preemption notice) only raises a flag. Ray runs the training loop on a thread of the worker
+  actor, and Python takes signal handlers on the main thread alone, so the handler is installed by a call
+  to the worker actor itself (its methods run on the main thread). Outside training the handler passes
+  SIGTERM on to the one it replaced, so Ray can still stop its worker.
+- All ranks decide together, with one small all-reduce per step (`agree`): the mean loss, which ranks saw
+  a non-finite loss or gradient norm, and which ranks got SIGTERM. A checkpoint is a collective, so a
+  SIGTERM on any rank makes every rank checkpoint that step and then fail together (Ray restarts them).
+- Metrics are logged once: rank 0 holds each step's metrics until a checkpoint that covers them is
+  committed by Ray's controller (`get_all_reported_checkpoints(COMMITTED)`, waited for on a thread so
+  training goes on), then hands them to the MLflow logger. Steps re-done after a restart were never
+  handed over. Steps handed over but still queued when the worker died are in that checkpoint's history
+  with their timestamps: a resumed worker sends again the history's steps taken since its MLflow run
+  started (older ones went to an earlier run of the job), and MLflow's database stores an identical
+  (key, value, step, timestamp) only once.
+- Test-only hooks, read from the environment where training starts: PIPELINE_FAIL_AT_STEP=N (rank 0
+  raises after step N), PIPELINE_WORKER_STATE_DIR=dir (every worker appends its pid and step to
+  dir/rank-R.jsonl, so a test can find the process to kill), PIPELINE_POISON_LOSS=R:N (rank R's loss at
+  step N becomes NaN, once per worker process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+FAIL_AT_STEP_ENV = "PIPELINE_FAIL_AT_STEP"
+STATE_DIR_ENV = "PIPELINE_WORKER_STATE_DIR"
+POISON_LOSS_ENV = "PIPELINE_POISON_LOSS"
+TIME_KEY = "time_ms"  # when a step's metrics were taken; kept in the history, not logged as a metric
+COMMIT_TIMEOUT_S = 600.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# SIGTERM: a flag the training loop reads once per step
+# ---------------------------------------------------------------------------------------------------
+_sigterm = threading.Event()
+_training = threading.Event()
+_replaced_handler: Any = None
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _training.is_set():
+        _sigterm.set()
+        return
+    if callable(_replaced_handler):
+        _replaced_handler(signum, frame)
+    else:
+        raise SystemExit(128 + signum)
+
+
+def _install_sigterm_handler() -> None:
+    """Runs on the worker's main thread; installs once per process."""
+    global _replaced_handler
+    if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+        _replaced_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def watch_sigterm() -> None:
+    """From now on until `unwatch_sigterm`, SIGTERM to this process only sets the flag `agree` reads."""
+    _sigterm.clear()
+    if threading.current_thread() is threading.main_thread():
+        _install_sigterm_handler()
+    else:  # Ray's worker actor: its own methods run on the main thread (RayTrainWorker.execute)
+        actor = ray.get_runtime_context().current_actor
+        ray.get(actor.execute.remote(_install_sigterm_handler))
+    _training.set()
+
+
+def unwatch_sigterm() -> None:
+    _training.clear()
+
+
+# ---------------------------------------------------------------------------------------------------
+# one all-reduce per step: loss, non-finite ranks, SIGTERM ranks
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepAgreement:
+    """What every rank knows after the step's all-reduce; identical on all ranks."""
+
+    loss: float  # mean over ranks of each rank's mean token loss
+    nonfinite_loss_ranks: tuple[int, ...]
+    nonfinite_grad_ranks: tuple[int, ...]
+    sigterm_ranks: tuple[int, ...]
+
+    @property
+    def nonfinite(self) -> bool:
+        return bool(self.nonfinite_loss_ranks or self.nonfinite_grad_ranks)
+
+    def describe(self, step: int) -> str:
+        if self.nonfinite_loss_ranks:
+            return f"non-finite loss on rank {_ranks(self.nonfinite_loss_ranks)} at step {step}"
+        return f"non-finite gradient norm on rank {_ranks(self.nonfinite_grad_ranks)} at step {step}"
+
+
+def _ranks(ranks: tuple[int, ...]) -> str:
+    return ",".join(str(r) for r in ranks)
+
+
+def agree(loss: torch.Tensor, grad_norm: torch.Tensor, rank: int, world: int) -> StepAgreement:
+    """One SUM all-reduce of [loss, then per rank: 1 non-finite loss + 2 non-finite grad norm, SIGTERM]."""
+    flags = torch.zeros(1 + 2 * world, dtype=loss.dtype, device=loss.device)
+    flags[0] = loss
+    flags[1 + rank] = float(not torch.isfinite(loss)) + 2.0 * float(not torch.isfinite(grad_norm))
+    flags[1 + world + rank] = float(_sigterm.is_set())
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    codes = [int(c) for c in flags[1 : 1 + world].tolist()]
+    return StepAgreement(
+        loss=float(flags[0] / world) if world > 1 else float(flags[0]),
+        nonfinite_loss_ranks=tuple(r for r, c in enumerate(codes) if c & 1),
+        nonfinite_grad_ranks=tuple(r for r, c in enumerate(codes) if c & 2),
+        sigterm_ranks=tuple(r for r, c in enumerate(flags[1 + world :].tolist()) if c),
+    )
+
+
+def latest_committed_checkpoint() -> ray.train.Checkpoint | None:
+    """The newest checkpoint of this run that Ray committed, the same on every rank: within a run,
+    `ray.train.get_checkpoint()` learns of new checkpoints only on rank 0, the one that reports them."""
+    reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                                      timeout_s=COMMIT_TIMEOUT_S)
+    newest = max(reported, key=lambda r: Path(r.checkpoint.path).name, default=None)  # checkpoint_{step:06d}-…
+    return newest.checkpoint if newest else None
+
+
+def preempted_error(agreed: StepAgreement, step: int) -> PipelineError:
+    return PipelineError(f"preempted: SIGTERM on rank {_ranks(agreed.sigterm_ranks)}; checkpoint of step {step} "
+                         "written, the restart goes on from it")
+
+
+def nonfinite_count(history: list[dict[str, float]]) -> int:
+    """Non-finite steps so far, as the last logged step recorded them."""
+    return int(history[-1].get("nonfinite_steps", 0)) if history else 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics reach MLflow once a checkpoint covering them is committed
+# ---------------------------------------------------------------------------------------------------
+class CommittedMetrics:
+    """Rank 0's step metrics, held until a checkpoint that covers them is committed, then logged.
+
+    `logger` is a `pipeline.metrics` logger; with a NullLogger (other ranks, untracked runs) nothing is
+    held and Ray is never asked.
+    """
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+        self.active = logger.run_id is not None
+        self._held: list[dict[str, float]] = []
+        self._handover: threading.Thread | None = None
+
+    def resend(self, history: list[dict[str, float]], since_ms: int | None) -> None:
+        """Send again the steps of a resumed checkpoint's history taken since `since_ms` (when this MLflow
+        run started; None sends none): they went to this run, and MLflow stores an identical step once."""
+        for entry in history if self.active and since_ms is not None else []:
+            if entry.get(TIME_KEY, 0) >= since_ms:
+                self._log(entry)
+
+    def hold(self, metrics: dict[str, float]) -> None:
+        if self.active:
+            self._held.append(metrics)
+
+    def discard_held(self) -> None:
+        """Forget steps after the last checkpoint: a rollback re-does them."""
+        self._held = []
+
+    def checkpoint_reported(self) -> None:
+        """Call after `ray.train.report` with a checkpoint returned: hand over what it covers once committed."""
+        if not self._held:
+            return
+        held, self._held, previous = self._held, [], self._handover
+        self._handover = threading.Thread(target=self._hand_over, args=(held, previous), daemon=True,
+                                          name="metrics-handover")
+        self._handover.start()
+
+    def _hand_over(self, held: list[dict[str, float]], previous: threading.Thread | None) -> None:
+        if previous is not None:
+            previous.join()  # keep steps in order
+        try:
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                                   timeout_s=COMMIT_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - a resume sends them again from the checkpoint's history
+            log.warning("metrics of steps %d-%d wait for a resume: checkpoint commit not confirmed (%s)",
+                        held[0]["step"], held[-1]["step"], type(exc).__name__)
+            return
+        for entry in held:
+            self._log(entry)
+
+    def _log(self, entry: dict[str, float]) -> None:
+        fields = {k: v for k, v in entry.items() if k not in ("step", TIME_KEY)}
+        self.logger.log(int(entry["step"]), fields, timestamp_ms=entry.get(TIME_KEY))
+
+    def close(self, timeout: float) -> bool:
+        if self._handover is not None:
+            self._handover.join(timeout)
+        return self.logger.close(timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------
+# test-only hooks
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hooks:
+    """Test-only fault injection, read from the environment where training starts (see module doc)."""
+
+    fail_at_step: int | None = None
+    state_dir: str | None = None
+    poison_rank: int | None = None
+    poison_step: int | None = None
+
+    @classmethod
+    def from_env(cls) -> "Hooks":
+        poison = os.environ.get(POISON_LOSS_ENV, "").strip()
+        rank, _, step = poison.partition(":")
+        if poison and not (rank.isdigit() and step.isdigit()):
+            raise PipelineError(f"{POISON_LOSS_ENV} must look like RANK:STEP, got {poison!r}")
+        state_dir = os.environ.get(STATE_DIR_ENV, "").strip() or None
+        return cls(fail_at_step=_step_number(FAIL_AT_STEP_ENV), state_dir=state_dir,
+                   poison_rank=int(rank) if poison else None, poison_step=int(step) if poison else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def poisoned(self, loss: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+        """`loss` turned NaN on the chosen rank and step, once per process."""
+        global _poisoned
+        if _poisoned or (rank, step) != (self.poison_rank, self.poison_step):
+            return loss
+        _poisoned = True
+        return loss * float("nan")
+
+    def record(self, rank: int, event: str, step: int) -> None:
+        """Append {pid, event, step} to state_dir/rank-R.jsonl."""
+        if self.state_dir:
+            line = json.dumps({"pid": os.getpid(), "event": event, "step": step})
+            with open(Path(self.state_dir) / f"rank-{rank}.jsonl", "a") as out:
+                out.write(line + "\n")
+
+
+_poisoned = False
+
+
+def _step_number(env: str) -> int | None:
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise PipelineError(f"{env} must be a step number, got {value!r}")
+    return int(value)
