@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import te_model  # noqa: E402
 from bench import common  # noqa: E402
 from bench.packing import make_documents  # noqa: E402
-from pipeline import storage  # noqa: E402
 from pipeline import train as pipeline_train  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.data import PreparedData, _write_parquet, pack_documents  # noqa: E402
@@ -93,28 +91,10 @@ def write_inputs(args, workdir: Path, device) -> tuple[Path, PreparedData]:
     return base_dir, PreparedData(str(data_dir), str(data_dir / "train.parquet"), None, {})
 
 
-def bare_worker(cfg: Config, train_uri: str, device: torch.device) -> pipeline_train._Worker:
-    """What `pipeline.train._build_worker` builds on rank 0 of one worker, without Ray's context."""
-    options = pipeline_train._storage_options(cfg)
-    torch.manual_seed(cfg.run.seed)
-    random.seed(cfg.run.seed)
-    base = storage.pull_checkpoint(cfg.model.base_uri, cfg.run.cache_dir, options)
-    model = te_model.from_hf_checkpoint(base, backend=cfg.model.backend, dtype=pipeline_train.DTYPES[cfg.model.dtype],
-                                        device=device)
-    model.train()
-    optimizer = pipeline_train.make_optimizer(model, cfg.train)
-    shard = pipeline_train.RankShard(pipeline_train.read_rows(train_uri, options), cfg.run.seed, 0, 1,
-                                     cfg.train.micro_batch_size)
-    return pipeline_train._Worker(cfg, options, 0, 1, device, model, model, optimizer,
-                                  pipeline_train.make_scheduler(optimizer, cfg.train), shard,
-                                  pipeline_train.flops_per_token(model, shard.seq_len),
-                                  pipeline_train.peak_flops(device))
-
-
 def bare_metrics(cfg: Config, train_uri: str, device: torch.device) -> list[dict]:
-    worker = bare_worker(cfg, train_uri, device)
+    worker = pipeline_train.build_worker(cfg, train_uri, device=device)  # what a Ray worker builds, minus Ray
     progress = pipeline_train.Progress()
-    metrics = [pipeline_train._train_step(worker, progress) for _ in range(cfg.train.max_steps)]
+    metrics = [pipeline_train._train_step(worker, progress)[0] for _ in range(cfg.train.max_steps)]
     del worker
     common.free_memory()
     return metrics

@@ -126,8 +126,6 @@ class StorageConfig(_Section):
         self._require(self.max_attempts >= 1, "max_attempts", "must be >= 1")
         for name in ("connect_timeout_s", "read_timeout_s"):
             self._require(getattr(self, name) > 0, name, "must be > 0")
-
-    def _validate(self) -> None:
         if self.endpoint_url is not None:
             parts = split_uri("storage.endpoint_url", self.endpoint_url)
             self._require(parts.scheme in ("http", "https") and bool(parts.hostname), "endpoint_url",

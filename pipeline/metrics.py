@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -221,6 +222,20 @@ class NullLogger:
         pass
 
 
+# In a training worker the logger's own requeue-and-backoff (at most 30 s apart) rides out an outage.
+# MLflow's per-request defaults (7 retries with exponential backoff, a 120 s timeout) would instead keep one
+# request asleep for minutes after the server is back; a worker logs nothing else through MLflow.
+WORKER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
 def metric_logger(rank: int, run_id: str | None, tracking_uri: str | None = None) -> AsyncMetricLogger | NullLogger:
-    """An AsyncMetricLogger on rank 0 of a tracked run, a NullLogger everywhere else."""
-    return AsyncMetricLogger(run_id, tracking_uri) if rank == 0 and run_id else NullLogger()
+    """An AsyncMetricLogger on rank 0 of a tracked run, a NullLogger everywhere else.
+
+    Meant for training workers: it sets `WORKER_HTTP_DEFAULTS` in this process, unless the environment
+    already sets them.
+    """
+    if rank != 0 or not run_id:
+        return NullLogger()
+    for key, value in WORKER_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return AsyncMetricLogger(run_id, tracking_uri)

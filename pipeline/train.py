@@ -310,27 +310,35 @@ class _Worker:
     peak_flops: float | None
 
 
-def _build_worker(cfg: Config, train_uri: str) -> _Worker:
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+def build_worker(cfg: Config, train_uri: str, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None) -> _Worker:
+    """Everything rank `rank` of `world` trains with: model (wrapped when torch.distributed is up), optimizer,
+    schedule and its shard of the rows. Ray Train workers get theirs from `_build_worker`; a bare process
+    (bench/ray_overhead.py) calls this directly."""
     options = _storage_options(cfg)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
-    device = ray.train.torch.get_device()
+    device = device or torch.device("cpu")
     base = storage.pull_checkpoint(cfg.model.base_uri, cfg.run.cache_dir, options)  # once per node
     model = te_model.from_hf_checkpoint(base, backend=cfg.model.backend, dtype=DTYPES[cfg.model.dtype],
                                         device=device)
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    ddp_model = parallel.wrap(model, cfg.train.parallelism)
+    wrapped = parallel.wrap(model, cfg.train.parallelism) if dist.is_initialized() else model
     optimizer = make_optimizer(model, cfg.train)
     shard = RankShard(read_rows(train_uri, options), cfg.run.seed, rank, world, cfg.train.micro_batch_size)
     if cfg.train.fp8 != "none":
         te_model.check_fp8_tokens(cfg.train.micro_batch_size * shard.seq_len, where="a micro-batch")
-    return _Worker(cfg, options, rank, world, device, model, ddp_model, optimizer,
+    return _Worker(cfg, options, rank, world, device, model, wrapped, optimizer,
                    make_scheduler(optimizer, cfg.train), shard, flops_per_token(model, shard.seq_len),
                    peak_flops(device))
+
+
+def _build_worker(cfg: Config, train_uri: str) -> _Worker:
+    context = ray.train.get_context()
+    return build_worker(cfg, train_uri, context.get_world_rank(), context.get_world_size(),
+                        ray.train.torch.get_device())
 
 
 def _resume(w: _Worker, ray_uri: str, checkpoint: ray.train.Checkpoint | None = None) -> Progress:
@@ -374,7 +382,7 @@ def _accumulate_gradients(w: _Worker, progress: Progress, hooks: faults.Hooks) -
 
 
 def _train_step(w: _Worker, progress: Progress,
-                hooks: faults.Hooks) -> tuple[dict[str, float] | None, faults.StepAgreement]:
+                hooks: faults.Hooks = faults.Hooks()) -> tuple[dict[str, float] | None, faults.StepAgreement]:
     """One optimizer step; advances `progress`. Metrics are None when the loss or gradient norm was
     non-finite on some rank: then every rank dropped the gradients and only the data position moved."""
     started = time.perf_counter()

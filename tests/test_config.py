@@ -129,6 +129,8 @@ def test_wrong_types_name_key_and_expected_type(override, message):
     ("train.lr=0", "train.lr must be > 0"),
     ("train.warmup_steps=100", "train.warmup_steps must be <= train.max_steps"),
     ("train.fp8=delayed", "train.fp8 needs GPU workers: set train.use_gpu=true, or train.fp8=none"),
+    ("storage.max_attempts=0", "storage.max_attempts must be >= 1"),
+    ("storage.read_timeout_s=0", "storage.read_timeout_s must be > 0"),
     ("train.global_batch_size=12", "train.global_batch_size must be a multiple of train.workers x "
                                    "train.micro_batch_size = 2 x 4 = 8"),
     ("export.max_shard_size=big", "export.max_shard_size must look like 2GB"),
