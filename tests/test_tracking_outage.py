@@ -106,7 +106,7 @@ def test_metrics_logged_while_mlflow_is_down_arrive_once_it_is_back(server, monk
 # ---------------------------------------------------------------------------------------------------
 # Seconds the server stays down while the model trains (it comes back earlier if training reaches 80% of
 # its steps first, so steps are also logged after it is back); the recorded run in docs/reliability.md
-# sets 60 s and 3000 steps.
+# sets 60 s and 6000 steps.
 TRAIN_OUTAGE_S = float(os.environ.get("PIPELINE_TEST_MLFLOW_OUTAGE_S", "10"))
 TRAIN_STEPS = int(os.environ.get("PIPELINE_TEST_MLFLOW_OUTAGE_STEPS", "400"))
 
