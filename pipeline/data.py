@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 import sys
 import tempfile
@@ -59,6 +60,8 @@ from pipeline.sources import (  # noqa: F401 - the prompt and its formatter are 
     format_instruction_prompt,
     read_source,
 )
+
+log = logging.getLogger(__name__)
 
 # Bump whenever tokenization or packing output changes, so older caches stop matching.
 FORMAT_VERSION = 1
@@ -207,6 +210,23 @@ def _no_progress_bars():
             datasets.enable_progress_bars()
 
 
+def _worker_processes(data: DataConfig, documents: int) -> int | None:
+    """`data.num_proc` for `datasets.map`, or None (this process) for one document or one process.
+
+    Also None in a process connected to Ray: `datasets` forks its workers, and a fork of a process whose
+    Ray client threads are running left that client hung on its next call to the cluster. The job
+    prepares data before it connects to Ray, so this only applies where a process does both in the
+    other order (the test suite, notebooks). The rows do not depend on `num_proc`.
+    """
+    if data.num_proc <= 1 or documents <= 1:
+        return None
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        log.info("tokenizing in this process, not %d forked ones: it is connected to Ray", data.num_proc)
+        return None
+    return data.num_proc
+
+
 def tokenize_documents(docs: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, data: DataConfig,
                        split: str) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
     """(input_ids, labels) of the kept documents, and counts of truncated and dropped ones."""
@@ -217,7 +237,7 @@ def tokenize_documents(docs: list[dict[str, str]], tokenizer: PreTrainedTokenize
         tokenized = dataset.map(
             _tokenize_batch, batched=True, batch_size=256, remove_columns=dataset.column_names,
             fn_kwargs={"tokenizer": tokenizer, "data": data}, desc=f"tokenize {split}",
-            num_proc=data.num_proc if data.num_proc > 1 and len(docs) > 1 else None)
+            num_proc=_worker_processes(data, len(docs)))
     columns = tokenized.data.to_pydict()
     kept, counts = [], {"truncated": sum(columns["truncated"]), "dropped_empty": 0, "dropped_untrained": 0}
     for ids, labels in zip(columns["input_ids"], columns["labels"]):

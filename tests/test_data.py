@@ -401,3 +401,12 @@ def test_command_line_runs_the_stage(tmp_path, tokenizer_dir, capsys):
     assert printed["train"]["documents"] + printed["validation"]["documents"] == 3
     assert main(["--tokenizer", tokenizer_dir, "data.seqlen=64"]) == 2
     assert "unknown key 'data.seqlen' (did you mean 'data.seq_len'?)" in capsys.readouterr().err
+
+
+def test_a_process_connected_to_ray_tokenizes_without_forking(ray_cluster):
+    from pipeline.config import DataConfig
+    from pipeline.data import _worker_processes
+
+    assert _worker_processes(DataConfig(num_proc=1), 100) is None
+    assert _worker_processes(DataConfig(num_proc=4), 1) is None
+    assert _worker_processes(DataConfig(num_proc=4), 100) is None  # Ray is up in this process: no fork
