@@ -13,7 +13,6 @@ Decided here, so that the scripts compare like with like:
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
@@ -25,6 +24,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from te_model.backend import te_unavailable_reason
+from te_model.model import _default_dtype as default_dtype  # the one dtype-scoping helper
 from te_model.weights import fc1_part, hf_to_te_key, te_to_hf_keys
 
 DATASHEET_BF16_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core peak
@@ -70,15 +70,6 @@ def ours_backend(device: torch.device) -> tuple[str, str | None]:
     reason = te_unavailable_reason() if device.type == "cuda" else f"device is {device.type}"
     return ("torch", reason) if reason else ("te", None)
 
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
 
 
 def build_hf(config: LlamaConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
