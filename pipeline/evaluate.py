@@ -11,7 +11,8 @@ on, and by reading what it writes. This stage decides how each of those is measu
   split, already shuffled by data preparation), in the same dtype and backend, without FP8: the numbers
   compare weights, not kernels. One model is in memory at a time.
 - The vocabulary projection and cross-entropy run on the trained positions only, a chunk of tokens at a
-  time, so a 128k-token vocabulary never needs a (batch, seq, vocab) logits tensor.
+  time (`te_model.loss`, the training loss too), so a 128k-token vocabulary never needs a (batch, seq,
+  vocab) logits tensor.
 - Samples are generated greedily by the *exported* Hugging Face checkpoint, loaded with
   `AutoModelForCausalLM` (plain HF code with a KV cache), never by the TE-patched model: what is sampled
   is what users will load.
@@ -32,10 +33,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import te_model
+from te_model.loss import causal_lm_loss
 from pipeline import storage
 from pipeline.checkpoint import MODEL_FILE as CHECKPOINT_WEIGHTS, load_model_weights
 from pipeline.config import Config
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 
 ROW_COLUMNS = ("input_ids", "labels", "position_ids")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# Scored tokens per vocabulary projection: 2048 x 128k fp32 logits is 1 GiB.
-LOSS_CHUNK_TOKENS = 2048
 PROMPT_FORMATS = ("text", "instruction", "chat")  # the values of data.format
 
 
@@ -131,15 +130,8 @@ def _batch_tensors(batch, val_uri: str, first_row: int, device) -> list[torch.Te
 def _loss_sum(model, input_ids, labels, position_ids) -> tuple[float, int]:
     """Summed cross-entropy over the trained tokens of one batch of packed rows, and their count."""
     hidden = model.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
-    targets = labels[:, 1:]  # labels are aligned with input_ids: position t predicts label t+1
-    scored = targets != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][scored], targets[scored]
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for start in range(0, targets.numel(), LOSS_CHUNK_TOKENS):
-        logits = model.lm_head(hidden[start : start + LOSS_CHUNK_TOKENS]).float()
-        chunk = F.cross_entropy(logits, targets[start : start + LOSS_CHUNK_TOKENS], reduction="sum")
-        total += chunk.double()
-    return float(total), int(targets.numel())
+    total = causal_lm_loss(hidden, model.lm_head.weight, labels, reduction="sum")  # chunked, no logits
+    return float(total), int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def _scored_batches(rows: pq.ParquetFile, cfg: Config, val_uri: str, device) -> Iterator[list[torch.Tensor]]:
