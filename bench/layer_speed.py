@@ -1,89 +1,130 @@
 """Training-step speed of the decoder stack: HF's Llama vs the TE layers in bf16 and each FP8 recipe.
 
-A 4-layer model with Llama 3 8B's layer shape (hidden 4096, 32 heads / 8 KV heads, FFN 14336) and a
-small vocabulary, so the decoder layers dominate. One forward + backward over 2 x 4096 tokens, no
-optimizer; each variant warms up, then the median of timed steps (CUDA events) is reported, with peak
-memory. Baseline and candidates run in the same process on the same GPU. Needs CUDA and TE.
+A model of `--layers` layers (default 4) with a Llama shape's decoder layers and a 1024-token vocabulary,
+so the layers dominate. One forward + backward over `--batch` x `--seq` tokens, no optimizer; each variant
+warms up, then the median of timed steps (CUDA events) is reported, with peak memory. Baseline and
+candidates run in the same process on the same GPU from the same weights. Needs CUDA and TE.
 
-    python bench/layer_speed.py
+Layer FLOPs per step = 6 * (decoder layer parameters) * tokens + 6 * layers * batch * seq^2 * hidden, the
+count the performance goals use (the tiny embedding and head are left out of it).
+
+    python bench/layer_speed.py --shape llama3.1-8b --layers 4 --batch 2 --seq 4096 --out layers.json
 """
 
+from __future__ import annotations
+
+import argparse
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
+from bench import common  # noqa: E402
 
-BATCH, SEQ, WARMUP, STEPS = 2, 4096, 3, 10
-CONFIG = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
-              num_key_value_heads=8, vocab_size=1024, max_position_embeddings=8192,
-              rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-
-
-def hf_model():
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            return LlamaForCausalLM(LlamaConfig(**CONFIG))  # SDPA attention, HF's default
-    finally:
-        torch.set_default_dtype(torch.float32)
+VOCAB = 1024
+VARIANTS = {  # name: (model kind, FP8 recipe)
+    "hf": ("hf", None), "torch_bf16": ("torch", None), "te_bf16": ("te", None),
+    **{f"te_fp8_{r}": ("te", r) for r in ("delayed", "current", "block")},
+}
+LABELS = {"hf": "HF LlamaDecoderLayer, bf16 (baseline)", "torch_bf16": "torch backend, bf16",
+          "te_bf16": "TE backend, bf16", "te_fp8_delayed": "TE backend, FP8 delayed",
+          "te_fp8_current": "TE backend, FP8 current", "te_fp8_block": "TE backend, FP8 block"}
 
 
-def te_style(backend):
-    return te_model.build_model(LlamaConfig(**CONFIG), backend=backend, dtype=torch.bfloat16, device="cuda")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama3.1-8b", choices=sorted(common.SHAPES))
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    return args
 
 
-def time_steps(model, recipe=None) -> tuple[float, float]:
-    """(median ms per forward+backward, peak GiB)."""
-    ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ), device="cuda")
-    model.train()
-    times = []
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(WARMUP + STEPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+def layer_flops(config, batch: int, seq: int) -> float:
+    """6 * (decoder layer parameters) * tokens + 6 * layers * batch * seq^2 * hidden."""
+    h, kv = config.hidden_size, config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size + 2 * h
+    layers = config.num_hidden_layers
+    return 6 * per_layer * layers * batch * seq + 6 * layers * batch * seq**2 * h
+
+
+def build(kind: str, config, state, device) -> torch.nn.Module:
+    if kind == "hf":
+        model = common.build_hf(config, torch.bfloat16, device)
+        model.load_state_dict(state, strict=True)
+    else:
+        model = te_model.build_model(config, backend=kind, dtype=torch.bfloat16, device=device)
+        common.load_hf_state(model, state)
+    return model.train()
+
+
+def time_steps(model, ids, recipe, args, device) -> tuple[list[float], float]:
+    """(per-step milliseconds of forward+backward, peak GiB)."""
+    timer = common.StepTimer(device)
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            timer.mark()
         with te_model.fp8_autocast(recipe):
-            loss = model(ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        end.record()
-        torch.cuda.synchronize()
         model.zero_grad(set_to_none=True)
-        if i >= WARMUP:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+        if i >= args.warmup:
+            timer.mark()
+    return timer.step_ms(), common.peak_gib(device)
 
 
-def main() -> None:
-    # Import TE before any CUDA work: on a host whose system cuDNN differs from torch's bundled one,
-    # loading TE after torch has loaded cuDNN fails with an undefined-symbol error.
-    te_model.resolve_backend("te")
-    variants = [("HF LlamaDecoderLayer, bf16 (baseline)", hf_model, None),
-                ("torch backend, bf16", lambda: te_style("torch"), None),
-                ("TE backend, bf16", lambda: te_style("te"), None),
-                ("TE backend, FP8 delayed", lambda: te_style("te"), "delayed"),
-                ("TE backend, FP8 current", lambda: te_style("te"), "current"),
-                ("TE backend, FP8 block", lambda: te_style("te"), "block")]
+def print_table(result: dict) -> None:
+    run = result["run"]
+    print(f"\n{result['environment']['device']}, {run['layers']} layers of {run['shape']} shape, "
+          f"{run['batch']}x{run['seq']} tokens, fwd+bwd, median of {run['steps']}")
+    print(f"{'variant':40s} {'ms/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'vs HF':>6s} {'peak GiB':>9s}")
+    for r in result["variants"]:
+        print(f"{r['label']:40s} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['layer_tflops']:8.1f} "
+              f"{common.fmt(r['speedup_vs_hf'], '5.2f')}x {r['peak_mem_gib']:9.1f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = common.setup_device("cuda")  # imports TE before any other CUDA work
+    config = common.llama_config(args.shape, args.layers)
+    config.vocab_size, config.tie_word_embeddings = VOCAB, False
+    state = common.reference_state(config, torch.bfloat16, device, seed=0)
+    ids = torch.randint(0, VOCAB, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+    flops, tokens = layer_flops(config, args.batch, args.seq), args.batch * args.seq
     rows = []
-    for name, build, recipe in variants:
-        torch.manual_seed(0)
-        model = build()
-        ms, mem = time_steps(model, recipe)
-        rows.append((name, ms, mem))
+    for name in args.variants:
+        kind, recipe = VARIANTS[name]
+        common.reset_peak(device)
+        model = build(kind, config, state, device)
+        times, peak = time_steps(model, ids, recipe, args, device)
+        ms = statistics.median(times)
+        rows.append({"variant": name, "label": LABELS[name], "step_ms": ms, "step_ms_min": min(times),
+                     "tokens_per_s": tokens / ms * 1e3, "layer_tflops": flops / ms / 1e9, "peak_mem_gib": peak})
         del model
-        torch.cuda.empty_cache()
-    base = rows[0][1]
-    tokens = BATCH * SEQ
-    print(f"{torch.cuda.get_device_name()}, 4 layers of Llama-3-8B shape, {BATCH}x{SEQ} tokens, fwd+bwd, "
-          f"median of {STEPS}")
-    print(f"{'variant':40s} {'ms/step':>8s} {'tokens/s':>10s} {'vs HF':>7s} {'peak GiB':>9s}")
-    for name, ms, mem in rows:
-        print(f"{name:40s} {ms:8.1f} {tokens / ms * 1000:10.0f} {base / ms:6.2f}x {mem:9.1f}")
+        common.free_memory()
+    base = next((r["step_ms"] for r in rows if r["variant"] == "hf"), None)
+    for r in rows:
+        r["speedup_vs_hf"] = base / r["step_ms"] if base else None
+    result = {"environment": common.environment(device),
+              "run": {"shape": args.shape, "layers": args.layers, "batch": args.batch, "seq": args.seq,
+                      "vocab": VOCAB, "steps": args.steps, "warmup": args.warmup, "layer_flops_per_step": flops},
+              "variants": rows}
+    common.write_json(args.out, result)
+    print_table(result)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""The whole performance matrix in one call: every bench script, spread over the visible GPUs, then one report.
+
+Each job is one bench script run as its own process (so one job's memory or a crash cannot touch another)
+pinned to one GPU with CUDA_VISIBLE_DEVICES. Jobs go longest-first to whichever GPU frees up first; a job
+that outlives its share of `--budget-s` is stopped, and what its script had written to JSON by then still
+counts (train_step writes after every variant). At the end the tables of every job are printed, then the
+performance goals with the measured value next to each.
+
+    python bench/matrix.py --out results/            # all jobs
+    python bench/matrix.py --only ts-8b-4096,layers-8b --budget-s 540 --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# name: (script, arguments, rough seconds on one H100/H200, for ordering and the budget check)
+JOBS = {
+    "ts-8b-4096": ("train_step", ["--shape", "llama3.1-8b", "--seq", "4096"], 200),
+    "ts-1b-2048": ("train_step", ["--shape", "llama3.2-1b", "--seq", "2048"], 180),
+    "ts-8b-2048": ("train_step", ["--shape", "llama3.1-8b", "--seq", "2048"], 180),
+    "ts-1b-4096": ("train_step", ["--shape", "llama3.2-1b", "--seq", "4096"], 160),
+    "ray-1b": ("ray_overhead", ["--shape", "llama3.2-1b", "--seq", "2048", "--batch", "4", "--fp8", "delayed"], 150),
+    "packing-1b": ("packing", ["--shape", "llama3.2-1b", "--seq", "4096", "--batch", "2", "--fp8", "delayed"], 90),
+    "layers-8b": ("layer_speed", ["--shape", "llama3.1-8b", "--layers", "4", "--batch", "2", "--seq", "4096"], 70),
+    "layers-1b": ("layer_speed", ["--shape", "llama3.2-1b", "--layers", "4", "--batch", "8", "--seq", "2048"], 60),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", help=f"comma-separated job names (default all: {', '.join(JOBS)})")
+    p.add_argument("--gpus", type=int, help="GPUs to spread over (default: all visible)")
+    p.add_argument("--budget-s", type=float, default=560, help="wall-clock seconds for all jobs together")
+    p.add_argument("--extra", action="append", default=[], metavar="JOB=ARGS",
+                   help="more arguments for one job, e.g. 'ts-8b-4096=--steps 30' (repeatable)")
+    p.add_argument("--out", required=True, help="folder for each job's JSON and log")
+    args = p.parse_args(argv)
+    args.only = [j for j in (args.only or ",".join(JOBS)).split(",") if j]
+    unknown = [j for j in args.only if j not in JOBS]
+    if unknown:
+        p.error(f"--only: unknown job {', '.join(unknown)}; choose from {', '.join(JOBS)}")
+    extra = {}
+    for item in args.extra:
+        job, _, more = item.partition("=")
+        if job not in JOBS:
+            p.error(f"--extra {item!r}: unknown job {job!r}")
+        extra[job] = more.split()
+    args.extra = extra
+    return args
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def run_lane(gpu: int, queue: list[str], args, deadline: float, status: dict, lock: threading.Lock) -> None:
+    out = Path(args.out)
+    while True:
+        with lock:
+            if not queue:
+                return
+            name = queue.pop(0)
+        script, job_args, estimate = JOBS[name]
+        left = deadline - time.monotonic()
+        if left < 30:
+            status[name] = "not started: budget spent"
+            continue
+        cmd = [sys.executable, str(REPO / "bench" / f"{script}.py"), *job_args, *args.extra.get(name, []),
+               "--out", str(out / f"{name}.json")]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1"}
+        started = time.monotonic()
+        with open(out / f"{name}.log", "w") as log:
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            try:
+                code = proc.wait(timeout=left)
+                status[name] = f"exit {code}"
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                status[name] = "stopped: budget spent"
+        status[name] += f" after {time.monotonic() - started:.0f}s on GPU {gpu}"
+        print(f"[matrix] {name}: {status[name]}", flush=True)
+
+
+def run_jobs(args) -> dict:
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    queue = sorted(args.only, key=lambda j: -JOBS[j][2])
+    lanes = max(1, args.gpus or gpu_count())
+    deadline, status, lock = time.monotonic() + args.budget_s, {}, threading.Lock()
+    threads = [threading.Thread(target=run_lane, args=(g, queue, args, deadline, status, lock)) for g in range(lanes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return status
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+
+
+def load(out: Path, name: str) -> dict | None:
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rows_by_variant(result: dict | None) -> dict:
+    return {r["variant"]: r for r in (result or {}).get("variants", []) if "step_ms" in r}
+
+
+def goal_lines(out: Path) -> list[str]:
+    """Each performance goal, the measured value and whether it is met (MISS also when not measured)."""
+    lines = []
+
+    def check(text: str, value, ok) -> None:
+        shown = "not measured" if value is None else value
+        lines.append(f"{'MET ' if value is not None and ok else 'MISS'} {text}: {shown}")
+
+    for name, speedup_goal, tflops_goal in (("ts-8b-4096", 1.7, 750), ("ts-8b-2048", 1.7, 750),
+                                             ("ts-1b-2048", 1.6, None), ("ts-1b-4096", 1.6, None)):
+        rows = rows_by_variant(load(out, name))
+        fp8, hf, compiled = rows.get("fp8_delayed"), rows.get("hf"), rows.get("hf_compile")
+        speedup = fp8 and hf and fp8["step_ms"] and hf["step_ms"] / fp8["step_ms"]
+        check(f"{name}: FP8 delayed tokens/s over HF bf16 >= {speedup_goal}", speedup and round(speedup, 3),
+              speedup and speedup >= speedup_goal)
+        if tflops_goal:
+            tflops = fp8 and round(fp8["model_tflops"], 1)
+            check(f"{name}: FP8 delayed model TFLOP/s >= {tflops_goal}", tflops, tflops and tflops >= tflops_goal)
+            over = fp8 and compiled and round(compiled["step_ms"] / fp8["step_ms"], 3)
+            check(f"{name}: FP8 delayed ahead of HF + torch.compile (ratio > 1)", over, over and over > 1)
+        mem = fp8 and hf and (round(fp8["peak_mem_gib"], 1), round(hf["peak_mem_gib"], 1))
+        check(f"{name}: FP8 peak GiB <= HF bf16 peak GiB (fp8, hf)", mem, mem and mem[0] <= mem[1])
+    layers = rows_by_variant(load(out, "layers-8b")).get("te_fp8_delayed")
+    value = layers and round(layers["layer_tflops"], 1)
+    check("layers-8b: FP8 delayed layer TFLOP/s >= 850", value, value and value >= 850)
+    packing = load(out, "packing-1b")
+    value = packing and round(packing["packed_over_padded"], 3)
+    check("packing-1b: packed THD over padded BSHD useful tokens/s >= 1.5", value, value and value >= 1.5)
+    ray = load(out, "ray-1b")
+    value = ray and round(ray["ray_over_bare"], 3)
+    check("ray-1b: Ray step time over bare step time <= 1.05", value, value and value <= 1.05)
+    return lines
+
+
+def report(args, status: dict) -> None:
+    from bench import layer_speed, packing, ray_overhead, train_step  # noqa: F401  (their tables)
+
+    out = Path(args.out)
+    printers = {"train_step": train_step.print_table, "packing": packing.print_table,
+                "ray_overhead": ray_overhead.print_table, "layer_speed": layer_speed.print_table}
+    for name in args.only:
+        result = load(out, name)
+        if result is None:
+            print(f"\n{name}: no results ({status.get(name, 'not run')}); log: {out / (name + '.log')}")
+            continue
+        try:
+            printers[JOBS[name][0]](result)
+        except (KeyError, TypeError) as exc:  # a job stopped half-way leaves a partial JSON
+            print(f"\n{name}: partial results ({status.get(name)}): {exc!r}")
+    print("\nGoals")
+    for line in goal_lines(out):
+        print(line)
+    print("\nJobs: " + "; ".join(f"{k} {v}" for k, v in status.items()))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    status = run_jobs(args)
+    report(args, status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Cross-entropy of a chunk of logits and its gradient, in one pass over memory where Triton can run.
+
+`logits_ce_(logits, targets, divisor, want_grad)` returns each row's loss, `logsumexp(row) - row[target]`,
+summed in fp32, and, with `want_grad`, overwrites `logits` with `(softmax(row) - onehot(target)) / divisor`:
+the gradient of the summed loss divided by `divisor`. The logits' own dtype (bf16 in training) is kept,
+and the math runs in fp32, as HF's loss does after its `.float()`.
+
+Two implementations of the same math:
+
+- Triton (CUDA tensors, `triton` importable): one program per row reads the bf16 row twice (an online
+  log-sum-exp, then the gradient) and writes it once, in place: 6 bytes per logit. For a 128,256-token
+  vocabulary that is the whole loss's memory traffic; no fp32 copy of the logits is ever made.
+- torch (CPU, or no Triton): upcast, `logsumexp`, softmax in the fp32 buffer, cast back. About 46 bytes
+  per logit moved through several kernels, and one fp32 copy of the chunk.
+
+`TRITON_INTERPRET=1` runs the Triton kernel on CPU tensors (numpy underneath); the tests use it to check
+the kernel against the torch implementation where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BLOCK = 4096  # logits per program step: 16 per thread at 8 warps
+
+
+@functools.cache
+def _triton_kernel():
+    """The compiled-on-first-use kernel, or None where Triton cannot be imported."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def ce_rows(logits_ptr, stride, targets_ptr, loss_ptr, divisor,
+                VOCAB: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * stride
+        cols = tl.arange(0, BLOCK)
+        # Online log-sum-exp, one running (max, sum) per lane; a masked lane holds -1e30, whose exp is 0
+        # against any real maximum (a row has at least one real logit).
+        run_max = tl.full((BLOCK,), -1e30, tl.float32)
+        run_sum = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, VOCAB, BLOCK):
+            x = tl.load(base + start + cols, mask=start + cols < VOCAB, other=-1e30).to(tl.float32)
+            new_max = tl.maximum(run_max, x)
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max)
+            run_max = new_max
+        row_max = tl.max(run_max, axis=0)
+        lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max), axis=0))
+        target = tl.load(targets_ptr + row)
+        tl.store(loss_ptr + row, lse - tl.load(base + target).to(tl.float32))
+        if WANT_GRAD:
+            for start in range(0, VOCAB, BLOCK):
+                col = start + cols
+                x = tl.load(base + col, mask=col < VOCAB, other=0.0).to(tl.float32)
+                p = tl.exp(x - lse)
+                p = tl.where(col == target, p - 1.0, p) / divisor
+                tl.store(base + col, p.to(logits_ptr.dtype.element_ty), mask=col < VOCAB)
+
+    return ce_rows
+
+
+def triton_usable(logits: torch.Tensor) -> bool:
+    """Whether `logits_ce_` takes the Triton path for this tensor."""
+    on_device = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_device and logits.is_contiguous() and _triton_kernel() is not None
+
+
+def logits_ce_(logits: torch.Tensor, targets: torch.Tensor, divisor: float, want_grad: bool,
+               *, use_triton: bool | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `logits` (N, V) against `targets` (N,), as an fp32 scalar tensor.
+
+    With `want_grad`, `logits` is overwritten with the gradient of (that sum / `divisor`).
+    """
+    if use_triton is None:
+        use_triton = triton_usable(logits)
+    if use_triton:
+        return _triton_ce_(logits, targets, divisor, want_grad)
+    return _torch_ce_(logits, targets, divisor, want_grad)
+
+
+def _triton_ce_(logits, targets, divisor, want_grad):
+    rows, vocab = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows:
+        _triton_kernel()[(rows,)](logits, logits.stride(0), targets, loss, float(divisor),
+                                  VOCAB=vocab, WANT_GRAD=want_grad, BLOCK=BLOCK, num_warps=8)
+    return loss.sum()
+
+
+def _torch_ce_(logits, targets, divisor, want_grad):
+    x = logits.float()  # the very tensor when logits are already fp32
+    lse = torch.logsumexp(x, dim=-1)
+    loss = (lse - x.gather(1, targets[:, None]).squeeze(1)).sum()
+    if want_grad:
+        probs = x.sub_(lse[:, None]).exp_()  # softmax, in the fp32 buffer
+        probs[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+        probs.div_(divisor)
+        if probs.data_ptr() != logits.data_ptr():
+            logits.copy_(probs)
+    return loss
