@@ -7,7 +7,8 @@ Variants (`--variants`, comma-separated; default all):
 - `ours_bf16_logits`: the same with HF's loss (bf16 logits, then fp32) instead of te_model's logits-free
   loss, to measure what that loss alone is worth;
 - `fp8_delayed`, `fp8_current`, `fp8_block`, `fp8_mxfp8`: our model under each FP8 recipe; a recipe this
-  GPU or TE build cannot run is skipped with TE's reason.
+  GPU or TE build cannot run is skipped with TE's reason;
+- `fp8_delayed_fp8head`: delayed scaling with the LM head's GEMMs in FP8 too (`train.fp8_head`, opt-in).
 
 A step is the whole thing: embedding, decoder, lm_head, loss, backward, fused AdamW step, bf16 parameters.
 Every variant starts from the same weights (`bench.common.reference_state`) and sees the same token
@@ -47,6 +48,7 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "ours_bf16": ("ours", False, None),
     "ours_bf16_logits": ("ours", False, None),
     **{f"fp8_{recipe}": ("ours", False, recipe) for recipe in te_model.RECIPES},
+    "fp8_delayed_fp8head": ("ours", False, "delayed"),  # ... and the LM head's GEMMs in FP8 (opt-in)
 }
 # Rows per step that fit the HF bf16 baseline in 80 GB (8192 tokens a step); raise with --batch.
 DEFAULT_BATCH = {("llama3.2-1b", 2048): 4, ("llama3.2-1b", 4096): 2,
@@ -105,6 +107,7 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
         model = te_model.build_model(config, backend=backend, dtype=dtype, device=device)
         common.load_hf_state(model, state)
         model.fused_loss = not name.endswith("_logits")
+        model.fp8_head = name.endswith("_fp8head")
     return model.train()
 
 
@@ -151,7 +154,8 @@ def label(name: str, backend: str, dtype: str) -> str:
     if kind == "hf":
         return f"HF LlamaForCausalLM sdpa {dtype}" + (" + compile" if compiled else "")
     where = "TE" if backend == "te" else "torch backend (no TE)"
-    return f"ours {where}, " + (f"FP8 {recipe}" if recipe else dtype) + (", HF loss" if "logits" in name else "")
+    return (f"ours {where}, " + (f"FP8 {recipe}" if recipe else dtype) + (", HF loss" if "logits" in name else "")
+            + (" + FP8 head" if name.endswith("_fp8head") else ""))
 
 
 def skip_reason(name: str, backend: str, reason: str | None) -> str | None:

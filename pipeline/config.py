@@ -216,6 +216,8 @@ class TrainConfig(_Section):
     fp8: Literal["none", "delayed", "current", "block", "mxfp8"] = "none"
     # Amax history length of the delayed-scaling recipe.
     fp8_amax_history_len: int = 1024
+    # Run the LM head's GEMMs in FP8 too (te_model/fp8_head.py); off: the head stays bf16.
+    fp8_head: bool = False
     # Recompute decoder-layer activations in backward to save memory.
     activation_checkpointing: bool = False
     # Save a resumable checkpoint every this many optimizer steps; 0 = only at the end.

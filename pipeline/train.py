@@ -206,12 +206,13 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Ad
     """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not on norms.
 
     On GPU the fused kernel updates every parameter in a few launches; with data parallelism each
-    replica runs the whole update every step, so its cost does not shrink as workers are added.
+    replica runs the whole update every step, so its cost does not shrink as workers are added. FSDP2's
+    sharded parameters (DTensors) take the fused kernel too, one launch per local shard list.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    fused = all(p.is_cuda and not parallel.is_sharded(p) for p in params)
+    fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.95), fused=fused)
 
 
@@ -324,6 +325,7 @@ def build_worker(cfg: Config, train_uri: str, rank: int = 0, world: int = 1,
                                         device=device)
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable()
+    model.fp8_head = cfg.train.fp8_head
     model.train()
     wrapped = parallel.wrap(model, cfg.train.parallelism) if dist.is_initialized() else model
     optimizer = make_optimizer(model, cfg.train)

@@ -66,6 +66,10 @@ def _triton_kernel():
     return ce_rows
 
 
+def triton_available() -> bool:
+    return _triton_kernel() is not None
+
+
 def triton_usable(logits: torch.Tensor) -> bool:
     """Whether `logits_ce_` takes the Triton path for this tensor."""
     on_device = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

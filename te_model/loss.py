@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from .ce_kernel import logits_ce_
+from .ce_kernel import logits_ce_, triton_available
+from .fp8_head import FP8HeadGemms
 
 IGNORE_INDEX = -100
-# Logit elements per chunk: 2**28 is 512 MiB of bf16 logits, e.g. 2,093 tokens of a 128,256-token vocabulary.
+# Logit elements per chunk on the torch path: 2**28 fp32 values, 1 GiB (2,093 tokens of a 128k vocabulary).
 CHUNK_ELEMENTS = 2**28
 
 
@@ -37,23 +38,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets`, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, divisor, chunk_tokens):  # hidden (N, H), weight (V, H), targets (N,)
+    def forward(ctx, hidden, weight, targets, divisor, chunk_tokens, fp8_head):  # (N, H), (V, H), (N,)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
+        gemms = FP8HeadGemms(hidden, weight, divisor) if fp8_head else HeadGemms(hidden, weight)
         grad_hidden = torch.empty_like(hidden) if want_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_weight = None  # fp32, written by the first chunk's GEMM, accumulated into by the others
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
-            h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-            logits = h @ weight.T  # (c, V) in the weight's dtype
-            total += logits_ce_(logits, t, divisor, want_grad=want_h or want_w)
+            stop = min(start + chunk_tokens, hidden.shape[0])
+            logits = gemms.logits(start, stop)  # (c, V), or more rows when the GEMM pads them (zeros)
+            total += logits_ce_(logits[: stop - start], targets[start:stop], divisor, want_grad=want_h or want_w)
             if not (want_h or want_w):
                 continue
             dlogits = logits  # overwritten in place: (softmax - onehot) / divisor
+            if dlogits.shape[0] > stop - start:
+                dlogits[stop - start :] = 0  # the GEMM's padding rows carry no gradient
             if want_h:
-                grad_hidden[start : start + chunk_tokens] = dlogits @ weight
+                grad_hidden[start:stop] = gemms.grad_hidden(dlogits)[: stop - start]
             if want_w:
-                _accumulate_fp32(grad_weight, dlogits.T, h)
+                grad_weight = gemms.grad_weight(dlogits, start, stop, grad_weight)
+        if want_w and grad_weight is None:  # nothing scored: a zero gradient, as DDP expects one
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / divisor
 
@@ -61,18 +67,53 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_h = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
-        grad_w = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_h, grad_w, None, None, None
+        # cast first, then scale in place: one fp32 read instead of an fp32 product written and read again
+        grad_w = grad_weight.to(ctx.weight_dtype).mul_(grad_output) if grad_weight is not None else None
+        return grad_h, grad_w, None, None, None, None
+
+
+class HeadGemms:
+    """The head's three GEMMs in the weight's dtype (bf16): logits, dlogits @ W, dlogits.T @ h."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor):
+        self.hidden, self.weight = hidden, weight
+
+    def logits(self, start: int, stop: int) -> torch.Tensor:
+        return self.hidden[start:stop] @ self.weight.T
+
+    def grad_hidden(self, dlogits: torch.Tensor) -> torch.Tensor:
+        return dlogits @ self.weight
+
+    def grad_weight(self, dlogits, start: int, stop: int, acc: torch.Tensor | None) -> torch.Tensor:
+        h = self.hidden[start:stop]
+        if acc is None:
+            return _matmul_fp32(dlogits.T, h)
+        _accumulate_fp32(acc, dlogits.T, h)
+        return acc
 
 
 _FP32_OUT_GEMM = {"ok": True}  # cleared if this torch build has no CUDA GEMM with an fp32 output
+
+
+def _fp32_gemm_here(a: torch.Tensor) -> bool:
+    return a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _FP32_OUT_GEMM["ok"]
+
+
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32; on CUDA with bf16/fp16 operands, one GEMM with an fp32 output."""
+    if _fp32_gemm_here(a):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError, TypeError):
+            _FP32_OUT_GEMM["ok"] = False
+    return (a @ b).float()
 
 
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b. On CUDA with bf16/fp16 operands the GEMM accumulates straight into `acc`
     (cuBLAS with an fp32 C matrix), instead of writing a (V, H) product in the operands' dtype and adding
     it: for a 128k x 4096 head that is about 6 GB less memory traffic per chunk."""
-    if acc.is_cuda and a.dtype != acc.dtype and _FP32_OUT_GEMM["ok"]:
+    if _fp32_gemm_here(a):
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
@@ -81,17 +122,22 @@ def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
     acc.add_(a @ b)
 
 
-def _chunk_tokens(vocab_size: int) -> int:
-    return max(1, CHUNK_ELEMENTS // vocab_size)
+def _chunk_tokens(vocab_size: int, device: torch.device) -> int:
+    """Scored tokens per chunk: CHUNK_ELEMENTS logits, four times that where the Triton kernel keeps them
+    in bf16 with no fp32 copy (8,372 tokens of a 128k vocabulary: one chunk for most micro-batches, so
+    the head's weight gradient is one GEMM written once instead of accumulated)."""
+    elements = CHUNK_ELEMENTS * (4 if device.type == "cuda" and triton_available() else 1)
+    return max(1, elements // vocab_size)
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                    num_items_in_batch: int | torch.Tensor | None = None,
-                   reduction: str = "mean") -> torch.Tensor:
+                   reduction: str = "mean", fp8_head: bool = False) -> torch.Tensor:
     """Cross-entropy of the LM head `weight` (vocab, hidden) over `hidden` (batch, seq, hidden).
 
     `labels` (batch, seq) are aligned with the inputs, as HF takes them. `reduction="sum"` returns the
-    summed token losses (the eval stage adds them up over batches).
+    summed token losses (the eval stage adds them up over batches). `fp8_head` runs the head's three GEMMs
+    in FP8 (`te_model.fp8_head`); off by default, the head stays in the weight's dtype.
     """
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
@@ -102,4 +148,5 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         divisor = float(num_items_in_batch)
     else:
         divisor = float(max(1, targets.numel()))
-    return _LinearCrossEntropy.apply(hidden, weight, targets, divisor, _chunk_tokens(weight.shape[0]))
+    chunk = _chunk_tokens(weight.shape[0], weight.device)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk, fp8_head)

@@ -47,7 +47,9 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
         use_cache=None,
         **kwargs,
     ):
-        if past_key_values is not None:  # use_cache itself is simply turned off below
+        # A cache asked for (newer transformers' generate passes use_cache=True and no cache yet) or handed
+        # in is refused; use_cache=None/False, the patched config's default, runs without one.
+        if past_key_values is not None or use_cache:
             raise KVCacheUnsupportedError(KV_CACHE_MESSAGE)
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, seqlen = tokens.shape[:2]
@@ -79,6 +81,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
     """
 
     fused_loss = True
+    fp8_head = False  # the fused loss's head GEMMs in FP8 (te_model.fp8_head); opt-in
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
@@ -90,7 +93,8 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                              **kwargs)
-        loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch=num_items)
+        loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch=num_items,
+                              fp8_head=self.fp8_head)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                       attentions=outputs.attentions)
 

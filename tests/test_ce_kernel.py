@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from te_model import ce_kernel
-from te_model.loss import _accumulate_fp32
+from te_model import loss as loss_module
+from te_model.loss import _accumulate_fp32, _matmul_fp32, causal_lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,3 +131,57 @@ def test_fp32_accumulating_gemm_on_gpu():
     want = acc + a.double().matmul(b.double()).float()
     _accumulate_fp32(acc, a, b)
     torch.testing.assert_close(acc, want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(_matmul_fp32(a, b), a.double().matmul(b.double()).float(), rtol=1e-4, atol=1e-3)
+    assert loss_module._FP32_OUT_GEMM["ok"], "the fp32-output GEMM failed and the fallback ran"
+
+
+
+# --------------------------------------------------------------------------------------------------
+# the opt-in FP8 head (torch._scaled_mm runs on CPU too)
+
+
+def _loss_and_grads(fp8_head: bool, hidden, weight, labels):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = causal_lm_loss(h, w, labels, fp8_head=fp8_head)
+    loss.backward()
+    return float(loss), h.grad.float(), w.grad.float()
+
+
+def test_fp8_head_tracks_the_bf16_head():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 37, 64, generator=gen).bfloat16()  # 67 scored rows: padded to 80 for the GEMMs
+    weight = (torch.randn(320, 64, generator=gen) * 0.05).bfloat16()
+    labels = torch.randint(0, 320, (2, 37), generator=gen)
+    labels[0, :5] = -100
+    ref_loss, ref_dh, ref_dw = _loss_and_grads(False, hidden, weight, labels)
+    loss, dh, dw = _loss_and_grads(True, hidden, weight, labels)
+
+    def cosine(a, b):
+        return float((a * b).sum() / a.norm() / b.norm())
+
+    assert loss == pytest.approx(ref_loss, rel=5e-3)
+    assert cosine(dh, ref_dh) > 0.995 and cosine(dw, ref_dw) > 0.995
+    assert float((dh - ref_dh).norm() / ref_dh.norm()) < 0.1  # E5M2 gradients: a few % per element
+    # no leak from the padding rows: the gradient of an unscored position is exactly zero
+    assert torch.count_nonzero(dh[0, :4]) == 0
+
+
+def test_fp8_head_refuses_shapes_the_fp8_gemm_cannot_take():
+    hidden, labels = torch.randn(1, 8, 60).bfloat16(), torch.randint(0, 320, (1, 8))
+    with pytest.raises(ValueError, match=r"fp8 head: the hidden size \(60\) must be divisible by 16"):
+        causal_lm_loss(hidden.requires_grad_(), torch.randn(320, 60).bfloat16(), labels, fp8_head=True)
+
+
+@pytest.mark.gpu
+@gpu
+def test_fp8_head_on_gpu_at_llama3_vocab():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(2, 1024, 2048, generator=gen, device="cuda").bfloat16()
+    weight = (torch.randn(128256, 2048, generator=gen, device="cuda") * 0.02).bfloat16()
+    labels = torch.randint(0, 128256, (2, 1024), generator=gen, device="cuda")
+    ref_loss, ref_dh, ref_dw = _loss_and_grads(False, hidden, weight, labels)
+    loss, dh, dw = _loss_and_grads(True, hidden, weight, labels)
+    cosine = lambda a, b: float((a * b).sum() / a.norm() / b.norm())  # noqa: E731
+    assert loss == pytest.approx(ref_loss, rel=5e-3)
+    assert cosine(dh, ref_dh) > 0.99 and cosine(dw, ref_dw) > 0.99, (cosine(dh, ref_dh), cosine(dw, ref_dw))

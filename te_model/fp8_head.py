@@ -1,0 +1,78 @@
+"""The LM head's three GEMMs in FP8 (opt-in): `torch._scaled_mm` with per-tensor scales.
+
+With a 128k vocabulary the head is a quarter of an 8B-shape step's FLOPs and, unlike the decoder
+layers, stays in bf16 under TE's autocast. This runs its GEMMs on the FP8 tensor cores instead, the way
+TE's HYBRID recipes do inside the layers:
+
+- forward  logits = h @ W.T       h, W in E4M3, each scaled by its own amax (current scaling)
+- input gradient  dh = dlogits @ W    dlogits in E5M2
+- weight gradient dW = dlogits.T @ h  accumulated in fp32
+
+`dlogits = (softmax - onehot) / divisor` is bounded by 1 / divisor in magnitude, so its scale is fixed:
+multiplying by `divisor * 2**15` maps it into E5M2's range (max 57344) with no amax pass. Logits come out
+in bf16 and the loss itself (log-sum-exp, softmax) runs in fp32 as on the bf16 path.
+
+Opt-in because the head's FP8 rounding reaches the logits directly (no later layer averages it out):
+the bf16 head is the default, and `bench/train_step.py` measures both. `_scaled_mm` needs every GEMM
+dimension divisible by 16, so a chunk's rows are zero-padded to 16; padding rows carry no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+GRAD_SHIFT = 2.0**15  # |dlogits| * divisor <= 1, times 2**15 stays under E5M2's max of 57344
+ALIGN = 16
+
+
+def quantize(t: torch.Tensor, dtype=E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / scale as `dtype`, scale): current scaling, the tensor's amax mapped to the format's max."""
+    scale = (t.abs().amax().float() / torch.finfo(dtype).max).clamp(min=1e-12)
+    return (t / scale).to(dtype), scale
+
+
+def _padded_rows(t: torch.Tensor) -> torch.Tensor:
+    extra = -t.shape[0] % ALIGN
+    return torch.nn.functional.pad(t, (0, 0, 0, extra)) if extra else t
+
+
+class FP8HeadGemms:
+    """The FP8 counterpart of `te_model.loss.HeadGemms`, for one forward pass of the loss."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, divisor: float):
+        for name, size in (("hidden size", weight.shape[1]), ("vocabulary", weight.shape[0])):
+            if size % ALIGN:
+                raise ValueError(f"fp8 head: the {name} ({size}) must be divisible by {ALIGN}")
+        self.dtype = weight.dtype
+        self.wq, self.w_scale = quantize(weight)  # (V, H) row-major: W.T as the column-major operand
+        self.wq_t = None  # (H, V), made on first use by grad_hidden
+        self.hidden = hidden
+        self.grad_scale = torch.tensor(1.0 / (divisor * GRAD_SHIFT), device=weight.device)
+        self.grad_shift = divisor * GRAD_SHIFT
+        self.hq = self.h_scale = self.dq = None
+
+    def logits(self, start: int, stop: int) -> torch.Tensor:
+        self.hq, self.h_scale = quantize(_padded_rows(self.hidden[start:stop]))  # (c', H), c' = c rounded up
+        return torch._scaled_mm(self.hq, self.wq.t(), scale_a=self.h_scale, scale_b=self.w_scale,
+                                out_dtype=self.dtype)
+
+    def _grad_q(self, dlogits: torch.Tensor) -> torch.Tensor:
+        return (dlogits * self.grad_shift).to(E5M2)
+
+    def grad_hidden(self, dlogits: torch.Tensor) -> torch.Tensor:
+        if self.wq_t is None:
+            self.wq_t = self.wq.t().contiguous()
+        self.dq = self._grad_q(dlogits)
+        return torch._scaled_mm(self.dq, self.wq_t.t(), scale_a=self.grad_scale, scale_b=self.w_scale,
+                                out_dtype=self.dtype)
+
+    def grad_weight(self, dlogits, start: int, stop: int, acc: torch.Tensor | None) -> torch.Tensor:
+        dq = self.dq if self.dq is not None else self._grad_q(dlogits)  # grad_hidden's, for this chunk
+        self.dq = None
+        product = torch._scaled_mm(dq.t().contiguous(), self.hq.t().contiguous().t(), scale_a=self.grad_scale,
+                                   scale_b=self.h_scale, out_dtype=torch.float32)
+        if acc is None:
+            return product
+        return acc.add_(product)
