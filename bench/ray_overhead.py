@@ -61,7 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def job_config(args, workdir: Path, base_dir: Path, backend: str, use_gpu: bool) -> Config:
     """A one-worker job over the bench's checkpoint and rows: a metric row every step, one checkpoint."""
-    return Config.from_dict({
+    return Config.from_dict(job_dict(args, workdir, base_dir, backend, use_gpu))
+
+
+def job_dict(args, workdir: Path, base_dir: Path, backend: str, use_gpu: bool) -> dict:
+    return {
         "run": {"name": f"ray-overhead-{uuid.uuid4().hex[:8]}", "seed": args.seed,
                 "output_uri": str(workdir / "runs"), "cache_dir": str(workdir / "node-cache")},
         "model": {"base_uri": str(base_dir), "backend": backend, "dtype": args.dtype},
@@ -69,7 +73,7 @@ def job_config(args, workdir: Path, base_dir: Path, backend: str, use_gpu: bool)
         "train": {"workers": 1, "use_gpu": use_gpu, "micro_batch_size": args.batch, "grad_accum_steps": 1,
                   "lr": 1e-5, "warmup_steps": 1, "max_steps": args.warmup + args.steps, "checkpoint_every": 0,
                   "keep_checkpoints": 2, "log_every": 1, "fp8": args.fp8},
-    })
+    }
 
 
 def write_inputs(args, workdir: Path, device) -> tuple[Path, PreparedData]:

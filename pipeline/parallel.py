@@ -4,7 +4,8 @@ Why it exists: the model code is written for one device and parallelism is appli
 so the training loop and the checkpoint code ask this module instead of testing wrapper types.
 
 What this module decides:
-- `ddp`: Ray Train's `prepare_model` (DistributedDataParallel). Every worker holds the whole model,
+- `ddp`: DistributedDataParallel (what Ray Train's `prepare_model` makes, without needing a Ray worker
+  around it, so a bare process group can train the same way). Every worker holds the whole model,
   its gradients and AdamW moments: about 8 bytes per parameter in bf16, so roughly 3B parameters per
   80 GB GPU once activations are counted.
 - `fsdp`: PyTorch's FSDP2 `fully_shard`, one unit per decoder layer plus the root (embedding, final norm,
@@ -23,6 +24,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -38,9 +40,10 @@ def wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
             fully_shard(layer)
         fully_shard(model)
         return model
-    import ray.train.torch
-
-    return ray.train.torch.prepare_model(model)
+    if dist.get_world_size() == 1:
+        return model
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 @contextlib.contextmanager

@@ -4,9 +4,10 @@
 # $OUT/results-<part>.tgz at the end (or left in /tmp/results without $OUT).
 #   bash bench/gpu/session.sh smoke               GPU tests of the loss kernels and the bench scripts
 #   bash bench/gpu/session.sh scaling             tests/test_gpu_scaling.py (two GPUs)
+#   bash bench/gpu/session.sh profile             bench/parallel_profile.py, 1 vs 2 DDP vs 2 FSDP2 processes
 #   bash bench/gpu/session.sh matrix [args...]    bench/matrix.py with these arguments
 set -uo pipefail
-part=${1:?usage: session.sh smoke|scaling|matrix [args]}; shift
+part=${1:?usage: session.sh smoke|scaling|profile|matrix [args]}; shift
 R=/tmp/results; mkdir -p $R
 [ -f /tmp/site/.ready ] || OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
 source /tmp/site/env.sh
@@ -19,6 +20,9 @@ case $part in
     python3 -m pytest tests/test_ce_kernel.py tests/test_bench_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | tail -15 ;;
   scaling)
     python3 -m pytest tests/test_gpu_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error" ;;
+  profile)
+    python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed \
+      --out $R/parallel.json 2>&1 | quiet | tee $R/profile.log | tail -60 ;;
   matrix)
     python3 bench/matrix.py --out $R/matrix "$@" ;;
 esac

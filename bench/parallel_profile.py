@@ -1,0 +1,187 @@
+"""Where a data-parallel step's time goes: 1 worker against 2 DDP and 2 FSDP2 workers, bare processes.
+
+The scaling test (`tests/test_gpu_scaling.py`) measures tokens/s through Ray Train; this runs the same
+pipeline step (`pipeline.train.build_worker` and `_train_step`, as the Ray workers do) in plain
+processes joined by one `torch.distributed` group, so what it shows is the step itself, not Ray. Each
+layout trains the same global batch from the same checkpoint and rows:
+
+- `1`: one process, the whole global batch in one micro-batch;
+- `ddp`: two processes, half the batch each, DistributedDataParallel;
+- `fsdp`: two processes, half each, FSDP2 (`train.parallelism: fsdp`).
+
+After `--warmup` steps, rank 0 records `--profile-steps` steps with torch.profiler, then every rank times
+`--steps` more. Printed per layout: the median step time, tokens/s, scaling efficiency against one
+process, and from the profile the GPU time per step split into compute kernels and NCCL kernels, and
+the top operators by GPU and by CPU time.
+
+    python bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed
+    python bench/parallel_profile.py --shape tiny --device cpu --dtype fp32 --seq 64 --global-batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import te_model  # noqa: E402
+from bench import common, ray_overhead  # noqa: E402
+from pipeline import train as pipeline_train  # noqa: E402
+
+LAYOUTS = {"1": (1, "ddp"), "ddp": (2, "ddp"), "fsdp": (2, "fsdp")}  # name: (processes, parallelism)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama-380m", choices=sorted(common.SHAPES))
+    p.add_argument("--layers", type=int)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--global-batch", type=int, default=32, help="rows per optimizer step, all processes")
+    p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed steps after the profiled ones")
+    p.add_argument("--fp8", default="none", choices=("none", *te_model.RECIPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    args.layouts = [name for name in args.layouts.split(",") if name]
+    unknown = [name for name in args.layouts if name not in LAYOUTS]
+    if unknown:
+        p.error(f"--layouts: unknown {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}")
+    if args.global_batch % 2:
+        p.error("--global-batch must be even (two processes split it)")
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def profile_summary(prof, steps: int) -> dict:
+    """GPU milliseconds per step (compute kernels, NCCL kernels) and the top operators, from one profile."""
+    events = prof.key_averages()
+    cuda_us = lambda e: getattr(e, "self_device_time_total", 0) or 0  # noqa: E731
+    nccl = sum(cuda_us(e) for e in events if "nccl" in e.key.lower())
+    total = sum(cuda_us(e) for e in events)
+    return {"gpu_ms_per_step": total / 1e3 / steps, "nccl_ms_per_step": nccl / 1e3 / steps,
+            "compute_ms_per_step": (total - nccl) / 1e3 / steps,
+            "top_gpu": events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60),
+            "top_cpu": events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60)}
+
+
+def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, args: Namespace, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        common.setup_device("cuda")  # Transformer Engine before other CUDA work
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    try:
+        from pipeline.config import Config
+
+        w = pipeline_train.build_worker(Config.from_dict(cfg_dict), train_uri, rank, world, device)
+        progress = pipeline_train.Progress()
+        for _ in range(args.warmup):
+            pipeline_train._train_step(w, progress)
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(args.profile_steps):
+                pipeline_train._train_step(w, progress)
+        metrics = [pipeline_train._train_step(w, progress)[0] for _ in range(args.steps)]
+        if rank == 0:
+            tokens = args.global_batch * args.seq
+            step_ms = [tokens / m["tokens_per_s"] * 1e3 for m in metrics]
+            result = {"step_ms": statistics.median(step_ms), "step_ms_all": step_ms,
+                      "losses": [m["loss"] for m in metrics], "gpu_mem_gb": metrics[-1]["gpu_mem_gb"],
+                      **profile_summary(prof, args.profile_steps)}
+            Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def job_config(args, workdir: Path, base_dir: Path, backend: str, world: int, parallelism: str) -> dict:
+    """The bench job's config as a dict: this layout's workers, micro-batch and parallelism."""
+    steps = Namespace(seed=args.seed, dtype=args.dtype, seq=args.seq, batch=args.global_batch // world,
+                      warmup=args.warmup + args.profile_steps, steps=args.steps, fp8=args.fp8)
+    cfg = ray_overhead.job_dict(steps, workdir, base_dir, backend, args.device == "cuda")
+    cfg["train"].update(workers=world, parallelism=parallelism)
+    return cfg
+
+
+def measure(args, workdir: Path) -> dict:
+    device = common.setup_device(args.device)
+    backend, reason = common.ours_backend(device)
+    inputs = Namespace(shape=args.shape, layers=args.layers, dtype=args.dtype, seed=args.seed, seq=args.seq,
+                       batch=args.global_batch, warmup=args.warmup + args.profile_steps, steps=args.steps)
+    base_dir, prepared = ray_overhead.write_inputs(inputs, workdir, torch.device("cpu"))
+    layouts = {}
+    for name in args.layouts:
+        world, parallelism = LAYOUTS[name]
+        if args.device == "cuda" and torch.cuda.device_count() < world:
+            layouts[name] = {"skipped": f"needs {world} GPUs, {torch.cuda.device_count()} visible"}
+            continue
+        cfg = job_config(args, workdir, base_dir, backend, world, parallelism)
+        out = workdir / f"{name}.json"
+        print(f"[parallel_profile] {name}: {world} process(es), {parallelism} ...", file=sys.stderr, flush=True)
+        mp.spawn(worker, args=(world, cfg, prepared.train_uri, free_port(), args, str(out)), nprocs=world, join=True)
+        layouts[name] = json.loads(out.read_text())
+    tokens = args.global_batch * args.seq
+    one = layouts.get("1", {}).get("step_ms")
+    for name, row in layouts.items():
+        if "step_ms" in row:
+            row["tokens_per_s"] = tokens / row["step_ms"] * 1e3
+            row["scaling_efficiency"] = one / row["step_ms"] / LAYOUTS[name][0] if one else None
+    run = {"shape": args.shape, "seq": args.seq, "global_batch": args.global_batch, "fp8": args.fp8,
+           "backend": backend, "backend_reason": reason, "warmup": args.warmup,
+           "profile_steps": args.profile_steps, "steps": args.steps}
+    return {"environment": common.environment(device), "run": run, "layouts": layouts}
+
+
+def print_table(result: dict) -> None:
+    run = result["run"]
+    for name, row in result["layouts"].items():
+        if "top_gpu" in row:
+            print(f"\n--- {name}: top operators by GPU time ({run['profile_steps']} steps, rank 0)\n{row['top_gpu']}")
+            print(f"--- {name}: top operators by CPU time\n{row['top_cpu']}")
+    print(f"\n{result['environment']['device']}, {run['shape']}, global batch {run['global_batch']}x{run['seq']}, "
+          f"fp8 {run['fp8']}, backend {run['backend']}: pipeline _train_step in bare processes")
+    print(f"{'layout':8s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'GPU ms':>7s} {'compute':>8s} "
+          f"{'NCCL':>6s} {'GiB':>6s}")
+    for name, row in result["layouts"].items():
+        if "step_ms" not in row:
+            print(f"{name:8s} {row.get('skipped')}")
+            continue
+        print(f"{name:8s} {row['step_ms']:8.1f} {row['tokens_per_s']:10.0f} {common.fmt(row['scaling_efficiency'], '8.3f')} "
+              f"{row['gpu_ms_per_step']:7.1f} {row['compute_ms_per_step']:8.1f} {row['nccl_ms_per_step']:6.1f} "
+              f"{row['gpu_mem_gb']:6.1f}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="parallel-profile-") as workdir:
+        result = measure(args, Path(workdir))
+    common.write_json(args.out, result)
+    print_table(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
