@@ -12,11 +12,20 @@ other and to nothing else:
 That single rule feeds both backends: the torch layer turns it into a block-diagonal causal mask, and the
 TE layer hands the same boundaries to its THD attention as `cu_seqlens`. The plan is computed once per
 model forward (`SegmentedLlamaModel`), not per layer, because `max_seqlen` needs one host sync.
+
+`max_seqlen` is the longest segment rounded up to a multiple of `MAX_SEQLEN_ALIGN` (64), as Transformer
+Engine rounds it when it computes the value itself. TE re-selects its attention backend and builds a new
+cuDNN graph for every distinct value it is handed; with packed rows the exact longest document differs
+from batch to batch, so exact values cost milliseconds of host time per layer, every step. Rounded, a
+4096-token row has at most 64 values, each built once.
 """
 
 from dataclasses import dataclass
 
 import torch
+
+
+MAX_SEQLEN_ALIGN = 64
 
 
 class MaskError(ValueError):
@@ -88,6 +97,6 @@ def plan_attention(
     return AttentionPlan(
         segment_ids=segment_ids,
         cu_seqlens=cu_seqlens,
-        max_seqlen=int(lengths.max()),
+        max_seqlen=-(-int(lengths.max()) // MAX_SEQLEN_ALIGN) * MAX_SEQLEN_ALIGN,
         one_segment_per_row=len(lengths) == batch,
     )
