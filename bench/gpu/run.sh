@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# On a GPU host with the project's wheels staged in /tmp/gpu-stage (docs/performance.md says how):
-# install them once, then run one part of the GPU checks. Logs and JSON go to /tmp/results, packed into
-# $OUT/results-<part>.tgz at the end (or left in /tmp/results without $OUT).
-#   bash bench/gpu/session.sh smoke               GPU tests of the loss kernels and the bench scripts
-#   bash bench/gpu/session.sh scaling             tests/test_gpu_scaling.py (two GPUs)
-#   bash bench/gpu/session.sh profile             bench/parallel_profile.py, 1 vs 2 DDP vs 2 FSDP2 processes
-#   bash bench/gpu/session.sh matrix [args...]    bench/matrix.py with these arguments
+# One part of the GPU checks, on a node with the project and Transformer Engine installed. On a host
+# without a package index whose wheels are staged in /tmp/gpu-stage with their install script, they are
+# installed into /tmp/site first (once). Logs and JSON go to /tmp/results, packed into
+# $OUT/results-<part>.tgz at the end when $OUT is set.
+#   bash bench/gpu/run.sh smoke               GPU tests of the loss kernels and the bench scripts
+#   bash bench/gpu/run.sh scaling             tests/test_gpu_scaling.py (two GPUs)
+#   bash bench/gpu/run.sh profile             bench/parallel_profile.py, 1 vs 2 DDP vs 2 FSDP2 processes
+#   bash bench/gpu/run.sh matrix [args...]    bench/matrix.py with these arguments
 set -uo pipefail
-part=${1:?usage: session.sh smoke|scaling|profile|matrix [args]}; shift
+part=${1:?usage: run.sh smoke|scaling|profile|matrix [args]}; shift
 R=/tmp/results; mkdir -p $R
-[ -f /tmp/site/.ready ] || OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
-source /tmp/site/env.sh
+if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
+  OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
+fi
+[ -f /tmp/site/env.sh ] && source /tmp/site/env.sh
 export PYTHONUNBUFFERED=1
 quiet() { grep -v "it/s\]\|Warning\|warn(" ; }
 case $part in
