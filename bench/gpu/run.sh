@@ -19,6 +19,7 @@ quiet() { grep -v "it/s\]\|Warning\|warn(" ; }
 case $part in
   smoke)
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    nvidia-smi topo -m    # how the GPUs are linked (NVLink or PCIe): it bounds what FSDP2 can overlap
     python3 -c "import torch, transformers, transformer_engine as te, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'te', te.__version__, 'triton', triton.__version__)"
     python3 -m pytest tests/test_ce_kernel.py tests/test_bench_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | tail -15 ;;
   scaling)
