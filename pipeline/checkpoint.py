@@ -210,9 +210,15 @@ def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return tensors, groups
 
 
-def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                         tensors: dict[str, torch.Tensor], groups: list[dict], where: str) -> None:
-    """Load name-keyed optimizer state; the saved groups must hold the model's parameters in order."""
+def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path,
+                         groups: list[dict]) -> None:
+    """Load name-keyed optimizer state from `path`; the saved groups must hold the model's parameters in order.
+
+    One tensor is in host memory at a time: each is read, moved to its parameter's device (this worker's
+    shard of it, for a sharded parameter) and dropped, so resuming an 8B run needs about one embedding's
+    worth of host memory per process, not the whole optimizer file.
+    """
+    where = str(path)
     names = _ordered_names(module, optimizer)
     saved = [name for group in groups for name in group["params"]]
     if saved != names:
@@ -221,14 +227,20 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
     index = {name: i for i, name in enumerate(names)}
     params = dict(module.named_parameters())
     state: dict[int, dict[str, torch.Tensor]] = {}
-    for key in sorted(tensors):  # the same order on every worker: sharding moments is a collective
-        name, _, field = key.rpartition(".")
-        if name not in index:
-            raise PipelineError(f"{where}: optimizer state {key!r} names no model parameter")
-        tensor = tensors[key]
-        if tensor.dim() and parallel.is_sharded(params[name]):
-            tensor = parallel.shard_like(tensor, params[name])
-        state.setdefault(index[name], {})[field] = tensor
+    if not path.is_file():
+        raise PipelineError(f"checkpoint file missing: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in sorted(f.keys()):  # the same order on every worker: sharding moments is a collective
+                name, _, field = key.rpartition(".")
+                if name not in index:
+                    raise PipelineError(f"{where}: optimizer state {key!r} names no model parameter")
+                tensor, param = f.get_tensor(key), params[name]
+                if tensor.dim():  # moments; the 0-d step stays where the optimizer wants it
+                    tensor = parallel.shard_like(tensor, param) if parallel.is_sharded(param) else tensor.to(param.device)
+                state.setdefault(index[name], {})[field] = tensor
+    except SafetensorError as exc:
+        raise PipelineError(f"{path}: unreadable safetensors ({exc})") from None
     param_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
                     for g in groups]
     optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": param_groups})
@@ -303,8 +315,7 @@ def load_checkpoint(local_dir: str | Path, *, module: torch.nn.Module, optimizer
                             f"{world_size} (set train.workers={state['world_size']} to resume it)")
     load_model_weights(module, local / MODEL_FILE)
     groups = _read_json(local / OPTIMIZER_GROUPS_FILE)
-    load_optimizer_state(module, optimizer, _load_tensors(local / OPTIMIZER_FILE), groups,
-                         str(local / OPTIMIZER_FILE))
+    load_optimizer_state(module, optimizer, local / OPTIMIZER_FILE, groups)
     scheduler.load_state_dict(_read_json(local / SCHEDULER_FILE))
     if state["world_size"] == world_size:
         return state, restore_rank_state(local, rank)
