@@ -26,6 +26,8 @@ What this module decides:
 - TE's `_extra_state` (FP8 scaling metadata) is not saved: TE pickles it. FP8 delayed-scaling amax
   history therefore restarts empty on resume and refills within `train.fp8_amax_history_len` steps.
 - There is no separate fp32 master copy: parameters and AdamW moments are in the training dtype.
+- One tensor at a time in host memory, both ways: rank 0 writes each safetensors file as it gathers its
+  tensors (`save_streamed`), and a resume reads the optimizer file tensor by tensor onto the devices.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save
 
 from pipeline import parallel
 from pipeline.errors import PipelineError
@@ -137,19 +139,10 @@ def restore_rank_state(local_dir: Path, rank: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------
 # model and optimizer
 # ---------------------------------------------------------------------------------------------------
-def model_tensors(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """Every parameter by TE-style name, whole and on the CPU; no buffers and no `_extra_state`.
-
-    Sharded (FSDP) parameters are gathered one at a time, a collective: every worker calls this, and
-    only the writer passes `keep` (the others take part and get nothing).
-    """
-    tensors = {}
-    for name, p in module.named_parameters():
-        if keep or parallel.is_sharded(p):
-            whole = parallel.full_tensor(p.detach())
-            if keep:
-                tensors[name] = whole.to("cpu").contiguous()
-    return tensors
+def model_entries(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(TE-style name, parameter) for every parameter, in the order checkpoints write them; no buffers and
+    no `_extra_state`. Sharded (FSDP) parameters are DTensors: writing gathers them one at a time."""
+    return [(name, p.detach()) for name, p in module.named_parameters()]
 
 
 def _names(names: list[str]) -> str:
@@ -189,25 +182,51 @@ def _ordered_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    keep: bool = True) -> tuple[dict, list]:
-    """(tensors keyed `{param name}.{field}`, param_groups with parameter names) of the optimizer.
-
-    Whole tensors: sharded moments are gathered, a collective like `model_tensors(keep=...)`.
-    """
+def optimizer_entries(module: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer) -> tuple[list[tuple[str, torch.Tensor]], list]:
+    """(`{param name}.{field}` and tensor for every piece of AdamW state, param_groups with parameter names).
+    Sharded moments are DTensors, gathered when written, like `model_entries`."""
     names = _ordered_names(module, optimizer)
     state = optimizer.state_dict()
-    tensors = {}
-    for index, fields in state["state"].items():
-        for field, value in fields.items():
-            value = value if torch.is_tensor(value) else torch.tensor(value)
-            if keep or parallel.is_sharded(value):
-                whole = parallel.full_tensor(value.detach())
-                if keep:
-                    tensors[f"{names[index]}.{field}"] = whole.to("cpu").contiguous()
+    entries = [(f"{names[index]}.{field}", value.detach() if torch.is_tensor(value) else torch.tensor(value))
+               for index, fields in state["state"].items() for field, value in fields.items()]
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
               for g in state["param_groups"]]
-    return tensors, groups
+    return entries, groups
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_streamed(entries: list[tuple[str, torch.Tensor]], path: Path | None) -> None:
+    """Write `entries` as one safetensors file, one whole tensor in host memory at a time.
+
+    The header is known from the shapes alone (a DTensor's shape is the whole tensor's), so it is
+    written first and each tensor's bytes follow as soon as it is gathered: rank 0 needs one tensor's
+    worth of host memory, not the model's and its optimizer's. Every worker calls this with the same
+    entries, because gathering a sharded tensor is a collective; workers that write nothing pass
+    `path=None` and only take part in the gathers.
+    """
+    if path is None:
+        for _, tensor in entries:
+            if parallel.is_sharded(tensor):
+                parallel.full_tensor(tensor)
+        return
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, tensor in entries:
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for _, tensor in entries:
+            whole = parallel.full_tensor(tensor).to("cpu").contiguous()
+            f.write(whole.reshape(-1).view(torch.uint8).numpy().data)
+            del whole
 
 
 def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path,
@@ -252,8 +271,8 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 def join_gather(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """What a worker that writes nothing does while rank 0 runs `write_checkpoint`: take part in gathering
     sharded tensors, in the same order (nothing at all when nothing is sharded)."""
-    model_tensors(module, keep=False)
-    optimizer_state(module, optimizer, keep=False)
+    save_streamed(model_entries(module), None)
+    save_streamed(optimizer_entries(module, optimizer)[0], None)
 
 
 def write_checkpoint(out_dir: str | Path, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -263,9 +282,9 @@ def write_checkpoint(out_dir: str | Path, *, module: torch.nn.Module, optimizer:
     manifest last; returns the dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(model_tensors(module), out / MODEL_FILE, metadata={"format": "pt"})
-    tensors, groups = optimizer_state(module, optimizer)
-    save_file(tensors, out / OPTIMIZER_FILE, metadata={"format": "pt"})
+    save_streamed(model_entries(module), out / MODEL_FILE)
+    entries, groups = optimizer_entries(module, optimizer)
+    save_streamed(entries, out / OPTIMIZER_FILE)
     (out / OPTIMIZER_GROUPS_FILE).write_bytes(_json_bytes(groups))
     (out / SCHEDULER_FILE).write_bytes(_json_bytes(scheduler.state_dict()))
     for rank, files in enumerate(ranks):

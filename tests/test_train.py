@@ -197,3 +197,15 @@ def test_checkpoint_round_trip_and_clear_errors(base_dir, tmp_path):
     with pytest.raises(PipelineError, match="model.layers.1.* is not a model parameter"):
         ckpt.load_checkpoint(tmp_path / "ck", module=smaller, optimizer=smaller_optimizer,
                              scheduler=make_scheduler(smaller_optimizer, cfg.train), rank=0, world_size=1)
+
+
+def test_streamed_safetensors_read_back_by_safetensors_itself(tmp_path):
+    """Checkpoints are written a tensor at a time with a header computed up front; safetensors' own reader
+    must get every tensor back bit for bit, whatever its dtype and rank (0-d AdamW steps included)."""
+    tensors = {"w": torch.randn(3, 5).bfloat16(), "w.exp_avg": torch.randn(3, 5), "w.step": torch.tensor(7.0),
+               "ids": torch.arange(10), "x": torch.randn(4, 2, 3, dtype=torch.float64), "flags": torch.ones(3).bool()}
+    ckpt.save_streamed(list(tensors.items()), tmp_path / "t.safetensors")
+    back = load_file(tmp_path / "t.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
