@@ -160,7 +160,7 @@ def goal_lines(out: Path) -> list[str]:
 
 
 def report(args, status: dict) -> None:
-    from bench import layer_speed, packing, ray_overhead, train_step  # noqa: F401  (their tables)
+    from bench import layer_speed, packing, ray_overhead, train_step  # each prints its own table
 
     out = Path(args.out)
     printers = {"train_step": train_step.print_table, "packing": packing.print_table,

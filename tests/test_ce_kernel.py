@@ -18,7 +18,7 @@ import torch
 
 from te_model import ce_kernel
 from te_model import loss as loss_module
-from te_model.loss import _accumulate_fp32, _matmul_fp32, causal_lm_loss
+from te_model.loss import _gemm_fp32, causal_lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_fp32_accumulation_on_cpu_adds_the_product():
     acc = torch.randn(8, 6, generator=gen)
     a, b = torch.randn(8, 5, generator=gen).bfloat16(), torch.randn(5, 6, generator=gen).bfloat16()
     want = acc + (a @ b).float()
-    _accumulate_fp32(acc, a, b)
+    _gemm_fp32(a, b, acc)
     torch.testing.assert_close(acc, want)
 
 
@@ -129,9 +129,9 @@ def test_fp32_accumulating_gemm_on_gpu():
     a = torch.randn(4096, 1000, generator=gen, device="cuda").bfloat16()
     b = torch.randn(1000, 512, generator=gen, device="cuda").bfloat16()
     want = acc + a.double().matmul(b.double()).float()
-    _accumulate_fp32(acc, a, b)
+    _gemm_fp32(a, b, acc)
     torch.testing.assert_close(acc, want, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(_matmul_fp32(a, b), a.double().matmul(b.double()).float(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(_gemm_fp32(a, b), a.double().matmul(b.double()).float(), rtol=1e-4, atol=1e-3)
     assert loss_module._FP32_OUT_GEMM["ok"], "the fp32-output GEMM failed and the fallback ran"
 
 
@@ -163,7 +163,7 @@ def test_fp8_head_tracks_the_bf16_head():
     assert loss == pytest.approx(ref_loss, rel=5e-3)
     assert cosine(dh, ref_dh) > 0.995 and cosine(dw, ref_dw) > 0.995
     assert float((dh - ref_dh).norm() / ref_dh.norm()) < 0.1  # E5M2 gradients: a few % per element
-    # no leak from the padding rows: the gradient of an unscored position is exactly zero
+    # positions whose label is -100 are left out of the GEMMs: their gradient is exactly zero
     assert torch.count_nonzero(dh[0, :4]) == 0
 
 
