@@ -7,7 +7,8 @@ layout trains the same global batch from the same checkpoint and rows:
 
 - `1`: one process, the whole global batch in one micro-batch;
 - `ddp`: two processes, half the batch each, DistributedDataParallel;
-- `fsdp`: two processes, half each, FSDP2 (`train.parallelism: fsdp`).
+- `fsdp`: two processes, half each, FSDP2 (`train.parallelism: fsdp`);
+- `fsdp-keep`: the same with `train.fsdp_reshard_after_forward: false` (no all-gather in backward).
 
 After `--warmup` steps, rank 0 records `--profile-steps` steps with torch.profiler, then every rank times
 `--steps` more. Printed per layout: the median step time, tokens/s, scaling efficiency against one
@@ -41,7 +42,9 @@ import te_model  # noqa: E402
 from bench import common, ray_overhead  # noqa: E402
 from pipeline import train as pipeline_train  # noqa: E402
 
-LAYOUTS = {"1": (1, "ddp"), "ddp": (2, "ddp"), "fsdp": (2, "fsdp")}  # name: (processes, parallelism)
+# name: (processes, train settings)
+LAYOUTS = {"1": (1, {"parallelism": "ddp"}), "ddp": (2, {"parallelism": "ddp"}), "fsdp": (2, {"parallelism": "fsdp"}),
+           "fsdp-keep": (2, {"parallelism": "fsdp", "fsdp_reshard_after_forward": False})}
 
 
 def parse_args(argv):
@@ -119,12 +122,12 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
         dist.destroy_process_group()
 
 
-def job_config(args, workdir: Path, base_dir: Path, backend: str, world: int, parallelism: str) -> dict:
-    """The bench job's config as a dict: this layout's workers, micro-batch and parallelism."""
+def job_config(args, workdir: Path, base_dir: Path, backend: str, world: int, settings: dict) -> dict:
+    """The bench job's config as a dict: this layout's workers, micro-batch and train settings."""
     steps = Namespace(seed=args.seed, dtype=args.dtype, seq=args.seq, batch=args.global_batch // world,
                       warmup=args.warmup + args.profile_steps, steps=args.steps, fp8=args.fp8)
     cfg = ray_overhead.job_dict(steps, workdir, base_dir, backend, args.device == "cuda")
-    cfg["train"].update(workers=world, parallelism=parallelism)
+    cfg["train"].update(workers=world, **settings)
     return cfg
 
 
@@ -136,13 +139,13 @@ def measure(args, workdir: Path) -> dict:
     base_dir, prepared = ray_overhead.write_inputs(inputs, workdir, torch.device("cpu"))
     layouts = {}
     for name in args.layouts:
-        world, parallelism = LAYOUTS[name]
+        world, settings = LAYOUTS[name]
         if args.device == "cuda" and torch.cuda.device_count() < world:
             layouts[name] = {"skipped": f"needs {world} GPUs, {torch.cuda.device_count()} visible"}
             continue
-        cfg = job_config(args, workdir, base_dir, backend, world, parallelism)
+        cfg = job_config(args, workdir, base_dir, backend, world, settings)
         out = workdir / f"{name}.json"
-        print(f"[parallel_profile] {name}: {world} process(es), {parallelism} ...", file=sys.stderr, flush=True)
+        print(f"[parallel_profile] {name}: {world} process(es), {settings} ...", file=sys.stderr, flush=True)
         mp.spawn(worker, args=(world, cfg, prepared.train_uri, free_port(), args, str(out)), nprocs=world, join=True)
         layouts[name] = json.loads(out.read_text())
     tokens = args.global_batch * args.seq
@@ -165,13 +168,13 @@ def print_table(result: dict) -> None:
             print(f"--- {name}: top operators by CPU time\n{row['top_cpu']}")
     print(f"\n{result['environment']['device']}, {run['shape']}, global batch {run['global_batch']}x{run['seq']}, "
           f"fp8 {run['fp8']}, backend {run['backend']}: pipeline _train_step in bare processes")
-    print(f"{'layout':8s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'kernel ms':>9s} {'compute':>8s} "
+    print(f"{'layout':10s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'kernel ms':>9s} {'compute':>8s} "
           f"{'NCCL':>6s} {'GiB':>6s}")
     for name, row in result["layouts"].items():
         if "step_ms" not in row:
-            print(f"{name:8s} {row.get('skipped')}")
+            print(f"{name:10s} {row.get('skipped')}")
             continue
-        print(f"{name:8s} {row['step_ms']:8.1f} {row['tokens_per_s']:10.0f} {common.fmt(row['scaling_efficiency'], '8.3f')} "
+        print(f"{name:10s} {row['step_ms']:8.1f} {row['tokens_per_s']:10.0f} {common.fmt(row['scaling_efficiency'], '8.3f')} "
               f"{row['kernel_ms_per_step']:9.1f} {row['compute_ms_per_step']:8.1f} {row['nccl_ms_per_step']:6.1f} "
               f"{row['gpu_mem_gb']:6.1f}")
 

@@ -229,6 +229,9 @@ class TrainConfig(_Section):
     # How workers share the model: ddp = a whole replica each; fsdp = FSDP2, parameters, gradients and
     # optimizer state sharded over the workers (models too big for one GPU). See pipeline/parallel.py.
     parallelism: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp only: free each decoder layer's gathered weights after its forward (true, least memory) or
+    # keep them until its backward (false: one all-gather fewer per layer and step, whole weights held).
+    fsdp_reshard_after_forward: bool = True
     # When FP8 is requested but cannot run (no GPU, no Transformer Engine, unsupported GPU): false = stop
     # at job start with the reason; true = warn, train without FP8, tag the MLflow run fp8.fallback.
     fp8_fallback: bool = False

@@ -12,8 +12,9 @@ What this module decides:
   a non-finite loss or gradient norm, and which ranks got SIGTERM. A checkpoint is a collective, so a
   SIGTERM on any rank makes every rank checkpoint that step and then fail together (Ray restarts them).
 - Metrics are logged once: rank 0 holds each step's metrics until a checkpoint that covers them is
-  committed by Ray's controller (`get_all_reported_checkpoints(COMMITTED)`, waited for on a thread so
-  training goes on), then hands them to the MLflow logger. Steps re-done after a restart were never
+  committed by Ray's controller (`get_all_reported_checkpoints(COMMITTED)`, asked on a thread so
+  training goes on), then hands them to the MLflow logger. Steps whose commit is still unconfirmed
+  when training ends are counted and warned about, never dropped silently. Steps re-done after a restart were never
   handed over. Steps handed over but still queued when the worker died are in that checkpoint's history
   with their timestamps: a resumed worker sends again the history's steps taken since its MLflow run
   started (older ones went to an earlier run of the job), and MLflow's database stores an identical
@@ -26,11 +27,14 @@ What this module decides:
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +52,8 @@ FAIL_AT_STEP_ENV = "PIPELINE_FAIL_AT_STEP"
 STATE_DIR_ENV = "PIPELINE_WORKER_STATE_DIR"
 POISON_LOSS_ENV = "PIPELINE_POISON_LOSS"
 TIME_KEY = "time_ms"  # when a step's metrics were taken; kept in the history, not logged as a metric
-COMMIT_TIMEOUT_S = 600.0
+COMMIT_TIMEOUT_S = 600.0  # a checkpoint's commit not confirmed by then: its steps wait for a resume
+COMMIT_POLL_S = 2.0  # longest single wait for the controller's answer
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,14 +165,23 @@ class CommittedMetrics:
     """Rank 0's step metrics, held until a checkpoint that covers them is committed, then logged.
 
     `logger` is a `pipeline.metrics` logger; with a NullLogger (other ranks, untracked runs) nothing is
-    held and Ray is never asked.
+    held and Ray is never asked. One thread hands steps over: it asks the controller for the committed
+    checkpoints (`committed_step`, default: the highest step among them), a few seconds at a time, and
+    logs every held step a committed checkpoint covers, in order. Asking again and comparing steps, rather
+    than one long wait per checkpoint, means a late or missed notification costs seconds, not the steps.
     """
 
-    def __init__(self, logger: Any) -> None:
+    def __init__(self, logger: Any, committed_step: Callable[[], int] | None = None) -> None:
         self.logger = logger
         self.active = logger.run_id is not None
+        self.unconfirmed = 0  # steps never handed over: their checkpoint's commit was not confirmed in time
+        self._committed_step = committed_step or _committed_step
         self._held: list[dict[str, float]] = []
-        self._handover: threading.Thread | None = None
+        self._reported: collections.deque[tuple[float, list[dict[str, float]]]] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
 
     def resend(self, history: list[dict[str, float]], since_ms: int | None) -> None:
         """Send again the steps of a resumed checkpoint's history taken since `since_ms` (when this MLflow
@@ -188,32 +202,77 @@ class CommittedMetrics:
         """Call after `ray.train.report` with a checkpoint returned: hand over what it covers once committed."""
         if not self._held:
             return
-        held, self._held, previous = self._held, [], self._handover
-        self._handover = threading.Thread(target=self._hand_over, args=(held, previous), daemon=True,
-                                          name="metrics-handover")
-        self._handover.start()
+        with self._lock:
+            self._reported.append((time.monotonic(), self._held))
+        self._held = []
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._hand_over_forever, daemon=True, name="metrics-handover")
+            self._thread.start()
+        self._wake.set()
 
-    def _hand_over(self, held: list[dict[str, float]], previous: threading.Thread | None) -> None:
-        if previous is not None:
-            previous.join()  # keep steps in order
-        try:
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
-                                                   timeout_s=COMMIT_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - a resume sends them again from the checkpoint's history
-            log.warning("metrics of steps %d-%d wait for a resume: checkpoint commit not confirmed (%s)",
-                        held[0]["step"], held[-1]["step"], type(exc).__name__)
-            return
-        for entry in held:
-            self._log(entry)
+    def close(self, timeout: float) -> bool:
+        """Hand over what the committed checkpoints cover, then close the logger, each within `timeout`.
+
+        Steps whose checkpoint is still unconfirmed then are counted in `unconfirmed` and warned about; a
+        resume sends them from the checkpoint's history.
+        """
+        with self._lock:
+            self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            left = [entry for _, held in self._reported for entry in held]
+            self._reported.clear()
+        if left:
+            self.unconfirmed += len(left)
+            log.warning("metrics of steps %d-%d not logged: the commit of their checkpoint was not confirmed "
+                        "by the end of training; a resume of this run sends them", left[0]["step"], left[-1]["step"])
+        return self.logger.close(timeout=timeout) and not left
+
+    def _hand_over_forever(self) -> None:
+        while True:
+            with self._lock:
+                if not self._reported:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+            if not self._reported:
+                self._wake.wait()
+                continue
+            committed = self._committed_step()
+            ready: list[dict[str, float]] = []
+            with self._lock:
+                while self._reported and self._reported[0][1][-1]["step"] <= committed:
+                    ready.extend(self._reported.popleft()[1])
+                expired = self._reported and time.monotonic() - self._reported[0][0] > COMMIT_TIMEOUT_S
+                given_up = self._reported.popleft()[1] if expired else []
+            for entry in ready:
+                self._log(entry)
+            if given_up:
+                self.unconfirmed += len(given_up)
+                log.warning("metrics of steps %d-%d wait for a resume: checkpoint commit not confirmed in %.0f s",
+                            given_up[0]["step"], given_up[-1]["step"], COMMIT_TIMEOUT_S)
+            if not ready and not given_up:
+                time.sleep(COMMIT_POLL_S / 4)  # the controller answered without our checkpoint: ask again soon
 
     def _log(self, entry: dict[str, float]) -> None:
         fields = {k: v for k, v in entry.items() if k not in ("step", TIME_KEY)}
         self.logger.log(int(entry["step"]), fields, timestamp_ms=entry.get(TIME_KEY))
 
-    def close(self, timeout: float) -> bool:
-        if self._handover is not None:
-            self._handover.join(timeout)
-        return self.logger.close(timeout=timeout)
+
+def _committed_step() -> int:
+    """The highest step among the checkpoints Ray's controller has committed; -1 when it cannot say.
+
+    Waits at most COMMIT_POLL_S for the controller to take the reports made so far.
+    """
+    try:
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_POLL_S)
+    except Exception as exc:  # noqa: BLE001 - asked again; past COMMIT_TIMEOUT_S the steps wait for a resume
+        log.debug("committed checkpoints not known yet (%s)", type(exc).__name__)
+        return -1
+    return max((int(r.metrics.get("step", -1)) for r in reported), default=-1)
 
 
 # ---------------------------------------------------------------------------------------------------

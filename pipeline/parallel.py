@@ -10,7 +10,8 @@ What this module decides:
   80 GB GPU once activations are counted.
 - `fsdp`: PyTorch's FSDP2 `fully_shard`, one unit per decoder layer plus the root (embedding, final norm,
   LM head; a tied head stays with the embedding it is). Parameters, gradients and moments are sharded
-  over the workers and each layer is all-gathered just for its forward and backward. Parameters and
+  over the workers and each layer is all-gathered just for its forward and again for its backward
+  (`train.fsdp_reshard_after_forward: false` keeps it gathered in between: less traffic, more memory). Parameters and
   gradient reductions stay in the training dtype (bf16 master weights, as with DDP).
   TE layers work unchanged under FP8 autocast: FSDP2 hands them whole bf16 weights to quantize.
 - Sharded parameters and moments are DTensors. `full_tensor` gathers one (a collective every worker
@@ -31,13 +32,20 @@ from torch.nn.parallel import DistributedDataParallel
 STRATEGIES = ("ddp", "fsdp")
 
 
-def wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
-    """The module the training step calls: `model` wrapped for `strategy` (FSDP2 shards it in place)."""
+def wrap(model: torch.nn.Module, strategy: str, *, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """The module the training step calls: `model` wrapped for `strategy` (FSDP2 shards it in place).
+
+    `reshard_after_forward` (FSDP2 only): free each layer's gathered weights after its forward and gather
+    them again for its backward (least memory), or keep them until the backward (one all-gather fewer per
+    layer and step, for models whose whole weights fit). The last layer always keeps them: its backward
+    follows its forward at once. The root does too (FSDP2's own rule).
+    """
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.model.layers:
-            fully_shard(layer)
+        layers = model.model.layers
+        for index, layer in enumerate(layers):
+            fully_shard(layer, reshard_after_forward=reshard_after_forward and index < len(layers) - 1)
         fully_shard(model)
         return model
     if dist.get_world_size() == 1:

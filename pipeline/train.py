@@ -327,7 +327,10 @@ def build_worker(cfg: Config, train_uri: str, rank: int = 0, world: int = 1,
         model.gradient_checkpointing_enable()
     model.fp8_head = cfg.train.fp8_head
     model.train()
-    wrapped = parallel.wrap(model, cfg.train.parallelism) if dist.is_initialized() else model
+    wrapped = model
+    if dist.is_initialized():
+        wrapped = parallel.wrap(model, cfg.train.parallelism,
+                                reshard_after_forward=cfg.train.fsdp_reshard_after_forward)
     optimizer = make_optimizer(model, cfg.train)
     shard = RankShard(read_rows(train_uri, options), cfg.run.seed, rank, world, cfg.train.micro_batch_size)
     if cfg.train.fp8 != "none":

@@ -3,21 +3,25 @@
 Both start from the same base checkpoint and read the same rows, so in fp32 their per-step losses agree
 to reduction-order noise. An FSDP run stopped after its step-4 checkpoint resumes with ONE worker on the
 same global batch (grad_accum doubled), reaches the last step and matches the uninterrupted run; its
-final checkpoint holds whole tensors that convert to a standard HF checkpoint.
+final checkpoint holds whole tensors that convert to a standard HF checkpoint. Last, in one process,
+what `train.fsdp_reshard_after_forward` changes.
 """
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 import te_model
 from pipeline import checkpoint as ckpt
-from pipeline import storage, tiny
+from pipeline import parallel, storage, tiny
 from pipeline.config import Config
 from pipeline.data import prepare
 from pipeline.errors import PipelineError
@@ -97,3 +101,31 @@ def test_regrid_refuses_a_position_the_new_grid_cannot_start_at():
     assert ckpt.regrid_position({"epoch": 0, "offset": 4}, state, 4, 1, "ck") == {"epoch": 0, "offset": 4}
     with pytest.raises(PipelineError, match="read 12 rows of epoch 1.*train.workers x train.micro_batch_size = 8"):
         ckpt.regrid_position({"epoch": 1, "offset": 3}, state, 4, 2, "ck")
+
+
+def test_fsdp_keeps_gathered_weights_until_backward_only_when_asked(tmp_path):
+    """In one process (a world of one, gloo): with reshard_after_forward false a layer's parameters stay
+    whole between its forward and backward; true gives them back as shards. Same loss and gradients."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    base = tiny.make_tiny_checkpoint(tmp_path / "base")
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        seen = {}
+        for reshard in (True, False):
+            model = te_model.from_hf_checkpoint(base, backend="torch", dtype=torch.float32)
+            parallel.wrap(model, "fsdp", reshard_after_forward=reshard)
+            loss = model(input_ids=tokens, labels=tokens).loss
+            between = [isinstance(p, DTensor) for layer in model.model.layers for p in layer.parameters()][:1]
+            last = [isinstance(p, DTensor) for p in model.model.layers[-1].parameters()]
+            loss.backward()
+            grads = [parallel.full_tensor(p.grad) for p in model.parameters()]
+            seen[reshard] = (between, last, loss.item(), grads)
+        assert seen[True][0] == [True] and seen[False][0] == [False]
+        assert not any(seen[True][1]) and not any(seen[False][1])  # the last layer keeps its weights
+        assert seen[True][2] == seen[False][2]
+        assert all(torch.equal(a, b) for a, b in zip(seen[True][3], seen[False][3]))
+    finally:
+        dist.destroy_process_group()

@@ -3,6 +3,7 @@
 An uninterrupted run is the reference (fp32 on CPU is deterministic). Then: workers are SIGKILLed three
 times in one run, a worker gets SIGTERM, and one rank's loss turns NaN. Kills are real signals to the
 worker processes, which the test finds through the pid files of the PIPELINE_WORKER_STATE_DIR hook.
+Last, the hand-over of held metrics alone, with the controller's answers played by the test.
 """
 
 from __future__ import annotations
@@ -178,3 +179,65 @@ def test_nonfinite_loss_stops_the_run_naming_step_and_rank(ray_cluster, setup, m
     message = str(caught.value)
     assert "stopped: non-finite loss on rank 1 at step 3 (train.on_nonfinite=stop)" in message
     assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------------
+# the hand-over of held metrics, with the controller's answer played by a test
+# ---------------------------------------------------------------------------------------------------
+class RecordingLogger:
+    run_id = "run"
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.closed = False
+
+    def log(self, step: int, metrics: dict, timestamp_ms: int | None = None) -> None:
+        self.steps.append(step)
+
+    def close(self, timeout: float = 10.0) -> bool:
+        self.closed = True
+        return True
+
+
+def _wait_for(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_held_steps_are_logged_only_once_a_commit_covers_them_in_order_and_never_twice(caplog):
+    from pipeline.faults import CommittedMetrics
+
+    committed = {"step": -1}
+    logger = RecordingLogger()
+    metrics = CommittedMetrics(logger, committed_step=lambda: committed["step"])
+    for step in range(1, 11):
+        metrics.hold({"step": step, "loss": 1.0})
+        if step % 5 == 0:
+            metrics.checkpoint_reported()  # checkpoints at steps 5 and 10
+    time.sleep(0.3)
+    assert logger.steps == []  # nothing committed yet: nothing logged
+    committed["step"] = 5
+    assert _wait_for(lambda: logger.steps == [1, 2, 3, 4, 5])
+    committed["step"] = 10  # one answer may cover several checkpoints, and skip notifications in between
+    assert _wait_for(lambda: logger.steps == list(range(1, 11)))
+    metrics.hold({"step": 11, "loss": 1.0})
+    metrics.discard_held()  # a rollback re-does step 11: it is never logged
+    assert metrics.close(timeout=2.0) and logger.closed
+    assert logger.steps == list(range(1, 11)) and metrics.unconfirmed == 0
+
+
+def test_steps_of_a_checkpoint_never_confirmed_are_counted_and_warned_about_at_close(caplog):
+    from pipeline.faults import CommittedMetrics
+
+    logger = RecordingLogger()
+    metrics = CommittedMetrics(logger, committed_step=lambda: 3)
+    for step in range(1, 7):
+        metrics.hold({"step": step, "loss": 1.0})
+        if step % 3 == 0:
+            metrics.checkpoint_reported()
+    assert _wait_for(lambda: logger.steps == [1, 2, 3])
+    assert not metrics.close(timeout=1.0)
+    assert logger.steps == [1, 2, 3] and metrics.unconfirmed == 3 and logger.closed
+    assert "metrics of steps 4-6 not logged" in caplog.text
