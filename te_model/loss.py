@@ -41,17 +41,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, divisor, chunk_tokens, fp8_head):  # (N, H), (V, H), (N,)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
-        gemms = FP8HeadGemms(hidden, weight, divisor) if fp8_head else HeadGemms(hidden, weight)
+        gemms = FP8HeadGemms(hidden, weight, divisor) if fp8_head else HeadGemms(hidden, weight, divisor)
         grad_hidden = torch.empty_like(hidden) if want_h else None
         grad_weight = None  # fp32, written by the first chunk's GEMM, accumulated into by the others
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, hidden.shape[0])
             logits = gemms.logits(start, stop)  # (c, V), or more rows when the GEMM pads them (zeros)
-            total += logits_ce_(logits[: stop - start], targets[start:stop], divisor, want_grad=want_h or want_w)
+            total += logits_ce_(logits[: stop - start], targets[start:stop], gemms.grad_divisor,
+                                want_grad=want_h or want_w)
             if not (want_h or want_w):
                 continue
-            dlogits = logits  # overwritten in place: (softmax - onehot) / divisor
+            dlogits = logits  # overwritten in place: (softmax - onehot) / gemms.grad_divisor
             if dlogits.shape[0] > stop - start:
                 dlogits[stop - start :] = 0  # the GEMM's padding rows carry no gradient
             if want_h:
@@ -75,8 +76,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 class HeadGemms:
     """The head's three GEMMs in the weight's dtype (bf16): logits, dlogits @ W, dlogits.T @ h."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, divisor: float):
         self.hidden, self.weight = hidden, weight
+        self.grad_divisor = divisor  # dlogits = (softmax - onehot) / divisor, the loss's own gradient
 
     def logits(self, start: int, stop: int) -> torch.Tensor:
         return self.hidden[start:stop] @ self.weight.T
