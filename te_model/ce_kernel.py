@@ -3,7 +3,9 @@
 `logits_ce_(logits, targets, divisor, want_grad)` returns each row's loss, `logsumexp(row) - row[target]`,
 summed in fp32, and, with `want_grad`, overwrites `logits` with `(softmax(row) - onehot(target)) / divisor`:
 the gradient of the summed loss divided by `divisor`. The logits' own dtype (bf16 in training) is kept,
-and the math runs in fp32, as HF's loss does after its `.float()`.
+and the math runs in fp32, as HF's loss does after its `.float()`. `grad_out` writes the gradient to
+another tensor of the same shape instead, in its dtype: the FP8 head takes it in E5M2, cast once from
+fp32, with no bf16 gradient written and read again.
 
 Two implementations of the same math:
 
@@ -37,10 +39,11 @@ def _triton_kernel():
         return None
 
     @triton.jit
-    def ce_rows(logits_ptr, stride, targets_ptr, loss_ptr, divisor,
+    def ce_rows(logits_ptr, stride, targets_ptr, loss_ptr, divisor, grad_ptr, grad_stride,
                 VOCAB: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         base = logits_ptr + row.to(tl.int64) * stride
+        grad_base = grad_ptr + row.to(tl.int64) * grad_stride  # the logits row itself, or grad_out's
         cols = tl.arange(0, BLOCK)
         # Online log-sum-exp, one running (max, sum) per lane; a masked lane holds -1e30, whose exp is 0
         # against any real maximum (a row has at least one real logit).
@@ -61,7 +64,7 @@ def _triton_kernel():
                 x = tl.load(base + col, mask=col < VOCAB, other=0.0).to(tl.float32)
                 p = tl.exp(x - lse)
                 p = tl.where(col == target, p - 1.0, p) / divisor
-                tl.store(base + col, p.to(logits_ptr.dtype.element_ty), mask=col < VOCAB)
+                tl.store(grad_base + col, p.to(grad_ptr.dtype.element_ty), mask=col < VOCAB)
 
     return ce_rows
 
@@ -70,35 +73,40 @@ def triton_available() -> bool:
     return _triton_kernel() is not None
 
 
-def triton_usable(logits: torch.Tensor) -> bool:
-    """Whether `logits_ce_` takes the Triton path for this tensor."""
+def triton_usable(logits: torch.Tensor, grad_out: torch.Tensor | None = None) -> bool:
+    """Whether `logits_ce_` takes the Triton path for these tensors."""
     on_device = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_device and logits.is_contiguous() and _triton_kernel() is not None
+    rows_contiguous = all(t.stride(-1) == 1 for t in (logits, grad_out) if t is not None)
+    return on_device and rows_contiguous and _triton_kernel() is not None
 
 
 def logits_ce_(logits: torch.Tensor, targets: torch.Tensor, divisor: float, want_grad: bool,
-               *, use_triton: bool | None = None) -> torch.Tensor:
+               *, grad_out: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
     """Summed cross-entropy of `logits` (N, V) against `targets` (N,), as an fp32 scalar tensor.
 
-    With `want_grad`, `logits` is overwritten with the gradient of (that sum / `divisor`).
+    With `want_grad`, the gradient of (that sum / `divisor`) overwrites `logits`, or goes to `grad_out`
+    (N, V) when given, in `grad_out`'s dtype.
     """
+    if grad_out is not None and grad_out.shape != logits.shape:
+        raise ValueError(f"grad_out has shape {tuple(grad_out.shape)}, the logits {tuple(logits.shape)}")
     if use_triton is None:
-        use_triton = triton_usable(logits)
+        use_triton = triton_usable(logits, grad_out)
     if use_triton:
-        return _triton_ce_(logits, targets, divisor, want_grad)
-    return _torch_ce_(logits, targets, divisor, want_grad)
+        return _triton_ce_(logits, targets, divisor, want_grad, logits if grad_out is None else grad_out)
+    return _torch_ce_(logits, targets, divisor, want_grad, logits if grad_out is None else grad_out)
 
 
-def _triton_ce_(logits, targets, divisor, want_grad):
+def _triton_ce_(logits, targets, divisor, want_grad, grad_out):
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
-        _triton_kernel()[(rows,)](logits, logits.stride(0), targets, loss, float(divisor),
-                                  VOCAB=vocab, WANT_GRAD=want_grad, BLOCK=BLOCK, num_warps=8)
+        _triton_kernel()[(rows,)](logits, logits.stride(0), targets, loss, float(divisor), grad_out,
+                                  grad_out.stride(0), VOCAB=vocab, WANT_GRAD=want_grad, BLOCK=BLOCK,
+                                  num_warps=8)
     return loss.sum()
 
 
-def _torch_ce_(logits, targets, divisor, want_grad):
+def _torch_ce_(logits, targets, divisor, want_grad, grad_out):
     x = logits.float()  # the very tensor when logits are already fp32
     lse = torch.logsumexp(x, dim=-1)
     loss = (lse - x.gather(1, targets[:, None]).squeeze(1)).sum()
@@ -106,6 +114,6 @@ def _torch_ce_(logits, targets, divisor, want_grad):
         probs = x.sub_(lse[:, None]).exp_()  # softmax, in the fp32 buffer
         probs[torch.arange(len(targets), device=targets.device), targets] -= 1.0
         probs.div_(divisor)
-        if probs.data_ptr() != logits.data_ptr():
-            logits.copy_(probs)
+        if probs.data_ptr() != grad_out.data_ptr():
+            grad_out.copy_(probs)
     return loss

@@ -9,8 +9,9 @@ TE's HYBRID recipes do inside the layers:
 - weight gradient dW = dlogits.T @ h  accumulated in fp32
 
 `softmax - onehot` is bounded by 1 in magnitude, so the gradient's scale is fixed: the loss kernel writes
-`(softmax - onehot) * 2**15` (`grad_divisor`, a power of two: exact), which fits E5M2's range (max
-57344) with no amax pass and no extra pass to scale, and the GEMMs undo `divisor * 2**15`. Logits come
+`(softmax - onehot) * 2**15` (`grad_divisor`, a power of two: exact) straight into an E5M2 buffer,
+within its range (max 57344) with no amax pass, no bf16 gradient and no separate cast, and the GEMMs
+undo `divisor * 2**15`. Logits come
 out in bf16 and the loss itself (log-sum-exp, softmax) runs in fp32 as on the bf16 path.
 
 Opt-in because the head's FP8 rounding reaches the logits directly (no later layer averages it out):
@@ -52,7 +53,7 @@ class FP8HeadGemms:
         self.hidden = hidden
         self.grad_divisor = 1.0 / GRAD_SHIFT  # what the loss divides (softmax - onehot) by: x 2**15
         self.grad_scale = torch.tensor(1.0 / (divisor * GRAD_SHIFT), device=weight.device)
-        self.hq = self.h_scale = self.dq = None
+        self.hq = self.h_scale = None
 
     def logits(self, start: int, stop: int) -> torch.Tensor:
         self.hq, self.h_scale = quantize(_padded_rows(self.hidden[start:stop]))  # (c', H), c' = c rounded up
@@ -60,19 +61,19 @@ class FP8HeadGemms:
                                 out_dtype=self.dtype)
 
     @staticmethod
-    def _grad_q(dlogits: torch.Tensor) -> torch.Tensor:
-        return dlogits.to(E5M2)  # already (softmax - onehot) * 2**15: in range, one cast
+    def grad_buffer(logits: torch.Tensor, rows: int) -> torch.Tensor:
+        """Where the loss writes this chunk's gradient: E5M2, the GEMMs' padding rows (past `rows`) zero."""
+        dq = torch.empty(logits.shape, dtype=E5M2, device=logits.device)
+        dq[rows:] = 0  # padding rows carry no gradient
+        return dq
 
-    def grad_hidden(self, dlogits: torch.Tensor) -> torch.Tensor:
+    def grad_hidden(self, dq: torch.Tensor) -> torch.Tensor:
         if self.wq_t is None:
             self.wq_t = self.wq.t().contiguous()
-        self.dq = self._grad_q(dlogits)
-        return torch._scaled_mm(self.dq, self.wq_t.t(), scale_a=self.grad_scale, scale_b=self.w_scale,
+        return torch._scaled_mm(dq, self.wq_t.t(), scale_a=self.grad_scale, scale_b=self.w_scale,
                                 out_dtype=self.dtype)
 
-    def grad_weight(self, dlogits, start: int, stop: int, acc: torch.Tensor | None) -> torch.Tensor:
-        dq = self.dq if self.dq is not None else self._grad_q(dlogits)  # grad_hidden's, for this chunk
-        self.dq = None
+    def grad_weight(self, dq, start: int, stop: int, acc: torch.Tensor | None) -> torch.Tensor:
         product = torch._scaled_mm(dq.t().contiguous(), self.hq.t().contiguous().t(), scale_a=self.grad_scale,
                                    scale_b=self.h_scale, out_dtype=torch.float32)
         if acc is None:

@@ -47,14 +47,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, hidden.shape[0])
-            logits = gemms.logits(start, stop)  # (c, V), or more rows when the GEMM pads them (zeros)
-            total += logits_ce_(logits[: stop - start], targets[start:stop], gemms.grad_divisor,
-                                want_grad=want_h or want_w)
+            logits = gemms.logits(start, stop)  # (c, V), or more rows when the GEMM pads them
             if not (want_h or want_w):
+                total += logits_ce_(logits[: stop - start], targets[start:stop], 1.0, want_grad=False)
                 continue
-            dlogits = logits  # overwritten in place: (softmax - onehot) / gemms.grad_divisor
-            if dlogits.shape[0] > stop - start:
-                dlogits[stop - start :] = 0  # the GEMM's padding rows carry no gradient
+            dlogits = gemms.grad_buffer(logits, stop - start)  # (softmax - onehot) / grad_divisor goes here
+            total += logits_ce_(logits[: stop - start], targets[start:stop], gemms.grad_divisor, want_grad=True,
+                                grad_out=dlogits[: stop - start])
+            del logits  # the FP8 head's gradient is a buffer of its own: the bf16 logits can go now
             if want_h:
                 grad_hidden[start:stop] = gemms.grad_hidden(dlogits)[: stop - start]
             if want_w:
@@ -82,6 +82,10 @@ class HeadGemms:
 
     def logits(self, start: int, stop: int) -> torch.Tensor:
         return self.hidden[start:stop] @ self.weight.T
+
+    @staticmethod
+    def grad_buffer(logits: torch.Tensor, rows: int) -> torch.Tensor:
+        return logits  # the gradient overwrites the logits
 
     def grad_hidden(self, dlogits: torch.Tensor) -> torch.Tensor:
         return dlogits @ self.weight

@@ -52,6 +52,7 @@ def test_torch_path_matches_autograd(dtype, vocab):
 INTERPRETED = textwrap.dedent("""
     import json, sys, torch
     from te_model import ce_kernel
+    from tests.test_ce_kernel import reference
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         for vocab in (7, 4096, 5000):
@@ -67,6 +68,17 @@ INTERPRETED = textwrap.dedent("""
             out[f"{dtype}-{vocab}"] = {"loss": [float(la), float(lb), float(lc)],
                                        "grad_max_diff": float((a.double() - b.double()).abs().max()),
                                        "untouched": bool(torch.equal(c, logits))}
+            if dtype == torch.bfloat16:  # the gradient x 2**15 in a buffer of its own, as the FP8 head asks
+                want = reference(logits, targets, 2.0**-15)[1]
+                worst = {}
+                # Triton's interpreter rounds fp32 to E5M2 wrongly (1.9 -> 1.0: the carry into the exponent
+                # is lost), so here the kernel's own buffer is fp16; the torch path is checked in E5M2.
+                for use_triton, grad_dtype in ((True, torch.float16), (False, torch.float8_e5m2)):
+                    d, kept = torch.empty(logits.shape, dtype=grad_dtype), logits.clone()
+                    ce_kernel.logits_ce_(kept, targets, 2.0**-15, want_grad=True, grad_out=d, use_triton=use_triton)
+                    assert torch.equal(kept, logits)
+                    worst[str(grad_dtype)] = float(((d.double() - want).abs() / (want.abs() + 1e-3)).max())
+                out[f"own-buffer-{vocab}"] = worst
     print(json.dumps(out))
 """)
 
@@ -78,7 +90,10 @@ def test_triton_kernel_matches_torch_path_interpreted():
                           cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 6
+    assert len(results) == 9
+    for vocab in (7, 4096, 5000):
+        worst = results.pop(f"own-buffer-{vocab}")  # largest relative error of one rounding to that format:
+        assert worst["torch.float16"] <= 2**-11 and worst["torch.float8_e5m2"] <= 2**-3, (vocab, worst)
     for case, r in results.items():
         triton_loss, torch_loss, no_grad_loss = r["loss"]
         assert triton_loss == pytest.approx(torch_loss, rel=1e-5), case
@@ -119,6 +134,12 @@ def test_triton_kernel_on_gpu_at_llama3_vocab():
     assert float((a.float() - b.float()).abs().max()) <= 1e-6  # grads here are ~1e-8..1e-3: bf16 ulps
     want_loss, want_grad = reference(logits[:64], targets[:64], 1024.0)
     torch.testing.assert_close(a[:64].double(), want_grad, rtol=0, atol=2e-6)
+    # the FP8 head's call: the gradient x 2**15 straight into E5M2, logits untouched
+    dq, kept = torch.empty(logits.shape, dtype=torch.float8_e5m2, device="cuda"), logits.clone()
+    ce_kernel.logits_ce_(kept, targets, 2.0**-15, want_grad=True, grad_out=dq)
+    assert torch.equal(kept, logits)
+    want = reference(logits[:64], targets[:64], 2.0**-15)[1]
+    assert float(((dq[:64].double() - want).abs() / (want.abs() + 1e-3)).max()) <= 2**-3  # one E5M2 rounding
 
 
 @pytest.mark.gpu
