@@ -139,13 +139,31 @@ def agree(loss: torch.Tensor, grad_norm: torch.Tensor, rank: int, world: int) ->
     )
 
 
-def latest_committed_checkpoint() -> ray.train.Checkpoint | None:
+def latest_committed_checkpoint(reported_step: int) -> ray.train.Checkpoint | None:
     """The newest checkpoint of this run that Ray committed, the same on every rank: within a run,
-    `ray.train.get_checkpoint()` learns of new checkpoints only on rank 0, the one that reports them."""
-    reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
-                                                      timeout_s=COMMIT_TIMEOUT_S)
-    newest = max(reported, key=lambda r: Path(r.checkpoint.path).name, default=None)  # checkpoint_{step:06d}-…
-    return newest.checkpoint if newest else None
+    `ray.train.get_checkpoint()` learns of new checkpoints only on rank 0, the one that reports them.
+
+    `reported_step` is the step of the newest checkpoint this rank reported (or resumed from; 0: none):
+    the controller is asked until it has committed that one, at most COMMIT_TIMEOUT_S.
+    """
+    deadline = time.monotonic() + COMMIT_TIMEOUT_S
+    while True:
+        newest = max(_committed_checkpoints(), key=_checkpoint_step, default=None)
+        if reported_step <= (_checkpoint_step(newest) if newest else 0) or time.monotonic() > deadline:
+            return newest.checkpoint if newest else None
+        time.sleep(COMMIT_POLL_S / 4)
+
+
+def _committed_checkpoints() -> list:
+    """The checkpoints Ray's controller has committed (ReportedCheckpoint), after waiting at most
+    COMMIT_POLL_S for it to take the reports made so far. Asked again rather than waited on at length:
+    its wait ends only on an exact report count, which a notification arriving late can step past."""
+    return ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                                  timeout_s=COMMIT_POLL_S)
+
+
+def _checkpoint_step(reported) -> int:
+    return int(reported.metrics.get("step", -1))
 
 
 def preempted_error(agreed: StepAgreement, step: int) -> PipelineError:
@@ -267,12 +285,11 @@ def _committed_step() -> int:
     Waits at most COMMIT_POLL_S for the controller to take the reports made so far.
     """
     try:
-        reported = ray.train.get_all_reported_checkpoints(
-            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_POLL_S)
+        reported = _committed_checkpoints()
     except Exception as exc:  # noqa: BLE001 - asked again; past COMMIT_TIMEOUT_S the steps wait for a resume
         log.debug("committed checkpoints not known yet (%s)", type(exc).__name__)
         return -1
-    return max((int(r.metrics.get("step", -1)) for r in reported), default=-1)
+    return max((_checkpoint_step(r) for r in reported), default=-1)
 
 
 # ---------------------------------------------------------------------------------------------------

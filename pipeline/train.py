@@ -99,6 +99,7 @@ class Progress:
     resumed_from_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     nonfinite_steps: int = 0  # steps skipped or rolled back for a NaN/Inf loss or gradient
+    checkpoint_step: int = 0  # step of the newest checkpoint this attempt reported or resumed from
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def _resume(w: _Worker, ray_uri: str, checkpoint: ray.train.Checkpoint | None = 
         position = {"epoch": position["epoch"] + 1, "offset": 0}
     log.info("rank %d resumes run %s at step %d from %s", w.rank, w.cfg.run.name, state["step"], uri)
     return Progress(step=state["step"], tokens_seen=state["tokens_seen"], resumed_from_step=state["step"],
-                    history=state["metrics"], **position)
+                    history=state["metrics"], checkpoint_step=state["step"], **position)
 
 
 def _accumulate_gradients(w: _Worker, progress: Progress, hooks: faults.Hooks) -> tuple[torch.Tensor, int]:
@@ -425,7 +426,7 @@ def _after_nonfinite(w: _Worker, progress: Progress, agreed: faults.StepAgreemen
         return progress, f"{what}, {progress.nonfinite_steps} non-finite steps in this run " \
                          f"(train.max_nonfinite_steps={train.max_nonfinite_steps})"
     if train.on_nonfinite == "rollback":
-        checkpoint = faults.latest_committed_checkpoint()
+        checkpoint = faults.latest_committed_checkpoint(progress.checkpoint_step)
         if checkpoint is None:
             return progress, f"{what}, and no checkpoint yet to roll back to (train.on_nonfinite=rollback)"
         progress = _rolled_back(w, progress, ray_uri, checkpoint)
@@ -512,6 +513,7 @@ def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetric
             metrics.hold(step_metrics)
         if save:
             _report_checkpoint(w, progress, step_metrics, loop_config)
+            progress.checkpoint_step = step
             metrics.checkpoint_reported()
         hooks.record(w.rank, "step", step)
         if agreed.sigterm_ranks and not last:
