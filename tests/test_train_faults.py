@@ -241,3 +241,19 @@ def test_steps_of_a_checkpoint_never_confirmed_are_counted_and_warned_about_at_c
     assert not metrics.close(timeout=1.0)
     assert logger.steps == [1, 2, 3] and metrics.unconfirmed == 3 and logger.closed
     assert "metrics of steps 4-6 not logged" in caplog.text
+
+
+def test_a_rollback_waits_for_the_commit_of_the_newest_checkpoint_it_reported(monkeypatch):
+    from types import SimpleNamespace
+
+    from pipeline import faults
+
+    def reported(step: int):
+        return SimpleNamespace(checkpoint=f"checkpoint_{step:06d}", metrics={"step": step})
+
+    answers = iter([[reported(2)], [reported(2)], [reported(2), reported(4)]])  # the controller catches up
+    monkeypatch.setattr(faults, "_committed_checkpoints", lambda: next(answers))
+    monkeypatch.setattr(faults, "COMMIT_POLL_S", 0.01)
+    assert faults.latest_committed_checkpoint(4) == "checkpoint_000004"
+    monkeypatch.setattr(faults, "_committed_checkpoints", lambda: [])
+    assert faults.latest_committed_checkpoint(0) is None  # nothing reported yet: nothing to wait for
