@@ -14,11 +14,11 @@ What this module decides:
 - Metrics are logged once: rank 0 holds each step's metrics until a checkpoint that covers them is
   committed by Ray's controller (`get_all_reported_checkpoints(COMMITTED)`, asked on a thread so
   training goes on), then hands them to the MLflow logger. Steps whose commit is still unconfirmed
-  when training ends are counted and warned about, never dropped silently. Steps re-done after a restart were never
-  handed over. Steps handed over but still queued when the worker died are in that checkpoint's history
-  with their timestamps: a resumed worker sends again the history's steps taken since its MLflow run
-  started (older ones went to an earlier run of the job), and MLflow's database stores an identical
-  (key, value, step, timestamp) only once.
+  when training ends are counted and warned about, never dropped silently. Steps re-done after a
+  restart were never handed over. Steps handed over but still queued when the worker died are in that
+  checkpoint's history with their timestamps: a resumed worker sends again the history's steps taken
+  since its MLflow run started (older ones went to an earlier run of the job), and MLflow's database
+  stores an identical (key, value, step, timestamp) only once.
 - Test-only hooks, read from the environment where training starts: PIPELINE_FAIL_AT_STEP=N (rank 0
   raises after step N), PIPELINE_WORKER_STATE_DIR=dir (every worker appends its pid and step to
   dir/rank-R.jsonl, so a test can find the process to kill), PIPELINE_POISON_LOSS=R:N (rank R's loss at
@@ -34,7 +34,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -183,17 +182,16 @@ class CommittedMetrics:
     """Rank 0's step metrics, held until a checkpoint that covers them is committed, then logged.
 
     `logger` is a `pipeline.metrics` logger; with a NullLogger (other ranks, untracked runs) nothing is
-    held and Ray is never asked. One thread hands steps over: it asks the controller for the committed
-    checkpoints (`committed_step`, default: the highest step among them), a few seconds at a time, and
-    logs every held step a committed checkpoint covers, in order. Asking again and comparing steps, rather
+    held and Ray is never asked. One thread hands steps over: it asks the controller for the highest
+    committed checkpoint step (`_committed_step`), a few seconds at a time, and logs every held step a
+    committed checkpoint covers, in order. Asking again and comparing steps, rather
     than one long wait per checkpoint, means a late or missed notification costs seconds, not the steps.
     """
 
-    def __init__(self, logger: Any, committed_step: Callable[[], int] | None = None) -> None:
+    def __init__(self, logger: Any) -> None:
         self.logger = logger
         self.active = logger.run_id is not None
         self.unconfirmed = 0  # steps never handed over: their checkpoint's commit was not confirmed in time
-        self._committed_step = committed_step or _committed_step
         self._held: list[dict[str, float]] = []
         self._reported: collections.deque[tuple[float, list[dict[str, float]]]] = collections.deque()
         self._lock = threading.Lock()
@@ -251,14 +249,15 @@ class CommittedMetrics:
     def _hand_over_forever(self) -> None:
         while True:
             with self._lock:
-                if not self._reported:
-                    if self._closing:
-                        return
+                idle = not self._reported
+                if idle and self._closing:
+                    return
+                if idle:
                     self._wake.clear()
-            if not self._reported:
+            if idle:
                 self._wake.wait()
                 continue
-            committed = self._committed_step()
+            committed = _committed_step()
             ready: list[dict[str, float]] = []
             with self._lock:
                 while self._reported and self._reported[0][1][-1]["step"] <= committed:

@@ -11,8 +11,8 @@ What this module decides:
 - `fsdp`: PyTorch's FSDP2 `fully_shard`, one unit per decoder layer plus the root (embedding, final norm,
   LM head; a tied head stays with the embedding it is). Parameters, gradients and moments are sharded
   over the workers and each layer is all-gathered just for its forward and again for its backward
-  (`train.fsdp_reshard_after_forward: false` keeps it gathered in between: less traffic, more memory). Parameters and
-  gradient reductions stay in the training dtype (bf16 master weights, as with DDP).
+  (`train.fsdp_reshard_after_forward: false` keeps it gathered in between: less traffic, more memory).
+  Parameters and gradient reductions stay in the training dtype (bf16 master weights, as with DDP).
   TE layers work unchanged under FP8 autocast: FSDP2 hands them whole bf16 weights to quantize.
 - Sharded parameters and moments are DTensors. `full_tensor` gathers one (a collective every worker
   joins) and `shard_like` cuts a whole tensor read from a checkpoint into the local shard, so checkpoints

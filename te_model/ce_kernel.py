@@ -91,9 +91,8 @@ def logits_ce_(logits: torch.Tensor, targets: torch.Tensor, divisor: float, want
         raise ValueError(f"grad_out has shape {tuple(grad_out.shape)}, the logits {tuple(logits.shape)}")
     if use_triton is None:
         use_triton = triton_usable(logits, grad_out)
-    if use_triton:
-        return _triton_ce_(logits, targets, divisor, want_grad, logits if grad_out is None else grad_out)
-    return _torch_ce_(logits, targets, divisor, want_grad, logits if grad_out is None else grad_out)
+    grad_out = logits if grad_out is None else grad_out
+    return (_triton_ce_ if use_triton else _torch_ce_)(logits, targets, divisor, want_grad, grad_out)
 
 
 def _triton_ce_(logits, targets, divisor, want_grad, grad_out):

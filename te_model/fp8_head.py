@@ -11,8 +11,8 @@ TE's HYBRID recipes do inside the layers:
 `softmax - onehot` is bounded by 1 in magnitude, so the gradient's scale is fixed: the loss kernel writes
 `(softmax - onehot) * 2**15` (`grad_divisor`, a power of two: exact) straight into an E5M2 buffer,
 within its range (max 57344) with no amax pass, no bf16 gradient and no separate cast, and the GEMMs
-undo `divisor * 2**15`. Logits come
-out in bf16 and the loss itself (log-sum-exp, softmax) runs in fp32 as on the bf16 path.
+undo `divisor * 2**15`. Logits come out in bf16 and the loss itself (log-sum-exp, softmax) runs in fp32
+as on the bf16 path.
 
 Opt-in because the head's FP8 rounding reaches the logits directly (no later layer averages it out):
 the bf16 head is the default, and `bench/train_step.py` measures both. `_scaled_mm` needs every GEMM
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-GRAD_SHIFT = 2.0**15  # |dlogits| * divisor <= 1, times 2**15 stays under E5M2's max of 57344
+GRAD_SHIFT = 2.0**15  # |softmax - onehot| <= 1, times 2**15 stays under E5M2's max of 57344
 ALIGN = 16
 
 

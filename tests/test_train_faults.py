@@ -199,6 +199,16 @@ class RecordingLogger:
         return True
 
 
+def controller_commits(monkeypatch, step_of) -> None:
+    """The controller's answer, played by the test: one committed checkpoint at step `step_of()`."""
+    from types import SimpleNamespace
+
+    from pipeline import faults
+
+    monkeypatch.setattr(faults, "_committed_checkpoints",
+                        lambda: [SimpleNamespace(checkpoint=None, metrics={"step": step_of()})])
+
+
 def _wait_for(condition, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
@@ -206,12 +216,13 @@ def _wait_for(condition, timeout: float = 5.0) -> bool:
     return condition()
 
 
-def test_held_steps_are_logged_only_once_a_commit_covers_them_in_order_and_never_twice(caplog):
+def test_held_steps_are_logged_only_once_a_commit_covers_them_in_order_and_never_twice(monkeypatch):
     from pipeline.faults import CommittedMetrics
 
     committed = {"step": -1}
     logger = RecordingLogger()
-    metrics = CommittedMetrics(logger, committed_step=lambda: committed["step"])
+    controller_commits(monkeypatch, lambda: committed["step"])
+    metrics = CommittedMetrics(logger)
     for step in range(1, 11):
         metrics.hold({"step": step, "loss": 1.0})
         if step % 5 == 0:
@@ -228,11 +239,12 @@ def test_held_steps_are_logged_only_once_a_commit_covers_them_in_order_and_never
     assert logger.steps == list(range(1, 11)) and metrics.unconfirmed == 0
 
 
-def test_steps_of_a_checkpoint_never_confirmed_are_counted_and_warned_about_at_close(caplog):
+def test_steps_of_a_checkpoint_never_confirmed_are_counted_and_warned_about_at_close(monkeypatch, caplog):
     from pipeline.faults import CommittedMetrics
 
     logger = RecordingLogger()
-    metrics = CommittedMetrics(logger, committed_step=lambda: 3)
+    controller_commits(monkeypatch, lambda: 3)
+    metrics = CommittedMetrics(logger)
     for step in range(1, 7):
         metrics.hold({"step": step, "loss": 1.0})
         if step % 3 == 0:
