@@ -507,6 +507,7 @@ def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetric
                 return {"stopped": stopped}
             continue
         step, last = progress.step, progress.step == train.max_steps
+        hooks.record(w.rank, "step", step)  # finished; its checkpoint, if any, follows
         save = last or bool(agreed.sigterm_ranks) or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0)
         if last or save or step % train.log_every == 0:
             progress.history.append(step_metrics)
@@ -515,7 +516,6 @@ def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetric
             _report_checkpoint(w, progress, step_metrics, loop_config)
             progress.checkpoint_step = step
             metrics.checkpoint_reported()
-        hooks.record(w.rank, "step", step)
         if agreed.sigterm_ranks and not last:
             raise faults.preempted_error(agreed, step)
         if w.rank == 0 and hooks.fail_at_step == step:
