@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -201,6 +200,8 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> No
 @contextlib.contextmanager
 def _no_progress_bars():
     """A job's stderr carries its errors only; the data stage reports its counts in one summary line."""
+    import datasets
+
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
@@ -232,6 +233,8 @@ def tokenize_documents(docs: list[dict[str, str]], tokenizer: PreTrainedTokenize
     """(input_ids, labels) of the kept documents, and counts of truncated and dropped ones."""
     if not docs:
         return [], {"truncated": 0, "dropped_empty": 0, "dropped_untrained": 0}
+    import datasets  # not at module level: training workers import this module and never tokenize
+
     dataset = datasets.Dataset.from_list(docs)
     with _no_progress_bars():
         tokenized = dataset.map(

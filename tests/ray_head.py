@@ -67,7 +67,8 @@ def ray_head(tmp_path_factory, mlflow_server) -> Iterator[RayHead]:
     """A 3-CPU head node for the session; stopped (only it) at teardown."""
     token = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")  # as in `ray_cluster`: short runs end sooner
     port, dash = _free_port(), _free_port()
     # The session's other local cluster holds Ray's default agent ports: this head gets its own.
     agent_ports = [f"--{name}={_free_port()}" for name in (
