@@ -517,6 +517,10 @@ def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetric
             progress.checkpoint_step = step
             metrics.checkpoint_reported()
         if agreed.sigterm_ranks and not last:
+            if w.world > 1:
+                # Rank 0's report returns once the checkpoint is uploaded and committed. A rank that raised
+                # sooner would have Ray stop the group mid-upload, and the preemption checkpoint lost.
+                dist.barrier()
             raise faults.preempted_error(agreed, step)
         if w.rank == 0 and hooks.fail_at_step == step:
             raise RuntimeError(f"{FAIL_AT_STEP_ENV}={step}: failing on purpose after step {step}")

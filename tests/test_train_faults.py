@@ -136,15 +136,21 @@ def test_workers_sigkilled_three_times_resume_exactly_and_log_each_step_once(
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_that_step_and_the_restart_loses_none(reference, setup, monkeypatch, tmp_path):
+def test_sigterm_checkpoints_that_step_and_the_restart_loses_none(reference, setup, s3_fault_proxy, monkeypatch,
+                                                                   tmp_path):
     cfg_for, prepared = setup
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
     terminator = Signaller(tmp_path, [(1, 3)], signal.SIGTERM)
     terminator.start()
-    # checkpoint_every=0: the only checkpoint before the end is the one SIGTERM asked for
-    result = train(cfg_for("sigterm", checkpoint_every=0, max_failures=1), prepared)
+    # checkpoint_every=0: the only checkpoint before the end is the one SIGTERM asked for. Its commit
+    # marker is held back 4 s on the wire: rank 1, signalled, has no files to upload, and must not fail
+    # (ending the group) before rank 0 has committed the checkpoint.
+    late_commit = s3_fault_proxy.stall("PUT", r"/checkpoint_\d+-[^/]+/COMMITTED$", times=1, seconds=4)
+    raw = cfg_for("sigterm", checkpoint_every=0, max_failures=1).to_dict()
+    raw["storage"]["endpoint_url"] = s3_fault_proxy.url
+    result = train(Config.from_dict(raw), prepared)
     terminator.join(timeout=5)
-    assert len(terminator.sent) == 1
+    assert len(terminator.sent) == 1 and late_commit.hits == 1
     for rank in (0, 1):
         (first_pid, first_start), (_, restart) = starts(tmp_path, rank)
         assert first_start == 0
