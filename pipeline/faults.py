@@ -20,10 +20,9 @@ What this module decides:
   since its MLflow run started (older ones went to an earlier run of the job), and MLflow's database
   stores an identical (key, value, step, timestamp) only once.
 - Test-only hooks, read from the environment where training starts: PIPELINE_FAIL_AT_STEP=N (rank 0
-  raises after step N), PIPELINE_WORKER_STATE_DIR=dir (every worker appends its pid and each
-  step as it finishes, before that step's checkpoint, to dir/rank-R.jsonl, so a test can find the
-  process to kill), PIPELINE_POISON_LOSS=R:N (rank R's loss at
-  step N becomes NaN, once per worker process).
+  raises after step N), PIPELINE_WORKER_STATE_DIR=dir (every worker appends its pid and each step as it
+  finishes, before that step's checkpoint, to dir/rank-R.jsonl, so a test can find the process to
+  kill), PIPELINE_POISON_LOSS=R:N (rank R's loss at step N becomes NaN, once per worker process).
 """
 
 from __future__ import annotations
