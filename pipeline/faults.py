@@ -10,7 +10,8 @@ What this module decides:
   SIGTERM on to the one it replaced, so Ray can still stop its worker.
 - All ranks decide together, with one small all-reduce per step (`agree`): the mean loss, which ranks saw
   a non-finite loss or gradient norm, and which ranks got SIGTERM. A checkpoint is a collective, so a
-  SIGTERM on any rank makes every rank checkpoint that step and then fail together (Ray restarts them).
+  SIGTERM on any rank makes every rank checkpoint that step, wait until rank 0 has uploaded and
+  committed it, and then fail together (Ray restarts them).
 - Metrics are logged once: rank 0 holds each step's metrics until a checkpoint that covers them is
   committed by Ray's controller (`get_all_reported_checkpoints(COMMITTED)`, asked on a thread so
   training goes on), then hands them to the MLflow logger. Steps whose commit is still unconfirmed
