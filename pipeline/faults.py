@@ -185,8 +185,8 @@ class CommittedMetrics:
     `logger` is a `pipeline.metrics` logger; with a NullLogger (other ranks, untracked runs) nothing is
     held and Ray is never asked. One thread hands steps over: it asks the controller for the highest
     committed checkpoint step (`_committed_step`), a few seconds at a time, and logs every held step a
-    committed checkpoint covers, in order. Asking again and comparing steps, rather
-    than one long wait per checkpoint, means a late or missed notification costs seconds, not the steps.
+    committed checkpoint covers, in order. Asking again and comparing steps, rather than one long wait
+    per checkpoint, means a late or missed notification costs seconds, not the steps.
     """
 
     def __init__(self, logger: Any) -> None:

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
@@ -205,14 +206,16 @@ class RecordingLogger:
         return True
 
 
+def reported(step: int) -> SimpleNamespace:
+    """A checkpoint as Ray's controller lists it (ReportedCheckpoint): the checkpoint and its metrics."""
+    return SimpleNamespace(checkpoint=f"checkpoint_{step:06d}", metrics={"step": step})
+
+
 def controller_commits(monkeypatch, step_of) -> None:
     """The controller's answer, played by the test: one committed checkpoint at step `step_of()`."""
-    from types import SimpleNamespace
-
     from pipeline import faults
 
-    monkeypatch.setattr(faults, "_committed_checkpoints",
-                        lambda: [SimpleNamespace(checkpoint=None, metrics={"step": step_of()})])
+    monkeypatch.setattr(faults, "_committed_checkpoints", lambda: [reported(step_of())])
 
 
 def _wait_for(condition, timeout: float = 5.0) -> bool:
@@ -262,12 +265,7 @@ def test_steps_of_a_checkpoint_never_confirmed_are_counted_and_warned_about_at_c
 
 
 def test_a_rollback_waits_for_the_commit_of_the_newest_checkpoint_it_reported(monkeypatch):
-    from types import SimpleNamespace
-
     from pipeline import faults
-
-    def reported(step: int):
-        return SimpleNamespace(checkpoint=f"checkpoint_{step:06d}", metrics={"step": step})
 
     answers = iter([[reported(2)], [reported(2)], [reported(2), reported(4)]])  # the controller catches up
     monkeypatch.setattr(faults, "_committed_checkpoints", lambda: next(answers))
