@@ -29,10 +29,12 @@ VOCAB = 1024
 VARIANTS = {  # name: (model kind, FP8 recipe)
     "hf": ("hf", None), "torch_bf16": ("torch", None), "te_bf16": ("te", None),
     **{f"te_fp8_{r}": ("te", r) for r in ("delayed", "current", "block")},
+    "te_fp8_delayed_attn": ("te", "delayed"),  # ... with the attention in FP8 too
 }
 LABELS = {"hf": "HF LlamaDecoderLayer, bf16 (baseline)", "torch_bf16": "torch backend, bf16",
           "te_bf16": "TE backend, bf16", "te_fp8_delayed": "TE backend, FP8 delayed",
-          "te_fp8_current": "TE backend, FP8 current", "te_fp8_block": "TE backend, FP8 block"}
+          "te_fp8_current": "TE backend, FP8 current", "te_fp8_block": "TE backend, FP8 block",
+          "te_fp8_delayed_attn": "TE backend, FP8 delayed + FP8 attention"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,13 +73,13 @@ def build(kind: str, config, state, device) -> torch.nn.Module:
     return model.train()
 
 
-def time_steps(model, ids, recipe, args, device) -> tuple[list[float], float]:
+def time_steps(model, ids, recipe, args, device, fp8_attention=False) -> tuple[list[float], float]:
     """(per-step milliseconds of forward+backward, peak GiB)."""
     timer = common.StepTimer(device)
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             timer.mark()
-        with te_model.fp8_autocast(recipe):
+        with te_model.fp8_autocast(recipe, fp8_attention=fp8_attention):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -92,6 +94,9 @@ def print_table(result: dict) -> None:
           f"{run['batch']}x{run['seq']} tokens, fwd+bwd, median of {run['steps']}")
     print(f"{'variant':40s} {'ms/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'vs HF':>6s} {'peak GiB':>9s}")
     for r in result["variants"]:
+        if "step_ms" not in r:
+            print(f"{r['label']:40s} skipped: {r['skipped']}")
+            continue
         print(f"{r['label']:40s} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['layer_tflops']:8.1f} "
               f"{common.fmt(r['speedup_vs_hf'], '5.2f')}x {r['peak_mem_gib']:9.1f}")
 
@@ -109,15 +114,21 @@ def main(argv: list[str] | None = None) -> dict:
         kind, recipe = VARIANTS[name]
         common.reset_peak(device)
         model = build(kind, config, state, device)
-        times, peak = time_steps(model, ids, recipe, args, device)
+        try:
+            times, peak = time_steps(model, ids, recipe, args, device, fp8_attention=name.endswith("_attn"))
+        except te_model.FP8UnsupportedError as exc:  # the other variants still run
+            rows.append({"variant": name, "label": LABELS[name], "skipped": str(exc)})
+            continue
+        finally:
+            del model
+            common.free_memory()
         ms = statistics.median(times)
         rows.append({"variant": name, "label": LABELS[name], "step_ms": ms, "step_ms_min": min(times),
                      "tokens_per_s": tokens / ms * 1e3, "layer_tflops": flops / ms / 1e9, "peak_mem_gib": peak})
-        del model
-        common.free_memory()
-    base = next((r["step_ms"] for r in rows if r["variant"] == "hf"), None)
+    base = next((r["step_ms"] for r in rows if r["variant"] == "hf" and "step_ms" in r), None)
     for r in rows:
-        r["speedup_vs_hf"] = base / r["step_ms"] if base else None
+        if "step_ms" in r:
+            r["speedup_vs_hf"] = base / r["step_ms"] if base else None
     result = {"environment": common.environment(device),
               "run": {"shape": args.shape, "layers": args.layers, "batch": args.batch, "seq": args.seq,
                       "vocab": VOCAB, "steps": args.steps, "warmup": args.warmup, "layer_flops_per_step": flops},

@@ -218,6 +218,9 @@ class TrainConfig(_Section):
     fp8_amax_history_len: int = 1024
     # Run the LM head's GEMMs in FP8 too (te_model/fp8_head.py); off: the head stays bf16.
     fp8_head: bool = False
+    # Run the attention itself in FP8 too (cuDNN's FP8 fused attention; delayed or current only). Off:
+    # attention stays bf16 between the FP8 projections.
+    fp8_attention: bool = False
     # Recompute decoder-layer activations in backward to save memory.
     activation_checkpointing: bool = False
     # Save a resumable checkpoint every this many optimizer steps; 0 = only at the end.
@@ -258,6 +261,8 @@ class TrainConfig(_Section):
         self._require(self.fp8 == "none" or self.use_gpu or self.fp8_fallback, "fp8",
                       "needs GPU workers: set train.use_gpu=true, or train.fp8=none (or "
                       "train.fp8_fallback=true) to train on CPU without FP8")
+        self._require(not self.fp8_attention or self.fp8 in ("delayed", "current"), "fp8_attention",
+                      f"needs train.fp8 set to delayed or current, not {self.fp8!r}")
         self._require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
         self._require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", "must be >= 0")
         if self.global_batch_size is not None:

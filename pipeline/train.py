@@ -380,7 +380,8 @@ def _accumulate_gradients(w: _Worker, progress: Progress, hooks: faults.Hooks) -
         progress.epoch, progress.offset = w.shard.next_position(progress.epoch, progress.offset)
         tokens += batch["input_ids"].numel()
         with parallel.gradient_sync(w.ddp_model, enabled=micro == accum - 1):
-            with te_model.fp8_autocast(recipe, amax_history_len=train.fp8_amax_history_len, group=group):
+            with te_model.fp8_autocast(recipe, amax_history_len=train.fp8_amax_history_len,
+                                       fp8_attention=train.fp8_attention, group=group):
                 loss = hooks.poisoned(w.ddp_model(**batch).loss, w.rank, progress.step + 1)
             (loss / accum).backward()  # outside the FP8 autocast: TE runs the matching backward itself
         loss_sum += loss.detach()

@@ -12,6 +12,10 @@ scales come from:
 - `block`: Float8BlockScaling, 1x128 / 128x128 block scales (Hopper).
 - `mxfp8`: MXFP8BlockScaling, 32-element microscaling (Blackwell only).
 
+`fp8_attention` (opt-in, `delayed` and `current` only) also runs the attention itself in FP8: TE casts Q,
+K, V and the softmax output to FP8 for cuDNN's FP8 fused attention (TE's `fp8_dpa`, a beta feature), where
+otherwise attention stays bf16 between FP8 projections.
+
 `fp8_autocast` wraps the forward pass only; TE runs the matching backward by itself. Token counts must
 be divisible by 16 (TE's FP8 GEMM constraint): `pad_to_multiple` pads a batch with padding segments.
 `fp8_evidence` reads TE's own scaling state, so a run can show FP8 really happened.
@@ -29,14 +33,22 @@ class FP8UnsupportedError(RuntimeError):
     """The recipe is unknown or this GPU / TE build cannot run it."""
 
 
-def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "hybrid"):
+ATTENTION_RECIPES = ("delayed", "current")  # the recipes whose attention can run in FP8 too
+
+
+def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "hybrid",
+                fp8_attention: bool = False):
     """TE recipe object for a recipe name, after checking this GPU supports it.
 
     `fp8_format` applies to the per-tensor recipes: "hybrid" (E4M3 forward, E5M2 gradients) or
-    "e4m3" (both); the block recipes are E4M3 by construction.
+    "e4m3" (both); the block recipes are E4M3 by construction. `fp8_attention` runs the attention in FP8
+    too (per-tensor recipes only).
     """
     if name not in RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is unknown (choose from {', '.join(RECIPES)})")
+    if fp8_attention and name not in ATTENTION_RECIPES:
+        raise FP8UnsupportedError(f"fp8 recipe {name!r} cannot run attention in FP8 "
+                                  f"(only {' and '.join(ATTENTION_RECIPES)} can)")
     try:
         import transformer_engine.common.recipe as r
         import transformer_engine.pytorch as te
@@ -53,22 +65,28 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is not supported on {gpu}: {reason}")
     fmt = {"hybrid": r.Format.HYBRID, "e4m3": r.Format.E4M3}[fp8_format]
-    if name == "delayed":
-        return r.DelayedScaling(fp8_format=fmt, amax_history_len=amax_history_len, amax_compute_algo="max")
-    if name == "current":
-        return r.Float8CurrentScaling(fp8_format=fmt)
+    if name in ATTENTION_RECIPES:
+        try:
+            if name == "delayed":
+                return r.DelayedScaling(fp8_format=fmt, amax_history_len=amax_history_len,
+                                        amax_compute_algo="max", fp8_dpa=fp8_attention)
+            return r.Float8CurrentScaling(fp8_format=fmt, fp8_dpa=fp8_attention)
+        except AssertionError as exc:  # this TE version refuses FP8 attention with the recipe
+            raise FP8UnsupportedError(f"fp8 recipe {name!r} with FP8 attention: {exc}") from exc
     if name == "block":
         return r.Float8BlockScaling(fp8_format=r.Format.E4M3)
     return r.MXFP8BlockScaling(fp8_format=r.Format.E4M3)
 
 
-def fp8_autocast(recipe: str | None, *, amax_history_len: int = 1024, fp8_format: str = "hybrid", group=None):
+def fp8_autocast(recipe: str | None, *, amax_history_len: int = 1024, fp8_format: str = "hybrid",
+                 fp8_attention: bool = False, group=None):
     """Context for the forward pass: FP8 with the named recipe, or nothing when `recipe` is None."""
     if recipe is None or recipe == "none":
         return contextlib.nullcontext()
     import transformer_engine.pytorch as te
 
-    made = make_recipe(recipe, amax_history_len=amax_history_len, fp8_format=fp8_format)
+    made = make_recipe(recipe, amax_history_len=amax_history_len, fp8_format=fp8_format,
+                       fp8_attention=fp8_attention)
     return te.autocast(enabled=True, recipe=made, amax_reduction_group=group)
 
 

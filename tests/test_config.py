@@ -129,6 +129,7 @@ def test_wrong_types_name_key_and_expected_type(override, message):
     ("train.lr=0", "train.lr must be > 0"),
     ("train.warmup_steps=100", "train.warmup_steps must be <= train.max_steps"),
     ("train.fp8=delayed", "train.fp8 needs GPU workers: set train.use_gpu=true, or train.fp8=none"),
+    ("train.fp8_attention=true", "train.fp8_attention needs train.fp8 set to delayed or current, not 'none'"),
     ("storage.max_attempts=0", "storage.max_attempts must be >= 1"),
     ("storage.read_timeout_s=0", "storage.read_timeout_s must be > 0"),
     ("train.global_batch_size=12", "train.global_batch_size must be a multiple of train.workers x "

@@ -218,3 +218,35 @@ def test_fp8_is_really_active(training_runs):
     first, last = training_runs["delayed"][2]
     assert last["modules"] > 0 and last["amax_max"] > 0 and last["scales_not_one"] > 0
     assert first["amax_sum"] != last["amax_sum"] and first["scale_sum"] != last["scale_sum"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# FP8 attention (train.fp8_attention): cuDNN's FP8 fused attention under the delayed recipe
+
+
+def _loss_and_grads(model, ids, kwargs, fp8_attention):
+    model.zero_grad(set_to_none=True)
+    with te_model.fp8_autocast("delayed", fp8_attention=fp8_attention):
+        loss = model(input_ids=ids, labels=ids, **kwargs).loss
+    loss.backward()
+    return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_fp8_attention_tracks_bf16_attention(layout):
+    """Same weights, same batch: FP8 attention changes the loss and gradients only by FP8 rounding."""
+    torch.manual_seed(0)
+    config = llama_config("llama3", **GPU_SHAPES, num_hidden_layers=2)
+    model = te_model.build_model(config, backend="te", dtype=torch.bfloat16, device="cuda")
+    ids, kwargs, _ = layout_inputs(layout, config.vocab_size)
+    ids, kwargs = ids.cuda(), {k: v.cuda() for k, v in kwargs.items()}
+    for _ in range(3):  # let the delayed scales settle from their initial value of 1
+        _loss_and_grads(model, ids, kwargs, fp8_attention=True)
+    loss_bf16_attn, grad_bf16_attn = _loss_and_grads(model, ids, kwargs, fp8_attention=False)
+    loss_fp8_attn, grad_fp8_attn = _loss_and_grads(model, ids, kwargs, fp8_attention=True)
+    cosine = float(torch.nn.functional.cosine_similarity(grad_fp8_attn, grad_bf16_attn, dim=0))
+    print(f"\nFP8 attention ({layout}): loss {loss_fp8_attn:.5f} vs {loss_bf16_attn:.5f} with bf16 attention, "
+          f"gradient cosine {cosine:.5f}")
+    assert loss_fp8_attn != loss_bf16_attn  # a different kernel ran (identical would mean no FP8 attention)
+    assert abs(float(loss_fp8_attn - loss_bf16_attn)) < 0.01 * float(loss_bf16_attn)
+    assert cosine > 0.98

@@ -114,6 +114,11 @@ def test_gradient_checkpointing_takes_effect():
         torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_fp8_attention_needs_a_per_tensor_recipe():
+    with pytest.raises(te_model.FP8UnsupportedError, match="'block' cannot run attention in FP8"):
+        te_model.fp8.make_recipe("block", fp8_attention=True)
+
+
 def test_pad_to_multiple_keeps_outputs(hf_and_te):
     _, te = hf_and_te
     ids = torch.randint(0, 320, (2, 37))

@@ -3,7 +3,7 @@
 # without a package index whose wheels are staged in /tmp/gpu-stage with their install script, they are
 # installed into /tmp/site first (once). Logs and JSON go to /tmp/results, packed into
 # $OUT/results-<part>.tgz at the end when $OUT is set.
-#   bash bench/gpu/run.sh smoke               GPU tests of the loss kernels and the bench scripts
+#   bash bench/gpu/run.sh smoke               GPU tests of the loss kernels, FP8 attention and the bench scripts
 #   bash bench/gpu/run.sh scaling             tests/test_gpu_scaling.py (two GPUs)
 #   bash bench/gpu/run.sh profile             bench/parallel_profile.py, 1 vs 2 DDP vs 2 FSDP2 processes
 #   bash bench/gpu/run.sh profile-step [args] the same profiler on one GPU, one FP8 training step; default
@@ -24,7 +24,8 @@ case $part in
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     nvidia-smi topo -m    # how the GPUs are linked (NVLink or PCIe): it bounds what FSDP2 can overlap
     python3 -c "import torch, transformers, transformer_engine as te, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'te', te.__version__, 'triton', triton.__version__)"
-    python3 -m pytest tests/test_ce_kernel.py tests/test_bench_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | tail -15 ;;
+    python3 -m pytest tests/test_ce_kernel.py tests/test_bench_gpu.py "tests/test_gpu_te.py::test_fp8_attention_tracks_bf16_attention" \
+      -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | grep "FP8 attention\|passed\|failed\|Error" | tail -15 ;;
   scaling)
     python3 -m pytest tests/test_gpu_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error" ;;
   profile)
