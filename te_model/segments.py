@@ -18,6 +18,12 @@ Engine rounds it when it computes the value itself. TE re-selects its attention 
 cuDNN graph for every distinct value it is handed; with packed rows the exact longest document differs
 from batch to batch, so exact values cost milliseconds of host time per layer, every step. Rounded, a
 4096-token row has at most 64 values, each built once.
+
+The number of segments changes from batch to batch too, and TE compares it as well (it is the THD batch
+size): every new count re-runs TE's backend selection, several milliseconds of Python on the host, once
+per step. So `cu_seqlens` is padded with empty segments at the end (the last offset repeated) up to the next
+power of two segments: a batch of 100 to 400 documents shows TE three counts, not hundreds. Plain rows
+(one segment per row) need no padding; their count is the batch size.
 """
 
 from dataclasses import dataclass
@@ -37,7 +43,8 @@ class AttentionPlan:
     """Segment layout of one batch of shape (batch, seq)."""
 
     segment_ids: torch.Tensor  # (B, S) int64, unique across the whole batch
-    cu_seqlens: torch.Tensor  # (num_segments + 1,) int32, offsets into the flattened B*S tokens
+    cu_seqlens: torch.Tensor  # (num_segments + 1,) int32, offsets into the flattened B*S tokens; ends in
+    # empty segments (the last offset repeated) up to a power-of-two count when a row holds several
     max_seqlen: int
     one_segment_per_row: bool  # plain causal rows: the fast path needs no mask at all
     rope_angles: torch.Tensor | None = None  # (max_seqlen, 1, 1, head_dim) for TE's fused RoPE
@@ -94,9 +101,13 @@ def plan_attention(
     total = torch.tensor([batch * seqlen], device=flat_starts.device)
     cu_seqlens = torch.cat([flat_starts, total]).to(torch.int32)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    segments = len(lengths)
+    if segments != batch:  # empty segments up to a power of two (see the module doc)
+        empty = (1 << (segments - 1).bit_length()) - segments
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens[-1:].expand(empty)])
     return AttentionPlan(
         segment_ids=segment_ids,
         cu_seqlens=cu_seqlens,
         max_seqlen=-(-int(lengths.max()) // MAX_SEQLEN_ALIGN) * MAX_SEQLEN_ALIGN,
-        one_segment_per_row=len(lengths) == batch,
+        one_segment_per_row=segments == batch,
     )
