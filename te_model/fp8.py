@@ -34,7 +34,7 @@ class FP8UnsupportedError(RuntimeError):
 
 
 ATTENTION_RECIPES = ("delayed", "current")  # the recipes whose attention can run in FP8 too
-FP8_THD_ATTENTION_CUDNN = 92300  # TE's FP8 fused attention in the THD layout (ours) needs cuDNN 9.23+
+FP8_THD_ATTENTION_CUDNN = (9, 23, 0)  # TE's FP8 fused attention in the THD layout (ours) needs cuDNN 9.23+
 
 
 def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "hybrid",
@@ -65,10 +65,12 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
     if not ok:
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is not supported on {gpu}: {reason}")
-    cudnn = torch.backends.cudnn.version() or 0
-    if fp8_attention and cudnn < FP8_THD_ATTENTION_CUDNN:
-        raise FP8UnsupportedError(f"FP8 attention in the THD layout needs cuDNN >= 9.23; this process has "
-                                  f"{cudnn // 10000}.{cudnn // 100 % 100}.{cudnn % 100}")
+    if fp8_attention:
+        from transformer_engine.pytorch.utils import get_cudnn_version  # the cuDNN TE itself runs on
+
+        if get_cudnn_version() < FP8_THD_ATTENTION_CUDNN:
+            raise FP8UnsupportedError("FP8 attention in the THD layout needs cuDNN >= 9.23; Transformer Engine "
+                                      f"runs on {'.'.join(map(str, get_cudnn_version()))}")
     fmt = {"hybrid": r.Format.HYBRID, "e4m3": r.Format.E4M3}[fp8_format]
     if name in ATTENTION_RECIPES:
         try:

@@ -254,3 +254,37 @@ def test_fp8_attention_tracks_bf16_attention(layout):
     assert loss_fp8_attn != loss_bf16_attn  # a different kernel ran (identical would mean no FP8 attention)
     assert abs(float(loss_fp8_attn - loss_bf16_attn)) < 0.01 * float(loss_bf16_attn)
     assert cosine > 0.98
+
+
+def test_empty_segments_change_nothing(monkeypatch):
+    """The plan pads `cu_seqlens` with empty segments to a power-of-two count (te_model/segments.py): the
+    same packed batch gives the same loss and gradients with and without them."""
+    import dataclasses
+
+    import te_model.model
+    from te_model.segments import plan_attention
+
+    torch.manual_seed(0)
+    config = llama_config("llama3", **GPU_SHAPES, num_hidden_layers=2)
+    model = te_model.build_model(config, backend="te", dtype=torch.bfloat16, device="cuda")
+    ids, kwargs, _ = layout_inputs("packed", config.vocab_size)
+    ids, kwargs = ids.cuda(), {k: v.cuda() for k, v in kwargs.items()}
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids, **kwargs).loss
+        loss.backward()
+        return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+    padded_loss, padded_grads = loss_and_grads()
+
+    def exact_plan(*args, **kw):
+        plan = plan_attention(*args, **kw)
+        segments = int((plan.cu_seqlens.diff() > 0).sum())
+        assert segments < len(plan.cu_seqlens) - 1  # the batch really had empty segments to drop
+        return dataclasses.replace(plan, cu_seqlens=plan.cu_seqlens[: segments + 1])
+
+    monkeypatch.setattr(te_model.model, "plan_attention", exact_plan)
+    exact_loss, exact_grads = loss_and_grads()
+    assert float(padded_loss) == float(exact_loss)
+    torch.testing.assert_close(padded_grads, exact_grads, rtol=0, atol=1e-6)
