@@ -58,6 +58,9 @@ def parse_args(argv):
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps after the profiled ones")
     p.add_argument("--fp8", default="none", choices=("none", *te_model.RECIPES))
+    p.add_argument("--backend", default="auto", choices=("auto", "te", "torch"),
+                   help="decoder layers: auto = TE where it can run; torch = the pure-PyTorch layer (SDPA "
+                        "attention), to tell TE's per-call host cost from the rest (no FP8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES))
     p.add_argument("--seed", type=int, default=0)
@@ -134,6 +137,12 @@ def job_config(args, workdir: Path, base_dir: Path, backend: str, world: int, se
 def measure(args, workdir: Path) -> dict:
     device = common.setup_device(args.device)
     backend, reason = common.ours_backend(device)
+    if args.backend == "torch" or (args.backend == "te" and backend != "te"):
+        if args.backend == "te":
+            raise SystemExit(f"--backend te: Transformer Engine cannot run here ({reason})")
+        if args.fp8 != "none":
+            raise SystemExit("--backend torch runs without FP8: add --fp8 none")
+        backend, reason = "torch", "asked for with --backend torch"
     inputs = Namespace(shape=args.shape, layers=args.layers, dtype=args.dtype, seed=args.seed, seq=args.seq,
                        batch=args.global_batch, warmup=args.warmup + args.profile_steps, steps=args.steps)
     base_dir, prepared = ray_overhead.write_inputs(inputs, workdir, torch.device("cpu"))

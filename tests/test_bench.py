@@ -161,3 +161,13 @@ def test_matrix_runs_jobs_reports_and_stops_overruns(tmp_path, monkeypatch, caps
     goals = matrix.goal_lines(tmp_path)
     # FP8 cannot run on CPU: every goal is reported as missed and not measured, none as met
     assert goals and all(line.startswith("MISS") and "not measured" in line for line in goals), goals
+
+
+def test_parallel_profile_backend_choice_is_checked():
+    from bench import parallel_profile
+
+    common_args = ["--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--layouts", "1"]
+    with pytest.raises(SystemExit, match="--backend torch runs without FP8"):
+        parallel_profile.main([*common_args, "--backend", "torch", "--fp8", "delayed"])
+    with pytest.raises(SystemExit, match="--backend te: Transformer Engine cannot run here"):
+        parallel_profile.main([*common_args, "--backend", "te"])

@@ -6,12 +6,14 @@
 #   bash bench/gpu/run.sh smoke               GPU tests of the loss kernels, FP8 attention and the bench scripts
 #   bash bench/gpu/run.sh scaling             tests/test_gpu_scaling.py (two GPUs)
 #   bash bench/gpu/run.sh profile             bench/parallel_profile.py, 1 vs 2 DDP vs 2 FSDP2 processes
+#   bash bench/gpu/run.sh profile-attn        the same, bf16, 1 vs 2 DDP processes with TE's attention and with
+#                                             the torch backend's SDPA: what TE's attention costs the host
 #   bash bench/gpu/run.sh profile-step [args] the same profiler on one GPU, one FP8 training step; default
 #                                             8B shapes (8 layers, 2 x 4096); e.g. 1B: --shape llama3.2-1b
 #                                             --layers 16 --seq 2048 --global-batch 8
 #   bash bench/gpu/run.sh matrix [args...]    bench/matrix.py with these arguments
 set -uo pipefail
-part=${1:?usage: run.sh smoke|scaling|profile|profile-step|matrix [args]}; shift
+part=${1:?usage: run.sh smoke|scaling|profile|profile-attn|profile-step|matrix [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -31,6 +33,12 @@ case $part in
   profile)
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed \
       --out $R/parallel.json 2>&1 | quiet | tee $R/profile.log | tail -60 ;;
+  profile-attn)
+    for backend in te torch; do
+      python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend $backend \
+        --layouts 1,ddp --out $R/parallel-$backend.json 2>&1 | quiet | tee $R/profile-$backend.log \
+        | grep -E "Attn|attention|Self CPU time total|Self CUDA time total|^layout|^1 |^ddp"
+    done ;;
   profile-step)
     python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \
       --fp8 delayed --out $R/step.json "$@" 2>&1 | quiet | tee $R/profile-step.log | tail -40 ;;
