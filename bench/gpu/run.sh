@@ -19,6 +19,17 @@ if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
 fi
 [ -f /tmp/site/env.sh ] && source /tmp/site/env.sh
+# A newer cuDNN than the host's (TE's FP8 attention in the THD layout needs 9.23+), staged as the pieces of
+# its wheel (split -b 52m) with the wheel's name in /tmp/cudnn-stage/wheel and its sha256 in .../sha256:
+# joined, checked and installed into /tmp/cudnn once, then put ahead of the host's on the library path.
+if [ -f /tmp/cudnn-stage/wheel ] && [ ! -f /tmp/cudnn/.ready ]; then
+  whl=/tmp/cudnn-stage/$(cat /tmp/cudnn-stage/wheel)
+  cat /tmp/cudnn-stage/piece-* > "$whl" && echo "$(cat /tmp/cudnn-stage/sha256)  $whl" | sha256sum -c --quiet \
+    && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cudnn "$whl" \
+    && touch /tmp/cudnn/.ready || { echo "cuDNN from /tmp/cudnn-stage did not install"; exit 1; }
+  rm -f "$whl"
+fi
+[ -f /tmp/cudnn/.ready ] && export LD_LIBRARY_PATH=/tmp/cudnn/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONUNBUFFERED=1
 quiet() { grep -v "it/s\]\|Warning\|warn(" ; }
 case $part in
