@@ -6,8 +6,9 @@
 #   bash bench/gpu/run.sh smoke               GPU tests of the loss kernels, FP8 attention and the bench scripts
 #   bash bench/gpu/run.sh scaling             tests/test_gpu_scaling.py (two GPUs)
 #   bash bench/gpu/run.sh profile             bench/parallel_profile.py, 1 vs 2 DDP vs 2 FSDP2 processes
-#   bash bench/gpu/run.sh profile-attn        the same, bf16, 1 vs 2 DDP processes with TE's attention and with
-#                                             the torch backend's SDPA: what TE's attention costs the host
+#   bash bench/gpu/run.sh profile-attn        the same, bf16: one process with 16 rows, then 1 vs 2 DDP processes
+#                                             with TE's attention and with the torch backend's SDPA: what TE's
+#                                             attention costs the host
 #   bash bench/gpu/run.sh profile-step [args] the same profiler on one GPU, one FP8 training step; default
 #                                             8B shapes (8 layers, 2 x 4096); e.g. 1B: --shape llama3.2-1b
 #                                             --layers 16 --seq 2048 --global-batch 8
@@ -45,6 +46,10 @@ case $part in
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed \
       --out $R/parallel.json 2>&1 | quiet | tee $R/profile.log | tail -60 ;;
   profile-attn)
+    # one process with 16 rows: a rank's share of the DDP batch, without a second process
+    python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 16 --fp8 none --backend te \
+      --layouts 1 --out $R/parallel-te-16rows.json 2>&1 | quiet | tee $R/profile-te-16rows.log \
+      | grep -E "Attn|Self CPU time total|Self CUDA time total|^layout|^1 "
     for backend in te torch; do
       python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend $backend \
         --layouts 1,ddp --out $R/parallel-$backend.json 2>&1 | quiet | tee $R/profile-$backend.log \
