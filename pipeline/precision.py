@@ -12,6 +12,9 @@ What this module decides:
 - By default an inactive FP8 request is a one-line PipelineError naming `train.fp8`, the reason and the
   two ways out. With `train.fp8_fallback: true` the job logs a warning, trains with `train.fp8: none` in
   `model.dtype` (bf16/fp32), and tags its MLflow runs `fp8.fallback=<reason>` so the run record says so.
+- `train.fp8_attention` (FP8 attention, which needs a newer cuDNN than FP8 itself) is asked the same way:
+  when FP8 can run and only its attention cannot, the error names `train.fp8_attention`, and the fallback
+  keeps FP8 in the linear layers and runs the attention in bf16 (tag `fp8.fallback=fp8_attention: ...`).
 """
 
 from __future__ import annotations
@@ -45,33 +48,71 @@ def fp8_unavailable_reason(recipe: str, backend: str) -> str | None:
     return reason
 
 
-def probe_workers(cfg: Config) -> str | None:
-    """`fp8_unavailable_reason` as a training worker sees it: a Ray task with a worker's resources."""
+def fp8_attention_unavailable_reason(recipe: str) -> str | None:
+    """Why `recipe` cannot also run the attention in FP8 in this process (FP8 itself can); None when it can."""
+    from te_model import FP8UnsupportedError
+    from te_model.fp8 import make_recipe
+
+    try:
+        make_recipe(recipe, fp8_attention=True)
+    except FP8UnsupportedError as exc:
+        return str(exc)
+    return None
+
+
+def _worker_reasons(recipe: str, backend: str, fp8_attention: bool) -> tuple[str | None, str | None]:
+    reason = fp8_unavailable_reason(recipe, backend)
+    attention = fp8_attention_unavailable_reason(recipe) if fp8_attention and reason is None else None
+    return reason, attention
+
+
+def probe_workers(cfg: Config) -> tuple[str | None, str | None]:
+    """As a training worker sees them (a Ray task with a worker's resources): `fp8_unavailable_reason`, and
+    with `train.fp8_attention` why the attention cannot run in FP8 there (None where it can)."""
     import ray
 
-    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(fp8_unavailable_reason)
-    reason = ray.get(task.remote(cfg.train.fp8, cfg.model.backend))
-    return reason if reason is None or cfg.train.use_gpu else f"{reason} (train.use_gpu=false)"
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(_worker_reasons)
+    reason, attention = ray.get(task.remote(cfg.train.fp8, cfg.model.backend, cfg.train.fp8_attention))
+    if reason is not None and not cfg.train.use_gpu:
+        reason = f"{reason} (train.use_gpu=false)"
+    return reason, attention
 
 
-def apply_fp8_policy(cfg: Config, reason: str | None, run_ids: list[str], tracking_uri: str | None) -> Config:
+def apply_fp8_policy(cfg: Config, reason: str | None, run_ids: list[str], tracking_uri: str | None,
+                     attention_reason: str | None = None) -> Config:
     """`cfg` when FP8 can run or was not asked for; else a PipelineError, or with train.fp8_fallback a copy
-    of `cfg` without FP8, after a warning and the `fp8.fallback` tag on `run_ids`."""
-    recipe = cfg.train.fp8
-    if recipe == "none" or reason is None:
+    of `cfg` without FP8, after a warning and the `fp8.fallback` tag on `run_ids`. When FP8 can run but
+    `train.fp8_attention` cannot, the same choice for the attention alone: an error, or FP8 linear layers
+    with bf16 attention."""
+    recipe, train = cfg.train.fp8, cfg.train
+    if recipe == "none" or (reason is None and attention_reason is None):
         return cfg
-    if not cfg.train.fp8_fallback:
+    if reason is None:
+        if not train.fp8_fallback:
+            raise PipelineError(f"train.fp8_attention=true cannot run on the training workers: {attention_reason}; "
+                                "set train.fp8_attention=false, or train.fp8_fallback=true to train with bf16 "
+                                "attention")
+        log.warning("FP8 FALLBACK: train.fp8_attention=true cannot run (%s); training with FP8 %s layers and bf16 "
+                    "attention because train.fp8_fallback=true", attention_reason, recipe)
+        _tag(run_ids, f"fp8_attention: {attention_reason}", tracking_uri)
+        return dataclasses.replace(cfg, train=dataclasses.replace(train, fp8_attention=False))
+    if not train.fp8_fallback:
         raise PipelineError(f"train.fp8={recipe} cannot run on the training workers: {reason}; set "
                             "train.fp8=none, or train.fp8_fallback=true to train without FP8")
     log.warning("FP8 FALLBACK: train.fp8=%s cannot run (%s); training in %s without FP8 because "
                 "train.fp8_fallback=true", recipe, reason, cfg.model.dtype)
+    _tag(run_ids, reason, tracking_uri)
+    return dataclasses.replace(cfg, train=dataclasses.replace(train, fp8="none", fp8_attention=False))
+
+
+def _tag(run_ids: list[str], reason: str, tracking_uri: str | None) -> None:
     for run_id in run_ids:
         tracking.set_tags(run_id, {FALLBACK_TAG: reason}, tracking_uri=tracking_uri)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fp8="none"))
 
 
 def settle_fp8(cfg: Config, run_ids: list[str], tracking_uri: str | None) -> Config:
     """The config training runs with: FP8 checked on a worker, then `apply_fp8_policy`."""
     if cfg.train.fp8 == "none":
         return cfg
-    return apply_fp8_policy(cfg, probe_workers(cfg), run_ids, tracking_uri)
+    reason, attention_reason = probe_workers(cfg)
+    return apply_fp8_policy(cfg, reason, run_ids, tracking_uri, attention_reason)

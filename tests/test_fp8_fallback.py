@@ -29,9 +29,11 @@ def test_fp8_on_cpu_workers_without_the_opt_in_is_a_config_error():
 
 def test_a_worker_reports_why_fp8_cannot_run_there(ray_cluster):
     cfg = load_config(None, ["train.fp8=delayed", "train.fp8_fallback=true", "model.backend=auto"])
-    assert precision.probe_workers(cfg) == f"{NO_CUDA} (train.use_gpu=false)"
-    torch_layers = load_config(None, ["train.fp8=current", "train.fp8_fallback=true", "model.backend=torch"])
-    assert precision.probe_workers(torch_layers).startswith("model.backend=torch has no FP8 layers")
+    assert precision.probe_workers(cfg) == (f"{NO_CUDA} (train.use_gpu=false)", None)
+    torch_layers = load_config(None, ["train.fp8=current", "train.fp8_fallback=true", "model.backend=torch",
+                                      "train.fp8_attention=true"])
+    reason, attention = precision.probe_workers(torch_layers)
+    assert reason.startswith("model.backend=torch has no FP8 layers") and attention is None
 
 
 def test_without_the_opt_in_inactive_fp8_stops_the_job_with_the_reason():
@@ -42,6 +44,24 @@ def test_without_the_opt_in_inactive_fp8_stops_the_job_with_the_reason():
         precision.apply_fp8_policy(cfg, reason, [], None)
     assert str(error.value) == (f"train.fp8=delayed cannot run on the training workers: {NO_CUDA}; set "
                                 "train.fp8=none, or train.fp8_fallback=true to train without FP8")
+
+
+def test_fp8_attention_that_cannot_run_is_named_or_dropped_alone(caplog):
+    """FP8 runs, its attention cannot (a cuDNN too old, say): the error names train.fp8_attention, and the
+    fallback keeps FP8 in the linear layers."""
+    why = "FP8 attention in the THD layout needs cuDNN >= 9.23; Transformer Engine runs on 9.14.0"
+    cfg = load_config(None, ["train.fp8=delayed", "train.use_gpu=true", "train.fp8_attention=true"])
+    with pytest.raises(PipelineError) as error:
+        precision.apply_fp8_policy(cfg, None, [], None, attention_reason=why)
+    assert str(error.value) == (f"train.fp8_attention=true cannot run on the training workers: {why}; set "
+                                "train.fp8_attention=false, or train.fp8_fallback=true to train with bf16 attention")
+    fallback = load_config(None, ["train.fp8=delayed", "train.use_gpu=true", "train.fp8_attention=true",
+                                  "train.fp8_fallback=true"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
+        settled = precision.apply_fp8_policy(fallback, None, [], None, attention_reason=why)
+    assert settled.train == type(fallback.train)(**{**vars(fallback.train), "fp8_attention": False})
+    assert "train.fp8_attention=true cannot run" in caplog.text and "FP8 delayed layers" in caplog.text
+    assert precision.apply_fp8_policy(cfg, None, [], None) is cfg  # both can run: nothing changes
 
 
 def test_with_the_opt_in_training_goes_on_without_fp8_and_the_runs_say_so(ray_cluster, mlflow_server, caplog):
