@@ -68,9 +68,10 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
     if fp8_attention:
         from transformer_engine.pytorch.utils import get_cudnn_version  # the cuDNN TE itself runs on
 
-        if get_cudnn_version() < FP8_THD_ATTENTION_CUDNN:
+        cudnn = tuple(get_cudnn_version())
+        if cudnn < FP8_THD_ATTENTION_CUDNN:
             raise FP8UnsupportedError("FP8 attention in the THD layout needs cuDNN >= 9.23; Transformer Engine "
-                                      f"runs on {'.'.join(map(str, get_cudnn_version()))}")
+                                      f"runs on {'.'.join(map(str, cudnn))}")
     fmt = {"hybrid": r.Format.HYBRID, "e4m3": r.Format.E4M3}[fp8_format]
     if name in ATTENTION_RECIPES:
         try:
