@@ -137,9 +137,9 @@ def job_config(args, workdir: Path, base_dir: Path, backend: str, world: int, se
 def measure(args, workdir: Path) -> dict:
     device = common.setup_device(args.device)
     backend, reason = common.ours_backend(device)
-    if args.backend == "torch" or (args.backend == "te" and backend != "te"):
-        if args.backend == "te":
-            raise SystemExit(f"--backend te: Transformer Engine cannot run here ({reason})")
+    if args.backend == "te" and backend != "te":
+        raise SystemExit(f"--backend te: Transformer Engine cannot run here ({reason})")
+    if args.backend == "torch":
         if args.fp8 != "none":
             raise SystemExit("--backend torch runs without FP8: add --fp8 none")
         backend, reason = "torch", "asked for with --backend torch"

@@ -224,9 +224,9 @@ def test_fp8_is_really_active(training_runs):
 # FP8 attention (train.fp8_attention): cuDNN's FP8 fused attention under the delayed recipe
 
 
-def _loss_and_grads(model, ids, kwargs, fp8_attention):
+def _loss_and_grads(model, ids, kwargs, recipe="delayed", fp8_attention=False):
     model.zero_grad(set_to_none=True)
-    with te_model.fp8_autocast("delayed", fp8_attention=fp8_attention):
+    with te_model.fp8_autocast(recipe, fp8_attention=fp8_attention):
         loss = model(input_ids=ids, labels=ids, **kwargs).loss
     loss.backward()
     return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
@@ -270,13 +270,7 @@ def test_empty_segments_change_nothing(monkeypatch):
     ids, kwargs, _ = layout_inputs("packed", config.vocab_size)
     ids, kwargs = ids.cuda(), {k: v.cuda() for k, v in kwargs.items()}
 
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids, **kwargs).loss
-        loss.backward()
-        return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
-
-    padded_loss, padded_grads = loss_and_grads()
+    padded_loss, padded_grads = _loss_and_grads(model, ids, kwargs, recipe=None)
 
     def exact_plan(*args, **kw):
         plan = plan_attention(*args, **kw)
@@ -285,6 +279,6 @@ def test_empty_segments_change_nothing(monkeypatch):
         return dataclasses.replace(plan, cu_seqlens=plan.cu_seqlens[: segments + 1])
 
     monkeypatch.setattr(te_model.model, "plan_attention", exact_plan)
-    exact_loss, exact_grads = loss_and_grads()
+    exact_loss, exact_grads = _loss_and_grads(model, ids, kwargs, recipe=None)
     assert float(padded_loss) == float(exact_loss)
     torch.testing.assert_close(padded_grads, exact_grads, rtol=0, atol=1e-6)
