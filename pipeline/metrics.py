@@ -10,8 +10,9 @@ What this module decides:
   (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT); on top, unsent steps stay queued and are
   retried with backoff, and when the queue is full the oldest step is dropped and counted.
 - Steps the server rejects (4xx other than 429) are dropped, not resent: the same data cannot succeed.
-- Closing waits a bounded time; steps not sent by then count as dropped. Losses are never silent: a
-  warning when the queue first overflows, and one with the count of lost steps at close.
+- Closing waits a bounded time, retrying failed sends every second until then; steps not sent by then
+  count as dropped. Losses are never silent: a warning when the queue first overflows, and one with the
+  count of lost steps at close.
 - Only rank 0 of a tracked run logs; other ranks and untracked runs get a `NullLogger`, which has the
   same interface and does nothing.
 """
@@ -36,6 +37,8 @@ from pipeline.redact import error_line, fit_key, tracking_uri_label
 
 # Warnings of the whole MLflow layer share one logger, so one setting shows or silences all of them.
 log = logging.getLogger("pipeline.tracking")
+
+CLOSE_RETRY_S = 1.0  # while closing, failed sends are retried this often until the close deadline
 
 
 class AsyncMetricLogger:
@@ -139,7 +142,9 @@ class AsyncMetricLogger:
     def _wait_s(self, backoff: float) -> float:
         if not self._closing:
             return backoff or self._flush_every_s
-        return min(backoff, max(self._give_up_at - time.monotonic(), 0.0))
+        # Closing is the last chance: retry every CLOSE_RETRY_S until the deadline, whatever backoff an
+        # outage built up, or a server back a second after the last failure would get nothing.
+        return min(backoff, CLOSE_RETRY_S, max(self._give_up_at - time.monotonic(), 0.0))
 
     def _send_pending(self) -> bool:
         """Send queued steps batch by batch; False at the first failure."""

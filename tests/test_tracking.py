@@ -16,6 +16,8 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -206,6 +208,31 @@ def test_a_server_that_never_answers_never_blocks_logging_or_close(no_http_retri
         assert not logger.close(timeout=1.0)
         assert time.monotonic() - start < 2.0
     assert durations[int(len(durations) * 0.99)] < 0.005 and logger.sent == 0
+
+
+class _ServerBackAt:
+    """A tracking client whose server is down until `back_at` (time.monotonic), then takes every batch."""
+
+    def __init__(self, back_at: float) -> None:
+        self.back_at, self.steps = back_at, set()
+
+    def log_batch(self, run_id, metrics, synchronous=True) -> None:
+        if time.monotonic() < self.back_at:
+            raise MlflowException("connection refused", error_code=INTERNAL_ERROR)
+        self.steps.update(m.step for m in metrics)
+
+
+def test_close_keeps_trying_until_its_deadline_whatever_the_outage_backoff():
+    """An outage grows the retry backoff (1, 2, 4, 8 s ...); a server that comes back while the logger
+    closes still gets every step, even when the next backoff would outlast the close timeout."""
+    start = time.monotonic()
+    logger = tracking.AsyncMetricLogger(uuid.uuid4().hex, _dead_uri(), flush_every_s=0.05)
+    logger._client = _ServerBackAt(back_at=start + 3.5)
+    for step in range(1, 51):
+        logger.log(step, {"loss": 1.0})
+    time.sleep(max(0.0, start + 3.2 - time.monotonic()))  # three failed sends: the next backoff is 4 s, then 8
+    assert logger.close(timeout=2.5), "steps were dropped though the server was back before the deadline"
+    assert logger._client.steps == set(range(1, 51)) and logger.dropped == 0
 
 
 def test_null_logger_has_the_async_logger_interface(mlflow_server, parent_id):
