@@ -29,7 +29,8 @@ JOBS = {
     "ts-8b-4096": ("train_step", ["--shape", "llama3.1-8b", "--seq", "4096"], 200),
     # half the real model's 32 layers: the decoder's share of the step nearer the real model's
     "ts-8b-4096-l16": ("train_step", ["--shape", "llama3.1-8b", "--layers", "16", "--seq", "4096", "--variants",
-                                      "hf,hf_compile,fp8_delayed,fp8_delayed_fp8head,fp8_delayed_attn"], 240),
+                                      "hf,hf_compile,fp8_delayed,fp8_delayed_fp8head,fp8_delayed_attn,"
+                                      "fp8_delayed_attn_fp8head"], 280),
     # the batch of the layer-level reference (8 x 2048); still within the HF baseline's 80 GB
     "ts-1b-2048-b8": ("train_step", ["--shape", "llama3.2-1b", "--seq", "2048", "--batch", "8", "--variants",
                                      "hf,hf_compile,ours_bf16,fp8_delayed,fp8_delayed_fp8head,fp8_delayed_attn"],
@@ -144,7 +145,8 @@ def goal_lines(out: Path) -> list[str]:
         rows = rows_by_variant(load(out, name))
         hf, compiled = rows.get("hf"), rows.get("hf_compile")
         for variant, what in (("fp8_delayed", "FP8 delayed"), ("fp8_delayed_fp8head", "FP8 delayed + FP8 head"),
-                              ("fp8_delayed_attn", "FP8 delayed + FP8 attention")):
+                              ("fp8_delayed_attn", "FP8 delayed + FP8 attention"),
+                              ("fp8_delayed_attn_fp8head", "FP8 delayed + FP8 attention + FP8 head")):
             fp8 = rows.get(variant)
             if fp8 is None and variant != "fp8_delayed":
                 continue  # an opt-in variant this job did not run

@@ -61,6 +61,9 @@ def parse_args(argv):
     p.add_argument("--backend", default="auto", choices=("auto", "te", "torch"),
                    help="decoder layers: auto = TE where it can run; torch = the pure-PyTorch layer (SDPA "
                         "attention), to tell TE's per-call host cost from the rest (no FP8)")
+    p.add_argument("--host-breakdown", metavar="OP",
+                   help="also record Python calls (with_stack) and print where host time goes inside operators "
+                        "whose name contains OP, e.g. FusedAttnFunc (the tracer itself adds host time)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES))
     p.add_argument("--seed", type=int, default=0)
@@ -79,6 +82,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def host_breakdown(trace: dict, within: str, top: int = 15) -> list[dict]:
+    """Self host time per Python function, C call or CUDA runtime call nested inside any operator whose
+    name contains `within`, from a Chrome trace written by torch.profiler with `with_stack=True`.
+
+    Events nest per thread by time; an event's self time is its duration less its direct children's."""
+    by_thread: dict = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver"):
+            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    totals: dict = {}
+
+    def close(frame):
+        event, children, inside = frame
+        if inside and within not in event["name"]:
+            row = totals.setdefault(event["name"], {"name": event["name"], "calls": 0, "self_us": 0.0})
+            row["calls"] += 1
+            row["self_us"] += event["dur"] - children
+
+    for events in by_thread.values():
+        events.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list = []  # [event, children's time, inside `within`]
+        for e in events:
+            while stack and stack[-1][0]["ts"] + stack[-1][0]["dur"] <= e["ts"]:
+                close(stack.pop())
+            if stack:
+                stack[-1][1] += e["dur"]
+            inside = within in e["name"] or (bool(stack) and stack[-1][2])
+            stack.append([e, 0.0, inside])
+        while stack:
+            close(stack.pop())
+    return sorted(totals.values(), key=lambda r: -r["self_us"])[:top]
 
 
 def profile_summary(prof, steps: int) -> dict:
@@ -110,9 +146,14 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
         for _ in range(args.warmup):
             pipeline_train._train_step(w, progress)
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, with_stack=bool(args.host_breakdown)) as prof:
             for _ in range(args.profile_steps):
                 pipeline_train._train_step(w, progress)
+        breakdown = None
+        if args.host_breakdown and rank == 0:
+            trace = Path(out).with_suffix(".trace.json")
+            prof.export_chrome_trace(str(trace))
+            breakdown = host_breakdown(json.loads(trace.read_text()), args.host_breakdown)
         metrics = [pipeline_train._train_step(w, progress)[0] for _ in range(args.steps)]
         if rank == 0:
             tokens = args.global_batch * args.seq
@@ -120,6 +161,8 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
             result = {"step_ms": statistics.median(step_ms), "step_ms_all": step_ms,
                       "losses": [m["loss"] for m in metrics], "gpu_mem_gb": metrics[-1]["gpu_mem_gb"],
                       **profile_summary(prof, args.profile_steps)}
+            if breakdown is not None:
+                result["host_breakdown"] = breakdown
             Path(out).write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -165,7 +208,7 @@ def measure(args, workdir: Path) -> dict:
             row["scaling_efficiency"] = one / row["step_ms"] / LAYOUTS[name][0] if one else None
     run = {"shape": args.shape, "seq": args.seq, "global_batch": args.global_batch, "fp8": args.fp8,
            "backend": backend, "backend_reason": reason, "warmup": args.warmup,
-           "profile_steps": args.profile_steps, "steps": args.steps}
+           "profile_steps": args.profile_steps, "steps": args.steps, "host_breakdown": args.host_breakdown}
     return {"environment": common.environment(device), "run": run, "layouts": layouts}
 
 
@@ -175,6 +218,11 @@ def print_table(result: dict) -> None:
         if "top_gpu" in row:
             print(f"\n--- {name}: top operators by GPU time ({run['profile_steps']} steps, rank 0)\n{row['top_gpu']}")
             print(f"--- {name}: top operators by CPU time\n{row['top_cpu']}")
+        if "host_breakdown" in row:
+            steps = run["profile_steps"]
+            print(f"--- {name}: host time inside {run['host_breakdown']}, self, per profiled step (rank 0)")
+            for item in row["host_breakdown"]:
+                print(f"{item['self_us'] / 1e3 / steps:8.2f} ms {item['calls'] // steps:6d} calls  {item['name'][:110]}")
     print(f"\n{result['environment']['device']}, {run['shape']}, global batch {run['global_batch']}x{run['seq']}, "
           f"fp8 {run['fp8']}, backend {run['backend']}: pipeline _train_step in bare processes")
     print(f"{'layout':10s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'kernel ms':>9s} {'compute':>8s} "

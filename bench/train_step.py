@@ -9,7 +9,8 @@ Variants (`--variants`, comma-separated; default all):
 - `fp8_delayed`, `fp8_current`, `fp8_block`, `fp8_mxfp8`: our model under each FP8 recipe; a recipe this
   GPU or TE build cannot run is skipped with TE's reason;
 - `fp8_delayed_fp8head`: delayed scaling with the LM head's GEMMs in FP8 too (`train.fp8_head`, opt-in);
-- `fp8_delayed_attn`: delayed scaling with the attention in FP8 too (`train.fp8_attention`, opt-in).
+- `fp8_delayed_attn`: delayed scaling with the attention in FP8 too (`train.fp8_attention`, opt-in);
+- `fp8_delayed_attn_fp8head`: both opt-ins together.
 
 A step is the whole thing: embedding, decoder, lm_head, loss, backward, fused AdamW step, bf16 parameters.
 Every variant starts from the same weights (`bench.common.reference_state`) and sees the same token
@@ -51,6 +52,7 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     **{f"fp8_{recipe}": ("ours", False, recipe) for recipe in te_model.RECIPES},
     "fp8_delayed_fp8head": ("ours", False, "delayed"),  # ... and the LM head's GEMMs in FP8 (opt-in)
     "fp8_delayed_attn": ("ours", False, "delayed"),  # ... and the attention in FP8 (opt-in)
+    "fp8_delayed_attn_fp8head": ("ours", False, "delayed"),  # ... both
 }
 # Rows per step that fit the HF bf16 baseline in 80 GB (8192 tokens a step); raise with --batch.
 DEFAULT_BATCH = {("llama3.2-1b", 2048): 4, ("llama3.2-1b", 4096): 2,
@@ -116,7 +118,7 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
 def run_variant(name: str, args, config, state, batches, device, backend: str) -> dict:
     """Warm up, then time `args.steps` full training steps; the raw per-variant measurements."""
     _, compiled, recipe = VARIANTS[name]
-    fp8_attention = name.endswith("_attn")
+    fp8_attention = "_attn" in name
     if recipe:
         te_model.fp8.make_recipe(recipe, fp8_attention=fp8_attention)  # raises FP8UnsupportedError: TE's reason
     common.reset_peak(device)
@@ -158,8 +160,8 @@ def label(name: str, backend: str, dtype: str) -> str:
         return f"HF LlamaForCausalLM sdpa {dtype}" + (" + compile" if compiled else "")
     where = "TE" if backend == "te" else "torch backend (no TE)"
     return (f"ours {where}, " + (f"FP8 {recipe}" if recipe else dtype) + (", HF loss" if "logits" in name else "")
-            + (" + FP8 head" if name.endswith("_fp8head") else "")
-            + (" + FP8 attention" if name.endswith("_attn") else ""))
+            + (" + FP8 attention" if "_attn" in name else "")
+            + (" + FP8 head" if name.endswith("_fp8head") else ""))
 
 
 def skip_reason(name: str, backend: str, reason: str | None) -> str | None:

@@ -171,3 +171,24 @@ def test_parallel_profile_backend_choice_is_checked():
         parallel_profile.main([*common_args, "--backend", "torch", "--fp8", "delayed"])
     with pytest.raises(SystemExit, match="--backend te: Transformer Engine cannot run here"):
         parallel_profile.main([*common_args, "--backend", "te"])
+
+
+def test_host_breakdown_counts_only_what_runs_inside_the_named_operator(tmp_path):
+    from bench.parallel_profile import host_breakdown
+
+    def inner(x):
+        return (x @ x).sum()
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
+        with torch.profiler.record_function("outer_range"):
+            inner(torch.ones(64, 64))
+        torch.ones(8).exp()  # outside the range: must not be counted
+    trace_path = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(trace_path))
+    trace = json.loads(trace_path.read_text())
+    rows = host_breakdown(trace, "outer_range", top=100)
+    names = {row["name"] for row in rows}
+    assert "aten::mm" in names and any("inner" in name for name in names), names
+    assert "aten::exp" not in names and "outer_range" not in names
+    outer = next(e for e in trace["traceEvents"] if e.get("name") == "outer_range" and e.get("ph") == "X")
+    assert 0 < sum(row["self_us"] for row in rows) <= outer["dur"]

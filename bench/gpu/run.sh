@@ -8,7 +8,7 @@
 #   bash bench/gpu/run.sh profile             bench/parallel_profile.py, 1 vs 2 DDP vs 2 FSDP2 processes
 #   bash bench/gpu/run.sh profile-attn        the same, bf16: one process with 16 rows, then 1 vs 2 DDP processes
 #                                             with TE's attention and with the torch backend's SDPA: what TE's
-#                                             attention costs the host
+#                                             attention costs the host, and where (--host-breakdown)
 #   bash bench/gpu/run.sh profile-step [args] the same profiler on one GPU, one FP8 training step; default
 #                                             8B shapes (8 layers, 2 x 4096); e.g. 1B: --shape llama3.2-1b
 #                                             --layers 16 --seq 2048 --global-batch 8
@@ -37,8 +37,9 @@ case $part in
   smoke)
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     nvidia-smi topo -m    # how the GPUs are linked (NVLink or PCIe): it bounds what FSDP2 can overlap
-    python3 -c "import torch, transformers, transformer_engine as te, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'te', te.__version__, 'triton', triton.__version__)"
+    python3 -c "import torch, transformers, transformer_engine as te, triton; from transformer_engine.pytorch.utils import get_cudnn_version as v; print('torch', torch.__version__, 'transformers', transformers.__version__, 'te', te.__version__, 'cudnn (TE)', v(), 'triton', triton.__version__)"
     python3 -m pytest tests/test_ce_kernel.py tests/test_bench_gpu.py "tests/test_gpu_te.py::test_fp8_attention_tracks_bf16_attention" \
+      "tests/test_gpu_te.py::test_empty_segments_change_nothing" \
       -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | grep "FP8 attention\|passed\|failed\|Error" | tail -15 ;;
   scaling)
     python3 -m pytest tests/test_gpu_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error" ;;
@@ -46,15 +47,18 @@ case $part in
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed \
       --out $R/parallel.json 2>&1 | quiet | tee $R/profile.log | tail -60 ;;
   profile-attn)
-    # one process with 16 rows: a rank's share of the DDP batch, without a second process
+    # one process with 16 rows (a rank's share of the DDP batch, without a second process), then 1 vs 2 DDP
+    # processes, with TE's attention (and where its host time goes, per Python and CUDA call) and with the
+    # torch backend's SDPA
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 16 --fp8 none --backend te \
-      --layouts 1 --out $R/parallel-te-16rows.json 2>&1 | quiet | tee $R/profile-te-16rows.log \
-      | grep -E "Attn|Self CPU time total|Self CUDA time total|^layout|^1 "
-    for backend in te torch; do
-      python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend $backend \
-        --layouts 1,ddp --out $R/parallel-$backend.json 2>&1 | quiet | tee $R/profile-$backend.log \
-        | grep -E "Attn|attention|Self CPU time total|Self CUDA time total|^layout|^1 |^ddp"
-    done ;;
+      --layouts 1 --host-breakdown FusedAttnFunc --out $R/parallel-te-16rows.json 2>&1 | quiet \
+      | tee $R/profile-te-16rows.log | grep -E "host time inside|^ +[0-9.]+ ms|Self CPU time total|^layout|^1 "
+    python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend te \
+      --layouts 1,ddp --host-breakdown FusedAttnFunc --out $R/parallel-te.json 2>&1 | quiet | tee $R/profile-te.log \
+      | grep -E "host time inside|^ +[0-9.]+ ms|Self CPU time total|^layout|^1 |^ddp"
+    python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend torch \
+      --layouts 1,ddp --out $R/parallel-torch.json 2>&1 | quiet | tee $R/profile-torch.log \
+      | grep -E "Self CPU time total|^layout|^1 |^ddp" ;;
   profile-step)
     python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \
       --fp8 delayed --out $R/step.json "$@" 2>&1 | quiet | tee $R/profile-step.log | tail -40 ;;
