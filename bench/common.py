@@ -189,8 +189,10 @@ def environment(device: torch.device) -> dict:
             "cuda": torch.version.cuda, "te_available": te_unavailable_reason() is None}
     if info["te_available"]:
         import transformer_engine
+        from transformer_engine.pytorch.utils import get_cudnn_version  # the cuDNN TE itself runs on
 
         info["transformer_engine"] = transformer_engine.__version__
+        info["cudnn_for_te"] = ".".join(map(str, get_cudnn_version()))
     info["time"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     return info
 

@@ -84,6 +84,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+HOST_EVENT_KINDS = ("cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver")
+
+
 def host_breakdown(trace: dict, within: str, top: int = 15) -> list[dict]:
     """Self host time per Python function, C call or CUDA runtime call nested inside any operator whose
     name contains `within`, from a Chrome trace written by torch.profiler with `with_stack=True`.
@@ -91,7 +94,7 @@ def host_breakdown(trace: dict, within: str, top: int = 15) -> list[dict]:
     Events nest per thread by time; an event's self time is its duration less its direct children's."""
     by_thread: dict = {}
     for e in trace.get("traceEvents", []):
-        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver"):
+        if e.get("ph") == "X" and e.get("cat") in HOST_EVENT_KINDS:
             by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
     totals: dict = {}
 
@@ -222,7 +225,8 @@ def print_table(result: dict) -> None:
             steps = run["profile_steps"]
             print(f"--- {name}: host time inside {run['host_breakdown']}, self, per profiled step (rank 0)")
             for item in row["host_breakdown"]:
-                print(f"{item['self_us'] / 1e3 / steps:8.2f} ms {item['calls'] // steps:6d} calls  {item['name'][:110]}")
+                per_step = item["self_us"] / 1e3 / steps
+                print(f"{per_step:8.2f} ms {item['calls'] // steps:6d} calls  {item['name'][:110]}")
     print(f"\n{result['environment']['device']}, {run['shape']}, global batch {run['global_batch']}x{run['seq']}, "
           f"fp8 {run['fp8']}, backend {run['backend']}: pipeline _train_step in bare processes")
     print(f"{'layout':10s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'kernel ms':>9s} {'compute':>8s} "

@@ -218,8 +218,8 @@ class TrainConfig(_Section):
     fp8_amax_history_len: int = 1024
     # Run the LM head's GEMMs in FP8 too (te_model/fp8_head.py); off: the head stays bf16.
     fp8_head: bool = False
-    # Run the attention itself in FP8 too (cuDNN's FP8 fused attention; delayed or current only). Off:
-    # attention stays bf16 between the FP8 projections.
+    # Run the attention itself in FP8 too (cuDNN's FP8 fused attention; delayed or current only; trains on
+    # Blackwell with cuDNN 9.23+). Off: attention stays bf16 between the FP8 projections.
     fp8_attention: bool = False
     # Recompute decoder-layer activations in backward to save memory.
     activation_checkpointing: bool = False

@@ -12,7 +12,7 @@ What this module decides:
 - By default an inactive FP8 request is a one-line PipelineError naming `train.fp8`, the reason and the
   two ways out. With `train.fp8_fallback: true` the job logs a warning, trains with `train.fp8: none` in
   `model.dtype` (bf16/fp32), and tags its MLflow runs `fp8.fallback=<reason>` so the run record says so.
-- `train.fp8_attention` (FP8 attention, which needs a newer cuDNN than FP8 itself) is asked the same way:
+- `train.fp8_attention` (FP8 attention, which needs more than FP8 itself: Blackwell, cuDNN 9.23+) is asked the same way:
   when FP8 can run and only its attention cannot, the error names `train.fp8_attention`, and the fallback
   keeps FP8 in the linear layers and runs the attention in bf16 (tag `fp8.fallback=fp8_attention: ...`).
 """

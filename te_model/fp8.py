@@ -14,7 +14,8 @@ scales come from:
 
 `fp8_attention` (opt-in, `delayed` and `current` only) also runs the attention itself in FP8: TE casts Q,
 K, V and the softmax output to FP8 for cuDNN's FP8 fused attention (TE's `fp8_dpa`, a beta feature), where
-otherwise attention stays bf16 between FP8 projections.
+otherwise attention stays bf16 between FP8 projections. In our THD layout TE trains it only on Blackwell
+(compute capability 10.0+) with cuDNN 9.23+; elsewhere `make_recipe` refuses it with the reason.
 
 `fp8_autocast` wraps the forward pass only; TE runs the matching backward by itself. Token counts must
 be divisible by 16 (TE's FP8 GEMM constraint): `pad_to_multiple` pads a batch with padding segments.
@@ -34,7 +35,11 @@ class FP8UnsupportedError(RuntimeError):
 
 
 ATTENTION_RECIPES = ("delayed", "current")  # the recipes whose attention can run in FP8 too
-FP8_THD_ATTENTION_CUDNN = (9, 23, 0)  # TE's FP8 fused attention in the THD layout (ours) needs cuDNN 9.23+
+# TE's FP8 fused attention in the THD layout (ours): cuDNN 9.23+, and its backward only on compute
+# capability 10.0+ (Transformer Engine 2.20: "FP8 fused attention with THD format supports backward on sm100+
+# only"), so on Hopper it cannot train.
+FP8_THD_ATTENTION_CUDNN = (9, 23, 0)
+FP8_THD_ATTENTION_TRAINING_SM = (10, 0)
 
 
 def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "hybrid",
@@ -68,6 +73,12 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
     if fp8_attention:
         from transformer_engine.pytorch.utils import get_cudnn_version  # the cuDNN TE itself runs on
 
+        capability = torch.cuda.get_device_capability()
+        if capability < FP8_THD_ATTENTION_TRAINING_SM:
+            raise FP8UnsupportedError(
+                "FP8 attention in the THD layout trains only on compute capability 10.0 or later (Transformer "
+                f"Engine runs its backward on Blackwell only); {torch.cuda.get_device_name()} is "
+                f"{capability[0]}.{capability[1]}")
         cudnn = tuple(get_cudnn_version())
         if cudnn < FP8_THD_ATTENTION_CUDNN:
             raise FP8UnsupportedError("FP8 attention in the THD layout needs cuDNN >= 9.23; Transformer Engine "

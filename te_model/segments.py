@@ -13,11 +13,12 @@ That single rule feeds both backends: the torch layer turns it into a block-diag
 TE layer hands the same boundaries to its THD attention as `cu_seqlens`. The plan is computed once per
 model forward (`SegmentedLlamaModel`), not per layer, because `max_seqlen` needs one host sync.
 
-`max_seqlen` is the longest segment rounded up to a multiple of `MAX_SEQLEN_ALIGN` (64), as Transformer
-Engine rounds it when it computes the value itself. TE re-selects its attention backend and builds a new
-cuDNN graph for every distinct value it is handed; with packed rows the exact longest document differs
-from batch to batch, so exact values cost milliseconds of host time per layer, every step. Rounded, a
-4096-token row has at most 64 values, each built once.
+`max_seqlen` is the longest segment rounded up to a power of two (at least `MAX_SEQLEN_ALIGN`, 64, and
+never past the row length rounded up to 64; `bucket_max_seqlen`). Transformer Engine re-selects its
+attention backend in Python for every distinct value it is handed; with packed rows the exact longest
+document differs from batch to batch, so exact values would cost that selection nearly every step.
+Rounded, a 4096-token row has at most seven values, each selected once. (TE 2.20's cuDNN graph cache for
+THD keys on bucketed token and segment counts, not on `max_seqlen`.)
 
 The number of segments changes from batch to batch too, and TE compares it as well (it is the THD batch
 size): every new count re-runs TE's backend selection in Python, once per step with packed rows (seen
@@ -33,6 +34,13 @@ import torch
 
 
 MAX_SEQLEN_ALIGN = 64
+
+
+def bucket_max_seqlen(longest: int, row_length: int) -> int:
+    """The `max_seqlen` handed to TE: the next power of two at or above the longest segment (at least
+    `MAX_SEQLEN_ALIGN`), never past the row length rounded up to `MAX_SEQLEN_ALIGN`."""
+    bucket = max(MAX_SEQLEN_ALIGN, 1 << (longest - 1).bit_length())
+    return min(bucket, -(-row_length // MAX_SEQLEN_ALIGN) * MAX_SEQLEN_ALIGN)
 
 
 class MaskError(ValueError):
@@ -109,6 +117,6 @@ def plan_attention(
     return AttentionPlan(
         segment_ids=segment_ids,
         cu_seqlens=cu_seqlens,
-        max_seqlen=-(-int(lengths.max()) // MAX_SEQLEN_ALIGN) * MAX_SEQLEN_ALIGN,
+        max_seqlen=bucket_max_seqlen(int(lengths.max()), seqlen),
         one_segment_per_row=segments == batch,
     )

@@ -192,3 +192,17 @@ def test_host_breakdown_counts_only_what_runs_inside_the_named_operator(tmp_path
     assert "aten::exp" not in names and "outer_range" not in names
     outer = next(e for e in trace["traceEvents"] if e.get("name") == "outer_range" and e.get("ph") == "X")
     assert 0 < sum(row["self_us"] for row in rows) <= outer["dur"]
+
+
+def test_attention_host_cases_are_what_they_say_and_cpu_is_refused():
+    from bench import attention_host
+
+    cpu = torch.device("cpu")
+    packed = attention_host.case_plans("packed", "plan", 16, 1024, 20, 0, cpu)
+    assert len(packed) == 20 and len({attention_host.plan_key(p) for p in packed}) > 1  # batches differ
+    fixed = attention_host.case_plans("fixed", "row", 16, 1024, 5, 0, cpu)
+    assert {attention_host.plan_key(p) for p in fixed} == {attention_host.plan_key(packed[0])[:1] + (1024,)}
+    plain = attention_host.case_plans("plain", "plan", 4, 256, 3, 0, cpu)
+    assert all(p.one_segment_per_row and len(p.cu_seqlens) == 5 for p in plain)
+    with pytest.raises(SystemExit, match="needs Transformer Engine on CUDA"):
+        attention_host.main(["--calls", "2"])

@@ -62,3 +62,16 @@ def test_packing_on_te(tmp_path):
     assert packed["useful_tokens"] == padded["useful_tokens"] == result["run"]["document_tokens"]
     assert "BSHD" in padded["label"] and "THD" in packed["label"]
     assert result["packed_over_padded"] > 0
+
+
+def test_attention_host_times_every_case(tmp_path):
+    from bench import attention_host
+
+    out = tmp_path / "attention_host.json"
+    result = attention_host.main(["--shape", "tiny", "--seq", "256", "--rows", "2,4", "--calls", "4",
+                                  "--out", str(out)])
+    cases = json.loads(out.read_text())["cases"]
+    assert len(cases) == 2 * 5 == len(result["cases"])  # (packed, fixed) x (plan, row) + plain, per row count
+    for case in cases:
+        assert case["calls"] == 4 and all(ms > 0 for ms in case["fwd_ms"] + case["bwd_ms"]), case
+    assert all(c["distinct_keys"] == 1 for c in cases if c["kind"] != "packed")

@@ -128,6 +128,26 @@ def test_mxfp8_is_refused_on_hopper():
     print(f"\nmxfp8 on {torch.cuda.get_device_name()}: {info.value}")
 
 
+
+def test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it():
+    """`make_recipe` refuses FP8 attention below compute capability 10.0, and that refusal is TE's own
+    limit: handed the recipe anyway, TE finds no attention backend for the THD layout in training."""
+    if torch.cuda.get_device_capability()[0] >= 10:
+        pytest.skip("Blackwell: TE trains FP8 attention in the THD layout")
+    import transformer_engine.common.recipe as recipe
+    import transformer_engine.pytorch as te
+
+    with pytest.raises(te_model.FP8UnsupportedError, match="trains only on compute capability 10.0") as info:
+        te_model.fp8.make_recipe("delayed", fp8_attention=True)
+    print(f"\nFP8 attention on {torch.cuda.get_device_name()}: {info.value}")
+    config = llama_config("llama3", **GPU_SHAPES, num_hidden_layers=1)
+    model = te_model.build_model(config, backend="te", dtype=torch.bfloat16, device="cuda")
+    ids, kwargs, _ = layout_inputs("packed", config.vocab_size)
+    ids, kwargs = ids.cuda(), {k: v.cuda() for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match="No dot product attention backend"):
+        with te.autocast(enabled=True, recipe=recipe.DelayedScaling(fp8_dpa=True)):
+            model(input_ids=ids, labels=ids, **kwargs).loss.backward()
+
 # ---------------------------------------------------------------------------------------------------
 # 200-step training per recipe on the shipped text (bytes as tokens)
 

@@ -216,20 +216,25 @@ def test_training_loss_skips_logits_and_matches_hf(hf_and_te):
 
 
 def test_attention_plan_keeps_the_shapes_te_compares_few():
-    """Packed rows: the longest segment rounded up to 64 and the segment count padded to a power of two,
-    so TE sees few distinct values (one backend selection and cuDNN graph each) instead of new ones for
-    nearly every batch; segment boundaries stay exact."""
+    """Packed rows: the longest segment rounded up to a power of two (at least 64, at most the row) and
+    the segment count padded to a power of two, so TE sees few distinct values (one backend selection
+    each) instead of new ones for nearly every batch; segment boundaries stay exact."""
     from te_model.segments import plan_attention
 
     position_ids = torch.cat([torch.arange(70), torch.arange(30), torch.arange(28)])[None]  # 128 tokens
     plan = plan_attention(1, 128, position_ids=position_ids)
     assert plan.cu_seqlens.tolist() == [0, 70, 100, 128, 128]  # one empty segment: 4 segments in all
-    assert plan.max_seqlen == 128  # 70 rounded up to a multiple of 64
+    assert plan.max_seqlen == 128  # 70 rounded up to a power of two
     plain = plan_attention(2, 64)
     assert plain.max_seqlen == 64 and plain.one_segment_per_row
     seen = {plan_attention(1, 4096, position_ids=torch.cat([torch.arange(n), torch.arange(4096 - n)])[None]).max_seqlen
-            for n in range(2048, 4096, 7)}
-    assert seen <= set(range(2048, 4097, 64))  # 293 different longest documents, 33 values at most
+            for n in [*range(1, 4096, 7), 2048]}
+    assert seen == {2048, 4096}  # 294 different longest documents, from 2048 to 4095 tokens: two values
+    short = {plan_attention(1, 4096, position_ids=torch.arange(n).repeat(4096 // n + 1)[None, :4096]).max_seqlen
+             for n in range(1, 2049, 5)}
+    assert short == {64, 128, 256, 512, 1024, 2048}  # documents of 1 to 2046 tokens: six values
+    # a row that is not a power of two caps the bucket at its own length (rounded up to 64)
+    assert plan_attention(1, 960, position_ids=torch.cat([torch.arange(900), torch.arange(60)])[None]).max_seqlen == 960
     counts = set()
     for docs in range(5, 400, 3):  # 132 batches of 5 to 398 documents: 7 segment counts
         lengths = [8] * (docs - 1) + [4096 - 8 * (docs - 1)]

@@ -9,20 +9,23 @@
 #   bash bench/gpu/run.sh profile-attn        the same, bf16: one process with 16 rows, then 1 vs 2 DDP processes
 #                                             with TE's attention and with the torch backend's SDPA: what TE's
 #                                             attention costs the host, and where (--host-breakdown)
+#   bash bench/gpu/run.sh attention-host      bench/attention_host.py: host ms per TE attention call by rows and
+#                                             segment layout (why 16-row batches cost more host time)
 #   bash bench/gpu/run.sh profile-step [args] the same profiler on one GPU, one FP8 training step; default
 #                                             8B shapes (8 layers, 2 x 4096); e.g. 1B: --shape llama3.2-1b
 #                                             --layers 16 --seq 2048 --global-batch 8
 #   bash bench/gpu/run.sh matrix [args...]    bench/matrix.py with these arguments
 set -uo pipefail
-part=${1:?usage: run.sh smoke|scaling|profile|profile-attn|profile-step|matrix [args]}; shift
+part=${1:?usage: run.sh smoke|scaling|profile|profile-attn|attention-host|profile-step|matrix [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
 fi
 [ -f /tmp/site/env.sh ] && source /tmp/site/env.sh
-# A newer cuDNN than the host's (TE's FP8 attention in the THD layout needs 9.23+), staged as the pieces of
+# A newer cuDNN than the host's, staged as the pieces of
 # its wheel (split -b 52m) with the wheel's name in /tmp/cudnn-stage/wheel and its sha256 in .../sha256:
-# joined, checked and installed into /tmp/cudnn once, then put ahead of the host's on the library path.
+# joined, checked and installed into /tmp/cudnn once, then put ahead of the host's on the library path. Off
+# unless staged: on the H200 host, TE's layers ran slower on 9.28.1 than on the host's 9.14.0 (docs/performance.md).
 if [ -f /tmp/cudnn-stage/wheel ] && [ ! -f /tmp/cudnn/.ready ]; then
   whl=/tmp/cudnn-stage/$(cat /tmp/cudnn-stage/wheel)
   cat /tmp/cudnn-stage/piece-* > "$whl" && echo "$(cat /tmp/cudnn-stage/sha256)  $whl" | sha256sum -c --quiet \
@@ -30,7 +33,9 @@ if [ -f /tmp/cudnn-stage/wheel ] && [ ! -f /tmp/cudnn/.ready ]; then
     && touch /tmp/cudnn/.ready || { echo "cuDNN from /tmp/cudnn-stage did not install"; exit 1; }
   rm -f "$whl"
 fi
-[ -f /tmp/cudnn/.ready ] && export LD_LIBRARY_PATH=/tmp/cudnn/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# Transformer Engine loads cuDNN from $CUDNN_HOME before the system's; cuDNN loads its parts by name.
+[ -f /tmp/cudnn/.ready ] && export CUDNN_HOME=/tmp/cudnn/nvidia/cudnn \
+  LD_LIBRARY_PATH=/tmp/cudnn/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONUNBUFFERED=1
 quiet() { grep -v "it/s\]\|Warning\|warn(" ; }
 case $part in
@@ -40,6 +45,7 @@ case $part in
     python3 -c "import torch, transformers, transformer_engine as te, triton; from transformer_engine.pytorch.utils import get_cudnn_version as v; print('torch', torch.__version__, 'transformers', transformers.__version__, 'te', te.__version__, 'cudnn (TE)', v(), 'triton', triton.__version__)"
     python3 -m pytest tests/test_ce_kernel.py tests/test_bench_gpu.py "tests/test_gpu_te.py::test_fp8_attention_tracks_bf16_attention" \
       "tests/test_gpu_te.py::test_empty_segments_change_nothing" \
+      "tests/test_gpu_te.py::test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it" \
       -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | grep "FP8 attention\|passed\|failed\|Error" | tail -15 ;;
   scaling)
     python3 -m pytest tests/test_gpu_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error" ;;
@@ -59,6 +65,8 @@ case $part in
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend torch \
       --layouts 1,ddp --out $R/parallel-torch.json 2>&1 | quiet | tee $R/profile-torch.log \
       | grep -E "Self CPU time total|^layout|^1 |^ddp" ;;
+  attention-host)
+    python3 bench/attention_host.py --out $R/attention_host.json 2>&1 | quiet | tee $R/attention-host.log | tail -14 ;;
   profile-step)
     python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \
       --fp8 delayed --out $R/step.json "$@" 2>&1 | quiet | tee $R/profile-step.log | tail -40 ;;
