@@ -11,6 +11,8 @@ synchronisation of its own; each forward and backward call is timed on the host.
 - `packed`: a new batch of packed rows every call, as in training;
 - `fixed`: the first packed batch's plan every call (nothing changes between calls);
 - `plain`: one segment per row (no packing);
+- `padcount`: as `packed`, with `cu_seqlens` padded by empty segments up to `--pad-segments` (default
+  1024) whatever the batch holds, so TE sees one segment count;
 
 each with `max_seqlen` as the plan sets it (`plan`) and with the row length (`row`). Printed per case:
 median and 90th-percentile host ms per forward and backward call, the calls over 1 ms, and how many of
@@ -37,7 +39,7 @@ from bench import common, packing  # noqa: E402
 from pipeline.data import pack_documents  # noqa: E402
 from te_model.segments import AttentionPlan, plan_attention  # noqa: E402
 
-KINDS = ("packed", "fixed", "plain")
+KINDS = ("packed", "fixed", "plain", "padcount")
 MAX_SEQLEN = ("plan", "row")
 SLOW_MS = 1.0
 
@@ -49,6 +51,7 @@ def parse_args(argv):
     p.add_argument("--rows", default="16,32", help="rows per batch, comma-separated")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--max-seqlen", default=",".join(MAX_SEQLEN))
+    p.add_argument("--pad-segments", type=int, default=1024, help="segment count of the padcount case")
     p.add_argument("--calls", type=int, default=40, help="timed calls per case, after --warmup")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -64,7 +67,8 @@ def parse_args(argv):
     return args
 
 
-def case_plans(kind: str, max_seqlen: str, rows: int, seq: int, count: int, seed: int, device) -> list[AttentionPlan]:
+def case_plans(kind: str, max_seqlen: str, rows: int, seq: int, count: int, seed: int, device,
+               pad_segments: int = 1024) -> list[AttentionPlan]:
     """`count` attention plans for one case, built (and synchronised) before anything is timed."""
     if kind == "plain":
         plans = [plan_attention(rows, seq, device=device)] * count
@@ -77,9 +81,19 @@ def case_plans(kind: str, max_seqlen: str, rows: int, seq: int, count: int, seed
         if kind == "fixed":
             batches = [batches[0]] * count
         plans = [plan_attention(rows, seq, position_ids=b.to(device)) for b in batches[:count]]
+        if kind == "padcount":
+            plans = [_pad_count(p, pad_segments) for p in plans]
     if max_seqlen == "row":
         plans = [dataclasses.replace(p, max_seqlen=seq) for p in plans]
     return plans
+
+
+def _pad_count(plan: AttentionPlan, segments: int) -> AttentionPlan:
+    have = len(plan.cu_seqlens) - 1
+    if have > segments:
+        raise SystemExit(f"attention_host: a batch has {have} segments, more than --pad-segments {segments}")
+    cu = torch.cat([plan.cu_seqlens, plan.cu_seqlens[-1:].expand(segments - have)])
+    return dataclasses.replace(plan, cu_seqlens=cu)
 
 
 def plan_key(plan: AttentionPlan) -> tuple[int, int]:
@@ -143,7 +157,8 @@ def measure(args) -> dict:
     for rows in args.rows:
         for kind in args.kinds:
             for max_seqlen in (["plan"] if kind == "plain" else args.max_seqlen):
-                plans = case_plans(kind, max_seqlen, rows, args.seq, args.warmup + args.calls, args.seed, device)
+                plans = case_plans(kind, max_seqlen, rows, args.seq, args.warmup + args.calls, args.seed, device,
+                                   args.pad_segments)
                 print(f"[attention_host] {rows} rows, {kind}, max_seqlen {max_seqlen} ...", file=sys.stderr, flush=True)
                 row = run_case(attention, plans, rows, args.seq, config, args.warmup, device)
                 cases.append({"rows": rows, "kind": kind, "max_seqlen": max_seqlen, **row})

@@ -202,6 +202,9 @@ def test_attention_host_cases_are_what_they_say_and_cpu_is_refused():
     assert len(packed) == 20 and len({attention_host.plan_key(p) for p in packed}) > 1  # batches differ
     fixed = attention_host.case_plans("fixed", "row", 16, 1024, 5, 0, cpu)
     assert {attention_host.plan_key(p) for p in fixed} == {attention_host.plan_key(packed[0])[:1] + (1024,)}
+    padded = attention_host.case_plans("padcount", "plan", 16, 1024, 20, 0, cpu, pad_segments=1024)
+    assert {len(p.cu_seqlens) for p in padded} == {1025}
+    assert all(torch.equal(p.cu_seqlens[: len(q.cu_seqlens)], q.cu_seqlens) for p, q in zip(padded, packed))
     plain = attention_host.case_plans("plain", "plan", 4, 256, 3, 0, cpu)
     assert all(p.one_segment_per_row and len(p.cu_seqlens) == 5 for p in plain)
     with pytest.raises(SystemExit, match="needs Transformer Engine on CUDA"):

@@ -69,9 +69,9 @@ def test_attention_host_times_every_case(tmp_path):
 
     out = tmp_path / "attention_host.json"
     result = attention_host.main(["--shape", "tiny", "--seq", "256", "--rows", "2,4", "--calls", "4",
-                                  "--out", str(out)])
+                                  "--pad-segments", "512", "--out", str(out)])
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 2 * 5 == len(result["cases"])  # (packed, fixed) x (plan, row) + plain, per row count
+    assert len(cases) == 2 * 7 == len(result["cases"])  # per row count: (packed, fixed, padcount) x 2 + plain
     for case in cases:
         assert case["calls"] == 4 and all(ms > 0 for ms in case["fwd_ms"] + case["bwd_ms"]), case
-    assert all(c["distinct_keys"] == 1 for c in cases if c["kind"] != "packed")
+    assert all(c["distinct_keys"] == 1 for c in cases if c["kind"] in ("fixed", "plain"))
