@@ -6,6 +6,8 @@ processes joined by one `torch.distributed` group, so what it shows is the step 
 layout trains the same global batch from the same checkpoint and rows:
 
 - `1`: one process, the whole global batch in one micro-batch;
+- `1-half`: one process, half the global batch: the micro-batch each of two workers runs, so two workers
+  can be compared with two single GPUs doing the same work (`same micro`);
 - `ddp`: two processes, half the batch each, DistributedDataParallel;
 - `fsdp`: two processes, half each, FSDP2 (`train.parallelism: fsdp`);
 - `fsdp-keep`: the same with `train.fsdp_reshard_after_forward: false` (no all-gather in backward).
@@ -43,8 +45,10 @@ from bench import common, ray_overhead  # noqa: E402
 from pipeline import train as pipeline_train  # noqa: E402
 
 # name: (processes, train settings)
-LAYOUTS = {"1": (1, {"parallelism": "ddp"}), "ddp": (2, {"parallelism": "ddp"}), "fsdp": (2, {"parallelism": "fsdp"}),
-           "fsdp-keep": (2, {"parallelism": "fsdp", "fsdp_reshard_after_forward": False})}
+# name: (processes, each process's rows as a share of the global batch, train settings)
+LAYOUTS = {"1": (1, 1, {"parallelism": "ddp"}), "1-half": (1, 2, {"parallelism": "ddp"}),
+           "ddp": (2, 2, {"parallelism": "ddp"}), "fsdp": (2, 2, {"parallelism": "fsdp"}),
+           "fsdp-keep": (2, 2, {"parallelism": "fsdp", "fsdp_reshard_after_forward": False})}
 
 
 def parse_args(argv):
@@ -120,10 +124,17 @@ def host_breakdown(trace: dict, within: str, top: int = 15) -> list[dict]:
     return sorted(totals.values(), key=lambda r: -r["self_us"])[:top]
 
 
+def gpu_work(events) -> list:
+    """The profile's GPU events that are work (kernels, copies, fills), not the GPU-side ranges of user
+    annotations: DDP's `DistributedDataParallel.forward` range spans the whole forward pass."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
+
+
 def profile_summary(prof, steps: int) -> dict:
     """Kernel milliseconds per step (compute kernels, NCCL kernels; sums over streams, so they may overlap
     each other and the step), and the top operators by GPU and by CPU time, from one profile."""
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = gpu_work(prof.events())
     nccl = sum(e.time_range.elapsed_us() for e in kernels if "nccl" in e.name.lower())
     total = sum(e.time_range.elapsed_us() for e in kernels)
     events = prof.key_averages()
@@ -133,7 +144,8 @@ def profile_summary(prof, steps: int) -> dict:
             "top_cpu": events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60)}
 
 
-def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, args: Namespace, out: str) -> None:
+def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, args: Namespace, out: str,
+           tokens: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = args.device == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -159,7 +171,6 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
             breakdown = host_breakdown(json.loads(trace.read_text()), args.host_breakdown)
         metrics = [pipeline_train._train_step(w, progress)[0] for _ in range(args.steps)]
         if rank == 0:
-            tokens = args.global_batch * args.seq
             step_ms = [tokens / m["tokens_per_s"] * 1e3 for m in metrics]
             result = {"step_ms": statistics.median(step_ms), "step_ms_all": step_ms,
                       "losses": [m["loss"] for m in metrics], "gpu_mem_gb": metrics[-1]["gpu_mem_gb"],
@@ -171,9 +182,9 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
         dist.destroy_process_group()
 
 
-def job_config(args, workdir: Path, base_dir: Path, backend: str, world: int, settings: dict) -> dict:
+def job_config(args, workdir: Path, base_dir: Path, backend: str, world: int, rows: int, settings: dict) -> dict:
     """The bench job's config as a dict: this layout's workers, micro-batch and train settings."""
-    steps = Namespace(seed=args.seed, dtype=args.dtype, seq=args.seq, batch=args.global_batch // world,
+    steps = Namespace(seed=args.seed, dtype=args.dtype, seq=args.seq, batch=rows,
                       warmup=args.warmup + args.profile_steps, steps=args.steps, fp8=args.fp8)
     cfg = ray_overhead.job_dict(steps, workdir, base_dir, backend, args.device == "cuda")
     cfg["train"].update(workers=world, **settings)
@@ -194,25 +205,38 @@ def measure(args, workdir: Path) -> dict:
     base_dir, prepared = ray_overhead.write_inputs(inputs, workdir, torch.device("cpu"))
     layouts = {}
     for name in args.layouts:
-        world, settings = LAYOUTS[name]
+        world, share, settings = LAYOUTS[name]
         if args.device == "cuda" and torch.cuda.device_count() < world:
             layouts[name] = {"skipped": f"needs {world} GPUs, {torch.cuda.device_count()} visible"}
             continue
-        cfg = job_config(args, workdir, base_dir, backend, world, settings)
+        rows = args.global_batch // share
+        cfg = job_config(args, workdir, base_dir, backend, world, rows, settings)
         out = workdir / f"{name}.json"
-        print(f"[parallel_profile] {name}: {world} process(es), {settings} ...", file=sys.stderr, flush=True)
-        mp.spawn(worker, args=(world, cfg, prepared.train_uri, free_port(), args, str(out)), nprocs=world, join=True)
-        layouts[name] = json.loads(out.read_text())
-    tokens = args.global_batch * args.seq
-    one = layouts.get("1", {}).get("step_ms")
+        print(f"[parallel_profile] {name}: {world} process(es) x {rows} rows, {settings} ...", file=sys.stderr,
+              flush=True)
+        tokens = world * rows * args.seq
+        mp.spawn(worker, args=(world, cfg, prepared.train_uri, free_port(), args, str(out), tokens), nprocs=world,
+                 join=True)
+        layouts[name] = {**json.loads(out.read_text()), "tokens_per_step": tokens}
     for name, row in layouts.items():
         if "step_ms" in row:
-            row["tokens_per_s"] = tokens / row["step_ms"] * 1e3
-            row["scaling_efficiency"] = one / row["step_ms"] / LAYOUTS[name][0] if one else None
+            row["tokens_per_s"] = row["tokens_per_step"] / row["step_ms"] * 1e3
+    for name, row in layouts.items():
+        if "step_ms" in row:
+            world, share, _ = LAYOUTS[name]
+            row["scaling_efficiency"] = _efficiency(row, layouts.get("1"), world)
+            row["same_micro_efficiency"] = _efficiency(row, layouts.get("1-half"), world) if world == 2 else None
     run = {"shape": args.shape, "seq": args.seq, "global_batch": args.global_batch, "fp8": args.fp8,
            "backend": backend, "backend_reason": reason, "warmup": args.warmup,
            "profile_steps": args.profile_steps, "steps": args.steps, "host_breakdown": args.host_breakdown}
     return {"environment": common.environment(device), "run": run, "layouts": layouts}
+
+
+def _efficiency(row: dict, single: dict | None, world: int) -> float | None:
+    """Tokens/s of `row` over `world` single processes of the `single` layout."""
+    if not single or "tokens_per_s" not in single:
+        return None
+    return row["tokens_per_s"] / (world * single["tokens_per_s"])
 
 
 def print_table(result: dict) -> None:
@@ -229,13 +253,15 @@ def print_table(result: dict) -> None:
                 print(f"{per_step:8.2f} ms {item['calls'] // steps:6d} calls  {item['name'][:110]}")
     print(f"\n{result['environment']['device']}, {run['shape']}, global batch {run['global_batch']}x{run['seq']}, "
           f"fp8 {run['fp8']}, backend {run['backend']}: pipeline _train_step in bare processes")
-    print(f"{'layout':10s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'kernel ms':>9s} {'compute':>8s} "
-          f"{'NCCL':>6s} {'GiB':>6s}")
+    print(f"{'layout':10s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'same micro':>10s} {'kernel ms':>9s} "
+          f"{'compute':>8s} {'NCCL':>6s} {'GiB':>6s}")
     for name, row in result["layouts"].items():
         if "step_ms" not in row:
             print(f"{name:10s} {row.get('skipped')}")
             continue
-        print(f"{name:10s} {row['step_ms']:8.1f} {row['tokens_per_s']:10.0f} {common.fmt(row['scaling_efficiency'], '8.3f')} "
+        efficiency = common.fmt(row["scaling_efficiency"], ".3f")
+        same_micro = common.fmt(row["same_micro_efficiency"], ".3f")
+        print(f"{name:10s} {row['step_ms']:8.1f} {row['tokens_per_s']:10.0f} {efficiency:>8s} {same_micro:>10s} "
               f"{row['kernel_ms_per_step']:9.1f} {row['compute_ms_per_step']:8.1f} {row['nccl_ms_per_step']:6.1f} "
               f"{row['gpu_mem_gb']:6.1f}")
 

@@ -209,3 +209,15 @@ def test_attention_host_cases_are_what_they_say_and_cpu_is_refused():
     assert all(p.one_segment_per_row and len(p.cu_seqlens) == 5 for p in plain)
     with pytest.raises(SystemExit, match="needs Transformer Engine on CUDA"):
         attention_host.main(["--calls", "2"])
+
+
+def test_gpu_work_leaves_out_annotation_ranges():
+    from types import SimpleNamespace
+
+    from bench.parallel_profile import gpu_work
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    kernel = SimpleNamespace(name="nvjet_gemm", device_type=cuda, is_user_annotation=False)
+    annotation = SimpleNamespace(name="DistributedDataParallel.forward", device_type=cuda, is_user_annotation=True)
+    host_op = SimpleNamespace(name="aten::mm", device_type=cpu, is_user_annotation=False)
+    assert gpu_work([kernel, annotation, host_op]) == [kernel]

@@ -5,9 +5,10 @@
 # $OUT/results-<part>.tgz at the end when $OUT is set.
 #   bash bench/gpu/run.sh smoke               GPU tests of the loss kernels, FP8 attention and the bench scripts
 #   bash bench/gpu/run.sh scaling             tests/test_gpu_scaling.py (two GPUs)
-#   bash bench/gpu/run.sh profile             bench/parallel_profile.py, 1 vs 2 DDP vs 2 FSDP2 processes
-#   bash bench/gpu/run.sh profile-attn        the same, bf16: one process with 16 rows, then 1 vs 2 DDP processes
-#                                             with TE's attention and with the torch backend's SDPA: what TE's
+#   bash bench/gpu/run.sh profile             bench/parallel_profile.py, 1 process (whole and half batch) vs 2 DDP
+#                                             vs 2 FSDP2 processes, FP8
+#   bash bench/gpu/run.sh profile-attn        the same in bf16, 1 (whole and half batch) vs 2 DDP processes, with
+#                                             TE's attention and with the torch backend's SDPA: what TE's
 #                                             attention costs the host, and where (--host-breakdown)
 #   bash bench/gpu/run.sh attention-host      bench/attention_host.py: host ms per TE attention call by rows and
 #                                             segment layout (why 16-row batches cost more host time)
@@ -53,18 +54,14 @@ case $part in
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed \
       --out $R/parallel.json 2>&1 | quiet | tee $R/profile.log | tail -60 ;;
   profile-attn)
-    # one process with 16 rows (a rank's share of the DDP batch, without a second process), then 1 vs 2 DDP
-    # processes, with TE's attention (and where its host time goes, per Python and CUDA call) and with the
-    # torch backend's SDPA
-    python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 16 --fp8 none --backend te \
-      --layouts 1 --host-breakdown FusedAttnFunc --out $R/parallel-te-16rows.json 2>&1 | quiet \
-      | tee $R/profile-te-16rows.log | grep -E "host time inside|^ +[0-9.]+ ms|Self CPU time total|^layout|^1 "
+    # bf16: one process with the whole batch, one with half (what each DDP worker runs), two DDP processes;
+    # with TE's attention (and where its host time goes) and with the torch backend's SDPA
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend te \
-      --layouts 1,ddp --host-breakdown FusedAttnFunc --out $R/parallel-te.json 2>&1 | quiet | tee $R/profile-te.log \
-      | grep -E "host time inside|^ +[0-9.]+ ms|Self CPU time total|^layout|^1 |^ddp"
+      --layouts 1,1-half,ddp --host-breakdown FusedAttnFunc --out $R/parallel-te.json 2>&1 | quiet \
+      | tee $R/profile-te.log | grep -E "host time inside|fused_attn_(fwd|bwd) of|^layout|^1 |^1-half|^ddp" | cut -c1-100
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend torch \
-      --layouts 1,ddp --out $R/parallel-torch.json 2>&1 | quiet | tee $R/profile-torch.log \
-      | grep -E "Self CPU time total|^layout|^1 |^ddp" ;;
+      --layouts 1,1-half,ddp --out $R/parallel-torch.json 2>&1 | quiet | tee $R/profile-torch.log \
+      | grep -E "^layout|^1 |^1-half|^ddp" ;;
   attention-host)
     python3 bench/attention_host.py --out $R/attention_host.json 2>&1 | quiet | tee $R/attention-host.log | tail -14 ;;
   profile-step)
