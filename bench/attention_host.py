@@ -170,10 +170,10 @@ def print_table(result: dict) -> None:
     run = result["run"]
     print(f"\n{result['environment']['device']}, {run['shape']} attention, rows x {run['seq']} tokens, "
           f"{run['calls']} timed calls a case: host ms per TE attention call")
-    print(f"{'rows':>4s} {'kind':6s} {'max_seqlen':10s} {'fwd med':>7s} {'fwd p90':>7s} {'bwd med':>7s} "
+    print(f"{'rows':>4s} {'kind':8s} {'max_seqlen':10s} {'fwd med':>7s} {'fwd p90':>7s} {'bwd med':>7s} "
           f"{'bwd p90':>7s} {'>1ms':>5s} {'new':>4s} {'keys':>4s}  segments")
     for c in result["cases"]:
-        print(f"{c['rows']:4d} {c['kind']:6s} {c['max_seqlen']:10s} {c['fwd_ms_median']:7.2f} {c['fwd_ms_p90']:7.2f} "
+        print(f"{c['rows']:4d} {c['kind']:8s} {c['max_seqlen']:10s} {c['fwd_ms_median']:7.2f} {c['fwd_ms_p90']:7.2f} "
               f"{c['bwd_ms_median']:7.2f} {c['bwd_ms_p90']:7.2f} {c['slow_calls']:5d} {c['slow_calls_new_key']:4d} "
               f"{c['distinct_keys']:4d}  {','.join(map(str, c['segments']))}")
 
