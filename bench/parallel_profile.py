@@ -217,13 +217,11 @@ def measure(args, workdir: Path) -> dict:
         tokens = world * rows * args.seq
         mp.spawn(worker, args=(world, cfg, prepared.train_uri, free_port(), args, str(out), tokens), nprocs=world,
                  join=True)
-        layouts[name] = {**json.loads(out.read_text()), "tokens_per_step": tokens}
+        row = json.loads(out.read_text())
+        layouts[name] = {**row, "tokens_per_step": tokens, "tokens_per_s": tokens / row["step_ms"] * 1e3}
     for name, row in layouts.items():
         if "step_ms" in row:
-            row["tokens_per_s"] = row["tokens_per_step"] / row["step_ms"] * 1e3
-    for name, row in layouts.items():
-        if "step_ms" in row:
-            world, share, _ = LAYOUTS[name]
+            world = LAYOUTS[name][0]
             row["scaling_efficiency"] = _efficiency(row, layouts.get("1"), world)
             row["same_micro_efficiency"] = _efficiency(row, layouts.get("1-half"), world) if world == 2 else None
     run = {"shape": args.shape, "seq": args.seq, "global_batch": args.global_batch, "fp8": args.fp8,

@@ -131,7 +131,8 @@ def test_mxfp8_is_refused_on_hopper():
 
 def test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it():
     """`make_recipe` refuses FP8 attention below compute capability 10.0, and that refusal is TE's own
-    limit: handed the recipe anyway, TE finds no attention backend for the THD layout in training."""
+    limit: handed the recipe anyway, TE finds no attention backend for the THD layout in training. (Below
+    cuDNN 9.23 TE also refuses for that reason; `NVTE_DEBUG=1` tells the two apart.)"""
     if torch.cuda.get_device_capability()[0] >= 10:
         pytest.skip("Blackwell: TE trains FP8 attention in the THD layout")
     import transformer_engine.common.recipe as recipe
