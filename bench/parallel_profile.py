@@ -16,7 +16,9 @@ After `--warmup` steps, rank 0 records `--profile-steps` steps with torch.profil
 `--steps` more. Printed per layout: the median step time, tokens/s, scaling efficiency against one
 process, and from the profile the GPU time per step split into compute kernels and NCCL kernels, and
 the top operators by GPU and by CPU time. Kernel times are summed over streams: NCCL kernels that
-overlap compute count in both the sum and the step.
+overlap compute count in both the sum and the step. On a GPU, also when in each profiled step the GPU
+had no compute kernel to run, and what the host was doing then (`bench/trace_gaps.py`): the `idle`
+column is the profiled step's time without compute kernels (NCCL-only time included).
 
     python bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed
     python bench/parallel_profile.py --shape tiny --device cpu --dtype fp32 --seq 64 --global-batch 4
@@ -25,6 +27,7 @@ overlap compute count in both the sum and the step.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import socket
@@ -41,7 +44,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
-from bench import common, ray_overhead  # noqa: E402
+from bench import common, ray_overhead, trace_gaps  # noqa: E402
 from pipeline import train as pipeline_train  # noqa: E402
 
 # name: (processes, train settings)
@@ -68,6 +71,7 @@ def parse_args(argv):
     p.add_argument("--host-breakdown", metavar="OP",
                    help="also record Python calls (with_stack) and print where host time goes inside operators "
                         "whose name contains OP, e.g. FusedAttnFunc (the tracer itself adds host time)")
+    p.add_argument("--trace-dir", help="also keep rank 0's profile of each layout here (gzipped Chrome trace)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES))
     p.add_argument("--seed", type=int, default=0)
@@ -88,7 +92,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-HOST_EVENT_KINDS = ("cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver")
+HOST_EVENT_KINDS = trace_gaps.HOST_KINDS
+STEP_RANGE = "bench.step"  # each profiled step, for the GPU-idle analysis (bench/trace_gaps.py)
 
 
 def host_breakdown(trace: dict, within: str, top: int = 15) -> list[dict]:
@@ -163,12 +168,21 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities, with_stack=bool(args.host_breakdown)) as prof:
             for _ in range(args.profile_steps):
-                pipeline_train._train_step(w, progress)
-        breakdown = None
-        if args.host_breakdown and rank == 0:
-            trace = Path(out).with_suffix(".trace.json")
-            prof.export_chrome_trace(str(trace))
-            breakdown = host_breakdown(json.loads(trace.read_text()), args.host_breakdown)
+                with torch.profiler.record_function(STEP_RANGE):
+                    pipeline_train._train_step(w, progress)
+        breakdown = gaps = None
+        if rank == 0:
+            trace_path = Path(out).with_suffix(".trace.json")
+            prof.export_chrome_trace(str(trace_path))
+            trace = json.loads(trace_path.read_text())
+            if args.host_breakdown:
+                breakdown = host_breakdown(trace, args.host_breakdown)
+            if cuda:
+                gaps = trace_gaps.analyse(trace, STEP_RANGE)
+            if args.trace_dir:
+                keep = Path(args.trace_dir) / f"{Path(out).stem}.trace.json.gz"
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                keep.write_bytes(gzip.compress(trace_path.read_bytes()))
         metrics = [pipeline_train._train_step(w, progress)[0] for _ in range(args.steps)]
         if rank == 0:
             step_ms = [tokens / m["tokens_per_s"] * 1e3 for m in metrics]
@@ -177,6 +191,8 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
                       **profile_summary(prof, args.profile_steps)}
             if breakdown is not None:
                 result["host_breakdown"] = breakdown
+            if gaps is not None:
+                result["gaps"] = gaps
             Path(out).write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -243,6 +259,8 @@ def print_table(result: dict) -> None:
         if "top_gpu" in row:
             print(f"\n--- {name}: top operators by GPU time ({run['profile_steps']} steps, rank 0)\n{row['top_gpu']}")
             print(f"--- {name}: top operators by CPU time\n{row['top_cpu']}")
+        if "gaps" in row:
+            print(trace_gaps.format_report(name, row["gaps"]))
         if "host_breakdown" in row:
             steps = run["profile_steps"]
             print(f"--- {name}: host time inside {run['host_breakdown']}, self, per profiled step (rank 0)")
@@ -252,16 +270,18 @@ def print_table(result: dict) -> None:
     print(f"\n{result['environment']['device']}, {run['shape']}, global batch {run['global_batch']}x{run['seq']}, "
           f"fp8 {run['fp8']}, backend {run['backend']}: pipeline _train_step in bare processes")
     print(f"{'layout':10s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'same micro':>10s} {'kernel ms':>9s} "
-          f"{'compute':>8s} {'NCCL':>6s} {'GiB':>6s}")
+          f"{'compute':>8s} {'NCCL':>6s} {'idle':>6s} {'GiB':>6s}")
     for name, row in result["layouts"].items():
         if "step_ms" not in row:
             print(f"{name:10s} {row.get('skipped')}")
             continue
+        gaps = row.get("gaps", {}).get("per_step_ms")
+        idle = gaps["step"] - gaps["compute"] if gaps else None
         efficiency = common.fmt(row["scaling_efficiency"], ".3f")
         same_micro = common.fmt(row["same_micro_efficiency"], ".3f")
         print(f"{name:10s} {row['step_ms']:8.1f} {row['tokens_per_s']:10.0f} {efficiency:>8s} {same_micro:>10s} "
               f"{row['kernel_ms_per_step']:9.1f} {row['compute_ms_per_step']:8.1f} {row['nccl_ms_per_step']:6.1f} "
-              f"{row['gpu_mem_gb']:6.1f}")
+              f"{common.fmt(idle, '.1f'):>6s} {row['gpu_mem_gb']:6.1f}")
 
 
 def main(argv=None) -> dict:

@@ -59,6 +59,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function as phase  # a step's phases, as named ranges in profiles
 import te_model
 from pipeline import checkpoint as ckpt
 from pipeline import checkpoint_commit as commit
@@ -376,14 +377,17 @@ def _accumulate_gradients(w: _Worker, progress: Progress, hooks: faults.Hooks) -
     group = dist.group.WORLD if dist.is_initialized() else None
     loss_sum, tokens = torch.zeros((), device=w.device), 0
     for micro in range(accum):
-        batch = {k: v.to(w.device) for k, v in w.shard.batch(progress.epoch, progress.offset).items()}
+        with phase("train.batch"):
+            batch = {k: v.to(w.device) for k, v in w.shard.batch(progress.epoch, progress.offset).items()}
         progress.epoch, progress.offset = w.shard.next_position(progress.epoch, progress.offset)
         tokens += batch["input_ids"].numel()
         with parallel.gradient_sync(w.ddp_model, enabled=micro == accum - 1):
-            with te_model.fp8_autocast(recipe, amax_history_len=train.fp8_amax_history_len,
-                                       fp8_attention=train.fp8_attention, group=group):
+            with phase("train.forward"), te_model.fp8_autocast(
+                    recipe, amax_history_len=train.fp8_amax_history_len, fp8_attention=train.fp8_attention,
+                    group=group):
                 loss = hooks.poisoned(w.ddp_model(**batch).loss, w.rank, progress.step + 1)
-            (loss / accum).backward()  # outside the FP8 autocast: TE runs the matching backward itself
+            with phase("train.backward"):
+                (loss / accum).backward()  # outside the FP8 autocast: TE runs the matching backward itself
         loss_sum += loss.detach()
     return loss_sum / accum, tokens
 
@@ -394,16 +398,19 @@ def _train_step(w: _Worker, progress: Progress,
     non-finite on some rank: then every rank dropped the gradients and only the data position moved."""
     started = time.perf_counter()
     loss, tokens = _accumulate_gradients(w, progress, hooks)
-    grad_norm = parallel.full_tensor(
-        torch.nn.utils.clip_grad_norm_(w.model.parameters(), w.cfg.train.max_grad_norm or math.inf))
-    agreed = faults.agree(loss, grad_norm, w.rank, w.world)
+    with phase("train.clip"):
+        grad_norm = parallel.full_tensor(
+            torch.nn.utils.clip_grad_norm_(w.model.parameters(), w.cfg.train.max_grad_norm or math.inf))
+    with phase("train.agree"):
+        agreed = faults.agree(loss, grad_norm, w.rank, w.world)
     if agreed.nonfinite:
         w.optimizer.zero_grad(set_to_none=True)
         return None, agreed
     lr = w.scheduler.get_last_lr()[0]
-    w.optimizer.step()
-    w.scheduler.step()
-    w.optimizer.zero_grad(set_to_none=True)
+    with phase("train.optimizer"):
+        w.optimizer.step()
+        w.scheduler.step()
+        w.optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - started
     global_tokens = tokens * w.world
     progress.step += 1

@@ -221,3 +221,35 @@ def test_gpu_work_leaves_out_annotation_ranges():
     annotation = SimpleNamespace(name="DistributedDataParallel.forward", device_type=cuda, is_user_annotation=True)
     host_op = SimpleNamespace(name="aten::mm", device_type=cpu, is_user_annotation=False)
     assert gpu_work([kernel, annotation, host_op]) == [kernel]
+
+
+def test_trace_gaps_splits_a_step_into_compute_nccl_and_idle_and_names_what_the_host_did():
+    from bench import trace_gaps
+
+    def x(cat, name, ts, dur, pid=1, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid, "args": args}
+
+    host = [x("user_annotation", "bench.step", 0, 1000), x("user_annotation", "train.batch", 0, 100),
+            x("user_annotation", "train.forward", 100, 500),
+            x("cpu_op", "aten::copy_", 10, 50), x("cpu_op", "aten::nonzero", 110, 40),
+            x("cuda_runtime", "cudaStreamSynchronize", 120, 30),
+            x("cpu_op", "_Linear", 200, 100), x("cuda_runtime", "cudaLaunchKernel", 210, 5, correlation=1),
+            x("cpu_op", "_Linear", 300, 10), x("cuda_runtime", "cudaLaunchKernel", 301, 4, correlation=2),
+            x("cpu_op", "_Linear", 315, 15), x("cuda_runtime", "cudaLaunchKernel", 320, 5, correlation=3),
+            x("cpu_op", "aten::add", 150, 10, tid=2)]  # another thread's operator: not the launching one
+    gpu = [x("kernel", "gemm", 220, 280, pid=0, tid=7, correlation=1),
+           x("kernel", "gemm", 505, 395, pid=0, tid=7, correlation=2),  # 5 us after the last: GPU scheduling
+           x("kernel", "ncclDevKernel_AllReduce", 920, 20, pid=0, tid=20, correlation=9),
+           x("kernel", "gemm", 950, 30, pid=0, tid=7, correlation=3)]  # queued at 320, starts after a gap
+    result = trace_gaps.analyse({"traceEvents": host + gpu}, "bench.step")
+    ms = {k: round(v * 1e3, 6) for k, v in result["per_step_ms"].items()}  # back to microseconds
+    assert ms == {"step": 1000, "compute": 705, "nccl_only": 20, "idle": 275, "starved": 240, "queued": 50,
+                  "short": 5}
+    idle = {(r["phase"], r["host"]): round(r["ms"] * 1e3, 6) for r in result["idle"]}
+    assert idle == {("train.batch", "aten::copy_"): 50, ("train.batch", "(python)"): 50,
+                    ("train.forward", "aten::nonzero"): 40, ("train.forward", "(python)"): 60,
+                    ("train.forward", "_Linear"): 20, ("-", f"{trace_gaps.QUEUED} _Linear"): 50,
+                    ("-", "(python)"): 20}
+    assert [(r["phase"], r["op"], r["calls"], round(r["ms"] * 1e3, 6)) for r in result["syncs"]] == [
+        ("train.forward", "aten::nonzero", 1, 30)]
+    assert "starved by the host 0.2" in trace_gaps.format_report("ddp", result)

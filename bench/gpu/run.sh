@@ -5,8 +5,8 @@
 # $OUT/results-<part>.tgz at the end when $OUT is set.
 #   bash bench/gpu/run.sh smoke               GPU tests of the loss kernels, FP8 attention and the bench scripts
 #   bash bench/gpu/run.sh scaling             tests/test_gpu_scaling.py (two GPUs)
-#   bash bench/gpu/run.sh profile             bench/parallel_profile.py, 1 process (whole and half batch) vs 2 DDP
-#                                             vs 2 FSDP2 processes, FP8
+#   bash bench/gpu/run.sh profile [args]      bench/parallel_profile.py, 1 process (whole and half batch) vs 2 DDP
+#                                             vs 2 FSDP2 processes, FP8; then bf16, half batch vs DDP
 #   bash bench/gpu/run.sh profile-attn        the same in bf16, 1 (whole and half batch) vs 2 DDP processes, with
 #                                             TE's attention and with the torch backend's SDPA: what TE's
 #                                             attention costs the host, and where (--host-breakdown)
@@ -51,8 +51,14 @@ case $part in
   scaling)
     python3 -m pytest tests/test_gpu_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error" ;;
   profile)
+    # FP8 (all layouts, or those given with --layouts), then bf16 for the half batch and DDP; each with when
+    # the GPU sat idle and what the host did meanwhile; FP8's rank-0 traces kept (gzipped) in $R/traces
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed \
-      --out $R/parallel.json 2>&1 | quiet | tee $R/profile.log | tail -60 ;;
+      --trace-dir $R/traces --out $R/parallel.json "$@" 2>&1 | quiet | tee $R/profile.log \
+      | sed -n '/GPU time per step/,/^ *$/p;/^layout/,$p' | grep -v "^ *$" | cut -c1-120
+    python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend te \
+      --layouts 1-half,ddp --out $R/parallel-bf16.json 2>&1 | quiet | tee $R/profile-bf16.log \
+      | sed -n '/GPU time per step/,/^ *$/p;/^layout/,$p' | grep -v "^ *$" | cut -c1-120 ;;
   profile-attn)
     # bf16: one process with the whole batch, one with half (what each DDP worker runs), two DDP processes;
     # with TE's attention (and where its host time goes) and with the torch backend's SDPA
