@@ -1,7 +1,7 @@
 """Where a data-parallel step's time goes: 1 worker against 2 DDP and 2 FSDP2 workers, bare processes.
 
 The scaling test (`tests/test_gpu_scaling.py`) measures tokens/s through Ray Train; this runs the same
-pipeline step (`pipeline.train.build_worker` and `_train_step`, as the Ray workers do) in plain
+pipeline step (`pipeline.train.build_worker` and `Steps`, as the Ray workers do) in plain
 processes joined by one `torch.distributed` group, so what it shows is the step itself, not Ray. Each
 layout trains the same global batch from the same checkpoint and rows:
 
@@ -162,14 +162,14 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
         from pipeline.config import Config
 
         w = pipeline_train.build_worker(Config.from_dict(cfg_dict), train_uri, rank, world, device)
-        progress = pipeline_train.Progress()
+        progress, steps = pipeline_train.Progress(), pipeline_train.Steps(w)
         for _ in range(args.warmup):
-            pipeline_train._train_step(w, progress)
+            steps.next(progress)
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities, with_stack=bool(args.host_breakdown)) as prof:
             for _ in range(args.profile_steps):
                 with torch.profiler.record_function(STEP_RANGE):
-                    pipeline_train._train_step(w, progress)
+                    steps.next(progress)
         breakdown = gaps = None
         if rank == 0:
             trace_path = Path(out).with_suffix(".trace.json")
@@ -183,7 +183,7 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
                 keep = Path(args.trace_dir) / f"{Path(out).stem}.trace.json.gz"
                 keep.parent.mkdir(parents=True, exist_ok=True)
                 keep.write_bytes(gzip.compress(trace_path.read_bytes()))
-        metrics = [pipeline_train._train_step(w, progress)[0] for _ in range(args.steps)]
+        metrics = [steps.next(progress)[0] for _ in range(args.steps)]
         if rank == 0:
             step_ms = [tokens / m["tokens_per_s"] * 1e3 for m in metrics]
             result = {"step_ms": statistics.median(step_ms), "step_ms_all": step_ms,
@@ -268,7 +268,7 @@ def print_table(result: dict) -> None:
                 per_step = item["self_us"] / 1e3 / steps
                 print(f"{per_step:8.2f} ms {item['calls'] // steps:6d} calls  {item['name'][:110]}")
     print(f"\n{result['environment']['device']}, {run['shape']}, global batch {run['global_batch']}x{run['seq']}, "
-          f"fp8 {run['fp8']}, backend {run['backend']}: pipeline _train_step in bare processes")
+          f"fp8 {run['fp8']}, backend {run['backend']}: pipeline Steps in bare processes")
     print(f"{'layout':10s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'same micro':>10s} {'kernel ms':>9s} "
           f"{'compute':>8s} {'NCCL':>6s} {'idle':>6s} {'GiB':>6s}")
     for name, row in result["layouts"].items():

@@ -1,6 +1,6 @@
 """What Ray Train costs per step: the pipeline's training step in a bare process and inside the real job.
 
-Both sides run `pipeline.train._train_step`, the step the job runs, on the same random HF checkpoint
+Both sides run `pipeline.train.Steps`, the steps the job runs, on the same random HF checkpoint
 (loaded by `te_model.from_hf_checkpoint`, as the job loads its base model) and the same packed rows
 (the pipeline's parquet layout, packed by `pipeline.data.pack_documents`):
 
@@ -9,8 +9,9 @@ Both sides run `pipeline.train._train_step`, the step the job runs, on the same 
 - ray: `pipeline.train.train` itself, i.e. a one-worker `TorchTrainer` running `train_loop_per_worker`,
   with a metric row every step and a checkpoint only at the end.
 
-The step time on both sides is the step's own measure: `_train_step` reports tokens / (wall time of the
-step, which ends in the host sync that reads the loss), so a step took tokens / tokens_per_s. One worker
+The step time on both sides is the step's own measure: `Steps.next` reports tokens / (wall time from the
+previous step's outcome to this one's, read in the host sync on its flags), so a step took tokens /
+tokens_per_s. One worker
 is never wrapped in DDP by Ray, so the two sides run the same module. The first `--warmup` steps of each
 side are left out; the ratio is Ray's median step over the bare median step.
 
@@ -97,8 +98,8 @@ def write_inputs(args, workdir: Path, device) -> tuple[Path, PreparedData]:
 
 def bare_metrics(cfg: Config, train_uri: str, device: torch.device) -> list[dict]:
     worker = pipeline_train.build_worker(cfg, train_uri, device=device)  # what a Ray worker builds, minus Ray
-    progress = pipeline_train.Progress()
-    metrics = [pipeline_train._train_step(worker, progress)[0] for _ in range(cfg.train.max_steps)]
+    progress, steps = pipeline_train.Progress(), pipeline_train.Steps(worker)
+    metrics = [steps.next(progress)[0] for _ in range(cfg.train.max_steps)]
     del worker
     common.free_memory()
     return metrics
@@ -117,7 +118,7 @@ def ensure_ray(use_gpu: bool) -> bool:
 
 
 def step_times_ms(metrics: list[dict], tokens: int, warmup: int) -> list[float]:
-    """Per-step milliseconds from `_train_step`'s tokens_per_s, warm-up steps left out."""
+    """Per-step milliseconds from the steps' tokens_per_s, warm-up steps left out."""
     timed = [m for m in metrics if m["step"] > warmup]
     return [tokens / m["tokens_per_s"] * 1e3 for m in timed]
 
@@ -159,7 +160,7 @@ def measure(args, device, workdir: Path) -> dict:
 def print_table(result: dict) -> None:
     run = result["run"]
     print(f"\n{result['environment']['device']}, {run['shape']} ({run['layers']} layers), {run['batch']}x{run['seq']}"
-          f" tokens, fp8 {run['fp8']}, backend {run['backend']}: pipeline _train_step, median of {run['steps']}")
+          f" tokens, fp8 {run['fp8']}, backend {run['backend']}: pipeline Steps, median of {run['steps']}")
     print(f"{'side':32s} {'ms/step median':>14s} {'mean':>8s} {'min':>8s}")
     for side, name in (("bare", "bare process"), ("ray", "Ray TorchTrainer, 1 worker")):
         r = result[side]

@@ -8,7 +8,7 @@ What this module decides:
   actor, and Python takes signal handlers on the main thread alone, so the handler is installed by a call
   to the worker actor itself (its methods run on the main thread). Outside training the handler passes
   SIGTERM on to the one it replaced, so Ray can still stop its worker.
-- All ranks decide together, with one small all-reduce per step (`agree`): the mean loss, which ranks saw
+- All ranks decide together, with one small all-reduce per step (`agreement_flags`): the mean loss, which ranks saw
   a non-finite loss or gradient norm, and which ranks got SIGTERM. A checkpoint is a collective, so a
   SIGTERM on any rank makes every rank checkpoint that step, wait until rank 0 has uploaded and
   committed it, and then fail together (Ray restarts them).
@@ -104,6 +104,7 @@ class StepAgreement:
     """What every rank knows after the step's all-reduce; identical on all ranks."""
 
     loss: float  # mean over ranks of each rank's mean token loss
+    grad_norm: float  # before clipping
     nonfinite_loss_ranks: tuple[int, ...]
     nonfinite_grad_ranks: tuple[int, ...]
     sigterm_ranks: tuple[int, ...]
@@ -122,20 +123,36 @@ def _ranks(ranks: tuple[int, ...]) -> str:
     return ",".join(str(r) for r in ranks)
 
 
-def agree(loss: torch.Tensor, grad_norm: torch.Tensor, rank: int, world: int) -> StepAgreement:
-    """One SUM all-reduce of [loss, then per rank: 1 non-finite loss + 2 non-finite grad norm, SIGTERM]."""
-    flags = torch.zeros(1 + 2 * world, dtype=loss.dtype, device=loss.device)
+def agreement_flags(loss: torch.Tensor, grad_norm: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This step's flags, summed over ranks by an all-reduce the host does not wait for: [loss, gradient
+    norm, then per rank: 1 non-finite loss + 2 non-finite gradient norm, then per rank: SIGTERM]. Built
+    from device values on the device, so nothing here reads the step's results on the host."""
+    flags = torch.zeros(2 + 2 * world, dtype=torch.float32, device=loss.device)
     flags[0] = loss
-    flags[1 + rank] = float(not torch.isfinite(loss)) + 2.0 * float(not torch.isfinite(grad_norm))
-    flags[1 + world + rank] = float(_sigterm.is_set())
+    flags[1] = grad_norm
+    flags[2 + rank] = (~torch.isfinite(loss)).float() + 2.0 * (~torch.isfinite(grad_norm)).float()
+    flags[2 + world + rank] = float(_sigterm.is_set())
     if world > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.SUM)  # gloo has no AVG
-    codes = [int(c) for c in flags[1 : 1 + world].tolist()]
+    return flags
+
+
+def found_nonfinite(flags: torch.Tensor, world: int) -> torch.Tensor:
+    """1.0 on the device when any rank's loss or gradient norm was non-finite, else 0.0: what a fused
+    optimizer takes as `found_inf` to skip its update without the host reading anything."""
+    return (flags[2 : 2 + world] != 0).any().float()
+
+
+def read_agreement(flags: torch.Tensor, world: int) -> StepAgreement:
+    """The flags on the host: here the host waits for the step that made them."""
+    values = flags.tolist()
+    codes = [int(c) for c in values[2 : 2 + world]]
     return StepAgreement(
-        loss=float(flags[0] / world) if world > 1 else float(flags[0]),
+        loss=values[0] / world,
+        grad_norm=values[1] / world,  # every rank computed the same norm
         nonfinite_loss_ranks=tuple(r for r, c in enumerate(codes) if c & 1),
         nonfinite_grad_ranks=tuple(r for r, c in enumerate(codes) if c & 2),
-        sigterm_ranks=tuple(r for r, c in enumerate(flags[1 + world :].tolist()) if c),
+        sigterm_ranks=tuple(r for r, c in enumerate(values[2 + world :]) if c),
     )
 
 

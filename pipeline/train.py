@@ -24,6 +24,8 @@ What this module decides:
 - Optimizer: AdamW (betas 0.9/0.95, weight decay on 2-D weights only), linear warmup over
   `train.warmup_steps`, cosine decay to `min_lr_ratio * lr` at `train.max_steps`; gradients accumulate
   over `train.grad_accum_steps` micro-batches (DDP syncs only on the last) and are clipped to `max_grad_norm`.
+- The host runs one step ahead of the device (`Steps`): it queues the next step's forward and backward
+  passes before it reads this step's outcome, and waits on the device once per step, for that outcome.
 - Metrics of every `train.log_every`-th step: loss (mean over ranks of each rank's mean token loss), lr,
   grad_norm (before clipping), tokens_per_s (all ranks, padding included), mfu (against the GPU's dense
   bf16 peak; 0.0 where no peak is known, e.g. on CPU), gpu_mem_gb (peak allocated, GiB), nonfinite_steps
@@ -207,15 +209,16 @@ def _failure_summary(exc: Exception) -> str:
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not on norms.
 
-    On GPU the fused kernel updates every parameter in a few launches; with data parallelism each
-    replica runs the whole update every step, so its cost does not shrink as workers are added. FSDP2's
-    sharded parameters (DTensors) take the fused kernel too, one launch per local shard list.
+    The fused kernel, on CPU as on GPU: it takes `found_inf`, which lets a non-finite step skip its update
+    on the device without the host looking (`Steps`). On GPU it updates every parameter in a few
+    launches; with data parallelism each replica runs the whole update every step, so its cost does not
+    shrink as workers are added. FSDP2's sharded parameters (DTensors) take it too, one launch per local
+    shard list.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.95), fused=fused)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.95), fused=True)
 
 
 def lr_multiplier(step: int, train: TrainConfig) -> float:
@@ -370,56 +373,130 @@ def _resume(w: _Worker, ray_uri: str, checkpoint: ray.train.Checkpoint | None = 
                     history=state["metrics"], checkpoint_step=state["step"], **position)
 
 
-def _accumulate_gradients(w: _Worker, progress: Progress, hooks: faults.Hooks) -> tuple[torch.Tensor, int]:
-    """Forward and backward over `grad_accum_steps` micro-batches; (this rank's mean loss, tokens read)."""
-    train, accum = w.cfg.train, w.cfg.train.grad_accum_steps
-    recipe = None if train.fp8 == "none" else train.fp8
-    group = dist.group.WORLD if dist.is_initialized() else None
-    loss_sum, tokens = torch.zeros((), device=w.device), 0
-    for micro in range(accum):
-        with phase("train.batch"):
-            batch = {k: v.to(w.device) for k, v in w.shard.batch(progress.epoch, progress.offset).items()}
-        progress.epoch, progress.offset = w.shard.next_position(progress.epoch, progress.offset)
-        tokens += batch["input_ids"].numel()
-        with parallel.gradient_sync(w.ddp_model, enabled=micro == accum - 1):
-            with phase("train.forward"), te_model.fp8_autocast(
-                    recipe, amax_history_len=train.fp8_amax_history_len, fp8_attention=train.fp8_attention,
-                    group=group):
-                loss = hooks.poisoned(w.ddp_model(**batch).loss, w.rank, progress.step + 1)
-            with phase("train.backward"):
-                (loss / accum).backward()  # outside the FP8 autocast: TE runs the matching backward itself
-        loss_sum += loss.detach()
-    return loss_sum / accum, tokens
+def _device_batch(w: _Worker, position: tuple[int, int]) -> dict[str, Any]:
+    """The micro-batch at `position` as model inputs on the device, attention plan included. The plan is
+    made from the host's position ids and every copy starts from pinned memory, so nothing here waits
+    for the device (a plan made on the device needs a host sync, and so does a copy from pageable memory)."""
+    rows = w.shard.batch(*position)
+    plan = te_model.plan_attention(*rows["input_ids"].shape, rows["position_ids"])
+    return {**{k: te_model.to_device(v, w.device) for k, v in rows.items()},
+            "attention_plan": plan.to(w.device)}
 
 
-def _train_step(w: _Worker, progress: Progress,
-                hooks: faults.Hooks = faults.Hooks()) -> tuple[dict[str, float] | None, faults.StepAgreement]:
-    """One optimizer step; advances `progress`. Metrics are None when the loss or gradient norm was
-    non-finite on some rank: then every rank dropped the gradients and only the data position moved."""
-    started = time.perf_counter()
-    loss, tokens = _accumulate_gradients(w, progress, hooks)
-    with phase("train.clip"):
-        grad_norm = parallel.full_tensor(
-            torch.nn.utils.clip_grad_norm_(w.model.parameters(), w.cfg.train.max_grad_norm or math.inf))
-    with phase("train.agree"):
-        agreed = faults.agree(loss, grad_norm, w.rank, w.world)
-    if agreed.nonfinite:
-        w.optimizer.zero_grad(set_to_none=True)
-        return None, agreed
-    lr = w.scheduler.get_last_lr()[0]
-    with phase("train.optimizer"):
-        w.optimizer.step()
+@dataclass
+class _Passes:
+    """A step's forward and backward passes, queued on the device."""
+
+    loss: torch.Tensor  # this rank's mean loss over the step's micro-batches
+    tokens: int  # this rank's
+    position: tuple[int, int]  # the data position after the step's micro-batches
+
+
+@dataclass
+class _Update:
+    """A step whose update is queued as well; the host has not read its outcome yet."""
+
+    flags: torch.Tensor  # faults.agreement_flags
+    tokens: int
+    lr: float
+    position: tuple[int, int]
+
+
+class Steps:
+    """Optimizer steps with the host one step ahead of the device.
+
+    The host reads a step's outcome (`faults.read_agreement`: loss, gradient norm, non-finite ranks,
+    SIGTERM ranks) only once it has queued the next step's forward and backward passes. So the device
+    does not sit idle between steps while the host launches the next forward pass, which at small
+    micro-batches takes the host longer than the device: the host launches it while the device still
+    runs this step's backward. The update itself needs no decision from the host: the fused AdamW skips
+    it on the device when the flags say some loss or gradient norm was non-finite (`found_inf`, as under
+    a GradScaler). Counting the step, the LR schedule, checkpoints, SIGTERM and `train.on_nonfinite`
+    happen with the outcome, before the queued step's update is launched, which so uses the right
+    learning rate. Per step the host waits on the device once: for the flags.
+
+    After a non-finite step the queued passes are dropped (their gradients zeroed, their micro-batches
+    read again by the next step), whatever `train.on_nonfinite` says; so a step's passes always run on
+    the weights its update applies to.
+    """
+
+    def __init__(self, w: _Worker, hooks: faults.Hooks = faults.Hooks()) -> None:
+        self.w, self.hooks = w, hooks
+        self.queued: _Passes | None = None
+        self.last_done = time.perf_counter()
+
+    def next(self, progress: Progress) -> tuple[dict[str, float] | None, faults.StepAgreement]:
+        """Take the next optimizer step to its outcome; advances `progress`. Metrics are None when the loss
+        or gradient norm was non-finite on some rank: then no rank updated and only the data position
+        moved."""
+        w = self.w
+        passes = self.queued or self._passes((progress.epoch, progress.offset), progress.step + 1)
+        self.queued = None
+        update = self._update(passes)
+        if progress.step + 1 < w.cfg.train.max_steps:  # a next step is due: queue its passes first
+            self.queued = self._passes(update.position, progress.step + 2)
+        agreed = faults.read_agreement(update.flags, w.world)
+        progress.epoch, progress.offset = update.position
+        if agreed.nonfinite:
+            self.drop_queued()
+            return None, agreed
         w.scheduler.step()
-        w.optimizer.zero_grad(set_to_none=True)
-    elapsed = time.perf_counter() - started
-    global_tokens = tokens * w.world
-    progress.step += 1
-    progress.tokens_seen += global_tokens
-    mfu = w.flops_per_token * global_tokens / elapsed / (w.peak_flops * w.world) if w.peak_flops else 0.0
-    memory = torch.cuda.max_memory_allocated(w.device) / 2**30 if w.device.type == "cuda" else 0.0
-    return {"step": progress.step, "loss": agreed.loss, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens_per_s": global_tokens / elapsed, "mfu": mfu, "gpu_mem_gb": memory,
-            "nonfinite_steps": progress.nonfinite_steps, faults.TIME_KEY: int(time.time() * 1000)}, agreed
+        now = time.perf_counter()
+        elapsed, self.last_done = now - self.last_done, now
+        global_tokens = update.tokens * w.world
+        progress.step += 1
+        progress.tokens_seen += global_tokens
+        mfu = w.flops_per_token * global_tokens / elapsed / (w.peak_flops * w.world) if w.peak_flops else 0.0
+        memory = torch.cuda.max_memory_allocated(w.device) / 2**30 if w.device.type == "cuda" else 0.0
+        return {"step": progress.step, "loss": agreed.loss, "lr": update.lr, "grad_norm": agreed.grad_norm,
+                "tokens_per_s": global_tokens / elapsed, "mfu": mfu, "gpu_mem_gb": memory,
+                "nonfinite_steps": progress.nonfinite_steps, faults.TIME_KEY: int(time.time() * 1000)}, agreed
+
+    def drop_queued(self) -> None:
+        """Forget the queued passes: gradients zeroed; their micro-batches are read again."""
+        if self.queued is not None:
+            self.queued = None
+            self.w.optimizer.zero_grad(set_to_none=True)
+
+    def _passes(self, position: tuple[int, int], step: int) -> _Passes:
+        """Forward and backward over `grad_accum_steps` micro-batches from `position`. `step` is the number
+        the step gets if the one before it is finite (the test hooks key on it)."""
+        w, train, accum = self.w, self.w.cfg.train, self.w.cfg.train.grad_accum_steps
+        recipe = None if train.fp8 == "none" else train.fp8
+        group = dist.group.WORLD if dist.is_initialized() else None
+        loss_sum, tokens = None, 0
+        for micro in range(accum):
+            with phase("train.batch"):
+                batch = _device_batch(w, position)
+            position = w.shard.next_position(*position)
+            tokens += batch["input_ids"].numel()
+            with parallel.gradient_sync(w.ddp_model, enabled=micro == accum - 1):
+                with phase("train.forward"), te_model.fp8_autocast(
+                        recipe, amax_history_len=train.fp8_amax_history_len, fp8_attention=train.fp8_attention,
+                        group=group):
+                    loss = self.hooks.poisoned(w.ddp_model(**batch).loss, w.rank, step)
+                with phase("train.backward"):
+                    (loss / accum).backward()  # outside the FP8 autocast: TE runs the matching backward itself
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        return _Passes(loss_sum / accum, tokens, position)
+
+    def _update(self, passes: _Passes) -> _Update:
+        """Clip, agree and step the optimizer, all queued on the device; the step's outcome stays unread."""
+        w = self.w
+        with phase("train.clip"):
+            grad_norm = parallel.full_tensor(
+                torch.nn.utils.clip_grad_norm_(w.model.parameters(), w.cfg.train.max_grad_norm or math.inf))
+        with phase("train.agree"):
+            flags = faults.agreement_flags(passes.loss, grad_norm, w.rank, w.world)
+        lr = w.scheduler.get_last_lr()[0]
+        with phase("train.optimizer"):
+            w.optimizer.found_inf = faults.found_nonfinite(flags, w.world)  # skips the update on the device
+            try:
+                w.optimizer.step()
+            finally:
+                del w.optimizer.found_inf
+            w.optimizer.zero_grad(set_to_none=True)
+        return _Update(flags, passes.tokens, lr, passes.position)
 
 
 def _after_nonfinite(w: _Worker, progress: Progress, agreed: faults.StepAgreement, ray_uri: str,
@@ -507,8 +584,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
 def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetrics, hooks: faults.Hooks,
                  loop_config: dict[str, Any]) -> dict[str, str] | None:
     train = w.cfg.train
+    steps = Steps(w, hooks)
     while progress.step < train.max_steps:
-        step_metrics, agreed = _train_step(w, progress, hooks)
+        step_metrics, agreed = steps.next(progress)
         if step_metrics is None:
             progress, stopped = _after_nonfinite(w, progress, agreed, loop_config["ray_uri"], metrics)
             if stopped:

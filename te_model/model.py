@@ -29,7 +29,7 @@ from .fp8 import check_fp8_tokens, fp8_active
 from .layer import KV_CACHE_MESSAGE, DecoderCall, KVCacheUnsupportedError
 from .loss import causal_lm_loss
 from .rope import angles_table, rope_type
-from .segments import plan_attention
+from .segments import MaskError, plan_attention
 
 
 class SegmentedLlamaModel(modeling_llama.LlamaModel):
@@ -45,15 +45,26 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
         past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
+        attention_plan=None,
         **kwargs,
     ):
+        """`attention_plan`: the batch's plan made beforehand (`plan_attention` on the host's position ids,
+        then `.to(device)`), which saves the two host syncs of planning on the device; None plans here."""
         # A cache asked for (newer transformers' generate passes use_cache=True and no cache yet) or handed
         # in is refused; use_cache=None/False, the patched config's default, runs without one.
         if past_key_values is not None or use_cache:
             raise KVCacheUnsupportedError(KV_CACHE_MESSAGE)
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, seqlen = tokens.shape[:2]
-        plan = plan_attention(batch, seqlen, position_ids, attention_mask, device=tokens.device)
+        if attention_plan is None:
+            plan = plan_attention(batch, seqlen, position_ids, attention_mask, device=tokens.device)
+        elif attention_mask is not None:
+            raise MaskError("attention_plan and attention_mask both given: the plan holds the padding")
+        elif attention_plan.shape != (batch, seqlen):
+            raise MaskError(f"attention_plan is for a batch of shape {attention_plan.shape}, "
+                            f"the inputs have shape {(batch, seqlen)}")
+        else:
+            plan = attention_plan
         if getattr(self.layers[0], "wants_rope_angles", False):  # the TE backend
             if fp8_active():
                 check_fp8_tokens(batch * seqlen, where=f"batch of shape {(batch, seqlen)}")

@@ -28,6 +28,7 @@ segments at the end (the last offset repeated) up to the next power of two segme
 rows (one segment per row) need no padding; their count is the batch size.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,15 @@ class AttentionPlan:
     one_segment_per_row: bool  # plain causal rows: the fast path needs no mask at all
     rope_angles: torch.Tensor | None = None  # (max_seqlen, 1, 1, head_dim) for TE's fused RoPE
 
+    def to(self, device: torch.device) -> "AttentionPlan":
+        """The plan's tensors on `device`, copied without waiting for it (`to_device`). A plan made from the
+        host's position ids and moved so costs the device no host sync; one made on the device costs two."""
+        def move(t):
+            return None if t is None else to_device(t, device)
+
+        return dataclasses.replace(self, segment_ids=move(self.segment_ids), cu_seqlens=move(self.cu_seqlens),
+                                   rope_angles=move(self.rope_angles))
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.segment_ids.shape)
@@ -68,6 +78,15 @@ class AttentionPlan:
         same = seg[:, :, None] == seg[:, None, :]
         causal = torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool, device=seg.device).tril()
         return (same & causal)[:, None]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a host tensor bound for a GPU goes through pinned memory and is copied
+    asynchronously, so the host does not wait for the work already queued on the GPU (a copy from pageable
+    memory does)."""
+    if tensor.device == device or device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _check_padding(mask: torch.Tensor) -> None:

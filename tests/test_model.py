@@ -242,3 +242,27 @@ def test_attention_plan_keeps_the_shapes_te_compares_few():
         assert cu[: docs + 1].diff().tolist() == lengths and (cu[docs:] == 4096).all()
         counts.add(len(cu) - 1)
     assert counts == {8, 16, 32, 64, 128, 256, 512}
+
+
+def test_a_plan_made_beforehand_gives_the_same_loss_and_a_wrong_one_is_refused(hf_and_te):
+    """The training loop plans attention from the host's position ids and hands the plan in: same loss and
+    gradients as planning inside the forward; a plan for other shapes, or with a mask, is refused."""
+    from te_model.segments import plan_attention
+
+    _, te = hf_and_te
+    te.train()
+    ids = torch.randint(0, 320, (2, 32))
+    positions = torch.cat([torch.arange(20), torch.arange(12)]).repeat(2, 1)  # two documents a row
+    losses, grads = [], []
+    for plan in (None, plan_attention(2, 32, positions).to(torch.device("cpu"))):
+        te.zero_grad(set_to_none=True)
+        loss = te(input_ids=ids, labels=ids, position_ids=positions, attention_plan=plan).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(te.lm_head.weight.grad.clone())
+    te.zero_grad(set_to_none=True)
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+    with pytest.raises(te_model.MaskError, match=r"shape \(1, 32\), the inputs have shape \(2, 32\)"):
+        te(input_ids=ids, labels=ids, position_ids=positions, attention_plan=plan_attention(1, 32))
+    with pytest.raises(te_model.MaskError, match="both given"):
+        te(input_ids=ids, labels=ids, attention_mask=torch.ones(2, 32), attention_plan=plan_attention(2, 32))

@@ -6,7 +6,7 @@
 #   bash bench/gpu/run.sh smoke               GPU tests of the loss kernels, FP8 attention and the bench scripts
 #   bash bench/gpu/run.sh scaling             tests/test_gpu_scaling.py (two GPUs)
 #   bash bench/gpu/run.sh profile [args]      bench/parallel_profile.py, 1 process (whole and half batch) vs 2 DDP
-#                                             vs 2 FSDP2 processes, FP8; then bf16, half batch vs DDP
+#                                             vs 2 FSDP2 processes, FP8; then bf16, half batch vs DDP (PROFILE_BF16=0: not)
 #   bash bench/gpu/run.sh profile-attn        the same in bf16, 1 (whole and half batch) vs 2 DDP processes, with
 #                                             TE's attention and with the torch backend's SDPA: what TE's
 #                                             attention costs the host, and where (--host-breakdown)
@@ -56,7 +56,7 @@ case $part in
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed \
       --trace-dir $R/traces --out $R/parallel.json "$@" 2>&1 | quiet | tee $R/profile.log \
       | sed -n '/GPU time per step/,/^ *$/p;/^layout/,$p' | grep -v "^ *$" | cut -c1-120
-    python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend te \
+    [ "${PROFILE_BF16:-1}" = 1 ] && python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend te \
       --layouts 1-half,ddp --out $R/parallel-bf16.json 2>&1 | quiet | tee $R/profile-bf16.log \
       | sed -n '/GPU time per step/,/^ *$/p;/^layout/,$p' | grep -v "^ *$" | cut -c1-120 ;;
   profile-attn)

@@ -1,0 +1,85 @@
+"""`pipeline.train.Steps` in one process (no Ray): the host reads a step's outcome only after the next
+step's passes are queued, and a non-finite step changes no weight, no optimizer state and no schedule,
+through the fused AdamW's `found_inf` alone, before its queued passes are dropped and redone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import faults, tiny
+from pipeline import train as pipeline_train
+from pipeline.config import Config
+from pipeline.data import prepare
+
+SHIPPED_TEXT = str(Path(__file__).resolve().parent.parent / "data" / "tiny_text.jsonl")
+
+
+@pytest.fixture(scope="module")
+def worker_for(tmp_path_factory):
+    root = tmp_path_factory.mktemp("steps")
+    base = tiny.make_tiny_checkpoint(root / "base")
+
+    def cfg(max_steps: int) -> Config:
+        return Config.from_dict({
+            "run": {"name": "steps", "seed": 0, "output_uri": str(root / "runs"), "cache_dir": str(root / "cache")},
+            "model": {"base_uri": str(base), "backend": "torch", "dtype": "fp32"},
+            "data": {"train_files": [SHIPPED_TEXT], "seq_len": 64, "max_documents": 80, "val_fraction": 0.1},
+            "train": {"workers": 1, "use_gpu": False, "micro_batch_size": 2, "grad_accum_steps": 2, "lr": 3e-3,
+                      "warmup_steps": 2, "max_steps": max_steps},
+        })
+
+    prepared = prepare(cfg(4), str(base))
+    return lambda max_steps: pipeline_train.build_worker(cfg(max_steps), prepared.train_uri)
+
+
+def test_a_steps_outcome_is_read_only_after_the_next_steps_passes_are_queued(worker_for, monkeypatch):
+    w = worker_for(3)
+    steps, progress = pipeline_train.Steps(w), pipeline_train.Progress()
+    seen = []
+    read = faults.read_agreement
+
+    def spy(flags, world):
+        seen.append((progress.step, steps.queued is not None))
+        return read(flags, world)
+
+    monkeypatch.setattr(faults, "read_agreement", spy)
+    metrics = [steps.next(progress)[0] for _ in range(3)]
+    # steps 1 and 2 are read with the next step's passes queued; the last step queues nothing
+    assert seen == [(0, True), (1, True), (2, False)]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and steps.queued is None
+    assert all(m["grad_norm"] > 0 and m["loss"] > 0 for m in metrics)
+    assert (progress.epoch, progress.offset) == _position_after(w, 3 * 2)
+
+
+def test_a_nonfinite_step_updates_nothing_and_its_queued_passes_are_redone(worker_for, monkeypatch):
+    monkeypatch.setattr(faults, "_poisoned", False)
+    w = worker_for(4)
+    steps, progress = pipeline_train.Steps(w, faults.Hooks(poison_rank=0, poison_step=2)), pipeline_train.Progress()
+    first, _ = steps.next(progress)
+    assert first["step"] == 1
+    weights = {name: p.detach().clone() for name, p in w.model.named_parameters()}
+    adam_steps = {float(state["step"]) for state in w.optimizer.state.values()}
+    lr = w.scheduler.get_last_lr()
+
+    skipped, agreed = steps.next(progress)  # step 2's passes were queued (and poisoned) during step 1
+    assert skipped is None and agreed.nonfinite_loss_ranks == (0,) and agreed.nonfinite
+    assert all(torch.equal(p, weights[name]) for name, p in w.model.named_parameters())
+    assert {float(state["step"]) for state in w.optimizer.state.values()} == adam_steps == {1.0}
+    assert w.scheduler.get_last_lr() == lr and progress.step == 1
+    assert steps.queued is None and all(p.grad is None for p in w.model.parameters())
+    assert (progress.epoch, progress.offset) == _position_after(w, 2 * 2)  # the bad step's batches are spent
+
+    redone, _ = steps.next(progress)  # step 2 again, on the next micro-batches, with finite values
+    assert redone["step"] == 2 and redone["loss"] == redone["loss"]
+    assert not all(torch.equal(p, weights[name]) for name, p in w.model.named_parameters())
+    assert (progress.epoch, progress.offset) == _position_after(w, 3 * 2)
+
+
+def _position_after(w, micro_batches: int) -> tuple[int, int]:
+    position = (0, 0)
+    for _ in range(micro_batches):
+        position = w.shard.next_position(*position)
+    return position
