@@ -16,8 +16,8 @@ per step doubles. `SEQ_LEN` sets it.
 
 What "the same loss curve" means (`curve_gaps`): the loss falls from 6.6 to 0.3 in about 30 steps, and
 FP8 rounding moves where the steepest part happens by about a step, so at 2048 tokens a row the
-same-step gap between one and two workers reached 0.5 nats at step 12 while DDP and FSDP2 agreed with
-each other to 0.02. So each step's loss is compared with the one-worker loss one step before, at or
+same-step gap between one and two workers reached 0.5 nats at step 13 while DDP and FSDP2 agreed with
+each other to 0.03. So each step's loss is compared with the one-worker loss one step before, at or
 after, and the second half of the run step by step; both mean gaps must stay under 0.05 nats. One worker
 running two micro-batches a step (below) fails that comparison clearly (0.16 nats within a step).
 
