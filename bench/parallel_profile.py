@@ -71,6 +71,9 @@ def parse_args(argv):
     p.add_argument("--host-breakdown", metavar="OP",
                    help="also record Python calls (with_stack) and print where host time goes inside operators "
                         "whose name contains OP, e.g. FusedAttnFunc (the tracer itself adds host time)")
+    p.add_argument("--no-ahead", action="store_true",
+                   help="read each step's outcome before queuing the next step (pipeline.train.Steps(ahead=False)): "
+                        "the step as it ran before the host went one step ahead, for an A/B on one machine")
     p.add_argument("--trace-dir", help="also keep rank 0's profile of each layout here (gzipped Chrome trace)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES))
@@ -162,7 +165,7 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
         from pipeline.config import Config
 
         w = pipeline_train.build_worker(Config.from_dict(cfg_dict), train_uri, rank, world, device)
-        progress, steps = pipeline_train.Progress(), pipeline_train.Steps(w)
+        progress, steps = pipeline_train.Progress(), pipeline_train.Steps(w, ahead=not args.no_ahead)
         for _ in range(args.warmup):
             steps.next(progress)
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -242,7 +245,8 @@ def measure(args, workdir: Path) -> dict:
             row["same_micro_efficiency"] = _efficiency(row, layouts.get("1-half"), world) if world == 2 else None
     run = {"shape": args.shape, "seq": args.seq, "global_batch": args.global_batch, "fp8": args.fp8,
            "backend": backend, "backend_reason": reason, "warmup": args.warmup,
-           "profile_steps": args.profile_steps, "steps": args.steps, "host_breakdown": args.host_breakdown}
+           "profile_steps": args.profile_steps, "steps": args.steps, "host_breakdown": args.host_breakdown,
+           "ahead": not args.no_ahead}
     return {"environment": common.environment(device), "run": run, "layouts": layouts}
 
 
@@ -268,7 +272,8 @@ def print_table(result: dict) -> None:
                 per_step = item["self_us"] / 1e3 / steps
                 print(f"{per_step:8.2f} ms {item['calls'] // steps:6d} calls  {item['name'][:110]}")
     print(f"\n{result['environment']['device']}, {run['shape']}, global batch {run['global_batch']}x{run['seq']}, "
-          f"fp8 {run['fp8']}, backend {run['backend']}: pipeline Steps in bare processes")
+          f"fp8 {run['fp8']}, backend {run['backend']}: pipeline Steps in bare processes"
+          f"{'' if run.get('ahead', True) else ', each step read before the next is queued'}")
     print(f"{'layout':10s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'same micro':>10s} {'kernel ms':>9s} "
           f"{'compute':>8s} {'NCCL':>6s} {'idle':>6s} {'GiB':>6s}")
     for name, row in result["layouts"].items():

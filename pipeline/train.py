@@ -420,8 +420,10 @@ class Steps:
     the weights its update applies to.
     """
 
-    def __init__(self, w: _Worker, hooks: faults.Hooks = faults.Hooks()) -> None:
-        self.w, self.hooks = w, hooks
+    def __init__(self, w: _Worker, hooks: faults.Hooks = faults.Hooks(), *, ahead: bool = True) -> None:
+        """`ahead=False` reads each step's outcome before queuing anything of the next (what the step did
+        before `Steps`): only for measuring what running ahead is worth (bench/parallel_profile.py)."""
+        self.w, self.hooks, self.ahead = w, hooks, ahead
         self.queued: _Passes | None = None
         self.last_done = time.perf_counter()
 
@@ -433,7 +435,7 @@ class Steps:
         passes = self.queued or self._passes((progress.epoch, progress.offset), progress.step + 1)
         self.queued = None
         update = self._update(passes)
-        if progress.step + 1 < w.cfg.train.max_steps:  # a next step is due: queue its passes first
+        if self.ahead and progress.step + 1 < w.cfg.train.max_steps:  # a next step is due: queue its passes first
             self.queued = self._passes(update.position, progress.step + 2)
         agreed = faults.read_agreement(update.flags, w.world)
         progress.epoch, progress.offset = update.position

@@ -35,9 +35,11 @@ def worker_for(tmp_path_factory):
     return lambda max_steps: pipeline_train.build_worker(cfg(max_steps), prepared.train_uri)
 
 
-def test_a_steps_outcome_is_read_only_after_the_next_steps_passes_are_queued(worker_for, monkeypatch):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_steps_outcome_is_read_only_after_the_next_steps_passes_are_queued(worker_for, monkeypatch, ahead):
+    """`ahead=False`, the step as it was before (kept to measure the difference), reads every outcome first."""
     w = worker_for(3)
-    steps, progress = pipeline_train.Steps(w), pipeline_train.Progress()
+    steps, progress = pipeline_train.Steps(w, ahead=ahead), pipeline_train.Progress()
     seen = []
     read = faults.read_agreement
 
@@ -48,7 +50,7 @@ def test_a_steps_outcome_is_read_only_after_the_next_steps_passes_are_queued(wor
     monkeypatch.setattr(faults, "read_agreement", spy)
     metrics = [steps.next(progress)[0] for _ in range(3)]
     # steps 1 and 2 are read with the next step's passes queued; the last step queues nothing
-    assert seen == [(0, True), (1, True), (2, False)]
+    assert seen == ([(0, True), (1, True), (2, False)] if ahead else [(0, False), (1, False), (2, False)])
     assert [m["step"] for m in metrics] == [1, 2, 3] and steps.queued is None
     assert all(m["grad_norm"] > 0 and m["loss"] > 0 for m in metrics)
     assert (progress.epoch, progress.offset) == _position_after(w, 3 * 2)
@@ -83,3 +85,17 @@ def _position_after(w, micro_batches: int) -> tuple[int, int]:
     for _ in range(micro_batches):
         position = w.shard.next_position(*position)
     return position
+
+
+def test_running_ahead_changes_no_number(worker_for):
+    """Queuing the next step's passes early reorders nothing the math depends on: same losses, same
+    gradient norms, same weights as reading each step before queuing the next."""
+    runs = []
+    for ahead in (True, False):
+        w = worker_for(3)
+        steps, progress = pipeline_train.Steps(w, ahead=ahead), pipeline_train.Progress()
+        metrics = [steps.next(progress)[0] for _ in range(3)]
+        runs.append(([(m["loss"], m["grad_norm"], m["lr"]) for m in metrics],
+                     {name: p.detach().clone() for name, p in w.model.named_parameters()}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][name], runs[1][1][name]) for name in runs[0][1])

@@ -12,7 +12,8 @@
 #                                             attention costs the host, and where (--host-breakdown)
 #   bash bench/gpu/run.sh attention-host      bench/attention_host.py: host ms per TE attention call by rows and
 #                                             segment layout (why 16-row batches cost more host time)
-#   bash bench/gpu/run.sh profile-step [args] the same profiler on one GPU, one FP8 training step; default
+#   bash bench/gpu/run.sh profile-step [args] the same profiler on one GPU, one FP8 training step, with and without
+#                                             the host one step ahead; default
 #                                             8B shapes (8 layers, 2 x 4096); e.g. 1B: --shape llama3.2-1b
 #                                             --layers 16 --seq 2048 --global-batch 8
 #   bash bench/gpu/run.sh matrix [args...]    bench/matrix.py with these arguments
@@ -71,8 +72,12 @@ case $part in
   attention-host)
     python3 bench/attention_host.py --out $R/attention_host.json 2>&1 | quiet | tee $R/attention-host.log | tail -14 ;;
   profile-step)
+    # with the host one step ahead, then without (--no-ahead): an A/B of pipeline.train.Steps on one machine
     python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \
-      --fp8 delayed --out $R/step.json "$@" 2>&1 | quiet | tee $R/profile-step.log | tail -40 ;;
+      --fp8 delayed --out $R/step.json "$@" 2>&1 | quiet | tee $R/profile-step.log | grep -A8 "GPU time per step\|^layout"
+    python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \
+      --fp8 delayed --no-ahead --out $R/step-no-ahead.json "$@" 2>&1 | quiet | tee $R/profile-step-no-ahead.log \
+      | grep -A8 "GPU time per step\|^layout" ;;
   matrix)
     python3 bench/matrix.py --out $R/matrix "$@" ;;
 esac
