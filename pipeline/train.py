@@ -439,12 +439,12 @@ class Steps:
             self.queued = self._passes(update.position, progress.step + 2)
         agreed = faults.read_agreement(update.flags, w.world)
         progress.epoch, progress.offset = update.position
+        now = time.perf_counter()
+        elapsed, self.last_done = now - self.last_done, now
         if agreed.nonfinite:
             self.drop_queued()
             return None, agreed
         w.scheduler.step()
-        now = time.perf_counter()
-        elapsed, self.last_done = now - self.last_done, now
         global_tokens = update.tokens * w.world
         progress.step += 1
         progress.tokens_seen += global_tokens
