@@ -17,8 +17,8 @@ After `--warmup` steps, rank 0 records `--profile-steps` steps with torch.profil
 process, and from the profile the GPU time per step split into compute kernels and NCCL kernels, and
 the top operators by GPU and by CPU time. Kernel times are summed over streams: NCCL kernels that
 overlap compute count in both the sum and the step. On a GPU, also when in each profiled step the GPU
-had no compute kernel to run, and what the host was doing then (`bench/trace_gaps.py`): the `idle`
-column is the profiled step's time without compute kernels (NCCL-only time included).
+had no compute kernel to run, and what the host was doing then (`bench/trace_gaps.py`): the `no comp`
+column is the profiled step's time without a compute kernel (NCCL-only time included).
 
     python bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed
     python bench/parallel_profile.py --shape tiny --device cpu --dtype fp32 --seq 64 --global-batch 4
@@ -186,6 +186,7 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
                 keep = Path(args.trace_dir) / f"{Path(out).stem}.trace.json.gz"
                 keep.parent.mkdir(parents=True, exist_ok=True)
                 keep.write_bytes(gzip.compress(trace_path.read_bytes()))
+        steps.restart_clock()  # the profile's export is not step time
         metrics = [steps.next(progress)[0] for _ in range(args.steps)]
         if rank == 0:
             step_ms = [tokens / m["tokens_per_s"] * 1e3 for m in metrics]
@@ -275,7 +276,7 @@ def print_table(result: dict) -> None:
           f"fp8 {run['fp8']}, backend {run['backend']}: pipeline Steps in bare processes"
           f"{'' if run.get('ahead', True) else ', each step read before the next is queued'}")
     print(f"{'layout':10s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'same micro':>10s} {'kernel ms':>9s} "
-          f"{'compute':>8s} {'NCCL':>6s} {'idle':>6s} {'GiB':>6s}")
+          f"{'compute':>8s} {'NCCL':>6s} {'no comp':>7s} {'GiB':>6s}")
     for name, row in result["layouts"].items():
         if "step_ms" not in row:
             print(f"{name:10s} {row.get('skipped')}")
@@ -286,7 +287,7 @@ def print_table(result: dict) -> None:
         same_micro = common.fmt(row["same_micro_efficiency"], ".3f")
         print(f"{name:10s} {row['step_ms']:8.1f} {row['tokens_per_s']:10.0f} {efficiency:>8s} {same_micro:>10s} "
               f"{row['kernel_ms_per_step']:9.1f} {row['compute_ms_per_step']:8.1f} {row['nccl_ms_per_step']:6.1f} "
-              f"{common.fmt(idle, '.1f'):>6s} {row['gpu_mem_gb']:6.1f}")
+              f"{common.fmt(idle, '.1f'):>7s} {row['gpu_mem_gb']:6.1f}")
 
 
 def main(argv=None) -> dict:

@@ -167,7 +167,7 @@ def analyse(trace: dict, window: str, phase_prefix: str = "train.", min_gap_us: 
                        key=lambda r: -r["ms"])
     sync_rows = sorted(({"phase": p, "op": o, "calls": n / steps, "ms": us / 1e3 / steps}
                         for (p, o), (n, us) in syncs.items()), key=lambda r: -r["ms"])
-    return {"steps": steps, "per_step_ms": per_step, "idle": idle_rows, "syncs": sync_rows}
+    return {"steps": steps, "per_step_ms": per_step, "idle": idle_rows, "syncs": sync_rows, "min_gap_us": min_gap_us}
 
 
 def format_report(name: str, result: dict, top: int = 12) -> str:
@@ -175,7 +175,8 @@ def format_report(name: str, result: dict, top: int = 12) -> str:
     lines = [f"--- {name}: GPU time per step (ms, mean of {result['steps']} profiled steps, rank 0)",
              f"step {s['step']:.1f} = compute {s['compute']:.1f} + NCCL only {s['nccl_only']:.1f} + idle "
              f"{s['idle']:.1f}; gaps: starved by the host {s['starved']:.1f}, queued behind another stream "
-             f"{s['queued']:.1f}, under 10 us between kernels {s['short']:.1f} (gaps include NCCL-only time)",
+             f"{s['queued']:.1f}, under {result['min_gap_us']:g} us between kernels {s['short']:.1f} (gaps include "
+             f"NCCL-only time)",
              f"{'idle ms':>8s}  phase             host activity during the gap"]
     for row in result["idle"][:top]:
         lines.append(f"{row['ms']:8.2f}  {row['phase'][:16]:16s}  {row['host'][:90]}")

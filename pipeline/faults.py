@@ -8,10 +8,13 @@ What this module decides:
   actor, and Python takes signal handlers on the main thread alone, so the handler is installed by a call
   to the worker actor itself (its methods run on the main thread). Outside training the handler passes
   SIGTERM on to the one it replaced, so Ray can still stop its worker.
-- All ranks decide together, with one small all-reduce per step (`agreement_flags`): the mean loss, which ranks saw
-  a non-finite loss or gradient norm, and which ranks got SIGTERM. A checkpoint is a collective, so a
-  SIGTERM on any rank makes every rank checkpoint that step, wait until rank 0 has uploaded and
-  committed it, and then fail together (Ray restarts them).
+- All ranks decide together, with one small all-reduce per step (`agreement_flags`): the mean loss, the
+  gradient norm, which ranks saw a non-finite loss or gradient norm, and which ranks got SIGTERM. The
+  flags stay on the device: the optimizer skips a non-finite step's update there (`found_nonfinite`),
+  and the host reads them (`read_agreement`) once it has queued the next step's passes
+  (`pipeline.train.Steps`). A checkpoint is a collective, so a SIGTERM on any rank makes every rank
+  checkpoint that step, wait until rank 0 has uploaded and committed it, and then fail together (Ray
+  restarts them).
 - Metrics are logged once: rank 0 holds each step's metrics until a checkpoint that covers them is
   committed by Ray's controller (`get_all_reported_checkpoints(COMMITTED)`, asked on a thread so
   training goes on), then hands them to the MLflow logger. Steps whose commit is still unconfirmed
@@ -82,7 +85,7 @@ def _install_sigterm_handler() -> None:
 
 
 def watch_sigterm() -> None:
-    """From now on until `unwatch_sigterm`, SIGTERM to this process only sets the flag `agree` reads."""
+    """From now on until `unwatch_sigterm`, SIGTERM to this process only sets the flag `agreement_flags` reads."""
     _sigterm.clear()
     if threading.current_thread() is threading.main_thread():
         _install_sigterm_handler()
@@ -97,7 +100,7 @@ def unwatch_sigterm() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# one all-reduce per step: loss, non-finite ranks, SIGTERM ranks
+# one all-reduce per step: loss, gradient norm, non-finite ranks, SIGTERM ranks
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepAgreement:
@@ -131,7 +134,7 @@ def agreement_flags(loss: torch.Tensor, grad_norm: torch.Tensor, rank: int, worl
     flags[0] = loss
     flags[1] = grad_norm
     flags[2 + rank] = (~torch.isfinite(loss)).float() + 2.0 * (~torch.isfinite(grad_norm)).float()
-    flags[2 + world + rank] = float(_sigterm.is_set())
+    flags[2 + world + rank].fill_(float(_sigterm.is_set()))  # fill_: assigning a Python number copies it over, and waits
     if world > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.SUM)  # gloo has no AVG
     return flags

@@ -27,7 +27,8 @@ What this module decides:
 - The host runs one step ahead of the device (`Steps`): it queues the next step's forward and backward
   passes before it reads this step's outcome, and waits on the device once per step, for that outcome.
 - Metrics of every `train.log_every`-th step: loss (mean over ranks of each rank's mean token loss), lr,
-  grad_norm (before clipping), tokens_per_s (all ranks, padding included), mfu (against the GPU's dense
+  grad_norm (before clipping), tokens_per_s (all ranks, padding included; a step's time runs from the
+  previous step's outcome to its own, checkpoints and rollbacks between them left out), mfu (against the GPU's dense
   bf16 peak; 0.0 where no peak is known, e.g. on CPU), gpu_mem_gb (peak allocated, GiB), nonfinite_steps
   (skipped or rolled back so far). They go to MLflow from rank 0 only (tracking's non-blocking logger,
   once a checkpoint covering them is committed; nothing when no run id is given) and into every
@@ -374,13 +375,14 @@ def _resume(w: _Worker, ray_uri: str, checkpoint: ray.train.Checkpoint | None = 
 
 
 def _device_batch(w: _Worker, position: tuple[int, int]) -> dict[str, Any]:
-    """The micro-batch at `position` as model inputs on the device, attention plan included. The plan is
-    made from the host's position ids and every copy starts from pinned memory, so nothing here waits
-    for the device (a plan made on the device needs a host sync, and so does a copy from pageable memory)."""
+    """The micro-batch at `position` as model inputs on the device, with its attention plan and the
+    positions its loss scores. Both are found from the host's rows, and every copy starts from pinned
+    memory, so neither this nor the model's forward and backward waits for the device (planning or
+    selecting on the device needs host syncs, and so does a copy from pageable memory)."""
     rows = w.shard.batch(*position)
     plan = te_model.plan_attention(*rows["input_ids"].shape, rows["position_ids"])
     return {**{k: te_model.to_device(v, w.device) for k, v in rows.items()},
-            "attention_plan": plan.to(w.device)}
+            "attention_plan": plan.to(w.device), "scored_tokens": te_model.scored_tokens(rows["labels"]).to(w.device)}
 
 
 @dataclass
@@ -406,18 +408,21 @@ class Steps:
     """Optimizer steps with the host one step ahead of the device.
 
     The host reads a step's outcome (`faults.read_agreement`: loss, gradient norm, non-finite ranks,
-    SIGTERM ranks) only once it has queued the next step's forward and backward passes. So the device
-    does not sit idle between steps while the host launches the next forward pass, which at small
-    micro-batches takes the host longer than the device: the host launches it while the device still
-    runs this step's backward. The update itself needs no decision from the host: the fused AdamW skips
-    it on the device when the flags say some loss or gradient norm was non-finite (`found_inf`, as under
-    a GradScaler). Counting the step, the LR schedule, checkpoints, SIGTERM and `train.on_nonfinite`
-    happen with the outcome, before the queued step's update is launched, which so uses the right
-    learning rate. Per step the host waits on the device once: for the flags.
+    SIGTERM ranks) only once it has queued the next step's forward and backward passes. Where the device
+    is the bound, it then never starts a step empty, waiting for the host to launch the forward pass:
+    the host launches it while the device still runs the previous backward and update. (Where the host
+    is the bound, as with small micro-batches of a small model, there is no lead to carry over.) The
+    update needs no decision from the host: the fused AdamW skips it on the device when the flags say some
+    loss or gradient norm was non-finite (`found_inf`, as under a GradScaler). Counting the step, the LR
+    schedule, checkpoints, SIGTERM and `train.on_nonfinite` happen with the outcome, before the queued
+    step's update is launched, which so uses the right learning rate. With the attention plan and the
+    scored tokens found on the host (`_device_batch`), the host waits on the device once per step: for
+    the flags.
 
     After a non-finite step the queued passes are dropped (their gradients zeroed, their micro-batches
-    read again by the next step), whatever `train.on_nonfinite` says; so a step's passes always run on
-    the weights its update applies to.
+    read again by the next step), whatever `train.on_nonfinite` says. A rollback or a stop needs that;
+    after a skip the passes would still be valid, and are redone anyway, for one path through all three
+    policies (non-finite steps are rare).
     """
 
     def __init__(self, w: _Worker, hooks: faults.Hooks = faults.Hooks(), *, ahead: bool = True) -> None:
@@ -453,6 +458,10 @@ class Steps:
         return {"step": progress.step, "loss": agreed.loss, "lr": update.lr, "grad_norm": agreed.grad_norm,
                 "tokens_per_s": global_tokens / elapsed, "mfu": mfu, "gpu_mem_gb": memory,
                 "nonfinite_steps": progress.nonfinite_steps, faults.TIME_KEY: int(time.time() * 1000)}, agreed
+
+    def restart_clock(self) -> None:
+        """Time the next step from now: a checkpoint or a rollback between steps is not step time."""
+        self.last_done = time.perf_counter()
 
     def drop_queued(self) -> None:
         """Forget the queued passes: gradients zeroed; their micro-batches are read again."""
@@ -593,6 +602,7 @@ def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetric
             progress, stopped = _after_nonfinite(w, progress, agreed, loop_config["ray_uri"], metrics)
             if stopped:
                 return {"stopped": stopped}
+            steps.restart_clock()
             continue
         step, last = progress.step, progress.step == train.max_steps
         hooks.record(w.rank, "step", step)  # finished; its checkpoint, if any, follows
@@ -604,6 +614,7 @@ def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetric
             _report_checkpoint(w, progress, step_metrics, loop_config)
             progress.checkpoint_step = step
             metrics.checkpoint_reported()
+            steps.restart_clock()
         if agreed.sigterm_ranks and not last:
             if w.world > 1:
                 # Rank 0's report returns once the checkpoint is uploaded and committed. A rank that raised

@@ -24,10 +24,14 @@ accumulation).
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 from .ce_kernel import logits_ce_, triton_available
 from .fp8_head import FP8HeadGemms
+from .segments import to_device
 
 IGNORE_INDEX = -100
 # Logit elements per chunk on the torch path: 2**28 fp32 values, 1 GiB (2,093 tokens of a 128k vocabulary).
@@ -124,18 +128,49 @@ def _chunk_tokens(vocab_size: int, device: torch.device) -> int:
     return max(1, elements // vocab_size)
 
 
+@dataclass(frozen=True)
+class ScoredTokens:
+    """The positions a causal-LM loss scores, and their targets, found once from a batch's labels.
+
+    Position t of a row predicts label t + 1, so the scored positions are those t < S - 1 whose next label
+    is not -100. Found from the host's labels and moved with `to`, they spare the device the host syncs
+    of selecting with a boolean mask on the device (one in the forward pass, one in its backward)."""
+
+    index: torch.Tensor  # (N,) int64 into the batch's flattened (B * S) positions, row by row
+    targets: torch.Tensor  # (N,) int64
+    shape: tuple[int, int]  # (B, S) of the labels
+
+    def to(self, device: torch.device) -> "ScoredTokens":
+        return dataclasses.replace(self, index=to_device(self.index, device), targets=to_device(self.targets, device))
+
+
+def scored_tokens(labels: torch.Tensor) -> ScoredTokens:
+    """The scored positions of `labels` (B, S), aligned with the inputs as HF takes them."""
+    b, s = labels.shape
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # a host sync when labels are on a GPU
+    return ScoredTokens(index=rows * s + cols, targets=targets[rows, cols], shape=(b, s))
+
+
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                    num_items_in_batch: int | torch.Tensor | None = None,
-                   reduction: str = "mean", fp8_head: bool = False) -> torch.Tensor:
+                   reduction: str = "mean", fp8_head: bool = False,
+                   scored: ScoredTokens | None = None) -> torch.Tensor:
     """Cross-entropy of the LM head `weight` (vocab, hidden) over `hidden` (batch, seq, hidden).
 
     `labels` (batch, seq) are aligned with the inputs, as HF takes them. `reduction="sum"` returns the
     summed token losses (the eval stage adds them up over batches). `fp8_head` runs the head's three GEMMs
-    in FP8 (`te_model.fp8_head`); off by default, the head stays in the weight's dtype.
+    in FP8 (`te_model.fp8_head`); off by default, the head stays in the weight's dtype. `scored`: the
+    labels' `scored_tokens`, found beforehand (the training loop finds them on the host); None finds them
+    here.
     """
-    targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][scored], targets[scored]  # (N, H), (N,): scored positions only
+    if scored is None:
+        scored = scored_tokens(labels)
+    elif scored.shape != tuple(labels.shape):
+        raise ValueError(f"scored tokens are for labels of shape {scored.shape}, the labels have shape "
+                         f"{tuple(labels.shape)}")
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored.index)  # (N, H): scored positions
+    targets = scored.targets
     if reduction == "sum":
         divisor = 1.0
     elif num_items_in_batch is not None:

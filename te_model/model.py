@@ -32,6 +32,9 @@ from .rope import angles_table, rope_type
 from .segments import MaskError, plan_attention
 
 
+_MASK_IN_PLAN = torch.empty(0, 0, 0, 0, dtype=torch.bool)  # HF passes a 4-D mask through; the layers ignore it
+
+
 class SegmentedLlamaModel(modeling_llama.LlamaModel):
     """HF's LlamaModel, planning attention once per forward for its TE-style layers."""
 
@@ -70,10 +73,11 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
                 check_fp8_tokens(batch * seqlen, where=f"batch of shape {(batch, seqlen)}")
             angles = angles_table(self.rotary_emb.inv_freq, plan.max_seqlen)
             plan = dataclasses.replace(plan, rope_angles=angles)
-        # The padding now lives in the plan; HF's 4-D mask would be built for nothing.
+        # The padding now lives in the plan. HF would still build a 4-D mask from packed position ids (a
+        # host sync and a (B, 1, S, S) tensor for nothing); a 4-D mask handed in is taken as prepared.
         return super().forward(
             input_ids=input_ids,
-            attention_mask=None,
+            attention_mask=_MASK_IN_PLAN,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=False,
@@ -96,6 +100,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        scored = kwargs.pop("scored_tokens", None)  # te_model.loss.ScoredTokens, found beforehand
         if labels is None or not (self.fused_loss and self.training and torch.is_grad_enabled()):
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
@@ -105,7 +110,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                              **kwargs)
         loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch=num_items,
-                              fp8_head=self.fp8_head)
+                              fp8_head=self.fp8_head, scored=scored)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                       attentions=outputs.attentions)
 

@@ -10,8 +10,10 @@ other and to nothing else:
   document restarts at 0.
 
 That single rule feeds both backends: the torch layer turns it into a block-diagonal causal mask, and the
-TE layer hands the same boundaries to its THD attention as `cu_seqlens`. The plan is computed once per
-model forward (`SegmentedLlamaModel`), not per layer, because `max_seqlen` needs one host sync.
+TE layer hands the same boundaries to its THD attention as `cu_seqlens`. The plan is made once per
+model forward (`SegmentedLlamaModel`), not per layer: made on a GPU, its segment starts and `max_seqlen`
+cost host syncs. The training loop makes it beforehand from the host's position ids and hands it in
+(`AttentionPlan.to`), which costs none.
 
 `max_seqlen` is the longest segment rounded up to a power of two (at least `MAX_SEQLEN_ALIGN`, 64, and
 never past the row length rounded up to 64; `bucket_max_seqlen`). Transformer Engine re-selects its

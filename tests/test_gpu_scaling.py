@@ -90,6 +90,7 @@ def curve_gaps(losses: list[float], reference: list[float]) -> dict:
     rounding moves where a steep descent happens by about a step; and the mean gap over the second half
     of the run, once the curves flatten (`late`)."""
     n = len(reference)
+    assert len(losses) == n, f"{len(losses)} losses against {n}"
     shifted = [min(abs(loss - reference[s]) for s in range(max(0, t - 1), min(n, t + 2)))
                for t, loss in enumerate(losses)]
     return {"same_step": statistics.mean(abs(a - b) for a, b in zip(losses, reference)),

@@ -245,23 +245,34 @@ def test_attention_plan_keeps_the_shapes_te_compares_few():
 
 
 def test_a_plan_made_beforehand_gives_the_same_loss_and_a_wrong_one_is_refused(hf_and_te):
-    """The training loop plans attention from the host's position ids and hands the plan in: same loss and
-    gradients as planning inside the forward; a plan for other shapes, or with a mask, is refused."""
+    """The training loop plans attention and finds the scored tokens from the host's rows and hands them
+    in: same loss and gradients as finding them inside the forward; ones for other shapes, or a plan with
+    a mask, are refused."""
     from te_model.segments import plan_attention
 
     _, te = hf_and_te
     te.train()
     ids = torch.randint(0, 320, (2, 32))
+    labels = ids.clone()
+    labels[0, :9] = -100  # a masked prompt
+    labels[1, 20] = -100  # the first token of the second document
     positions = torch.cat([torch.arange(20), torch.arange(12)]).repeat(2, 1)  # two documents a row
+    cpu = torch.device("cpu")
     losses, grads = [], []
-    for plan in (None, plan_attention(2, 32, positions).to(torch.device("cpu"))):
+    for given in ({}, {"attention_plan": plan_attention(2, 32, positions).to(cpu),
+                       "scored_tokens": te_model.scored_tokens(labels).to(cpu)}):
         te.zero_grad(set_to_none=True)
-        loss = te(input_ids=ids, labels=ids, position_ids=positions, attention_plan=plan).loss
+        loss = te(input_ids=ids, labels=labels, position_ids=positions, **given).loss
         loss.backward()
         losses.append(loss.detach())
-        grads.append(te.lm_head.weight.grad.clone())
+        grads.append({name: p.grad.clone() for name, p in te.named_parameters()})
     te.zero_grad(set_to_none=True)
-    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+    assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])
+    # 31 predictions a row; row 0's positions 0-7 predict masked labels 1-8, row 1's position 19 label 20
+    assert te_model.scored_tokens(labels).index.numel() == 2 * 31 - 8 - 1
+    with pytest.raises(ValueError, match=r"scored tokens are for labels of shape \(1, 32\)"):
+        te(input_ids=ids, labels=labels, scored_tokens=te_model.scored_tokens(labels[:1]))
     with pytest.raises(te_model.MaskError, match=r"shape \(1, 32\), the inputs have shape \(2, 32\)"):
         te(input_ids=ids, labels=ids, position_ids=positions, attention_plan=plan_attention(1, 32))
     with pytest.raises(te_model.MaskError, match="both given"):

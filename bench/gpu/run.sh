@@ -40,6 +40,7 @@ fi
   LD_LIBRARY_PATH=/tmp/cudnn/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONUNBUFFERED=1
 quiet() { grep -v "it/s\]\|Warning\|warn(" ; }
+rc=0  # the Python commands' exit statuses, not those of the filters after them
 case $part in
   smoke)
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
@@ -48,39 +49,41 @@ case $part in
     python3 -m pytest tests/test_ce_kernel.py tests/test_bench_gpu.py "tests/test_gpu_te.py::test_fp8_attention_tracks_bf16_attention" \
       "tests/test_gpu_te.py::test_empty_segments_change_nothing" \
       "tests/test_gpu_te.py::test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it" \
-      -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | grep "FP8 attention\|passed\|failed\|Error" | tail -15 ;;
+      -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | grep "FP8 attention\|passed\|failed\|Error" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
   scaling)
-    python3 -m pytest tests/test_gpu_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error" ;;
+    python3 -m pytest tests/test_gpu_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error"; rc=$((rc | PIPESTATUS[0])) ;;
   profile)
     # FP8 (all layouts, or those given with --layouts), then bf16 for the half batch and DDP; each with when
     # the GPU sat idle and what the host did meanwhile; FP8's rank-0 traces kept (gzipped) in $R/traces
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed \
       --trace-dir $R/traces --out $R/parallel.json "$@" 2>&1 | quiet | tee $R/profile.log \
-      | sed -n '/GPU time per step/,/^ *$/p;/^layout/,$p' | grep -v "^ *$" | cut -c1-120
-    [ "${PROFILE_BF16:-1}" = 1 ] && python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend te \
-      --layouts 1-half,ddp --out $R/parallel-bf16.json 2>&1 | quiet | tee $R/profile-bf16.log \
-      | sed -n '/GPU time per step/,/^ *$/p;/^layout/,$p' | grep -v "^ *$" | cut -c1-120 ;;
+      | sed -n '/GPU time per step/,/^ *$/p;/^layout/,$p' | grep -v "^ *$" | cut -c1-120; rc=$((rc | PIPESTATUS[0]))
+    if [ "${PROFILE_BF16:-1}" = 1 ]; then
+      python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend te \
+        --layouts 1-half,ddp --out $R/parallel-bf16.json 2>&1 | quiet | tee $R/profile-bf16.log \
+        | sed -n '/GPU time per step/,/^ *$/p;/^layout/,$p' | grep -v "^ *$" | cut -c1-120; rc=$((rc | PIPESTATUS[0]))
+    fi ;;
   profile-attn)
     # bf16: one process with the whole batch, one with half (what each DDP worker runs), two DDP processes;
     # with TE's attention (and where its host time goes) and with the torch backend's SDPA
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend te \
       --layouts 1,1-half,ddp --host-breakdown FusedAttnFunc --out $R/parallel-te.json 2>&1 | quiet \
-      | tee $R/profile-te.log | grep -E "host time inside|fused_attn_(fwd|bwd) of|^layout|^1 |^1-half|^ddp" | cut -c1-100
+      | tee $R/profile-te.log | grep -E "host time inside|fused_attn_(fwd|bwd) of|^layout|^1 |^1-half|^ddp" | cut -c1-100; rc=$((rc | PIPESTATUS[0]))
     python3 bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 none --backend torch \
       --layouts 1,1-half,ddp --out $R/parallel-torch.json 2>&1 | quiet | tee $R/profile-torch.log \
-      | grep -E "^layout|^1 |^1-half|^ddp" ;;
+      | grep -E "^layout|^1 |^1-half|^ddp"; rc=$((rc | PIPESTATUS[0])) ;;
   attention-host)
-    python3 bench/attention_host.py --out $R/attention_host.json 2>&1 | quiet | tee $R/attention-host.log | tail -14 ;;
+    python3 bench/attention_host.py --out $R/attention_host.json 2>&1 | quiet | tee $R/attention-host.log | tail -14; rc=$((rc | PIPESTATUS[0])) ;;
   profile-step)
     # with the host one step ahead, then without (--no-ahead): an A/B of pipeline.train.Steps on one machine
     python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \
-      --fp8 delayed --out $R/step.json "$@" 2>&1 | quiet | tee $R/profile-step.log | grep -A8 "GPU time per step\|^layout"
+      --fp8 delayed --out $R/step.json "$@" 2>&1 | quiet | tee $R/profile-step.log | grep -A8 "GPU time per step\|^layout"; rc=$((rc | PIPESTATUS[0]))
     python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \
       --fp8 delayed --no-ahead --out $R/step-no-ahead.json "$@" 2>&1 | quiet | tee $R/profile-step-no-ahead.log \
-      | grep -A8 "GPU time per step\|^layout" ;;
+      | grep -A8 "GPU time per step\|^layout"; rc=$((rc | PIPESTATUS[0])) ;;
   matrix)
-    python3 bench/matrix.py --out $R/matrix "$@" ;;
+    python3 bench/matrix.py --out $R/matrix "$@"; rc=$? ;;
 esac
-status=$?
+status=$rc
 [ -n "${OUT:-}" ] && tar czf "$OUT/results-$part.tgz" -C /tmp results
 exit $status
