@@ -134,7 +134,8 @@ def agreement_flags(loss: torch.Tensor, grad_norm: torch.Tensor, rank: int, worl
     flags[0] = loss
     flags[1] = grad_norm
     flags[2 + rank] = (~torch.isfinite(loss)).float() + 2.0 * (~torch.isfinite(grad_norm)).float()
-    flags[2 + world + rank].fill_(float(_sigterm.is_set()))  # fill_: assigning a Python number copies it over, and waits
+    # fill_, not `=`: assigning a Python number copies it from the host, which waits for the device
+    flags[2 + world + rank].fill_(float(_sigterm.is_set()))
     if world > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.SUM)  # gloo has no AVG
     return flags
