@@ -95,41 +95,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-HOST_EVENT_KINDS = trace_gaps.HOST_KINDS
 STEP_RANGE = "bench.step"  # each profiled step, for the GPU-idle analysis (bench/trace_gaps.py)
-
-
-def host_breakdown(trace: dict, within: str, top: int = 15) -> list[dict]:
-    """Self host time per Python function, C call or CUDA runtime call nested inside any operator whose
-    name contains `within`, from a Chrome trace written by torch.profiler with `with_stack=True`.
-
-    Events nest per thread by time; an event's self time is its duration less its direct children's."""
-    by_thread: dict = {}
-    for e in trace.get("traceEvents", []):
-        if e.get("ph") == "X" and e.get("cat") in HOST_EVENT_KINDS:
-            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
-    totals: dict = {}
-
-    def close(frame):
-        event, children, inside = frame
-        if inside and within not in event["name"]:
-            row = totals.setdefault(event["name"], {"name": event["name"], "calls": 0, "self_us": 0.0})
-            row["calls"] += 1
-            row["self_us"] += event["dur"] - children
-
-    for events in by_thread.values():
-        events.sort(key=lambda e: (e["ts"], -e["dur"]))
-        stack: list = []  # [event, children's time, inside `within`]
-        for e in events:
-            while stack and stack[-1][0]["ts"] + stack[-1][0]["dur"] <= e["ts"]:
-                close(stack.pop())
-            if stack:
-                stack[-1][1] += e["dur"]
-            inside = within in e["name"] or (bool(stack) and stack[-1][2])
-            stack.append([e, 0.0, inside])
-        while stack:
-            close(stack.pop())
-    return sorted(totals.values(), key=lambda r: -r["self_us"])[:top]
 
 
 def gpu_work(events) -> list:
@@ -179,7 +145,7 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
             prof.export_chrome_trace(str(trace_path))
             trace = json.loads(trace_path.read_text())
             if args.host_breakdown:
-                breakdown = host_breakdown(trace, args.host_breakdown)
+                breakdown = trace_gaps.host_breakdown(trace, args.host_breakdown)
             if cuda:
                 gaps = trace_gaps.analyse(trace, STEP_RANGE)
             if args.trace_dir:

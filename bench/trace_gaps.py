@@ -16,6 +16,7 @@ NCCL only (the GPU runs nothing but collectives) and idle. Each idle gap ends wh
   gap goes to "(queued: waits on another stream)" with the operator that launched K.
 
 It also counts the host's blocking calls (stream, device and event synchronizes) by phase and operator.
+`host_breakdown` says where host time goes inside named operators (from a trace with Python calls).
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ def _minus(window: tuple[float, float], busy: list[tuple[float, float]]) -> list
     return gaps
 
 
+def _complete_events(trace: dict) -> list[dict]:
+    return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+
+
+def _host_threads(events: list[dict]) -> dict[tuple, list[dict]]:
+    """The host events (operators, ranges, Python calls, CUDA API calls) of each (process, thread)."""
+    threads: dict = defaultdict(list)
+    for e in events:
+        if e.get("cat") in HOST_KINDS:
+            threads[(e.get("pid"), e.get("tid"))].append(e)
+    return threads
+
+
 class _Timeline:
     """One host thread's outermost operators (cpu_op ranges not inside another cpu_op), in time order."""
 
@@ -99,7 +113,7 @@ def analyse(trace: dict, window: str, phase_prefix: str = "train.", min_gap_us: 
     """Per-step averages of compute, NCCL-only and idle GPU time, idle time by (phase, host activity), and
     blocking host calls by (phase, operator); all in ms per step. Gaps shorter than `min_gap_us` between
     kernels (the GPU's own scheduling) are counted apart, not attributed."""
-    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    events = _complete_events(trace)
     marks = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"] == window),
                    key=lambda e: e["ts"])
     if not marks:
@@ -113,10 +127,7 @@ def analyse(trace: dict, window: str, phase_prefix: str = "train.", min_gap_us: 
     nccl = _union([(e["ts"], _end(e)) for e in work if "nccl" in e["name"].lower()])
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    threads: dict = defaultdict(list)
-    for e in events:
-        if e.get("cat") in HOST_KINDS:
-            threads[(e.get("pid"), e.get("tid"))].append(e)
+    threads = _host_threads(events)
     timelines = {key: _Timeline(evs) for key, evs in threads.items()}
     phases = sorted((e["ts"], _end(e), e["name"]) for e in threads[main]
                     if e["cat"] == "user_annotation" and e["name"].startswith(phase_prefix))
@@ -184,3 +195,32 @@ def format_report(name: str, result: dict, top: int = 12) -> str:
     for row in result["syncs"][:top]:
         lines.append(f"{row['ms']:8.2f} {row['calls']:6.1f}  {row['phase'][:16]:16s}  {row['op'][:90]}")
     return "\n".join(lines)
+
+
+def host_breakdown(trace: dict, within: str, top: int = 15) -> list[dict]:
+    """Self host time per Python function, C call or CUDA runtime call nested inside any operator whose
+    name contains `within`, from a Chrome trace written by torch.profiler with `with_stack=True`.
+
+    Events nest per thread by time; an event's self time is its duration less its direct children's."""
+    totals: dict = {}
+
+    def close(frame):
+        event, children, inside = frame
+        if inside and within not in event["name"]:
+            row = totals.setdefault(event["name"], {"name": event["name"], "calls": 0, "self_us": 0.0})
+            row["calls"] += 1
+            row["self_us"] += event["dur"] - children
+
+    for events in _host_threads(_complete_events(trace)).values():
+        events = sorted(events, key=lambda e: (e["ts"], -e["dur"]))
+        stack: list = []  # [event, children's time, inside `within`]
+        for e in events:
+            while stack and stack[-1][0]["ts"] + stack[-1][0]["dur"] <= e["ts"]:
+                close(stack.pop())
+            if stack:
+                stack[-1][1] += e["dur"]
+            inside = within in e["name"] or (bool(stack) and stack[-1][2])
+            stack.append([e, 0.0, inside])
+        while stack:
+            close(stack.pop())
+    return sorted(totals.values(), key=lambda r: -r["self_us"])[:top]

@@ -394,16 +394,6 @@ class _Passes:
     position: tuple[int, int]  # the data position after the step's micro-batches
 
 
-@dataclass
-class _Update:
-    """A step whose update is queued as well; the host has not read its outcome yet."""
-
-    flags: torch.Tensor  # faults.agreement_flags
-    tokens: int
-    lr: float
-    position: tuple[int, int]
-
-
 class Steps:
     """Optimizer steps with the host one step ahead of the device.
 
@@ -439,23 +429,23 @@ class Steps:
         w = self.w
         passes = self.queued or self._passes((progress.epoch, progress.offset), progress.step + 1)
         self.queued = None
-        update = self._update(passes)
+        flags, lr = self._update(passes)
         if self.ahead and progress.step + 1 < w.cfg.train.max_steps:  # a next step is due: queue its passes first
-            self.queued = self._passes(update.position, progress.step + 2)
-        agreed = faults.read_agreement(update.flags, w.world)
-        progress.epoch, progress.offset = update.position
+            self.queued = self._passes(passes.position, progress.step + 2)
+        agreed = faults.read_agreement(flags, w.world)
+        progress.epoch, progress.offset = passes.position
         now = time.perf_counter()
         elapsed, self.last_done = now - self.last_done, now
         if agreed.nonfinite:
             self.drop_queued()
             return None, agreed
         w.scheduler.step()
-        global_tokens = update.tokens * w.world
+        global_tokens = passes.tokens * w.world
         progress.step += 1
         progress.tokens_seen += global_tokens
         mfu = w.flops_per_token * global_tokens / elapsed / (w.peak_flops * w.world) if w.peak_flops else 0.0
         memory = torch.cuda.max_memory_allocated(w.device) / 2**30 if w.device.type == "cuda" else 0.0
-        return {"step": progress.step, "loss": agreed.loss, "lr": update.lr, "grad_norm": agreed.grad_norm,
+        return {"step": progress.step, "loss": agreed.loss, "lr": lr, "grad_norm": agreed.grad_norm,
                 "tokens_per_s": global_tokens / elapsed, "mfu": mfu, "gpu_mem_gb": memory,
                 "nonfinite_steps": progress.nonfinite_steps, faults.TIME_KEY: int(time.time() * 1000)}, agreed
 
@@ -491,8 +481,9 @@ class Steps:
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         return _Passes(loss_sum / accum, tokens, position)
 
-    def _update(self, passes: _Passes) -> _Update:
-        """Clip, agree and step the optimizer, all queued on the device; the step's outcome stays unread."""
+    def _update(self, passes: _Passes) -> tuple[torch.Tensor, float]:
+        """Clip, agree and step the optimizer, all queued on the device: (the agreement flags, still unread;
+        the learning rate the update used)."""
         w = self.w
         with phase("train.clip"):
             grad_norm = parallel.full_tensor(
@@ -507,7 +498,7 @@ class Steps:
             finally:
                 del w.optimizer.found_inf
             w.optimizer.zero_grad(set_to_none=True)
-        return _Update(flags, passes.tokens, lr, passes.position)
+        return flags, lr
 
 
 def _after_nonfinite(w: _Worker, progress: Progress, agreed: faults.StepAgreement, ray_uri: str,

@@ -174,7 +174,7 @@ def test_parallel_profile_backend_choice_is_checked():
 
 
 def test_host_breakdown_counts_only_what_runs_inside_the_named_operator(tmp_path):
-    from bench.parallel_profile import host_breakdown
+    from bench.trace_gaps import host_breakdown
 
     def inner(x):
         return (x @ x).sum()
