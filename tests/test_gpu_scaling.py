@@ -2,10 +2,13 @@
 
 Skipped (cleanly) without two CUDA GPUs and TE. The same 380M-parameter Llama (8 layers, hidden 2048, GQA
 16/8), the same rows and the same global batch (32 rows x 2048 tokens per step) run as 1 worker x 32
-rows, 2 DDP workers x 16 and 2 FSDP2 workers x 16, under FP8 delayed scaling. The loss curves must agree
-within FP8 noise. Two DDP workers must reach 90% of twice the tokens/s of one worker running the same
-16-row micro-batches (two per step); the efficiency against one worker's 32-row micro-batch, which runs
-fewer, larger kernels, is printed next to it.
+rows, 2 DDP workers x 16 and 2 FSDP2 workers x 16 (resharding after each layer's forward, and with
+`train.fsdp_reshard_after_forward: false`), under FP8 delayed scaling. The loss curves must agree within
+FP8 noise. Two DDP workers, and two FSDP2 workers that keep the weights gathered between forward and
+backward, must reach 90% of twice the tokens/s of one worker running the same 16-row micro-batches (two
+per step); the efficiency against one worker's 32-row micro-batch, which runs fewer, larger kernels, is
+printed next to it. FSDP2 resharding after forward gathers every layer twice a step; it is printed, not
+held to 90%: at this size it is the memory-saving choice, not the fast one.
 
 Why rows of 2048 tokens (1024 before): with 16 rows of 1024 tokens per worker, this model's FP8 step is
 bound by the host, not the GPU. A profile of one such step (docs/gpu-validation.md) shows the host
@@ -112,6 +115,8 @@ def test_two_gpus_match_one_and_scale(ray_cluster, setup):
         "1 GPU, 2 x 16 rows": cfg_for("one-accum", workers=1, grad_accum_steps=2),
         "2 GPUs, ddp": cfg_for("ddp", workers=2, grad_accum_steps=1),
         "2 GPUs, fsdp": cfg_for("fsdp", workers=2, grad_accum_steps=1, parallelism="fsdp"),
+        "2 GPUs, fsdp, kept gathered": cfg_for("fsdp-keep", workers=2, grad_accum_steps=1, parallelism="fsdp",
+                                               fsdp_reshard_after_forward=False),
     }
     results = {label: summary(train(cfg, prepared)) for label, cfg in runs.items()}
     one, per_gpu = results["1 GPU, 32 rows"], results["1 GPU, 2 x 16 rows"]
@@ -131,8 +136,10 @@ def test_two_gpus_match_one_and_scale(ray_cluster, setup):
     print("\n| run | first loss | last loss | mean gap vs 1 GPU x 32, same step | within a step | second half "
           "| tokens/s (median) | efficiency, same micro-batch | efficiency vs 1 GPU x 32 | peak GiB |\n"
           "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
-    for label in ("2 GPUs, ddp", "2 GPUs, fsdp"):
+    for label in ("2 GPUs, ddp", "2 GPUs, fsdp", "2 GPUs, fsdp, kept gathered"):
         r = results[label]
         assert r["losses"][-1] < r["losses"][0] - 1.0, label
         assert r["gaps"]["shifted"] < 0.05 and r["gaps"]["late"] < 0.05, label
     assert results["2 GPUs, ddp"]["efficiency_same_micro"] >= 0.9
+    # FSDP2 as a model that fits one GPU would run it: weights kept gathered between forward and backward
+    assert results["2 GPUs, fsdp, kept gathered"]["efficiency_same_micro"] >= 0.9
