@@ -4,7 +4,7 @@
 # installed into /tmp/site first (once). Logs and JSON go to /tmp/results, packed into
 # $OUT/results-<part>.tgz at the end when $OUT is set.
 #   bash bench/gpu/run.sh smoke               GPU tests of the loss kernels, FP8 attention and the bench scripts
-#   bash bench/gpu/run.sh scaling             tests/test_gpu_scaling.py (two GPUs)
+#   bash bench/gpu/run.sh scaling [args]      tests/test_gpu_scaling.py (two GPUs; e.g. -k wider)
 #   bash bench/gpu/run.sh profile [args]      bench/parallel_profile.py, 1 process (whole and half batch) vs 2 DDP
 #                                             vs 2 FSDP2 processes, FP8; then bf16, half batch vs DDP (PROFILE_BF16=0: not)
 #   bash bench/gpu/run.sh profile-attn        the same in bf16, 1 (whole and half batch) vs 2 DDP processes, with
@@ -51,7 +51,7 @@ case $part in
       "tests/test_gpu_te.py::test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it" \
       -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | grep "FP8 attention\|passed\|failed\|Error" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
   scaling)
-    python3 -m pytest tests/test_gpu_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error"; rc=$((rc | PIPESTATUS[0])) ;;
+    python3 -m pytest tests/test_gpu_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" "$@" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error"; rc=$((rc | PIPESTATUS[0])) ;;
   profile)
     # FP8 (all layouts, or those given with --layouts), then bf16 for the half batch and DDP; each with when
     # the GPU sat idle and what the host did meanwhile; FP8's rank-0 traces kept (gzipped) in $R/traces
