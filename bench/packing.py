@@ -11,7 +11,7 @@ The same documents go through two full training passes (forward, loss, backward,
 
 Why the padded side is a TE `TransformerLayer` stack in BSHD layout with a `padding_causal` mask, and not
 HF's model: the question is what packing buys, so everything else is held equal. The BSHD layers are
-built by our own layer's constructor with only the layout switched (`BSHDLayer`) and hold our model's
+built by our own layer's constructor with only the layout switched (`layout_layer_class`) and hold our model's
 weights; embedding, final norm, lm_head and loss are our model's very modules. An HF baseline would
 mix TE's kernel speed-up into the ratio. Feeding the padded rows to our THD model instead would not be
 padded BSHD either: the padding would become its own attention segment and cost attention FLOPs that
@@ -130,24 +130,26 @@ def useful_tokens(batch: dict) -> int:
 # models
 
 
-def bshd_layer_class():
-    """Our TE decoder layer's constructor with the attention layout switched to BSHD + padding mask.
+def layout_layer_class(layout: str = "bshd", mask: str = "padding_causal"):
+    """Our TE decoder layer's constructor with the attention layout (`bshd`, `sbhd`) and mask switched.
 
     `TELlamaDecoderLayer.__init__` passes every argument of `te.TransformerLayer` by keyword; this class
-    sits between the two in the MRO and changes only the layout, so everything else (norm, SwiGLU, GQA,
-    unfused Q/K/V, no bias, no dropout) is built exactly as in our model.
+    sits between the two in the MRO and changes only the layout and mask, so everything else (norm,
+    SwiGLU, GQA, unfused Q/K/V, no bias, no dropout) is built exactly as in our model. Its forward takes
+    the hidden states in that layout, TE's angle table and, for padding masks, TE's (B, 1, 1, S) bool
+    mask (True = masked out).
     """
     import transformer_engine.pytorch as te
 
-    class BSHDLayout(te.TransformerLayer):
+    class Layout(te.TransformerLayer):
         def __init__(self, **kwargs):
-            super().__init__(**{**kwargs, "attn_input_format": "bshd", "self_attn_mask_type": "padding_causal"})
+            super().__init__(**{**kwargs, "attn_input_format": layout, "self_attn_mask_type": mask})
 
-    class BSHDLayer(te_model.TELlamaDecoderLayer, BSHDLayout):
-        def forward(self, x, padding, angles):  # padding: (B, 1, 1, S) bool, True = masked out (TE's)
+    class LayoutLayer(te_model.TELlamaDecoderLayer, Layout):
+        def forward(self, x, angles, padding=None):
             return te.TransformerLayer.forward(self, x, attention_mask=padding, rotary_pos_emb=angles)
 
-    return BSHDLayer
+    return LayoutLayer
 
 
 def build_mode(mode: str, config, state, dtype, device, backend: str):
@@ -155,7 +157,7 @@ def build_mode(mode: str, config, state, dtype, device, backend: str):
     model = te_model.build_model(config, backend=backend, dtype=dtype, device=device)
     common.load_hf_state(model, state)
     if mode == "padded" and backend == "te":
-        layer_cls = bshd_layer_class()
+        layer_cls = layout_layer_class("bshd", "padding_causal")
         with torch.device(device), common.default_dtype(dtype):
             for i, layer in enumerate(model.model.layers):
                 twin = layer_cls(config, i)
@@ -171,7 +173,7 @@ def padded_bshd_loss(model, batch: dict) -> torch.Tensor:
     angles = angles_table(model.model.rotary_emb.inv_freq, ids.shape[1])
     h = model.model.embed_tokens(ids)
     for layer in model.model.layers:
-        h = layer(h, padding, angles)
+        h = layer(h, angles, padding)
     logits = model.lm_head(model.model.norm(h))
     return model.loss_function(logits=logits, labels=batch["labels"], vocab_size=model.config.vocab_size)
 

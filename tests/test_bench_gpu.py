@@ -2,7 +2,8 @@
 
 What only runs on a GPU with TE: our model on the TE backend against HF from the same weights, the FP8
 variants (timed or skipped with TE's reason), and the padded side of the packing bench, a BSHD twin of our
-layers that must compute the same loss as our THD model on the same padded rows.
+layers that must compute the same loss as our THD model on the same padded rows, and the layer-kernel
+bench, whose BSHD and SBHD stacks must compute what the THD stack computes.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def test_bshd_twin_matches_our_thd_model():
     batch = {k: v.to(device) for k, v in packing.padded_batches(packing.make_documents(args, 512), args)[0].items()}
     thd = packing.build_mode("packed", config, state, torch.bfloat16, device, "te")
     bshd = packing.build_mode("padded", config, state, torch.bfloat16, device, "te")
-    assert type(bshd.model.layers[0]).__name__ == "BSHDLayer"
+    assert type(bshd.model.layers[0]).__name__ == "LayoutLayer" and bshd.model.layers[0].attn_input_format == "bshd"
     with torch.no_grad():
         expected = float(thd(**batch).loss)  # the padding mask becomes a padding segment in THD
         got = float(packing.padded_bshd_loss(bshd, batch))
@@ -75,3 +76,18 @@ def test_attention_host_times_every_case(tmp_path):
     for case in cases:
         assert case["calls"] == 4 and all(ms > 0 for ms in case["fwd_ms"] + case["bwd_ms"]), case
     assert all(c["distinct_keys"] == 1 for c in cases if c["kind"] in ("fixed", "plain"))
+
+
+@pytest.mark.parametrize("fp8", ["none", "delayed"])
+def test_layer_kernels_layouts_compute_the_same_stack(tmp_path, fp8):
+    from bench import layer_kernels
+
+    out = tmp_path / "kernels.json"
+    result = layer_kernels.main(["--shape", "tiny", "--seq", "256", "--batch", "2", "--steps", "2",
+                                 "--warmup", "1", "--fp8", fp8, "--out", str(out)])
+    rows = json.loads(out.read_text())["layouts"]
+    assert [r["layout"] for r in rows] == ["thd", "bshd", "sbhd"] == [r["layout"] for r in result["layouts"]]
+    for r in rows:
+        assert r["step_ms"] > 0 and r["kernel_ms"].get("gemm", 0) > 0 and r["kernel_ms"].get("attention", 0) > 0, r
+        # the same weights and input: one causal segment per row is the same attention in every layout
+        assert r["max_abs_diff_vs_first"] < (0.05 if fp8 == "delayed" else 0.02), r

@@ -137,8 +137,8 @@ def run_and_compare(setup, model: str, parallel: dict[str, dict]) -> dict:
     runs = {"1 GPU, 32 rows": cfg_for("one", workers=1, grad_accum_steps=1, micro_batch_size=32),
             "1 GPU, 2 x 16 rows": cfg_for("one-accum", workers=1, grad_accum_steps=2),
             **{label: cfg_for(label.split(", ", 1)[1].replace(", ", "-").replace(" ", "-"), workers=2,
-                              grad_accum_steps=1, **train)
-               for label, train in parallel.items()}}
+                              grad_accum_steps=1, **settings)
+               for label, settings in parallel.items()}}
     results = {label: summary(train(cfg, prepared)) for label, cfg in runs.items()}
     one, per_gpu = results["1 GPU, 32 rows"], results["1 GPU, 2 x 16 rows"]
     rows = []

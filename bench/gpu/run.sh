@@ -4,6 +4,7 @@
 # installed into /tmp/site first (once). Logs and JSON go to /tmp/results, packed into
 # $OUT/results-<part>.tgz at the end when $OUT is set.
 #   bash bench/gpu/run.sh smoke               GPU tests of the loss kernels, FP8 attention and the bench scripts
+#   bash bench/gpu/run.sh gpu-tests           every GPU test but the two-GPU scaling test
 #   bash bench/gpu/run.sh scaling [args]      tests/test_gpu_scaling.py (two GPUs; e.g. -k wider)
 #   bash bench/gpu/run.sh profile [args]      bench/parallel_profile.py, 1 process (whole and half batch) vs 2 DDP
 #                                             vs 2 FSDP2 processes, FP8; then bf16, half batch vs DDP (PROFILE_BF16=0: not)
@@ -16,9 +17,11 @@
 #                                             the host one step ahead; default
 #                                             8B shapes (8 layers, 2 x 4096); e.g. 1B: --shape llama3.2-1b
 #                                             --layers 16 --seq 2048 --global-batch 8
+#   bash bench/gpu/run.sh layer-kernels       bench/layer_kernels.py: the 8B-shape stack's kernel time by kind, with
+#                                             the attention in THD, BSHD and SBHD; FP8 delayed, then bf16
 #   bash bench/gpu/run.sh matrix [args...]    bench/matrix.py with these arguments
 set -uo pipefail
-part=${1:?usage: run.sh smoke|scaling|profile|profile-attn|attention-host|profile-step|matrix [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|matrix [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -50,6 +53,9 @@ case $part in
       "tests/test_gpu_te.py::test_empty_segments_change_nothing" \
       "tests/test_gpu_te.py::test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it" \
       -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | grep "FP8 attention\|passed\|failed\|Error" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
+  gpu-tests)
+    python3 -m pytest tests -m gpu --ignore tests/test_gpu_scaling.py -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet \
+      | tee $R/gpu-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
   scaling)
     python3 -m pytest tests/test_gpu_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" "$@" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error"; rc=$((rc | PIPESTATUS[0])) ;;
   profile)
@@ -81,6 +87,11 @@ case $part in
     python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \
       --fp8 delayed --no-ahead --out $R/step-no-ahead.json "$@" 2>&1 | quiet | tee $R/profile-step-no-ahead.log \
       | grep -A8 "GPU time per step\|^layout"; rc=$((rc | PIPESTATUS[0])) ;;
+  layer-kernels)
+    for fp8 in delayed none; do
+      python3 bench/layer_kernels.py --fp8 $fp8 --out $R/layer-kernels-$fp8.json 2>&1 | quiet | tee $R/layer-kernels-$fp8.log \
+        | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    done ;;
   matrix)
     python3 bench/matrix.py --out $R/matrix "$@"; rc=$? ;;
 esac

@@ -1,0 +1,181 @@
+"""Where the decoder stack's GPU time goes, by kind of kernel, with TE's attention in each layout.
+
+Our TE decoder layers at a Llama shape (default: 4 layers of Llama 3.1 8B, 2 x 4096 tokens), forward and
+backward of the stack alone (no embedding, head or loss), from the same weights and the same input, with
+the attention in:
+- `thd`: our model's layout: the batch flattened to B*S tokens, each row one `cu_seqlens` segment,
+  `padding_causal` (what every training batch runs, plain rows and packed documents alike);
+- `bshd`, `sbhd`: TE's batch-major and sequence-major layouts with a plain `causal` mask, which can
+  express rows of one document each, not packed documents.
+For each: the median step time (CUDA events) and TFLOP/s by `layer_speed`'s count, the largest output
+difference from `thd`, then one profiled step's kernel time summed by kind (GEMM, attention, norm, RoPE,
+casts/transposes/amax, SwiGLU, other) with the largest "other" kernels named. Needs CUDA and TE.
+
+    python bench/layer_kernels.py --fp8 delayed --out kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import te_model  # noqa: E402
+from bench import common, layer_speed, packing  # noqa: E402
+from bench.parallel_profile import gpu_work  # noqa: E402
+from te_model.rope import angles_table  # noqa: E402
+
+LAYOUTS = ("thd", "bshd", "sbhd")
+# kernel kinds, first match wins: (kind, substrings of the lower-cased kernel name)
+KINDS = (
+    ("attention", ("fmha", "flash", "sdpa", "attn", "cudnn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "matmul")),
+    ("rope", ("rope", "rotary")),
+    ("norm", ("norm",)),
+    ("swiglu", ("swiglu", "glu", "silu", "gated")),
+    ("cast/transpose/amax", ("cast", "transpose", "quantize", "amax", "scale", "fp8")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama3.1-8b", choices=sorted(common.SHAPES))
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--fp8", default="delayed", help="FP8 recipe, or none for bf16")
+    p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    args.layouts = [v for v in args.layouts.split(",") if v]
+    unknown = set(args.layouts) - set(LAYOUTS)
+    if unknown:
+        p.error(f"--layouts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(LAYOUTS)}")
+    return args
+
+
+class Stack:
+    """The decoder layers of our TE model in one attention layout, called on (B, S, H) hidden states."""
+
+    def __init__(self, model, layout: str, config, device):
+        self.layout, self.layers = layout, list(model.model.layers)
+        if layout != "thd":
+            twin = packing.layout_layer_class(layout, "causal")
+            with torch.device(device), common.default_dtype(torch.bfloat16):
+                self.layers = [twin(config, i) for i in range(len(self.layers))]
+            for mine, theirs in zip(self.layers, model.model.layers):
+                mine.load_state_dict(theirs.state_dict(), strict=True)
+        self.params = [p for layer in self.layers for p in layer.parameters()]
+
+    def __call__(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        import transformer_engine.pytorch as te
+
+        b, s, h = x.shape
+        if self.layout == "thd":
+            cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=x.device)
+            x = x.reshape(b * s, h)
+            for layer in self.layers:
+                x = te.TransformerLayer.forward(layer, x, rotary_pos_emb=angles, cu_seqlens_q=cu,
+                                                cu_seqlens_kv=cu, max_seqlen_q=s, max_seqlen_kv=s)
+            return x.view(b, s, h)
+        if self.layout == "sbhd":
+            x = x.transpose(0, 1).contiguous()
+        for layer in self.layers:
+            x = layer(x, angles)
+        return x.transpose(0, 1) if self.layout == "sbhd" else x
+
+
+def step(stack: Stack, x: torch.Tensor, grad: torch.Tensor, angles: torch.Tensor, recipe) -> torch.Tensor:
+    with te_model.fp8_autocast(recipe):
+        out = stack(x, angles)
+    out.backward(grad)
+    for p in stack.params:
+        p.grad = None
+    return out
+
+
+def measure(stack: Stack, x, grad, angles, recipe, args, device) -> dict:
+    timer = common.StepTimer(device)
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            timer.mark()
+        out = step(stack, x, grad, angles, recipe)
+        if i >= args.warmup:
+            timer.mark()
+    ms = statistics.median(timer.step_ms())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step(stack, x, grad, angles, recipe)
+        torch.cuda.synchronize()
+    by_kind, other = defaultdict(float), defaultdict(float)
+    for e in gpu_work(prof.events()):
+        us = e.time_range.elapsed_us()
+        kind = kind_of(e.name)
+        by_kind[kind] += us / 1e3
+        if kind == "other":
+            other[e.name[:70]] += us / 1e3
+    return {"step_ms": ms, "kernel_ms": dict(by_kind), "output": out.detach().float(),
+            "other_top": sorted(other.items(), key=lambda kv: -kv[1])[:6]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = common.setup_device("cuda")  # imports TE before any other CUDA work
+    recipe = None if args.fp8 == "none" else args.fp8
+    config = common.llama_config(args.shape, args.layers)
+    config.vocab_size, config.tie_word_embeddings = layer_speed.VOCAB, False
+    state = common.reference_state(config, torch.bfloat16, device, seed=0)
+    model = layer_speed.build("te", config, state, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (args.batch, args.seq, config.hidden_size)
+    x = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16).requires_grad_()
+    grad = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) * 1e-2
+    angles = angles_table(model.model.rotary_emb.inv_freq, args.seq)
+    flops = layer_speed.layer_flops(config, args.batch, args.seq)
+    rows, reference = [], None
+    for layout in args.layouts:
+        common.reset_peak(device)
+        r = measure(Stack(model, layout, config, device), x, grad, angles, recipe, args, device)
+        out = r.pop("output")
+        reference = out if reference is None else reference
+        rows.append({"layout": layout, **r, "tflops": flops / r["step_ms"] / 1e9,
+                     "max_abs_diff_vs_first": float((out - reference).abs().max()),
+                     "peak_mem_gib": common.peak_gib(device)})
+        x.grad = None
+        common.free_memory()
+    result = {"environment": common.environment(device),
+              "run": {k: getattr(args, k) for k in ("shape", "layers", "batch", "seq", "steps", "warmup", "fp8")},
+              "layouts": rows}
+    common.write_json(args.out, result)
+    print_table(result)
+    return result
+
+
+def print_table(result: dict) -> None:
+    run = result["run"]
+    kinds = [k for k, _ in KINDS] + ["other"]
+    print(f"\n{result['environment']['device']}, {run['layers']} layers of {run['shape']} shape, "
+          f"{run['batch']}x{run['seq']} tokens, stack fwd+bwd, fp8 {run['fp8']}, median of {run['steps']}; "
+          "kernel ms of one profiled step")
+    print(f"{'layout':7s} {'ms/step':>8s} {'TFLOP/s':>8s} {'max diff':>9s} " + " ".join(f"{k[:10]:>10s}" for k in kinds))
+    for r in result["layouts"]:
+        print(f"{r['layout']:7s} {r['step_ms']:8.2f} {r['tflops']:8.1f} {r['max_abs_diff_vs_first']:9.2e} "
+              + " ".join(f"{r['kernel_ms'].get(k, 0.0):10.2f}" for k in kinds))
+    for r in result["layouts"]:
+        print(f"{r['layout']} other: " + "; ".join(f"{name} {ms:.2f}" for name, ms in r["other_top"]))
+
+
+if __name__ == "__main__":
+    main()
