@@ -154,6 +154,7 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
                 keep.write_bytes(gzip.compress(trace_path.read_bytes()))
         steps.restart_clock()  # the profile's export is not step time
         metrics = [steps.next(progress)[0] for _ in range(args.steps)]
+        steps.drop_queued()
         if rank == 0:
             step_ms = [tokens / m["tokens_per_s"] * 1e3 for m in metrics]
             result = {"step_ms": statistics.median(step_ms), "step_ms_all": step_ms,
@@ -170,8 +171,10 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
 
 def job_config(args, workdir: Path, base_dir: Path, backend: str, world: int, rows: int, settings: dict) -> dict:
     """The bench job's config as a dict: this layout's workers, micro-batch and train settings."""
+    # one step more than are run: the last timed step then queues a next one, as every step before it does
+    # (the final step of a run has none to queue, and its clock would hold only its update)
     steps = Namespace(seed=args.seed, dtype=args.dtype, seq=args.seq, batch=rows,
-                      warmup=args.warmup + args.profile_steps, steps=args.steps, fp8=args.fp8)
+                      warmup=args.warmup + args.profile_steps, steps=args.steps + 1, fp8=args.fp8)
     cfg = ray_overhead.job_dict(steps, workdir, base_dir, backend, args.device == "cuda")
     cfg["train"].update(workers=world, **settings)
     return cfg
@@ -187,7 +190,7 @@ def measure(args, workdir: Path) -> dict:
             raise SystemExit("--backend torch runs without FP8: add --fp8 none")
         backend, reason = "torch", "asked for with --backend torch"
     inputs = Namespace(shape=args.shape, layers=args.layers, dtype=args.dtype, seed=args.seed, seq=args.seq,
-                       batch=args.global_batch, warmup=args.warmup + args.profile_steps, steps=args.steps)
+                       batch=args.global_batch, warmup=args.warmup + args.profile_steps, steps=args.steps + 1)
     base_dir, prepared = ray_overhead.write_inputs(inputs, workdir, torch.device("cpu"))
     layouts = {}
     for name in args.layouts:

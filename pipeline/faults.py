@@ -11,7 +11,7 @@ What this module decides:
 - All ranks decide together, with one small all-reduce per step (`agreement_flags`): the mean loss, the
   gradient norm, which ranks saw a non-finite loss or gradient norm, and which ranks got SIGTERM. The
   flags stay on the device: the optimizer skips a non-finite step's update there (`found_nonfinite`),
-  and the host reads them (`read_agreement`) once it has queued the next step's passes
+  and the host reads a copy (`HostFlags`, `read_agreement`) once it has queued the next step's passes
   (`pipeline.train.Steps`). A checkpoint is a collective, so a SIGTERM on any rank makes every rank
   checkpoint that step, wait until rank 0 has uploaded and committed it, and then fail together (Ray
   restarts them).
@@ -147,8 +147,29 @@ def found_nonfinite(flags: torch.Tensor, world: int) -> torch.Tensor:
     return (flags[2 : 2 + world] != 0).any().float()
 
 
-def read_agreement(flags: torch.Tensor, world: int) -> StepAgreement:
-    """The flags on the host: here the host waits for the step that made them."""
+class HostFlags:
+    """A step's flags on their way to the host. On a GPU they are copied into pinned memory as soon as they
+    are made and an event marks the copy, so reading them waits for the step up to its flags alone, not for
+    what was queued after them (the update, the next step's passes). Elsewhere they are the flags."""
+
+    def __init__(self, flags: torch.Tensor):
+        self.ready = None
+        self.values = flags
+        if flags.device.type == "cuda":
+            self.values = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self.values.copy_(flags, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def tolist(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.values.tolist()
+
+
+def read_agreement(flags: torch.Tensor | HostFlags, world: int) -> StepAgreement:
+    """The flags on the host: here the host waits for the step that made them (for a `HostFlags`, up to
+    its flags; for a device tensor, for everything queued before the read)."""
     values = flags.tolist()
     codes = [int(c) for c in values[2 : 2 + world]]
     return StepAgreement(

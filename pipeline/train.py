@@ -407,7 +407,9 @@ class Steps:
     schedule, checkpoints, SIGTERM and `train.on_nonfinite` happen with the outcome, before the queued
     step's update is launched, which so uses the right learning rate. With the attention plan and the
     scored tokens found on the host (`_device_batch`), the host waits on the device once per step: for
-    the flags.
+    the flags, copied to pinned memory as soon as they are made (`faults.HostFlags`). So it waits for the
+    step up to its flags, not for the update and next passes queued after them, and queues the next
+    update while the device still runs this step's update and the next step's passes.
 
     After a non-finite step the queued passes are dropped (their gradients zeroed, their micro-batches
     read again by the next step), whatever `train.on_nonfinite` says. A rollback or a stop needs that;
@@ -481,15 +483,16 @@ class Steps:
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         return _Passes(loss_sum / accum, tokens, position)
 
-    def _update(self, passes: _Passes) -> tuple[torch.Tensor, float]:
-        """Clip, agree and step the optimizer, all queued on the device: (the agreement flags, still unread;
-        the learning rate the update used)."""
+    def _update(self, passes: _Passes) -> tuple[faults.HostFlags, float]:
+        """Clip, agree and step the optimizer, all queued on the device: (the agreement flags on their way
+        to the host, still unread; the learning rate the update used)."""
         w = self.w
         with phase("train.clip"):
             grad_norm = parallel.full_tensor(
                 torch.nn.utils.clip_grad_norm_(w.model.parameters(), w.cfg.train.max_grad_norm or math.inf))
         with phase("train.agree"):
             flags = faults.agreement_flags(passes.loss, grad_norm, w.rank, w.world)
+            on_host = faults.HostFlags(flags)  # copied before the update is queued: reading waits for no more
         lr = w.scheduler.get_last_lr()[0]
         with phase("train.optimizer"):
             w.optimizer.found_inf = faults.found_nonfinite(flags, w.world)  # skips the update on the device
@@ -498,7 +501,7 @@ class Steps:
             finally:
                 del w.optimizer.found_inf
             w.optimizer.zero_grad(set_to_none=True)
-        return flags, lr
+        return on_host, lr
 
 
 def _after_nonfinite(w: _Worker, progress: Progress, agreed: faults.StepAgreement, ray_uri: str,

@@ -1,6 +1,7 @@
 """`pipeline.train.Steps` in one process (no Ray): the host reads a step's outcome only after the next
 step's passes are queued, and a non-finite step changes no weight, no optimizer state and no schedule,
-through the fused AdamW's `found_inf` alone, before its queued passes are dropped and redone."""
+through the fused AdamW's `found_inf` alone, before its queued passes are dropped and redone. On a GPU,
+reading a step's flags waits for nothing queued after them."""
 
 from __future__ import annotations
 
@@ -99,3 +100,16 @@ def test_running_ahead_changes_no_number(worker_for):
                      {name: p.detach().clone() for name, p in w.model.named_parameters()}))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][1][name], runs[1][1][name]) for name in runs[0][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flags_are_read_without_waiting_for_the_work_queued_after_them():
+    flags = torch.arange(4, dtype=torch.float32, device="cuda")
+    on_host = faults.HostFlags(flags)
+    a = torch.randn(8192, 8192, device="cuda")
+    for _ in range(20):  # about half a second of fp32 matmuls queued after the flags
+        a = a @ a / 8192
+    assert on_host.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert not torch.cuda.current_stream().query()  # the read did not wait for the matmuls
+    torch.cuda.synchronize()
