@@ -129,16 +129,15 @@ def summary(result) -> dict:
             "gpu_mem_gb": max(m["gpu_mem_gb"] for m in result.metrics)}
 
 
-def run_and_compare(setup, model: str, parallel: dict[str, dict]) -> dict:
+def run_and_compare(setup, model: str, parallel: dict[str, tuple[str, dict]]) -> dict:
     """Train `model` as one worker with 32 rows a step, one worker with two micro-batches of 16, and each of
-    `parallel` (label: train settings for two workers of 16 rows); print every run's loss curve and a table
-    of loss gaps and efficiencies; return each run's summary."""
+    `parallel` (label: (run name, train settings) for two workers of 16 rows); print every run's loss curve
+    and a table of loss gaps and efficiencies; return each run's summary."""
     cfg_for, prepared = setup(model)
     runs = {"1 GPU, 32 rows": cfg_for("one", workers=1, grad_accum_steps=1, micro_batch_size=32),
             "1 GPU, 2 x 16 rows": cfg_for("one-accum", workers=1, grad_accum_steps=2),
-            **{label: cfg_for(label.split(", ", 1)[1].replace(", ", "-").replace(" ", "-"), workers=2,
-                              grad_accum_steps=1, **settings)
-               for label, settings in parallel.items()}}
+            **{label: cfg_for(name, workers=2, grad_accum_steps=1, **settings)
+               for label, (name, settings) in parallel.items()}}
     results = {label: summary(train(cfg, prepared)) for label, cfg in runs.items()}
     one, per_gpu = results["1 GPU, 32 rows"], results["1 GPU, 2 x 16 rows"]
     rows = []
@@ -167,13 +166,13 @@ def run_and_compare(setup, model: str, parallel: dict[str, dict]) -> dict:
 
 def test_two_gpus_match_one_and_scale(ray_cluster, setup):
     results = run_and_compare(setup, "380m", {
-        "2 GPUs, ddp": {},
-        "2 GPUs, fsdp": {"parallelism": "fsdp"},
-        "2 GPUs, fsdp, kept gathered": {"parallelism": "fsdp", "fsdp_reshard_after_forward": False},
+        "2 GPUs, ddp": ("ddp", {}),
+        "2 GPUs, fsdp": ("fsdp", {"parallelism": "fsdp"}),
+        "2 GPUs, fsdp, kept gathered": ("fsdp-keep", {"parallelism": "fsdp", "fsdp_reshard_after_forward": False}),
     })
     assert results["2 GPUs, ddp"]["efficiency_same_micro"] >= 0.9
 
 
 def test_fsdp_scales_on_a_wider_model(ray_cluster, setup):
-    results = run_and_compare(setup, "wide", {"2 GPUs, fsdp": {"parallelism": "fsdp"}})
+    results = run_and_compare(setup, "wide", {"2 GPUs, fsdp": ("fsdp", {"parallelism": "fsdp"})})
     assert results["2 GPUs, fsdp"]["efficiency_same_micro"] >= 0.9
