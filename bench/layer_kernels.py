@@ -17,6 +17,7 @@ casts/transposes/amax, SwiGLU, other) with the largest "other" kernels named. Ne
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from collections import defaultdict
@@ -49,21 +50,11 @@ def kind_of(name: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="llama3.1-8b", choices=sorted(common.SHAPES))
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p = layer_speed.stack_parser(__doc__)
     p.add_argument("--fp8", default="delayed", help="FP8 recipe, or none for bf16")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
-    p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
-    args.layouts = [v for v in args.layouts.split(",") if v]
-    unknown = set(args.layouts) - set(LAYOUTS)
-    if unknown:
-        p.error(f"--layouts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(LAYOUTS)}")
+    args.layouts = layer_speed.chosen(p, "--layouts", args.layouts, LAYOUTS)
     return args
 
 
@@ -72,6 +63,7 @@ class Stack:
 
     def __init__(self, model, layout: str, config, device):
         self.layout, self.layers = layout, list(model.model.layers)
+        self.inv_freq = model.model.rotary_emb.inv_freq
         if layout != "thd":
             twin = packing.layout_layer_class(layout, "causal")
             with torch.device(device), common.default_dtype(torch.bfloat16):
@@ -85,16 +77,12 @@ class Stack:
         self.params = [p for layer in self.layers for p in layer.parameters()]
 
     def __call__(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        import transformer_engine.pytorch as te
-
-        b, s, h = x.shape
-        if self.layout == "thd":
-            cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=x.device)
-            x = x.reshape(b * s, h)
+        if self.layout == "thd":  # our layer's own call, with the plan of plain rows (one segment each)
+            plan = te_model.plan_attention(*x.shape[:2]).to(x.device)  # made on the host, as in training
+            plan = dataclasses.replace(plan, rope_angles=angles_table(self.inv_freq, plan.max_seqlen))
             for layer in self.layers:
-                x = te.TransformerLayer.forward(layer, x, rotary_pos_emb=angles, cu_seqlens_q=cu,
-                                                cu_seqlens_kv=cu, max_seqlen_q=s, max_seqlen_kv=s)
-            return x.view(b, s, h)
+                x = layer(x, attention_plan=plan)
+            return x
         if self.layout == "sbhd":
             x = x.transpose(0, 1).contiguous()
         for layer in self.layers:

@@ -37,21 +37,33 @@ LABELS = {"hf": "HF LlamaDecoderLayer, bf16 (baseline)", "torch_bf16": "torch ba
           "te_fp8_delayed_attn": "TE backend, FP8 delayed + FP8 attention"}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def stack_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every decoder-stack bench takes: shape, depth, tokens, steps, output."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--shape", default="llama3.1-8b", choices=sorted(common.SHAPES))
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v]
-    unknown = set(args.variants) - set(VARIANTS)
+    return p
+
+
+def chosen(p: argparse.ArgumentParser, flag: str, value: str, known) -> list[str]:
+    """The comma-separated names of `value`, each one of `known`, else `flag`'s usage error."""
+    names = [v for v in value.split(",") if v]
+    unknown = set(names) - set(known)
     if unknown:
-        p.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+        p.error(f"{flag}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = stack_parser(__doc__)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    args = p.parse_args(argv)
+    args.variants = chosen(p, "--variants", args.variants, VARIANTS)
     return args
 
 

@@ -167,9 +167,8 @@ class HostFlags:
         return self.values.tolist()
 
 
-def read_agreement(flags: torch.Tensor | HostFlags, world: int) -> StepAgreement:
-    """The flags on the host: here the host waits for the step that made them (for a `HostFlags`, up to
-    its flags; for a device tensor, for everything queued before the read)."""
+def read_agreement(flags: HostFlags, world: int) -> StepAgreement:
+    """The flags on the host: here the host waits for the step that made them, up to its flags."""
     values = flags.tolist()
     codes = [int(c) for c in values[2 : 2 + world]]
     return StepAgreement(
