@@ -6,10 +6,13 @@ the attention in:
 - `thd`: our model's layout: the batch flattened to B*S tokens, each row one `cu_seqlens` segment,
   `padding_causal` (what every training batch runs, plain rows and packed documents alike);
 - `bshd`, `sbhd`: TE's batch-major and sequence-major layouts with a plain `causal` mask, which can
-  express rows of one document each, not packed documents.
+  express rows of one document each, not packed documents;
+- `bshd-fp8attn`, `sbhd-fp8attn` (FP8 recipes only): the same with the attention itself in FP8 (TE's
+  `fp8_dpa`), which Hopper trains in these layouts but not in THD.
 For each: the median step time (CUDA events) and TFLOP/s by `layer_speed`'s count, the largest output
 difference from `thd`, then one profiled step's kernel time summed by kind (GEMM, attention, norm, RoPE,
-casts/transposes/amax, SwiGLU, other) with the largest "other" kernels named. Needs CUDA and TE.
+casts/transposes/amax, SwiGLU, other) with the largest "other" kernels named, and the step's largest
+kernels with their call counts. Needs CUDA and TE.
 
     python bench/layer_kernels.py --fp8 delayed --out kernels.json
 """
@@ -32,7 +35,8 @@ from bench import common, layer_speed, packing  # noqa: E402
 from bench.parallel_profile import gpu_work  # noqa: E402
 from te_model.rope import angles_table  # noqa: E402
 
-LAYOUTS = ("thd", "bshd", "sbhd")
+LAYOUTS = ("thd", "bshd", "sbhd", "bshd-fp8attn", "sbhd-fp8attn")
+FP8_ATTENTION = "-fp8attn"
 # kernel kinds, first match wins: (kind, substrings of the lower-cased kernel name)
 KINDS = (
     ("attention", ("fmha", "flash", "sdpa", "attn", "cudnn")),
@@ -52,9 +56,15 @@ def kind_of(name: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = layer_speed.stack_parser(__doc__)
     p.add_argument("--fp8", default="delayed", help="FP8 recipe, or none for bf16")
-    p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--layouts", help=f"comma-separated, of {', '.join(LAYOUTS)} (default: all the recipe can run)")
     args = p.parse_args(argv)
-    args.layouts = layer_speed.chosen(p, "--layouts", args.layouts, LAYOUTS)
+    bf16 = args.fp8 == "none"
+    if args.layouts is None:
+        args.layouts = [layout for layout in LAYOUTS if not (bf16 and layout.endswith(FP8_ATTENTION))]
+    else:
+        args.layouts = layer_speed.chosen(p, "--layouts", args.layouts, LAYOUTS)
+        if bf16 and any(layout.endswith(FP8_ATTENTION) for layout in args.layouts):
+            p.error(f"--layouts: the {FP8_ATTENTION} layouts need an FP8 recipe (--fp8)")
     return args
 
 
@@ -62,6 +72,8 @@ class Stack:
     """The decoder layers of our TE model in one attention layout, called on (B, S, H) hidden states."""
 
     def __init__(self, model, layout: str, config, device):
+        self.fp8_attention = layout.endswith(FP8_ATTENTION)
+        layout = layout.removesuffix(FP8_ATTENTION)
         self.layout, self.layers = layout, list(model.model.layers)
         self.inv_freq = model.model.rotary_emb.inv_freq
         if layout != "thd":
@@ -91,7 +103,7 @@ class Stack:
 
 
 def step(stack: Stack, x: torch.Tensor, grad: torch.Tensor, angles: torch.Tensor, recipe) -> torch.Tensor:
-    with te_model.fp8_autocast(recipe):
+    with te_model.fp8_autocast(recipe, fp8_attention=stack.fp8_attention, attention_layout=stack.layout):
         out = stack(x, angles)
     out.backward(grad)
     for p in stack.params:
@@ -111,15 +123,23 @@ def measure(stack: Stack, x, grad, angles, recipe, args, device) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step(stack, x, grad, angles, recipe)
         torch.cuda.synchronize()
-    by_kind, other = defaultdict(float), defaultdict(float)
+    by_kind, other, kernels, calls = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(int)
+    attention = set()
     for e in gpu_work(prof.events()):
-        us = e.time_range.elapsed_us()
+        ms_ = e.time_range.elapsed_us() / 1e3
         kind = kind_of(e.name)
-        by_kind[kind] += us / 1e3
+        by_kind[kind] += ms_
+        kernels[e.name[:90]] += ms_
+        calls[e.name[:90]] += 1
         if kind == "other":
-            other[e.name[:70]] += us / 1e3
+            other[e.name[:70]] += ms_
+        elif kind == "attention":
+            attention.add(e.name)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
     return {"step_ms": ms, "kernel_ms": dict(by_kind), "output": out.detach().float(),
-            "other_top": sorted(other.items(), key=lambda kv: -kv[1])[:6]}
+            "other_top": sorted(other.items(), key=lambda kv: -kv[1])[:6],
+            "kernels_top": [(name, kernel_ms, calls[name]) for name, kernel_ms in top],
+            "attention_kernels": sorted(attention)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -161,12 +181,16 @@ def print_table(result: dict) -> None:
     print(f"\n{result['environment']['device']}, {run['layers']} layers of {run['shape']} shape, "
           f"{run['batch']}x{run['seq']} tokens, stack fwd+bwd, fp8 {run['fp8']}, median of {run['steps']}; "
           "kernel ms of one profiled step")
-    print(f"{'layout':7s} {'ms/step':>8s} {'TFLOP/s':>8s} {'max diff':>9s} " + " ".join(f"{k[:10]:>10s}" for k in kinds))
+    print(f"{'layout':12s} {'ms/step':>8s} {'TFLOP/s':>8s} {'max diff':>9s} " + " ".join(f"{k[:10]:>10s}" for k in kinds))
     for r in result["layouts"]:
-        print(f"{r['layout']:7s} {r['step_ms']:8.2f} {r['tflops']:8.1f} {r['max_abs_diff_vs_first']:9.2e} "
+        print(f"{r['layout']:12s} {r['step_ms']:8.2f} {r['tflops']:8.1f} {r['max_abs_diff_vs_first']:9.2e} "
               + " ".join(f"{r['kernel_ms'].get(k, 0.0):10.2f}" for k in kinds))
     for r in result["layouts"]:
         print(f"{r['layout']} other: " + "; ".join(f"{name} {ms:.2f}" for name, ms in r["other_top"]))
+    for r in result["layouts"]:
+        print(f"{r['layout']} largest kernels (ms, calls):")
+        for name, ms, calls in r["kernels_top"]:
+            print(f"  {ms:7.2f} {calls:4d}  {name}")
 
 
 if __name__ == "__main__":

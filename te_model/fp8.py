@@ -35,6 +35,7 @@ class FP8UnsupportedError(RuntimeError):
 
 
 ATTENTION_RECIPES = ("delayed", "current")  # the recipes whose attention can run in FP8 too
+ATTENTION_LAYOUTS = ("thd", "bshd", "sbhd")  # TE's names: packed tokens, batch-major, sequence-major
 # TE's FP8 fused attention in the THD layout (ours): cuDNN 9.23+, and its backward only on compute
 # capability 10.0+ (Transformer Engine 2.20: "FP8 fused attention with THD format supports backward on sm100+
 # only"), so on Hopper it cannot train.
@@ -43,15 +44,19 @@ FP8_THD_ATTENTION_TRAINING_SM = (10, 0)
 
 
 def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "hybrid",
-                fp8_attention: bool = False):
+                fp8_attention: bool = False, attention_layout: str = "thd"):
     """TE recipe object for a recipe name, after checking this GPU supports it.
 
     `fp8_format` applies to the per-tensor recipes: "hybrid" (E4M3 forward, E5M2 gradients) or
     "e4m3" (both); the block recipes are E4M3 by construction. `fp8_attention` runs the attention in FP8
-    too (per-tensor recipes only).
+    too (per-tensor recipes only); `attention_layout` is the layout the attention will be called in (the
+    limits above are THD's; TE's batch- and sequence-major layouts, "bshd" and "sbhd", train FP8 attention
+    on Hopper with cuDNN 9.2.1+, which TE checks itself).
     """
     if name not in RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is unknown (choose from {', '.join(RECIPES)})")
+    if attention_layout not in ATTENTION_LAYOUTS:
+        raise ValueError(f"attention_layout {attention_layout!r} is unknown (choose from {', '.join(ATTENTION_LAYOUTS)})")
     if fp8_attention and name not in ATTENTION_RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} cannot run attention in FP8 "
                                   f"(only {' and '.join(ATTENTION_RECIPES)} can)")
@@ -70,7 +75,7 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
     if not ok:
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is not supported on {gpu}: {reason}")
-    if fp8_attention:
+    if fp8_attention and attention_layout == "thd":
         from transformer_engine.pytorch.utils import get_cudnn_version  # the cuDNN TE itself runs on
 
         capability = torch.cuda.get_device_capability()
@@ -98,14 +103,14 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
 
 
 def fp8_autocast(recipe: str | None, *, amax_history_len: int = 1024, fp8_format: str = "hybrid",
-                 fp8_attention: bool = False, group=None):
+                 fp8_attention: bool = False, attention_layout: str = "thd", group=None):
     """Context for the forward pass: FP8 with the named recipe, or nothing when `recipe` is None."""
     if recipe is None or recipe == "none":
         return contextlib.nullcontext()
     import transformer_engine.pytorch as te
 
     made = make_recipe(recipe, amax_history_len=amax_history_len, fp8_format=fp8_format,
-                       fp8_attention=fp8_attention)
+                       fp8_attention=fp8_attention, attention_layout=attention_layout)
     return te.autocast(enabled=True, recipe=made, amax_reduction_group=group)
 
 

@@ -84,10 +84,26 @@ def test_layer_kernels_layouts_compute_the_same_stack(tmp_path, fp8):
 
     out = tmp_path / "kernels.json"
     result = layer_kernels.main(["--shape", "tiny", "--seq", "256", "--batch", "2", "--steps", "2",
-                                 "--warmup", "1", "--fp8", fp8, "--out", str(out)])
+                                 "--warmup", "1", "--fp8", fp8, "--layouts", "thd,bshd,sbhd", "--out", str(out)])
     rows = json.loads(out.read_text())["layouts"]
     assert [r["layout"] for r in rows] == ["thd", "bshd", "sbhd"] == [r["layout"] for r in result["layouts"]]
     for r in rows:
         assert r["step_ms"] > 0 and r["kernel_ms"].get("gemm", 0) > 0 and r["kernel_ms"].get("attention", 0) > 0, r
         # the same weights and input: one causal segment per row is the same attention in every layout
         assert r["max_abs_diff_vs_first"] < (0.05 if fp8 == "delayed" else 0.02), r
+
+
+def test_layer_kernels_fp8_attention_runs_other_attention_kernels(tmp_path):
+    """The -fp8attn layouts run cuDNN's FP8 attention (TE's `fp8_dpa`): other attention kernels than the
+    bf16 attention of the same layout, and an output close to it. FP8 attention trains with a head
+    dimension of 128 on Hopper, hence the 380M shape."""
+    from bench import layer_kernels
+
+    result = layer_kernels.main(["--shape", "llama-380m", "--layers", "1", "--seq", "256", "--batch", "2",
+                                 "--steps", "2", "--warmup", "1", "--fp8", "delayed",
+                                 "--layouts", "bshd,bshd-fp8attn,sbhd-fp8attn", "--out", str(tmp_path / "k.json")])
+    bf16_attn, *fp8_attn = result["layouts"]
+    for r in fp8_attn:
+        print(f"\n{r['layout']}: {r['attention_kernels']}")
+        assert r["attention_kernels"] and not set(r["attention_kernels"]) & set(bf16_attn["attention_kernels"]), r
+        assert 0 < r["max_abs_diff_vs_first"] < 0.1, r

@@ -18,7 +18,8 @@
 #                                             8B shapes (8 layers, 2 x 4096); e.g. 1B: --shape llama3.2-1b
 #                                             --layers 16 --seq 2048 --global-batch 8
 #   bash bench/gpu/run.sh layer-kernels       bench/layer_kernels.py: the 8B-shape stack's kernel time by kind, with
-#                                             the attention in THD, BSHD and SBHD; FP8 delayed, then bf16
+#                                             the attention in THD, BSHD and SBHD; FP8 delayed (also with FP8
+#                                             attention in BSHD and SBHD), then bf16
 #   bash bench/gpu/run.sh matrix [args...]    bench/matrix.py with these arguments
 set -uo pipefail
 part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|matrix [args]}; shift
