@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import te_model
 from te_model.backend import te_unavailable_reason
 from te_model.model import _default_dtype as default_dtype  # the one dtype-scoping helper
 from te_model.weights import fc1_part, hf_to_te_key, te_to_hf_keys
@@ -112,6 +113,25 @@ def load_hf_state(model: torch.nn.Module, state: dict) -> None:
     unfilled = sorted(hf for name in params for hf, _ in te_to_hf_keys(name) if hf_to_te_key(hf) not in filled)
     if unfilled:
         raise ValueError(f"reference weights left {len(unfilled)} tensors unset, e.g. {unfilled[0]}")
+
+
+def step_inputs(model_kind: str, ids: torch.Tensor, device: torch.device, *, planned_on_device: bool = False) -> dict:
+    """One step's model inputs from token ids (B, S) on the host, the ids being their own labels.
+
+    HF's model takes the tokens on the device. Ours takes them as the pipeline's training step hands them
+    over (`te_model.prepare_batch`: the attention plan and the loss's scored positions found on the host),
+    or, `planned_on_device`, with position ids on the device, from which our model plans on the device (two
+    host syncs) and selects the loss's positions there (one more): what a caller gets who hands it device
+    tensors only.
+    """
+    if model_kind == "hf":
+        ids = te_model.to_device(ids, device)
+        return {"input_ids": ids, "labels": ids}
+    if planned_on_device:
+        ids = te_model.to_device(ids, device)
+        positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
+        return {"input_ids": ids, "labels": ids, "position_ids": positions}
+    return te_model.prepare_batch({"input_ids": ids, "labels": ids}, device)
 
 
 def free_memory() -> None:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
 from bench import common, layer_speed, packing  # noqa: E402
-from bench.parallel_profile import gpu_work  # noqa: E402
+from bench.trace_gaps import gpu_work  # noqa: E402
 from te_model.rope import angles_table  # noqa: E402
 
 LAYOUTS = ("thd", "bshd", "sbhd", "bshd-fp8attn", "sbhd-fp8attn")

@@ -2,7 +2,10 @@
 
 A model of `--layers` layers (default 4) with a Llama shape's decoder layers and a 1024-token vocabulary,
 so the layers dominate. One forward + backward over `--batch` x `--seq` tokens, no optimizer; each variant
-warms up, then the median of timed steps (CUDA events) is reported, with peak memory. Baseline and
+warms up, then the median of timed steps (CUDA events) is reported, with peak memory and the GPU's busy
+time in one more step, profiled (kernels and copies; the rest of the step it waited). Our model gets its
+inputs as the pipeline's training step hands them over (`bench.common.step_inputs`);
+`te_fp8_delayed_device_plan` instead hands it device tensors only, so it plans on the GPU. Baseline and
 candidates run in the same process on the same GPU from the same weights. Needs CUDA and TE.
 
 Layer FLOPs per step = 6 * (decoder layer parameters) * tokens + 6 * layers * batch * seq^2 * hidden, the
@@ -23,18 +26,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
-from bench import common  # noqa: E402
+from bench import common, trace_gaps  # noqa: E402
+from bench.trace_gaps import gpu_work  # noqa: E402
 
 VOCAB = 1024
 VARIANTS = {  # name: (model kind, FP8 recipe)
     "hf": ("hf", None), "torch_bf16": ("torch", None), "te_bf16": ("te", None),
     **{f"te_fp8_{r}": ("te", r) for r in ("delayed", "current", "block")},
     "te_fp8_delayed_attn": ("te", "delayed"),  # ... with the attention in FP8 too
+    "te_fp8_delayed_device_plan": ("te", "delayed"),  # ... its plan and loss positions found on the GPU
 }
 LABELS = {"hf": "HF LlamaDecoderLayer, bf16 (baseline)", "torch_bf16": "torch backend, bf16",
           "te_bf16": "TE backend, bf16", "te_fp8_delayed": "TE backend, FP8 delayed",
           "te_fp8_current": "TE backend, FP8 current", "te_fp8_block": "TE backend, FP8 block",
-          "te_fp8_delayed_attn": "TE backend, FP8 delayed + FP8 attention"}
+          "te_fp8_delayed_attn": "TE backend, FP8 delayed + FP8 attention",
+          "te_fp8_delayed_device_plan": "TE backend, FP8 delayed, planned on GPU"}
 
 
 def stack_parser(doc: str) -> argparse.ArgumentParser:
@@ -85,31 +91,41 @@ def build(kind: str, config, state, device) -> torch.nn.Module:
     return model.train()
 
 
-def time_steps(model, ids, recipe, args, device, fp8_attention=False) -> tuple[list[float], float]:
-    """(per-step milliseconds of forward+backward, peak GiB)."""
+def time_steps(model, inputs, recipe, args, device, fp8_attention=False) -> tuple[list[float], float, float]:
+    """(per-step milliseconds of forward+backward, peak GiB, GPU-busy milliseconds of one more step, profiled);
+    `inputs()` makes a step's model inputs."""
+    def step():
+        with te_model.fp8_autocast(recipe, fp8_attention=fp8_attention):
+            loss = model(**inputs()).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
     timer = common.StepTimer(device)
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             timer.mark()
-        with te_model.fp8_autocast(recipe, fp8_attention=fp8_attention):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        step()
         if i >= args.warmup:
             timer.mark()
-    return timer.step_ms(), common.peak_gib(device)
+    peak = common.peak_gib(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    spans = [(e.time_range.start, e.time_range.end) for e in gpu_work(prof.events())]
+    return timer.step_ms(), peak, trace_gaps.busy_us(spans) / 1e3
 
 
 def print_table(result: dict) -> None:
     run = result["run"]
     print(f"\n{result['environment']['device']}, {run['layers']} layers of {run['shape']} shape, "
           f"{run['batch']}x{run['seq']} tokens, fwd+bwd, median of {run['steps']}")
-    print(f"{'variant':40s} {'ms/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'vs HF':>6s} {'peak GiB':>9s}")
+    print(f"{'variant':40s} {'ms/step':>8s} {'GPU busy':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'vs HF':>6s} "
+          f"{'peak GiB':>9s}")
     for r in result["variants"]:
         if "step_ms" not in r:
             print(f"{r['label']:40s} skipped: {r['skipped']}")
             continue
-        print(f"{r['label']:40s} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['layer_tflops']:8.1f} "
+        print(f"{r['label']:40s} {r['step_ms']:8.1f} {r['gpu_busy_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['layer_tflops']:8.1f} "
               f"{common.fmt(r['speedup_vs_hf'], '5.2f')}x {r['peak_mem_gib']:9.1f}")
 
 
@@ -119,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = common.llama_config(args.shape, args.layers)
     config.vocab_size, config.tie_word_embeddings = VOCAB, False
     state = common.reference_state(config, torch.bfloat16, device, seed=0)
-    ids = torch.randint(0, VOCAB, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, VOCAB, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     flops, tokens = layer_flops(config, args.batch, args.seq), args.batch * args.seq
     rows = []
     for name in args.variants:
@@ -127,7 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
         common.reset_peak(device)
         model = build(kind, config, state, device)
         try:
-            times, peak = time_steps(model, ids, recipe, args, device, fp8_attention=name.endswith("_attn"))
+            def inputs():
+                return common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))
+
+            times, peak, busy = time_steps(model, inputs, recipe, args, device, fp8_attention=name.endswith("_attn"))
         except te_model.FP8UnsupportedError as exc:  # the other variants still run
             rows.append({"variant": name, "label": LABELS[name], "skipped": str(exc)})
             continue
@@ -136,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
             common.free_memory()
         ms = statistics.median(times)
         rows.append({"variant": name, "label": LABELS[name], "step_ms": ms, "step_ms_min": min(times),
-                     "tokens_per_s": tokens / ms * 1e3, "layer_tflops": flops / ms / 1e9, "peak_mem_gib": peak})
+                     "tokens_per_s": tokens / ms * 1e3, "layer_tflops": flops / ms / 1e9, "peak_mem_gib": peak,
+                     "gpu_busy_ms": busy})
     base = next((r["step_ms"] for r in rows if r["variant"] == "hf" and "step_ms" in r), None)
     for r in rows:
         if "step_ms" in r:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
 from bench import common, ray_overhead, trace_gaps  # noqa: E402
+from bench.trace_gaps import gpu_work  # noqa: E402
 from pipeline import train as pipeline_train  # noqa: E402
 
 # name: (processes, train settings)
@@ -96,13 +97,6 @@ def free_port() -> int:
 
 
 STEP_RANGE = "bench.step"  # each profiled step, for the GPU-idle analysis (bench/trace_gaps.py)
-
-
-def gpu_work(events) -> list:
-    """The profile's GPU events that are work (kernels, copies, fills), not the GPU-side ranges of user
-    annotations: DDP's `DistributedDataParallel.forward` range spans the whole forward pass."""
-    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-            and not getattr(e, "is_user_annotation", False)]
 
 
 def profile_summary(prof, steps: int) -> dict:

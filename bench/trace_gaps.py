@@ -52,6 +52,20 @@ def _length(intervals) -> float:
     return sum(b - a for a, b in intervals)
 
 
+def gpu_work(events) -> list:
+    """A torch profile's GPU events that are work (kernels, copies, fills), not the GPU-side ranges of user
+    annotations: DDP's `DistributedDataParallel.forward` range spans the whole forward pass."""
+    import torch
+
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
+
+
+def busy_us(intervals) -> float:
+    """How long at least one of the (start, end) intervals runs: overlaps counted once."""
+    return _length(_union(intervals))
+
+
 def _minus(window: tuple[float, float], busy: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """`window` less the sorted, disjoint `busy` intervals."""
     gaps, cursor = [], window[0]

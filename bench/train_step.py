@@ -10,7 +10,10 @@ Variants (`--variants`, comma-separated; default all):
   GPU or TE build cannot run is skipped with TE's reason;
 - `fp8_delayed_fp8head`: delayed scaling with the LM head's GEMMs in FP8 too (`train.fp8_head`, opt-in);
 - `fp8_delayed_attn`: delayed scaling with the attention in FP8 too (`train.fp8_attention`, opt-in);
-- `fp8_delayed_attn_fp8head`: both opt-ins together.
+- `fp8_delayed_attn_fp8head`: both opt-ins together;
+- `fp8_delayed_device_plan`: delayed scaling, handed device tensors only, so that our model plans its
+  attention and selects its loss's positions on the GPU (three host syncs a step). Every other variant of
+  ours gets its inputs as the pipeline's training step hands them over (`bench.common.step_inputs`).
 
 A step is the whole thing: embedding, decoder, lm_head, loss, backward, fused AdamW step, bf16 parameters.
 Every variant starts from the same weights (`bench.common.reference_state`) and sees the same token
@@ -53,6 +56,7 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head": ("ours", False, "delayed"),  # ... and the LM head's GEMMs in FP8 (opt-in)
     "fp8_delayed_attn": ("ours", False, "delayed"),  # ... and the attention in FP8 (opt-in)
     "fp8_delayed_attn_fp8head": ("ours", False, "delayed"),  # ... both
+    "fp8_delayed_device_plan": ("ours", False, "delayed"),  # ... its plan and loss positions found on the GPU
 }
 # Rows per step that fit the HF bf16 baseline in 80 GB (8192 tokens a step); raise with --batch.
 DEFAULT_BATCH = {("llama3.2-1b", 2048): 4, ("llama3.2-1b", 4096): 2,
@@ -88,10 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def token_batches(vocab: int, batch: int, seq: int, count: int, seed: int, device) -> list[torch.Tensor]:
-    """`count` batches of random token ids, the same for every variant."""
+def token_batches(vocab: int, batch: int, seq: int, count: int, seed: int) -> list[torch.Tensor]:
+    """`count` batches of random token ids on the host, the same for every variant."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(count)]
+    return [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(count)]
 
 
 def model_flops(state: dict, config, batch: int, seq: int) -> float:
@@ -117,7 +121,7 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
 
 def run_variant(name: str, args, config, state, batches, device, backend: str) -> dict:
     """Warm up, then time `args.steps` full training steps; the raw per-variant measurements."""
-    _, compiled, recipe = VARIANTS[name]
+    kind, compiled, recipe = VARIANTS[name]
     fp8_attention = "_attn" in name
     if recipe:
         te_model.fp8.make_recipe(recipe, fp8_attention=fp8_attention)  # raises FP8UnsupportedError: TE's reason
@@ -132,7 +136,7 @@ def run_variant(name: str, args, config, state, batches, device, backend: str) -
             wall_start = time.perf_counter()
             timer.mark()
         with te_model.fp8_autocast(recipe, fp8_attention=fp8_attention):
-            loss = forward(input_ids=ids, labels=ids).loss
+            loss = forward(**common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))).loss
         loss.backward()  # outside the autocast: TE runs the matching FP8 backward itself
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -161,7 +165,8 @@ def label(name: str, backend: str, dtype: str) -> str:
     where = "TE" if backend == "te" else "torch backend (no TE)"
     return (f"ours {where}, " + (f"FP8 {recipe}" if recipe else dtype) + (", HF loss" if "logits" in name else "")
             + (" + FP8 attention" if "_attn" in name else "")
-            + (" + FP8 head" if name.endswith("_fp8head") else ""))
+            + (" + FP8 head" if name.endswith("_fp8head") else "")
+            + (", planned on GPU" if name.endswith("_device_plan") else ""))
 
 
 def skip_reason(name: str, backend: str, reason: str | None) -> str | None:
@@ -174,7 +179,7 @@ def measure(args, device) -> dict:
     """Every requested variant on the same weights and batches; a result row (or skip/error) each."""
     backend, backend_reason = common.ours_backend(device)
     config = common.llama_config(args.shape, args.layers)
-    batches = token_batches(config.vocab_size, args.batch, args.seq, args.warmup + args.steps, args.seed, device)
+    batches = token_batches(config.vocab_size, args.batch, args.seq, args.warmup + args.steps, args.seed)
     size = args.matmul_size or (8192 if device.type == "cuda" else 512)
     matmul_peak = common.matmul_peak_flops(device, size)
     common.free_memory()

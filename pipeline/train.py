@@ -376,13 +376,9 @@ def _resume(w: _Worker, ray_uri: str, checkpoint: ray.train.Checkpoint | None = 
 
 def _device_batch(w: _Worker, position: tuple[int, int]) -> dict[str, Any]:
     """The micro-batch at `position` as model inputs on the device, with its attention plan and the
-    positions its loss scores. Both are found from the host's rows, and every copy starts from pinned
-    memory, so neither this nor the model's forward and backward waits for the device (planning or
-    selecting on the device needs host syncs, and so does a copy from pageable memory)."""
-    rows = w.shard.batch(*position)
-    plan = te_model.plan_attention(*rows["input_ids"].shape, rows["position_ids"])
-    return {**{k: te_model.to_device(v, w.device) for k, v in rows.items()},
-            "attention_plan": plan.to(w.device), "scored_tokens": te_model.scored_tokens(rows["labels"]).to(w.device)}
+    positions its loss scores found from the host's rows (`te_model.prepare_batch`): neither this nor the
+    model's forward and backward waits for the device."""
+    return te_model.prepare_batch(w.shard.batch(*position), w.device)
 
 
 @dataclass

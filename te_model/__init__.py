@@ -7,7 +7,7 @@ access, and `backend="auto"` only tries TE when a CUDA device is present.
 from .backend import BACKENDS, BackendUnavailableError, resolve_backend
 from .fp8 import RECIPES, FP8UnsupportedError, check_fp8_tokens, fp8_autocast, pad_to_multiple
 from .layer import KVCacheUnsupportedError, TorchLlamaDecoderLayer
-from .model import SegmentedLlamaModel, build_model, replace_decoder
+from .model import SegmentedLlamaModel, build_model, prepare_batch, replace_decoder
 from .rope import UnsupportedRopeError
 from .loss import ScoredTokens, scored_tokens
 from .segments import AttentionPlan, MaskError, plan_attention, to_device
@@ -18,7 +18,7 @@ __all__ = [
     "FP8UnsupportedError", "KVCacheUnsupportedError", "MaskError", "SaveHFCheckpointCallback", "SegmentedLlamaModel",
     "TELlamaDecoderLayer", "TorchLlamaDecoderLayer", "UnsupportedRopeError", "build_model",
     "check_fp8_tokens", "fp8_autocast", "from_hf_checkpoint", "hf_to_te_key", "pad_to_multiple",
-    "plan_attention", "replace_decoder", "resolve_backend", "save_hf_checkpoint", "ScoredTokens", "scored_tokens",
+    "plan_attention", "prepare_batch", "replace_decoder", "resolve_backend", "save_hf_checkpoint", "ScoredTokens", "scored_tokens",
     "te_to_hf_keys", "to_device",
 ]
 

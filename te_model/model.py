@@ -27,9 +27,9 @@ from transformers.models.llama import modeling_llama
 from .backend import decoder_layer_class, resolve_backend
 from .fp8 import check_fp8_tokens, fp8_active
 from .layer import KV_CACHE_MESSAGE, DecoderCall, KVCacheUnsupportedError
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, scored_tokens
 from .rope import angles_table, rope_type
-from .segments import MaskError, plan_attention
+from .segments import MaskError, plan_attention, to_device
 
 
 _MASK_IN_PLAN = torch.empty(0, 0, 0, 0, dtype=torch.bool)  # HF passes a 4-D mask through; the layers ignore it
@@ -51,15 +51,19 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
         attention_plan=None,
         **kwargs,
     ):
-        """`attention_plan`: the batch's plan made beforehand (`plan_attention` on the host's position ids,
-        then `.to(device)`), which saves the two host syncs of planning on the device; None plans here."""
+        """`attention_plan`: the batch's plan made beforehand (`prepare_batch`, or `plan_attention` on the
+        host's position ids, then `.to(device)`), which saves the two host syncs of planning on the device;
+        None plans here (on the host when neither position ids nor a mask are given)."""
         # A cache asked for (newer transformers' generate passes use_cache=True and no cache yet) or handed
         # in is refused; use_cache=None/False, the patched config's default, runs without one.
         if past_key_values is not None or use_cache:
             raise KVCacheUnsupportedError(KV_CACHE_MESSAGE)
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, seqlen = tokens.shape[:2]
-        if attention_plan is None:
+        if attention_plan is None and position_ids is None and attention_mask is None:
+            # plain rows: the shape is the whole plan, made on the host and copied without a host sync
+            plan = plan_attention(batch, seqlen).to(tokens.device)
+        elif attention_plan is None:
             plan = plan_attention(batch, seqlen, position_ids, attention_mask, device=tokens.device)
         elif attention_mask is not None:
             raise MaskError("attention_plan and attention_mask both given: the plan holds the padding")
@@ -84,6 +88,22 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
             attention_plan=plan,
             **kwargs,
         )
+
+
+def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """Model inputs on `device` from a batch on the host (`input_ids`, and any of `labels`, `position_ids`,
+    `attention_mask`), with its attention plan and the positions its loss scores found on the host.
+
+    Every copy starts from pinned memory, so neither this nor the forward and backward passes it feeds
+    waits for the device: planning or selecting on the device needs host syncs, and so does a copy from
+    pageable memory. The padding mask becomes part of the plan and is not passed on.
+    """
+    plan = plan_attention(*batch["input_ids"].shape, batch.get("position_ids"), batch.get("attention_mask"))
+    out = {k: to_device(v, device) for k, v in batch.items() if k != "attention_mask"}
+    out["attention_plan"] = plan.to(device)
+    if "labels" in batch:
+        out["scored_tokens"] = scored_tokens(batch["labels"]).to(device)
+    return out
 
 
 class TELlamaForCausalLM(LlamaForCausalLM):

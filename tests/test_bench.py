@@ -214,7 +214,7 @@ def test_attention_host_cases_are_what_they_say_and_cpu_is_refused():
 def test_gpu_work_leaves_out_annotation_ranges():
     from types import SimpleNamespace
 
-    from bench.parallel_profile import gpu_work
+    from bench.trace_gaps import gpu_work
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     kernel = SimpleNamespace(name="nvjet_gemm", device_type=cuda, is_user_annotation=False)

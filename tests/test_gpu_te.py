@@ -277,6 +277,38 @@ def test_fp8_attention_tracks_bf16_attention(layout):
     assert cosine > 0.98
 
 
+@pytest.mark.parametrize("call", ["prepared training step", "token ids alone"])
+@pytest.mark.parametrize("recipe", [None, "delayed"])
+def test_the_model_never_waits_for_the_gpu(call, recipe):
+    """Handed `prepare_batch`'s inputs (what the pipeline's training step hands it), a forward and backward
+    pass over packed rows make no host sync; nor does a forward pass on token ids alone (plain rows, planned
+    on the host). Torch raises on any synchronizing call (`set_sync_debug_mode("error")`)."""
+    torch.manual_seed(0)
+    config = llama_config("llama3", **GPU_SHAPES, num_hidden_layers=2)
+    model = te_model.build_model(config, backend="te", dtype=torch.bfloat16, device="cuda").train()
+    ids, kwargs, _ = layout_inputs("packed", config.vocab_size)
+    batch, device, plain = {"input_ids": ids, "labels": ids, **kwargs}, torch.device("cuda"), ids.cuda()
+
+    def run():
+        if call == "token ids alone":
+            with torch.no_grad(), te_model.fp8_autocast(recipe):
+                return model(input_ids=plain).logits
+        with te_model.fp8_autocast(recipe):
+            loss = model(**te_model.prepare_batch(batch, device)).loss
+        loss.backward()
+        return loss
+
+    for _ in range(2):  # the first calls build cuDNN graphs and TE's workspaces
+        run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
+
+
 def test_empty_segments_change_nothing(monkeypatch):
     """The plan pads `cu_seqlens` with empty segments to a power-of-two count (te_model/segments.py): the
     same packed batch gives the same loss and gradients with and without them."""

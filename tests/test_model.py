@@ -258,17 +258,20 @@ def test_a_plan_made_beforehand_gives_the_same_loss_and_a_wrong_one_is_refused(h
     labels[1, 20] = -100  # the first token of the second document
     positions = torch.cat([torch.arange(20), torch.arange(12)]).repeat(2, 1)  # two documents a row
     cpu = torch.device("cpu")
+    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
     losses, grads = [], []
-    for given in ({}, {"attention_plan": plan_attention(2, 32, positions).to(cpu),
-                       "scored_tokens": te_model.scored_tokens(labels).to(cpu)}):
+    for inputs in (batch, {**batch, "attention_plan": plan_attention(2, 32, positions).to(cpu),
+                           "scored_tokens": te_model.scored_tokens(labels).to(cpu)},
+                   te_model.prepare_batch(batch, cpu)):
         te.zero_grad(set_to_none=True)
-        loss = te(input_ids=ids, labels=labels, position_ids=positions, **given).loss
+        loss = te(**inputs).loss
         loss.backward()
         losses.append(loss.detach())
         grads.append({name: p.grad.clone() for name, p in te.named_parameters()})
     te.zero_grad(set_to_none=True)
-    assert torch.equal(losses[0], losses[1])
-    assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])
+    for other in (1, 2):
+        assert torch.equal(losses[0], losses[other])
+        assert all(torch.equal(grads[0][name], grads[other][name]) for name in grads[0])
     # 31 predictions a row; row 0's positions 0-7 predict masked labels 1-8, row 1's position 19 label 20
     assert te_model.scored_tokens(labels).index.numel() == 2 * 31 - 8 - 1
     with pytest.raises(ValueError, match=r"scored tokens are for labels of shape \(1, 32\)"):
@@ -277,3 +280,20 @@ def test_a_plan_made_beforehand_gives_the_same_loss_and_a_wrong_one_is_refused(h
         te(input_ids=ids, labels=ids, position_ids=positions, attention_plan=plan_attention(1, 32))
     with pytest.raises(te_model.MaskError, match="both given"):
         te(input_ids=ids, labels=ids, attention_mask=torch.ones(2, 32), attention_plan=plan_attention(2, 32))
+
+
+def test_prepare_batch_puts_the_padding_mask_into_the_plan(hf_and_te):
+    """A right-padded batch through `prepare_batch`: the mask becomes the plan's segments, not an input,
+    and the real tokens' logits are those of the model called with the mask."""
+    _, te = hf_and_te
+    te.eval()
+    ids = torch.randint(0, 320, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 17:] = 0
+    inputs = te_model.prepare_batch({"input_ids": ids, "attention_mask": mask}, torch.device("cpu"))
+    assert sorted(inputs) == ["attention_plan", "input_ids"]
+    assert inputs["attention_plan"].cu_seqlens.tolist() == [0, 24, 41, 48, 48]  # row 1: 17 real, 7 padding
+    with torch.no_grad():
+        planned, masked = te(**inputs).logits, te(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.equal(planned[real], masked[real])
