@@ -12,8 +12,8 @@ layout trains the same global batch from the same checkpoint and rows:
 - `fsdp`: two processes, half each, FSDP2 (`train.parallelism: fsdp`);
 - `fsdp-keep`: the same with `train.fsdp_reshard_after_forward: false` (no all-gather in backward).
 
-After `--warmup` steps, rank 0 records `--profile-steps` steps with torch.profiler, then every rank times
-`--steps` more. Printed per layout: the median step time, tokens/s, scaling efficiency against one
+After `--warmup` steps every rank times `--steps` more, then rank 0 records `--profile-steps` steps with
+torch.profiler. Printed per layout: the median and mean step time, tokens/s, scaling efficiency against one
 process, and from the profile the GPU time per step split into compute kernels and NCCL kernels, and
 the top operators by GPU and by CPU time. Kernel times are summed over streams: NCCL kernels that
 overlap compute count in both the sum and the step. On a GPU, also when in each profiled step the GPU
@@ -128,6 +128,10 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
         progress, steps = pipeline_train.Progress(), pipeline_train.Steps(w, ahead=not args.no_ahead)
         for _ in range(args.warmup):
             steps.next(progress)
+        # timed straight after the warm-up, before the profile: running ahead, the step queued while the
+        # profile's trace is exported would run meanwhile, and the first timed steps would look short
+        steps.restart_clock()
+        metrics = [steps.next(progress)[0] for _ in range(args.steps)]
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities, with_stack=bool(args.host_breakdown)) as prof:
             for _ in range(args.profile_steps):
@@ -146,12 +150,11 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
                 keep = Path(args.trace_dir) / f"{Path(out).stem}.trace.json.gz"
                 keep.parent.mkdir(parents=True, exist_ok=True)
                 keep.write_bytes(gzip.compress(trace_path.read_bytes()))
-        steps.restart_clock()  # the profile's export is not step time
-        metrics = [steps.next(progress)[0] for _ in range(args.steps)]
         steps.drop_queued()
         if rank == 0:
             step_ms = [tokens / m["tokens_per_s"] * 1e3 for m in metrics]
-            result = {"step_ms": statistics.median(step_ms), "step_ms_all": step_ms,
+            result = {"step_ms": statistics.median(step_ms), "step_ms_mean": statistics.mean(step_ms),
+                      "step_ms_all": step_ms,
                       "losses": [m["loss"] for m in metrics], "gpu_mem_gb": metrics[-1]["gpu_mem_gb"],
                       **profile_summary(prof, args.profile_steps)}
             if breakdown is not None:
@@ -238,7 +241,7 @@ def print_table(result: dict) -> None:
     print(f"\n{result['environment']['device']}, {run['shape']}, global batch {run['global_batch']}x{run['seq']}, "
           f"fp8 {run['fp8']}, backend {run['backend']}: pipeline Steps in bare processes"
           f"{'' if run.get('ahead', True) else ', each step read before the next is queued'}")
-    print(f"{'layout':10s} {'ms/step':>8s} {'tokens/s':>10s} {'scaling':>8s} {'same micro':>10s} {'kernel ms':>9s} "
+    print(f"{'layout':10s} {'ms/step':>8s} {'mean':>6s} {'tokens/s':>10s} {'scaling':>8s} {'same micro':>10s} {'kernel ms':>9s} "
           f"{'compute':>8s} {'NCCL':>6s} {'no comp':>7s} {'GiB':>6s}")
     for name, row in result["layouts"].items():
         if "step_ms" not in row:
@@ -248,7 +251,7 @@ def print_table(result: dict) -> None:
         idle = gaps["step"] - gaps["compute"] if gaps else None
         efficiency = common.fmt(row["scaling_efficiency"], ".3f")
         same_micro = common.fmt(row["same_micro_efficiency"], ".3f")
-        print(f"{name:10s} {row['step_ms']:8.1f} {row['tokens_per_s']:10.0f} {efficiency:>8s} {same_micro:>10s} "
+        print(f"{name:10s} {row['step_ms']:8.1f} {common.fmt(row.get('step_ms_mean'), '6.1f')} {row['tokens_per_s']:10.0f} {efficiency:>8s} {same_micro:>10s} "
               f"{row['kernel_ms_per_step']:9.1f} {row['compute_ms_per_step']:8.1f} {row['nccl_ms_per_step']:6.1f} "
               f"{common.fmt(idle, '.1f'):>7s} {row['gpu_mem_gb']:6.1f}")
 
