@@ -13,9 +13,12 @@ Variants (`--variants`, comma-separated; default all):
 - `fp8_delayed_attn_fp8head`: both opt-ins together;
 - `fp8_delayed_device_plan`: delayed scaling, handed device tensors only, so that our model plans its
   attention and selects its loss's positions on the GPU (three host syncs a step). Every other variant of
-  ours gets its inputs as the pipeline's training step hands them over (`bench.common.step_inputs`).
+  ours gets its inputs as the pipeline's training step hands them over (`bench.common.step_inputs`);
+- `fp8_delayed_torch_adamw`: delayed scaling, updated by torch's fused AdamW (the baselines' optimizer)
+  instead of the pipeline's (`pipeline.optim.AdamW`, the same math in one Triton kernel per parameter),
+  which every other variant of ours uses.
 
-A step is the whole thing: embedding, decoder, lm_head, loss, backward, fused AdamW step, bf16 parameters.
+A step is the whole thing: embedding, decoder, lm_head, loss, backward, AdamW step, bf16 parameters.
 Every variant starts from the same weights (`bench.common.reference_state`) and sees the same token
 batches in the same order, so the first-step losses must agree (they are in the JSON). Warm-up steps
 (which include torch.compile's compilation) are not timed; the step time is the median of the timed steps.
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
 from bench import common  # noqa: E402
+from pipeline import optim  # noqa: E402
 
 VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "hf": ("hf", False, None),
@@ -57,6 +61,7 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_attn": ("ours", False, "delayed"),  # ... and the attention in FP8 (opt-in)
     "fp8_delayed_attn_fp8head": ("ours", False, "delayed"),  # ... both
     "fp8_delayed_device_plan": ("ours", False, "delayed"),  # ... its plan and loss positions found on the GPU
+    "fp8_delayed_torch_adamw": ("ours", False, "delayed"),  # ... updated by torch's fused AdamW, as HF is
 }
 # Rows per step that fit the HF bf16 baseline in 80 GB (8192 tokens a step); raise with --batch.
 DEFAULT_BATCH = {("llama3.2-1b", 2048): 4, ("llama3.2-1b", 4096): 2,
@@ -128,7 +133,10 @@ def run_variant(name: str, args, config, state, batches, device, backend: str) -
     common.reset_peak(device)
     model = build_variant(name, config, state, common.DTYPES[args.dtype], device, backend)
     forward = torch.compile(model, backend=args.compile_backend) if compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+    if kind == "hf" or name.endswith("_torch_adamw"):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+    else:  # the pipeline's: the same defaults (weight decay 0.01 on every parameter, as torch's)
+        optimizer = optim.AdamW(model.parameters(), lr=args.lr)
     timer, losses, wall_start = common.StepTimer(device), [], None
     for i, ids in enumerate(batches):
         if i == args.warmup:
@@ -166,7 +174,8 @@ def label(name: str, backend: str, dtype: str) -> str:
     return (f"ours {where}, " + (f"FP8 {recipe}" if recipe else dtype) + (", HF loss" if "logits" in name else "")
             + (" + FP8 attention" if "_attn" in name else "")
             + (" + FP8 head" if name.endswith("_fp8head") else "")
-            + (", planned on GPU" if name.endswith("_device_plan") else ""))
+            + (", planned on GPU" if name.endswith("_device_plan") else "")
+            + (", torch AdamW" if name.endswith("_torch_adamw") else ""))
 
 
 def skip_reason(name: str, backend: str, reason: str | None) -> str | None:
@@ -235,7 +244,7 @@ def add_rates(rows: list[dict], flops: float, tokens: int, matmul_peak: float) -
 def print_table(result: dict) -> None:
     run, env = result["run"], result["environment"]
     print(f"\n{env['device']}, {run['shape']} ({run['layers']} layers), {run['batch']}x{run['seq']} tokens, "
-          f"{run['dtype']} params, full step incl. fused AdamW, median of {run['steps']} "
+          f"{run['dtype']} params, full step incl. AdamW, median of {run['steps']} "
           f"(matmul peak {run['matmul_peak_tflops']:.0f} TFLOP/s)")
     print(f"{'variant':40s} {'ms/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU989':>7s} {'MFUmeas':>7s} "
           f"{'GiB':>6s} {'vs HF':>6s} {'loss0':>8s}")

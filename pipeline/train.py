@@ -66,7 +66,7 @@ from torch.profiler import record_function as phase  # a step's phases, as named
 import te_model
 from pipeline import checkpoint as ckpt
 from pipeline import checkpoint_commit as commit
-from pipeline import faults, parallel, storage
+from pipeline import faults, optim, parallel, storage
 from pipeline.config import Config, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
@@ -210,16 +210,16 @@ def _failure_summary(exc: Exception) -> str:
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not on norms.
 
-    The fused kernel, on CPU as on GPU: it takes `found_inf`, which lets a non-finite step skip its update
-    on the device without the host looking (`Steps`). On GPU it updates every parameter in a few
-    launches; with data parallelism each replica runs the whole update every step, so its cost does not
-    shrink as workers are added. FSDP2's sharded parameters (DTensors) take it too, one launch per local
-    shard list.
+    `pipeline.optim.AdamW`: torch's fused AdamW, with the update one Triton kernel per parameter on a GPU
+    (torch's own fused kernel on CPU). Both take `found_inf`, which lets a non-finite step skip its update
+    on the device without the host looking (`Steps`). With data parallelism each replica runs the whole
+    update every step, so its cost does not shrink as workers are added; FSDP2's sharded parameters
+    (DTensors) are updated shard by shard.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.95), fused=True)
+    return optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.95))
 
 
 def lr_multiplier(step: int, train: TrainConfig) -> float:
