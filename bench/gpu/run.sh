@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One part of the GPU checks, on a node with the project and Transformer Engine installed. On a host
 # without a package index whose wheels are staged in /tmp/gpu-stage with their install script, they are
-# installed into /tmp/site first (once). Logs and JSON go to /tmp/results, packed into
-# $OUT/results-<part>.tgz at the end when $OUT is set.
+# installed into /tmp/site first (once); pack those wheels with bench/gpu/host-requirements.txt as an extra
+# requirements file, which pins the S3 stack the pipeline needs. Logs and JSON go to /tmp/results, packed
+# into $OUT/results-<part>.tgz at the end when $OUT is set.
 #   bash bench/gpu/run.sh smoke               GPU tests of the loss kernels, FP8 attention and the bench scripts
 #   bash bench/gpu/run.sh gpu-tests           every GPU test but the two-GPU scaling test
 #   bash bench/gpu/run.sh scaling [args]      tests/test_gpu_scaling.py (two GPUs; e.g. -k wider)
