@@ -124,3 +124,26 @@ def test_triton_update_matches_torch_fused_adamw_on_gpu():
     results = run_compare("cuda", {**env, "PYTHONPATH": str(REPO)})
     print(f"\nlargest error over the tensor's scale, one step, CUDA: {results}")
     check(results)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_update_never_waits_for_the_gpu():
+    """A step, with `found_inf` on the device as the training step sets it, makes no host sync: torch raises
+    on any synchronizing call (`set_sync_debug_mode("error")`)."""
+    pytest.importorskip("triton")
+    params = [torch.nn.Parameter(torch.randn(shape, device="cuda", dtype=torch.bfloat16))
+              for shape in ((2048, 1024), (1024,))]  # one through the Triton kernel, one through torch's
+    opt = optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.found_inf = torch.zeros((), device="cuda")
+    opt.step()  # compiles the kernel, makes the state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert opt.triton_applies()
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert float(opt.state[params[0]]["step"]) == float(opt.state[params[1]]["step"]) == 2
