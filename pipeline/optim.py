@@ -23,11 +23,10 @@ parameter's dtype. FSDP2's sharded parameters (DTensors) are updated shard by sh
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 from torch.optim.adamw import adamw as torch_fused_adamw  # the functional form of torch.optim.AdamW
+
+from te_model.triton_kernels import lazy_kernel, runs_on
 
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps
 # Smaller parameters (norm weights) go to torch's fused kernel, several to a launch: one launch each would
@@ -36,15 +35,7 @@ SMALL = 1 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-@functools.cache
-def _triton_kernel():
-    """The compiled-on-first-use kernel, or None where Triton cannot be imported."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+def _build(triton, tl):
     @triton.jit
     def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, n, corrections_ptr, index, found_inf_ptr, lr, weight_decay,
                      beta1, beta2, eps, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
@@ -70,6 +61,9 @@ def _triton_kernel():
     return adamw_update
 
 
+_triton_kernel = lazy_kernel(_build)  # the kernel, compiled on first use, or None without Triton
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (which shares its storage), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -87,7 +81,6 @@ class AdamW(torch.optim.AdamW):
         """Whether `step` runs the Triton kernel for the parameters that have gradients now."""
         if _triton_kernel() is None or getattr(self, "grad_scale", None) is not None:
             return False
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         for group in self.param_groups:
             if group["amsgrad"] or group["maximize"] or group["differentiable"]:
                 return False
@@ -95,7 +88,7 @@ class AdamW(torch.optim.AdamW):
                 if p.grad is None:
                     continue
                 local, grad = _local(p), _local(p.grad)
-                if not ((local.is_cuda or interpreted) and local.dtype in DTYPES and grad.dtype == local.dtype
+                if not (runs_on(local) and local.dtype in DTYPES and grad.dtype == local.dtype
                         and local.is_contiguous() and grad.is_contiguous() and not grad.is_sparse):
                     return False
         return True

@@ -21,23 +21,14 @@ the kernel against the torch implementation where there is no GPU.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
+
+from .triton_kernels import lazy_kernel, runs_on
 
 BLOCK = 4096  # logits per program step: 16 per thread at 8 warps
 
 
-@functools.cache
-def _triton_kernel():
-    """The compiled-on-first-use kernel, or None where Triton cannot be imported."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+def _build(triton, tl):
     @triton.jit
     def ce_rows(logits_ptr, stride, targets_ptr, loss_ptr, divisor, grad_ptr, grad_stride,
                 VOCAB: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr):
@@ -69,13 +60,16 @@ def _triton_kernel():
     return ce_rows
 
 
+_triton_kernel = lazy_kernel(_build)  # the kernel, compiled on first use, or None without Triton
+
+
 def triton_available() -> bool:
     return _triton_kernel() is not None
 
 
 def triton_usable(logits: torch.Tensor, grad_out: torch.Tensor | None = None) -> bool:
     """Whether `logits_ce_` takes the Triton path for these tensors."""
-    on_device = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    on_device = runs_on(logits)
     rows_contiguous = all(t.stride(-1) == 1 for t in (logits, grad_out) if t is not None)
     return on_device and rows_contiguous and _triton_kernel() is not None
 
