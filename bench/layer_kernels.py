@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -31,26 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
-from bench import common, layer_speed, packing  # noqa: E402
-from bench.trace_gaps import gpu_work  # noqa: E402
+from bench import common, kernels, layer_speed, packing  # noqa: E402
 from te_model.rope import angles_table  # noqa: E402
 
 LAYOUTS = ("thd", "bshd", "sbhd", "bshd-fp8attn", "sbhd-fp8attn")
 FP8_ATTENTION = "-fp8attn"
-# kernel kinds, first match wins: (kind, substrings of the lower-cased kernel name)
-KINDS = (
-    ("attention", ("fmha", "flash", "sdpa", "attn", "cudnn")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "matmul")),
-    ("rope", ("rope", "rotary")),
-    ("norm", ("norm",)),
-    ("swiglu", ("swiglu", "glu", "silu", "gated")),
-    ("cast/transpose/amax", ("cast", "transpose", "quantize", "amax", "scale", "fp8")),
-)
-
-
-def kind_of(name: str) -> str:
-    low = name.lower()
-    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+COLUMNS = kernels.LAYER_KINDS + ("other",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -123,22 +108,12 @@ def measure(stack: Stack, x, grad, angles, recipe, args, device) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step(stack, x, grad, angles, recipe)
         torch.cuda.synchronize()
-    by_kind, other, kernels, calls = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(int)
-    attention = set()
-    for e in gpu_work(prof.events()):
-        ms_ = e.time_range.elapsed_us() / 1e3
-        kind = kind_of(e.name)
-        by_kind[kind] += ms_
-        kernels[e.name[:90]] += ms_
-        calls[e.name[:90]] += 1
-        if kind == "other":
-            other[e.name[:70]] += ms_
-        elif kind == "attention":
-            attention.add(e.name)
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
-    return {"step_ms": ms, "kernel_ms": dict(by_kind), "output": out.detach().float(),
-            "other_top": sorted(other.items(), key=lambda kv: -kv[1])[:6],
-            "kernels_top": [(name, kernel_ms, calls[name]) for name, kernel_ms in top],
+    found = kernels.breakdown(prof, steps=1)
+    by_kind = found["kernel_ms"]
+    by_kind["gemm"] = by_kind.get("gemm", 0.0) + by_kind.pop("gemm fp8", 0.0)  # bf16 and FP8 GEMMs, one column
+    attention = {name for name, _, _ in kernels.work(prof) if kernels.kind_of(name) == "attention"}
+    return {"step_ms": ms, "kernel_ms": by_kind, "output": out.detach().float(),
+            "other_top": found["other_top"], "kernels_top": found["kernels_top"],
             "attention_kernels": sorted(attention)}
 
 
@@ -177,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_table(result: dict) -> None:
     run = result["run"]
-    kinds = [k for k, _ in KINDS] + ["other"]
+    kinds = COLUMNS
     print(f"\n{result['environment']['device']}, {run['layers']} layers of {run['shape']} shape, "
           f"{run['batch']}x{run['seq']} tokens, stack fwd+bwd, fp8 {run['fp8']}, median of {run['steps']}; "
           "kernel ms of one profiled step")

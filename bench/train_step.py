@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
-from bench import common  # noqa: E402
+from bench import common, kernels  # noqa: E402
 from pipeline import optim  # noqa: E402
 
 VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the timed steps, profile this many more: kernel ms per step by kind, GPU idle")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES), help="parameter dtype")
     p.add_argument("--lr", type=float, default=1e-5)
@@ -86,8 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of hf_compile")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0:
+        p.error("--steps must be >= 1, --warmup and --profile-steps >= 0")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -138,17 +140,22 @@ def run_variant(name: str, args, config, state, batches, device, backend: str) -
     else:  # the pipeline's: the same defaults (weight decay 0.01 on every parameter, as torch's)
         optimizer = optim.AdamW(model.parameters(), lr=args.lr)
     timer, losses, wall_start = common.StepTimer(device), [], None
-    for i, ids in enumerate(batches):
-        if i == args.warmup:
-            _sync(device)
-            wall_start = time.perf_counter()
-            timer.mark()
+
+    def train_step(ids):
         with te_model.fp8_autocast(recipe, fp8_attention=fp8_attention):
             loss = forward(**common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))).loss
         loss.backward()  # outside the autocast: TE runs the matching FP8 backward itself
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
+
+    timed = batches[: args.warmup + args.steps]
+    for i, ids in enumerate(timed):
+        if i == args.warmup:
+            _sync(device)
+            wall_start = time.perf_counter()
+            timer.mark()
+        train_step(ids)
         if i >= args.warmup:
             timer.mark()
     _sync(device)
@@ -157,8 +164,27 @@ def run_variant(name: str, args, config, state, batches, device, backend: str) -
     result = {"step_ms": statistics.median(step_ms), "step_ms_min": min(step_ms), "step_ms_max": max(step_ms),
               "wall_ms_mean": wall_ms, "peak_mem_gib": common.peak_gib(device),
               "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
+    if args.profile_steps:
+        result["profile"] = profile_steps(train_step, batches[len(timed):], device)
     del model, forward, optimizer, losses
     return result
+
+
+def profile_steps(train_step, batches, device) -> dict:
+    """`kernels.breakdown` of these steps, profiled back to back, with their mean wall time and the GPU's
+    idle time in it (wall less busy): where a variant's step goes, beside its timing."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    _sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for ids in batches:
+            train_step(ids)
+        _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3 / len(batches)
+    found = kernels.breakdown(prof, len(batches))
+    return {"steps": len(batches), "wall_ms": wall_ms, "idle_ms": max(0.0, wall_ms - found["busy_ms"]), **found}
 
 
 def _sync(device) -> None:
@@ -188,7 +214,8 @@ def measure(args, device) -> dict:
     """Every requested variant on the same weights and batches; a result row (or skip/error) each."""
     backend, backend_reason = common.ours_backend(device)
     config = common.llama_config(args.shape, args.layers)
-    batches = token_batches(config.vocab_size, args.batch, args.seq, args.warmup + args.steps, args.seed)
+    batches = token_batches(config.vocab_size, args.batch, args.seq, args.warmup + args.steps + args.profile_steps,
+                            args.seed)
     size = args.matmul_size or (8192 if device.type == "cuda" else 512)
     matmul_peak = common.matmul_peak_flops(device, size)
     common.free_memory()
@@ -255,6 +282,28 @@ def print_table(result: dict) -> None:
         print(f"{r['label']:40s} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:8.1f} "
               f"{r['mfu_datasheet']:7.1%} {r['mfu_measured_peak']:7.1%} {common.fmt(r['peak_mem_gib'], '6.1f')} "
               f"{common.fmt(r['speedup_vs_hf'], '5.2f')}x {r['loss_first']:8.4f}")
+    print_profiles(result["variants"])
+
+
+PROFILE_COLUMNS = ("gemm fp8", "gemm", "attention", "optimizer", "loss", "embedding", "cast/transpose/amax", "norm",
+                   "swiglu", "rope", "other")
+
+
+def print_profiles(rows: list[dict]) -> None:
+    """Kernel ms per profiled step by kind, the GPU's idle ms, then each variant's largest kernels."""
+    rows = [r for r in rows if "profile" in r]
+    if not rows:
+        return
+    print(f"\nprofiled steps, ms per step: wall, GPU idle, kernel time by kind")
+    print(f"{'variant':40s} {'wall':>7s} {'idle':>6s} " + " ".join(f"{k[:9]:>9s}" for k in PROFILE_COLUMNS))
+    for r in rows:
+        p = r["profile"]
+        print(f"{r['label']:40s} {p['wall_ms']:7.1f} {p['idle_ms']:6.1f} "
+              + " ".join(f"{p['kernel_ms'].get(k, 0.0):9.2f}" for k in PROFILE_COLUMNS))
+    for r in rows:
+        print(f"{r['label']} largest kernels (ms per step, calls per step):")
+        for name, ms, calls in r["profile"]["kernels_top"][:10]:
+            print(f"  {ms:7.2f} {calls:4d}  {name}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -6,7 +6,7 @@ TE's HYBRID recipes do inside the layers:
 
 - forward  logits = h @ W.T       h, W in E4M3, each scaled by its own amax (current scaling)
 - input gradient  dh = dlogits @ W    dlogits in E5M2
-- weight gradient dW = dlogits.T @ h  accumulated in fp32
+- weight gradient dW = dlogits.T @ h  accumulated in fp32 over chunks (one chunk: written in bf16)
 
 `softmax - onehot` is bounded by 1 in magnitude, so the gradient's scale is fixed: the loss kernel writes
 `(softmax - onehot) * 2**15` (`grad_divisor`, a power of two: exact) straight into an E5M2 buffer,
@@ -73,9 +73,9 @@ class FP8HeadGemms:
         return torch._scaled_mm(dq, self.wq_t.t(), scale_a=self.grad_scale, scale_b=self.w_scale,
                                 out_dtype=self.dtype)
 
-    def grad_weight(self, dq, start: int, stop: int, acc: torch.Tensor | None) -> torch.Tensor:
+    def grad_weight(self, dq, start: int, stop: int, acc: torch.Tensor | None, final: bool) -> torch.Tensor:
         product = torch._scaled_mm(dq.t().contiguous(), self.hq.t().contiguous().t(), scale_a=self.grad_scale,
-                                   scale_b=self.h_scale, out_dtype=torch.float32)
+                                   scale_b=self.h_scale, out_dtype=self.dtype if final else torch.float32)
         if acc is None:
             return product
         return acc.add_(product)

@@ -47,7 +47,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         gemms = FP8HeadGemms(hidden, weight, divisor) if fp8_head else HeadGemms(hidden, weight, divisor)
         grad_hidden = torch.empty_like(hidden) if want_h else None
-        grad_weight = None  # fp32, written by the first chunk's GEMM, accumulated into by the others
+        # written by the first chunk's GEMM and accumulated into by the others in fp32; where one chunk holds
+        # every token there is nothing to accumulate, and the GEMM writes it in the weight's dtype at once
+        grad_weight = None
+        one_chunk = hidden.shape[0] <= chunk_tokens
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, hidden.shape[0])
@@ -62,7 +65,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_h:
                 grad_hidden[start:stop] = gemms.grad_hidden(dlogits)[: stop - start]
             if want_w:
-                grad_weight = gemms.grad_weight(dlogits, start, stop, grad_weight)
+                grad_weight = gemms.grad_weight(dlogits, start, stop, grad_weight, final=one_chunk)
         if want_w and grad_weight is None:  # nothing scored: a zero gradient, as DDP expects one
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -72,8 +75,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_h = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
-        # cast first, then scale in place: one fp32 read instead of an fp32 product written and read again
-        grad_w = grad_weight.to(ctx.weight_dtype).mul_(grad_output) if grad_weight is not None else None
+        if grad_weight is None:
+            grad_w = None
+        elif grad_weight.dtype == ctx.weight_dtype:
+            grad_w = grad_weight * grad_output.to(grad_weight.dtype)  # the saved gradient stays as it was
+        else:  # cast first, then scale in place: one fp32 read instead of an fp32 product written and read again
+            grad_w = grad_weight.to(ctx.weight_dtype).mul_(grad_output)
         return grad_h, grad_w, None, None, None, None
 
 
@@ -94,7 +101,10 @@ class HeadGemms:
     def grad_hidden(self, dlogits: torch.Tensor) -> torch.Tensor:
         return dlogits @ self.weight
 
-    def grad_weight(self, dlogits, start: int, stop: int, acc: torch.Tensor | None) -> torch.Tensor:
+    def grad_weight(self, dlogits, start: int, stop: int, acc: torch.Tensor | None, final: bool) -> torch.Tensor:
+        """dlogits.T @ h, added into `acc` (fp32); `final`: the only chunk, its product is the gradient."""
+        if final:
+            return dlogits.T @ self.hidden[start:stop]
         return _gemm_fp32(dlogits.T, self.hidden[start:stop], acc)
 
 
@@ -123,7 +133,7 @@ def _gemm_fp32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None
 def _chunk_tokens(vocab_size: int, device: torch.device) -> int:
     """Scored tokens per chunk: CHUNK_ELEMENTS logits, four times that where the Triton kernel keeps them
     in bf16 with no fp32 copy (8,372 tokens of a 128k vocabulary: one chunk for most micro-batches, so
-    the head's weight gradient is one GEMM written once instead of accumulated)."""
+    the head's weight gradient is one GEMM, written once in bf16 instead of accumulated in fp32)."""
     elements = CHUNK_ELEMENTS * (4 if device.type == "cuda" and triton_available() else 1)
     return max(1, elements // vocab_size)
 

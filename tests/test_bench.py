@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import common, packing, ray_overhead, train_step
+from bench import common, kernels, packing, ray_overhead, train_step
 
 TINY = ["--shape", "tiny", "--device", "cpu", "--dtype", "fp32"]
 
@@ -44,7 +44,7 @@ def train_step_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "train_step.json"
     argv = TINY + ["--seq", "64", "--batch", "2", "--steps", "2", "--warmup", "1", "--matmul-size", "128",
                    "--variants", "hf,hf_compile,ours_bf16,fp8_delayed,fp8_block", "--compile-backend", "aot_eager",
-                   "--out", str(out)]
+                   "--profile-steps", "2", "--out", str(out)]
     train_step.main(argv)
     return json.loads(out.read_text())
 
@@ -73,6 +73,35 @@ def test_train_step_variants_start_from_the_same_weights(train_step_result):
     # the same batches and the same updates: still equal after the optimizer steps
     assert rows["ours_bf16"]["loss_last"] == pytest.approx(rows["hf"]["loss_last"], abs=1e-4)
     assert rows["hf"]["loss_last"] != pytest.approx(first, abs=1e-6)  # the steps did train
+
+
+def test_train_step_profiles_say_where_each_step_goes(train_step_result, capsys):
+    rows = {r["variant"]: r for r in train_step_result["variants"]}
+    for name in ("hf", "ours_bf16"):
+        profile = rows[name]["profile"]
+        assert profile["steps"] == 2 and 0 <= profile["idle_ms"] < profile["wall_ms"]
+        by_kind = profile["kernel_ms"]
+        for kind in ("gemm", "attention", "optimizer", "loss", "embedding"):
+            assert by_kind.get(kind, 0) > 0, (name, kind, by_kind)
+        assert "gemm fp8" not in by_kind  # no FP8 on this path
+    assert "profile" not in rows["fp8_delayed"]  # skipped variants have nothing to profile
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_sm90_qrtst_128x160_128x5_2x1_v_bz_coopA_algo2_TNT", "gemm fp8"),
+    ("nvjet_sm90_qqtst_256x128_128x4_1x2_h_bz_coopA_TNT", "gemm fp8"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "gemm"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128_1x4x1_cga1x1", "attention"),
+    ("cast_transpose_optimized_kernel(__nv_bfloat16 const*, float const*, __nv_fp8_e4m3*)", "cast/transpose/amax"),
+    ("adamw_update", "optimizer"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("ce_rows", "loss"),
+    ("void at::native::indexSelectLargeIndex<c10::BFloat16, long, unsigned int, 2, 2, -2, true>", "embedding"),
+    ("void transformer_engine::dgated_act_kernel<16, true, float>", "swiglu"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<float>>", "other"),
+])
+def test_kernels_are_sorted_into_kinds_by_name(name, kind):
+    assert kernels.kind_of(name) == kind
 
 
 def test_model_flops_counts_the_real_parameters():

@@ -112,6 +112,34 @@ def test_fp32_accumulation_on_cpu_adds_the_product():
     torch.testing.assert_close(acc, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_chunk_and_many_give_the_same_gradients(dtype):
+    """One chunk writes the head's weight gradient in the weight's dtype at once; several accumulate it in
+    fp32. Both are the same gradient, and the backward's scaling leaves the saved one as it was."""
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 9, 16, generator=gen).to(dtype)
+    weight = (torch.randn(40, 16, generator=gen) * 0.3).to(dtype)
+    labels = torch.randint(0, 40, (2, 9), generator=gen)
+    labels[0, 3] = -100
+    results = {}
+    for chunk in (1000, 4):  # 16 scored tokens: one chunk, then four
+        loss_module.CHUNK_ELEMENTS, saved = chunk * 40, loss_module.CHUNK_ELEMENTS
+        try:
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss = causal_lm_loss(h, w, labels)
+            (loss * 3.0).backward(retain_graph=True)
+            first = w.grad.clone()
+            w.grad = None
+            (loss * 3.0).backward()  # a second backward: the same gradient, not one scaled twice
+        finally:
+            loss_module.CHUNK_ELEMENTS = saved
+        assert w.grad.dtype == dtype and torch.equal(w.grad, first), chunk
+        results[chunk] = (loss.detach(), h.grad, w.grad)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for one, many in zip(results[1000], results[4]):
+        torch.testing.assert_close(one.float(), many.float(), rtol=tol, atol=tol)
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU: compiled kernel at Llama 3's vocabulary, and the fp32-output GEMM
 

@@ -22,9 +22,11 @@
 #   bash bench/gpu/run.sh layer-kernels       bench/layer_kernels.py: the 8B-shape stack's kernel time by kind, with
 #                                             the attention in THD, BSHD and SBHD; FP8 delayed (also with FP8
 #                                             attention in BSHD and SBHD), then bf16
+#   bash bench/gpu/run.sh step-kernels [args] bench/train_step.py at 8B shapes (8 layers, 2 x 4096): HF, FP8, FP8 head,
+#                                             timed, then two profiled steps each: kernel time by kind, GPU idle
 #   bash bench/gpu/run.sh matrix [args...]    bench/matrix.py with these arguments
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|matrix [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -95,6 +97,10 @@ case $part in
       python3 bench/layer_kernels.py --fp8 $fp8 --out $R/layer-kernels-$fp8.json 2>&1 | quiet | tee $R/layer-kernels-$fp8.log \
         | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     done ;;
+  step-kernels)
+    python3 bench/train_step.py --shape llama3.1-8b --layers 8 --seq 4096 --batch 2 --steps 10 --profile-steps 2 \
+      --variants hf,fp8_delayed,fp8_delayed_fp8head --out $R/step-kernels.json "$@" 2>&1 | quiet \
+      | tee $R/step-kernels.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   matrix)
     python3 bench/matrix.py --out $R/matrix "$@"; rc=$? ;;
 esac
