@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .fp8_kernels import scaled_cast, transpose
+
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 GRAD_SHIFT = 2.0**15  # |softmax - onehot| <= 1, times 2**15 stays under E5M2's max of 57344
 ALIGN = 16
@@ -32,7 +34,7 @@ def quantize(t: torch.Tensor, dtype=E4M3) -> tuple[torch.Tensor, torch.Tensor]:
     """(t / scale as `dtype`, scale): current scaling, the tensor's amax mapped to the format's max."""
     amax = torch.linalg.vector_norm(t, float("inf"), dtype=torch.float32)  # no |t| copy of the tensor
     scale = (amax / torch.finfo(dtype).max).clamp(min=1e-12)
-    return (t / scale).to(dtype), scale
+    return scaled_cast(t.contiguous(), scale, dtype), scale
 
 
 def _padded_rows(t: torch.Tensor) -> torch.Tensor:
@@ -69,12 +71,12 @@ class FP8HeadGemms:
 
     def grad_hidden(self, dq: torch.Tensor) -> torch.Tensor:
         if self.wq_t is None:
-            self.wq_t = self.wq.t().contiguous()
+            self.wq_t = transpose(self.wq)
         return torch._scaled_mm(dq, self.wq_t.t(), scale_a=self.grad_scale, scale_b=self.w_scale,
                                 out_dtype=self.dtype)
 
     def grad_weight(self, dq, start: int, stop: int, acc: torch.Tensor | None, final: bool) -> torch.Tensor:
-        product = torch._scaled_mm(dq.t().contiguous(), self.hq.t().contiguous().t(), scale_a=self.grad_scale,
+        product = torch._scaled_mm(transpose(dq), transpose(self.hq).t(), scale_a=self.grad_scale,
                                    scale_b=self.h_scale, out_dtype=self.dtype if final else torch.float32)
         if acc is None:
             return product

@@ -4,7 +4,7 @@
 # installed into /tmp/site first (once); pack those wheels with bench/gpu/host-requirements.txt as an extra
 # requirements file, which pins the S3 stack the pipeline needs. Logs and JSON go to /tmp/results, packed
 # into $OUT/results-<part>.tgz at the end when $OUT is set.
-#   bash bench/gpu/run.sh smoke               GPU tests of the loss and optimizer kernels, FP8 attention and the
+#   bash bench/gpu/run.sh smoke               GPU tests of the loss, FP8-head and optimizer kernels, FP8 attention and the
 #                                             bench scripts
 #   bash bench/gpu/run.sh gpu-tests           every GPU test but the two-GPU scaling test
 #   bash bench/gpu/run.sh scaling [args]      tests/test_gpu_scaling.py (two GPUs; e.g. -k wider)
@@ -54,7 +54,7 @@ case $part in
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     nvidia-smi topo -m    # how the GPUs are linked (NVLink or PCIe): it bounds what FSDP2 can overlap
     python3 -c "import torch, transformers, transformer_engine as te, triton; from transformer_engine.pytorch.utils import get_cudnn_version as v; print('torch', torch.__version__, 'transformers', transformers.__version__, 'te', te.__version__, 'cudnn (TE)', v(), 'triton', triton.__version__)"
-    python3 -m pytest tests/test_ce_kernel.py tests/test_optim.py tests/test_bench_gpu.py "tests/test_gpu_te.py::test_fp8_attention_tracks_bf16_attention" \
+    python3 -m pytest tests/test_ce_kernel.py tests/test_fp8_kernels.py tests/test_optim.py tests/test_bench_gpu.py "tests/test_gpu_te.py::test_fp8_attention_tracks_bf16_attention" \
       "tests/test_gpu_te.py::test_empty_segments_change_nothing" \
       "tests/test_gpu_te.py::test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it" \
       -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | grep "FP8 attention\|passed\|failed\|Error" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;

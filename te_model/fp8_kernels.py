@@ -1,0 +1,77 @@
+"""The FP8 head's casts and transposes in one pass each over memory, where Triton can run.
+
+Hopper's FP8 GEMMs take both operands K-major, so each of the head's GEMMs wants a different layout of
+the same FP8 tensor: the weight as (V, H) for the logits and as (H, V) for the input gradient, the loss's
+gradient (N, V) as (V, N) for the weight gradient. torch's `.t().contiguous()` on a 1-byte tensor runs a
+generic strided copy: at an 8B shape's head it took about 12 ms a step for three transposes that move
+under 2 GB. `transpose` here copies tiles through shared memory, reading and writing whole lines.
+
+`scaled_cast(t, scale, dtype)` is `(t / scale).to(dtype)` in one kernel: torch divides by a 0-dim device
+tensor in a non-vectorised kernel and writes a bf16 quotient that is read again for the cast (rounding
+twice, where this rounds once from fp32).
+
+Both fall back to torch where Triton cannot run (CPU tensors, no Triton); `TRITON_INTERPRET=1` runs the
+kernels on the CPU for the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_kernels import lazy_kernel, runs_on
+
+TILE = 64  # a transpose program's square tile
+BLOCK = 4096  # a scaled cast program's elements
+
+
+def _build(triton, tl):
+    @triton.jit
+    def transpose_tiles(x_ptr, y_ptr, rows, cols, TILE: tl.constexpr):
+        # y (cols, rows) = x (rows, cols).T, one TILE x TILE tile a program
+        r = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        c = tl.program_id(1) * TILE + tl.arange(0, TILE)
+        inside = (r[:, None] < rows) & (c[None, :] < cols)
+        tile = tl.load(x_ptr + r[:, None].to(tl.int64) * cols + c[None, :], mask=inside)
+        tl.store(y_ptr + c[:, None].to(tl.int64) * rows + r[None, :], tl.trans(tile),
+                 mask=(c[:, None] < cols) & (r[None, :] < rows))
+
+    @triton.jit
+    def scaled_cast_block(x_ptr, scale_ptr, q_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n).to(tl.float32)
+        tl.store(q_ptr + i, (x / tl.load(scale_ptr)).to(q_ptr.dtype.element_ty), mask=i < n)
+
+    return transpose_tiles, scaled_cast_block
+
+
+_kernels = lazy_kernel(_build)  # (transpose, scaled cast), compiled on first use, or None without Triton
+
+
+def _usable(t: torch.Tensor) -> bool:
+    return runs_on(t) and t.is_contiguous() and _kernels() is not None
+
+
+def transpose(t: torch.Tensor) -> torch.Tensor:
+    """`t.t().contiguous()` of a 2-D tensor of 1-byte elements (FP8)."""
+    if t.dim() != 2 or t.element_size() != 1 or not _usable(t):
+        return t.t().contiguous()
+    rows, cols = t.shape
+    out = torch.empty((cols, rows), dtype=t.dtype, device=t.device)
+    if t.numel():
+        grid = (triton_cdiv(rows, TILE), triton_cdiv(cols, TILE))
+        _kernels()[0][grid](t.view(torch.uint8), out.view(torch.uint8), rows, cols, TILE=TILE, num_warps=4)
+    return out
+
+
+def scaled_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t / scale` in `dtype` (FP8), rounded once from fp32; `scale` a 0-dim fp32 tensor on t's device."""
+    if not _usable(t):
+        return (t.float() / scale).to(dtype)
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    if t.numel():
+        _kernels()[1][(triton_cdiv(t.numel(), BLOCK),)](t, scale, out, t.numel(), BLOCK=BLOCK, num_warps=8)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
