@@ -54,7 +54,8 @@ class FP8HeadGemms:
         self.wq_t = None  # (H, V), made on first use by grad_hidden
         self.hidden = hidden
         self.grad_divisor = 1.0 / GRAD_SHIFT  # what the loss divides (softmax - onehot) by: x 2**15
-        self.grad_scale = torch.tensor(1.0 / (divisor * GRAD_SHIFT), device=weight.device)
+        # made on the device (a fill): a tensor copied from a host float would wait for the GPU to catch up
+        self.grad_scale = torch.full((), 1.0 / (divisor * GRAD_SHIFT), dtype=torch.float32, device=weight.device)
         self.hq = self.h_scale = None
 
     def logits(self, start: int, stop: int) -> torch.Tensor:

@@ -277,15 +277,17 @@ def test_fp8_attention_tracks_bf16_attention(layout):
     assert cosine > 0.98
 
 
-@pytest.mark.parametrize("call", ["prepared training step", "token ids alone"])
+@pytest.mark.parametrize("call", ["prepared training step", "the same with the FP8 head", "token ids alone"])
 @pytest.mark.parametrize("recipe", [None, "delayed"])
 def test_the_model_never_waits_for_the_gpu(call, recipe):
     """Handed `prepare_batch`'s inputs (what the pipeline's training step hands it), a forward and backward
-    pass over packed rows make no host sync; nor does a forward pass on token ids alone (plain rows, planned
-    on the host). Torch raises on any synchronizing call (`set_sync_debug_mode("error")`)."""
+    pass over packed rows make no host sync, with the bf16 head or the FP8 one; nor does a forward pass on
+    token ids alone (plain rows, planned on the host). Torch raises on any synchronizing call
+    (`set_sync_debug_mode("error")`)."""
     torch.manual_seed(0)
     config = llama_config("llama3", **GPU_SHAPES, num_hidden_layers=2)
     model = te_model.build_model(config, backend="te", dtype=torch.bfloat16, device="cuda").train()
+    model.fp8_head = "FP8 head" in call
     ids, kwargs, _ = layout_inputs("packed", config.vocab_size)
     batch, device, plain = {"input_ids": ids, "labels": ids, **kwargs}, torch.device("cuda"), ids.cuda()
 
