@@ -77,11 +77,14 @@ def ray_head(tmp_path_factory, mlflow_server) -> Iterator[RayHead]:
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # --block keeps the head's processes in one process group, so teardown stops exactly this cluster
     # (`ray stop` would also stop the session's other local cluster).
+    # On SIGTERM `ray start --block` first drains the node for Serve replicas to move, up to 30 s; this
+    # head runs none, and its teardown would wait out most of that.
+    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=3", "--include-dashboard=true",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir=/tmp/rayh{os.getpid()}",
          *agent_ports],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address, headers = f"http://127.0.0.1:{dash}", {"Authorization": f"Bearer {token}"}
     try:
