@@ -14,7 +14,8 @@ What this module decides:
   count as dropped. Losses are never silent: a warning when the queue first overflows, and one with the
   count of lost steps at close.
 - Only rank 0 of a tracked run logs; other ranks and untracked runs get a `NullLogger`, which has the
-  same interface and does nothing.
+  same interface and does nothing. MLflow is imported only once an `AsyncMetricLogger` is made: importing
+  it takes most of a second of CPU, which every other training worker would pay at each (re)start.
 """
 
 from __future__ import annotations
@@ -25,15 +26,12 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
-
-import mlflow
-from mlflow import MlflowClient
-from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+from typing import TYPE_CHECKING, Any
 
 from pipeline.redact import error_line, fit_key, tracking_uri_label
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
 
 # Warnings of the whole MLflow layer share one logger, so one setting shows or silences all of them.
 log = logging.getLogger("pipeline.tracking")
@@ -55,8 +53,10 @@ class AsyncMetricLogger:
         self.dropped = 0  # steps lost: queue overflow, rejected by the server, or unsent at close
         self.failures = 0  # failed log_batch calls
         self.sent = 0  # steps the server accepted
+        import mlflow
+
         self._uri = tracking_uri or mlflow.get_tracking_uri()
-        self._client = MlflowClient(tracking_uri=self._uri, registry_uri=self._uri)
+        self._client = mlflow.MlflowClient(tracking_uri=self._uri, registry_uri=self._uri)
         self._max_pending, self._flush_every_s, self._batch_steps = max_pending_steps, flush_every_s, batch_steps
         self._pending: collections.deque[tuple[int, int, dict[str, float]]] = collections.deque()
         self._lock = threading.Lock()
@@ -164,6 +164,8 @@ class AsyncMetricLogger:
 
     def _take_batch(self) -> list[tuple[int, int, dict[str, float]]]:
         """The oldest queued steps, up to MLflow's metrics-per-request limit; none past the deadline."""
+        from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
         batch: list[tuple[int, int, dict[str, float]]] = []
         count = 0
         with self._lock:
@@ -177,6 +179,8 @@ class AsyncMetricLogger:
 
     def _on_failure(self, batch: list[tuple[int, int, dict[str, float]]], exc: Exception) -> None:
         """Count the failure; requeue the steps unless the server rejected them or time is up."""
+        from mlflow.exceptions import MlflowException
+
         self.failures += 1
         status = exc.get_http_status_code() if isinstance(exc, MlflowException) else 500
         rejected = 400 <= status < 500 and status != 429  # resending the same data cannot help
@@ -198,6 +202,8 @@ class AsyncMetricLogger:
 
 
 def _metric_entities(batch: list[tuple[int, int, dict[str, float]]]) -> list[Metric]:
+    from mlflow.entities import Metric
+
     return [Metric(fit_key(k), value, stamp, step) for step, stamp, metrics in batch for k, value in metrics.items()]
 
 

@@ -23,8 +23,6 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH
-
 REDACTED = "<redacted>"
 
 _SECRET_WORDS = frozenset({
@@ -94,6 +92,9 @@ def fit_text(text: str, limit: int) -> str:
 
 def fit_key(key: str) -> str:
     """A key within MLflow's limit that stays unique: a cut key ends with a hash of the full one."""
+    # Imported here: training workers use this module without MLflow, whose import costs them a second.
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH
+
     if len(key) <= MAX_ENTITY_KEY_LENGTH:
         return key
     return key[: MAX_ENTITY_KEY_LENGTH - 9] + "~" + hashlib.sha256(key.encode()).hexdigest()[:8]

@@ -556,7 +556,7 @@ def _report_checkpoint(w: _Worker, progress: Progress, metrics: dict[str, float]
 
 def _metric_logger(rank: int, run_id: str | None, tracking_uri: str | None):
     """MLflow's non-blocking per-step logger on rank 0 of a tracked run; a no-op logger elsewhere."""
-    from pipeline.metrics import metric_logger  # imports mlflow: only in workers that get here
+    from pipeline.metrics import metric_logger
 
     return metric_logger(rank, run_id, tracking_uri)
 
