@@ -3,7 +3,10 @@
 The workers it starts inherit this process's environment, so the cluster comes up after the S3 test
 server (its endpoint and test credentials are in the environment by then), like cluster nodes that
 hold their own object-store credentials. The repository root goes on the workers' PYTHONPATH so they
-import `pipeline` and `te_model` from this checkout.
+import `pipeline` and `te_model` from this checkout. Both go through the environment rather than a
+job runtime_env: with a runtime_env no actor can start on one of the worker processes Ray starts ahead
+of time, and every Train run starts several helper actors (controller, placement-group cleaner,
+synchronization) besides its workers.
 
 Ray 2.60 turns token authentication on for a cluster it starts and, when no token is given, writes one
 to ~/.ray/auth_token. The fixture keeps authentication on with a fresh token in the environment
@@ -41,14 +44,11 @@ def ray_cluster(s3_server) -> Iterator[dict]:
     # The Train controller takes worker reports and notices failures once per health-check poll (2 s by
     # default); polling faster keeps the many short runs of the tests short.
     env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
-    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env.setenv("NO_PROXY", ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"])))
+    env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     # Ray keeps its sockets under the temp dir: a short path stays under the 107-byte AF_UNIX limit.
     temp_dir = tempfile.mkdtemp(prefix="ray-")
-    ray.init(
-        num_cpus=_NUM_CPUS, include_dashboard=False, _temp_dir=temp_dir,
-        runtime_env={"env_vars": {"PYTHONPATH": python_path, "NO_PROXY": no_proxy}},
-    )
+    ray.init(num_cpus=_NUM_CPUS, include_dashboard=False, _temp_dir=temp_dir)
     try:
         yield ray.cluster_resources()
     finally:
