@@ -180,7 +180,8 @@ def test_matrix_runs_jobs_reports_and_stops_overruns(tmp_path, monkeypatch, caps
         "ts-1b-2048": ("train_step", tiny_step, 20),
         "ts-8b-4096": ("train_step", tiny_step + ["--steps", "100000"], 30),  # cannot finish in the budget
     })
-    args = matrix.parse_args(["--gpus", "2", "--budget-s", "40", "--out", str(tmp_path)])
+    # Just over the 30 s a job needs left to start: the tiny job takes a few seconds, the other one the budget.
+    args = matrix.parse_args(["--gpus", "2", "--budget-s", "32", "--out", str(tmp_path)])
     status = matrix.run_jobs(args)
     assert status["ts-1b-2048"].startswith("exit 0"), status
     assert status["ts-8b-4096"].startswith("stopped: budget spent"), status
