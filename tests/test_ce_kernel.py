@@ -6,21 +6,16 @@ imported, so in a fresh process); on a GPU the `gpu` tests run it compiled, at L
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.triton_interpreted import run_interpreted
 from te_model import ce_kernel
 from te_model import loss as loss_module
 from te_model.loss import _gemm_fp32, causal_lm_loss
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def reference(logits: torch.Tensor, targets: torch.Tensor, divisor: float):
@@ -84,12 +79,7 @@ INTERPRETED = textwrap.dedent("""
 
 
 def test_triton_kernel_matches_torch_path_interpreted():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_interpreted(INTERPRETED)
     assert len(results) == 9
     for vocab in (7, 4096, 5000):
         worst = results.pop(f"own-buffer-{vocab}")  # largest relative error of one rounding to that format:

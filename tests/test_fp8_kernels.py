@@ -7,19 +7,14 @@ checks its indexing and math; the `gpu` test checks the FP8 rounding itself, com
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.triton_interpreted import run_interpreted
 from te_model import fp8_kernels
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 1), (70, 130), (64, 64), (3, 200), (129, 65)]  # within, at and across 64 x 64 tiles
 
 INTERPRETED = textwrap.dedent("""
@@ -39,12 +34,7 @@ INTERPRETED = textwrap.dedent("""
 
 
 def test_kernels_match_torch_interpreted():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_interpreted(INTERPRETED)
     assert results.pop("cast") is True
     for shape in SHAPES:
         got_shape, equal = results[str(shape)]
