@@ -111,6 +111,7 @@ class RestartableMlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log_path = root / "server.log"
         self._process: subprocess.Popen | None = None
+        self._black_hole: socket.socket | None = None
 
     def start(self) -> None:
         self._process = _spawn(self.root, self.port, self.log_path)
@@ -119,6 +120,26 @@ class RestartableMlflowServer:
     def stop(self) -> None:
         if self._process is not None:
             _stop(self._process)
+        if self._black_hole is not None:
+            self._black_hole.close()
+            self._black_hole = None
+
+    def hang(self) -> None:
+        """Stop the server and leave a listener on its port that takes connections and never answers.
+
+        A refused connection fails at once; a hung one makes every synchronous request wait for its
+        timeout, so a client that logs on the caller's thread stalls there, whatever the machine's load.
+        """
+        self.stop()
+        self._black_hole = socket.socket()
+        self._black_hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._black_hole.bind(("127.0.0.1", self.port))
+        self._black_hole.listen(1024)  # never accepted: the kernel completes handshakes, nobody reads
+
+    def resume(self) -> None:
+        """Take the hanging listener away and start the server again on the same port and store."""
+        self.stop()
+        self.start()
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,12 @@
-"""The MLflow server goes down mid-run and comes back: training steps keep their pace, the metrics
-logged meanwhile arrive once the server is back (exactly one value per step), and a logger whose queue
-is too small for the outage reports what it lost, with a count, in a warning.
+"""The MLflow server hangs mid-run and comes back: training steps never wait on it, the metrics logged
+meanwhile arrive once the server is back (exactly one value per step), and a logger whose queue is too
+small for the outage reports what it lost, with a count, in a warning.
 
-A dedicated `mlflow server` (same port, same SQLite store) is stopped for OUTAGE_S and started again.
-The "training" is a loop of steps at a steady rate on a thread of its own, logging to two runs: one
+A dedicated `mlflow server` (same port, same SQLite store) is replaced by a listener that takes
+connections and never answers, for a fixed number of steps, then started again. Every request sent
+meanwhile waits for its timeout, so a `log()` that touched the network on the training thread would
+stall the steps for good; the tests bound nothing but the whole outage, by a deadline far beyond any
+machine's load. The "training" is a loop of steps on a thread of its own, logging to two runs: one
 through a queue large enough for the outage, one through a queue of SMALL_QUEUE steps.
 """
 
@@ -22,30 +25,32 @@ from mlflow import MlflowClient
 from pipeline.metrics import AsyncMetricLogger
 from tests.mlflow_server import RestartableMlflowServer
 
-STEP_S = 0.02  # one "training step": a sleep, so any slowdown comes from logging
-OUTAGE_S = 10.0
+STEP_S = 0.02  # one "training step": a sleep
+OUTAGE_STEPS = 250  # steps taken while the server hangs
 SMALL_QUEUE = 30
+STALL_DEADLINE_S = 120.0  # a stalled log() would need OUTAGE_STEPS request timeouts to get through
 
 
 class SteadyTraining(threading.Thread):
-    """Steps at a steady rate, each logging to every logger; records (start time, step duration)."""
+    """Steps at a steady rate, each logging to every logger; `steps` counts the steps whose log() returned."""
 
     def __init__(self, loggers: list[AsyncMetricLogger]) -> None:
         super().__init__(daemon=True)
-        self.loggers, self.steps, self.done = loggers, [], threading.Event()
+        self.loggers, self.steps, self.done = loggers, 0, threading.Event()
 
     def run(self) -> None:
-        step = 0
         while not self.done.is_set():
-            start = time.monotonic()
             time.sleep(STEP_S)
             for logger in self.loggers:
-                logger.log(step, {"loss": 1.0 / (step + 1), "lr": 1e-3})
-            self.steps.append((start, time.monotonic() - start))
-            step += 1
+                logger.log(self.steps, {"loss": 1.0 / (self.steps + 1), "lr": 1e-3})
+            self.steps += 1
 
-    def durations(self, since: float, until: float) -> list[float]:
-        return [d for t, d in self.steps if since <= t < until]
+
+def wait_for(condition, what: str, timeout: float = STALL_DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not within {timeout:.0f} s"
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -56,10 +61,11 @@ def server(tmp_path):
     server.stop()
 
 
-def test_metrics_logged_while_mlflow_is_down_arrive_once_it_is_back(server, monkeypatch, caplog):
+def test_metrics_logged_while_mlflow_hangs_arrive_once_it_is_back(server, monkeypatch, caplog):
     # The logger's own requeue-and-backoff is under test; MLflow's per-request retries (minutes of backoff
     # by default, on the logger's thread) would only delay the delivery this test waits for.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     client = MlflowClient(tracking_uri=server.uri)
     experiment = client.create_experiment("outage")
     full, small = (client.create_run(experiment).info.run_id for _ in range(2))
@@ -68,35 +74,27 @@ def test_metrics_logged_while_mlflow_is_down_arrive_once_it_is_back(server, monk
     training = SteadyTraining(loggers)
     with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
         training.start()
-        time.sleep(3.0)
-        down = time.monotonic()
-        server.stop()
-        time.sleep(OUTAGE_S)
-        up = time.monotonic()
-        server.start()
-        deadline = time.monotonic() + 60
-        while loggers[0].pending and time.monotonic() < deadline:
-            time.sleep(0.2)  # training goes on while the queue drains
+        wait_for(lambda: training.steps >= 50, "50 steps with the server up")
+        logged = training.steps  # steps below this were logged; once nothing is pending, they were sent
+        wait_for(lambda: not any(logger.pending for logger in loggers), "the queues draining")
+        server.hang()
+        hung_at = training.steps
+        wait_for(lambda: training.steps >= hung_at + OUTAGE_STEPS, "training stalled while MLflow hung:"
+                 f" {OUTAGE_STEPS} steps")
+        server.resume()
+        wait_for(lambda: not loggers[0].pending, "the queue draining after the restart")
         training.done.set()
         training.join()
         assert all(logger.close(timeout=30) for logger in loggers)
 
-    before, outage = training.durations(0, down), training.durations(down, up)
-    # Steps are sleeps, so only a blocking log() could slow them; 25% covers scheduling noise on a busy
-    # 2-core machine (the drain thread and the stopped server's exit compete for the same cores).
-    assert statistics.mean(outage) <= 1.25 * statistics.mean(before), (statistics.mean(before), statistics.mean(outage))
-    assert sorted(outage)[int(0.99 * len(outage))] < STEP_S + 0.02
-    total = len(training.steps)
-    assert len(outage) > SMALL_QUEUE * 5  # the outage really outlasted the small queue
-
+    total = training.steps
     history = [m.step for m in client.get_metric_history(full, "loss")]
     assert sorted(history) == list(range(total))  # exactly one value per step, none lost
     assert loggers[0].dropped == 0 and loggers[0].failures >= 1 and loggers[0].sent == total
 
     kept = [m.step for m in client.get_metric_history(small, "loss")]
     assert len(set(kept)) == len(kept) and loggers[1].dropped == total - len(kept) > 0
-    sent_before_outage = len(training.durations(0, down - 1.0))  # flushed every 0.2 s while the server was up
-    assert set(range(sent_before_outage)) <= set(kept)  # only steps queued in the outage were lost
+    assert set(range(logged)) <= set(kept)  # only steps queued in the outage were lost
     assert f"{loggers[1].dropped} steps of metrics were lost for run {small}" in caplog.text
     assert "still does not take them; dropping the oldest" in caplog.text
 
@@ -104,10 +102,8 @@ def test_metrics_logged_while_mlflow_is_down_arrive_once_it_is_back(server, monk
 # ---------------------------------------------------------------------------------------------------
 # the same outage during a real training run: 2 Ray Train workers, rank 0 logging to the stopped server
 # ---------------------------------------------------------------------------------------------------
-# Seconds the server stays down while the model trains (it comes back earlier if training reaches 80% of
-# its steps first, so steps are also logged after it is back); the recorded run in docs/reliability.md
-# sets 60 s and 6000 steps.
-TRAIN_OUTAGE_S = float(os.environ.get("PIPELINE_TEST_MLFLOW_OUTAGE_S", "10"))
+# The server hangs from rank 0's first metrics until training reaches 80% of its steps, so steps are also
+# logged after it is back; the recorded run in docs/reliability.md sets 6000 steps.
 TRAIN_STEPS = int(os.environ.get("PIPELINE_TEST_MLFLOW_OUTAGE_STEPS", "400"))
 
 
@@ -143,30 +139,30 @@ def test_a_training_run_goes_on_through_an_mlflow_outage(ray_cluster, server, tm
         while not client.get_metric_history(run_id, "loss"):  # training is logging: take the server away
             time.sleep(0.5)
         window["down"] = time.time()
-        server.stop()
-        back_at = time.monotonic() + TRAIN_OUTAGE_S
-        while time.monotonic() < back_at and step() < 0.8 * steps:
+        server.hang()
+        give_up_at = time.monotonic() + 3 * STALL_DEADLINE_S
+        while step() < 0.8 * steps and time.monotonic() < give_up_at:
             time.sleep(0.2)
+        window["stalled"] = step() < 0.8 * steps
         window["up"] = time.time()
-        server.start()
+        server.resume()
 
     thread = threading.Thread(target=outage, daemon=True)
     thread.start()
     result = train(cfg, prepared, run_id=run_id, tracking_uri=server.uri)
     thread.join(timeout=120)
     assert {"down", "up"} <= set(window), "the run ended before the outage did"
+    assert not window["stalled"], "training stopped advancing while MLflow hung"
 
     def rates(since: float, until: float) -> list[float]:
         return [m["tokens_per_s"] for m in result.metrics if since * 1e3 <= m["time_ms"] < until * 1e3]
 
     before, during, after = (rates(0, window["down"]), rates(window["down"], window["up"]),
                              rates(window["up"], float("inf")))
-    print(f"\nMLflow down {window['up'] - window['down']:.0f} s: {len(before)} steps before, {len(during)} "
+    print(f"\nMLflow hung {window['up'] - window['down']:.0f} s: {len(before)} steps before, {len(during)} "
           f"during, {len(after)} after; median tokens/s {statistics.median(before):.0f} before, "
           f"{statistics.median(during):.0f} during")
     assert result.steps == steps and len(during) >= 10 and after
-    # never stalled: the steps during the outage ran at the pace of those before (CPU noise allowed)
-    assert statistics.median(during) >= 0.7 * statistics.median(before)
     deadline = time.monotonic() + 120
     while len(client.get_metric_history(run_id, "loss")) < steps and time.monotonic() < deadline:
         time.sleep(1.0)  # the worker's logger sent what it could by close; MLflow may still be writing
