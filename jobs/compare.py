@@ -13,11 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.compare import format_table, load_jobs, log_comparison, plot_losses  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.compare import format_table, load_jobs, log_comparison, plot_losses
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
 
 
 def parse_args(argv):

@@ -17,12 +17,11 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # pipeline.driver (Ray, MLflow, torch: seconds to import) is imported once the config is valid, so a
 # typo in the config fails at once.
-from pipeline.config import STAGES, load_config  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.config import STAGES, load_config
+from pipeline.errors import PipelineError
 
 
 def parse_args(argv):

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 # Lets the job run from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.storage import StorageOptions, publish  # noqa: E402
+from pipeline.errors import PipelineError
+from pipeline.storage import StorageOptions, publish
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.retrain import Gate, Retrainer  # noqa: E402
-from pipeline.schedule import Cron, parse_interval, run_schedule  # noqa: E402
-from pipeline.tracking import code_version, code_version_env  # noqa: E402
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.retrain import Gate, Retrainer
+from pipeline.schedule import Cron, parse_interval, run_schedule
+from pipeline.tracking import code_version, code_version_env
 
 
 def parse_args(argv):

@@ -6,7 +6,8 @@ from pathlib import Path
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-RAW = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster.yaml").read_text())
+REPO = Path(__file__).resolve().parents[1]
+RAW = yaml.safe_load((REPO / "cluster.yaml").read_text())
 HOPPER = ("p5.", "p5e.", "p5en.")  # H100 / H200 instances: FP8 tensor cores
 
 
@@ -23,9 +24,12 @@ def test_a_cpu_head_and_hopper_gpu_workers_with_bounds():
     assert all(0 <= t["min_workers"] <= t["max_workers"] <= RAW["max_workers"] for t in workers.values())
 
 
-def test_gpu_nodes_install_the_project_with_transformer_engine():
-    assert any('[te]"' in c and "pip install" in c for c in RAW["worker_setup_commands"])
-    assert not any("[te]" in c for c in RAW["head_setup_commands"])  # TE needs CUDA to build
+def test_nodes_install_the_lock_files_and_gpu_nodes_transformer_engine():
+    assert any("requirements/gpu.txt" in c and "pip install" in c for c in RAW["worker_setup_commands"])
+    assert not any("gpu.txt" in c for c in RAW["head_setup_commands"])  # TE needs CUDA to build
+    assert any("requirements/cpu.txt" in c for c in RAW["head_setup_commands"])
+    gpu_lock = (REPO / "requirements" / "gpu.txt").read_text()
+    assert "transformer-engine==" in gpu_lock and "\ntorch==" not in gpu_lock  # the image's torch stays
 
 
 def test_environment_for_s3_mlflow_and_ray_holds_no_secret():
