@@ -68,6 +68,9 @@ def parse_args(argv):
     return args
 
 
+MIN_START_S = 30.0  # a job starts only with this much of the budget left
+
+
 def gpu_count() -> int:
     import torch
 
@@ -83,7 +86,7 @@ def run_lane(gpu: int, queue: list[str], args, deadline: float, status: dict, lo
             name = queue.pop(0)
         script, job_args, estimate = JOBS[name]
         left = deadline - time.monotonic()
-        if left < 30:
+        if left < MIN_START_S:
             status[name] = "not started: budget spent"
             continue
         cmd = [sys.executable, str(REPO / "bench" / f"{script}.py"), *job_args, *args.extra.get(name, []),

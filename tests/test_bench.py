@@ -178,13 +178,17 @@ def test_matrix_runs_jobs_reports_and_stops_overruns(tmp_path, monkeypatch, caps
                  "--steps", "1", "--warmup", "0", "--matmul-size", "64", "--variants", "hf,ours_bf16,fp8_delayed"]
     monkeypatch.setattr(matrix, "JOBS", {
         "ts-1b-2048": ("train_step", tiny_step, 20),
-        "ts-8b-4096": ("train_step", tiny_step + ["--steps", "100000"], 30),  # cannot finish in the budget
+        "ts-8b-4096": ("train_step", tiny_step + ["--steps", "100000"], 30),  # cannot finish in any budget
     })
-    # Just over the 30 s a job needs left to start: the tiny job takes a few seconds, the other one the budget.
-    args = matrix.parse_args(["--gpus", "2", "--budget-s", "32", "--out", str(tmp_path)])
+    # A budget no loaded machine exhausts on the tiny job; then one the endless job is stopped at.
+    args = matrix.parse_args(["--gpus", "1", "--budget-s", "900", "--only", "ts-1b-2048", "--out", str(tmp_path)])
     status = matrix.run_jobs(args)
+    monkeypatch.setattr(matrix, "MIN_START_S", 1.0)
+    endless = matrix.parse_args(["--gpus", "1", "--budget-s", "5", "--only", "ts-8b-4096", "--out", str(tmp_path)])
+    status.update(matrix.run_jobs(endless))
     assert status["ts-1b-2048"].startswith("exit 0"), status
     assert status["ts-8b-4096"].startswith("stopped: budget spent"), status
+    args.only = list(matrix.JOBS)
     matrix.report(args, status)
     printed = capsys.readouterr().out
     assert "HF LlamaForCausalLM sdpa fp32" in printed  # the finished job's table
