@@ -58,6 +58,9 @@ _ALIASES = {
     "torch_dtype": "dtype",
 }
 _SHARD_SIZE = re.compile(r"^\d+(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+# A name that becomes one folder or object-key segment (`run.name`) or a registry key: no separator, no
+# `..`, nothing hidden, nothing that needs quoting in an MLflow filter.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 ._+-]{0,99}$")
 
 
 class _Section:
@@ -79,6 +82,19 @@ class _Section:
         if not ok:
             value = getattr(self, name)
             raise PipelineError(f"{self.section}.{name} {rule} (got {value!r})")
+
+    def _require_name(self, name: str, used_for: str) -> None:
+        """A name used as one path segment or key: never a path, so nothing is written outside the job's folders."""
+        value = getattr(self, name)
+        if value is None or (_NAME.match(value) and ".." not in value and value == value.strip()):
+            return
+        if "/" in value or "\\" in value:
+            why = "must be a name, not a path (no / or \\)"
+        elif ".." in value:
+            why = "must not contain '..'"
+        else:
+            why = "must be 1-100 letters, digits, spaces or . _ + -, starting with a letter, digit or _"
+        raise PipelineError(f"{self.section}.{name} {why}; it is {used_for} (got {value!r})")
 
     def _require_storage_uri(self, name: str) -> None:
         """A storage uri: s3://bucket/..., file://... or a local path, never with credentials in it."""
@@ -104,6 +120,7 @@ class RunConfig(_Section):
 
     def _validate(self) -> None:
         self._require(bool(self.name.strip()), "name", "must not be empty")
+        self._require_name("name", "the name of the job's folders under run.output_uri and run.cache_dir")
         self._require("://" not in self.cache_dir, "cache_dir", "must be a local path")
         self._require_storage_uri("output_uri")
 
@@ -316,6 +333,7 @@ class ExportConfig(_Section):
     def _validate(self) -> None:
         well_formed = bool(_SHARD_SIZE.match(self.max_shard_size))
         self._require(well_formed, "max_shard_size", "must look like 2GB or 200KB")
+        self._require_name("registered_model_name", "a key of the MLflow model registry")
 
 
 @dataclass

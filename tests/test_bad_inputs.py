@@ -159,6 +159,14 @@ def yaml_with_unknown_key(w, tmp):
     return ["--config", str(tmp / "job.yaml")], ["unknown key 'train.warmup'", "did you mean 'train.warmup_steps'"]
 
 
+def run_name_into_shared_folder(w, tmp):
+    """A shared results folder (inside the snapshotted output folder) named as run.name: nothing there may change."""
+    shared = w.out / "shared-results"
+    shared.mkdir(parents=True, exist_ok=True)
+    (shared / "colleague.csv").write_text("not this job's\n")
+    return ["--set", f"run.name={shared}"], ["run.name must be a name, not a path", "run.output_uri and run.cache_dir"]
+
+
 LONG = "The old lighthouse keeper climbed the stairs every evening and lit the lamp for the ships at sea."
 CHAT_OK = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]})
 CHAT_HUMAN = json.dumps({"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello."}]})
@@ -212,6 +220,13 @@ CASES = [
     Case("config-file-missing", settings("--config", "{tmp}/nope.yaml",
                                          expect=["config file not found:", "nope.yaml", "preset name"]),
          subprocess=True),
+    Case("config-run-name-absolute-path", run_name_into_shared_folder),
+    Case("config-run-name-parent-dir", settings(
+        "--set", "run.name=../../x", expect=["run.name must be a name, not a path", "got '../../x'"])),
+    Case("config-run-name-nested", settings(
+        "--set", "run.name=team/exp1", expect=["run.name must be a name, not a path", "got 'team/exp1'"])),
+    Case("config-registered-model-name-path", settings(
+        "--set", "export.registered_model_name=../models", expect=["export.registered_model_name must be a name"])),
     # dataset
     Case("data-missing-file", settings(
         "--set", "data.train_files=[{tmp}/missing.jsonl]",
