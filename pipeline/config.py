@@ -345,7 +345,9 @@ class TrackingConfig(_Section):
     experiment: Optional[str] = None
 
     def _validate(self) -> None:
-        split_uri("tracking.uri", self.uri)
+        scheme = split_uri("tracking.uri", self.uri).scheme
+        self._require(scheme in ("http", "https", "sqlite", "file", ""), "uri",
+                      "must be an http(s):// MLflow server, a sqlite:/// database or a local folder")
 
 
 _SECTIONS: dict[str, type[_Section]] = {

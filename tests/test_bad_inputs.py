@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -132,6 +133,52 @@ def no_config(w, tmp):
     folder = _checkpoint_copy(w, tmp)
     (folder / "config.json").unlink()
     return ["--set", f"model.base_uri={folder}"], [f"{folder}: no config.json", "Hugging Face checkpoint folder"]
+
+
+def config_value(change: dict, expect: list[str], file: str = "config.json"):
+    """A copy of the base checkpoint whose config.json has `change` applied; the error names `file`."""
+    def arrange(w, tmp):
+        folder = _checkpoint_copy(w, tmp)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        return ["--set", f"model.base_uri={folder}"], [f"{folder}/{file}: ", *expect]
+    return arrange
+
+
+def int8_weight(w, tmp):
+    folder = _checkpoint_copy(w, tmp)
+    shard = _shard_of(folder, "model.norm.weight")
+    _rewrite_shard(folder, shard, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int8)}))
+    return ["--set", f"model.base_uri={folder}"], [f"{folder}/{shard}: tensor 'model.norm.weight' has dtype I8",
+                                          "must be floating point"]
+
+
+def header_dtype_disagrees_with_bytes(w, tmp):
+    """The header says F16 where the bytes are F32: a valid file length, a wrong byte span."""
+    folder = _checkpoint_copy(w, tmp)
+    shard = _shard_of(folder, "model.norm.weight")
+    data = (folder / shard).read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header["model.norm.weight"]["dtype"] = "F16"
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    (folder / shard).write_bytes(len(head).to_bytes(8, "little") + head + data[8 + length:])
+    return ["--set", f"model.base_uri={folder}"], [f"{folder}/{shard}: tensor 'model.norm.weight' spans 256 bytes, "
+                                          "but F16 of shape (64,) needs 128"]
+
+
+def tracking_nobody_listens(w, tmp):
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return ["--set", f"tracking.uri=http://127.0.0.1:{port}"], [
+        f"tracking.uri: no MLflow server answers at http://127.0.0.1:{port}", "start it, or fix tracking.uri"]
+
+
+def cache_dir_is_a_file(w, tmp):
+    (tmp / "node-cache").write_text("not a folder\n")
+    return ["--set", f"run.cache_dir={tmp / 'node-cache'}"], [f"run.cache_dir: {tmp / 'node-cache'} is a file"]
 
 
 def data_file(name: str, lines: list[str], *more: str, expect: Callable[[str], list[str]]):
@@ -265,6 +312,24 @@ CASES = [
     Case("ckpt-index-names-absent-tensor", index_names_absent_tensor),
     Case("ckpt-missing-tensor", missing_tensor),
     Case("ckpt-pickle-only", pickle_only),
+    Case("ckpt-heads-do-not-divide-hidden", config_value(
+        {"num_attention_heads": 5, "num_key_value_heads": 5},
+        ["num_attention_heads 5 does not divide hidden_size 64"])),
+    Case("ckpt-vocab-smaller-than-tokenizer", config_value(
+        {"vocab_size": 100}, ["token id", "outside config.json's vocab_size 100"], file="tokenizer.json")),
+    Case("ckpt-string-where-a-number-belongs", config_value(
+        {"hidden_size": "64"}, ["hidden_size must be an integer >= 1, got '64'"])),
+    Case("ckpt-int8-weight", int8_weight),
+    Case("ckpt-header-dtype-disagrees-with-bytes", header_dtype_disagrees_with_bytes),
+    # tracking, local folders, stages
+    Case("tracking-nobody-listens", tracking_nobody_listens),
+    Case("tracking-unsupported-scheme", settings(
+        "--set", "tracking.uri=postgresql://db/mlflow",
+        expect=["tracking.uri must be an http(s):// MLflow server, a sqlite:/// database or a local folder"])),
+    Case("cache-dir-is-a-file", cache_dir_is_a_file),
+    Case("stages-none", settings("--stages", ",", expect=["--stages names no stage"]), subprocess=True),
+    Case("stages-eval-without-a-checkpoint", settings(
+        "--stages", "eval", expect=["stage 'eval' needs the train stage's output", "add train to --stages"])),
     # storage
     Case("storage-bad-uri-scheme", settings(
         "--set", "run.output_uri=gs://{w.bucket}/runs",
