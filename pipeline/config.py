@@ -433,8 +433,18 @@ def _read_preset(path: str) -> dict[str, Any]:
     if not file.is_file():
         presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
         raise PipelineError(f"config file not found: {path}; give a YAML file or a preset name ({presets})")
+    data = file.read_bytes()
     try:
-        raw = yaml.safe_load(file.read_text())
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{file}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                            "re-encode the file as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader that refuses duplicate keys
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
+        raise PipelineError(f"invalid YAML at {where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise PipelineError(f"invalid YAML in {file}: {str(exc).splitlines()[0]}") from None
     if raw is None:
@@ -442,6 +452,22 @@ def _read_preset(path: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise PipelineError(f"{file}: top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error naming it and its line
+    (PyYAML keeps the last value silently, so an edit further down could undo one above unseen)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.MarkedYAMLError(problem=f"key {key!r} given twice (first on line {seen[key]})",
+                                           problem_mark=key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _parse_override(override: str) -> tuple[str, Any]:

@@ -214,6 +214,32 @@ def run_name_into_shared_folder(w, tmp):
     return ["--set", f"run.name={shared}"], ["run.name must be a name, not a path", "run.output_uri and run.cache_dir"]
 
 
+def yaml_file(name: str, data: bytes, expect: Callable[[Path], list[str]]):
+    def arrange(w, tmp):
+        (tmp / name).write_bytes(data)
+        return ["--config", str(tmp / name)], expect(tmp / name)
+    return arrange
+
+
+def tokenizer_config_cut_off(w, tmp):
+    folder = _checkpoint_copy(w, tmp)
+    data = (folder / "tokenizer_config.json").read_bytes()
+    (folder / "tokenizer_config.json").write_bytes(data[: len(data) // 2])
+    return ["--set", f"model.base_uri={folder}"], [f"{folder}/tokenizer_config.json: invalid JSON"]
+
+
+def prepared_stats_cut_off(w, tmp):
+    """The job's data, prepared once; then its stats.json cut short in the bucket."""
+    from pipeline.config import load_config
+    from pipeline.data import prepare
+
+    cfg = load_config(None, [a for a in w.settings() if a != "--set"])
+    prepared = prepare(cfg, cfg.model.base_uri)
+    stats = f"{prepared.uri}/stats.json"
+    storage.write_bytes(stats, storage.read_bytes(stats, w.options)[:20], w.options)
+    return [], [f"{stats}: invalid JSON", f"delete {prepared.uri}"]
+
+
 LONG = "The old lighthouse keeper climbed the stairs every evening and lit the lamp for the ships at sea."
 CHAT_OK = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]})
 CHAT_HUMAN = json.dumps({"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello."}]})
@@ -264,6 +290,14 @@ CASES = [
     Case("config-gpu-workers-on-a-machine-without-gpu", settings(
         "--set", "train.use_gpu=true", "--set", "train.fp8=delayed",
         expect=["train.use_gpu=true, but this machine has no CUDA GPU", "set train.use_gpu=false"])),
+    Case("config-yaml-syntax-error", yaml_file("syntax.yaml", b"train:\n  lr: [1\n",
+                                              lambda p: [f"invalid YAML at {p}:3:1", "expected ',' or ']'"]),
+         subprocess=True),
+    Case("config-yaml-duplicate-key", yaml_file("twice.yaml", b"train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n",
+                                                lambda p: [f"{p}:3:3", "key 'lr' given twice (first on line 2)"]),
+         subprocess=True),
+    Case("config-yaml-not-utf8", yaml_file("latin1.yaml", b"run:\n  name: caf\xe9\n",
+                                           lambda p: [f"{p}: not UTF-8 (byte 0xe9", "re-encode"]), subprocess=True),
     Case("config-file-missing", settings("--config", "{tmp}/nope.yaml",
                                          expect=["config file not found:", "nope.yaml", "preset name"]),
          subprocess=True),
@@ -321,6 +355,8 @@ CASES = [
         {"hidden_size": "64"}, ["hidden_size must be an integer >= 1, got '64'"])),
     Case("ckpt-int8-weight", int8_weight),
     Case("ckpt-header-dtype-disagrees-with-bytes", header_dtype_disagrees_with_bytes),
+    Case("ckpt-tokenizer-json-cut-off", tokenizer_config_cut_off),
+    Case("data-prepared-stats-cut-off", prepared_stats_cut_off),
     # tracking, local folders, stages
     Case("tracking-nobody-listens", tracking_nobody_listens),
     Case("tracking-unsupported-scheme", settings(
