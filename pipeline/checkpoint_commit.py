@@ -48,21 +48,29 @@ MARKER_FORMAT = 1
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)-")
 
 
-def upload_and_commit(local_dir: str | Path, uri: str, options: storage.StorageOptions) -> None:
-    """Upload a checkpoint directory to `uri`: every file, then its manifest, then the commit marker."""
+def upload_and_commit(local_dir: str | Path, uri: str, options: storage.StorageOptions,
+                      pause: Callable[[str], None] | None = None) -> None:
+    """Upload a checkpoint directory to `uri`: every file, then its manifest, then the commit marker.
+
+    `pause` (test hooks only) is called with "before_commit" and "after_commit" around the marker."""
     storage.publish(local_dir, uri, options)  # files first, manifest.json last
     manifest = (Path(local_dir) / MANIFEST_NAME).read_bytes()
     marker = {"format": MARKER_FORMAT, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+    if pause is not None:
+        pause("before_commit")
     storage.write_bytes(storage.join(uri, COMMIT_MARKER), json.dumps(marker).encode(), options)
+    if pause is not None:
+        pause("after_commit")
 
 
-def ray_upload_fn(run_uri: str, options: storage.StorageOptions) -> Callable:
+def ray_upload_fn(run_uri: str, options: storage.StorageOptions,
+                  pause: Callable[[str], None] | None = None) -> Callable:
     """The `checkpoint_upload_fn` for `ray.train.report`: `upload_and_commit` into Ray's run folder."""
 
     def upload(checkpoint, checkpoint_dir_name: str):
         import ray.train
 
-        upload_and_commit(checkpoint.path, storage.join(run_uri, checkpoint_dir_name), options)
+        upload_and_commit(checkpoint.path, storage.join(run_uri, checkpoint_dir_name), options, pause)
         context = ray.train.get_context().get_storage()
         return ray.train.Checkpoint(path=f"{context.experiment_fs_path}/{checkpoint_dir_name}",
                                     filesystem=context.storage_filesystem)
@@ -90,6 +98,22 @@ def verify_commit(uri: str, options: storage.StorageOptions) -> None:
         raise IntegrityError(f"no {MANIFEST_NAME} beside its {COMMIT_MARKER} marker")
     if hashlib.sha256(storage.read_bytes(manifest_uri, options)).hexdigest() != expected:
         raise IntegrityError(f"{MANIFEST_NAME} is not the one its {COMMIT_MARKER} marker vouches for")
+
+
+def newest_committed_uri(run_uri: str, options: storage.StorageOptions) -> str | None:
+    """The uri of the run's newest checkpoint whose marker vouches for its manifest; None when none does.
+
+    This, not the checkpoint Ray registered, is what training reached: a driver killed while its workers
+    went on leaves checkpoints committed in storage that the next driver's Ray never heard of, and its
+    workers resume from the newest of them."""
+    for name in checkpoint_names(run_uri, options):
+        uri = storage.join(run_uri, name)
+        try:
+            verify_commit(uri, options)
+            return uri
+        except IntegrityError as exc:
+            log.warning("checkpoint %s is not a result of training: %s", uri, exc)
+    return None
 
 
 def pull_committed(uri: str, cache_root: str | Path, options: storage.StorageOptions) -> Path:

@@ -58,6 +58,9 @@ _ALIASES = {
     "torch_dtype": "dtype",
 }
 _SHARD_SIZE = re.compile(r"^\d+(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+# A name that becomes one folder or object-key segment (`run.name`) or a registry key: no separator, no
+# `..`, nothing hidden, nothing that needs quoting in an MLflow filter.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 ._+-]{0,99}$")
 
 
 class _Section:
@@ -79,6 +82,19 @@ class _Section:
         if not ok:
             value = getattr(self, name)
             raise PipelineError(f"{self.section}.{name} {rule} (got {value!r})")
+
+    def _require_name(self, name: str, used_for: str) -> None:
+        """A name used as one path segment or key: never a path, so nothing is written outside the job's folders."""
+        value = getattr(self, name)
+        if value is None or (_NAME.match(value) and ".." not in value and value == value.strip()):
+            return
+        if "/" in value or "\\" in value:
+            why = "must be a name, not a path (no / or \\)"
+        elif ".." in value:
+            why = "must not contain '..'"
+        else:
+            why = "must be 1-100 letters, digits, spaces or . _ + -, starting with a letter, digit or _"
+        raise PipelineError(f"{self.section}.{name} {why}; it is {used_for} (got {value!r})")
 
     def _require_storage_uri(self, name: str) -> None:
         """A storage uri: s3://bucket/..., file://... or a local path, never with credentials in it."""
@@ -104,6 +120,7 @@ class RunConfig(_Section):
 
     def _validate(self) -> None:
         self._require(bool(self.name.strip()), "name", "must not be empty")
+        self._require_name("name", "the name of the job's folders under run.output_uri and run.cache_dir")
         self._require("://" not in self.cache_dir, "cache_dir", "must be a local path")
         self._require_storage_uri("output_uri")
 
@@ -316,6 +333,7 @@ class ExportConfig(_Section):
     def _validate(self) -> None:
         well_formed = bool(_SHARD_SIZE.match(self.max_shard_size))
         self._require(well_formed, "max_shard_size", "must look like 2GB or 200KB")
+        self._require_name("registered_model_name", "a key of the MLflow model registry")
 
 
 @dataclass
@@ -327,7 +345,9 @@ class TrackingConfig(_Section):
     experiment: Optional[str] = None
 
     def _validate(self) -> None:
-        split_uri("tracking.uri", self.uri)
+        scheme = split_uri("tracking.uri", self.uri).scheme
+        self._require(scheme in ("http", "https", "sqlite", "file", ""), "uri",
+                      "must be an http(s):// MLflow server, a sqlite:/// database or a local folder")
 
 
 _SECTIONS: dict[str, type[_Section]] = {
@@ -413,8 +433,18 @@ def _read_preset(path: str) -> dict[str, Any]:
     if not file.is_file():
         presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
         raise PipelineError(f"config file not found: {path}; give a YAML file or a preset name ({presets})")
+    data = file.read_bytes()
     try:
-        raw = yaml.safe_load(file.read_text())
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{file}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                            "re-encode the file as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader that refuses duplicate keys
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
+        raise PipelineError(f"invalid YAML at {where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise PipelineError(f"invalid YAML in {file}: {str(exc).splitlines()[0]}") from None
     if raw is None:
@@ -422,6 +452,22 @@ def _read_preset(path: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise PipelineError(f"{file}: top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error naming it and its line
+    (PyYAML keeps the last value silently, so an edit further down could undo one above unseen)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.MarkedYAMLError(problem=f"key {key!r} given twice (first on line {seen[key]})",
+                                           problem_mark=key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _parse_override(override: str) -> tuple[str, Any]:

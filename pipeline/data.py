@@ -88,6 +88,11 @@ class PreparedData:
 
 def load_tokenizer(tokenizer_dir: str, data: DataConfig) -> PreTrainedTokenizerBase:
     """The tokenizer in a local folder, with `data.chat_template` applied when configured."""
+    for name in TOKENIZER_FILES:  # transformers' own JSON errors do not say which file
+        path = Path(tokenizer_dir) / name
+        if name.endswith(".json") and path.is_file():
+            _json_file(path.read_bytes(), str(path), "the tokenizer files at model.base_uri are damaged: "
+                                                     "publish the checkpoint again")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -97,6 +102,13 @@ def load_tokenizer(tokenizer_dir: str, data: DataConfig) -> PreTrainedTokenizerB
     if data.chat_template:
         tokenizer.chat_template = data.chat_template
     return tokenizer
+
+
+def _json_file(data: bytes, where: str, fix: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise PipelineError(f"{where}: invalid JSON ({exc}); {fix}") from None
 
 
 def pad_token(tokenizer: PreTrainedTokenizerBase) -> tuple[int, str]:
@@ -353,7 +365,10 @@ def _check_rows(stats: dict[str, Any], min_train_rows: int) -> None:
 def _cached_stats(folder: str, options: storage.StorageOptions) -> dict[str, Any] | None:
     if not storage.exists(storage.join(folder, MANIFEST_NAME), options):
         return None
-    return {**json.loads(storage.read_bytes(storage.join(folder, "stats.json"), options)), "cache_hit": True}
+    where = storage.join(folder, "stats.json")
+    stats = _json_file(storage.read_bytes(where, options), where,
+                       f"the prepared data is damaged: delete {folder} and it is prepared again")
+    return {**stats, "cache_hit": True}
 
 
 def _splits(cfg: Config, sources: dict[str, list[Source]]) -> dict[str, list[dict[str, str]]]:

@@ -54,7 +54,7 @@ class JobContext:
 
     @property
     def state_uri(self) -> str:
-        return storage.join(self.cfg.run.output_uri, "jobs", self.cfg.run.name, "state.json")
+        return preflight.job_state_uri(self.cfg)
 
     def save_state(self) -> None:
         storage.write_bytes(self.state_uri, json.dumps(self.state, indent=2).encode(), self.options)

@@ -120,7 +120,8 @@ def convert(
     """Write the trained checkpoint as a loadable HF checkpoint (weights, config, tokenizer, manifest).
 
     `out_dir` (default `export_dir(cfg)`) is replaced as a whole: the new directory is built beside it
-    and swapped in, so a reader never sees a half-written export.
+    and swapped in, so a reader never sees a half-written export. Only a directory an earlier conversion
+    made (its `.source` stamp beside it) is replaced; anything else there is a PipelineError.
     """
     options = options or storage.StorageOptions.from_config(cfg.storage)
     base = local_checkpoint(base_dir, cfg, options)
@@ -130,6 +131,9 @@ def convert(
     source = _conversion_source(cfg, base, checkpoint)
     if target.is_dir() and stamp.is_file() and stamp.read_text() == source:
         return target  # eval converted this checkpoint already on this node
+    if target.exists() and not stamp.is_file():  # only a folder an earlier conversion made is ever replaced
+        raise PipelineError(f"{target} exists but was not written by an export of this job (no {stamp.name} "
+                            "beside it); move it away, or choose another run.cache_dir or run.name")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -140,6 +144,7 @@ def convert(
             shutil.copyfile(base / "generation_config.json", staging / "generation_config.json")
         copy_tokenizer(base, staging, cfg.data.chat_template)
         write_manifest(staging)
+        stamp.write_text("")  # claims `target` before it exists, so a crash right after leaves it ours
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

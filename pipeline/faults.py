@@ -26,7 +26,9 @@ What this module decides:
 - Test-only hooks, read from the environment where training starts: PIPELINE_FAIL_AT_STEP=N (rank 0
   raises after step N), PIPELINE_WORKER_STATE_DIR=dir (every worker appends its pid and each step as it
   finishes, before that step's checkpoint, to dir/rank-R.jsonl, so a test can find the process to
-  kill), PIPELINE_POISON_LOSS=R:N (rank R's loss at step N becomes NaN, once per worker process).
+  kill), PIPELINE_POISON_LOSS=R:N (rank R's loss at step N becomes NaN, once per worker process),
+  PIPELINE_PAUSE_UPLOAD=PHASE:N (the upload of step N's checkpoint records PHASE, before_commit or
+  after_commit, to the state dir and then waits, so a test can kill the driver right there).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ log = logging.getLogger(__name__)
 FAIL_AT_STEP_ENV = "PIPELINE_FAIL_AT_STEP"
 STATE_DIR_ENV = "PIPELINE_WORKER_STATE_DIR"
 POISON_LOSS_ENV = "PIPELINE_POISON_LOSS"
+PAUSE_UPLOAD_ENV = "PIPELINE_PAUSE_UPLOAD"
+UPLOAD_PHASES = ("before_commit", "after_commit")
+UPLOAD_PAUSE_S = 300.0  # long enough for a test to kill the driver; Ray then stops the worker
 TIME_KEY = "time_ms"  # when a step's metrics were taken; kept in the history, not logged as a metric
 COMMIT_TIMEOUT_S = 600.0  # a checkpoint's commit not confirmed by then: its steps wait for a resume
 COMMIT_POLL_S = 2.0  # longest single wait for the controller's answer
@@ -344,6 +349,8 @@ class Hooks:
     state_dir: str | None = None
     poison_rank: int | None = None
     poison_step: int | None = None
+    pause_phase: str | None = None
+    pause_step: int | None = None
 
     @classmethod
     def from_env(cls) -> "Hooks":
@@ -351,9 +358,15 @@ class Hooks:
         rank, _, step = poison.partition(":")
         if poison and not (rank.isdigit() and step.isdigit()):
             raise PipelineError(f"{POISON_LOSS_ENV} must look like RANK:STEP, got {poison!r}")
+        pause = os.environ.get(PAUSE_UPLOAD_ENV, "").strip()
+        phase, _, pause_step = pause.partition(":")
+        if pause and not (phase in UPLOAD_PHASES and pause_step.isdigit()):
+            raise PipelineError(f"{PAUSE_UPLOAD_ENV} must look like PHASE:STEP with PHASE one of "
+                                f"{', '.join(UPLOAD_PHASES)}, got {pause!r}")
         state_dir = os.environ.get(STATE_DIR_ENV, "").strip() or None
         return cls(fail_at_step=_step_number(FAIL_AT_STEP_ENV), state_dir=state_dir,
-                   poison_rank=int(rank) if poison else None, poison_step=int(step) if poison else None)
+                   poison_rank=int(rank) if poison else None, poison_step=int(step) if poison else None,
+                   pause_phase=phase if pause else None, pause_step=int(pause_step) if pause else None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -365,6 +378,12 @@ class Hooks:
             return loss
         _poisoned = True
         return loss * float("nan")
+
+    def pause_upload(self, phase: str, step: int) -> None:
+        """At the chosen phase of step `step`'s checkpoint upload: record it (rank 0's file), then wait."""
+        if (phase, step) == (self.pause_phase, self.pause_step):
+            self.record(0, phase, step)
+            time.sleep(UPLOAD_PAUSE_S)
 
     def record(self, rank: int, event: str, step: int) -> None:
         """Append {pid, event, step} to state_dir/rank-R.jsonl."""

@@ -23,9 +23,14 @@ What this module decides:
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import botocore.exceptions
 import torch
@@ -34,18 +39,28 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.manifest import MANIFEST_NAME, parse_manifest
-from pipeline.redact import error_line
+from pipeline.redact import error_line, redact_text
 
 INDEX_NAME = "model.safetensors.index.json"
 # Suffixes of pickled weights: named when they are all a checkpoint offers, never read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
+# config.json keys the model is built from: (key, type, required).
+_CONFIG_VALUES = (("hidden_size", int, True), ("intermediate_size", int, True), ("num_hidden_layers", int, True),
+                  ("num_attention_heads", int, True), ("num_key_value_heads", int, False), ("vocab_size", int, True),
+                  ("head_dim", int, False), ("max_position_embeddings", int, False), ("rms_norm_eps", float, False),
+                  ("rope_theta", float, False), ("tie_word_embeddings", bool, False))
+# Weights are trained in floating point: an integer tensor would be cast silently and train nonsense.
+_FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
 def check_inputs(cfg: Config, stages: list[str]) -> None:
     """Every cheap check for running `stages` of the job of `cfg`; raises one PipelineError line."""
     options = storage.StorageOptions.from_config(cfg.storage)
+    check_local_folders(cfg)
     check_buckets(cfg, options)
+    check_stages(cfg, stages, options)
+    check_tracking(cfg.tracking.uri)
     if cfg.train.use_gpu:
         check_gpus_reachable()
     if {"data", "train", "eval", "export"} & set(stages):
@@ -90,6 +105,68 @@ def _head_bucket(key: str, bucket: str, options: storage.StorageOptions) -> None
     except (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         raise PipelineError(f"{key}: cannot reach bucket '{bucket}' at {endpoint} ({error_line(exc)}); "
                             "check storage.endpoint_url and the network") from None
+
+
+def job_state_uri(cfg: Config) -> str:
+    """Where the job's state file lives (`pipeline.driver`)."""
+    return storage.join(cfg.run.output_uri, "jobs", cfg.run.name, "state.json")
+
+
+# What a stage reads from the job's state when the stage that writes it is not run with it.
+_STAGE_NEEDS = {"train": ("data", "data"), "eval": ("checkpoint_uri", "train"), "export": ("checkpoint_uri", "train")}
+
+
+def check_stages(cfg: Config, stages: list[str], options: storage.StorageOptions) -> None:
+    """At least one stage, and what each needs is made by an earlier stage of this run or of the job."""
+    if not stages:
+        raise PipelineError("--stages names no stage; give some of data,train,eval,export")
+    state = None
+    for stage in stages:
+        key, maker = _STAGE_NEEDS.get(stage, (None, None))
+        if key is None or maker in stages:
+            continue
+        if state is None:
+            uri = job_state_uri(cfg)
+            state = json.loads(storage.read_bytes(uri, options)) if storage.exists(uri, options) else {}
+        if key not in state:
+            raise PipelineError(f"--stages {','.join(stages)}: stage {stage!r} needs the {maker} stage's output, "
+                                f"and job {cfg.run.name!r} has none ({job_state_uri(cfg)}); add {maker} to --stages")
+
+
+def check_local_folders(cfg: Config) -> None:
+    """run.cache_dir (and a local run.output_uri) is a folder this process can write, or can be made one."""
+    folders = [("run.cache_dir", cfg.run.cache_dir)]
+    if "://" not in cfg.run.output_uri or cfg.run.output_uri.startswith("file://"):
+        folders.append(("run.output_uri", cfg.run.output_uri.removeprefix("file://")))
+    for key, folder in folders:
+        path = Path(folder).expanduser().absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise PipelineError(f"{key}: {existing} is a file, not a folder; point {key} at a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PipelineError(f"{key}: {existing} is not writable by this user; point {key} at a folder "
+                                "it may write")
+
+
+TRACKING_TIMEOUT_S = 5.0
+
+
+def check_tracking(uri: str) -> None:
+    """An MLflow server answers within seconds (a local store needs no check): found before Ray starts."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    url = f"{uri.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=TRACKING_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: whatever the status, the server is there (credentials are MLflow's to check)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise PipelineError(f"tracking.uri: no MLflow server answers at {redact_text(uri)} within "
+                            f"{TRACKING_TIMEOUT_S:.0f} s ({type(reason).__name__}: {reason}); start it, or fix "
+                            "tracking.uri") from None
 
 
 def check_gpus_reachable() -> None:
@@ -137,6 +214,7 @@ def check_base_checkpoint(uri: str, options: storage.StorageOptions) -> str:
                             "(jobs/publish.py) or fix model.base_uri") from None
     ckpt = _Checkpoint(uri, options, files)
     config = _llama_config(ckpt)
+    _check_tokenizer_ids(ckpt, config.vocab_size)
     shards = _shards(ckpt)
     has_manifest = MANIFEST_NAME in files
     if has_manifest:
@@ -161,12 +239,51 @@ def _llama_config(ckpt: _Checkpoint):
     if raw.get("model_type") != "llama":
         raise PipelineError(f"{where}: model_type is {raw.get('model_type')!r}; only Llama checkpoints "
                             "are supported: point model.base_uri at one")
+    _check_config_values(raw, where)
     try:
         config = LlamaConfig.from_dict({k: v for k, v in raw.items() if k != "auto_map"})
         check_llama_config(config, where=where)
     except (ValueError, TypeError, KeyError) as exc:
         raise PipelineError(f"{where}: {error_line(exc).split(': ', 1)[-1]}") from None
     return config
+
+
+def _check_config_values(raw: dict, where: str) -> None:
+    """The numbers the model is built from have the right type and fit together, named by key."""
+    for key, kind, required in _CONFIG_VALUES:
+        value = raw.get(key)
+        if value is None and not required:
+            continue
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        fits = isinstance(value, int) and not isinstance(value, bool) and value >= 1 if kind is int \
+            else is_number and value > 0 if kind is float else isinstance(value, bool)
+        if not fits:
+            wanted = {int: "an integer >= 1", float: "a number > 0", bool: "true or false"}[kind]
+            raise PipelineError(f"{where}: {key} must be {wanted}, got {value!r}; the checkpoint's config.json "
+                                "is damaged or not a Llama config")
+    hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
+    kv_heads = raw.get("num_key_value_heads") or heads
+    if hidden % heads:
+        raise PipelineError(f"{where}: num_attention_heads {heads} does not divide hidden_size {hidden}; "
+                            "the checkpoint's config.json is damaged")
+    if heads % kv_heads:
+        raise PipelineError(f"{where}: num_key_value_heads {kv_heads} does not divide num_attention_heads "
+                            f"{heads}; the checkpoint's config.json is damaged")
+
+
+def _check_tokenizer_ids(ckpt: _Checkpoint, vocab_size: int) -> None:
+    """Every id tokenizer.json can produce indexes the embedding: a larger one fails inside training."""
+    if "tokenizer.json" not in ckpt.files:
+        return
+    tokenizer = ckpt.read_json("tokenizer.json")
+    vocab = (tokenizer.get("model") or {}).get("vocab") or {}
+    ids = {int(i): str(t) for t, i in vocab.items()} if isinstance(vocab, dict) else \
+        {i: str(entry[0]) if isinstance(entry, list) else str(entry) for i, entry in enumerate(vocab)}
+    ids.update({int(t["id"]): str(t.get("content")) for t in tokenizer.get("added_tokens") or []})
+    largest = max(ids, default=-1)
+    if largest >= vocab_size:
+        raise PipelineError(f"{ckpt.where('tokenizer.json')}: token id {largest} ({ids[largest]!r}) is outside "
+                            f"config.json's vocab_size {vocab_size}; the tokenizer and the model do not match")
 
 
 def _shards(ckpt: _Checkpoint) -> list[str]:
@@ -247,6 +364,7 @@ def _check_tensors(ckpt: _Checkpoint, headers: dict[str, dict], config) -> None:
                 raise PipelineError(f"{ckpt.where(shard)}: tensor {name!r} is not a parameter of the Llama "
                                     "that config.json describes; the weights and config.json do not match")
             shape = tuple(info.get("shape", ()))
+            _check_dtype_and_span(ckpt.where(shard), name, info, shape)
             if shape != expected[name]:
                 raise PipelineError(f"{ckpt.where(shard)}: tensor {name!r} has shape {shape}, config.json implies "
                                     f"{expected[name]}; the weights and config.json come from different models")
@@ -257,6 +375,19 @@ def _check_tensors(ckpt: _Checkpoint, headers: dict[str, dict], config) -> None:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise PipelineError(f"{ckpt.uri}: tensor {missing[0]!r}{more} in no shard; the checkpoint is "
                             "incomplete: publish it again")
+
+
+def _check_dtype_and_span(where: str, name: str, info: dict, shape: tuple[int, ...]) -> None:
+    """A floating dtype, and a byte span that holds exactly shape x itemsize bytes."""
+    dtype = info.get("dtype")
+    if dtype not in _FLOAT_DTYPES:
+        raise PipelineError(f"{where}: tensor {name!r} has dtype {dtype}; weights must be floating point "
+                            f"({', '.join(_FLOAT_DTYPES)}): convert the checkpoint and publish it again")
+    start, end = info["data_offsets"]
+    expected = math.prod(shape) * _FLOAT_DTYPES[dtype]
+    if end - start != expected:
+        raise PipelineError(f"{where}: tensor {name!r} spans {end - start} bytes, but {dtype} of shape {shape} "
+                            f"needs {expected}; the file's header is damaged: publish the checkpoint again")
 
 
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:

@@ -78,7 +78,11 @@ def read_source(uri: str, options: storage.StorageOptions) -> Source:
     if "state.json" not in names:
         raise PipelineError(f"unsupported input {uri}: expected .jsonl/.json/.parquet/.csv "
                             "or a datasets save_to_disk folder")
-    state = json.loads(storage.read_bytes(storage.join(uri, "state.json"), options))
+    where = storage.join(uri, "state.json")
+    try:
+        state = json.loads(storage.read_bytes(where, options))
+    except ValueError as exc:
+        raise PipelineError(f"{where}: invalid JSON ({exc}); save the dataset again") from None
     arrow_files = [entry["filename"] for entry in state.get("_data_files", [])]
     return Source(uri, "arrow", {n: storage.read_bytes(storage.join(uri, n), options) for n in arrow_files})
 
@@ -113,7 +117,7 @@ def _records(source: Source) -> list[tuple[str, dict]]:
 
 def _utf8(blob: bytes, uri: str) -> str:
     try:
-        return blob.decode("utf-8")
+        return blob.decode("utf-8-sig")  # a leading byte-order mark (Excel, Notepad) is dropped
     except UnicodeDecodeError as exc:
         line = blob.count(b"\n", 0, exc.start) + 1
         raise PipelineError(f"{uri}:{line}: not UTF-8 (byte 0x{blob[exc.start]:02x} at offset {exc.start}); "

@@ -220,8 +220,27 @@ def list_files(uri: str, options: StorageOptions | None = None) -> dict[str, int
         for name, info in found.items()
         if info.get("type") == "file" and name.startswith(prefix)
     }
+    if _is_local(fs):
+        files.update(_symlinked_files(Path(path), {n: i for n, i in found.items() if i.get("islink")}, uri))
     if not files:
         raise PipelineError(f"no files at {uri} (missing bucket, prefix or directory?)")
+    return files
+
+
+def _symlinked_files(folder: Path, links: dict[str, dict], uri: str) -> dict[str, int]:
+    """Files of a local folder that are symlinks (a Hugging Face cache snapshot links each file into the
+    repo's `blobs/`): relative name -> size of the target. A link may only point inside the folder, or
+    inside the cache's repo folder (`models--org--name`) when the folder is one of its snapshots."""
+    root = folder.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith(("models--", "datasets--")):
+        root = root.parent.parent
+    files = {}
+    for name, _ in sorted(links.items()):
+        target = Path(name).resolve()
+        if not target.is_relative_to(root):
+            raise PipelineError(f"{name} links to {target}, outside {root}; copy the file into {uri} instead")
+        if target.is_file():
+            files[Path(name).relative_to(folder).as_posix()] = target.stat().st_size
     return files
 
 

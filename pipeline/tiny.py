@@ -130,8 +130,11 @@ def ensure_demo_base(store_dir: str | Path) -> Path:
         make_tiny_checkpoint(staging)
         write_manifest(staging)
         (staging / COMPLETE_MARKER).write_text("ok\n")
+        if target.exists() and not (target / COMPLETE_MARKER).exists():
+            # staging is renamed only once marked, so an unmarked folder here is not ours: never delete it
+            raise PipelineError(f"{target} exists but is not the demo base checkpoint this job builds; "
+                                "move it away")
         if not (target / COMPLETE_MARKER).exists():  # else a concurrent caller finished first: keep theirs
-            shutil.rmtree(target, ignore_errors=True)  # an unmarked folder is a leftover of a crash
             staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -143,14 +143,19 @@ def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tra
     if stopped:
         raise PipelineError(f"training run {cfg.run.name!r} stopped: {stopped}; lower train.lr or check the data, "
                             "or set train.on_nonfinite=skip or rollback")
-    return _train_result(cfg, result, ray_uri, options)
+    return train_result(cfg, ray_uri, options)
 
 
-def _train_result(cfg: Config, result: ray.train.Result, ray_uri: str,
-                  options: storage.StorageOptions) -> TrainResult:
-    if result.checkpoint is None:
-        raise PipelineError(f"training run {cfg.run.name!r} finished without a checkpoint")
-    checkpoint_uri = storage.join(ray_uri, cfg.run.name, PurePosixPath(result.checkpoint.path).name)
+def train_result(cfg: Config, ray_uri: str, options: storage.StorageOptions) -> TrainResult:
+    """What training reached: the newest committed checkpoint in storage, not the one Ray registered.
+
+    A driver killed mid-run leaves workers that may commit later checkpoints Ray never registers; the next
+    run's workers resume from the newest of them (`checkpoint_commit.resume_checkpoint`), so the result
+    must be that one too, or eval and export would use older weights than the step reported."""
+    checkpoint_uri = commit.newest_committed_uri(storage.join(ray_uri, cfg.run.name), options)
+    if checkpoint_uri is None:
+        raise PipelineError(f"training run {cfg.run.name!r} finished without a committed checkpoint under "
+                            f"{storage.join(ray_uri, cfg.run.name)}")
     state_uri = storage.join(checkpoint_uri, ckpt.TRAINER_STATE_FILE)
     state = ckpt.parse_trainer_state(storage.read_bytes(state_uri, options), state_uri)
     metrics = state["metrics"]
@@ -548,7 +553,9 @@ def _report_checkpoint(w: _Worker, progress: Progress, metrics: dict[str, float]
         ckpt.write_checkpoint(local, module=w.model, optimizer=w.optimizer, scheduler=w.scheduler,
                               trainer_state=state, ranks=ranks)
         # Our upload, not Ray's copy: files, manifest, then the COMMITTED marker (pipeline.checkpoint_commit).
-        upload = commit.ray_upload_fn(storage.join(loop_config["ray_uri"], w.cfg.run.name), w.options)
+        hooks = faults.Hooks(**loop_config["hooks"])
+        upload = commit.ray_upload_fn(storage.join(loop_config["ray_uri"], w.cfg.run.name), w.options,
+                                      pause=lambda phase: hooks.pause_upload(phase, progress.step))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=f"checkpoint_{progress.step:06d}-{uuid.uuid4().hex[:8]}",
                          checkpoint_upload_fn=upload)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -134,6 +135,52 @@ def no_config(w, tmp):
     return ["--set", f"model.base_uri={folder}"], [f"{folder}: no config.json", "Hugging Face checkpoint folder"]
 
 
+def config_value(change: dict, expect: list[str], file: str = "config.json"):
+    """A copy of the base checkpoint whose config.json has `change` applied; the error names `file`."""
+    def arrange(w, tmp):
+        folder = _checkpoint_copy(w, tmp)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        return ["--set", f"model.base_uri={folder}"], [f"{folder}/{file}: ", *expect]
+    return arrange
+
+
+def int8_weight(w, tmp):
+    folder = _checkpoint_copy(w, tmp)
+    shard = _shard_of(folder, "model.norm.weight")
+    _rewrite_shard(folder, shard, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int8)}))
+    return ["--set", f"model.base_uri={folder}"], [f"{folder}/{shard}: tensor 'model.norm.weight' has dtype I8",
+                                          "must be floating point"]
+
+
+def header_dtype_disagrees_with_bytes(w, tmp):
+    """The header says F16 where the bytes are F32: a valid file length, a wrong byte span."""
+    folder = _checkpoint_copy(w, tmp)
+    shard = _shard_of(folder, "model.norm.weight")
+    data = (folder / shard).read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header["model.norm.weight"]["dtype"] = "F16"
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    (folder / shard).write_bytes(len(head).to_bytes(8, "little") + head + data[8 + length:])
+    return ["--set", f"model.base_uri={folder}"], [f"{folder}/{shard}: tensor 'model.norm.weight' spans 256 bytes, "
+                                          "but F16 of shape (64,) needs 128"]
+
+
+def tracking_nobody_listens(w, tmp):
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return ["--set", f"tracking.uri=http://127.0.0.1:{port}"], [
+        f"tracking.uri: no MLflow server answers at http://127.0.0.1:{port}", "start it, or fix tracking.uri"]
+
+
+def cache_dir_is_a_file(w, tmp):
+    (tmp / "node-cache").write_text("not a folder\n")
+    return ["--set", f"run.cache_dir={tmp / 'node-cache'}"], [f"run.cache_dir: {tmp / 'node-cache'} is a file"]
+
+
 def data_file(name: str, lines: list[str], *more: str, expect: Callable[[str], list[str]]):
     def arrange(w, tmp):
         path = _jsonl(tmp / name, lines)
@@ -157,6 +204,40 @@ def settings(*sets: str, expect: list[str] | Callable[[World], list[str]]):
 def yaml_with_unknown_key(w, tmp):
     (tmp / "job.yaml").write_text("train:\n  lr: 1.0e-4\n  warmup: 2\n")
     return ["--config", str(tmp / "job.yaml")], ["unknown key 'train.warmup'", "did you mean 'train.warmup_steps'"]
+
+
+def run_name_into_shared_folder(w, tmp):
+    """A shared results folder (inside the snapshotted output folder) named as run.name: nothing there may change."""
+    shared = w.out / "shared-results"
+    shared.mkdir(parents=True, exist_ok=True)
+    (shared / "colleague.csv").write_text("not this job's\n")
+    return ["--set", f"run.name={shared}"], ["run.name must be a name, not a path", "run.output_uri and run.cache_dir"]
+
+
+def yaml_file(name: str, data: bytes, expect: Callable[[Path], list[str]]):
+    def arrange(w, tmp):
+        (tmp / name).write_bytes(data)
+        return ["--config", str(tmp / name)], expect(tmp / name)
+    return arrange
+
+
+def tokenizer_config_cut_off(w, tmp):
+    folder = _checkpoint_copy(w, tmp)
+    data = (folder / "tokenizer_config.json").read_bytes()
+    (folder / "tokenizer_config.json").write_bytes(data[: len(data) // 2])
+    return ["--set", f"model.base_uri={folder}"], [f"{folder}/tokenizer_config.json: invalid JSON"]
+
+
+def prepared_stats_cut_off(w, tmp):
+    """The job's data, prepared once; then its stats.json cut short in the bucket."""
+    from pipeline.config import load_config
+    from pipeline.data import prepare
+
+    cfg = load_config(None, [a for a in w.settings() if a != "--set"])
+    prepared = prepare(cfg, cfg.model.base_uri)
+    stats = f"{prepared.uri}/stats.json"
+    storage.write_bytes(stats, storage.read_bytes(stats, w.options)[:20], w.options)
+    return [], [f"{stats}: invalid JSON", f"delete {prepared.uri}"]
 
 
 LONG = "The old lighthouse keeper climbed the stairs every evening and lit the lamp for the ships at sea."
@@ -209,9 +290,24 @@ CASES = [
     Case("config-gpu-workers-on-a-machine-without-gpu", settings(
         "--set", "train.use_gpu=true", "--set", "train.fp8=delayed",
         expect=["train.use_gpu=true, but this machine has no CUDA GPU", "set train.use_gpu=false"])),
+    Case("config-yaml-syntax-error", yaml_file("syntax.yaml", b"train:\n  lr: [1\n",
+                                              lambda p: [f"invalid YAML at {p}:3:1", "expected ',' or ']'"]),
+         subprocess=True),
+    Case("config-yaml-duplicate-key", yaml_file("twice.yaml", b"train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n",
+                                                lambda p: [f"{p}:3:3", "key 'lr' given twice (first on line 2)"]),
+         subprocess=True),
+    Case("config-yaml-not-utf8", yaml_file("latin1.yaml", b"run:\n  name: caf\xe9\n",
+                                           lambda p: [f"{p}: not UTF-8 (byte 0xe9", "re-encode"]), subprocess=True),
     Case("config-file-missing", settings("--config", "{tmp}/nope.yaml",
                                          expect=["config file not found:", "nope.yaml", "preset name"]),
          subprocess=True),
+    Case("config-run-name-absolute-path", run_name_into_shared_folder),
+    Case("config-run-name-parent-dir", settings(
+        "--set", "run.name=../../x", expect=["run.name must be a name, not a path", "got '../../x'"])),
+    Case("config-run-name-nested", settings(
+        "--set", "run.name=team/exp1", expect=["run.name must be a name, not a path", "got 'team/exp1'"])),
+    Case("config-registered-model-name-path", settings(
+        "--set", "export.registered_model_name=../models", expect=["export.registered_model_name must be a name"])),
     # dataset
     Case("data-missing-file", settings(
         "--set", "data.train_files=[{tmp}/missing.jsonl]",
@@ -250,6 +346,26 @@ CASES = [
     Case("ckpt-index-names-absent-tensor", index_names_absent_tensor),
     Case("ckpt-missing-tensor", missing_tensor),
     Case("ckpt-pickle-only", pickle_only),
+    Case("ckpt-heads-do-not-divide-hidden", config_value(
+        {"num_attention_heads": 5, "num_key_value_heads": 5},
+        ["num_attention_heads 5 does not divide hidden_size 64"])),
+    Case("ckpt-vocab-smaller-than-tokenizer", config_value(
+        {"vocab_size": 100}, ["token id", "outside config.json's vocab_size 100"], file="tokenizer.json")),
+    Case("ckpt-string-where-a-number-belongs", config_value(
+        {"hidden_size": "64"}, ["hidden_size must be an integer >= 1, got '64'"])),
+    Case("ckpt-int8-weight", int8_weight),
+    Case("ckpt-header-dtype-disagrees-with-bytes", header_dtype_disagrees_with_bytes),
+    Case("ckpt-tokenizer-json-cut-off", tokenizer_config_cut_off),
+    Case("data-prepared-stats-cut-off", prepared_stats_cut_off),
+    # tracking, local folders, stages
+    Case("tracking-nobody-listens", tracking_nobody_listens),
+    Case("tracking-unsupported-scheme", settings(
+        "--set", "tracking.uri=postgresql://db/mlflow",
+        expect=["tracking.uri must be an http(s):// MLflow server, a sqlite:/// database or a local folder"])),
+    Case("cache-dir-is-a-file", cache_dir_is_a_file),
+    Case("stages-none", settings("--stages", ",", expect=["--stages names no stage"]), subprocess=True),
+    Case("stages-eval-without-a-checkpoint", settings(
+        "--stages", "eval", expect=["stage 'eval' needs the train stage's output", "add train to --stages"])),
     # storage
     Case("storage-bad-uri-scheme", settings(
         "--set", "run.output_uri=gs://{w.bucket}/runs",

@@ -410,3 +410,15 @@ def test_a_process_connected_to_ray_tokenizes_without_forking(ray_cluster):
     assert _worker_processes(DataConfig(num_proc=1), 100) is None
     assert _worker_processes(DataConfig(num_proc=4), 1) is None
     assert _worker_processes(DataConfig(num_proc=4), 100) is None  # Ray is up in this process: no fork
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bom.jsonl", '{"text": "one"}\n{"text": "two"}\n'),
+    ("bom.csv", "text,other\none,x\ntwo,y\n"),
+])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name, content):
+    from pipeline.sources import documents, read_source
+
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + content.encode())
+    docs = documents([read_source(str(tmp_path / name), storage.StorageOptions())], DataConfig())
+    assert [d["text"] for d in docs] == ["one", "two"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import uuid
 from pathlib import Path
 
@@ -279,3 +280,19 @@ def test_sample_prompts_are_laid_out_as_in_training(base_dir):
     assert tokenizer.decode(_prompt_ids(tokenizer, "Hi", "text", add_bos=False)) == "Hi"
     with pytest.raises(PipelineError, match="prompt_format"):
         _prompt_ids(tokenizer, "Hi", "markdown", add_bos=True)
+
+
+def test_a_folder_the_export_did_not_write_is_never_replaced(workdir, base_dir, trained, tmp_path):
+    cfg = make_cfg(tmp_path)
+    foreign = tmp_path / "node" / "exports" / "eval-export"
+    foreign.mkdir(parents=True)
+    (foreign / "results.csv").write_text("somebody else's results\n")
+    with pytest.raises(PipelineError, match=r"exists but was not written by an export of this job"):
+        convert(cfg, base_dir, trained[0])
+    assert (foreign / "results.csv").read_text() == "somebody else's results\n"
+
+    shutil.rmtree(foreign)  # gone: the export converts, and a second conversion replaces its own folder
+    first = convert(cfg, base_dir, trained[0])
+    (first / "stale.txt").write_text("left by an earlier conversion")
+    (first.parent / f"{first.name}.source").write_text("another checkpoint")
+    assert convert(cfg, base_dir, trained[0]) == first and not (first / "stale.txt").exists()

@@ -2,7 +2,9 @@
 Ray cluster (joined by RAY_ADDRESS, as a driver on a head node would), gets SIGKILL once training has
 passed a checkpoint, and is submitted again with the same run name. It must resume (same MLflow parent
 run, training from the latest checkpoint, one metric history) and not start over; a new run name must
-start a new run, and reusing a run name with other training data is refused.
+start a new run, and reusing a run name with other training data is refused. Whatever point the driver
+was killed at, the resumed job's later stages use the newest checkpoint training committed, and report
+its step.
 """
 
 import json
@@ -14,11 +16,14 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 
 from jobs import finetune
-from pipeline import storage
-from pipeline.faults import STATE_DIR_ENV
+import te_model
+from pipeline import checkpoint_commit, storage
+from pipeline.faults import PAUSE_UPLOAD_ENV, STATE_DIR_ENV
 from pipeline.tiny import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +51,9 @@ def job(tmp_path_factory, s3_server, mlflow_server, ray_cluster):
             "args": [a for o in overrides for a in ("--set", o)] + ["--stages", "data,train"]}
 
 
-def finetune_subprocess(args: list[str], state_dir: Path) -> subprocess.Popen:
+def finetune_subprocess(args: list[str], state_dir: Path, **hooks: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO),
-           STATE_DIR_ENV: str(state_dir)}
+           STATE_DIR_ENV: str(state_dir), **hooks}
     return subprocess.Popen([sys.executable, "jobs/finetune.py", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -137,3 +142,52 @@ def test_a_new_run_name_starts_a_new_run_and_a_reused_name_keeps_its_data(job, t
     assert error == ("finetune: error: run.name 'driver-new' is a job with data.seq_len=64 "
                      f"(s3://{job['bucket']}/runs/jobs/driver-new/state.json), not 32; "
                      "use a new run.name to start a new run")
+
+
+# (kill point, test hooks of the killed driver, the event in rank 0's state file to kill it at)
+KILL_POINTS = {
+    "between-checkpoints": ({}, lambda e: e["event"] == "step" and e["step"] == 7),
+    "during-an-upload": ({PAUSE_UPLOAD_ENV: "before_commit:6"}, lambda e: e["event"] == "before_commit"),
+    # the last checkpoint, committed in storage but not yet registered by Ray: the next driver's workers
+    # resume at the last step and train nothing, so Ray's newest registered checkpoint is an older one
+    "after-a-commit-ray-has-not-registered": ({PAUSE_UPLOAD_ENV: f"after_commit:{STEPS}"},
+                                              lambda e: e["event"] == "after_commit"),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_after_a_driver_kill_export_uses_the_newest_committed_checkpoint_and_reports_its_step(job, tmp_path, point):
+    hooks, kill_at = KILL_POINTS[point]
+    args = [*job["args"], "--set", f"run.name=kill-{point}", "--set", "export.registered_model_name="]
+    driver = finetune_subprocess(args, tmp_path, **hooks)
+    try:
+        wait_for(lambda: any(kill_at(e) for e in events(tmp_path)), f"the driver to reach {point}")
+    finally:
+        driver.kill()  # SIGKILL
+        output = driver.communicate(timeout=60)[0]
+    assert driver.returncode == -9, output[-2000:]
+    old_workers = {e["pid"] for rank in (0, 1) for e in events(tmp_path, rank)}
+    wait_for(lambda: all(gone(pid) for pid in old_workers), "Ray to stop the dead driver's workers", 60)
+
+    again = finetune_subprocess([*args, "--stages", "data,train,export"], tmp_path)  # the later --stages wins
+    output = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, output[-3000:]
+    (line,) = [line for line in output.splitlines() if line.startswith("[train] ")]
+    reported_steps = int(line.split()[1])
+    checkpoint_uri = line.split(" -> ")[1].rsplit(" (", 1)[0]
+    options = job["options"]
+    run_uri = f"s3://{job['bucket']}/runs/ray/kill-{point}"
+    assert reported_steps == STEPS
+    assert checkpoint_uri == checkpoint_commit.newest_committed_uri(run_uri, options)
+    trained = storage.pull_checkpoint(checkpoint_uri, tmp_path / "cache", options)
+    assert json.loads((trained / "trainer_state.json").read_text())["step"] == reported_steps
+    if point == "after-a-commit-ray-has-not-registered":
+        assert [e["step"] for e in events(tmp_path) if e["event"] == "start"][-1] == STEPS
+
+    exported = storage.pull_checkpoint(f"s3://{job['bucket']}/runs/exports/kill-{point}", tmp_path / "cache", options)
+    model = te_model.from_hf_checkpoint(exported, backend="torch", dtype=torch.float32)
+    weights = load_file(trained / "model.safetensors")
+    parameters = dict(model.named_parameters())
+    assert set(parameters) == set(weights)
+    for name, tensor in weights.items():
+        assert torch.equal(parameters[name].detach(), tensor), name

@@ -252,3 +252,36 @@ def test_publish_cli(s3_server, s3_bucket, tiny_checkpoint, tmp_path):
         assert failed.returncode == 1
         assert len(failed.stderr.strip().splitlines()) == 1 and named in failed.stderr, failed.stderr
         assert "Traceback" not in failed.stderr
+
+
+def _hf_cache_snapshot(cache: Path, source: Path) -> Path:
+    """The layout `huggingface_hub` downloads into: snapshots/<rev>/<file> are symlinks into blobs/."""
+    repo = cache / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for file in sorted(source.iterdir()):
+        blob = blobs / f"blob-{file.name}"
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    return snapshot
+
+
+def test_a_hugging_face_cache_snapshot_is_a_base_checkpoint_and_its_links_stay_in_the_repo(tmp_path):
+    from pipeline import preflight
+    from pipeline.tiny import make_tiny_checkpoint
+
+    source = make_tiny_checkpoint(tmp_path / "source")
+    snapshot = _hf_cache_snapshot(tmp_path / "hub", source)
+    assert list_files(str(snapshot)) == list_files(str(source))
+    assert preflight.check_base_checkpoint(str(snapshot), StorageOptions()).startswith("llama, 3 shard(s)")
+    pulled = pull_checkpoint(str(snapshot), tmp_path / "node", StorageOptions())
+    for name in list_files(str(source)):
+        assert (pulled / name).read_bytes() == (source / name).read_bytes() and not (pulled / name).is_symlink()
+
+    outside = tmp_path / "secret.json"
+    outside.write_text("{}")
+    (snapshot / "extra.json").symlink_to(outside)
+    with pytest.raises(PipelineError, match=rf"extra.json links to {re.escape(str(outside))}, outside "
+                                            rf"{re.escape(str(snapshot.parent.parent))}"):
+        list_files(str(snapshot))
