@@ -61,7 +61,7 @@ def _build(triton, tl):
     @triton.jit(do_not_specialize=["stream"])  # one compiled kernel for every parameter's stream
     def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, n, corrections_ptr, index, stream, found_inf_ptr, lr,
                      weight_decay, beta1, beta2, eps, MODE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BF16: tl.constexpr, BLOCK: tl.constexpr):
         # MODE: 0 round to nearest; 1 fp32 master in extra_ptr; 2 stochastic rounding; 3 Kahan, extra_ptr
         # holding the compensation
         if HAS_FOUND_INF:
@@ -87,14 +87,24 @@ def _build(triton, tl):
         if MODE == 2:
             step = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint64)
             bits = tl.randint((step << 32) | stream, offsets.to(tl.uint32), n_rounds=10)
-            rounded = new.to(tl.uint32, bitcast=True) + (bits & 0xFFFF)
-            new = ((rounded >> 16) << 16).to(tl.float32, bitcast=True)
-        stored = new.to(p_ptr.dtype.element_ty)
-        tl.store(p_ptr + offsets, stored, mask=mask)
+            carried = new.to(tl.uint32, bitcast=True) + (bits & 0xFFFF)
+            new = ((carried >> 16) << 16).to(tl.float32, bitcast=True)
+        stored = new
+        if BF16:  # to nearest even by hand, as the GPU converts: Triton's interpreter would truncate
+            bits = new.to(tl.uint32, bitcast=True)
+            stored = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+            stored = tl.where(new != new, new, stored)
+            bits = m.to(tl.uint32, bitcast=True)
+            m = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+            bits = v.to(tl.uint32, bitcast=True)
+            v = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+        tl.store(p_ptr + offsets, stored.to(p_ptr.dtype.element_ty), mask=mask)
         if MODE == 1:
             tl.store(extra_ptr + offsets, new, mask=mask)
         if MODE == 3:
-            lost = delta - (stored.to(tl.float32) - p)
+            lost = delta - (stored - p)
+            bits = lost.to(tl.uint32, bitcast=True)
+            lost = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
             tl.store(extra_ptr + offsets, lost.to(extra_ptr.dtype.element_ty), mask=mask)
         tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
@@ -301,7 +311,7 @@ class AdamW(torch.optim.AdamW):
                 local if extra is None else _local(extra), n, corrections, i, streams[id(p)],
                 found_inf if found_inf is not None else corrections, hyper["lr"], hyper["weight_decay"],
                 hyper["beta1"], hyper["beta2"], hyper["eps"], MODE=KERNEL_MODE[mode],
-                HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK, num_warps=8)
+                HAS_FOUND_INF=found_inf is not None, BF16=local.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=8)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, keeping `master` in fp32 (torch casts every floating state to the parameter's dtype) and

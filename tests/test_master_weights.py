@@ -118,13 +118,14 @@ print(json.dumps(out))
 
 def test_triton_kernel_and_plain_torch_agree_roundings_included():
     """Same state after the same steps, stochastic roundings included: the plain-torch Philox draws the bits
-    `tl.randint` draws. (The fp32 arithmetic may round differently in a rare element: at most one bf16 step.)"""
+    `tl.randint` draws. (The fp32 arithmetic may round differently in a rare element of the state.)"""
     results = run_interpreted(AGREE)
     print(f"\nTriton kernel vs plain torch: {results}")
     for mode, r in results.items():
         assert r["step"] == r["torch_step"] == 2, (mode, r)
-        assert max(r["differ"]) <= 1e-3, (mode, r)
-        assert max(r["largest"]) <= 2**-13, (mode, r)
+        assert max(r["differ"]) <= 1e-2 and max(r["largest"]) <= 2**-13, (mode, r)
+        if mode != "bf16":  # (`bf16` off Triton is torch's own kernel, whose fp64 scalars round otherwise)
+            assert r["differ"][0] == 0, (mode, r)  # the weights the model computes with: the same bits
 
 
 def test_stochastic_rounding_is_unbiased():
