@@ -16,7 +16,8 @@ Variants (`--variants`, comma-separated; default all):
   ours gets its inputs as the pipeline's training step hands them over (`bench.common.step_inputs`);
 - `fp8_delayed_torch_adamw`: delayed scaling, updated by torch's fused AdamW (the baselines' optimizer)
   instead of the pipeline's (`pipeline.optim.AdamW`, the same math in one Triton kernel per parameter),
-  which every other variant of ours uses.
+  which every other variant of ours uses, keeping bf16 updates as `--master-weights` says (default `bf16`:
+  no master copy; `fp32`, `bf16_kahan`, `bf16_sr` measure what each option costs in memory and time).
 
 A step is the whole thing: embedding, decoder, lm_head, loss, backward, AdamW step, bf16 parameters.
 Every variant starts from the same weights (`bench.common.reference_state`) and sees the same token
@@ -83,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES), help="parameter dtype")
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--master-weights", default="bf16", choices=optim.MASTER_WEIGHTS,
+                   help="how our optimizer keeps bf16 updates (train.master_weights): its memory and time cost")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--matmul-size", type=int, help="side of the bf16 peak matmul (default 8192; 512 on CPU)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of hf_compile")
@@ -138,7 +141,7 @@ def run_variant(name: str, args, config, state, batches, device, backend: str) -
     if kind == "hf" or name.endswith("_torch_adamw"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     else:  # the pipeline's: the same defaults (weight decay 0.01 on every parameter, as torch's)
-        optimizer = optim.AdamW(model.parameters(), lr=args.lr)
+        optimizer = optim.AdamW(model.parameters(), lr=args.lr, master_weights=args.master_weights)
     timer, losses, wall_start = common.StepTimer(device), [], None
 
     def train_step(ids):
@@ -226,7 +229,7 @@ def measure(args, device) -> dict:
            "tokens_per_step": tokens, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
            "model_flops_per_step": flops, "matmul_peak_tflops": matmul_peak / 1e12, "matmul_size": size,
            "datasheet_peak_tflops": common.DATASHEET_BF16_FLOPS / 1e12, "ours_backend": backend,
-           "ours_backend_reason": backend_reason}
+           "ours_backend_reason": backend_reason, "master_weights": args.master_weights}
     result = {"environment": common.environment(device), "run": run, "variants": []}
     for name in args.variants:
         print(f"[train_step] {name} ...", file=sys.stderr, flush=True)
@@ -271,7 +274,8 @@ def add_rates(rows: list[dict], flops: float, tokens: int, matmul_peak: float) -
 def print_table(result: dict) -> None:
     run, env = result["run"], result["environment"]
     print(f"\n{env['device']}, {run['shape']} ({run['layers']} layers), {run['batch']}x{run['seq']} tokens, "
-          f"{run['dtype']} params, full step incl. AdamW, median of {run['steps']} "
+          f"{run['dtype']} params, full step incl. AdamW (ours: master_weights={run['master_weights']}), "
+          f"median of {run['steps']} "
           f"(matmul peak {run['matmul_peak_tflops']:.0f} TFLOP/s)")
     print(f"{'variant':40s} {'ms/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU989':>7s} {'MFUmeas':>7s} "
           f"{'GiB':>6s} {'vs HF':>6s} {'loss0':>8s}")

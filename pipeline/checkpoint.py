@@ -5,7 +5,8 @@ A checkpoint is one directory, written whole by rank 0 and uploaded (through Ray
 
     model.safetensors          parameters by TE-style name (the unwrapped module's `named_parameters`),
                                in the training dtype
-    optimizer.safetensors      AdamW state by parameter name: `{name}.exp_avg`, `{name}.exp_avg_sq`, `{name}.step`
+    optimizer.safetensors      AdamW state by parameter name: `{name}.exp_avg`, `{name}.exp_avg_sq`, `{name}.step`,
+                               and `{name}.master` (fp32) or `{name}.compensation` per `train.master_weights`
     optimizer.json             param_groups: hyper-parameters and the parameter NAMES of each group
     scheduler.json             the LR scheduler's state_dict
     trainer_state.json         step, tokens seen, world size, resolved config, code version, logged metrics
@@ -25,7 +26,10 @@ What this module decides:
   tensor) instead of silently loading moments into the wrong parameter.
 - TE's `_extra_state` (FP8 scaling metadata) is not saved: TE pickles it. FP8 delayed-scaling amax
   history therefore restarts empty on resume and refills within `train.fp8_amax_history_len` steps.
-- There is no separate fp32 master copy: parameters and AdamW moments are in the training dtype.
+- Parameters and AdamW moments are in the training dtype. An fp32 master copy or a Kahan compensation
+  (`train.master_weights`, `pipeline.optim`) is optimizer state, saved and restored in its own dtype, so
+  a resume continues bit for bit; the model file (and so the HF export) holds the bf16 weights, which
+  are the master rounded to nearest.
 - One tensor at a time in host memory, both ways: rank 0 writes each safetensors file as it gathers its
   tensors (`save_streamed`), and a resume reads the optimizer file tensor by tensor onto the devices.
 """
@@ -256,7 +260,8 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
                     raise PipelineError(f"{where}: optimizer state {key!r} names no model parameter")
                 tensor, param = f.get_tensor(key), params[name]
                 if tensor.dim():  # moments; the 0-d step stays where the optimizer wants it
-                    tensor = parallel.shard_like(tensor, param) if parallel.is_sharded(param) else tensor.to(param.device)
+                    tensor = (parallel.shard_like(tensor, param, keep_dtype=True) if parallel.is_sharded(param)
+                              else tensor.to(param.device))
                 state.setdefault(index[name], {})[field] = tensor
     except SafetensorError as exc:
         raise PipelineError(f"{path}: unreadable safetensors ({exc})") from None

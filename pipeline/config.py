@@ -238,6 +238,12 @@ class TrainConfig(_Section):
     # Run the attention itself in FP8 too (cuDNN's FP8 fused attention; delayed or current only; trains on
     # Blackwell with cuDNN 9.23+). Off: attention stays bf16 between the FP8 projections.
     fp8_attention: bool = False
+    # How bf16 parameters keep updates smaller than their rounding step (pipeline/optim.py): fp32 = an fp32
+    # master copy in the optimizer (4 more bytes a parameter; sharded under fsdp); bf16_kahan = a bf16
+    # compensation buffer (2 more bytes); bf16_sr = stochastic rounding (no memory, unbiased but noisy);
+    # bf16 = round to nearest (fine-tuning updates below half a bf16 step are lost). No effect when
+    # model.dtype is fp32: the parameters are then their own master.
+    master_weights: Literal["fp32", "bf16_kahan", "bf16_sr", "bf16"] = "fp32"
     # Recompute decoder-layer activations in backward to save memory.
     activation_checkpointing: bool = False
     # Save a resumable checkpoint every this many optimizer steps; 0 = only at the end.

@@ -12,7 +12,8 @@ What this module decides:
   LM head; a tied head stays with the embedding it is). Parameters, gradients and moments are sharded
   over the workers and each layer is all-gathered just for its forward and again for its backward
   (`train.fsdp_reshard_after_forward: false` keeps it gathered in between: less traffic, more memory).
-  Parameters and gradient reductions stay in the training dtype (bf16 master weights, as with DDP).
+  Parameters, their all-gathers and gradient reductions stay in the training dtype; the optimizer keeps
+  any fp32 master copy (`train.master_weights`) per local shard, as a DTensor like the parameter.
   TE layers work unchanged under FP8 autocast: FSDP2 hands them whole bf16 weights to quantize.
 - Sharded parameters and moments are DTensors. `full_tensor` gathers one (a collective every worker
   joins) and `shard_like` cuts a whole tensor read from a checkpoint into the local shard, so checkpoints
@@ -79,9 +80,10 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`whole` laid out as `like`: this worker's shard when `like` is sharded, else `whole` on its device."""
-    whole = whole.to(device=like.device, dtype=like.dtype)
+def shard_like(whole: torch.Tensor, like: torch.Tensor, *, keep_dtype: bool = False) -> torch.Tensor:
+    """`whole` laid out as `like`: this worker's shard when `like` is sharded, else `whole` on its device; in
+    `like`'s dtype, or its own with `keep_dtype` (an fp32 master copy of a bf16 parameter)."""
+    whole = whole.to(device=like.device, dtype=whole.dtype if keep_dtype else like.dtype)
     if isinstance(like, DTensor):
         return distribute_tensor(whole, like.device_mesh, like.placements)
     return whole

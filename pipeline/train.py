@@ -14,8 +14,9 @@ What this module decides:
   newest committed checkpoint; after that the run ends in a PipelineError, and running it again resumes.
   SIGTERM, non-finite steps (`train.on_nonfinite`) and logging each step's metrics once across restarts:
   `pipeline.faults`.
-- Precision: pure bf16 or fp32 parameters (`model.dtype`), AdamW moments in the same dtype, no separate
-  fp32 master copy. FP8 (`train.fp8`) wraps the forward pass only; TE runs the matching backward itself,
+- Precision: bf16 or fp32 parameters (`model.dtype`), AdamW moments in the same dtype; bf16 parameters
+  keep their updates as `train.master_weights` says (an fp32 master copy in the optimizer by default,
+  sharded with the parameters under FSDP2; `pipeline.optim`). FP8 (`train.fp8`) wraps the forward pass only; TE runs the matching backward itself,
   with amax reduced over all ranks.
 - Data: epoch e visits a permutation of all packed rows seeded by `run.seed + e`; rank r takes
   rows[r::world] in micro-batches of `train.micro_batch_size`. Every rank gets the same number of
@@ -219,12 +220,14 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Ad
     (torch's own fused kernel on CPU). Both take `found_inf`, which lets a non-finite step skip its update
     on the device without the host looking (`Steps`). With data parallelism each replica runs the whole
     update every step, so its cost does not shrink as workers are added; FSDP2's sharded parameters
-    (DTensors) are updated shard by shard.
+    (DTensors) are updated shard by shard. `train.master_weights` says how bf16 parameters keep small
+    updates (an fp32 master copy, by default, held by the optimizer per parameter or per local shard).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.95))
+    return optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.95),
+                       master_weights=train.master_weights)
 
 
 def lr_multiplier(step: int, train: TrainConfig) -> float:

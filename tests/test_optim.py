@@ -128,13 +128,15 @@ def test_triton_update_matches_torch_fused_adamw_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_the_update_never_waits_for_the_gpu():
+@pytest.mark.parametrize("master_weights", optim.MASTER_WEIGHTS)
+def test_the_update_never_waits_for_the_gpu(master_weights):
     """A step, with `found_inf` on the device as the training step sets it, makes no host sync: torch raises
-    on any synchronizing call (`set_sync_debug_mode("error")`)."""
+    on any synchronizing call (`set_sync_debug_mode("error")`). Stochastic rounding reads its step on the
+    device too."""
     pytest.importorskip("triton")
     params = [torch.nn.Parameter(torch.randn(shape, device="cuda", dtype=torch.bfloat16))
-              for shape in ((2048, 1024), (1024,))]  # one through the Triton kernel, one through torch's
-    opt = optim.AdamW(params, lr=1e-3)
+              for shape in ((2048, 1024), (1024,))]  # one large, one small (a norm weight)
+    opt = optim.AdamW(params, lr=1e-3, master_weights=master_weights)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.found_inf = torch.zeros((), device="cuda")
