@@ -25,8 +25,12 @@
 #   bash bench/gpu/run.sh step-kernels [args] bench/train_step.py at 8B shapes (8 layers, 2 x 4096): HF, FP8, FP8 head,
 #                                             timed, then two profiled steps each: kernel time by kind, GPU idle
 #   bash bench/gpu/run.sh matrix [args...]    bench/matrix.py with these arguments
+#   bash bench/gpu/run.sh quality [args]      bench/finetune_quality.py: fine-tuning quality of each master-weight option
+#                                             against HF's fp32-master training, on real text
+#   bash bench/gpu/run.sh master-cost         bench/train_step.py at the Llama-3.1-8B shape (32 layers, 2 x 4096), FP8
+#                                             delayed, once per master-weight option; then the optimizer's GPU tests
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|quality|master-cost [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -46,7 +50,7 @@ fi
 # Transformer Engine loads cuDNN from $CUDNN_HOME before the system's; cuDNN loads its parts by name.
 [ -f /tmp/cudnn/.ready ] && export CUDNN_HOME=/tmp/cudnn/nvidia/cudnn \
   LD_LIBRARY_PATH=/tmp/cudnn/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the checkout, not installed here
 quiet() { grep -v "it/s\]\|Warning\|warn(" ; }
 rc=0  # the Python commands' exit statuses, not those of the filters after them
 case $part in
@@ -103,6 +107,16 @@ case $part in
       | tee $R/step-kernels.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   matrix)
     python3 bench/matrix.py --out $R/matrix "$@"; rc=$? ;;
+  quality)
+    python3 bench/finetune_quality.py "$@" 2>&1 | quiet | tee $R/quality.log; rc=$((rc | PIPESTATUS[0])) ;;
+  master-cost)
+    for m in bf16 fp32 bf16_kahan bf16_sr; do
+      python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 10 \
+        --variants fp8_delayed --master-weights $m --out $R/8b-master-$m.json "$@" 2>&1 | quiet \
+        | tee $R/8b-master-$m.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    done
+    python3 -m pytest tests/test_optim.py tests/test_master_weights.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 \
+      | quiet | tee $R/optim-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -8; rc=$((rc | PIPESTATUS[0])) ;;
 esac
 status=$rc
 [ -n "${OUT:-}" ] && tar czf "$OUT/results-$part.tgz" -C /tmp results
