@@ -227,8 +227,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = 10
     # Newest checkpoints kept; older ones are deleted.
     keep_checkpoints: int = 2
-    # Log training metrics every this many optimizer steps.
+    # Log training metrics (to MLflow, and as a progress line on the job's output) every this many
+    # optimizer steps.
     log_every: int = 1
+    # A progress line at least this often (seconds) even between log_every steps, so slow steps show life.
+    progress_every_s: float = 60.0
     # How workers share the model: ddp = a whole replica each; fsdp = FSDP2, parameters, gradients and
     # optimizer state sharded over the workers (models too big for one GPU). See pipeline/parallel.py.
     parallelism: Literal["ddp", "fsdp"] = "ddp"
@@ -265,6 +268,7 @@ class TrainConfig(_Section):
                       f"needs train.fp8 set to delayed or current, not {self.fp8!r}")
         self._require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
         self._require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", "must be >= 0")
+        self._require(self.progress_every_s > 0, "progress_every_s", "must be > 0")
         if self.global_batch_size is not None:
             self._derive_grad_accum()
 
