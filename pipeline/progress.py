@@ -19,8 +19,13 @@ from collections.abc import Callable, Mapping
 
 
 def echo(stage: str, text: str) -> None:
-    """Print one progress line of `stage` now (flushed: a pipe to Ray's log would otherwise buffer it)."""
-    print(f"[{stage}] {text}", file=sys.stdout, flush=True)
+    """Write one progress line of `stage` now, flushed (a pipe to Ray's log would otherwise buffer it).
+
+    Written to the stream, not with `print`: Ray Train patches `print` in its workers to send each line
+    to its logger as well as to stdout, and the job's log would show every line twice.
+    """
+    sys.stdout.write(f"[{stage}] {text}\n")
+    sys.stdout.flush()
 
 
 def duration(seconds: float) -> str:
