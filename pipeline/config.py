@@ -68,6 +68,7 @@ _ALIASES = {
     "gradient_checkpointing": "activation_checkpointing",
     "torch_dtype": "dtype",
 }
+_MODEL_VERSION_URI = re.compile(r"^models:/[^/@]+/\d+$")
 _SHARD_SIZE = re.compile(r"^\d+(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 
 
@@ -312,6 +313,10 @@ class EvalConfig(_Section):
     num_samples: int = 3
     # Greedy generation length per sample.
     max_new_tokens: int = 32
+    # A registered model version to score on the same held-out rows as the fine-tuned model, as
+    # models:/<name>/<version> (the retrain scheduler sets it to its champion, for a fair gate); its
+    # results are logged as champion/val_loss and champion/perplexity. null = none.
+    champion: Optional[str] = None
     # Prompts for generated samples.
     prompts: list[str] = field(default_factory=lambda: [
         "The old lighthouse keeper",
@@ -324,6 +329,8 @@ class EvalConfig(_Section):
         self._require(self.max_batches is None or self.max_batches >= 1, "max_batches", "must be >= 1")
         self._require(self.num_samples >= 0, "num_samples", "must be >= 0")
         self._require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        self._require(self.champion is None or bool(_MODEL_VERSION_URI.match(self.champion)), "champion",
+                      "must look like models:/<registered model>/<version>")
 
 
 @dataclass

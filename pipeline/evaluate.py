@@ -199,6 +199,19 @@ def evaluate(
     return metrics
 
 
+def score_champion(cfg: Config, champion_dir: str | Path, val_uri: str, options: storage.StorageOptions | None = None,
+                   device: str | torch.device | None = None) -> dict[str, float]:
+    """{"champion/val_loss", "champion/perplexity"}: the registered champion (an HF checkpoint folder)
+    scored on the same rows, with the same code, as `evaluate` scores the fine-tuned model."""
+    kwargs = {"backend": cfg.model.backend, "dtype": model_dtype(cfg), "device": device or default_device()}
+    started = time.monotonic()
+    progress.echo("eval", f"champion {cfg.eval.champion}: scoring the same rows")
+    scores = evaluate_model(te_model.from_hf_checkpoint(champion_dir, **kwargs), val_uri, cfg, options)
+    progress.echo("eval", f"champion: loss {scores['val_loss']:.4f}, perplexity {scores['perplexity']:.3f} "
+                          f"over {scores['tokens']:,} tokens ({progress.duration(time.monotonic() - started)})")
+    return {"champion/val_loss": scores["val_loss"], "champion/perplexity": scores["perplexity"]}
+
+
 # ---------------------------------------------------------------------------------------------------
 # samples from the exported checkpoint
 
