@@ -43,6 +43,7 @@ import fsspec
 import s3fs
 from fsspec import AbstractFileSystem
 
+from pipeline import hub
 from pipeline.errors import IntegrityError, PipelineError
 from pipeline.manifest import (
     MANIFEST_NAME,
@@ -157,8 +158,10 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[Abstrac
         return _s3_filesystem(options or StorageOptions()), path
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
+    elif uri.startswith(hub.SCHEME):
+        uri = str(hub.local_path(uri))  # read-only: the node's Hugging Face cache (pipeline.hub)
     elif "://" in uri:
-        raise PipelineError(f"unsupported storage uri {uri!r}: use s3://, file:// or a local path")
+        raise PipelineError(f"unsupported storage uri {uri!r}: use s3://, file://, hf:// or a local path")
     return fsspec.filesystem("file", auto_mkdir=True), os.path.abspath(os.path.expanduser(uri))
 
 
@@ -218,11 +221,16 @@ def list_files(uri: str, options: StorageOptions | None = None) -> dict[str, int
     files = {
         name[len(prefix) :]: int(info["size"])
         for name, info in found.items()
-        if info.get("type") == "file" and name.startswith(prefix)
+        if _is_file(info) and name.startswith(prefix)
     }
     if not files:
         raise PipelineError(f"no files at {uri} (missing bucket, prefix or directory?)")
     return files
+
+
+def _is_file(info: dict) -> bool:
+    # fsspec calls a local symlink "other"; the Hugging Face cache (hf:// uris) is made of links to files.
+    return info.get("type") == "file" or (bool(info.get("islink")) and os.path.isfile(info["name"]))
 
 
 def list_dirs(uri: str, options: StorageOptions | None = None) -> list[str]:
