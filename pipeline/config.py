@@ -21,7 +21,7 @@ Decisions made here:
   dot as strings, which would otherwise make the most common learning-rate spelling an error.
 - Uris never carry credentials: the resolved config goes into MLflow params and into every checkpoint,
   so a `user:password@` in a storage or tracking uri is refused (without repeating it); credentials
-  come from the environment. Storage uris are s3://bucket/..., file://... or local paths (`pipeline.uris`).
+  come from the environment. Storage uris are s3://bucket/..., file://..., hf://... (Hub, read-only) or local paths (`pipeline.uris`).
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ class StorageConfig(_Section):
 @dataclass
 class ModelConfig(_Section):
     section: ClassVar[str] = "model"
-    # Uri of the Hugging Face checkpoint folder (config.json, safetensors shards, tokenizer files).
-    # Required in every config but the demo.
+    # Uri of the Hugging Face checkpoint folder (config.json, safetensors shards, tokenizer files): s3://,
+    # a local folder, or a Hub repo hf://org/name[@revision] (pipeline.hub). Required in every config but the demo.
     base_uri: Optional[str] = None
     # Layer implementation: te = Transformer Engine, torch = plain PyTorch, auto = te when usable.
     backend: Literal["auto", "te", "torch"] = "auto"
@@ -167,8 +167,8 @@ class ModelConfig(_Section):
 @dataclass
 class DataConfig(_Section):
     section: ClassVar[str] = "data"
-    # Training inputs: jsonl/json/parquet/csv files or `datasets` save_to_disk folders, local or remote.
-    # Required in every config but the demo.
+    # Training inputs: jsonl/json/parquet/csv files or `datasets` save_to_disk folders, local, s3:// or in
+    # a Hub dataset repo (hf://datasets/org/name[@revision]/path). Required in every config but the demo.
     train_files: list[str] = field(default_factory=list)
     # Held-out inputs; when set, val_fraction is ignored and no training document is held out.
     validation_files: Optional[list[str]] = None
@@ -480,7 +480,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
 
 
 _REQUIRED_HINTS = {
-    "model.base_uri": "name the base checkpoint to fine-tune (s3://bucket/path or a local folder)",
+    "model.base_uri": "name the base checkpoint to fine-tune (s3://bucket/path, a local folder or hf://org/name@revision)",
     "data.train_files": "list the training data files (s3://..., local paths)",
     "export.registered_model_name": "name the MLflow registered model for the result (or null: do not register)",
 }
