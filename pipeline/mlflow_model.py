@@ -11,8 +11,9 @@ string). So this module writes what `save_model` writes around the weights, and 
 - `MLmodel` with the `transformers` flavor (task `text-generation`) and `python_function` flavor,
   written through MLflow's `Model` API. `model_binary: "."` points the flavor at the folder itself.
 - `components/tokenizer/`: a copy of the tokenizer files (kilobytes to megabytes), which is where
-  the flavor reads its tokenizer. The tokenizer class is `AutoTokenizer`: MLflow loads a class that
-  transformers does not define with `trust_remote_code=True`, which this project never allows.
+  the flavor reads its tokenizer. The tokenizer class is `AutoTokenizer`: for a class name that
+  transformers does not define, MLflow would trust the checkpoint's remote code, which this project
+  never allows.
 - `requirements.txt`, `python_env.yaml`, `conda.yaml`: the versions of this process's packages that
   loading needs. Written here rather than inferred, because MLflow's inference imports the model.
 """
