@@ -104,7 +104,7 @@ class _Section:
 class RunConfig(_Section):
     section: ClassVar[str] = "run"
     # Run name in MLflow and the folder name of this run's checkpoints and exports; unset = the config
-    # file's name (my-sft for my-sft.yaml).
+    # file's name (my-sft for my-sft.yaml; `load_config` sets it).
     name: Optional[str] = None
     # MLflow experiment the run belongs to (the default of tracking.experiment); unset = run.name.
     experiment: Optional[str] = None
@@ -116,8 +116,7 @@ class RunConfig(_Section):
     cache_dir: str = ".cache/node"
 
     def _validate(self) -> None:
-        self._require(self.name is not None, "name", "must be set (the job's name in MLflow and in storage)")
-        self._require(bool(self.name.strip()), "name", "must not be empty")
+        self._require(self.name is None or bool(self.name.strip()), "name", "must not be empty")
         if self.experiment is None:
             self.experiment = self.name
         self._require("://" not in self.cache_dir, "cache_dir", "must be a local path")

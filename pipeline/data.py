@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer_uri == DEMO_BASE_URI:
             from pipeline.tiny import ensure_demo_base
             ensure_demo_base(Path(DEMO_BASE_URI).parent)
-        prepared = prepare(cfg, tokenizer_uri)
+        with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout is the stats JSON alone
+            prepared = prepare(cfg, tokenizer_uri)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

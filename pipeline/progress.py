@@ -1,5 +1,6 @@
 """Progress lines an operator can watch: one line per event, flushed, readable in a terminal and in
-`ray job logs --follow` (Ray forwards the stdout of workers and tasks to the job's log).
+`ray job logs --follow` (Ray forwards the output of workers and tasks to the job's log). They go to
+stdout, like the stages' summaries; stderr stays the one-line error of a failed job.
 
 Why it exists: a stage's one-line summary comes at its end, so an hours-long training run would say
 nothing until it is over. Training prints from rank 0 the same metrics dict that goes to MLflow

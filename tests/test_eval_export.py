@@ -317,3 +317,45 @@ def test_the_registered_version_loads_as_an_mlflow_transformers_and_pyfunc_model
     answer = model.predict([prompt], params={"max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
                                              "do_sample": False, "return_full_text": False})
     assert answer == [expected]
+
+
+def test_mlflow_models_serve_answers_with_the_registered_version(
+    base_dir, trained, mlflow_server, tmp_path
+):
+    """`mlflow models serve` (in this environment: --env-manager local) serves the registered version."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    name = f"tiny-llama-{uuid.uuid4().hex[:8]}"
+    cfg = make_cfg(tmp_path, export={"registered_model_name": name}, tracking={"uri": mlflow_server.uri})
+    parent = tracking.find_or_start_parent("eval-export-tests", "serve-job", tracking_uri=mlflow_server.uri)
+    with tracking.stage_run(parent, "export", tracking_uri=mlflow_server.uri) as run_id:
+        version = export(cfg, base_dir, trained[0], run_id=run_id).version
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/{version}",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    body = json.dumps({"inputs": ["The old lighthouse keeper"], "params": {"max_new_tokens": 6}}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        deadline, answer = time.monotonic() + 180, None
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                answer = json.loads(opener.open(request, timeout=30).read())
+            except OSError:
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert answer is not None, "mlflow models serve did not answer"
+    (text,) = answer["predictions"]
+    assert isinstance(text, str) and text.strip()
