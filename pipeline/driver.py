@@ -7,6 +7,9 @@ What this module decides:
 - Each stage execution is a nested MLflow run carrying the resolved config, seed and code version.
 - The driver process only orchestrates. Training runs in Ray Train workers; eval and export run as one
   Ray task that asks for a GPU when training did, so big models never load on the head node.
+- Eval records what its scores are of (tags `eval.val_uri`, `eval.data_hash`), and with `eval.champion`
+  set also scores that registered version on the same rows (`champion/...`): the retrain gate compares
+  only results over the same rows.
 - The parent and stage runs are tagged with what runs are compared by (`pipeline.run_tags`): precision,
   model, data fingerprint at the start of every invocation; hardware once training ran (its nodes are
   up by then) on the parent, the train run and the stage runs after it.
