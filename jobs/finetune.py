@@ -4,6 +4,8 @@
     python jobs/finetune.py --config configs/gpu-small-fp8.yaml --set train.lr=2e-5
     python jobs/finetune.py --config my.yaml --stages eval,export   # re-run stages of the same job
     python jobs/finetune.py --config my.yaml --dry-run       # validate config, data, storage, tracking
+    python jobs/finetune.py --config my.yaml --print-config  # the resolved config as YAML
+    python jobs/finetune.py --list-keys                      # every key, its type, default and meaning
     ray job submit --working-dir . -- python jobs/finetune.py --config my.yaml
 
 Exits 0 on success, 1 with a one-line reason on failure: what is wrong, where (the config key, file,
@@ -20,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # pipeline.driver (Ray, MLflow, torch: seconds to import) is imported once the config is valid, so a
 # typo in the config fails at once.
-from pipeline.config import STAGES, load_config
+from pipeline.config import STAGES, describe_keys, load_config
+from pipeline.locations import BASE_DIR_ENV, lasting_locations
 from pipeline.errors import PipelineError
 
 
@@ -30,6 +33,10 @@ def parse_args(argv):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=2e-5")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--dry-run", action="store_true", help="check everything, train nothing")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (preset, overrides, environment) as YAML and exit")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="list every config key with its type, default and documentation, and exit")
     parser.add_argument("--debug", "--traceback", dest="debug", action="store_true",
                         help="on failure, print the full traceback before the one-line reason")
     args = parser.parse_args(argv)
@@ -79,7 +86,15 @@ def fail(exc: BaseException, debug: bool) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        if args.list_keys:
+            print(describe_keys())
+            return 0
+        cfg, moved = lasting_locations(load_config(args.config, args.set))
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        for line in moved:  # under `ray job submit`: out of Ray's temporary working directory
+            print(f"[job] {line} (relative outputs go under ${BASE_DIR_ENV} or ~/finetune in a Ray job)")
         if args.dry_run:
             return report_dry_run(cfg)
         from pipeline.driver import run_job

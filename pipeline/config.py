@@ -7,24 +7,30 @@ unknown keys raise `PipelineError` naming the dotted key (`train.lr`), with the 
 suggested for typos.
 
 Decisions made here:
-- The embedded defaults are the tiny CPU demo job, so `load_config(None, [])` runs anywhere in minutes.
-  GPU presets in `configs/` set everything that differs.
+- The tiny CPU demo is `configs/tiny-cpu.yaml`, what `load_config(None)` (no --config) loads; its
+  settings never reach another config. Field defaults are for real fine-tunes (e.g. `train.lr` 2e-5),
+  and any other config must name its base model and registered model (`REQUIRED_KEYS`), or the load
+  fails in one line naming the key. `run.name` left unset is the config file's name.
+- MLflow's own conventions hold where the config is silent: `tracking.uri` unset is
+  $MLFLOW_TRACKING_URI, else a local SQLite store (`LOCAL_TRACKING_URI`); `tracking.experiment` unset is
+  $MLFLOW_EXPERIMENT_NAME, else `run.experiment`, else `run.name`.
 - Override values are parsed with `yaml.safe_load`, so `train.lr=2e-5`, `train.use_gpu=true` and
   `data.train_files=[a.jsonl,b.jsonl]` mean what they look like; `key=` or `key=null` means None;
   text that is not valid YAML (a Jinja template) is taken verbatim.
 - Float fields also accept strings such as "2e-5": PyYAML (YAML 1.1) reads exponent numbers without a
   dot as strings, which would otherwise make the most common learning-rate spelling an error.
-- `tracking.experiment` left empty takes `run.experiment`, so one name groups the runs everywhere.
 - Uris never carry credentials: the resolved config goes into MLflow params and into every checkpoint,
   so a `user:password@` in a storage or tracking uri is refused (without repeating it); credentials
-  come from the environment. Storage uris are s3://bucket/..., file://... or local paths (`pipeline.uris`).
+  come from the environment. Storage uris are s3://bucket/..., file://..., hf://... (Hub, read-only) or local paths (`pipeline.uris`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
+import os
 import re
 import types
 import typing
@@ -41,6 +47,11 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The job's stages, in pipeline order (`pipeline.driver` runs them).
 STAGES = ("data", "train", "eval", "export")
 DEMO_BASE_URI = ".cache/demo-store/tiny-llama"
+DEMO_PRESET = PRESET_DIR / "tiny-cpu.yaml"
+# What a config other than the demo must set: a real job never trains some default model, and never
+# registers its result under a name it did not choose (null there means: do not register).
+REQUIRED_KEYS = ("model.base_uri", "data.train_files", "export.registered_model_name")
+LOCAL_TRACKING_URI = "sqlite:///.cache/mlflow.db"
 SHIPPED_TEXT = "data/tiny_text.jsonl"
 
 # Names other trainers use for our keys; difflib alone cannot see that `learning_rate` means `lr`.
@@ -57,6 +68,7 @@ _ALIASES = {
     "gradient_checkpointing": "activation_checkpointing",
     "torch_dtype": "dtype",
 }
+_MODEL_VERSION_URI = re.compile(r"^models:/[^/@]+/\d+$")
 _SHARD_SIZE = re.compile(r"^\d+(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 # A name that becomes one folder or object-key segment (`run.name`) or a registry key: no separator, no
 # `..`, nothing hidden, nothing that needs quoting in an MLflow filter.
@@ -107,10 +119,11 @@ class _Section:
 @dataclass
 class RunConfig(_Section):
     section: ClassVar[str] = "run"
-    # Run name in MLflow and the folder name of this run's checkpoints and exports.
-    name: str = "tiny-demo"
-    # MLflow experiment the run belongs to (also the default of tracking.experiment).
-    experiment: str = "tiny-demo"
+    # Run name in MLflow and the folder name of this run's checkpoints and exports; unset = the config
+    # file's name (my-sft for my-sft.yaml; `load_config` sets it).
+    name: Optional[str] = None
+    # MLflow experiment the run belongs to (the default of tracking.experiment); unset = run.name.
+    experiment: Optional[str] = None
     # Seed for weight-free randomness: data split, row order, dropout, sampling.
     seed: int = 0
     # Root uri (local folder, file://, s3://) for checkpoints, exports and the prepared-data cache.
@@ -119,8 +132,11 @@ class RunConfig(_Section):
     cache_dir: str = ".cache/node"
 
     def _validate(self) -> None:
-        self._require(bool(self.name.strip()), "name", "must not be empty")
-        self._require_name("name", "the name of the job's folders under run.output_uri and run.cache_dir")
+        self._require(self.name is None or bool(self.name.strip()), "name", "must not be empty")
+        if self.name is not None:
+            self._require_name("name", "the name of the job's folders under run.output_uri and run.cache_dir")
+        if self.experiment is None:
+            self.experiment = self.name
         self._require("://" not in self.cache_dir, "cache_dir", "must be a local path")
         self._require_storage_uri("output_uri")
 
@@ -152,22 +168,25 @@ class StorageConfig(_Section):
 @dataclass
 class ModelConfig(_Section):
     section: ClassVar[str] = "model"
-    # Uri of the Hugging Face checkpoint folder (config.json, safetensors shards, tokenizer files).
-    base_uri: str = DEMO_BASE_URI
+    # Uri of the Hugging Face checkpoint folder (config.json, safetensors shards, tokenizer files): s3://,
+    # a local folder, or a Hub repo hf://org/name[@revision] (pipeline.hub). Required in every config but the demo.
+    base_uri: Optional[str] = None
     # Layer implementation: te = Transformer Engine, torch = plain PyTorch, auto = te when usable.
     backend: Literal["auto", "te", "torch"] = "auto"
     # Master weight and compute dtype outside FP8 regions.
     dtype: Literal["bf16", "fp32"] = "fp32"
 
     def _validate(self) -> None:
-        self._require_storage_uri("base_uri")
+        if self.base_uri is not None:
+            self._require_storage_uri("base_uri")
 
 
 @dataclass
 class DataConfig(_Section):
     section: ClassVar[str] = "data"
-    # Training inputs: jsonl/json/parquet/csv files or `datasets` save_to_disk folders, local or remote.
-    train_files: list[str] = field(default_factory=lambda: [SHIPPED_TEXT])
+    # Training inputs: jsonl/json/parquet/csv files or `datasets` save_to_disk folders, local, s3:// or in
+    # a Hub dataset repo (hf://datasets/org/name[@revision]/path). Required in every config but the demo.
+    train_files: list[str] = field(default_factory=list)
     # Held-out inputs; when set, val_fraction is ignored and no training document is held out.
     validation_files: Optional[list[str]] = None
     # Record layout: text = raw `text_field`; instruction = instruction/input/output; chat = messages.
@@ -190,7 +209,6 @@ class DataConfig(_Section):
     max_documents: Optional[int] = None
 
     def _validate(self) -> None:
-        self._require(len(self.train_files) > 0, "train_files", "must list at least one uri")
         self._require_storage_uri("train_files")
         if self.validation_files:
             self._require_storage_uri("validation_files")
@@ -218,7 +236,7 @@ class TrainConfig(_Section):
     # grad_accum_steps becomes the quotient, so changing train.workers keeps the optimization the same.
     global_batch_size: Optional[int] = None
     # Peak AdamW learning rate.
-    lr: float = 3e-3
+    lr: float = 2e-5
     # Final learning rate of the cosine decay as a fraction of lr.
     min_lr_ratio: float = 0.1
     # AdamW decoupled weight decay.
@@ -238,20 +256,24 @@ class TrainConfig(_Section):
     # Run the attention itself in FP8 too (cuDNN's FP8 fused attention; delayed or current only; trains on
     # Blackwell with cuDNN 9.23+). Off: attention stays bf16 between the FP8 projections.
     fp8_attention: bool = False
-    # How bf16 parameters keep updates smaller than their rounding step (pipeline/optim.py): fp32 = an fp32
-    # master copy in the optimizer (4 more bytes a parameter; sharded under fsdp); bf16_kahan = a bf16
-    # compensation buffer (2 more bytes); bf16_sr = stochastic rounding (no memory, unbiased but noisy);
-    # bf16 = round to nearest (fine-tuning updates below half a bf16 step are lost). No effect when
-    # model.dtype is fp32: the parameters are then their own master.
-    master_weights: Literal["fp32", "bf16_kahan", "bf16_sr", "bf16"] = "fp32"
+    # How bf16 parameters keep updates smaller than their rounding step (pipeline/optim.py): bf16_kahan = a
+    # bf16 compensation buffer (2 more bytes a parameter; fine-tunes to the held-out loss of fp32 master
+    # weights, docs/performance.md); fp32 = an fp32 master copy in the optimizer (4 more bytes; sharded
+    # under fsdp); bf16_sr = stochastic rounding (no memory, unbiased but noisy); bf16 = round to nearest
+    # (fine-tuning updates below half a bf16 step are lost). No effect when model.dtype is fp32: the
+    # parameters are then their own master.
+    master_weights: Literal["fp32", "bf16_kahan", "bf16_sr", "bf16"] = "bf16_kahan"
     # Recompute decoder-layer activations in backward to save memory.
     activation_checkpointing: bool = False
     # Save a resumable checkpoint every this many optimizer steps; 0 = only at the end.
     checkpoint_every: int = 10
     # Newest checkpoints kept; older ones are deleted.
     keep_checkpoints: int = 2
-    # Log training metrics every this many optimizer steps.
+    # Log training metrics (to MLflow, and as a progress line on the job's output) every this many
+    # optimizer steps.
     log_every: int = 1
+    # A progress line at least this often (seconds) even between log_every steps, so slow steps show life.
+    progress_every_s: float = 60.0
     # How workers share the model: ddp = a whole replica each; fsdp = FSDP2, parameters, gradients and
     # optimizer state sharded over the workers (models too big for one GPU). See pipeline/parallel.py.
     parallelism: Literal["ddp", "fsdp"] = "ddp"
@@ -288,6 +310,7 @@ class TrainConfig(_Section):
                       f"needs train.fp8 set to delayed or current, not {self.fp8!r}")
         self._require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
         self._require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", "must be >= 0")
+        self._require(self.progress_every_s > 0, "progress_every_s", "must be > 0")
         if self.global_batch_size is not None:
             self._derive_grad_accum()
 
@@ -314,6 +337,10 @@ class EvalConfig(_Section):
     num_samples: int = 3
     # Greedy generation length per sample.
     max_new_tokens: int = 32
+    # A registered model version to score on the same held-out rows as the fine-tuned model, as
+    # models:/<name>/<version> (the retrain scheduler sets it to its champion, for a fair gate); its
+    # results are logged as champion/val_loss and champion/perplexity. null = none.
+    champion: Optional[str] = None
     # Prompts for generated samples.
     prompts: list[str] = field(default_factory=lambda: [
         "The old lighthouse keeper",
@@ -326,6 +353,8 @@ class EvalConfig(_Section):
         self._require(self.max_batches is None or self.max_batches >= 1, "max_batches", "must be >= 1")
         self._require(self.num_samples >= 0, "num_samples", "must be >= 0")
         self._require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        self._require(self.champion is None or bool(_MODEL_VERSION_URI.match(self.champion)), "champion",
+                      "must look like models:/<registered model>/<version>")
 
 
 @dataclass
@@ -333,8 +362,9 @@ class ExportConfig(_Section):
     section: ClassVar[str] = "export"
     # Largest safetensors shard of the exported checkpoint, e.g. "2GB", "200KB".
     max_shard_size: str = "2GB"
-    # MLflow registered-model name the export is registered under; None = do not register.
-    registered_model_name: Optional[str] = "tiny-llama-demo"
+    # MLflow registered-model name the export is registered under; null = do not register. Required
+    # (a name or null) in every config but the demo.
+    registered_model_name: Optional[str] = None
 
     def _validate(self) -> None:
         well_formed = bool(_SHARD_SIZE.match(self.max_shard_size))
@@ -345,12 +375,15 @@ class ExportConfig(_Section):
 @dataclass
 class TrackingConfig(_Section):
     section: ClassVar[str] = "tracking"
-    # MLflow tracking uri: http(s):// server, sqlite:/// database or local folder.
-    uri: str = "sqlite:///.cache/mlflow.db"
-    # MLflow experiment name; None = run.experiment.
+    # MLflow tracking uri: http(s):// server, sqlite:/// database or local folder; unset =
+    # $MLFLOW_TRACKING_URI, else a SQLite database in .cache/ (under `ray job submit`: see pipeline.locations).
+    uri: Optional[str] = None
+    # MLflow experiment name; unset = $MLFLOW_EXPERIMENT_NAME, else run.experiment.
     experiment: Optional[str] = None
 
     def _validate(self) -> None:
+        if self.uri is None:
+            self.uri = os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI
         scheme = split_uri("tracking.uri", self.uri).scheme
         self._require(scheme in ("http", "https", "sqlite", "file", ""), "uri",
                       "must be an http(s):// MLflow server, a sqlite:/// database or a local folder")
@@ -381,7 +414,7 @@ class Config:
             if not isinstance(section, cls):
                 raise PipelineError(f"{name}: expected a {cls.__name__}, got {type(section).__name__}")
         if self.tracking.experiment is None:
-            self.tracking.experiment = self.run.experiment
+            self.tracking.experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or self.run.experiment
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (YAML/JSON-safe); `Config.from_dict(c.to_dict()) == c`."""
@@ -415,27 +448,80 @@ class Config:
         return {f"{section}.{key}": value for section, values in sections for key, value in values.items()}
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's documentation: the comment lines right above it in the class body."""
+    docs, comment = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            comment.append(text.lstrip("#").strip())
+            continue
+        match = re.match(r"^(\w+): [^=]+(=|$)", text)
+        if match and match.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            docs[match.group(1)] = " ".join(comment)
+        comment = []
+    return docs
+
+
+def describe_keys() -> str:
+    """Every key a config may set: type, default and documentation (what `--list-keys` prints)."""
+    lines = []
+    for section, cls in _SECTIONS.items():
+        hints, docs = typing.get_type_hints(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"{section}.{f.name}  ({_type_name(hints[f.name])}; default {default})")
+            lines.append(f"    {docs.get(f.name) or '(undocumented)'}")
+    return "\n".join(lines)
+
+
 def valid_keys() -> list[str]:
     """All dotted keys a preset or override may set."""
     return [f"{name}.{f.name}" for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML preset at `path` (a file or a name in configs/), then `key=value` overrides."""
-    raw = {} if path is None else _read_preset(path)  # absent sections and keys take the defaults
+    """Defaults, then the YAML preset at `path` (a file or a name in configs/; None = the demo), then
+    `key=value` overrides. A config other than the demo must set `REQUIRED_KEYS`."""
+    file = DEMO_PRESET if path is None else _preset_file(path)
+    raw = _read_preset(str(file))  # absent sections and keys take the defaults
     for override in overrides or []:
         key, value = _parse_override(override)
         section, name = key.split(".", 1)
         if not isinstance(raw.get(section), dict):
             raw[section] = {}
         raw[section][name] = value
-    return Config.from_dict(raw)
+    raw["run"] = raw.get("run") or {}
+    if raw["run"].get("name") is None:
+        raw["run"]["name"] = file.stem
+    cfg = Config.from_dict(raw)  # unknown keys and bad values first: they are the likelier typo
+    if file.resolve() != DEMO_PRESET.resolve():
+        for key in REQUIRED_KEYS:
+            section, name = key.split(".")
+            if name not in (raw.get(section) or {}):
+                raise PipelineError(f"{key} is not set in {path}: {_REQUIRED_HINTS[key]}")
+    if not cfg.data.train_files:
+        raise PipelineError("data.train_files must list at least one uri (got [])")
+    return cfg
 
 
-def _read_preset(path: str) -> dict[str, Any]:
+_REQUIRED_HINTS = {
+    "model.base_uri": "name the base checkpoint to fine-tune (s3://bucket/path, a local folder or hf://org/name@revision)",
+    "data.train_files": "list the training data files (s3://..., local paths)",
+    "export.registered_model_name": "name the MLflow registered model for the result (or null: do not register)",
+}
+
+
+def _preset_file(path: str) -> Path:
     file = Path(path)
     if not file.exists() and (PRESET_DIR / f"{path}.yaml").exists():
         file = PRESET_DIR / f"{path}.yaml"
+    return file
+
+
+def _read_preset(path: str) -> dict[str, Any]:
+    file = _preset_file(path)
     if not file.is_file():
         presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
         raise PipelineError(f"config file not found: {path}; give a YAML file or a preset name ({presets})")

@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pipeline import storage
+from pipeline import progress, storage
 from pipeline.config import DEMO_BASE_URI, Config, DataConfig, load_config
 from pipeline.errors import PipelineError
 from pipeline.manifest import MANIFEST_NAME
@@ -323,10 +323,14 @@ def prepare(cfg: Config, tokenizer_dir: str, min_train_rows: int = 1) -> Prepare
     options = storage.StorageOptions.from_config(cfg.storage)
     tokenizer_dir = _local_tokenizer_dir(tokenizer_dir, cfg, options)
     sources = read_inputs(cfg.data, options)
+    read = sum(len(blob) for split in sources.values() for source in split for blob in source.blobs.values())
+    progress.echo("data", f"read {sum(map(len, sources.values()))} input(s), {progress.megabytes(read)}")
     digest = data_hash(cfg, sources, _tokenizer_blobs(tokenizer_dir))
     folder = storage.join(cfg.run.output_uri, "data", digest[:16])
     stats = _cached_stats(folder, options)
-    if stats is None:
+    if stats is not None:
+        progress.echo("data", f"same inputs and settings as {folder}: reusing it")
+    else:
         tokenizer = load_tokenizer(tokenizer_dir, cfg.data)
         _check_tokenizer(tokenizer, cfg.data)
         with tempfile.TemporaryDirectory(prefix="prepared-data-") as local:
@@ -407,6 +411,8 @@ def _build(cfg: Config, tokenizer: PreTrainedTokenizerBase, splits: dict[str, li
             stats[key] += count
         columns = pack_documents(kept, data.seq_len, pad_id, cfg.run.seed)
         stats[split] = _split_stats(kept, columns, data.seq_len)
+        progress.echo("data", f"{split}: {len(docs):,} documents -> {stats[split]['tokens']:,} tokens in "
+                              f"{stats[split]['rows']:,} rows of {data.seq_len}")
         if kept:
             _write_parquet(columns, local / ("train.parquet" if split == "train" else "val.parquet"))
     if not stats["train"]["rows"]:
@@ -441,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer_uri == DEMO_BASE_URI:
             from pipeline.tiny import ensure_demo_base
             ensure_demo_base(Path(DEMO_BASE_URI).parent)
-        prepared = prepare(cfg, tokenizer_uri)
+        with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout is the stats JSON alone
+            prepared = prepare(cfg, tokenizer_uri)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

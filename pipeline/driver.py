@@ -7,6 +7,9 @@ What this module decides:
 - Each stage execution is a nested MLflow run carrying the resolved config, seed and code version.
 - The driver process only orchestrates. Training runs in Ray Train workers; eval and export run as one
   Ray task that asks for a GPU when training did, so big models never load on the head node.
+- Eval records what its scores are of (tags `eval.val_uri`, `eval.data_hash`), and with `eval.champion`
+  set also scores that registered version on the same rows (`champion/...`): the retrain gate compares
+  only results over the same rows.
 - The parent and stage runs are tagged with what runs are compared by (`pipeline.run_tags`): precision,
   model, data fingerprint at the start of every invocation; hardware once training ran (its nodes are
   up by then) on the parent, the train run and the stage runs after it.
@@ -142,8 +145,14 @@ def run_train(ctx: JobContext, run_id: str) -> str:
 def run_eval(ctx: JobContext, run_id: str) -> str:
     data = ctx.need("data", "eval")
     checkpoint_uri = ctx.need("checkpoint_uri", "eval")
-    metrics, samples = _on_worker(ctx, _eval_task, ctx.cfg, ctx.options, checkpoint_uri, data["val_uri"])
+    metrics, samples = _on_worker(ctx, _eval_task, ctx.cfg, ctx.options, checkpoint_uri, data["val_uri"],
+                                  ctx.tracking_uri)
     tracking.log_metrics(run_id, metrics, tracking_uri=ctx.tracking_uri)
+    # what the scores are of: a gate compares only results over the same rows
+    scored = {"eval.val_uri": data["val_uri"] or "", "eval.data_hash": data.get("stats", {}).get("data_hash", "")}
+    if ctx.cfg.eval.champion and "champion/val_loss" in metrics:
+        scored["eval.champion"] = ctx.cfg.eval.champion
+    tracking.set_tags(run_id, scored, tracking_uri=ctx.tracking_uri)
     tracking.log_text(run_id, json.dumps(samples, indent=2), "samples.json", tracking_uri=ctx.tracking_uri)
     ctx.state["eval"] = metrics
     shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()))
@@ -179,12 +188,17 @@ def _local_dirs(cfg: Config, options, checkpoint_uri: str) -> tuple[Path, Path]:
     return base, checkpoint
 
 
-def _eval_task(cfg: Config, options, checkpoint_uri: str, val_uri: str | None):
-    from pipeline.evaluate import evaluate, generate_samples
+def _eval_task(cfg: Config, options, checkpoint_uri: str, val_uri: str | None, tracking_uri: str):
+    from pipeline.evaluate import evaluate, generate_samples, score_champion
     from pipeline.export import convert
 
     base, checkpoint = _local_dirs(cfg, options, checkpoint_uri)
     metrics = evaluate(cfg, base, checkpoint, val_uri, options=options) if val_uri else {}
+    if cfg.eval.champion and val_uri:
+        name, version = cfg.eval.champion.removeprefix("models:/").split("/")
+        folder = Path(cfg.run.cache_dir) / "champions" / f"{name}-v{version}"
+        champion = tracking.download_model_version(name, version, folder, tracking_uri=tracking_uri)
+        metrics.update(score_champion(cfg, champion, val_uri, options))
     hf_dir = convert(cfg, base, checkpoint)
     samples = generate_samples(hf_dir, cfg.eval.prompts, cfg.eval.max_new_tokens, cfg.eval.num_samples,
                                prompt_format=cfg.data.format, add_bos=cfg.data.add_bos)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import te_model
 from te_model.loss import causal_lm_loss
-from pipeline import storage
+from pipeline import progress, storage
 from pipeline.checkpoint import MODEL_FILE as CHECKPOINT_WEIGHTS, load_model_weights
 from pipeline.config import Config
 from pipeline.data import IGNORE_INDEX, format_instruction_prompt
@@ -187,12 +188,28 @@ def evaluate(
     loaders = {"base": lambda: te_model.from_hf_checkpoint(base_dir, **kwargs),
                "finetuned": lambda: load_trained_model(checkpoint_dir, base_dir, **kwargs)}
     metrics: dict[str, float] = {}
+    batches = "every" if cfg.eval.max_batches is None else f"up to {cfg.eval.max_batches}"
     for label, load in loaders.items():
+        started = time.monotonic()
+        progress.echo("eval", f"{label}: scoring {batches} batch(es) of {cfg.eval.batch_size} rows")
         scores = evaluate_model(load(), val_uri, cfg, options)  # the model is freed before the next loads
-        log.info("eval %s: loss %.4f, perplexity %.3f over %d tokens", label, scores["val_loss"],
-                 scores["perplexity"], scores["tokens"])
+        progress.echo("eval", f"{label}: loss {scores['val_loss']:.4f}, perplexity {scores['perplexity']:.3f} "
+                              f"over {scores['tokens']:,} tokens ({progress.duration(time.monotonic() - started)})")
         metrics[f"{label}/val_loss"], metrics[f"{label}/perplexity"] = scores["val_loss"], scores["perplexity"]
     return metrics
+
+
+def score_champion(cfg: Config, champion_dir: str | Path, val_uri: str, options: storage.StorageOptions | None = None,
+                   device: str | torch.device | None = None) -> dict[str, float]:
+    """{"champion/val_loss", "champion/perplexity"}: the registered champion (an HF checkpoint folder)
+    scored on the same rows, with the same code, as `evaluate` scores the fine-tuned model."""
+    kwargs = {"backend": cfg.model.backend, "dtype": model_dtype(cfg), "device": device or default_device()}
+    started = time.monotonic()
+    progress.echo("eval", f"champion {cfg.eval.champion}: scoring the same rows")
+    scores = evaluate_model(te_model.from_hf_checkpoint(champion_dir, **kwargs), val_uri, cfg, options)
+    progress.echo("eval", f"champion: loss {scores['val_loss']:.4f}, perplexity {scores['perplexity']:.3f} "
+                          f"over {scores['tokens']:,} tokens ({progress.duration(time.monotonic() - started)})")
+    return {"champion/val_loss": scores["val_loss"], "champion/perplexity": scores["perplexity"]}
 
 
 # ---------------------------------------------------------------------------------------------------

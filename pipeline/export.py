@@ -17,14 +17,20 @@ What it decides:
   skipped when the manifests are identical (a re-run of the same job converts to the same bytes) and is a
   PipelineError naming the uri otherwise. Files under the uri without a manifest are a publish that died
   midway: they are overwritten (with a warning), and the manifest, uploaded last, completes the export.
+- The folder is also an MLflow transformers model (`pipeline.mlflow_model`: an `MLmodel` beside the
+  weights, `model_binary: "."`), so the object-storage copy and the registered version both load with
+  `mlflow.transformers.load_model` / `mlflow.pyfunc.load_model` as well as with `from_pretrained`.
 - With a run id, the same local directory is logged as the run's artifacts under `model/`, and a model
   version named `export.registered_model_name` is registered (not when that is None).
+- Each step prints a progress line (shards written, MB uploaded and how fast).
 
 Big models
 ----------
 The weights are serialized once, into one local directory (`{run.cache_dir}/exports/{run.name}`), and
 every copy is a plain file upload from there; nothing is re-serialized (no `mlflow.transformers`
-logging, which would load the model again and save it a second time) and nothing is downloaded back.
+logging, which would load the model again and save it a second time, or copy the weights into a
+`model/` subfolder: the MLflow model description is written beside the weights instead) and nothing
+is downloaded back.
 That directory is uploaded once to object storage, and once as MLflow run artifacts. The registered
 version does not upload anything: its source is the `runs:/<run_id>/model` uri of those artifacts
 (`tracking.register_model`), so the registry and the run share one copy. The object-storage copy is the
@@ -41,15 +47,17 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import te_model
-from pipeline import storage, tracking
+from pipeline import progress, storage, tracking
 from pipeline.config import Config
 from pipeline.data import TOKENIZER_FILES
 from pipeline.errors import PipelineError
 from pipeline.evaluate import load_trained_model, local_checkpoint, model_dtype
+from pipeline.mlflow_model import write_mlflow_model
 from pipeline.manifest import MANIFEST_NAME, FileEntry, parse_manifest, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -142,7 +150,8 @@ def convert(
         del model
         if (base / "generation_config.json").is_file():
             shutil.copyfile(base / "generation_config.json", staging / "generation_config.json")
-        copy_tokenizer(base, staging, cfg.data.chat_template)
+        tokenizer_files = copy_tokenizer(base, staging, cfg.data.chat_template)
+        write_mlflow_model(staging, tokenizer_files, source_model=cfg.model.base_uri)
         write_manifest(staging)
         stamp.write_text("")  # claims `target` before it exists, so a crash right after leaves it ours
         if target.exists():
@@ -151,7 +160,9 @@ def convert(
         stamp.write_text(source)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("converted %s (base %s) into %s", checkpoint, base, target)
+    shards = sorted(target.glob("*.safetensors"))
+    progress.echo("export", f"converted to {len(shards)} safetensors shard(s), "
+                            f"{progress.megabytes(sum(p.stat().st_size for p in shards))} in {target}")
     return target
 
 
@@ -183,7 +194,12 @@ def publish_export(local_dir: Path, uri: str, options: storage.StorageOptions | 
             "refusing to overwrite it: choose another run.name or delete it first")
     if storage.exists(uri, options):
         log.warning("%s holds files but no %s (an interrupted publish?): overwriting them", uri, MANIFEST_NAME)
+    size, started = sum(entry.size for entry in entries.values()), time.monotonic()
+    progress.echo("export", f"uploading {len(entries)} files, {progress.megabytes(size)} to {uri}")
     storage.publish(local_dir, uri, options)
+    seconds = time.monotonic() - started
+    progress.echo("export", f"uploaded {progress.megabytes(size)} to {uri} in {progress.duration(seconds)} "
+                            f"({size / 1e6 / max(seconds, 1e-3):,.1f} MB/s)")
     return False
 
 
@@ -191,7 +207,10 @@ def register_export(
     run_id: str, local_dir: Path, model_name: str | None, tracking_uri: str, export_location: str
 ) -> str | None:
     """Log `local_dir` as the run's `model/` artifacts and register it as `model_name`; the version."""
+    size, started = sum(p.stat().st_size for p in local_dir.rglob("*") if p.is_file()), time.monotonic()
+    progress.echo("export", f"logging {progress.megabytes(size)} as MLflow model artifacts of run {run_id}")
     tracking.log_model_dir(run_id, local_dir, MODEL_ARTIFACT_PATH, tracking_uri=tracking_uri)
+    progress.echo("export", f"logged {progress.megabytes(size)} in {progress.duration(time.monotonic() - started)}")
     version = None
     if model_name is None:
         log.info("export.registered_model_name is not set: the export is not registered")

@@ -7,15 +7,20 @@ One tick (`Retrainer.tick`):
    are this module's state: attempt, submission id, status, decision.
 4. Unless MLflow already holds the finished job, submit `python jobs/finetune.py ... --set
    run.name=<job>-<fp12>` through Ray's Job Submission API with submission id `<job>-<fp12>-<attempt>`.
+   With a champion, the job also gets `eval.champion=models:/<model>/<champion version>`: its eval stage
+   scores the champion on the same held-out rows, with the same code, as the new model.
    Ray refuses an id it has seen ("Job with submission_id ... already exists"): a restarted scheduler
    then waits on the job it submitted before instead of starting a second one.
 5. Wait for the job. A failed job bumps the record's attempt and fails the tick; the next tick submits
    the next attempt, which resumes the same job (same run.name) from its latest checkpoint.
-6. Read the job's eval metric and registered model version from MLflow, and the champion's: the version
-   the registry alias (default `champion`) points at, scored by its own job's eval run.
+6. Read the job's eval run from MLflow: the new version's metric and the champion's (`champion/...`),
+   both over the same rows. A champion the job did not score (the alias moved since the submit) is an
+   error naming what to re-run, never a comparison across different held-out sets.
 7. Move the alias to the new version only if it is strictly better on the metric (lower or higher is
    better, configurable); with no champion yet, the first version becomes champion.
-8. Write the decision (`promoted` or `kept`) to the record. That is step 2's "last successful run".
+8. Write the decision (`promoted` or `kept`) to the record, with both scores (metrics `candidate/...` and
+   `champion/...`), the champion version and the rows they came from (tags `retrain.scored_on`,
+   `retrain.scored_data_hash`). That is step 2's "last successful run".
 
 Idempotence: the state is in MLflow (record tags, the job's runs, the alias) and in Ray (submission ids),
 never in this process. A crash between two steps repeats only the work after the last durable one:
@@ -65,6 +70,10 @@ class JobOutcome:
     name: str
     version: str  # registered model version of its export
     metric: float
+    champion_version: str | None = None  # the champion its eval stage scored on the same rows
+    champion_metric: float | None = None
+    scored_on: str = ""  # the held-out rows both were scored on (eval.val_uri) and their data hash
+    scored_data_hash: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,8 +157,13 @@ class Retrainer:
     def _decide(self, record: Run, outcome: JobOutcome, action: str) -> None:
         run_id = record.info.run_id
         self.mlflow.log_metric(run_id, self.gate.metric, outcome.metric)
-        for key, value in {"retrain.version": outcome.version, "retrain.decided_at": f"{time.time():.6f}",
-                           STATUS_TAG: action}.items():
+        self.mlflow.log_metric(run_id, f"candidate/{self._metric_name}", outcome.metric)
+        tags = {"retrain.version": outcome.version, "retrain.scored_on": outcome.scored_on,
+                "retrain.scored_data_hash": outcome.scored_data_hash}
+        if outcome.champion_metric is not None:
+            self.mlflow.log_metric(run_id, f"champion/{self._metric_name}", outcome.champion_metric)
+            tags["retrain.champion_version"] = outcome.champion_version
+        for key, value in {**tags, "retrain.decided_at": f"{time.time():.6f}", STATUS_TAG: action}.items():
             self.mlflow.set_tag(run_id, key, value)  # the status last: it marks the record decided
         self.crash_point("recorded")
         self.mlflow.set_terminated(run_id, "FINISHED")
@@ -157,9 +171,15 @@ class Retrainer:
     # -------------------------------------------------------------------------------------------
     # the job: submitted through Ray, read back from MLflow
 
+    @property
+    def _metric_name(self) -> str:
+        return self.gate.metric.rpartition("/")[2]  # finetuned/val_loss -> val_loss
+
     def _entrypoint(self, job: str) -> str:
         args = ["python", self.entrypoint_script, *(["--config", self.config_path] if self.config_path else [])]
-        args += [a for o in [*self.overrides, f"run.name={job}"] for a in ("--set", o)]
+        champion = self._champion_version()
+        scored = [f"eval.champion=models:/{self.model}/{champion}"] if champion else []
+        args += [a for o in [*self.overrides, f"run.name={job}", *scored] for a in ("--set", o)]
         return shlex.join(args)
 
     def _submit(self, record: Run, job: str) -> str:
@@ -210,41 +230,54 @@ class Retrainer:
         stages = compare.stage_runs(self.mlflow, self.experiment_id, parent.info.run_id)
         if "eval" not in stages or "export" not in stages:
             return None
-        metrics = stages["eval"].data.metrics
+        metrics, tags = stages["eval"].data.metrics, stages["eval"].data.tags
         if self.gate.metric not in metrics:
             raise PipelineError(f"job {compare.run_name(parent)}: no eval metric {self.gate.metric!r} "
                                 f"(it has {sorted(metrics)}); choose --metric from those")
         version = stages["export"].data.tags.get("export.registered_version")
         if version is None:
             raise PipelineError(f"job {compare.run_name(parent)}: its export registered no model version")
-        return JobOutcome(compare.run_name(parent), version, metrics[self.gate.metric])
+        champion = tags.get("eval.champion")
+        return JobOutcome(compare.run_name(parent), version, metrics[self.gate.metric],
+                          champion_version=champion.rpartition("/")[2] if champion else None,
+                          champion_metric=metrics.get(f"champion/{self._metric_name}") if champion else None,
+                          scored_on=tags.get("eval.val_uri", ""), scored_data_hash=tags.get("eval.data_hash", ""))
 
     # -------------------------------------------------------------------------------------------
     # the gate
 
-    def _champion(self) -> JobOutcome | None:
-        version = self.mlflow.get_registered_model(self.model).aliases.get(self.gate.alias)
-        if version is None:
+    def _champion_version(self) -> str | None:
+        try:
+            version = self.mlflow.get_registered_model(self.model).aliases.get(self.gate.alias)
+        except Exception:  # noqa: BLE001 - no registered model yet: no champion
             return None
-        export_run = self.mlflow.get_run(self.mlflow.get_model_version(self.model, version).run_id)
-        parent = self.mlflow.get_run(export_run.data.tags[compare.PARENT_TAG])
-        outcome = self._outcome(parent)
-        if outcome is None:
-            raise PipelineError(f"{self.model} v{version} ({self.gate.alias}): its job "
-                                f"{compare.run_name(parent)} has no finished eval and export to score it by")
-        return JobOutcome(outcome.name, str(version), outcome.metric)
+        return None if version is None else str(version)
+
+    def _champion(self, candidate: JobOutcome) -> JobOutcome | None:
+        """The champion as the candidate's own eval run scored it, on the candidate's held-out rows."""
+        version = self._champion_version()
+        if version is None or version == candidate.version:
+            return None if version is None else candidate
+        if candidate.champion_version != version or candidate.champion_metric is None:
+            scored = f"v{candidate.champion_version}" if candidate.champion_version else "no champion"
+            raise PipelineError(
+                f"job {candidate.name} scored {scored} on its held-out rows, but {self.gate.alias} is now "
+                f"{self.model} v{version}; score it on the same rows: python jobs/finetune.py ... --set "
+                f"run.name={candidate.name} --set eval.champion=models:/{self.model}/{version} --stages eval")
+        return JobOutcome(f"{self.model} v{version}", version, candidate.champion_metric)
 
     def _promote_if_better(self, candidate: JobOutcome) -> str:
-        champion = self._champion()
+        champion = self._champion(candidate)
         name = f"{self.model} v{candidate.version} ({self.gate.metric} {candidate.metric:.4g})"
         if champion is not None and champion.version == candidate.version:
             self.echo(f"{name} is {self.gate.alias} already")
             return "promoted"
+        rows = f" on the same rows ({candidate.scored_on})" if candidate.scored_on else ""
         if champion is not None and not self.gate.beats(candidate.metric, champion.metric):
-            self.echo(f"kept {self.gate.alias} v{champion.version} ({champion.metric:.4g}): {name} is not better")
+            self.echo(f"kept {self.gate.alias} v{champion.version} ({champion.metric:.4g}{rows}): {name} is not better")
             return "kept"
         self.mlflow.set_registered_model_alias(self.model, self.gate.alias, candidate.version)
-        was = f" over v{champion.version} ({champion.metric:.4g})" if champion else " (first champion)"
+        was = f" over v{champion.version} ({champion.metric:.4g}{rows})" if champion else " (first champion)"
         self.echo(f"promoted {name} to {self.gate.alias}{was}")
         self.crash_point("promoted")
         return "promoted"

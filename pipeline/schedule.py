@@ -8,7 +8,11 @@ What this module decides:
 - Cron has the five classic fields: minute hour day-of-month month day-of-week. Each field is `*`, a
   number, a range `a-b`, a step `*/n` or `a-b/n`, or a comma list of those. Day-of-week 0 and 7 are
   Sunday. Names (`mon`, `jan`) and the `@daily`-style shortcuts are not supported.
-- As in Vixie cron, when both day-of-month and day-of-week are restricted, a day matches if EITHER does.
+- Day-of-month and day-of-week combine as in Vixie cron (and cronie), whose rule looks at each field's
+  FIRST CHARACTER, not at the days it expands to: if either field starts with `*` (`*`, `*/2`, `*,10`),
+  a day must match both; otherwise a day matches if either does. So `0 0 */2 * 1` runs on odd days
+  that are Mondays, `0 0 1-31/2 * 1` on odd days and on every Monday, and `0 0 10,* * 2` (not
+  starting with `*`) on every day.
 - Times are UTC (as a Kubernetes CronJob without a time zone); `now` must return an aware datetime.
 - An interval schedule ticks at once, then `every` seconds after each tick STARTED (a slow tick does not
   push the whole schedule back); a cron schedule ticks at each matching minute after the start.
@@ -73,8 +77,8 @@ class Cron:
     days: frozenset[int]
     months: frozenset[int]
     weekdays: frozenset[int]  # 0 = Sunday
-    days_restricted: bool
-    weekdays_restricted: bool
+    days_star: bool  # the day-of-month field starts with '*' (Vixie's DOM_STAR)
+    weekdays_star: bool  # the day-of-week field starts with '*' (Vixie's DOW_STAR)
 
     @classmethod
     def parse(cls, expression: str) -> Cron:
@@ -84,13 +88,13 @@ class Cron:
                                 f"day-of-week), got {len(parts)}; e.g. '0 3 * * *' for 03:00 UTC daily")
         fields = [_parse_field(p, name, lo, hi) for p, (name, lo, hi) in zip(parts, _FIELDS)]
         weekdays = frozenset(d % 7 for d in fields[4])
-        return cls(expression, *fields[:4], weekdays, parts[2] != "*", parts[4] != "*")
+        return cls(expression, *fields[:4], weekdays, parts[2].startswith("*"), parts[4].startswith("*"))
 
     def _day_matches(self, t: datetime) -> bool:
         in_days, in_weekdays = t.day in self.days, (t.isoweekday() % 7) in self.weekdays
-        if self.days_restricted and self.weekdays_restricted:
-            return in_days or in_weekdays
-        return in_days and in_weekdays
+        if self.days_star or self.weekdays_star:
+            return in_days and in_weekdays
+        return in_days or in_weekdays
 
     def next_after(self, t: datetime) -> datetime:
         """The first minute strictly after `t` that the expression matches."""

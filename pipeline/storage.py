@@ -43,6 +43,7 @@ import fsspec
 import s3fs
 from fsspec import AbstractFileSystem
 
+from pipeline import hub
 from pipeline.errors import IntegrityError, PipelineError
 from pipeline.manifest import (
     MANIFEST_NAME,
@@ -157,8 +158,10 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[Abstrac
         return _s3_filesystem(options or StorageOptions()), path
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
+    elif uri.startswith(hub.SCHEME):
+        uri = str(hub.local_path(uri))  # read-only: the node's Hugging Face cache (pipeline.hub)
     elif "://" in uri:
-        raise PipelineError(f"unsupported storage uri {uri!r}: use s3://, file:// or a local path")
+        raise PipelineError(f"unsupported storage uri {uri!r}: use s3://, file://, hf:// or a local path")
     return fsspec.filesystem("file", auto_mkdir=True), os.path.abspath(os.path.expanduser(uri))
 
 

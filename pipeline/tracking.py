@@ -384,8 +384,8 @@ def register_model(
     `source_uri` (e.g. s3://bucket/exports/model): the version points at that copy, still linked to the
     run, and readers fetch it with their own storage credentials.
 
-    `mlflow.register_model` is not used: for a `runs:/` uri without an MLmodel file it looks for an
-    MLflow-flavoured logged model, while ours is a plain Hugging Face folder.
+    The version's source is the artifacts as they are: an HF folder that carries its own MLmodel file
+    (`pipeline.mlflow_model`), which `models:/` uris load with MLflow's transformers and pyfunc flavors.
     """
     client, uri = _client(tracking_uri)
     source = source_uri or f"runs:/{run_id}/{artifact_path}"

@@ -33,7 +33,9 @@ What this module decides:
   bf16 peak; 0.0 where no peak is known, e.g. on CPU), gpu_mem_gb (peak allocated, GiB), nonfinite_steps
   (skipped or rolled back so far). They go to MLflow from rank 0 only (tracking's non-blocking logger,
   once a checkpoint covering them is committed; nothing when no run id is given) and into every
-  checkpoint's trainer_state.json, which is where `TrainResult.metrics` comes from.
+  checkpoint's trainer_state.json, which is where `TrainResult.metrics` comes from. Rank 0 also prints
+  the same dict as a progress line (`pipeline.progress`) as soon as the step ends, which the driver's
+  output and `ray job logs --follow` show.
 - Ray hears from the workers only at checkpoints (`ray.train.report` with that step's metrics). In Ray
   2.60 each worker's report waits in a one-slot queue that the controller drains once per health-check
   poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a report every step would cap training at one step
@@ -68,6 +70,7 @@ import te_model
 from pipeline import checkpoint as ckpt
 from pipeline import checkpoint_commit as commit
 from pipeline import faults, optim, parallel, storage
+from pipeline import progress as progress_lines
 from pipeline.config import Config, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
@@ -596,6 +599,8 @@ def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetric
                  loop_config: dict[str, Any]) -> dict[str, str] | None:
     train = w.cfg.train
     steps = Steps(w, hooks)
+    shown = progress_lines.step_progress(w.rank, train.max_steps, train.log_every, train.progress_every_s,
+                                         first_step=progress.step)
     while progress.step < train.max_steps:
         step_metrics, agreed = steps.next(progress)
         if step_metrics is None:
@@ -606,6 +611,7 @@ def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetric
             continue
         step, last = progress.step, progress.step == train.max_steps
         hooks.record(w.rank, "step", step)  # finished; its checkpoint, if any, follows
+        shown.update(step_metrics)  # the same numbers MLflow gets
         save = last or bool(agreed.sigterm_ranks) or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0)
         if last or save or step % train.log_every == 0:
             progress.history.append(step_metrics)

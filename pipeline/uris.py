@@ -3,7 +3,8 @@
 Why it exists: the resolved config goes into MLflow params and into every checkpoint, and a uri is the
 one setting where a password hides easily (`s3://key:secret@bucket/...`, `http://user:password@mlflow`).
 Such uris are refused, naming the config key and where credentials belong instead, and the message
-never repeats them. `pipeline.config` applies these rules to every uri field.
+never repeats them. `hf://org/name@revision` (Hugging Face Hub, `pipeline.hub`) is a storage uri too:
+its '@' names a revision, not a user. `pipeline.config` applies these rules to every uri field.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import urllib.parse
 
 from pipeline.errors import PipelineError
 
-_STORAGE_SCHEMES = ("s3", "file")
+_STORAGE_SCHEMES = ("s3", "file", "hf")
 # user:password@ after the scheme; the password may hold '/' (AWS secret keys do), which urlsplit misreads.
 _CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*|[^/@:]+:[^@]*)@([^/?#]*)")
 
@@ -48,6 +49,6 @@ def check_storage_uri(key: str, uri: str) -> None:
     parts = split_uri(key, uri)
     if "://" in uri and parts.scheme not in _STORAGE_SCHEMES:
         raise PipelineError(f"{key}: unsupported uri scheme '{parts.scheme}://'; "
-                            "use s3://bucket/key, file:///path or a local path")
+                            "use s3://bucket/key, file:///path, hf://org/name or a local path")
     if parts.scheme == "s3" and not parts.netloc:
         raise PipelineError(f"{key}: {uri!r} names no bucket; use s3://bucket/key")

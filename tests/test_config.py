@@ -8,16 +8,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import PRESET_DIR, Config, DataConfig, TrainConfig, load_config, valid_keys
+from pipeline.config import PRESET_DIR, Config, DataConfig, TrainConfig, describe_keys, load_config, valid_keys
 from pipeline.errors import PipelineError
 
 PRESETS = sorted(PRESET_DIR.glob("*.yaml"))
 
 
-def write_yaml(tmp_path: Path, content: dict) -> str:
-    path = tmp_path / "preset.yaml"
+def write_yaml(tmp_path: Path, content: dict, name: str = "preset") -> str:
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(content))
     return str(path)
+
+
+# What every config but the demo must name.
+NAMED = {"model": {"base_uri": "s3://bucket/base"}, "data": {"train_files": ["s3://bucket/train.jsonl"]},
+         "export": {"registered_model_name": "my-model"}}
 
 
 def test_presets_exist_and_load():
@@ -27,13 +32,56 @@ def test_presets_exist_and_load():
         load_config(str(path), [])
 
 
-def test_tiny_preset_is_the_embedded_default():
-    assert load_config(str(PRESET_DIR / "tiny-cpu.yaml")) == Config() == load_config(None, [])
-    assert load_config("tiny-cpu") == Config()  # a bare name resolves to configs/<name>.yaml
+def test_no_config_is_the_tiny_demo_preset():
+    assert load_config(str(PRESET_DIR / "tiny-cpu.yaml")) == load_config(None, [])
+    assert load_config("tiny-cpu") == load_config(None)  # a bare name resolves to configs/<name>.yaml
+
+
+def test_demo_settings_never_leak_into_other_configs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    demo = load_config(None)
+    cfg = load_config(write_yaml(tmp_path, NAMED, name="my-sft"))
+    assert cfg.train.lr == pytest.approx(2e-5) and demo.train.lr == pytest.approx(3e-3)
+    assert (cfg.run.name, cfg.run.experiment, cfg.tracking.experiment) == ("my-sft", "my-sft", "my-sft")
+    assert cfg.model.base_uri == "s3://bucket/base" and cfg.export.registered_model_name == "my-model"
+    assert "tiny" not in cfg.to_yaml() and "demo" not in cfg.to_yaml()
+    for field in ("model.base_uri", "data.train_files", "export.registered_model_name"):
+        section, name = field.split(".")
+        partial = {s: {k: v for k, v in values.items() if k != name} for s, values in NAMED.items()}
+        path = write_yaml(tmp_path, partial, name="partial")
+        with pytest.raises(PipelineError, match=rf"^{re.escape(field)} is not set in {re.escape(path)}: "):
+            load_config(path)
+        assert load_config(path, [f"{field}=[x]" if "files" in field else f"{field}=x"])  # or an override
+    unregistered = write_yaml(tmp_path, {**NAMED, "export": {"registered_model_name": None}}, name="unregistered")
+    assert load_config(unregistered).export.registered_model_name is None  # null: chosen, not forgotten
+
+
+def test_mlflow_environment_fills_what_the_config_leaves_unset(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    path = write_yaml(tmp_path, NAMED)
+    cfg = load_config(path)
+    assert (cfg.tracking.uri, cfg.tracking.experiment) == ("http://tracking.example:5000", "from-env")
+    assert load_config(None).tracking.uri == "http://tracking.example:5000"  # the demo too
+    chosen = load_config(path, ["tracking.uri=http://other:5000", "tracking.experiment=mine"])
+    assert (chosen.tracking.uri, chosen.tracking.experiment) == ("http://other:5000", "mine")
+    assert Config.from_dict(cfg.to_dict()) == cfg  # resolved once: workers get the same values
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    assert load_config(path).tracking.uri == "sqlite:///.cache/mlflow.db"
+
+
+def test_every_key_is_listed_with_its_documentation():
+    listing = describe_keys()
+    for key in valid_keys():
+        assert f"\n{key}  (" in f"\n{listing}", key
+    assert "(undocumented)" not in listing
+    assert "train.lr  (float; default 2.0e-05)\n    Peak AdamW learning rate." in listing
 
 
 def test_default_is_a_small_cpu_job():
-    cfg = Config()
+    cfg = load_config(None)
     shape = (cfg.train.use_gpu, cfg.train.fp8, cfg.model.dtype, cfg.data.seq_len)
     assert shape == (False, "none", "fp32", 128)
     assert cfg.train.workers == 2 and cfg.train.max_steps <= 50
@@ -73,7 +121,7 @@ def test_tracking_experiment_follows_run_experiment():
 
 
 def test_overrides_apply_on_top_of_a_preset(tmp_path):
-    path = write_yaml(tmp_path, {"train": {"lr": 0.5, "max_steps": 9}})
+    path = write_yaml(tmp_path, {**NAMED, "train": {"lr": 0.5, "max_steps": 9}})
     cfg = load_config(path, ["train.lr=0.25"])
     assert (cfg.train.lr, cfg.train.max_steps, cfg.train.workers) == (0.25, 9, TrainConfig().workers)
 
@@ -81,7 +129,7 @@ def test_overrides_apply_on_top_of_a_preset(tmp_path):
 def test_exponent_strings_in_yaml_are_floats(tmp_path):
     # PyYAML reads `1e-4` (no dot) as a string; float fields accept it anyway.
     path = tmp_path / "p.yaml"
-    path.write_text("train:\n  lr: 1e-4\n")
+    path.write_text(yaml.safe_dump(NAMED) + "train:\n  lr: 1e-4\n")
     assert load_config(str(path)).train.lr == pytest.approx(1e-4)
 
 

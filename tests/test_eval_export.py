@@ -175,7 +175,7 @@ def test_export_publishes_a_loadable_checkpoint_and_never_overwrites_a_different
     assert result.uri == f"s3://{s3_bucket}/runs/exports/eval-export" and result.version is None and not result.reused
 
     listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="runs/exports/eval-export/")
-    keys = {item["Key"].rsplit("/", 1)[1] for item in listed["Contents"]}
+    keys = {item["Key"].removeprefix("runs/exports/eval-export/") for item in listed["Contents"]}
     assert {MANIFEST_NAME, "config.json", "generation_config.json", "model.safetensors.index.json",
             "tokenizer.json", "tokenizer_config.json"} <= keys
     assert len([k for k in keys if k.endswith(".safetensors")]) >= 3  # sharded at export.max_shard_size
@@ -215,7 +215,8 @@ def test_export_logs_artifacts_and_registers_a_loadable_version(
 
     client = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
     logged = {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
-    assert set(read_manifest(result.local_dir)) | {MANIFEST_NAME} == logged
+    assert {n.split("/")[0] for n in read_manifest(result.local_dir)} | {MANIFEST_NAME} == logged
+    assert {"MLmodel", "components", "requirements.txt", "python_env.yaml", "conda.yaml"} <= logged
     assert client.get_model_version(name, "1").run_id == run_id
     assert client.get_run(run_id).data.tags["export.uri"] == result.uri
 
@@ -296,3 +297,82 @@ def test_a_folder_the_export_did_not_write_is_never_replaced(workdir, base_dir, 
     (first / "stale.txt").write_text("left by an earlier conversion")
     (first.parent / f"{first.name}.source").write_text("another checkpoint")
     assert convert(cfg, base_dir, trained[0]) == first and not (first / "stale.txt").exists()
+
+
+def test_the_registered_version_loads_as_an_mlflow_transformers_and_pyfunc_model(
+    base_dir, trained, mlflow_server, tmp_path, monkeypatch
+):
+    """What a user of the registry does: MLFLOW_TRACKING_URI set, `models:/` uris, no other setup."""
+    name = f"tiny-llama-{uuid.uuid4().hex[:8]}"
+    cfg = make_cfg(tmp_path, export={"registered_model_name": name}, tracking={"uri": mlflow_server.uri})
+    parent = tracking.find_or_start_parent("eval-export-tests", "mlflow-model-job", tracking_uri=mlflow_server.uri)
+    with tracking.stage_run(parent, "export", tracking_uri=mlflow_server.uri) as run_id:
+        result = export(cfg, base_dir, trained[0], run_id=run_id)
+    client = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
+    client.set_registered_model_alias(name, "champion", result.version)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    import mlflow.pyfunc
+    import mlflow.transformers
+
+    prompt, new_tokens = "The old lighthouse keeper", 8
+    reference = AutoModelForCausalLM.from_pretrained(result.local_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.local_dir)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        greedy = reference.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    expected = tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True)
+
+    pipe = mlflow.transformers.load_model(f"models:/{name}/{result.version}", dst_path=str(tmp_path))
+    assert pipe.task == "text-generation" and type(pipe.model).__name__ == "LlamaForCausalLM"
+    for loaded, param in zip(pipe.model.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(loaded, param, rtol=0, atol=0)
+    out = pipe(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+               return_full_text=False)
+    assert out[0]["generated_text"] == expected
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    answer = model.predict([prompt], params={"max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+                                             "do_sample": False, "return_full_text": False})
+    assert answer == [expected]
+
+
+def test_mlflow_models_serve_answers_with_the_registered_version(
+    base_dir, trained, mlflow_server, tmp_path
+):
+    """`mlflow models serve` (in this environment: --env-manager local) serves the registered version."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    name = f"tiny-llama-{uuid.uuid4().hex[:8]}"
+    cfg = make_cfg(tmp_path, export={"registered_model_name": name}, tracking={"uri": mlflow_server.uri})
+    parent = tracking.find_or_start_parent("eval-export-tests", "serve-job", tracking_uri=mlflow_server.uri)
+    with tracking.stage_run(parent, "export", tracking_uri=mlflow_server.uri) as run_id:
+        version = export(cfg, base_dir, trained[0], run_id=run_id).version
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/{version}",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    body = json.dumps({"inputs": ["The old lighthouse keeper"], "params": {"max_new_tokens": 6}}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        deadline, answer = time.monotonic() + 180, None
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                answer = json.loads(opener.open(request, timeout=30).read())
+            except OSError:
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert answer is not None, "mlflow models serve did not answer"
+    (text,) = answer["predictions"]
+    assert isinstance(text, str) and text.strip()

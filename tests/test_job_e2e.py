@@ -128,19 +128,30 @@ def test_bad_config_fails_with_one_line(tmp_path):
 
 
 def test_ray_job_submit_to_a_head_node(tmp_path, ray_head):
-    """`ray job submit --working-dir .` against a `ray start --head` cluster runs the demo job."""
-    out = tmp_path / "out"
+    """`ray job submit --working-dir .` against a `ray start --head` cluster runs the demo job: its
+    progress lines show in the followed log, once each, and its relative output locations land under
+    $FINETUNE_BASE_DIR instead of Ray's temporary copy of the working dir."""
+    base = tmp_path / "lasting"
     overrides = ["run.name=submitted", "train.workers=1", "train.max_steps=2", "train.warmup_steps=1",
-                 f"run.output_uri={out}", f"run.cache_dir={tmp_path / 'node'}",
-                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "eval.max_batches=1", "eval.num_samples=1",
-                 "eval.max_new_tokens=4"]
+                 "run.output_uri=job-out", "run.cache_dir=job-node", "tracking.uri=sqlite:///job-mlflow.db",
+                 "eval.max_batches=1", "eval.num_samples=1", "eval.max_new_tokens=4"]
+    runtime_env = json.dumps({"env_vars": {"FINETUNE_BASE_DIR": str(base)}})
     submit = [str(Path(sys.executable).with_name("ray")), "job", "submit", f"--address={ray_head.address}",
-              "--working-dir", ".", "--", "python", "jobs/finetune.py", *[a for o in overrides for a in ("--set", o)]]
+              "--working-dir", ".", "--runtime-env-json", runtime_env, "--", "python", "jobs/finetune.py",
+              *[a for o in overrides for a in ("--set", o)]]
     done = subprocess.run(submit, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
     assert "[export]" in done.stdout
-    assert (out / "exports" / "submitted" / "manifest.json").exists()
+    assert (base / "job-out" / "exports" / "submitted" / "manifest.json").exists()
+    assert (base / "job-out" / "exports" / "submitted" / "MLmodel").exists()
+    assert (base / "job-mlflow.db").is_file() and (base / "job-node").is_dir()
+    assert f"[job] run.output_uri: job-out -> {base}/job-out" in done.stdout
+    for step in (1, 2):
+        lines = [line for line in done.stdout.splitlines() if f"[train] step {step}/2 loss " in line]
+        assert len(lines) == 1, lines  # printed once, not also through Ray Train's print patch
+        assert " tokens/s " in lines[0] and " eta " in lines[0]
+    assert "[data] train: " in done.stdout and "[eval] finetuned: loss " in done.stdout
 
 
 def test_dry_run_checks_everything_and_names_what_is_missing(job, capsys):

@@ -15,10 +15,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
+import te_model
 from pipeline.config import load_config
+from pipeline.evaluate import evaluate_model
 from pipeline.errors import PipelineError
 from pipeline.retrain import Gate, Retrainer
 from pipeline.run_tags import data_fingerprint
@@ -74,7 +77,11 @@ def _champion(setup) -> str | None:
 _KILL_AFTER_PROMOTE = """
 import json, os, sys
 from ray.job_submission import JobSubmissionClient
+import torch
+
+import te_model
 from pipeline.config import load_config
+from pipeline.evaluate import evaluate_model
 from pipeline.retrain import Retrainer
 args = json.loads(sys.argv[1])
 def die(point):
@@ -153,3 +160,35 @@ def test_the_real_finetune_job_is_submitted_promoted_and_tagged(setup, ray_head,
     assert tags["data_fingerprint"] == data_fingerprint(cfg) == result.fingerprint
     assert (tags["precision"], tags["hardware"], tags["code.commit"]) == ("fp32", "cpu x1", "abc123")
     assert int(tags["model_params"]) > 0 and tags["model_name"] == "base"
+
+    # New data: the next job scores the champion on its own held-out rows, in its own eval stage.
+    setup["data"].write_text("".join((REPO / "data/tiny_text.jsonl").read_text().splitlines(True)[::-1]))
+    second = _retrainer(setup, ray_head, script="jobs/finetune.py", overrides=tiny, echo=lines.append).tick()
+    assert second.action in ("promoted", "kept") and second.version != result.version
+    (record,) = client.search_runs([experiment.experiment_id], filter_string=(
+        f"tags.`pipeline.role` = 'retrain' and tags.`retrain.version` = '{second.version}'"))
+    eval_run = _eval_run(client, experiment.experiment_id, second.job)
+    assert eval_run.data.tags["eval.champion"] == f"models:/{setup['model']}/{result.version}"
+    assert record.data.tags["retrain.champion_version"] == result.version
+    assert record.data.tags["retrain.scored_on"] == eval_run.data.tags["eval.val_uri"] != ""
+    assert len(record.data.tags["retrain.scored_data_hash"]) == 64
+    assert record.data.metrics["candidate/val_loss"] == eval_run.data.metrics["finetuned/val_loss"]
+    champion_score = record.data.metrics["champion/val_loss"]
+    assert champion_score == eval_run.data.metrics["champion/val_loss"]
+    better = record.data.metrics["candidate/val_loss"] < champion_score
+    assert second.action == ("promoted" if better else "kept"), lines
+
+    # The champion's score is that registered version's loss over exactly those rows.
+    downloaded = client.download_artifacts(client.get_model_version(setup["model"], result.version).run_id,
+                                           "model", str(tmp_path))
+    champion = te_model.from_hf_checkpoint(downloaded, backend="torch", dtype=torch.float32)
+    rescored = evaluate_model(champion, eval_run.data.tags["eval.val_uri"], cfg)
+    assert rescored["val_loss"] == pytest.approx(champion_score, rel=1e-4)
+
+
+def _eval_run(client, experiment_id, job):
+    (parent,) = client.search_runs([experiment_id], filter_string=(
+        f"tags.`pipeline.role` = 'parent' and tags.`mlflow.runName` = '{job}'"))
+    (run,) = client.search_runs([experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`pipeline.stage` = 'eval'"))
+    return run

@@ -44,6 +44,30 @@ def test_cron_next_after(expr, expected):
     assert Cron.parse(expr).next_after(T0) == expected
 
 
+def _march_2025_days(expr: str) -> list[int]:
+    """The days of March 2025 (the 1st a Saturday; Mondays 3, 10, 17, 24, 31) on which `expr` fires."""
+    cron, t, days = Cron.parse(expr), _at(2025, 2, 28, 23, 59), []
+    while (t := cron.next_after(t)) < _at(2025, 4, 1, 0, 0):
+        days.append(t.day)
+    return days
+
+
+ODD_DAYS = list(range(1, 32, 2))
+
+
+@pytest.mark.parametrize("expr, days", [
+    ("0 0 */2 * 1", [3, 17, 31]),                        # starts with '*': odd days AND Mondays
+    ("0 0 1-31/2 * 1", sorted({*ODD_DAYS, 10, 24})),     # the same days spelled without '*': OR
+    ("0 0 *,10 * 2", [4, 11, 18, 25]),                   # '*' first: AND with Tuesdays
+    ("0 0 10,* * 2", list(range(1, 32))),                # the same set, '*' not first: OR, every day
+    ("0 0 1 * */3", [1]),                                # day-of-week starts with '*': the 1st if Sun/Wed/Sat
+    ("0 0 1,15 * 1", [1, 3, 10, 15, 17, 24, 31]),         # both restricted: OR
+    ("0 0 * * 1", [3, 10, 17, 24, 31]),                  # one field a plain star: the other decides
+])
+def test_day_of_month_and_day_of_week_follow_vixies_star_rule(expr, days):
+    assert _march_2025_days(expr) == days
+
+
 def test_cron_next_after_is_strictly_later():
     cron = Cron.parse("0 3 * * *")
     first = cron.next_after(T0)
@@ -101,6 +125,7 @@ def test_retrain_cli_refuses_a_bad_schedule_in_one_line(capsys, tmp_path):
     assert retrain.main(["--cron", "0 3 * *"]) == 1
     assert capsys.readouterr().err.strip().startswith("retrain: error: cron '0 3 * *': needs 5 fields")
     outside = tmp_path / "my.yaml"
-    outside.write_text("run: {name: x}\n")
+    outside.write_text("run: {name: x}\nmodel: {base_uri: s3://b/base}\ndata: {train_files: [s3://b/t.jsonl]}\n"
+                       "export: {registered_model_name: x}\n")
     assert retrain.main(["--config", str(outside)]) == 1
     assert "put the preset inside it" in capsys.readouterr().err
