@@ -203,14 +203,19 @@ def test_export_publishes_a_loadable_checkpoint_and_never_overwrites_a_different
                                expected, rtol=1e-5, atol=1e-5)
 
 
+def export_registered(base_dir, checkpoint, mlflow_server, tmp_path, job: str):
+    """Export `checkpoint` in a stage run of `job`, registered under a fresh name: (name, parent, run id, result)."""
+    name = f"tiny-llama-{uuid.uuid4().hex[:8]}"
+    cfg = make_cfg(tmp_path, export={"registered_model_name": name}, tracking={"uri": mlflow_server.uri})
+    parent = tracking.find_or_start_parent("eval-export-tests", job, tracking_uri=mlflow_server.uri)
+    with tracking.stage_run(parent, "export", tracking_uri=mlflow_server.uri) as run_id:
+        return name, parent, run_id, export(cfg, base_dir, checkpoint, run_id=run_id)
+
+
 def test_export_logs_artifacts_and_registers_a_loadable_version(
     base_dir, trained, mlflow_server, tmp_path
 ):
-    name = f"tiny-llama-{uuid.uuid4().hex[:8]}"
-    cfg = make_cfg(tmp_path, export={"registered_model_name": name}, tracking={"uri": mlflow_server.uri})
-    parent = tracking.find_or_start_parent("eval-export-tests", "export-job", tracking_uri=mlflow_server.uri)
-    with tracking.stage_run(parent, "export", tracking_uri=mlflow_server.uri) as run_id:
-        result = export(cfg, base_dir, trained[0], run_id=run_id)
+    name, parent, run_id, result = export_registered(base_dir, trained[0], mlflow_server, tmp_path, "export-job")
     assert result.version == "1"
 
     client = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
@@ -303,11 +308,7 @@ def test_the_registered_version_loads_as_an_mlflow_transformers_and_pyfunc_model
     base_dir, trained, mlflow_server, tmp_path, monkeypatch
 ):
     """What a user of the registry does: MLFLOW_TRACKING_URI set, `models:/` uris, no other setup."""
-    name = f"tiny-llama-{uuid.uuid4().hex[:8]}"
-    cfg = make_cfg(tmp_path, export={"registered_model_name": name}, tracking={"uri": mlflow_server.uri})
-    parent = tracking.find_or_start_parent("eval-export-tests", "mlflow-model-job", tracking_uri=mlflow_server.uri)
-    with tracking.stage_run(parent, "export", tracking_uri=mlflow_server.uri) as run_id:
-        result = export(cfg, base_dir, trained[0], run_id=run_id)
+    name, _, _, result = export_registered(base_dir, trained[0], mlflow_server, tmp_path, "mlflow-model-job")
     client = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
     client.set_registered_model_alias(name, "champion", result.version)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
@@ -347,11 +348,8 @@ def test_mlflow_models_serve_answers_with_the_registered_version(
     import time
     import urllib.request
 
-    name = f"tiny-llama-{uuid.uuid4().hex[:8]}"
-    cfg = make_cfg(tmp_path, export={"registered_model_name": name}, tracking={"uri": mlflow_server.uri})
-    parent = tracking.find_or_start_parent("eval-export-tests", "serve-job", tracking_uri=mlflow_server.uri)
-    with tracking.stage_run(parent, "export", tracking_uri=mlflow_server.uri) as run_id:
-        version = export(cfg, base_dir, trained[0], run_id=run_id).version
+    name, _, _, result = export_registered(base_dir, trained[0], mlflow_server, tmp_path, "serve-job")
+    version = result.version
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
