@@ -69,9 +69,8 @@ def check_fidelity(results: dict) -> None:
 
 
 def test_update_fidelity_plain_torch():
-    """1M weights for the default and `bf16`; the other options on fewer (Philox is slow on a CPU)."""
-    results = {mode: fidelity(mode, 1_000_000 if mode in (DEFAULT, "bf16") else 200_000)
-               for mode in optim.MASTER_WEIGHTS}
+    """1M weights for the default; the other options on fewer (plain torch, Philox above all, is slow on a CPU)."""
+    results = {mode: fidelity(mode, 1_000_000 if mode == DEFAULT else 100_000) for mode in optim.MASTER_WEIGHTS}
     print(f"\nupdate fidelity at lr {LR}, plain torch: {results}")
     assert not any(r["triton"] for r in results.values())
     check_fidelity(results)
