@@ -177,8 +177,8 @@ class ModelConfig(_Section):
     base_uri: Optional[str] = None
     # Layer implementation: te = Transformer Engine, torch = plain PyTorch, auto = te when usable.
     backend: Literal["auto", "te", "torch"] = "auto"
-    # Master weight and compute dtype outside FP8 regions. bf16, the dtype Llama checkpoints ship in: fp32
-    # doubles weight, gradient and optimizer memory; use it for CPU runs (CPUs have slow bf16 matmuls).
+    # Master weight and compute dtype outside FP8 regions. bf16, the dtype Llama models are trained in;
+    # fp32 doubles weight, gradient and optimizer memory: use it for CPU runs (CPUs have slow bf16 matmuls).
     dtype: Literal["bf16", "fp32"] = "bf16"
 
     def _validate(self) -> None:
@@ -198,8 +198,8 @@ class DataConfig(_Section):
     format: Literal["text", "instruction", "chat"] = "text"
     # Column holding the document in text format.
     text_field: str = "text"
-    # Tokens per packed row; a document longer than this is truncated. 2048 fits every Llama 2/3/3.x
-    # context and one row of an 8B model in GPU memory; raise it (4096, 8192) for long documents.
+    # Tokens per packed row; a document longer than this is truncated. 2048 is within every Llama 2/3/3.x
+    # context and keeps activation memory modest; raise it (4096, 8192) for long documents.
     seq_len: int = 2048
     # Share of documents held out for validation when validation_files is not set.
     val_fraction: float = 0.1
@@ -229,7 +229,7 @@ class DataConfig(_Section):
 @dataclass
 class TrainConfig(_Section):
     section: ClassVar[str] = "train"
-    # Ray Train workers, one per GPU when use_gpu: set it to the GPUs the job should use (default one).
+    # Ray Train workers, one per GPU when use_gpu: set it to the number of GPUs the job should use.
     workers: int = 1
     # Give each worker one GPU; false trains on CPU (set model.dtype fp32 there).
     use_gpu: bool = True
