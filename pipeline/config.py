@@ -7,10 +7,12 @@ unknown keys raise `PipelineError` naming the dotted key (`train.lr`), with the 
 suggested for typos.
 
 Decisions made here:
-- The tiny CPU demo is `configs/tiny-cpu.yaml`, what `load_config(None)` (no --config) loads; its
-  settings never reach another config. Field defaults are for real fine-tunes (e.g. `train.lr` 2e-5),
-  and any other config must name its base model and registered model (`REQUIRED_KEYS`), or the load
-  fails in one line naming the key. `run.name` left unset is the config file's name.
+- The tiny CPU demo is `configs/tiny-cpu.yaml`, what `load_config(None)` (no --config) loads; it sets
+  every value it needs, so its settings never reach another config. Field defaults are for real
+  full-parameter fine-tunes of Llama 2/3/3.x on GPUs (bf16, 2048-token rows, one GPU per worker); where
+  no value fits every job (the base model, the data, the registered model, the length of the run) any
+  other config must set the key (`REQUIRED_KEYS`), or the load fails in one line naming it. `run.name`
+  left unset is the config file's name.
 - MLflow's own conventions hold where the config is silent: `tracking.uri` unset is
   $MLFLOW_TRACKING_URI, else a local SQLite store (`LOCAL_TRACKING_URI`); `tracking.experiment` unset is
   $MLFLOW_EXPERIMENT_NAME, else `run.experiment`, else `run.name`.
@@ -50,9 +52,11 @@ DEMO_BASE_URI = ".cache/demo-store/tiny-llama"
 DEMO_PRESET = PRESET_DIR / "tiny-cpu.yaml"
 # What a config other than the demo must set: a real job never trains some default model, and never
 # registers its result under a name it did not choose (null there means: do not register).
-REQUIRED_KEYS = ("model.base_uri", "data.train_files", "export.registered_model_name")
+REQUIRED_KEYS = ("model.base_uri", "data.train_files", "train.max_steps", "export.registered_model_name")
 LOCAL_TRACKING_URI = "sqlite:///.cache/mlflow.db"
 SHIPPED_TEXT = "data/tiny_text.jsonl"
+# train.warmup_steps when unset: this percentage of train.max_steps, rounded up.
+WARMUP_PERCENT = 3
 
 # Names other trainers use for our keys; difflib alone cannot see that `learning_rate` means `lr`.
 _ALIASES = {
@@ -173,8 +177,9 @@ class ModelConfig(_Section):
     base_uri: Optional[str] = None
     # Layer implementation: te = Transformer Engine, torch = plain PyTorch, auto = te when usable.
     backend: Literal["auto", "te", "torch"] = "auto"
-    # Master weight and compute dtype outside FP8 regions.
-    dtype: Literal["bf16", "fp32"] = "fp32"
+    # Master weight and compute dtype outside FP8 regions. bf16, the dtype Llama models are trained in;
+    # fp32 doubles weight, gradient and optimizer memory: use it for CPU runs (CPUs have slow bf16 matmuls).
+    dtype: Literal["bf16", "fp32"] = "bf16"
 
     def _validate(self) -> None:
         if self.base_uri is not None:
@@ -193,8 +198,9 @@ class DataConfig(_Section):
     format: Literal["text", "instruction", "chat"] = "text"
     # Column holding the document in text format.
     text_field: str = "text"
-    # Tokens per packed row; a document longer than this is truncated.
-    seq_len: int = 128
+    # Tokens per packed row; a document longer than this is truncated. 2048 is within every Llama 2/3/3.x
+    # context and keeps activation memory modest; raise it (4096, 8192) for long documents.
+    seq_len: int = 2048
     # Share of documents held out for validation when validation_files is not set.
     val_fraction: float = 0.1
     # Processes used to tokenize.
@@ -223,12 +229,13 @@ class DataConfig(_Section):
 @dataclass
 class TrainConfig(_Section):
     section: ClassVar[str] = "train"
-    # Ray Train workers (one per GPU when use_gpu).
-    workers: int = 2
-    # Give each worker one GPU.
-    use_gpu: bool = False
-    # Packed rows per worker per forward pass.
-    micro_batch_size: int = 4
+    # Ray Train workers, one per GPU when use_gpu: set it to the number of GPUs the job should use.
+    workers: int = 1
+    # Give each worker one GPU; false trains on CPU (set model.dtype fp32 there).
+    use_gpu: bool = True
+    # Packed rows per worker per forward pass; 1 is the memory-safe choice for full fine-tunes of 3B-8B
+    # models at data.seq_len 2048-4096; raise it for smaller models or shorter rows.
+    micro_batch_size: int = 1
     # Micro-batches accumulated per optimizer step.
     grad_accum_steps: int = 1
     # Packed rows per optimizer step over all workers; None = workers x micro_batch_size x grad_accum_steps.
@@ -241,10 +248,12 @@ class TrainConfig(_Section):
     min_lr_ratio: float = 0.1
     # AdamW decoupled weight decay.
     weight_decay: float = 0.01
-    # Linear warmup optimizer steps.
-    warmup_steps: int = 3
-    # Optimizer steps in the run.
-    max_steps: int = 30
+    # Linear warmup optimizer steps; unset = 3% of train.max_steps, rounded up (the warmup ratio 0.03 of
+    # common Llama fine-tuning recipes).
+    warmup_steps: Optional[int] = None
+    # Optimizer steps in the run (there are no epochs: steps x global batch rows = rows trained on).
+    # Required in every config but the demo: no length fits every data set.
+    max_steps: Optional[int] = None
     # Global gradient-norm clip; 0 disables clipping.
     max_grad_norm: float = 1.0
     # FP8 recipe for linear layers: none, delayed scaling, current scaling, block scaling, MXFP8.
@@ -265,13 +274,14 @@ class TrainConfig(_Section):
     master_weights: Literal["fp32", "bf16_kahan", "bf16_sr", "bf16"] = "bf16_kahan"
     # Recompute decoder-layer activations in backward to save memory.
     activation_checkpointing: bool = False
-    # Save a resumable checkpoint every this many optimizer steps; 0 = only at the end.
-    checkpoint_every: int = 10
+    # Save a resumable checkpoint every this many optimizer steps; 0 = only at the end. 500 (HF Trainer's
+    # save_steps): a full-model checkpoint with optimizer state is several times the model's size.
+    checkpoint_every: int = 500
     # Newest checkpoints kept; older ones are deleted.
     keep_checkpoints: int = 2
     # Log training metrics (to MLflow, and as a progress line on the job's output) every this many
-    # optimizer steps.
-    log_every: int = 1
+    # optimizer steps; progress_every_s keeps slow runs showing life in between.
+    log_every: int = 10
     # A progress line at least this often (seconds) even between log_every steps, so slow steps show life.
     progress_every_s: float = 60.0
     # How workers share the model: ddp = a whole replica each; fsdp = FSDP2, parameters, gradients and
@@ -293,16 +303,20 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = 10
 
     def _validate(self) -> None:
-        for name in ("workers", "micro_batch_size", "grad_accum_steps", "max_steps", "log_every",
-                     "fp8_amax_history_len"):
+        for name in ("workers", "micro_batch_size", "grad_accum_steps", "log_every", "fp8_amax_history_len"):
             self._require(getattr(self, name) >= 1, name, "must be >= 1")
+        if self.max_steps is not None:  # unset: `load_config` and `require_max_steps` say so
+            self._require(self.max_steps >= 1, "max_steps", "must be >= 1")
+            if self.warmup_steps is None:
+                self.warmup_steps = -(-self.max_steps * WARMUP_PERCENT // 100)  # integer ceiling
+            self._require(self.warmup_steps <= self.max_steps, "warmup_steps", "must be <= train.max_steps")
         self._require(self.keep_checkpoints >= 2, "keep_checkpoints",
                       "must be >= 2 (a corrupt newest checkpoint falls back to the one before it)")
-        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every"):
+        for name in ("weight_decay", "max_grad_norm", "checkpoint_every"):
             self._require(getattr(self, name) >= 0, name, "must be >= 0")
+        self._require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         self._require(self.lr > 0, "lr", "must be > 0")
         self._require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
-        self._require(self.warmup_steps <= self.max_steps, "warmup_steps", "must be <= train.max_steps")
         self._require(self.fp8 == "none" or self.use_gpu or self.fp8_fallback, "fp8",
                       "needs GPU workers: set train.use_gpu=true, or train.fp8=none (or "
                       "train.fp8_fallback=true) to train on CPU without FP8")
@@ -329,24 +343,23 @@ class TrainConfig(_Section):
 @dataclass
 class EvalConfig(_Section):
     section: ClassVar[str] = "eval"
-    # Packed validation rows per forward pass.
-    batch_size: int = 4
-    # Validation batches scored for loss/perplexity; None = the whole validation split.
-    max_batches: Optional[int] = 8
+    # Packed validation rows per forward pass (no gradients or optimizer state, so more than
+    # train.micro_batch_size fit; the logits of a 128k-token vocabulary bound it).
+    batch_size: int = 2
+    # Validation batches scored for loss/perplexity; None = the whole validation split. 50 batches of
+    # 2 rows of 2048 tokens: about 200k tokens, a stable loss without scoring a large split in full.
+    max_batches: Optional[int] = 50
     # How many of `prompts` get a generated completion logged.
     num_samples: int = 3
-    # Greedy generation length per sample.
-    max_new_tokens: int = 32
+    # Greedy generation length per sample (128: a few sentences of an answer).
+    max_new_tokens: int = 128
     # A registered model version to score on the same held-out rows as the fine-tuned model, as
     # models:/<name>/<version> (the retrain scheduler sets it to its champion, for a fair gate); its
     # results are logged as champion/val_loss and champion/perplexity. null = none.
     champion: Optional[str] = None
-    # Prompts for generated samples.
-    prompts: list[str] = field(default_factory=lambda: [
-        "The old lighthouse keeper",
-        "In the morning the baker",
-        "The children walked to the river and",
-    ])
+    # Prompts for generated samples, laid out as data.format trains them; none by default, since no
+    # prompt suits every data set: give a few that show what the fine-tune should have learned.
+    prompts: list[str] = field(default_factory=list)
 
     def _validate(self) -> None:
         self._require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -360,8 +373,9 @@ class EvalConfig(_Section):
 @dataclass
 class ExportConfig(_Section):
     section: ClassVar[str] = "export"
-    # Largest safetensors shard of the exported checkpoint, e.g. "2GB", "200KB".
-    max_shard_size: str = "2GB"
+    # Largest safetensors shard of the exported checkpoint, e.g. "2GB", "200KB"; 5GB is what
+    # `save_pretrained` and Meta's Llama repos on the Hub use.
+    max_shard_size: str = "5GB"
     # MLflow registered-model name the export is registered under; null = do not register. Required
     # (a name or null) in every config but the demo.
     registered_model_name: Optional[str] = None
@@ -501,14 +515,23 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
             section, name = key.split(".")
             if name not in (raw.get(section) or {}):
                 raise PipelineError(f"{key} is not set in {path}: {_REQUIRED_HINTS[key]}")
+    require_max_steps(cfg)  # `max_steps: null` is set, but still no length
     if not cfg.data.train_files:
         raise PipelineError("data.train_files must list at least one uri (got [])")
     return cfg
 
 
+def require_max_steps(cfg: Config) -> int:
+    """`train.max_steps`, which a job that trains must have; a config built in code may leave it unset."""
+    if cfg.train.max_steps is None:
+        raise PipelineError(f"train.max_steps is not set: {_REQUIRED_HINTS['train.max_steps']}")
+    return cfg.train.max_steps
+
+
 _REQUIRED_HINTS = {
     "model.base_uri": "name the base checkpoint to fine-tune (s3://bucket/path, a local folder or hf://org/name@revision)",
     "data.train_files": "list the training data files (s3://..., local paths)",
+    "train.max_steps": "give the optimizer steps of the run (steps x global batch rows = rows trained on)",
     "export.registered_model_name": "name the MLflow registered model for the result (or null: do not register)",
 }
 

@@ -71,7 +71,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import checkpoint_commit as commit
 from pipeline import faults, optim, parallel, storage
 from pipeline import progress as progress_lines
-from pipeline.config import Config, TrainConfig
+from pipeline.config import Config, TrainConfig, require_max_steps
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
 
@@ -120,6 +120,7 @@ def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tra
     Needs a running Ray (`ray.init` or a cluster address). `run_id`/`tracking_uri`: the MLflow run that
     receives per-step metrics from rank 0; None logs nothing to MLflow.
     """
+    require_max_steps(cfg)  # before any worker starts
     cfg = _with_absolute_paths(cfg)
     options = _storage_options(cfg)
     ray_uri = storage.join(cfg.run.output_uri, "ray")
@@ -333,6 +334,7 @@ def build_worker(cfg: Config, train_uri: str, rank: int = 0, world: int = 1,
     """Everything rank `rank` of `world` trains with: model (wrapped when torch.distributed is up), optimizer,
     schedule and its shard of the rows. Ray Train workers get theirs from `_build_worker`; a bare process
     (bench/ray_overhead.py) calls this directly."""
+    require_max_steps(cfg)
     options = _storage_options(cfg)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)

@@ -22,7 +22,7 @@ def write_yaml(tmp_path: Path, content: dict, name: str = "preset") -> str:
 
 # What every config but the demo must name.
 NAMED = {"model": {"base_uri": "s3://bucket/base"}, "data": {"train_files": ["s3://bucket/train.jsonl"]},
-         "export": {"registered_model_name": "my-model"}}
+         "train": {"max_steps": 1000}, "export": {"registered_model_name": "my-model"}}
 
 
 def test_presets_exist_and_load():
@@ -46,15 +46,50 @@ def test_demo_settings_never_leak_into_other_configs(tmp_path, monkeypatch):
     assert (cfg.run.name, cfg.run.experiment, cfg.tracking.experiment) == ("my-sft", "my-sft", "my-sft")
     assert cfg.model.base_uri == "s3://bucket/base" and cfg.export.registered_model_name == "my-model"
     assert "tiny" not in cfg.to_yaml() and "demo" not in cfg.to_yaml()
-    for field in ("model.base_uri", "data.train_files", "export.registered_model_name"):
+    for field in ("model.base_uri", "data.train_files", "train.max_steps", "export.registered_model_name"):
         section, name = field.split(".")
         partial = {s: {k: v for k, v in values.items() if k != name} for s, values in NAMED.items()}
         path = write_yaml(tmp_path, partial, name="partial")
         with pytest.raises(PipelineError, match=rf"^{re.escape(field)} is not set in {re.escape(path)}: "):
             load_config(path)
-        assert load_config(path, [f"{field}=[x]" if "files" in field else f"{field}=x"])  # or an override
+        value = {"data.train_files": "[x]", "train.max_steps": "10"}.get(field, "x")
+        assert load_config(path, [f"{field}={value}"])  # or an override
     unregistered = write_yaml(tmp_path, {**NAMED, "export": {"registered_model_name": None}}, name="unregistered")
     assert load_config(unregistered).export.registered_model_name is None  # null: chosen, not forgotten
+
+
+# Keys the demo sizes for two CPU workers and a 2-layer model; a real config must get other defaults.
+DEMO_SIZED = ("model.dtype", "data.seq_len", "train.workers", "train.use_gpu", "train.micro_batch_size",
+              "train.warmup_steps", "train.max_steps", "train.checkpoint_every", "train.log_every",
+              "eval.batch_size", "eval.max_batches", "eval.max_new_tokens", "eval.prompts",
+              "export.max_shard_size")
+
+
+def test_defaults_are_for_real_fine_tunes_and_the_demo_states_its_own(tmp_path):
+    demo, real = load_config(None).flat_params(), load_config(write_yaml(tmp_path, NAMED)).flat_params()
+    assert [key for key in DEMO_SIZED if demo[key] == real[key]] == []
+    demo_file = yaml.safe_load((PRESET_DIR / "tiny-cpu.yaml").read_text())
+    assert [key for key in DEMO_SIZED if key.split(".")[1] not in demo_file[key.split(".")[0]]] == []
+    assert (real["model.dtype"], real["data.seq_len"], real["train.use_gpu"], real["train.workers"]) == (
+        "bf16", 2048, True, 1)
+
+
+def test_warmup_unset_is_three_percent_of_max_steps_rounded_up(tmp_path):
+    path = write_yaml(tmp_path, NAMED)
+    warmups = [load_config(path, [f"train.max_steps={n}"]).train.warmup_steps for n in (1, 100, 101, 1000)]
+    assert warmups == [1, 3, 4, 30]
+    assert load_config(path, ["train.max_steps=10", "train.warmup_steps=0"]).train.warmup_steps == 0
+    cfg = load_config(path, ["train.max_steps=50"])
+    assert Config.from_dict(cfg.to_dict()) == cfg  # resolved once: workers and checkpoints get the number
+
+
+def test_max_steps_has_no_default(tmp_path):
+    with pytest.raises(PipelineError, match=r"^train.max_steps is not set: give the optimizer steps"):
+        load_config(write_yaml(tmp_path, NAMED), ["train.max_steps=null"])  # set, but to nothing
+    assert Config().train.max_steps is None and Config().train.warmup_steps is None
+    from pipeline.train import train
+    with pytest.raises(PipelineError, match=r"^train.max_steps is not set"):
+        train(Config(), prepared=None)  # a config built in code fails before any worker starts
 
 
 def test_mlflow_environment_fills_what_the_config_leaves_unset(tmp_path, monkeypatch):
@@ -129,7 +164,8 @@ def test_overrides_apply_on_top_of_a_preset(tmp_path):
 def test_exponent_strings_in_yaml_are_floats(tmp_path):
     # PyYAML reads `1e-4` (no dot) as a string; float fields accept it anyway.
     path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(NAMED) + "train:\n  lr: 1e-4\n")
+    others = {section: values for section, values in NAMED.items() if section != "train"}
+    path.write_text(yaml.safe_dump(others) + "train:\n  max_steps: 1000\n  lr: 1e-4\n")
     assert load_config(str(path)).train.lr == pytest.approx(1e-4)
 
 

@@ -43,6 +43,7 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
 def make_cfg(tmp_path: Path, train_files: list[str], output_uri: str | None = None, seed: int = 0,
              endpoint_url: str | None = None, **data) -> Config:
     data.setdefault("val_fraction", 0.0)
+    data.setdefault("seq_len", 128)  # rows a few of the shipped text's documents long
     run = RunConfig(output_uri=output_uri or str(tmp_path / "out"), cache_dir=str(tmp_path / "node"),
                     seed=seed)
     return Config(run=run, storage=StorageConfig(endpoint_url=endpoint_url),

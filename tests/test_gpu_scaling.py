@@ -99,6 +99,7 @@ def setup(tmp_path_factory):
                 "data": {"train_files": [str(text)], "seq_len": SEQ_LEN, "val_fraction": 0.02},
                 "train": {"use_gpu": True, "micro_batch_size": 16, "lr": 3e-4, "warmup_steps": 10,
                           "max_steps": STEPS, "fp8": "delayed", "checkpoint_every": 0, "keep_checkpoints": 2,
+                          "log_every": 1,
                           **train},
             })
 

@@ -42,8 +42,9 @@ def setup(tmp_path_factory):
             "run": {"name": name, "output_uri": str(root / "runs"), "cache_dir": str(root / "node")},
             "model": {"base_uri": str(base), "backend": "torch", "dtype": "fp32"},
             "data": {"train_files": [SHIPPED_TEXT], "seq_len": 64, "max_documents": 80, "val_fraction": 0.1},
-            "train": {"workers": 2, "micro_batch_size": 1, "grad_accum_steps": 1, "lr": 3e-3, "warmup_steps": 2,
-                      "max_steps": STEPS, "checkpoint_every": 2, "keep_checkpoints": 2, **train},
+            "train": {"workers": 2, "use_gpu": False, "micro_batch_size": 1, "grad_accum_steps": 1, "lr": 3e-3,
+                      "warmup_steps": 2, "max_steps": STEPS, "checkpoint_every": 2, "keep_checkpoints": 2,
+                      "log_every": 1, **train},
         })
 
     return cfg_for, prepare(cfg_for("data"), str(base)), base

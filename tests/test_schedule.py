@@ -126,6 +126,6 @@ def test_retrain_cli_refuses_a_bad_schedule_in_one_line(capsys, tmp_path):
     assert capsys.readouterr().err.strip().startswith("retrain: error: cron '0 3 * *': needs 5 fields")
     outside = tmp_path / "my.yaml"
     outside.write_text("run: {name: x}\nmodel: {base_uri: s3://b/base}\ndata: {train_files: [s3://b/t.jsonl]}\n"
-                       "export: {registered_model_name: x}\n")
+                       "train: {max_steps: 100}\nexport: {registered_model_name: x}\n")
     assert retrain.main(["--config", str(outside)]) == 1
     assert "put the preset inside it" in capsys.readouterr().err

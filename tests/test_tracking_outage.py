@@ -123,7 +123,7 @@ def test_a_training_run_goes_on_through_an_mlflow_outage(ray_cluster, server, tm
         "run": {"name": "outage", "output_uri": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "node")},
         "model": {"base_uri": str(base), "backend": "torch", "dtype": "fp32"},
         "data": {"train_files": [SHIPPED_TEXT], "seq_len": 64, "max_documents": 80},
-        "train": {"workers": 2, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "max_steps": steps,
+        "train": {"workers": 2, "use_gpu": False, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "max_steps": steps,
                   "checkpoint_every": 50, "log_every": 1},
     })
     prepared = prepare(cfg, str(base))
