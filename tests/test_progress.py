@@ -50,3 +50,10 @@ def test_lines_bypass_a_patched_print(capsys, monkeypatch):
     monkeypatch.setattr(builtins, "print", lambda *a, **k: calls.append(a))
     echo("train", "step 1/2")
     assert calls == [] and capsys.readouterr().out == "[train] step 1/2\n"
+
+
+def test_mfu_reads_n_a_where_the_devices_peak_is_unknown():
+    from pipeline.progress import step_line
+
+    line = step_line({**metrics(3), "mfu": 0.0}, 10, elapsed_s=6.0, eta_s=14.0)
+    assert " mfu n/a " in line and "%" not in line
