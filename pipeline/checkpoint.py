@@ -176,7 +176,7 @@ def load_model_weights(module: torch.nn.Module, path: str | Path) -> None:
             tensor = f.get_tensor(name)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise PermanentError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                    f"the model expects {tuple(param.shape)}")
+                                     f"the model expects {tuple(param.shape)}")
             param.copy_(parallel.shard_like(tensor, param))
 
 
@@ -336,7 +336,7 @@ def load_checkpoint(local_dir: str | Path, *, module: torch.nn.Module, optimizer
     state = read_trainer_state(local)
     if state["world_size"] != world_size and micro_batch_size is None:
         raise PermanentError(f"{local}: checkpoint was written by {state['world_size']} workers, this run has "
-                            f"{world_size} (set train.workers={state['world_size']} to resume it)")
+                             f"{world_size} (set train.workers={state['world_size']} to resume it)")
     load_model_weights(module, local / MODEL_FILE)
     groups = _read_json(local / OPTIMIZER_GROUPS_FILE)
     load_optimizer_state(module, optimizer, local / OPTIMIZER_FILE, groups)

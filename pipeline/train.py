@@ -282,7 +282,7 @@ class RankShard:
         self.batches_per_epoch = table.num_rows // world // micro_batch_size
         if not self.batches_per_epoch:
             raise PermanentError(f"the train split has {table.num_rows} rows, fewer than train.workers x "
-                                f"train.micro_batch_size = {world * micro_batch_size}")
+                                 f"train.micro_batch_size = {world * micro_batch_size}")
         self.seq_len = len(table.column("input_ids")[0])
         self._epoch, self._rows = -1, np.empty(0, dtype=np.int64)
 
