@@ -47,7 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from pipeline import parallel
-from pipeline.errors import PipelineError
+from pipeline.errors import PermanentError, PipelineError
 from pipeline.manifest import write_manifest
 
 FORMAT_VERSION = 1
@@ -171,12 +171,12 @@ def load_model_weights(module: torch.nn.Module, path: str | Path) -> None:
         problems = ([f"missing tensors {_names(missing)}"] if missing else []) + (
             [f"unexpected tensors {_names(unexpected)} (each is not a model parameter)"] if unexpected else [])
         if problems:
-            raise PipelineError(f"{path} does not match the model: {'; '.join(problems)}")
+            raise PermanentError(f"{path} does not match the model: {'; '.join(problems)}")
         for name, param in params.items():
             tensor = f.get_tensor(name)
             if tuple(tensor.shape) != tuple(param.shape):
-                raise PipelineError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                    f"the model expects {tuple(param.shape)}")
+                raise PermanentError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(param.shape)}")
             param.copy_(parallel.shard_like(tensor, param))
 
 
@@ -246,7 +246,7 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
     saved = [name for group in groups for name in group["params"]]
     if saved != names:
         odd = sorted(set(saved) ^ set(names)) or ["the parameter order"]
-        raise PipelineError(f"{where}: optimizer groups do not match the model's parameters ({odd[0]!r} differs)")
+        raise PermanentError(f"{where}: optimizer groups do not match the model's parameters ({odd[0]!r} differs)")
     index = {name: i for i, name in enumerate(names)}
     params = dict(module.named_parameters())
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -257,7 +257,7 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
             for key in sorted(f.keys()):  # the same order on every worker: sharding moments is a collective
                 name, _, field = key.rpartition(".")
                 if name not in index:
-                    raise PipelineError(f"{where}: optimizer state {key!r} names no model parameter")
+                    raise PermanentError(f"{where}: optimizer state {key!r} names no model parameter")
                 tensor, param = f.get_tensor(key), params[name]
                 if tensor.dim():  # moments; the 0-d step stays where the optimizer wants it
                     tensor = (parallel.shard_like(tensor, param, keep_dtype=True) if parallel.is_sharded(param)
@@ -310,7 +310,7 @@ def parse_trainer_state(data: bytes, where: str) -> dict[str, Any]:
         raise PipelineError(f"{where}: invalid JSON ({exc})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         found = state.get("format") if isinstance(state, dict) else None
-        raise PipelineError(f"{where}: checkpoint format {found!r}, expected {FORMAT_VERSION}")
+        raise PermanentError(f"{where}: checkpoint format {found!r}, expected {FORMAT_VERSION}")
     return state
 
 
@@ -335,8 +335,8 @@ def load_checkpoint(local_dir: str | Path, *, module: torch.nn.Module, optimizer
     local = Path(local_dir)
     state = read_trainer_state(local)
     if state["world_size"] != world_size and micro_batch_size is None:
-        raise PipelineError(f"{local}: checkpoint was written by {state['world_size']} workers, this run has "
-                            f"{world_size} (set train.workers={state['world_size']} to resume it)")
+        raise PermanentError(f"{local}: checkpoint was written by {state['world_size']} workers, this run has "
+                             f"{world_size} (set train.workers={state['world_size']} to resume it)")
     load_model_weights(module, local / MODEL_FILE)
     groups = _read_json(local / OPTIMIZER_GROUPS_FILE)
     load_optimizer_state(module, optimizer, local / OPTIMIZER_FILE, groups)
@@ -361,7 +361,7 @@ def regrid_position(position: dict[str, int], state: dict[str, Any], world_size:
     rows_read = position["offset"] * saved_micro * state["world_size"]
     per_step = micro_batch_size * world_size
     if rows_read % per_step:
-        raise PipelineError(
+        raise PermanentError(
             f"{where}: {state['world_size']} workers x micro-batch {saved_micro} read {rows_read} rows of epoch "
             f"{position['epoch']}, not a multiple of train.workers x train.micro_batch_size = {per_step}; "
             f"resume with a worker count that divides it")

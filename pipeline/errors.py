@@ -19,3 +19,8 @@ class IntegrityError(PipelineError):
     A reader that holds an older good copy (the previous checkpoint) may skip such data; a plain
     storage failure (endpoint down, access denied) is a PipelineError and must not be skipped.
     """
+
+
+class PermanentError(PipelineError):
+    """Bad input found where training runs (a worker): a restart would meet it again, so the run stops at
+    its first occurrence instead of being restarted (`pipeline.permanent`)."""

@@ -3,7 +3,8 @@ that must reach MLflow exactly once although a restart re-does the steps after t
 
 What this module decides:
 - Dead or failed workers are Ray Train's to handle: it restarts the whole worker group up to
-  `train.max_failures` times, each time from the latest checkpoint its controller committed.
+  `train.max_failures` times, each time from the latest checkpoint its controller committed. An error no
+  restart can fix stops the run instead (`pipeline.permanent`).
 - SIGTERM (a preemption notice) only raises a flag. Ray runs the training loop on a thread of the worker
   actor, and Python takes signal handlers on the main thread alone, so the handler is installed by a call
   to the worker actor itself (its methods run on the main thread). Outside training the handler passes
@@ -24,7 +25,8 @@ What this module decides:
   since its MLflow run started (older ones went to an earlier run of the job), and MLflow's database
   stores an identical (key, value, step, timestamp) only once.
 - Test-only hooks, read from the environment where training starts: PIPELINE_FAIL_AT_STEP=N (rank 0
-  raises after step N), PIPELINE_WORKER_STATE_DIR=dir (every worker appends its pid and each step as it
+  raises after step N), PIPELINE_BAD_INPUT_AT_STEP=N (rank 0 raises an error no restart can fix after
+  step N, `pipeline.permanent`), PIPELINE_WORKER_STATE_DIR=dir (every worker appends its pid and each step as it
   finishes, before that step's checkpoint, to dir/rank-R.jsonl, so a test can find the process to
   kill), PIPELINE_POISON_LOSS=R:N (rank R's loss at step N becomes NaN, once per worker process),
   PIPELINE_PAUSE_UPLOAD=PHASE:N (the upload of step N's checkpoint records PHASE, before_commit or
@@ -54,6 +56,7 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 FAIL_AT_STEP_ENV = "PIPELINE_FAIL_AT_STEP"
+BAD_INPUT_AT_STEP_ENV = "PIPELINE_BAD_INPUT_AT_STEP"
 STATE_DIR_ENV = "PIPELINE_WORKER_STATE_DIR"
 POISON_LOSS_ENV = "PIPELINE_POISON_LOSS"
 PAUSE_UPLOAD_ENV = "PIPELINE_PAUSE_UPLOAD"
@@ -346,6 +349,7 @@ class Hooks:
     """Test-only fault injection, read from the environment where training starts (see module doc)."""
 
     fail_at_step: int | None = None
+    bad_input_at_step: int | None = None
     state_dir: str | None = None
     poison_rank: int | None = None
     poison_step: int | None = None
@@ -364,7 +368,8 @@ class Hooks:
             raise PipelineError(f"{PAUSE_UPLOAD_ENV} must look like PHASE:STEP with PHASE one of "
                                 f"{', '.join(UPLOAD_PHASES)}, got {pause!r}")
         state_dir = os.environ.get(STATE_DIR_ENV, "").strip() or None
-        return cls(fail_at_step=_step_number(FAIL_AT_STEP_ENV), state_dir=state_dir,
+        return cls(fail_at_step=_step_number(FAIL_AT_STEP_ENV), bad_input_at_step=_step_number(BAD_INPUT_AT_STEP_ENV),
+                   state_dir=state_dir,
                    poison_rank=int(rank) if poison else None, poison_step=int(step) if poison else None,
                    pause_phase=phase if pause else None, pause_step=int(pause_step) if pause else None)
 

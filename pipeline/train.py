@@ -40,6 +40,8 @@ What this module decides:
   2.60 each worker's report waits in a one-slot queue that the controller drains once per health-check
   poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a report every step would cap training at one step
   per poll interval; and Ray keeps only the metrics attached to checkpoints anyway.
+- An error no restart can fix (bad input met on a worker) stops the run at its first occurrence, with
+  its one-line reason and no advice to resume: `pipeline.permanent`.
 - Test hooks (`pipeline.faults.Hooks`) are read from the environment where `train` is called; e.g.
   PIPELINE_FAIL_AT_STEP=N makes rank 0 raise right after reporting step N (and its checkpoint, if any).
 """
@@ -69,11 +71,11 @@ from torch.profiler import record_function as phase  # a step's phases, as named
 import te_model
 from pipeline import checkpoint as ckpt
 from pipeline import checkpoint_commit as commit
-from pipeline import faults, optim, parallel, storage
+from pipeline import faults, optim, parallel, permanent, storage
 from pipeline import progress as progress_lines
 from pipeline.config import Config, TrainConfig, require_max_steps
 from pipeline.data import PreparedData
-from pipeline.errors import PipelineError
+from pipeline.errors import PermanentError, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +127,11 @@ def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tra
     options = _storage_options(cfg)
     ray_uri = storage.join(cfg.run.output_uri, "ray")
     storage_path, storage_fs = _ray_storage(ray_uri, options)
+    run_uri, attempt = storage.join(ray_uri, cfg.run.name), permanent.new_attempt()
+    permanent.clear(run_uri, options)  # an earlier attempt's reason to stop does not stop this one
     loop_config = {"config": cfg.to_dict(), "train_uri": _absolute(prepared.train_uri), "ray_uri": ray_uri,
                    "run_id": run_id, "tracking_uri": tracking_uri, "code_version": code_version,
-                   "run_started_ms": _run_started_ms(run_id, tracking_uri),
+                   "run_started_ms": _run_started_ms(run_id, tracking_uri), "attempt": attempt,
                    "hooks": faults.Hooks.from_env().to_dict()}
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -142,8 +146,14 @@ def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tra
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        reason = permanent.read(run_uri, attempt, options)
+        if reason:  # Ray ran out of restarts (or had none) before a restarted group could read the record
+            raise PermanentError(f"training run {cfg.run.name!r} stopped on {reason}") from exc
         raise PipelineError(f"training run {cfg.run.name!r} failed ({_failure_summary(exc)}); run it again with "
                             "the same run.name and run.output_uri to resume from its latest checkpoint") from exc
+    reason = (result.return_value or {}).get("permanent")
+    if reason:
+        raise PermanentError(f"training run {cfg.run.name!r} stopped on {reason}")
     stopped = (result.return_value or {}).get("stopped")
     if stopped:
         raise PipelineError(f"training run {cfg.run.name!r} stopped: {stopped}; lower train.lr or check the data, "
@@ -260,7 +270,7 @@ def _as_matrix(column: pa.ChunkedArray, name: str) -> np.ndarray:
     lists = column.combine_chunks()
     lengths = np.diff(lists.offsets.to_numpy())
     if len(lengths) and lengths.min() != lengths.max():
-        raise PipelineError(f"training rows: column {name} mixes row lengths {lengths.min()} and {lengths.max()}")
+        raise PermanentError(f"training rows: column {name} mixes row lengths {lengths.min()} and {lengths.max()}")
     return lists.flatten().to_numpy().reshape(len(lists), -1).astype(np.int64)
 
 
@@ -272,8 +282,8 @@ class RankShard:
         self.micro_batch_size = micro_batch_size
         self.batches_per_epoch = table.num_rows // world // micro_batch_size
         if not self.batches_per_epoch:
-            raise PipelineError(f"the train split has {table.num_rows} rows, fewer than train.workers x "
-                                f"train.micro_batch_size = {world * micro_batch_size}")
+            raise PermanentError(f"the train split has {table.num_rows} rows, fewer than train.workers x "
+                                 f"train.micro_batch_size = {world * micro_batch_size}")
         self.seq_len = len(table.column("input_ids")[0])
         self._epoch, self._rows = -1, np.empty(0, dtype=np.int64)
 
@@ -579,10 +589,27 @@ def _metric_logger(rank: int, run_id: str | None, tracking_uri: str | None):
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
     """One Ray Train worker: build the model, resume if Ray has a checkpoint, train to `train.max_steps`.
 
-    Returns {"stopped": reason} when a non-finite step stopped the run (on every rank alike).
+    Returns {"stopped": reason} when a non-finite step stopped the run (on every rank alike), and
+    {"permanent": reason} at once, on every rank, when an earlier try of this attempt failed on an error no
+    restart can fix (`pipeline.permanent`); such an error is recorded before it is raised.
     """
     cfg = Config.from_dict(loop_config["config"])
     hooks = faults.Hooks(**loop_config["hooks"])
+    rank, options = ray.train.get_context().get_world_rank(), _storage_options(cfg)
+    run_uri = storage.join(loop_config["ray_uri"], cfg.run.name)
+    reason = permanent.agreed_reason(run_uri, loop_config["attempt"], rank, options, ray.train.torch.get_device())
+    if reason:
+        hooks.record(rank, "permanent_seen", 0)
+        return {"permanent": reason}
+    try:
+        return _train_worker(cfg, hooks, loop_config)
+    except Exception as exc:
+        if permanent.is_permanent(exc):
+            permanent.write(run_uri, loop_config["attempt"], rank, exc, options)
+        raise
+
+
+def _train_worker(cfg: Config, hooks: faults.Hooks, loop_config: dict[str, Any]) -> dict[str, str] | None:
     w = _build_worker(cfg, loop_config["train_uri"])
     progress = _resume(w, loop_config["ray_uri"])  # last: restores the RNG states training goes on with
     progress.nonfinite_steps = faults.nonfinite_count(progress.history)
@@ -631,4 +658,7 @@ def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetric
             raise faults.preempted_error(agreed, step)
         if w.rank == 0 and hooks.fail_at_step == step:
             raise RuntimeError(f"{FAIL_AT_STEP_ENV}={step}: failing on purpose after step {step}")
+        if w.rank == 0 and hooks.bad_input_at_step == step:
+            hooks.record(w.rank, "bad_input", step)
+            raise PermanentError(f"{faults.BAD_INPUT_AT_STEP_ENV}={step}: bad input on purpose after step {step}")
     return None

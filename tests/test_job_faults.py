@@ -2,7 +2,8 @@
 Ray cluster (joined by RAY_ADDRESS, as a driver on a head node would), gets SIGKILL once training has
 passed a checkpoint, and is submitted again with the same run name. It must resume (same MLflow parent
 run, training from the latest checkpoint, one metric history) and not start over; a new run name must
-start a new run, and reusing a run name with other training data is refused. Whatever point the driver
+start a new run, and reusing a run name with other training data is refused. An error no restart can
+fix ends the job at its first occurrence in one line; the same job, fixed, then survives a killed worker. Whatever point the driver
 was killed at, the resumed job's later stages use the newest checkpoint training committed, and report
 its step.
 """
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 from jobs import finetune
 import te_model
 from pipeline import checkpoint_commit, storage
-from pipeline.faults import PAUSE_UPLOAD_ENV, STATE_DIR_ENV
+from pipeline.faults import BAD_INPUT_AT_STEP_ENV, PAUSE_UPLOAD_ENV, STATE_DIR_ENV
 from pipeline.tiny import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,3 +192,34 @@ def test_after_a_driver_kill_export_uses_the_newest_committed_checkpoint_and_rep
     assert set(parameters) == set(weights)
     for name, tensor in weights.items():
         assert torch.equal(parameters[name].detach(), tensor), name
+
+
+def test_bad_input_on_a_worker_fails_the_job_once_in_one_line_and_the_fixed_job_survives_a_killed_worker(
+        job, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from tests.test_train_faults import Signaller, starts
+
+    args = [*job["args"], "--set", "run.name=bad-input", "--set", "train.max_failures=3"]
+    failed, fixed = tmp_path / "failed", tmp_path / "fixed"
+    failed.mkdir(), fixed.mkdir()
+    monkeypatch.setenv(STATE_DIR_ENV, str(failed))
+    monkeypatch.setenv(BAD_INPUT_AT_STEP_ENV, "3")
+    capsys.readouterr()
+    assert finetune.main(args) == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune: error:")]
+    assert line == ("finetune: error: train: training run 'bad-input' stopped on rank 0: "
+                    f"{BAD_INPUT_AT_STEP_ENV}=3: bad input on purpose after step 3")
+    assert [e["step"] for e in events(failed) if e["event"] == "bad_input"] == [3]  # raised once
+    assert len(starts(failed, 0)) == 1  # trained once; Ray's one restart found the record and ended
+    assert [e["event"] for e in events(failed, 1) if e["event"] != "step"] == ["start", "permanent_seen"]
+
+    monkeypatch.delenv(BAD_INPUT_AT_STEP_ENV)
+    monkeypatch.setenv(STATE_DIR_ENV, str(fixed))
+    killer = Signaller(fixed, [(1, 7)], signal.SIGKILL)
+    killer.start()
+    assert finetune.main(args) == 0  # not stopped by the failed attempt's record, and a killed worker retried
+    killer.join(timeout=5)
+    assert len(killer.sent) == 1
+    assert len(starts(fixed, 1)) == 2  # the first try and one restart
+    assert max(e["step"] for e in events(fixed) if e["event"] == "step") == STEPS

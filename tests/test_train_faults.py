@@ -20,10 +20,10 @@ from types import SimpleNamespace
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import storage, tiny, tracking
+from pipeline import permanent, storage, tiny, tracking
 from pipeline.config import Config
 from pipeline.data import prepare
-from pipeline.errors import PipelineError
+from pipeline.errors import PermanentError, PipelineError
 from pipeline.faults import POISON_LOSS_ENV, STATE_DIR_ENV
 from pipeline.train import train
 
@@ -186,6 +186,46 @@ def test_nonfinite_loss_stops_the_run_naming_step_and_rank(ray_cluster, setup, m
     message = str(caught.value)
     assert "stopped: non-finite loss on rank 1 at step 3 (train.on_nonfinite=stop)" in message
     assert "\n" not in message
+
+
+def test_bad_input_met_on_the_workers_stops_the_run_at_once_and_a_fixed_rerun_trains(
+        ray_cluster, setup, monkeypatch, tmp_path):
+    cfg_for, prepared = setup
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
+    # Past the driver (train() alone runs no preflight): every rank's shard is empty, on every try alike.
+    with pytest.raises(PermanentError) as caught:
+        train(cfg_for("bad-input", micro_batch_size=1000, max_failures=3), prepared)
+    message = str(caught.value)
+    assert message.startswith("training run 'bad-input' stopped on rank ")
+    assert "fewer than train.workers x train.micro_batch_size = 2000" in message
+    assert "resume" not in message and "\n" not in message
+    # The first try failed building the workers; Ray's one restart read the record and ended at once.
+    for rank in (0, 1):
+        assert [e["event"] for e in worker_events(tmp_path, rank)] == ["permanent_seen"], rank
+    record_uri = permanent.record_uri(f"{cfg_for('bad-input').run.output_uri}/ray/bad-input")
+    options = storage.StorageOptions(endpoint_url=cfg_for("x").storage.endpoint_url)
+    assert "fewer than train.workers" in json.loads(storage.read_bytes(record_uri, options))["reason"]
+
+    result = train(cfg_for("bad-input", max_steps=2, warmup_steps=1, max_failures=3), prepared)  # the input fixed
+    assert result.steps == 2 and not storage.exists(record_uri, options)
+
+
+def test_only_errors_no_restart_can_fix_are_permanent_and_a_record_stops_only_its_own_attempt(tmp_path):
+    from te_model import CheckpointError
+
+    assert permanent.is_permanent(PermanentError("x")) and permanent.is_permanent(CheckpointError("x"))
+    assert permanent.is_permanent(PermissionError(13, "Permission denied", "/ro"))
+    for transient in (PipelineError("cannot read s3://b/k: ConnectTimeoutError"), RuntimeError("gloo"),
+                      ConnectionError("reset"), OSError("disk")):
+        assert not permanent.is_permanent(transient), transient
+    options = storage.StorageOptions()
+    run_uri = str(tmp_path / "ray" / "run")
+    earlier, now = permanent.new_attempt(), permanent.new_attempt()
+    permanent.write(run_uri, earlier, 1, PermanentError("model.base_uri: tensor 'x' has shape (2,)"), options)
+    assert permanent.read(run_uri, earlier, options) == "rank 1: model.base_uri: tensor 'x' has shape (2,)"
+    assert permanent.read(run_uri, now, options) is None  # a later attempt is not stopped by it
+    permanent.clear(run_uri, options)
+    assert permanent.read(run_uri, earlier, options) is None and not list((tmp_path / "ray" / "run").iterdir())
 
 
 # ---------------------------------------------------------------------------------------------------
