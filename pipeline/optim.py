@@ -1,9 +1,8 @@
 """AdamW whose update runs at the memory's speed on a GPU, with a choice of how a bf16 model keeps its updates.
 
 The update is memory-bound: per parameter it reads the weight, its gradient and both moments and writes
-the weight and the moments back, 14 bytes in bf16. torch's fused AdamW moves those bytes at about half an
-H200's bandwidth (2.3 TB/s measured: 16.7 ms a step for 2.8B bf16 parameters, docs/performance.md): it
-cuts the parameter list into launches of at most 320 blocks of 65,536 elements, a few waves each, with a
+the weight and the moments back, 14 bytes in bf16. torch's fused AdamW moves those bytes at about half the
+GPU's memory bandwidth (docs/performance.md): it cuts the parameter list into launches of at most 320 blocks of 65,536 elements, a few waves each, with a
 tail between launches. Here each parameter of a million elements or more is one launch over its whole
 length, 4,096 elements a program, so a 500M-element embedding streams as one grid; smaller ones (norm
 weights) still go to torch's fused kernel, several to a launch.
