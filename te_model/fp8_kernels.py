@@ -3,7 +3,8 @@
 Hopper's FP8 GEMMs take both operands K-major, so each of the head's GEMMs wants a different layout of
 the same FP8 tensor: the weight as (V, H) for the logits and as (H, V) for the input gradient, the loss's
 gradient (N, V) as (V, N) for the weight gradient. torch's `.t().contiguous()` on a 1-byte tensor runs a
-generic strided copy, far from the memory's speed (docs/log/2026-12-01-step-kernels-fp8-head.md). `transpose` here copies square tiles, reading and writing whole lines of them.
+generic strided copy, far from the memory's speed (docs/log/2026-12-01-step-kernels-fp8-head.md).
+`transpose` here copies square tiles, reading and writing whole lines of them.
 
 `scaled_cast(t, scale, dtype)` is `(t / scale).to(dtype)` in one kernel: torch divides by a 0-dim device
 tensor in a non-vectorised kernel and writes a bf16 quotient that is read again for the cast (rounding
