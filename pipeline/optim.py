@@ -3,8 +3,8 @@
 The update is memory-bound: per parameter it reads the weight, its gradient and both moments and writes
 the weight and the moments back, 14 bytes in bf16. torch's fused AdamW moves those bytes at about half the
 GPU's memory bandwidth (docs/log/2026-11-30-fp8-kernels-host-syncs.md): it cuts the parameter list
-into launches of at most 320 blocks of 65,536 elements, a few waves each, with a tail between launches. Here each parameter of a million elements or more is one launch over its whole
-length, 4,096 elements a program, so a 500M-element embedding streams as one grid; smaller ones (norm
+into launches of at most 320 blocks of 65,536 elements, a few waves each, with a tail between launches.
+Here each parameter of a million elements or more is one launch over its whole length, 4,096 elements a program, so a 500M-element embedding streams as one grid; smaller ones (norm
 weights) still go to torch's fused kernel, several to a launch.
 
 Master weights (`master_weights`, the config's `train.master_weights`). A bf16 weight near 0.02 moves
