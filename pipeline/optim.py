@@ -1,11 +1,12 @@
 """AdamW whose update runs at the memory's speed on a GPU, with a choice of how a bf16 model keeps its updates.
 
 The update is memory-bound: per parameter it reads the weight, its gradient and both moments and writes
-the weight and the moments back, 14 bytes in bf16. torch's fused AdamW moves those bytes at about half the
-GPU's memory bandwidth (docs/log/2026-11-30-fp8-kernels-host-syncs.md): it cuts the parameter list
+the weight and the moments back, 14 bytes in bf16. torch's fused AdamW moves those bytes at about half
+the GPU's memory bandwidth (docs/log/2026-11-30-fp8-kernels-host-syncs.md): it cuts the parameter list
 into launches of at most 320 blocks of 65,536 elements, a few waves each, with a tail between launches.
-Here each parameter of a million elements or more is one launch over its whole length, 4,096 elements a program, so a 500M-element embedding streams as one grid; smaller ones (norm
-weights) still go to torch's fused kernel, several to a launch.
+Here each parameter of a million elements or more is one launch over its whole length, 4,096 elements a
+program, so a 500M-element embedding streams as one grid; smaller ones (norm weights) still go to
+torch's fused kernel, several to a launch.
 
 Master weights (`master_weights`, the config's `train.master_weights`). A bf16 weight near 0.02 moves
 only in steps of 2^-13; an update rounded to nearest once per step vanishes whenever it is under half
