@@ -1,7 +1,7 @@
 """Hugging Face Hub inputs: `hf://` uris resolved to files in the node's Hugging Face cache.
 
 Why it exists: base models and datasets are usually named by their Hub repo
-(`hf://meta-llama/Llama-3.1-8B`), not copied into object storage first. The storage layer
+(`hf://<org>/<model>[@revision]`), not copied into object storage first. The storage layer
 (`pipeline.storage.filesystem`) hands every `hf://` uri to `local_path` here, and from then on the
 files are read, listed, pulled and checked exactly like local ones: the base checkpoint's preflight
 (safetensors headers against config.json, no `auto_map`), the node-local pull into `run.cache_dir`,

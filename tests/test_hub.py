@@ -58,15 +58,15 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def test_uris_name_repo_revision_and_path():
-    assert hub.parse("hf://meta-llama/Llama-3.1-8B") == hub.HubUri("model", "meta-llama/Llama-3.1-8B", None, "")
+    assert hub.parse("hf://acme/Llama-3.1-8B") == hub.HubUri("model", "acme/Llama-3.1-8B", None, "")
     assert hub.parse("hf://acme/tiny@v2/config.json") == hub.HubUri("model", "acme/tiny", "v2", "config.json")
     assert hub.parse("hf://datasets/acme/stories@0123abc/data/train.jsonl") == hub.HubUri(
         "dataset", "acme/stories", "0123abc", "data/train.jsonl")
     with pytest.raises(PipelineError, match=r"hf://datasets/acme/stories: not a Hugging Face Hub uri; use hf://datasets/"):
         hub.parse("hf://datasets/acme/stories")
-    cfg = load_config(None, ["model.base_uri=hf://meta-llama/Llama-3.1-8B@main",
+    cfg = load_config(None, ["model.base_uri=hf://acme/Llama-3.1-8B@main",
                              "data.train_files=[hf://datasets/acme/stories/train.jsonl]"])
-    assert cfg.model.base_uri == "hf://meta-llama/Llama-3.1-8B@main"
+    assert cfg.model.base_uri == "hf://acme/Llama-3.1-8B@main"
 
 
 def test_a_hub_base_model_is_checked_and_pulled_like_an_s3_one_without_pickles_or_code(hub_cache, tmp_path):
