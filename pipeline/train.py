@@ -15,9 +15,10 @@ What this module decides:
   SIGTERM, non-finite steps (`train.on_nonfinite`) and logging each step's metrics once across restarts:
   `pipeline.faults`.
 - Precision: bf16 or fp32 parameters (`model.dtype`), AdamW moments in the same dtype; bf16 parameters
-  keep their updates as `train.master_weights` says (an fp32 master copy in the optimizer by default,
-  sharded with the parameters under FSDP2; `pipeline.optim`). FP8 (`train.fp8`) wraps the forward pass only; TE runs the matching backward itself,
-  with amax reduced over all ranks.
+  keep their updates as `train.master_weights` says (a bf16 Kahan compensation buffer by default, or an
+  fp32 master copy; held by the optimizer, sharded with the parameters under FSDP2; `pipeline.optim`).
+  FP8 (`train.fp8`) wraps the forward pass only; TE runs the matching backward itself, with amax reduced
+  over all ranks.
 - Data: epoch e visits a permutation of all packed rows seeded by `run.seed + e`; rank r takes
   rows[r::world] in micro-batches of `train.micro_batch_size`. Every rank gets the same number of
   micro-batches per epoch (a remainder is skipped) so DDP stays in lockstep. A micro-batch is a pure
@@ -235,7 +236,8 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Ad
     on the device without the host looking (`Steps`). With data parallelism each replica runs the whole
     update every step, so its cost does not shrink as workers are added; FSDP2's sharded parameters
     (DTensors) are updated shard by shard. `train.master_weights` says how bf16 parameters keep small
-    updates (an fp32 master copy, by default, held by the optimizer per parameter or per local shard).
+    updates (a Kahan compensation buffer by default, or an fp32 master copy; held by the optimizer per
+    parameter or per local shard).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
