@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common, packing  # noqa: E402
-from pipeline.data import pack_documents  # noqa: E402
+from pipeline.stages.data import pack_documents  # noqa: E402
 from te_model.segments import AttentionPlan, plan_attention  # noqa: E402
 
 KINDS = ("packed", "fixed", "plain", "padcount")

@@ -39,7 +39,7 @@ SHAPES = {
     "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
                         max_position_embeddings=131072, rope_parameters=LLAMA31_ROPE),
-    # the model of tests/test_gpu_scaling.py: Llama 3 layers at 380M parameters, a 512-token vocabulary
+    # the model of tests/gpu/test_scaling.py: Llama 3 layers at 380M parameters, a 512-token vocabulary
     "llama-380m": dict(vocab_size=512, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
                        num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=False,
                        max_position_embeddings=131072, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),

@@ -2,7 +2,7 @@
 
 At fine-tuning learning rates most AdamW updates are smaller than half a bf16 step of the weight they
 change, so a model whose parameters are its only copy loses them (`train.master_weights`,
-pipeline/optim.py). This bench measures what that costs on text nobody here wrote, offline, in one process:
+pipeline/train/optim.py). This bench measures what that costs on text nobody here wrote, offline, in one process:
 
 1. Base: a byte-level Llama (about 135M parameters at the default shape) pretrained on corpus A, the
    Python standard library's `.py` sources of this machine (`sysconfig.get_paths()["stdlib"]`, without
@@ -12,7 +12,7 @@ pipeline/optim.py). This bench measures what that costs on text nobody here wrot
    and `/usr/include` (what is found is reported), at each `--lrs` for `--finetune-steps` steps.
 3. Variants, all from the same base weights, on the same batches: `hf_fp32_master`, stock HF
    `LlamaForCausalLM` with fp32 parameters under bf16 autocast and torch's AdamW (what HF Trainer does:
-   the reference); ours (te_model, pipeline.optim.AdamW) in bf16 with each `master_weights` option
+   the reference); ours (te_model, pipeline.train.optim.AdamW) in bf16 with each `master_weights` option
    (`bf16` is the behaviour without master weights); ours under FP8 delayed scaling with each option; FP8
    current scaling and FP8 delayed with the FP8 LM head, both with the default option.
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
 from bench import common  # noqa: E402
-from pipeline import optim  # noqa: E402
+from pipeline.train import optim  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 

@@ -1,6 +1,6 @@
 """FP8 recipes and formats side by side with bf16: final training loss of the 200-step run per lr.
 
-The same model, data and loop as the GPU test (tests/test_gpu_te.py). It shows how the FP8 ↔ bf16
+The same model, data and loop as the GPU test (tests/gpu/test_te.py). It shows how the FP8 ↔ bf16
 difference depends on the learning rate: at high rates, and once the model has memorised the small
 corpus, run-to-run noise exceeds 5% (docs/gpu-validation.md). Needs CUDA and Transformer Engine.
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.test_gpu_te import train  # noqa: E402  (the same model, data and loop as the GPU test)
+from tests.gpu.test_te import train  # noqa: E402  (the same model, data and loop as the GPU test)
 
 RUNS = [(None, "hybrid"), ("delayed", "hybrid"), ("delayed", "e4m3"), ("current", "hybrid"),
         ("current", "e4m3"), ("block", "e4m3")]

@@ -2,7 +2,7 @@
 
 The same documents go through two full training passes (forward, loss, backward, fused AdamW step):
 
-- packed: the pipeline's own best-fit-decreasing packing (`pipeline.data.pack_documents`) into rows of
+- packed: the pipeline's own best-fit-decreasing packing (`pipeline.stages.data.pack_documents`) into rows of
   `--seq` tokens whose position ids restart at every document; our model turns the restarts into
   `cu_seqlens` and runs TE's THD attention, so no document sees another and almost no token is padding;
 - padded: every document its own row, right-padded to the longest document of its batch (rounded up to
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
 from bench import common  # noqa: E402
-from pipeline.data import IGNORE_INDEX, pack_documents  # noqa: E402
+from pipeline.stages.data import IGNORE_INDEX, pack_documents  # noqa: E402
 from te_model.rope import angles_table  # noqa: E402
 
 LENGTH_MIX = ((0.70, 1 / 64, 1 / 16), (0.25, 1 / 16, 1 / 4), (0.05, 1 / 4, 1.0))  # share, min, max (x seq)

@@ -1,7 +1,7 @@
 """Where a data-parallel step's time goes: 1 worker against 2 DDP and 2 FSDP2 workers, bare processes.
 
-The scaling test (`tests/test_gpu_scaling.py`) measures tokens/s through Ray Train; this runs the same
-pipeline step (`pipeline.train.build_worker` and `Steps`, as the Ray workers do) in plain
+The scaling test (`tests/gpu/test_scaling.py`) measures tokens/s through Ray Train; this runs the same
+pipeline step (`pipeline.train.launch.build_worker` and `Steps`, as the Ray workers do) in plain
 processes joined by one `torch.distributed` group, so what it shows is the step itself, not Ray. Each
 layout trains the same global batch from the same checkpoint and rows:
 
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import te_model  # noqa: E402
 from bench import common, ray_overhead, trace_gaps  # noqa: E402
 from bench.trace_gaps import gpu_work  # noqa: E402
-from pipeline import train as pipeline_train  # noqa: E402
+from pipeline.train import launch as pipeline_train  # noqa: E402
 
 # name: (processes, train settings)
 # name: (processes, each process's rows as a share of the global batch, train settings)
@@ -73,7 +73,7 @@ def parse_args(argv):
                    help="also record Python calls (with_stack) and print where host time goes inside operators "
                         "whose name contains OP, e.g. FusedAttnFunc (the tracer itself adds host time)")
     p.add_argument("--no-ahead", action="store_true",
-                   help="read each step's outcome before queuing the next step (pipeline.train.Steps(ahead=False)): "
+                   help="read each step's outcome before queuing the next step (pipeline.train.launch.Steps(ahead=False)): "
                         "the step as it ran before the host went one step ahead, for an A/B on one machine")
     p.add_argument("--trace-dir", help="also keep rank 0's profile of each layout here (gzipped Chrome trace)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

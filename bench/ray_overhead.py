@@ -1,12 +1,12 @@
 """What Ray Train costs per step: the pipeline's training step in a bare process and inside the real job.
 
-Both sides run `pipeline.train.Steps`, the steps the job runs, on the same random HF checkpoint
+Both sides run `pipeline.train.launch.Steps`, the steps the job runs, on the same random HF checkpoint
 (loaded by `te_model.from_hf_checkpoint`, as the job loads its base model) and the same packed rows
-(the pipeline's parquet layout, packed by `pipeline.data.pack_documents`):
+(the pipeline's parquet layout, packed by `pipeline.stages.data.pack_documents`):
 
-- bare: a `pipeline.train._Worker` assembled in this process from the pipeline's own helpers
+- bare: a `pipeline.train.launch._Worker` assembled in this process from the pipeline's own helpers
   (`make_optimizer`, `make_scheduler`, `RankShard`, `read_rows`, `flops_per_token`), no Ray at all;
-- ray: `pipeline.train.train` itself, i.e. a one-worker `TorchTrainer` running `train_loop_per_worker`,
+- ray: `pipeline.train.launch.train` itself, i.e. a one-worker `TorchTrainer` running `train_loop_per_worker`,
   with a metric row every step and a checkpoint only at the end.
 
 The step time on both sides is the step's own measure: `Steps.next` reports tokens / (wall time from the
@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import te_model  # noqa: E402
 from bench import common  # noqa: E402
 from bench.packing import make_documents  # noqa: E402
-from pipeline import train as pipeline_train  # noqa: E402
+from pipeline.train import launch as pipeline_train  # noqa: E402
 from pipeline.config import Config  # noqa: E402
-from pipeline.data import PreparedData, _write_parquet, pack_documents  # noqa: E402
+from pipeline.stages.data import PreparedData, _write_parquet, pack_documents  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

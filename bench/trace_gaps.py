@@ -2,7 +2,7 @@
 
 Reads a Chrome trace written by `torch.profiler` (CPU and CUDA activities) in which each step is a host
 range (`record_function`) named `window`, and the step's phases are ranges whose names start with
-`phase_prefix` (`pipeline.train` marks `train.batch`, `train.forward`, `train.backward`, `train.clip`,
+`phase_prefix` (`pipeline.train.launch` marks `train.batch`, `train.forward`, `train.backward`, `train.clip`,
 `train.agree`, `train.optimizer`).
 
 Per step it splits the time into: compute (some non-NCCL kernel, copy or fill running on the GPU),

@@ -15,7 +15,7 @@ Variants (`--variants`, comma-separated; default all):
   attention and selects its loss's positions on the GPU (three host syncs a step). Every other variant of
   ours gets its inputs as the pipeline's training step hands them over (`bench.common.step_inputs`);
 - `fp8_delayed_torch_adamw`: delayed scaling, updated by torch's fused AdamW (the baselines' optimizer)
-  instead of the pipeline's (`pipeline.optim.AdamW`, the same math in one Triton kernel per parameter),
+  instead of the pipeline's (`pipeline.train.optim.AdamW`, the same math in one Triton kernel per parameter),
   which every other variant of ours uses, keeping bf16 updates as `--master-weights` says (default `bf16`:
   no master copy; `fp32`, `bf16_kahan`, `bf16_sr` measure what each option costs in memory and time).
 
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
 from bench import common, kernels  # noqa: E402
-from pipeline import optim  # noqa: E402
+from pipeline.train import optim  # noqa: E402
 
 VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "hf": ("hf", False, None),

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 
-from pipeline.compare import format_table, load_jobs, log_comparison, plot_losses
+from pipeline.tracking.compare import format_table, load_jobs, log_comparison, plot_losses
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 

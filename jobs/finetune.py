@@ -20,10 +20,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# pipeline.driver (Ray, MLflow, torch: seconds to import) is imported once the config is valid, so a
+# pipeline.job.driver (Ray, MLflow, torch: seconds to import) is imported once the config is valid, so a
 # typo in the config fails at once.
 from pipeline.config import STAGES, describe_keys, load_config
-from pipeline.locations import BASE_DIR_ENV, lasting_locations
+from pipeline.job.locations import BASE_DIR_ENV, lasting_locations
 from pipeline.errors import PipelineError
 
 
@@ -60,7 +60,7 @@ def start_ray():
 
 
 def report_dry_run(cfg) -> int:
-    from pipeline.driver import dry_run
+    from pipeline.job.driver import dry_run
 
     checks = dry_run(cfg)
     for name, ok, detail in checks:
@@ -70,7 +70,7 @@ def report_dry_run(cfg) -> int:
 
 def fail(exc: BaseException, debug: bool) -> int:
     """Report a failure as one redacted line on stderr (after the traceback with --debug)."""
-    from pipeline.redact import error_line, redact_text
+    from pipeline.storage.redact import error_line, redact_text
 
     if debug:
         traceback.print_exception(exc)
@@ -97,13 +97,13 @@ def main(argv=None) -> int:
             print(f"[job] {line} (relative outputs go under ${BASE_DIR_ENV} or ~/finetune in a Ray job)")
         if args.dry_run:
             return report_dry_run(cfg)
-        from pipeline.driver import run_job
+        from pipeline.job.driver import run_job
         from pipeline.tracking import code_version
 
         ctx = run_job(cfg, args.stages, code_version(REPO), connect=start_ray)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one line and exit code 1
         return fail(exc, args.debug)
-    from pipeline.redact import redact_text
+    from pipeline.storage.redact import redact_text
 
     tracking_uri = redact_text(ctx.tracking_uri)
     print(f"done: job {cfg.run.name!r}, MLflow parent run {ctx.state['parent_run_id']} at {tracking_uri}")

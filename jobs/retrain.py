@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.retrain import Gate, Retrainer
-from pipeline.schedule import Cron, parse_interval, run_schedule
+from pipeline.ops.retrain import Gate, Retrainer
+from pipeline.ops.cron import Cron, parse_interval, run_schedule
 from pipeline.tracking import code_version, code_version_env
 
 

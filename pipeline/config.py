@@ -23,7 +23,7 @@ Decisions made here:
   dot as strings, which would otherwise make the most common learning-rate spelling an error.
 - Uris never carry credentials: the resolved config goes into MLflow params and into every checkpoint,
   so a `user:password@` in a storage or tracking uri is refused (without repeating it); credentials
-  come from the environment. Storage uris are s3://bucket/..., file://..., hf://... (Hub, read-only) or local paths (`pipeline.uris`).
+  come from the environment. Storage uris are s3://bucket/..., file://..., hf://... (Hub, read-only) or local paths (`pipeline.storage.uris`).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from typing import Any, ClassVar, Literal, Optional
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.uris import check_storage_uri, split_uri
+from pipeline.storage.uris import check_storage_uri, split_uri
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-# The job's stages, in pipeline order (`pipeline.driver` runs them).
+# The job's stages, in pipeline order (`pipeline.job.driver` runs them).
 STAGES = ("data", "train", "eval", "export")
 DEMO_BASE_URI = ".cache/demo-store/tiny-llama"
 DEMO_PRESET = PRESET_DIR / "tiny-cpu.yaml"
@@ -173,7 +173,7 @@ class StorageConfig(_Section):
 class ModelConfig(_Section):
     section: ClassVar[str] = "model"
     # Uri of the Hugging Face checkpoint folder (config.json, safetensors shards, tokenizer files): s3://,
-    # a local folder, or a Hub repo hf://org/name[@revision] (pipeline.hub). Required in every config but the demo.
+    # a local folder, or a Hub repo hf://org/name[@revision] (pipeline.storage.hub). Required in every config but the demo.
     base_uri: Optional[str] = None
     # Layer implementation: te = Transformer Engine, torch = plain PyTorch, auto = te when usable.
     backend: Literal["auto", "te", "torch"] = "auto"
@@ -265,7 +265,7 @@ class TrainConfig(_Section):
     # Run the attention itself in FP8 too (cuDNN's FP8 fused attention; delayed or current only; trains on
     # Blackwell with cuDNN 9.23+). Off: attention stays bf16 between the FP8 projections.
     fp8_attention: bool = False
-    # How bf16 parameters keep updates smaller than their rounding step (pipeline/optim.py): bf16_kahan = a
+    # How bf16 parameters keep updates smaller than their rounding step (pipeline/train/optim.py): bf16_kahan = a
     # bf16 compensation buffer (2 more bytes a parameter; fine-tunes to the held-out loss of fp32 master
     # weights, docs/performance.md); fp32 = an fp32 master copy in the optimizer (4 more bytes; sharded
     # under fsdp); bf16_sr = stochastic rounding (no memory, unbiased but noisy); bf16 = round to nearest
@@ -285,7 +285,7 @@ class TrainConfig(_Section):
     # A progress line at least this often (seconds) even between log_every steps, so slow steps show life.
     progress_every_s: float = 60.0
     # How workers share the model: ddp = a whole replica each; fsdp = FSDP2, parameters, gradients and
-    # optimizer state sharded over the workers (models too big for one GPU). See pipeline/parallel.py.
+    # optimizer state sharded over the workers (models too big for one GPU). See pipeline/train/parallel.py.
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     # fsdp only: free each decoder layer's gathered weights after its forward (true, least memory) or
     # keep them until its backward (false: one all-gather fewer per layer and step, whole weights held).
@@ -390,7 +390,7 @@ class ExportConfig(_Section):
 class TrackingConfig(_Section):
     section: ClassVar[str] = "tracking"
     # MLflow tracking uri: http(s):// server, sqlite:/// database or local folder; unset =
-    # $MLFLOW_TRACKING_URI, else a SQLite database in .cache/ (under `ray job submit`: see pipeline.locations).
+    # $MLFLOW_TRACKING_URI, else a SQLite database in .cache/ (under `ray job submit`: see pipeline.job.locations).
     uri: Optional[str] = None
     # MLflow experiment name; unset = $MLFLOW_EXPERIMENT_NAME, else run.experiment.
     experiment: Optional[str] = None

@@ -23,4 +23,4 @@ class IntegrityError(PipelineError):
 
 class PermanentError(PipelineError):
     """Bad input found where training runs (a worker): a restart would meet it again, so the run stops at
-    its first occurrence instead of being restarted (`pipeline.permanent`)."""
+    its first occurrence instead of being restarted (`pipeline.train.permanent`)."""

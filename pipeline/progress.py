@@ -4,7 +4,7 @@ stdout, like the stages' summaries; stderr stays the one-line error of a failed 
 
 Why it exists: a stage's one-line summary comes at its end, so an hours-long training run would say
 nothing until it is over. Training prints from rank 0 the same metrics dict that goes to MLflow
-(`pipeline.train.Steps.next` makes it; nothing is measured twice), every `train.log_every` steps and
+(`pipeline.train.launch.Steps.next` makes it; nothing is measured twice), every `train.log_every` steps and
 at least every `train.progress_every_s` seconds; data-prep, eval and export print a line per phase.
 
 Lines start with the stage in brackets (`[train] step 12/300 ...`), like the driver's stage summaries,

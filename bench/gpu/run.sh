@@ -7,7 +7,7 @@
 #   bash bench/gpu/run.sh smoke               GPU tests of the loss, FP8-head and optimizer kernels, FP8 attention and the
 #                                             bench scripts
 #   bash bench/gpu/run.sh gpu-tests           every GPU test but the two-GPU scaling test
-#   bash bench/gpu/run.sh scaling [args]      tests/test_gpu_scaling.py (two GPUs; e.g. -k wider)
+#   bash bench/gpu/run.sh scaling [args]      tests/gpu/test_scaling.py (two GPUs; e.g. -k wider)
 #   bash bench/gpu/run.sh profile [args]      bench/parallel_profile.py, 1 process (whole and half batch) vs 2 DDP
 #                                             vs 2 FSDP2 processes, FP8; then bf16, half batch vs DDP (PROFILE_BF16=0: not)
 #   bash bench/gpu/run.sh profile-attn        the same in bf16, 1 (whole and half batch) vs 2 DDP processes, with
@@ -58,15 +58,15 @@ case $part in
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     nvidia-smi topo -m    # how the GPUs are linked (NVLink or PCIe): it bounds what FSDP2 can overlap
     python3 -c "import torch, transformers, transformer_engine as te, triton; from transformer_engine.pytorch.utils import get_cudnn_version as v; print('torch', torch.__version__, 'transformers', transformers.__version__, 'te', te.__version__, 'cudnn (TE)', v(), 'triton', triton.__version__)"
-    python3 -m pytest tests/test_ce_kernel.py tests/test_fp8_kernels.py tests/test_optim.py tests/test_bench_gpu.py "tests/test_gpu_te.py::test_fp8_attention_tracks_bf16_attention" \
-      "tests/test_gpu_te.py::test_empty_segments_change_nothing" \
-      "tests/test_gpu_te.py::test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it" \
+    python3 -m pytest tests/unit/test_ce_kernel.py tests/unit/test_fp8_kernels.py tests/unit/test_optim.py tests/gpu/test_bench.py "tests/gpu/test_te.py::test_fp8_attention_tracks_bf16_attention" \
+      "tests/gpu/test_te.py::test_empty_segments_change_nothing" \
+      "tests/gpu/test_te.py::test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it" \
       -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | grep "FP8 attention\|passed\|failed\|Error" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
   gpu-tests)
-    python3 -m pytest tests -m gpu --ignore tests/test_gpu_scaling.py -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet \
+    python3 -m pytest tests -m gpu --ignore tests/gpu/test_scaling.py -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet \
       | tee $R/gpu-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
   scaling)
-    python3 -m pytest tests/test_gpu_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" "$@" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error"; rc=$((rc | PIPESTATUS[0])) ;;
+    python3 -m pytest tests/gpu/test_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" "$@" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error"; rc=$((rc | PIPESTATUS[0])) ;;
   profile)
     # FP8 (all layouts, or those given with --layouts), then bf16 for the half batch and DDP; each with when
     # the GPU sat idle and what the host did meanwhile; FP8's rank-0 traces kept (gzipped) in $R/traces
@@ -90,7 +90,7 @@ case $part in
   attention-host)
     python3 bench/attention_host.py --out $R/attention_host.json 2>&1 | quiet | tee $R/attention-host.log | tail -14; rc=$((rc | PIPESTATUS[0])) ;;
   profile-step)
-    # with the host one step ahead, then without (--no-ahead): an A/B of pipeline.train.Steps on one machine
+    # with the host one step ahead, then without (--no-ahead): an A/B of pipeline.train.launch.Steps on one machine
     python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \
       --fp8 delayed --out $R/step.json "$@" 2>&1 | quiet | tee $R/profile-step.log | grep -A8 "GPU time per step\|^layout"; rc=$((rc | PIPESTATUS[0]))
     python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \
@@ -115,7 +115,7 @@ case $part in
         --variants fp8_delayed --master-weights $m --out $R/8b-master-$m.json "$@" 2>&1 | quiet \
         | tee $R/8b-master-$m.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     done
-    python3 -m pytest tests/test_optim.py tests/test_master_weights.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 \
+    python3 -m pytest tests/unit/test_optim.py tests/unit/test_master_weights.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 \
       | quiet | tee $R/optim-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -8; rc=$((rc | PIPESTATUS[0])) ;;
 esac
 status=$rc

@@ -1,0 +1,1 @@
+"""The operator's loop: scheduled retraining and its cron rules."""

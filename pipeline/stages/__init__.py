@@ -1,0 +1,1 @@
+"""The job's stages: data-prep (with its sources), eval and export."""

@@ -1,0 +1,1 @@
+"""Training: the Ray launch, the worker and its loop, the optimizer, parallelism, checkpoints, faults."""

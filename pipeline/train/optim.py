@@ -1,0 +1,331 @@
+"""AdamW whose update runs at the memory's speed on a GPU, with a choice of how a bf16 model keeps its updates.
+
+The update is memory-bound: per parameter it reads the weight, its gradient and both moments and writes
+the weight and the moments back, 14 bytes in bf16. torch's fused AdamW moves those bytes at about half
+the GPU's memory bandwidth (docs/log/2026-11-30-fp8-kernels-host-syncs.md): it cuts the parameter list
+into launches of at most 320 blocks of 65,536 elements, a few waves each, with a tail between launches.
+Here each parameter of a million elements or more is one launch over its whole length, 4,096 elements a
+program, so a 500M-element embedding streams as one grid; smaller ones (norm weights) still go to
+torch's fused kernel, several to a launch.
+
+Master weights (`master_weights`, the config's `train.master_weights`). A bf16 weight near 0.02 moves
+only in steps of 2^-13; an update rounded to nearest once per step vanishes whenever it is under half
+of that, which at fine-tuning learning rates is most updates. So for bf16 parameters:
+- `fp32`: the optimizer holds an fp32 master copy (state `master`; for a DTensor, of the local shard). The
+  update is computed from it and written to it and, rounded to nearest, to the bf16 parameter the model
+  computes with, in one kernel. 4 more bytes a parameter.
+- `bf16_sr`: the fp32 result is rounded stochastically to bf16 (random bits added below the bf16
+  mantissa, then truncated): unbiased, no more memory. The random bits are Philox's (Triton's
+  `tl.randint`) keyed by the step count and the parameter's index, both already on the device, so the
+  kernel still never waits for the host and a resumed run draws the same bits.
+- `bf16_kahan`: a bf16 compensation buffer (state `compensation`) carries what each rounding lost into
+  the next step's update (Kahan summation). 2 more bytes a parameter.
+- `bf16`: rounded to nearest, nothing kept (the behaviour without master weights).
+fp32 parameters are their own master: every option updates them as `bf16` does. Moments stay in the
+parameter's dtype in every option.
+
+`AdamW` is `torch.optim.AdamW(fused=True)` with that kernel in its place where it applies (CUDA tensors,
+or any under `TRITON_INTERPRET=1`; bf16, fp16 or fp32; no amsgrad, maximize or grad scaling). Elsewhere
+(CPU) it is torch's own fused kernel for `bf16`, and for the other options `adamw_reference`: the kernel's
+math in plain torch, Philox included, so a CPU run trains as a GPU run does. Same state as torch's
+(`step` per parameter as a float32 tensor on the parameter's device, `exp_avg`, `exp_avg_sq` in its
+dtype) plus `master` or `compensation`, so checkpoints load either way; and the same `found_inf`: set as
+an attribute (as a GradScaler or `pipeline.train.launch.Steps` does), a non-zero value skips the update on the
+device and leaves `step` where it was.
+
+The math is torch's, in fp32 (torch's kernel mixes in fp64 scalars): decoupled weight decay
+`p -= lr * wd * p`, then `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
+`p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`. FSDP2's sharded parameters (DTensors) are
+updated shard by shard.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.adamw import adamw as torch_fused_adamw  # the functional form of torch.optim.AdamW
+
+from te_model.triton_kernels import lazy_kernel, runs_on
+
+BLOCK = 4096  # elements per program: 16 per thread at 8 warps
+# Smaller parameters (norm weights) go to torch's fused kernel, several to a launch: one launch each would
+# cost the host more than the update costs the GPU.
+SMALL = 1 << 20
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MASTER_WEIGHTS = ("fp32", "bf16_sr", "bf16_kahan", "bf16")
+KERNEL_MODE = {"bf16": 0, "fp32": 1, "bf16_sr": 2, "bf16_kahan": 3}
+EXTRA_STATE = {"fp32": "master", "bf16_kahan": "compensation"}  # optimizer state each option adds
+PHILOX_ROUNDS = 10  # tl.randint's default
+
+
+def _build(triton, tl):
+    @triton.jit(do_not_specialize=["stream"])  # one compiled kernel for every parameter's stream
+    def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, n, corrections_ptr, index, stream, found_inf_ptr, lr,
+                     weight_decay, beta1, beta2, eps, MODE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                     BF16: tl.constexpr, BLOCK: tl.constexpr):
+        # MODE: 0 round to nearest; 1 fp32 master in extra_ptr; 2 stochastic rounding; 3 Kahan, extra_ptr
+        # holding the compensation
+        if HAS_FOUND_INF:
+            if tl.load(found_inf_ptr) != 0:
+                return
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        if MODE == 1:
+            p = tl.load(extra_ptr + offsets, mask=mask)
+        else:
+            p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
+        g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=mask).to(tl.float32)
+        bias1 = tl.load(corrections_ptr + 3 * index)  # 1 - beta1^step
+        bias2_sqrt = tl.load(corrections_ptr + 3 * index + 1)  # sqrt(1 - beta2^step)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        delta = -(lr * weight_decay) * p - (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
+        if MODE == 3:
+            delta += tl.load(extra_ptr + offsets, mask=mask).to(tl.float32)
+        new = p + delta
+        if MODE == 2:
+            step = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint64)
+            bits = tl.randint((step << 32) | stream, offsets.to(tl.uint32), n_rounds=10)
+            carried = new.to(tl.uint32, bitcast=True) + (bits & 0xFFFF)
+            new = ((carried >> 16) << 16).to(tl.float32, bitcast=True)
+        stored = new
+        if BF16:  # to nearest even by hand, as the GPU converts: Triton's interpreter would truncate
+            bits = new.to(tl.uint32, bitcast=True)
+            stored = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+            stored = tl.where(new != new, new, stored)
+            bits = m.to(tl.uint32, bitcast=True)
+            m = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+            bits = v.to(tl.uint32, bitcast=True)
+            v = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+        tl.store(p_ptr + offsets, stored.to(p_ptr.dtype.element_ty), mask=mask)
+        if MODE == 1:
+            tl.store(extra_ptr + offsets, new, mask=mask)
+        if MODE == 3:
+            lost = delta - (stored - p)
+            bits = lost.to(tl.uint32, bitcast=True)
+            lost = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+            tl.store(extra_ptr + offsets, lost.to(extra_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
+
+    return adamw_update
+
+
+_triton_kernel = lazy_kernel(_build)  # the kernel, compiled on first use, or None without Triton
+
+
+# ---------------------------------------------------------------------------------------------------
+# the same math in plain torch
+# ---------------------------------------------------------------------------------------------------
+_MASK32 = 0xFFFFFFFF
+
+
+def _umulhi(a: int, b: torch.Tensor) -> torch.Tensor:
+    # int64 products wrap modulo 2^64, the unsigned product's bits: the high word survives the shift
+    return ((b * a) >> 32) & _MASK32
+
+
+def philox_randint(key: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`tl.randint(key, offsets)` in torch: Philox-4x32, 10 rounds, counter (offset, 0, 0, 0), key = the
+    low and high words of the 64-bit `key`; the first word, as uint32 values held in int64."""
+    c0, c1 = offsets.to(torch.int64) & _MASK32, torch.zeros_like(offsets, dtype=torch.int64)
+    c2, c3 = c1.clone(), c1.clone()
+    k0, k1 = key & _MASK32, (key >> 32) & _MASK32
+    for _ in range(PHILOX_ROUNDS):
+        c0, c1, c2, c3 = (_umulhi(0xCD9E8D57, c2) ^ c1 ^ k0, (c2 * 0xCD9E8D57) & _MASK32,
+                          _umulhi(0xD2511F53, c0) ^ c3 ^ k1, (c0 * 0xD2511F53) & _MASK32)
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return c0
+
+
+def round_stochastic(x: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor:
+    """fp32 `x` to bf16, rounded up in magnitude with probability (what truncation drops) / 2^16: the low 16
+    bits of `random_bits` are added below the bf16 mantissa and the sum truncated."""
+    bits = x.view(torch.int32).to(torch.int64) & _MASK32
+    bits = ((bits + (random_bits & 0xFFFF)) >> 16 << 16) & _MASK32
+    return (bits - (bits >> 31 << 32)).to(torch.int32).view(torch.float32).to(torch.bfloat16)
+
+
+def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, extra: torch.Tensor | None,
+                    step: torch.Tensor, stream: int, found_inf: torch.Tensor | None, *, mode: str, lr: float,
+                    weight_decay: float, beta1: float, beta2: float, eps: float) -> None:
+    """One update of one parameter (local tensors), in place: the Triton kernel's math in plain torch.
+    `step` is the parameter's count after this step; a non-zero `found_inf` leaves everything as it was."""
+    f32 = torch.float32
+    old = extra if mode == "fp32" else p.float()
+    m32 = beta1 * m.float() + (1 - beta1) * g.float()
+    v32 = beta2 * v.float() + (1 - beta2) * g.float() * g.float()
+    bias1, bias2_sqrt = 1 - torch.pow(beta1, step), (1 - torch.pow(beta2, step)).sqrt()
+    delta = -(torch.tensor(lr, dtype=f32) * weight_decay) * old - (lr / bias1) * m32 / (v32.sqrt() / bias2_sqrt + eps)
+    if mode == "bf16_kahan":
+        delta = delta + extra.float()
+    new = old + delta
+    if mode == "bf16_sr":
+        key = (step.to(torch.int64) << 32) | stream
+        stored = round_stochastic(new, philox_randint(key, torch.arange(new.numel(), device=new.device)).view(new.shape))
+    else:
+        stored = new.to(p.dtype)
+    skip = None if found_inf is None else found_inf != 0
+    keep = (lambda new_value, target: torch.where(skip, target, new_value)) if skip is not None else (lambda x, _: x)
+    if mode == "fp32":
+        extra.copy_(keep(new, extra))
+    elif mode == "bf16_kahan":
+        extra.copy_(keep((delta - (stored.float() - old)).to(extra.dtype), extra))
+    p.copy_(keep(stored, p))
+    m.copy_(keep(m32.to(m.dtype), m))
+    v.copy_(keep(v32.to(v.dtype), v))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the optimizer
+# ---------------------------------------------------------------------------------------------------
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (which shares its storage), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _shard_index(p: torch.Tensor) -> int:
+    """Which shard of a DTensor this process holds (its mesh coordinate, flattened); 0 for a plain tensor."""
+    if not hasattr(p, "device_mesh"):
+        return 0
+    mesh, index = p.device_mesh, 0
+    for coordinate, size in zip(mesh.get_coordinate() or [], mesh.shape):
+        index = index * size + coordinate
+    return index
+
+
+class AdamW(torch.optim.AdamW):
+    """`torch.optim.AdamW(fused=True)`, its update one Triton kernel per parameter where that applies, bf16
+    parameters kept as `master_weights` says (module docstring)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, master_weights: str = "bf16", triton_min_numel: int = SMALL):
+        if master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"master_weights={master_weights!r}: must be one of {', '.join(MASTER_WEIGHTS)}")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        self.master_weights = master_weights
+        self.triton_min_numel = triton_min_numel  # smaller parameters: torch's fused kernel
+
+    def keeps_updates(self, p: torch.Tensor) -> bool:
+        """Whether `p` is updated through `master_weights` (bf16 parameters, an option other than `bf16`)."""
+        return self.master_weights != "bf16" and p.dtype == torch.bfloat16
+
+    def triton_applies(self) -> bool:
+        """Whether `step` runs the Triton kernel for the parameters that have gradients now."""
+        if _triton_kernel() is None or getattr(self, "grad_scale", None) is not None:
+            return False
+        for group in self.param_groups:
+            if group["amsgrad"] or group["maximize"] or group["differentiable"]:
+                return False
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                local, grad = _local(p), _local(p.grad)
+                if not (runs_on(local) and local.dtype in DTYPES and grad.dtype == local.dtype
+                        and local.is_contiguous() and grad.is_contiguous() and not grad.is_sparse):
+                    return False
+        return True
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:  # the layout torch's fused AdamW makes: checkpoints load either way
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        extra = EXTRA_STATE.get(self.master_weights) if self.keeps_updates(p) else None
+        if extra == "master" and extra not in state:  # from the weights (also a checkpoint saved without one)
+            state["master"] = p.detach().to(torch.float32, copy=True)
+        elif extra == "compensation" and extra not in state:
+            state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        triton = self.triton_applies()
+        if not triton and self.master_weights == "bf16":
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        # a parameter's place in the optimizer, and its shard's, key its random bits
+        streams = {id(p): (_shard_index(p) << 16) + i
+                   for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(group, params, triton, found_inf, streams)
+        return loss
+
+    def _step_group(self, group: dict, params: list[torch.Tensor], triton: bool, found_inf: torch.Tensor | None,
+                    streams: dict[int, int]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, weight_decay, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+        states = [self._init_state(p) for p in params]
+        # torch's fused kernel: parameters without master weights that are small (or all, without Triton)
+        fused = [not self.keeps_updates(p) and (not triton or p.numel() < self.triton_min_numel) for p in params]
+        if any(fused):
+            small = [(p, s) for p, s, f in zip(params, states, fused) if f]
+            torch_fused_adamw(
+                [p for p, _ in small], [p.grad for p, _ in small], [s["exp_avg"] for _, s in small],
+                [s["exp_avg_sq"] for _, s in small], [], [s["step"] for _, s in small], fused=True,
+                found_inf=found_inf, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+                eps=eps, maximize=False)
+        own = [(p, s) for p, s, f in zip(params, states, fused) if not f]
+        if not own:
+            return
+        steps = [s["step"] for _, s in own]
+        torch._foreach_add_(steps, 1.0)
+        hyper = dict(lr=lr, weight_decay=weight_decay, beta1=float(beta1), beta2=float(beta2), eps=eps)
+        if triton:
+            self._launch(own, found_inf, streams, hyper)
+        else:
+            for p, s in own:
+                mode = self.master_weights if self.keeps_updates(p) else "bf16"
+                extra = s.get(EXTRA_STATE.get(mode, ""))
+                adamw_reference(_local(p), _local(p.grad), _local(s["exp_avg"]), _local(s["exp_avg_sq"]),
+                                None if extra is None else _local(extra), s["step"], streams[id(p)], found_inf,
+                                mode=mode, **hyper)
+        if found_inf is not None:  # a skipped update leaves the count where it was, as torch's does
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+    def _launch(self, own: list[tuple[torch.Tensor, dict]], found_inf: torch.Tensor | None, streams: dict[int, int],
+                hyper: dict) -> None:
+        """One Triton launch per parameter."""
+        kernel = _triton_kernel()
+        step = torch.stack([s["step"] for _, s in own])
+        # (1 - beta1^t, sqrt(1 - beta2^t), t) per parameter, made on the device: the host never reads a step
+        corrections = torch.stack([1 - torch.pow(hyper["beta1"], step), (1 - torch.pow(hyper["beta2"], step)).sqrt(),
+                                   step], dim=1).contiguous()
+        for i, (p, state) in enumerate(own):
+            local = _local(p)
+            n = local.numel()
+            if n == 0:
+                continue
+            mode = self.master_weights if self.keeps_updates(p) else "bf16"
+            extra = state.get(EXTRA_STATE.get(mode, ""))
+            kernel[(-(-n // BLOCK),)](
+                local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                local if extra is None else _local(extra), n, corrections, i, streams[id(p)],
+                found_inf if found_inf is not None else corrections, hyper["lr"], hyper["weight_decay"],
+                hyper["beta1"], hyper["beta2"], hyper["eps"], MODE=KERNEL_MODE[mode],
+                HAS_FOUND_INF=found_inf is not None, BF16=local.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=8)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, keeping `master` in fp32 (torch casts every floating state to the parameter's dtype) and
+        dropping extra state this `master_weights` option does not keep."""
+        wanted = set(EXTRA_STATE.values()) & {EXTRA_STATE.get(self.master_weights)}
+        saved = {index: {k: v for k, v in fields.items() if k in EXTRA_STATE.values()}
+                 for index, fields in state_dict["state"].items()}
+        state = {index: {k: v for k, v in fields.items() if k not in EXTRA_STATE.values()}
+                 for index, fields in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": state})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, fields in saved.items():
+            p = params[index]
+            for key, value in fields.items():
+                if key in wanted and self.keeps_updates(p):
+                    dtype = torch.float32 if key == "master" else p.dtype
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype)

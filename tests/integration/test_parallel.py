@@ -1,0 +1,133 @@
+"""Sharded training (FSDP2) against data-parallel training on a real local Ray cluster, 2 CPU workers.
+
+Both start from the same base checkpoint and read the same rows, so in fp32 their per-step losses agree
+to reduction-order noise. An FSDP run stopped after its step-4 checkpoint resumes with ONE worker on the
+same global batch (grad_accum doubled), reaches the last step and matches the uninterrupted run; its
+final checkpoint holds whole tensors that convert to a standard HF checkpoint. Last, in one process,
+what `train.fsdp_reshard_after_forward` changes.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
+
+import te_model
+from pipeline.train import checkpoint as ckpt
+from pipeline.train import parallel
+from pipeline import demo, storage
+from pipeline.config import Config
+from pipeline.stages.data import prepare
+from pipeline.errors import PipelineError
+from pipeline.train.launch import FAIL_AT_STEP_ENV, train
+
+STEPS, FAIL_AT = 8, 4
+SHIPPED_TEXT = str(Path(__file__).resolve().parents[2] / "data" / "tiny_text.jsonl")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    base = demo.make_tiny_checkpoint(root / "base")
+
+    def cfg_for(name: str, **train) -> Config:
+        return Config.from_dict({
+            "run": {"name": name, "output_uri": str(root / "runs"), "cache_dir": str(root / "node")},
+            "model": {"base_uri": str(base), "backend": "torch", "dtype": "fp32"},
+            "data": {"train_files": [SHIPPED_TEXT], "seq_len": 64, "max_documents": 80, "val_fraction": 0.1},
+            "train": {"workers": 2, "use_gpu": False, "micro_batch_size": 1, "grad_accum_steps": 1, "lr": 3e-3,
+                      "warmup_steps": 2, "max_steps": STEPS, "checkpoint_every": 2, "keep_checkpoints": 2,
+                      "log_every": 1, **train},
+        })
+
+    return cfg_for, prepare(cfg_for("data"), str(base)), base
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_cluster, setup):
+    cfg_for, prepared, _ = setup
+    return train(cfg_for("ddp"), prepared)
+
+
+def losses(result) -> list[float]:
+    return [m["loss"] for m in result.metrics]
+
+
+def test_fsdp_trains_like_ddp_and_exports_whole_tensors(ddp_run, setup, tmp_path):
+    cfg_for, prepared, base = setup
+    fsdp = train(cfg_for("fsdp", parallelism="fsdp"), prepared)
+    assert fsdp.steps == STEPS
+    assert losses(fsdp) == pytest.approx(losses(ddp_run), rel=1e-4, abs=1e-5)
+    assert losses(fsdp)[-1] < losses(fsdp)[0]
+
+    local = storage.pull_checkpoint(fsdp.checkpoint_uri, tmp_path / "pulled")
+    model = te_model.from_hf_checkpoint(base, backend="torch", dtype=torch.float32)
+    ckpt.load_model_weights(model, local / ckpt.MODEL_FILE)  # strict: every tensor whole, by name
+    ddp_weights = load_file(storage.pull_checkpoint(ddp_run.checkpoint_uri, tmp_path / "ddp") / ckpt.MODEL_FILE)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, ddp_weights[name], rtol=1e-3, atol=1e-5, msg=name)
+    moments = load_file(local / ckpt.OPTIMIZER_FILE)
+    assert moments[f"{name}.exp_avg"].shape == param.shape  # moments gathered whole too
+
+    te_model.save_hf_checkpoint(model, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    torch.testing.assert_close(hf(ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_fsdp_run_resumes_with_another_worker_count(ddp_run, setup, monkeypatch):
+    cfg_for, prepared, _ = setup
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, str(FAIL_AT))
+    with pytest.raises(PipelineError, match=f"{FAIL_AT_STEP_ENV}={FAIL_AT}"):
+        train(cfg_for("regrid", parallelism="fsdp", max_failures=0), prepared)
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+
+    # One worker, two micro-batches per step: the same global batch, so the same rows in each step, and
+    # with one row per micro-batch also the same micro-batches (a step's loss is the mean of their means).
+    resumed = train(cfg_for("regrid", parallelism="fsdp", workers=1, grad_accum_steps=2), prepared)
+    assert resumed.resumed_from_step == FAIL_AT and resumed.steps == STEPS
+    assert losses(resumed) == pytest.approx(losses(ddp_run), rel=1e-4, abs=1e-5)
+
+
+def test_regrid_refuses_a_position_the_new_grid_cannot_start_at():
+    state = {"world_size": 2, "config": {"train": {"micro_batch_size": 2}}}
+    assert ckpt.regrid_position({"epoch": 1, "offset": 3}, state, 1, 2, "ck") == {"epoch": 1, "offset": 6}
+    assert ckpt.regrid_position({"epoch": 0, "offset": 4}, state, 4, 1, "ck") == {"epoch": 0, "offset": 4}
+    with pytest.raises(PipelineError, match="read 12 rows of epoch 1.*train.workers x train.micro_batch_size = 8"):
+        ckpt.regrid_position({"epoch": 1, "offset": 3}, state, 4, 2, "ck")
+
+
+def test_fsdp_keeps_gathered_weights_until_backward_only_when_asked(tmp_path):
+    """In one process (a world of one, gloo): with reshard_after_forward false a layer's parameters stay
+    whole between its forward and backward; true gives them back as shards. Same loss and gradients."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    base = demo.make_tiny_checkpoint(tmp_path / "base")
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        seen = {}
+        for reshard in (True, False):
+            model = te_model.from_hf_checkpoint(base, backend="torch", dtype=torch.float32)
+            parallel.wrap(model, "fsdp", reshard_after_forward=reshard)
+            loss = model(input_ids=tokens, labels=tokens).loss
+            between = [isinstance(next(model.model.layers[0].parameters()), DTensor)]
+            last = [isinstance(p, DTensor) for p in model.model.layers[-1].parameters()]
+            loss.backward()
+            grads = [parallel.full_tensor(p.grad) for p in model.parameters()]
+            seen[reshard] = (between, last, loss.item(), grads)
+        assert seen[True][0] == [True] and seen[False][0] == [False]
+        assert not any(seen[True][1]) and not any(seen[False][1])  # the last layer keeps its weights
+        assert seen[True][2] == seen[False][2]
+        assert all(torch.equal(a, b) for a, b in zip(seen[True][3], seen[False][3]))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,116 @@
+"""`pipeline.train.launch.Steps` in one process (no Ray): the host reads a step's outcome only after the next
+step's passes are queued, and a non-finite step changes no weight, no optimizer state and no schedule,
+through the fused AdamW's `found_inf` alone, before its queued passes are dropped and redone. On a GPU,
+reading a step's flags waits for nothing queued after them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.train import faults
+from pipeline import demo
+from pipeline.train import launch as pipeline_train
+from pipeline.config import Config
+from pipeline.stages.data import prepare
+
+SHIPPED_TEXT = str(Path(__file__).resolve().parents[2] / "data" / "tiny_text.jsonl")
+
+
+@pytest.fixture(scope="module")
+def worker_for(tmp_path_factory):
+    root = tmp_path_factory.mktemp("steps")
+    base = demo.make_tiny_checkpoint(root / "base")
+
+    def cfg(max_steps: int) -> Config:
+        return Config.from_dict({
+            "run": {"name": "steps", "seed": 0, "output_uri": str(root / "runs"), "cache_dir": str(root / "cache")},
+            "model": {"base_uri": str(base), "backend": "torch", "dtype": "fp32"},
+            "data": {"train_files": [SHIPPED_TEXT], "seq_len": 64, "max_documents": 80, "val_fraction": 0.1},
+            "train": {"workers": 1, "use_gpu": False, "micro_batch_size": 2, "grad_accum_steps": 2, "lr": 3e-3,
+                      "warmup_steps": 2, "max_steps": max_steps},
+        })
+
+    prepared = prepare(cfg(4), str(base))
+    return lambda max_steps: pipeline_train.build_worker(cfg(max_steps), prepared.train_uri)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_steps_outcome_is_read_only_after_the_next_steps_passes_are_queued(worker_for, monkeypatch, ahead):
+    """`ahead=False`, the step as it was before (kept to measure the difference), reads every outcome first."""
+    w = worker_for(3)
+    steps, progress = pipeline_train.Steps(w, ahead=ahead), pipeline_train.Progress()
+    seen = []
+    read = faults.read_agreement
+
+    def spy(flags, world):
+        seen.append((progress.step, steps.queued is not None))
+        return read(flags, world)
+
+    monkeypatch.setattr(faults, "read_agreement", spy)
+    metrics = [steps.next(progress)[0] for _ in range(3)]
+    # steps 1 and 2 are read with the next step's passes queued; the last step queues nothing
+    assert seen == ([(0, True), (1, True), (2, False)] if ahead else [(0, False), (1, False), (2, False)])
+    assert [m["step"] for m in metrics] == [1, 2, 3] and steps.queued is None
+    assert all(m["grad_norm"] > 0 and m["loss"] > 0 for m in metrics)
+    assert (progress.epoch, progress.offset) == _position_after(w, 3 * 2)
+
+
+def test_a_nonfinite_step_updates_nothing_and_its_queued_passes_are_redone(worker_for, monkeypatch):
+    monkeypatch.setattr(faults, "_poisoned", False)
+    w = worker_for(4)
+    steps, progress = pipeline_train.Steps(w, faults.Hooks(poison_rank=0, poison_step=2)), pipeline_train.Progress()
+    first, _ = steps.next(progress)
+    assert first["step"] == 1
+    weights = {name: p.detach().clone() for name, p in w.model.named_parameters()}
+    adam_steps = {float(state["step"]) for state in w.optimizer.state.values()}
+    lr = w.scheduler.get_last_lr()
+
+    skipped, agreed = steps.next(progress)  # step 2's passes were queued (and poisoned) during step 1
+    assert skipped is None and agreed.nonfinite_loss_ranks == (0,) and agreed.nonfinite
+    assert all(torch.equal(p, weights[name]) for name, p in w.model.named_parameters())
+    assert {float(state["step"]) for state in w.optimizer.state.values()} == adam_steps == {1.0}
+    assert w.scheduler.get_last_lr() == lr and progress.step == 1
+    assert steps.queued is None and all(p.grad is None for p in w.model.parameters())
+    assert (progress.epoch, progress.offset) == _position_after(w, 2 * 2)  # the bad step's batches are spent
+
+    redone, _ = steps.next(progress)  # step 2 again, on the next micro-batches, with finite values
+    assert redone["step"] == 2 and redone["loss"] == redone["loss"]
+    assert not all(torch.equal(p, weights[name]) for name, p in w.model.named_parameters())
+    assert (progress.epoch, progress.offset) == _position_after(w, 3 * 2)
+
+
+def _position_after(w, micro_batches: int) -> tuple[int, int]:
+    position = (0, 0)
+    for _ in range(micro_batches):
+        position = w.shard.next_position(*position)
+    return position
+
+
+def test_running_ahead_changes_no_number(worker_for):
+    """Queuing the next step's passes early reorders nothing the math depends on: same losses, same
+    gradient norms, same weights as reading each step before queuing the next."""
+    runs = []
+    for ahead in (True, False):
+        w = worker_for(3)
+        steps, progress = pipeline_train.Steps(w, ahead=ahead), pipeline_train.Progress()
+        metrics = [steps.next(progress)[0] for _ in range(3)]
+        runs.append(([(m["loss"], m["grad_norm"], m["lr"]) for m in metrics],
+                     {name: p.detach().clone() for name, p in w.model.named_parameters()}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][name], runs[1][1][name]) for name in runs[0][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flags_are_read_without_waiting_for_the_work_queued_after_them():
+    flags = torch.arange(4, dtype=torch.float32, device="cuda")
+    on_host = faults.HostFlags(flags)
+    a = torch.randn(8192, 8192, device="cuda")
+    for _ in range(20):  # about half a second of fp32 matmuls queued after the flags
+        a = a @ a / 8192
+    assert on_host.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert not torch.cuda.current_stream().query()  # the read did not wait for the matmuls
+    torch.cuda.synchronize()
