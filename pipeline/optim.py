@@ -191,7 +191,7 @@ class AdamW(torch.optim.AdamW):
     torch: set as an attribute (as a GradScaler or `Steps` does), a non-zero value skips the update on
     the device and leaves `step` where it was.
 
-    The math is torch's, in fp32 (torch's kernel mixes in fp64 scalars): decoupled weight decay
+    The math is torch's, in fp32 (torch's kernel mixes in fp64 scalars). Decoupled weight decay
     `p -= lr * wd * p`, then `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
     `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`. FSDP2's sharded parameters
     (DTensors) are updated shard by shard.
