@@ -191,10 +191,13 @@ class AdamW(torch.optim.AdamW):
     torch: set as an attribute (as a GradScaler or `Steps` does), a non-zero value skips the update on
     the device and leaves `step` where it was.
 
-    The math is torch's, in fp32 (torch's kernel mixes in fp64 scalars). Decoupled weight decay
-    `p -= lr * wd * p`, then `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
-    `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`. FSDP2's sharded parameters
-    (DTensors) are updated shard by shard.
+    The math is torch's, in fp32 (torch's kernel mixes in fp64 scalars):
+
+        p -= lr * wd * p                                  decoupled weight decay
+        m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
+        p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    FSDP2's sharded parameters (DTensors) are updated shard by shard.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
