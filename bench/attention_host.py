@@ -3,7 +3,8 @@
 This isolates the `te.DotProductAttention` call our layer makes, fed the attention plans our model
 makes from rows packed as the pipeline packs them. Plans are built before the timed loop, so it has no
 host sync of its own. Printed per case: median and 90th-percentile host ms per forward and backward
-call, the calls over 1 ms, and how many brought a new (segment count, max_seqlen) pair. Cases: docs/performance.md ("What each bench measures").
+call, the calls over 1 ms, and how many brought a new (segment count, max_seqlen) pair.
+Cases and method: docs/performance.md ("What each bench measures").
 
     python bench/attention_host.py --shape llama-380m --seq 1024 --rows 16,32 --out results/attention_host.json
 """
