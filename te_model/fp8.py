@@ -43,10 +43,9 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
     Without it, attention stays bf16 between FP8 projections.
 
     `fp8_format` applies to the per-tensor recipes: "hybrid" (E4M3 forward, E5M2 gradients) or
-    "e4m3" (both); the block recipes are E4M3 by construction. `fp8_attention` runs the attention in FP8
-    too (per-tensor recipes only); `attention_layout` is the layout the attention will be called in (the
-    limits above are THD's; TE's batch- and sequence-major layouts, "bshd" and "sbhd", train FP8 attention
-    on Hopper with cuDNN 9.2.1+, which TE checks itself).
+    "e4m3" (both); the block recipes are E4M3 by construction. `attention_layout` is the layout the
+    attention will be called in. The limits checked here are THD's: TE's batch- and sequence-major
+    layouts ("bshd", "sbhd") train FP8 attention on Hopper with cuDNN 9.2.1+, which TE checks itself.
     """
     if name not in RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is unknown (choose from {', '.join(RECIPES)})")

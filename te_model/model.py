@@ -47,7 +47,7 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
         **kwargs,
     ):
         """`attention_plan`: the batch's plan made beforehand (`prepare_batch`, or `plan_attention` on the
-        host's position ids, then `.to(device)`), which saves the two host syncs of planning on the device;
+        host's position ids, then `.to(device)`). It saves the two host syncs of planning on the device.
         None plans here (on the host when neither position ids nor a mask are given)."""
         # A cache asked for (newer transformers' generate passes use_cache=True and no cache yet) or handed
         # in is refused; use_cache=None/False, the patched config's default, runs without one.
