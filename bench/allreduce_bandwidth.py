@@ -1,9 +1,9 @@
 """NCCL all-reduce bandwidth between the GPUs of one host, to tell a slow link from a slow step.
 
-One process per GPU; bf16 tensors of a few sizes (the largest about a 380M-parameter model's gradients),
-warm-up, then the mean of timed all-reduces and the bus bandwidth in NCCL's convention,
-2 x (n - 1) / n x size / time (size / time for two ranks). Run with `NCCL_DEBUG=INFO` to see the transport
-NCCL chose (P2P over NVLink, or SHM/PCIe).
+One process per GPU. bf16 tensors of a few sizes (the largest about a 380M-parameter model's
+gradients) are all-reduced after a warm-up; printed: the mean time and the bus bandwidth in NCCL's
+convention, 2 x (n - 1) / n x size / time. Run with `NCCL_DEBUG=INFO` to see the transport NCCL chose
+(P2P over NVLink, or SHM/PCIe).
 
     torchrun --nproc-per-node 2 bench/allreduce_bandwidth.py
 """

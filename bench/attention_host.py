@@ -1,22 +1,10 @@
 """Host time of Transformer Engine's THD attention per call, by rows per batch and segment layout.
 
-In the two-worker profile (`bench/parallel_profile.py --host-breakdown FusedAttnFunc`) each TE attention
-call spent about 2.7 ms of host time inside TE's C++ `fused_attn_fwd`/`fused_attn_bwd` when a batch held
-16 packed rows, in one process as in two, against 0.15 ms with 32 rows. This isolates that call: the
-`te.DotProductAttention` our layer uses (THD, `padding_causal`, GQA), fed the attention plans our model
-makes (`te_model.segments.plan_attention`) from rows packed as the pipeline packs them (the skewed
-document mix of `bench/packing.py`). Every plan is built before the timed loop, so the loop has no host
-synchronisation of its own; each forward and backward call is timed on the host. Cases:
-
-- `packed`: a new batch of packed rows every call, as in training;
-- `fixed`: the first packed batch's plan every call (nothing changes between calls);
-- `plain`: one segment per row (no packing);
-- `padcount`: as `packed`, with `cu_seqlens` padded by empty segments up to `--pad-segments` (default
-  1024) whatever the batch holds, so TE sees one segment count;
-
-each with `max_seqlen` as the plan sets it (`plan`) and with the row length (`row`). Printed per case:
-median and 90th-percentile host ms per forward and backward call, the calls over 1 ms, and how many of
-those brought a (segment count, max_seqlen) pair not seen before in that case.
+This isolates the `te.DotProductAttention` call our layer makes, fed the attention plans our model
+makes from rows packed as the pipeline packs them. Plans are built before the timed loop, so it has no
+host sync of its own. Printed per case: median and 90th-percentile host ms per forward and backward
+call, the calls over 1 ms, and how many brought a new (segment count, max_seqlen) pair.
+Cases and method: docs/performance.md ("What each bench measures").
 
     python bench/attention_host.py --shape llama-380m --seq 1024 --rows 16,32 --out results/attention_host.json
 """

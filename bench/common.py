@@ -1,14 +1,10 @@
 """What every bench script shares: the model shapes, one set of starting weights, timing and reporting.
 
-Decided here, so that the scripts compare like with like:
-- Shapes are LlamaConfigs with the real dimensions (`SHAPES`); `tiny` is for CPU smoke runs.
-- Starting weights come from one seeded HF `LlamaForCausalLM`, kept on the host, and are copied into every
-  variant: HF models by `load_state_dict`, ours through te_model's HF→TE key table (`load_hf_state`), so
-  no variant starts from a different random draw.
-- A step is timed with CUDA events on a GPU (no host sync inside the timed loop) and with the wall clock
-  on CPU; scripts report the median over the timed steps.
-- Transformer Engine is imported before any other CUDA work (on some hosts loading it after torch's own
-  cuDNN fails with an undefined symbol), and `backend_label` says when "ours" ran on the torch backend.
+Shapes are LlamaConfigs with the real dimensions (`SHAPES`); `tiny` is for CPU smoke runs. Every
+variant starts from one seeded HF `LlamaForCausalLM`'s weights, loaded into ours through te_model's
+key table. A step is timed with CUDA events on a GPU (no host sync in the timed loop), with the wall
+clock on CPU; scripts report the median. Transformer Engine is imported before any other CUDA work,
+since on some hosts loading it after torch's own cuDNN fails with an undefined symbol.
 """
 
 from __future__ import annotations
@@ -119,10 +115,10 @@ def step_inputs(model_kind: str, ids: torch.Tensor, device: torch.device, *, pla
     """One step's model inputs from token ids (B, S) on the host, the ids being their own labels.
 
     HF's model takes the tokens on the device. Ours takes them as the pipeline's training step hands them
-    over (`te_model.prepare_batch`: the attention plan and the loss's scored positions found on the host),
-    or, `planned_on_device`, with position ids on the device, from which our model plans on the device (two
-    host syncs) and selects the loss's positions there (one more): what a caller gets who hands it device
-    tensors only.
+    over (`te_model.prepare_batch`: the attention plan and the loss's scored positions found on the host).
+    With `planned_on_device` it gets position ids on the device instead. It then plans on the device (two
+    host syncs) and selects the loss's positions there (one more): what a caller gets who hands it
+    device tensors only.
     """
     if model_kind == "hf":
         ids = te_model.to_device(ids, device)

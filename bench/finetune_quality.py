@@ -1,27 +1,12 @@
 """Fine-tuning quality on real text: does a bf16 fine-tune get where fp32 master weights get?
 
-At fine-tuning learning rates most AdamW updates are smaller than half a bf16 step of the weight they
-change, so a model whose parameters are its only copy loses them (`train.master_weights`,
-pipeline/train/optim.py). This bench measures what that costs on text nobody here wrote, offline, in one process:
+At fine-tuning learning rates most AdamW updates are below half a bf16 step, so a model whose
+parameters are its only copy loses them (`train.master_weights`). This pretrains a byte-level Llama on
+one local corpus, fine-tunes it on another, and compares HF's fp32-master training with ours under
+each option, in bf16 and FP8. Needs CUDA and TE; `--smoke` checks it end to end on CPU. Corpora and
+variants: `main`; results: docs/performance.md.
 
-1. Base: a byte-level Llama (about 135M parameters at the default shape) pretrained on corpus A, the
-   Python standard library's `.py` sources of this machine (`sysconfig.get_paths()["stdlib"]`, without
-   site-packages), bf16 with fp32 master weights, for a fixed step budget; the held-out curve's last
-   points are printed so one can see it flatten.
-2. Fine-tunes on corpus B, another distribution: the C headers under `sysconfig.get_paths()["include"]`
-   and `/usr/include` (what is found is reported), at each `--lrs` for `--finetune-steps` steps.
-3. Variants, all from the same base weights, on the same batches: `hf_fp32_master`, stock HF
-   `LlamaForCausalLM` with fp32 parameters under bf16 autocast and torch's AdamW (what HF Trainer does:
-   the reference); ours (te_model, pipeline.train.optim.AdamW) in bf16 with each `master_weights` option
-   (`bf16` is the behaviour without master weights); ours under FP8 delayed scaling with each option; FP8
-   current scaling and FP8 delayed with the FP8 LM head, both with the default option.
-
-Printed at the end: variant, lr, held-out loss on B, its difference from the reference in percent, the
-weights' relative movement |w - w_base| / |w_base|, and the step time. Elapsed time per phase is printed
-as it goes. Needs CUDA and Transformer Engine (without TE the FP8 variants are skipped, with the reason);
-`--smoke` runs a tiny model for a few steps on the CPU (torch backend, no FP8) to check it end to end:
-
-    python bench/finetune_quality.py                    # one H200: about 6-7 minutes
+    python bench/finetune_quality.py
     python bench/finetune_quality.py --smoke --device cpu
 """
 
@@ -269,6 +254,23 @@ def print_table(rows: list[dict], base_loss: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Pretrain the base, fine-tune every variant from it, print the table; the rows.
+
+    1. Base: a byte-level Llama pretrained on corpus A, the Python standard library's `.py` sources of
+       this machine (without site-packages), bf16 with fp32 master weights, for a fixed step budget. The
+       held-out curve's last points are printed, so one can see it flatten.
+    2. Fine-tunes on corpus B, another distribution: the C headers of Python's include folder and
+       `/usr/include` (what is found is reported), at each `--lrs` for `--finetune-steps` steps.
+    3. Variants, all from the same base weights, on the same batches. `hf_fp32_master`: stock HF
+       `LlamaForCausalLM` with fp32 parameters under bf16 autocast and torch's AdamW, the reference (what
+       HF Trainer does). Ours in bf16 with each `master_weights` option (`bf16` is the behaviour without
+       master weights), and under FP8 delayed scaling with each. FP8 current scaling and FP8 delayed with
+       the FP8 LM head, both with the default option.
+
+    Printed: variant, lr, held-out loss on B, its difference from the reference in percent, the weights'
+    relative movement |w - w_base| / |w_base|, and the step time. Without TE the FP8 variants are
+    skipped, with the reason.
+    """
     args = parse_args(argv)
     device = common.setup_device(args.device)
     backend, why = common.ours_backend(device)

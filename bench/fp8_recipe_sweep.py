@@ -2,7 +2,7 @@
 
 The same model, data and loop as the GPU test (tests/gpu/test_te.py). It shows how the FP8 ↔ bf16
 difference depends on the learning rate: at high rates, and once the model has memorised the small
-corpus, run-to-run noise exceeds 5% (docs/gpu-validation.md). Needs CUDA and Transformer Engine.
+corpus, run-to-run noise exceeds the test's 5% bound. Needs CUDA and Transformer Engine.
 
     python bench/fp8_recipe_sweep.py
 """

@@ -1,9 +1,9 @@
 """A profiled step's GPU time by kind of kernel: GEMMs (FP8 apart), attention, optimizer, loss, embedding...
 
 Kernels are sorted into kinds by their names, first match wins. On a GPU the kernels' own times are
-summed; on a CPU (the benches' CI path) the operators' self times stand in for kernels, so the same
-tables come out of a CPU run, with torch's operator names instead of kernel names. `busy_ms` is the time
-at least one kernel ran (overlaps counted once): a step's wall time less it is when the GPU sat idle.
+summed. On a CPU (the benches' CI path) the operators' self times stand in for kernels, so a CPU run
+gives the same tables, with torch's operator names. `busy_ms` is the time at least one kernel ran
+(overlaps counted once): a step's wall time less it is when the GPU sat idle.
 """
 
 from __future__ import annotations

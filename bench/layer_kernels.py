@@ -1,18 +1,9 @@
 """Where the decoder stack's GPU time goes, by kind of kernel, with TE's attention in each layout.
 
-Our TE decoder layers at a Llama shape (default: 4 layers of Llama 3.1 8B, 2 x 4096 tokens), forward and
-backward of the stack alone (no embedding, head or loss), from the same weights and the same input, with
-the attention in:
-- `thd`: our model's layout: the batch flattened to B*S tokens, each row one `cu_seqlens` segment,
-  `padding_causal` (what every training batch runs, plain rows and packed documents alike);
-- `bshd`, `sbhd`: TE's batch-major and sequence-major layouts with a plain `causal` mask, which can
-  express rows of one document each, not packed documents;
-- `bshd-fp8attn`, `sbhd-fp8attn` (FP8 recipes only): the same with the attention itself in FP8 (TE's
-  `fp8_dpa`), which Hopper trains in these layouts but not in THD.
-For each: the median step time (CUDA events) and TFLOP/s by `layer_speed`'s count, the largest output
-difference from `thd`, then one profiled step's kernel time summed by kind (GEMM, attention, norm, RoPE,
-casts/transposes/amax, SwiGLU, other) with the largest "other" kernels named, and the step's largest
-kernels with their call counts. Needs CUDA and TE.
+Our TE decoder layers at a Llama shape, forward and backward of the stack alone, from the same weights
+and input, with attention in THD (our layout), BSHD and SBHD, and FP8 attention where Hopper trains it.
+Per layout: step time, TFLOP/s, the output difference from THD, and kernel time by kind. Needs CUDA
+and TE. Method: docs/performance.md ("What each bench measures").
 
     python bench/layer_kernels.py --fp8 delayed --out kernels.json
 """

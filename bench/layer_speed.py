@@ -1,15 +1,8 @@
 """Training-step speed of the decoder stack: HF's Llama vs the TE layers in bf16 and each FP8 recipe.
 
-A model of `--layers` layers (default 4) with a Llama shape's decoder layers and a 1024-token vocabulary,
-so the layers dominate. One forward + backward over `--batch` x `--seq` tokens, no optimizer; each variant
-warms up, then the median of timed steps (CUDA events) is reported, with peak memory and the GPU's busy
-time in one more step, profiled (kernels and copies; the rest of the step it waited). Our model gets its
-inputs as the pipeline's training step hands them over (`bench.common.step_inputs`);
-`te_fp8_delayed_device_plan` instead hands it device tensors only, so it plans on the GPU. Baseline and
-candidates run in the same process on the same GPU from the same weights. Needs CUDA and TE.
-
-Layer FLOPs per step = 6 * (decoder layer parameters) * tokens + 6 * layers * batch * seq^2 * hidden, the
-count the performance goals use (the tiny embedding and head are left out of it).
+A few Llama-shaped layers with a tiny vocabulary, so the layers dominate; forward and backward, no
+optimizer. Baseline and candidates run in one process on one GPU from the same weights. Needs CUDA
+and TE. Method and FLOP count: docs/performance.md ("What each bench measures").
 
     python bench/layer_speed.py --shape llama3.1-8b --layers 4 --batch 2 --seq 4096 --out layers.json
 """

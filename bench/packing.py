@@ -1,25 +1,9 @@
 """Padding-free packed rows against padded rows: useful (non-pad) tokens per second on skewed lengths.
 
-The same documents go through two full training passes (forward, loss, backward, fused AdamW step):
-
-- packed: the pipeline's own best-fit-decreasing packing (`pipeline.stages.data.pack_documents`) into rows of
-  `--seq` tokens whose position ids restart at every document; our model turns the restarts into
-  `cu_seqlens` and runs TE's THD attention, so no document sees another and almost no token is padding;
-- padded: every document its own row, right-padded to the longest document of its batch (rounded up to
-  16 for FP8), with an attention mask. Batches are filled in the documents' order up to the same token
-  budget as a packed batch (`--batch` x `--seq`), so both modes have the same worst-case memory.
-
-Why the padded side is a TE `TransformerLayer` stack in BSHD layout with a `padding_causal` mask, and not
-HF's model: the question is what packing buys, so everything else is held equal. The BSHD layers are
-built by our own layer's constructor with only the layout switched (`layout_layer_class`) and hold our model's
-weights; embedding, final norm, lm_head and loss are our model's very modules. An HF baseline would
-mix TE's kernel speed-up into the ratio. Feeding the padded rows to our THD model instead would not be
-padded BSHD either: the padding would become its own attention segment and cost attention FLOPs that
-BSHD's padding mask skips. Without CUDA or TE the padded side is our torch-backend model with the
-padding mask (SDPA over the full padded rows), labelled so.
-
-Document lengths (fixed seed): 70% uniform in [seq/64, seq/16], 25% in [seq/16, seq/4], 5% in
-[seq/4, seq]; at seq 4096 that is 64-256, 256-1024 and 1024-4096 tokens.
+The same documents go through two full training passes: packed into rows as the pipeline packs them
+(THD attention), and padded, one document a row (BSHD with a padding mask). Everything else is held
+equal, so the ratio is what packing buys. Without CUDA or TE the padded side is the torch backend
+with a padding mask, labelled so. Method and length mix: docs/performance.md ("What each bench measures").
 
     python bench/packing.py --shape llama3.2-1b --seq 4096 --batch 2 --out results/packing.json
 """
@@ -133,8 +117,8 @@ def useful_tokens(batch: dict) -> int:
 def layout_layer_class(layout: str = "bshd", mask: str = "padding_causal"):
     """Our TE decoder layer's constructor with the attention layout (`bshd`, `sbhd`) and mask switched.
 
-    `TELlamaDecoderLayer.__init__` passes every argument of `te.TransformerLayer` by keyword; this class
-    sits between the two in the MRO and changes only the layout and mask, so everything else (norm,
+    `TELlamaDecoderLayer.__init__` passes every argument of `te.TransformerLayer` by keyword. This class
+    sits between the two in the MRO and changes only the layout and mask. So everything else (norm,
     SwiGLU, GQA, unfused Q/K/V, no bias, no dropout) is built exactly as in our model. Its forward takes
     the hidden states in that layout, TE's angle table and, for padding masks, TE's (B, 1, 1, S) bool
     mask (True = masked out).

@@ -1,24 +1,9 @@
 """Where a data-parallel step's time goes: 1 worker against 2 DDP and 2 FSDP2 workers, bare processes.
 
-The scaling test (`tests/gpu/test_scaling.py`) measures tokens/s through Ray Train; this runs the same
-pipeline step (`pipeline.train.launch.build_worker` and `Steps`, as the Ray workers do) in plain
+The scaling test measures tokens/s through Ray Train. This runs the same pipeline step in plain
 processes joined by one `torch.distributed` group, so what it shows is the step itself, not Ray. Each
-layout trains the same global batch from the same checkpoint and rows:
-
-- `1`: one process, the whole global batch in one micro-batch;
-- `1-half`: one process, half the global batch: the micro-batch each of two workers runs, so two workers
-  can be compared with two single GPUs doing the same work (`same micro`);
-- `ddp`: two processes, half the batch each, DistributedDataParallel;
-- `fsdp`: two processes, half each, FSDP2 (`train.parallelism: fsdp`);
-- `fsdp-keep`: the same with `train.fsdp_reshard_after_forward: false` (no all-gather in backward).
-
-After `--warmup` steps every rank times `--steps` more, then rank 0 records `--profile-steps` steps with
-torch.profiler. Printed per layout: the median and mean step time, tokens/s, scaling efficiency against one
-process, and from the profile the GPU time per step split into compute kernels and NCCL kernels, and
-the top operators by GPU and by CPU time. Kernel times are summed over streams: NCCL kernels that
-overlap compute count in both the sum and the step. On a GPU, also when in each profiled step the GPU
-had no compute kernel to run, and what the host was doing then (`bench/trace_gaps.py`): the `no comp`
-column is the profiled step's time without a compute kernel (NCCL-only time included).
+layout trains the same global batch; printed: step time, scaling, and compute against NCCL kernel time.
+Layouts and method: docs/performance.md ("What each bench measures").
 
     python bench/parallel_profile.py --shape llama-380m --seq 1024 --global-batch 32 --fp8 delayed
     python bench/parallel_profile.py --shape tiny --device cpu --dtype fp32 --seq 64 --global-batch 4

@@ -1,19 +1,8 @@
 """What Ray Train costs per step: the pipeline's training step in a bare process and inside the real job.
 
-Both sides run `pipeline.train.launch.Steps`, the steps the job runs, on the same random HF checkpoint
-(loaded by `te_model.from_hf_checkpoint`, as the job loads its base model) and the same packed rows
-(the pipeline's parquet layout, packed by `pipeline.stages.data.pack_documents`):
-
-- bare: a `pipeline.train.launch._Worker` assembled in this process from the pipeline's own helpers
-  (`make_optimizer`, `make_scheduler`, `RankShard`, `read_rows`, `flops_per_token`), no Ray at all;
-- ray: `pipeline.train.launch.train` itself, i.e. a one-worker `TorchTrainer` running `train_loop_per_worker`,
-  with a metric row every step and a checkpoint only at the end.
-
-The step time on both sides is the step's own measure: `Steps.next` reports tokens / (wall time from the
-previous step's outcome to this one's, read in the host sync on its flags), so a step took tokens /
-tokens_per_s. One worker
-is never wrapped in DDP by Ray, so the two sides run the same module. The first `--warmup` steps of each
-side are left out; the ratio is Ray's median step over the bare median step.
+Both sides run `pipeline.train.launch.Steps` on the same checkpoint and packed rows: one in a worker built in
+this process, no Ray; one through `pipeline.train.launch.train`, a one-worker `TorchTrainer`. The ratio is
+Ray's median step over the bare one. Method: docs/performance.md ("What each bench measures").
 
     python bench/ray_overhead.py --shape llama3.2-1b --seq 2048 --batch 4 --fp8 delayed --out ray.json
 """

@@ -1,22 +1,10 @@
 """When the GPU sits idle inside a training step, and what the host was doing meanwhile.
 
-Reads a Chrome trace written by `torch.profiler` (CPU and CUDA activities) in which each step is a host
-range (`record_function`) named `window`, and the step's phases are ranges whose names start with
-`phase_prefix` (`pipeline.train.launch` marks `train.batch`, `train.forward`, `train.backward`, `train.clip`,
-`train.agree`, `train.optimizer`).
-
-Per step it splits the time into: compute (some non-NCCL kernel, copy or fill running on the GPU),
-NCCL only (the GPU runs nothing but collectives) and idle. Each idle gap ends when a kernel K starts:
-
-- if the host began launching K after the gap opened, the GPU was *starved*: it waited for the host.
-  The gap's time goes to what the launching thread was doing during it: its outermost operator at each
-  moment (`aten::nonzero`, `_LayerNormLinear`, `Optimizer.step#AdamW.step`...), or "(python)" between
-  operators, under the phase in progress;
-- otherwise K was queued before the gap and waited on something else (another stream, an event): the
-  gap goes to "(queued: waits on another stream)" with the operator that launched K.
-
-It also counts the host's blocking calls (stream, device and event synchronizes) by phase and operator.
-`host_breakdown` says where host time goes inside named operators (from a trace with Python calls).
+Reads a Chrome trace from `torch.profiler` in which each step is a host range named `window` and its
+phases are ranges named `train.*` (`pipeline.train.launch` marks them). Each step's time splits into compute,
+NCCL only and idle; an idle gap the host caused (it launched the next kernel late) goes to what the
+host was doing. Blocking synchronizes are counted by phase and operator. `host_breakdown` says where
+host time goes inside named operators. Method: docs/performance.md ("What each bench measures").
 """
 
 from __future__ import annotations

@@ -1,36 +1,10 @@
 """Full training steps, side by side in one process: stock HF Llama against our model in bf16 and FP8.
 
-Variants (`--variants`, comma-separated; default all):
-- `hf`: stock `LlamaForCausalLM`, SDPA attention: the baseline (ratios are against it);
-- `hf_compile`: the same under `torch.compile`, the stronger peer;
-- `ours_bf16`: our model (te_model, TE backend) in bf16;
-- `ours_bf16_logits`: the same with HF's loss (bf16 logits, then fp32) instead of te_model's logits-free
-  loss, to measure what that loss alone is worth;
-- `fp8_delayed`, `fp8_current`, `fp8_block`, `fp8_mxfp8`: our model under each FP8 recipe; a recipe this
-  GPU or TE build cannot run is skipped with TE's reason;
-- `fp8_delayed_fp8head`: delayed scaling with the LM head's GEMMs in FP8 too (`train.fp8_head`, opt-in);
-- `fp8_delayed_attn`: delayed scaling with the attention in FP8 too (`train.fp8_attention`, opt-in);
-- `fp8_delayed_attn_fp8head`: both opt-ins together;
-- `fp8_delayed_device_plan`: delayed scaling, handed device tensors only, so that our model plans its
-  attention and selects its loss's positions on the GPU (three host syncs a step). Every other variant of
-  ours gets its inputs as the pipeline's training step hands them over (`bench.common.step_inputs`);
-- `fp8_delayed_torch_adamw`: delayed scaling, updated by torch's fused AdamW (the baselines' optimizer)
-  instead of the pipeline's (`pipeline.train.optim.AdamW`, the same math in one Triton kernel per parameter),
-  which every other variant of ours uses, keeping bf16 updates as `--master-weights` says (default `bf16`:
-  no master copy; `fp32`, `bf16_kahan`, `bf16_sr` measure what each option costs in memory and time).
-
-A step is the whole thing: embedding, decoder, lm_head, loss, backward, AdamW step, bf16 parameters.
-Every variant starts from the same weights (`bench.common.reference_state`) and sees the same token
-batches in the same order, so the first-step losses must agree (they are in the JSON). Warm-up steps
-(which include torch.compile's compilation) are not timed; the step time is the median of the timed steps.
-
-Model FLOPs per step = 6 * (non-embedding parameters + lm_head) * tokens + 6 * layers * batch * seq^2 *
-hidden; MFU is given against the datasheet dense bf16 peak and against a bf16 matmul peak measured in the
-same run. Peak memory is reset before each variant builds its model.
-
-Without CUDA or TE (CI, laptops), `ours_*` runs on te_model's torch backend, labelled so, and the FP8
-variants are skipped with the reason. One shape and sequence length per call, so a matrix can be split
-over several short calls:
+Each variant (`--variants`) starts from the same weights and sees the same batches, so first-step
+losses must agree. A step is the whole thing, AdamW included; the time is the median of timed steps.
+Without CUDA or TE our model runs on its torch backend, labelled so, and FP8 variants are skipped.
+One shape and length per call, so a matrix can be split over short calls. Variants and method:
+docs/performance.md ("What each bench measures").
 
     python bench/train_step.py --shape llama3.1-8b --seq 4096 --out results/8b-4096.json
     python bench/train_step.py --shape tiny --seq 128 --device cpu --dtype fp32 --variants hf,ours_bf16

@@ -1,15 +1,13 @@
 """Fine-tune a Llama checkpoint: data-prep → train → eval → export, on a Ray cluster.
 
     python jobs/finetune.py                                  # the tiny CPU demo, end to end
-    python jobs/finetune.py --config configs/gpu-small-fp8.yaml --set train.lr=2e-5
-    python jobs/finetune.py --config my.yaml --stages eval,export   # re-run stages of the same job
-    python jobs/finetune.py --config my.yaml --dry-run       # validate config, data, storage, tracking
-    python jobs/finetune.py --config my.yaml --print-config  # the resolved config as YAML
-    python jobs/finetune.py --list-keys                      # every key, its type, default and meaning
+    python jobs/finetune.py --config my.yaml --set train.lr=2e-5 --stages eval,export
+    python jobs/finetune.py --config my.yaml --dry-run       # check config, data, storage, tracking
+    python jobs/finetune.py --list-keys                      # every key; --print-config: the resolved config
     ray job submit --working-dir . -- python jobs/finetune.py --config my.yaml
 
-Exits 0 on success, 1 with a one-line reason on failure: what is wrong, where (the config key, file,
-row or tensor) and how to fix it. --debug (alias --traceback) adds the full traceback.
+Exits 0 on success, else 1 with one line: what is wrong, where (key, file, row or tensor) and the fix.
+--debug (alias --traceback) adds the full traceback.
 """
 
 import argparse

@@ -2,13 +2,11 @@
 
     python jobs/retrain.py --config my.yaml --address http://head:8265              # one tick (cron, CronJob)
     python jobs/retrain.py --config my.yaml --address http://head:8265 --every 24h   # keep ticking
-    python jobs/retrain.py --config my.yaml --cron "0 3 * * *"                       # 03:00 UTC daily
-    python jobs/retrain.py --config my.yaml --metric finetuned/perplexity --alias production
+    python jobs/retrain.py --config my.yaml --cron "0 3 * * *" --metric finetuned/perplexity
 
-The job is `python jobs/finetune.py --config ... --set ... --set run.name=<run.name>-<fingerprint>`,
-submitted with this checkout as its working dir. The address defaults to $RAY_ADDRESS; on a cluster
-with token authentication, $RAY_AUTH_TOKEN is sent. One tick exits 0 when it succeeded, 1 with a
-one-line reason; a --cron / --every loop logs a failed tick and goes on.
+The job is `jobs/finetune.py` with `run.name=<run.name>-<fingerprint>`, this checkout as its working
+dir. The address defaults to $RAY_ADDRESS; $RAY_AUTH_TOKEN is sent where set. One tick exits 0 when it
+succeeded, else 1 with a one-line reason; a --cron / --every loop logs a failed tick and goes on.
 """
 
 import argparse

@@ -1,29 +1,10 @@
 """One typed configuration for every stage, loaded from a YAML preset plus dotted command-line overrides.
 
-Why it exists: every job (fine-tune, publish, retrain, compare) and every Ray worker must agree on the
-same settings, and a typo must fail before a cluster spins up. So the config is a tree of dataclasses
-whose fields are checked on construction (`__post_init__`): wrong types, out-of-range values and
-unknown keys raise `PipelineError` naming the dotted key (`train.lr`), with the closest valid key
-suggested for typos.
-
-Decisions made here:
-- The tiny CPU demo is `configs/tiny-cpu.yaml`, what `load_config(None)` (no --config) loads; it sets
-  every value it needs, so its settings never reach another config. Field defaults are for real
-  full-parameter fine-tunes of Llama 2/3/3.x on GPUs (bf16, 2048-token rows, one GPU per worker); where
-  no value fits every job (the base model, the data, the registered model, the length of the run) any
-  other config must set the key (`REQUIRED_KEYS`), or the load fails in one line naming it. `run.name`
-  left unset is the config file's name.
-- MLflow's own conventions hold where the config is silent: `tracking.uri` unset is
-  $MLFLOW_TRACKING_URI, else a local SQLite store (`LOCAL_TRACKING_URI`); `tracking.experiment` unset is
-  $MLFLOW_EXPERIMENT_NAME, else `run.experiment`, else `run.name`.
-- Override values are parsed with `yaml.safe_load`, so `train.lr=2e-5`, `train.use_gpu=true` and
-  `data.train_files=[a.jsonl,b.jsonl]` mean what they look like; `key=` or `key=null` means None;
-  text that is not valid YAML (a Jinja template) is taken verbatim.
-- Float fields also accept strings such as "2e-5": PyYAML (YAML 1.1) reads exponent numbers without a
-  dot as strings, which would otherwise make the most common learning-rate spelling an error.
-- Uris never carry credentials: the resolved config goes into MLflow params and into every checkpoint,
-  so a `user:password@` in a storage or tracking uri is refused (without repeating it); credentials
-  come from the environment. Storage uris are s3://bucket/..., file://..., hf://... (Hub, read-only) or local paths (`pipeline.storage.uris`).
+Every job and every Ray worker must agree on the same settings, and a typo must fail before a cluster
+spins up. So the config is a tree of dataclasses, one per section, checked on construction. Wrong
+types, out-of-range values and unknown keys raise `PipelineError` naming the dotted key (`train.lr`),
+with the closest valid key for typos. Each field is documented by the comment above it, which
+`--list-keys` prints. How presets, defaults and overrides combine: `load_config`.
 """
 
 from __future__ import annotations
@@ -265,12 +246,12 @@ class TrainConfig(_Section):
     # Run the attention itself in FP8 too (cuDNN's FP8 fused attention; delayed or current only; trains on
     # Blackwell with cuDNN 9.23+). Off: attention stays bf16 between the FP8 projections.
     fp8_attention: bool = False
-    # How bf16 parameters keep updates smaller than their rounding step (pipeline/train/optim.py): bf16_kahan = a
-    # bf16 compensation buffer (2 more bytes a parameter; fine-tunes to the held-out loss of fp32 master
-    # weights, docs/performance.md); fp32 = an fp32 master copy in the optimizer (4 more bytes; sharded
-    # under fsdp); bf16_sr = stochastic rounding (no memory, unbiased but noisy); bf16 = round to nearest
-    # (fine-tuning updates below half a bf16 step are lost). No effect when model.dtype is fp32: the
-    # parameters are then their own master.
+    # How bf16 parameters keep updates smaller than their rounding step (pipeline/train/optim.py).
+    # bf16_kahan: a bf16 compensation buffer, 2 more bytes a parameter; it fine-tunes to the held-out loss
+    # of fp32 master weights (docs/performance.md). fp32: an fp32 master copy in the optimizer, 4 more
+    # bytes, sharded under fsdp. bf16_sr: stochastic rounding, no memory, unbiased but noisy. bf16: round
+    # to nearest; fine-tuning updates below half a bf16 step are lost. No effect when model.dtype is fp32:
+    # the parameters are then their own master.
     master_weights: Literal["fp32", "bf16_kahan", "bf16_sr", "bf16"] = "bf16_kahan"
     # Recompute decoder-layer activations in backward to save memory.
     activation_checkpointing: bool = False
@@ -497,7 +478,26 @@ def valid_keys() -> list[str]:
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML preset at `path` (a file or a name in configs/; None = the demo), then
-    `key=value` overrides. A config other than the demo must set `REQUIRED_KEYS`."""
+    `key=value` overrides. A config other than the demo must set `REQUIRED_KEYS`.
+
+    - The tiny CPU demo is `configs/tiny-cpu.yaml`. It sets every value it needs, so its settings never
+      reach another config.
+    - Field defaults are for real full-parameter fine-tunes of Llama 2/3/3.x on GPUs (bf16, 2048-token
+      rows, one GPU per worker). Where no value fits every job (the base model, the data, the registered
+      model, the length of the run), a config must set the key, or the load fails in one line naming it.
+      `run.name` left unset is the config file's name.
+    - MLflow's own conventions hold where the config is silent. `tracking.uri` unset is
+      $MLFLOW_TRACKING_URI, else a local SQLite store (`LOCAL_TRACKING_URI`). `tracking.experiment` unset
+      is $MLFLOW_EXPERIMENT_NAME, else `run.experiment`, else `run.name`.
+    - Override values are parsed with `yaml.safe_load`, so `train.lr=2e-5`, `train.use_gpu=true` and
+      `data.train_files=[a.jsonl,b.jsonl]` mean what they look like. `key=` or `key=null` means None.
+      Text that is not valid YAML (a Jinja template) is taken verbatim.
+    - Float fields also accept strings such as "2e-5". PyYAML (YAML 1.1) reads exponent numbers without
+      a dot as strings, which would otherwise make the most common learning-rate spelling an error.
+    - Uris never carry credentials. The resolved config goes into MLflow params and into every
+      checkpoint, so a `user:password@` in a storage or tracking uri is refused, without repeating it.
+      Storage uris are s3://bucket/..., file://..., hf://... (Hub, read-only) or local paths.
+    """
     file = DEMO_PRESET if path is None else _preset_file(path)
     raw = _read_preset(str(file))  # absent sections and keys take the defaults
     for override in overrides or []:

@@ -1,14 +1,9 @@
 """Tiny but real Llama assets for the demo job and the tests: a BPE tokenizer and a sharded checkpoint.
 
 No model hub is reachable from CI or a laptop, yet every stage must run end to end on real files. This
-module builds them locally, deterministically, from the text shipped in `data/`:
-
-- a byte-level BPE tokenizer trained with the `tokenizers` library, shaped like Llama 3's: BOS `<s>`
-  is added by its post-processor, EOS is `</s>`, chat turns use `<|start_header_id|>` /
-  `<|end_header_id|>` / `<|eot_id|>`, and there is deliberately NO pad token, so data preparation must
-  choose one exactly as it must for real Llama 3 checkpoints;
-- a randomly initialised `LlamaForCausalLM` saved with `save_pretrained` as sharded safetensors, with the
-  tokenizer files beside it, i.e. the same folder layout as a Hugging Face Llama checkpoint.
+module builds them locally and deterministically from the text shipped in `data/`. The checkpoint is
+a randomly initialised `LlamaForCausalLM` saved by `save_pretrained` as sharded safetensors, with the
+tokenizer beside it: the folder layout of a Hugging Face Llama checkpoint.
 """
 
 from __future__ import annotations
@@ -68,7 +63,12 @@ def corpus_texts(corpus_files: list[str]) -> list[str]:
 
 def make_tokenizer(out_dir: str | Path, corpus_files: list[str] | None = None,
                    vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on `corpus_files` (default: shipped data); save it to `out_dir`."""
+    """Train a byte-level BPE tokenizer on `corpus_files` (default: shipped data); save it to `out_dir`.
+
+    It is shaped like Llama 3's. Its post-processor adds BOS `<s>`; EOS is `</s>`. Chat turns use
+    `<|start_header_id|>` / `<|end_header_id|>` / `<|eot_id|>`. It deliberately has NO pad token, so
+    data preparation must choose one exactly as it must for real Llama 3 checkpoints.
+    """
     specials = [UNK, BOS, EOS, HEADER_START, HEADER_END, END_OF_TURN]
     backend = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

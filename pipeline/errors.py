@@ -1,7 +1,9 @@
-"""The one exception type the pipeline raises for bad input or unusable state.
+"""The exception types the pipeline raises for bad input or unusable state.
 
 Stages raise `PipelineError` with a one-line message naming what is wrong and where, so entry points
-can print it without a traceback.
+can print it without a traceback. Subclasses say what a caller may do about it: a failed stage
+(`JobError`), data that may be skipped for an older copy (`IntegrityError`), or an error no restart can
+fix (`PermanentError`).
 """
 
 

@@ -1,15 +1,10 @@
-"""Progress lines an operator can watch: one line per event, flushed, readable in a terminal and in
-`ray job logs --follow` (Ray forwards the output of workers and tasks to the job's log). They go to
-stdout, like the stages' summaries; stderr stays the one-line error of a failed job.
+"""Progress lines an operator can watch: one line per event, flushed, on stdout.
 
-Why it exists: a stage's one-line summary comes at its end, so an hours-long training run would say
-nothing until it is over. Training prints from rank 0 the same metrics dict that goes to MLflow
-(`pipeline.train.launch.Steps.next` makes it; nothing is measured twice), every `train.log_every` steps and
-at least every `train.progress_every_s` seconds; data-prep, eval and export print a line per phase.
-
-Lines start with the stage in brackets (`[train] step 12/300 ...`), like the driver's stage summaries,
-so `grep '^\\S*\\[train\\]'` follows one stage. Other ranks get a `NullProgress`: no rank checks around
-each print.
+A stage's one-line summary comes at its end, so an hours-long training run would say nothing until it
+is over. So training prints from rank 0 the same metrics MLflow gets, every `train.log_every` steps and
+at least every `train.progress_every_s` seconds; the other stages print a line per phase. Lines start
+with the stage in brackets (`[train] step 12/300 ...`), so `grep '^\S*\[train\]'` follows one stage.
+`ray job logs --follow` shows them too. Other ranks get a `NullProgress`: no rank checks around prints.
 """
 
 from __future__ import annotations

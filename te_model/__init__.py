@@ -1,7 +1,8 @@
 """HF's LlamaForCausalLM with Transformer Engine decoder layers, and a pure-PyTorch twin.
 
 Importing this package never imports Transformer Engine: `TELlamaDecoderLayer` is resolved on first
-access, and `backend="auto"` only tries TE when a CUDA device is present.
+access, and `backend="auto"` only tries TE when a CUDA device is present. Both backends share parameter
+names, so checkpoints move between them. Usage: docs/architecture.md ("Using te_model on its own").
 """
 
 from .backend import BACKENDS, BackendUnavailableError, resolve_backend

@@ -1,22 +1,9 @@
 """Cross-entropy of a chunk of logits and its gradient, in one pass over memory where Triton can run.
 
-`logits_ce_(logits, targets, divisor, want_grad)` returns each row's loss, `logsumexp(row) - row[target]`,
-summed in fp32, and, with `want_grad`, overwrites `logits` with `(softmax(row) - onehot(target)) / divisor`:
-the gradient of the summed loss divided by `divisor`. The logits' own dtype (bf16 in training) is kept,
-and the math runs in fp32, as HF's loss does after its `.float()`. `grad_out` writes the gradient to
-another tensor of the same shape instead, in its dtype: the FP8 head takes it in E5M2, cast once from
-fp32, with no bf16 gradient written and read again.
-
-Two implementations of the same math:
-
-- Triton (CUDA tensors, `triton` importable): one program per row reads the bf16 row twice (an online
-  log-sum-exp, then the gradient) and writes it once, in place: 6 bytes per logit. For a 128,256-token
-  vocabulary that is the whole loss's memory traffic; no fp32 copy of the logits is ever made.
-- torch (CPU, or no Triton): upcast, `logsumexp`, softmax in the fp32 buffer, cast back. About 46 bytes
-  per logit moved through several kernels, and one fp32 copy of the chunk.
-
-`TRITON_INTERPRET=1` runs the Triton kernel on CPU tensors (numpy underneath); the tests use it to check
-the kernel against the torch implementation where there is no GPU.
+The loss of a 128k-token vocabulary is dominated by memory traffic over the logits. The Triton kernel
+reads each bf16 row twice and writes its gradient once, in place: no fp32 copy is made. The torch path
+(CPU, or no Triton) does the same math with an fp32 copy of the chunk. `logits_ce_` picks one;
+`TRITON_INTERPRET=1` runs the kernel on CPU tensors so the tests can check it against torch.
 """
 
 from __future__ import annotations
@@ -78,8 +65,15 @@ def logits_ce_(logits: torch.Tensor, targets: torch.Tensor, divisor: float, want
                *, grad_out: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
     """Summed cross-entropy of `logits` (N, V) against `targets` (N,), as an fp32 scalar tensor.
 
-    With `want_grad`, the gradient of (that sum / `divisor`) overwrites `logits`, or goes to `grad_out`
-    (N, V) when given, in `grad_out`'s dtype.
+    Each row's loss is `logsumexp(row) - row[target]`, summed in fp32. With `want_grad`, the gradient of
+    (that sum / `divisor`), `(softmax(row) - onehot(target)) / divisor`, overwrites `logits`. The logits
+    keep their dtype (bf16 in training); the math runs in fp32, as HF's loss does after its `.float()`.
+    `grad_out` (N, V), when given, takes the gradient instead, in its own dtype. The FP8 head passes an
+    E5M2 tensor, so the gradient is cast once from fp32 and no bf16 copy is written.
+
+    Triton: one program per row reads the row twice (an online log-sum-exp, then the gradient) and
+    writes it once, 6 bytes per bf16 logit. torch: upcast, `logsumexp`, softmax in the fp32 buffer,
+    cast back; several kernels and one fp32 copy of the chunk.
     """
     if grad_out is not None and grad_out.shape != logits.shape:
         raise ValueError(f"grad_out has shape {tuple(grad_out.shape)}, the logits {tuple(logits.shape)}")

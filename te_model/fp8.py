@@ -1,25 +1,10 @@
 """FP8 training with Transformer Engine: recipes by name, the autocast, and proof that it is on.
 
-In FP8 training the GEMM inputs of every TE linear layer (activations, weights, and in the backward
-pass the gradients) are cast to 8-bit floats with a per-tensor (or per-block) scale, multiplied on the
-FP8 tensor cores, and accumulated in higher precision. Master weights, optimizer state and everything
-outside TE's modules (embeddings, LM head, norms' outputs) stay in bf16/fp32. The recipe decides where the
-scales come from:
-
-- `delayed`: DelayedScaling, HYBRID (E4M3 forward, E5M2 gradients), scales from an amax history of
-  `amax_history_len` steps. Cheapest; Hopper and Ada.
-- `current`: Float8CurrentScaling, the scale of each tensor from its own amax at cast time.
-- `block`: Float8BlockScaling, 1x128 / 128x128 block scales (Hopper).
-- `mxfp8`: MXFP8BlockScaling, 32-element microscaling (Blackwell only).
-
-`fp8_attention` (opt-in, `delayed` and `current` only) also runs the attention itself in FP8: TE casts Q,
-K, V and the softmax output to FP8 for cuDNN's FP8 fused attention (TE's `fp8_dpa`, a beta feature), where
-otherwise attention stays bf16 between FP8 projections. In our THD layout TE trains it only on Blackwell
-(compute capability 10.0+) with cuDNN 9.23+; elsewhere `make_recipe` refuses it with the reason.
-
-`fp8_autocast` wraps the forward pass only; TE runs the matching backward by itself. Token counts must
-be divisible by 16 (TE's FP8 GEMM constraint): `pad_to_multiple` pads a batch with padding segments.
-`fp8_evidence` reads TE's own scaling state, so a run can show FP8 really happened.
+In FP8 training every TE linear layer casts its GEMM inputs (activations, weights, and in backward the
+gradients) to 8-bit floats with a per-tensor or per-block scale. The products accumulate in higher
+precision. Weights, optimizer state and everything outside TE's modules stay in bf16/fp32. The recipe
+(`make_recipe`) decides where the scales come from. `fp8_autocast` wraps the forward pass only; TE
+runs the matching backward itself. `fp8_evidence` reads TE's scaling state, so a run can show FP8 ran.
 """
 
 import contextlib
@@ -47,11 +32,20 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
                 fp8_attention: bool = False, attention_layout: str = "thd"):
     """TE recipe object for a recipe name, after checking this GPU supports it.
 
+    - `delayed`: DelayedScaling, scales from an amax history of `amax_history_len` steps. Cheapest;
+      Hopper and Ada.
+    - `current`: Float8CurrentScaling, each tensor's scale from its own amax at cast time.
+    - `block`: Float8BlockScaling, 1x128 / 128x128 block scales (Hopper).
+    - `mxfp8`: MXFP8BlockScaling, 32-element microscaling (Blackwell only).
+
+    `fp8_attention` (opt-in, `delayed` and `current` only) runs attention in FP8 too. TE casts Q, K, V
+    and the softmax output to FP8 for cuDNN's FP8 fused attention (TE's `fp8_dpa`, a beta feature).
+    Without it, attention stays bf16 between FP8 projections.
+
     `fp8_format` applies to the per-tensor recipes: "hybrid" (E4M3 forward, E5M2 gradients) or
-    "e4m3" (both); the block recipes are E4M3 by construction. `fp8_attention` runs the attention in FP8
-    too (per-tensor recipes only); `attention_layout` is the layout the attention will be called in (the
-    limits above are THD's; TE's batch- and sequence-major layouts, "bshd" and "sbhd", train FP8 attention
-    on Hopper with cuDNN 9.2.1+, which TE checks itself).
+    "e4m3" (both); the block recipes are E4M3 by construction. `attention_layout` is the layout the
+    attention will be called in. The limits checked here are THD's: TE's batch- and sequence-major
+    layouts ("bshd", "sbhd") train FP8 attention on Hopper with cuDNN 9.2.1+, which TE checks itself.
     """
     if name not in RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is unknown (choose from {', '.join(RECIPES)})")
@@ -104,7 +98,11 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
 
 def fp8_autocast(recipe: str | None, *, amax_history_len: int = 1024, fp8_format: str = "hybrid",
                  fp8_attention: bool = False, attention_layout: str = "thd", group=None):
-    """Context for the forward pass: FP8 with the named recipe, or nothing when `recipe` is None."""
+    """Context for the forward pass: FP8 with the named recipe, or nothing when `recipe` is None.
+
+    Token counts must be divisible by 16 (TE's FP8 GEMM constraint); `pad_to_multiple` pads a batch.
+    `group` is the process group the amax is reduced over.
+    """
     if recipe is None or recipe == "none":
         return contextlib.nullcontext()
     import transformer_engine.pytorch as te

@@ -1,22 +1,10 @@
 """The LM head's three GEMMs in FP8 (opt-in): `torch._scaled_mm` with per-tensor scales.
 
-With a 128k vocabulary the head is a quarter of an 8B-shape step's FLOPs and, unlike the decoder
-layers, stays in bf16 under TE's autocast. This runs its GEMMs on the FP8 tensor cores instead, the way
-TE's HYBRID recipes do inside the layers:
-
-- forward  logits = h @ W.T       h, W in E4M3, each scaled by its own amax (current scaling)
-- input gradient  dh = dlogits @ W    dlogits in E5M2
-- weight gradient dW = dlogits.T @ h  accumulated in fp32 over chunks (one chunk: written in bf16)
-
-`softmax - onehot` is bounded by 1 in magnitude, so the gradient's scale is fixed: the loss kernel writes
-`(softmax - onehot) * 2**15` (`grad_divisor`, a power of two: exact) straight into an E5M2 buffer,
-within its range (max 57344) with no amax pass, no bf16 gradient and no separate cast, and the GEMMs
-undo `divisor * 2**15`. Logits come out in bf16 and the loss itself (log-sum-exp, softmax) runs in fp32
-as on the bf16 path.
-
-Opt-in because the head's FP8 rounding reaches the logits directly (no later layer averages it out):
-the bf16 head is the default, and `bench/train_step.py` measures both. `_scaled_mm` needs every GEMM
-dimension divisible by 16, so a chunk's rows are zero-padded to 16; padding rows carry no gradient.
+With a 128k vocabulary the head is a large share of a step's FLOPs. Unlike the decoder layers, it stays
+bf16 under TE's autocast. This runs its GEMMs on the FP8 tensor cores, as TE's HYBRID recipes do
+inside the layers (`FP8HeadGemms` has the details). It is opt-in because the head's FP8 rounding
+reaches the logits directly, with no later layer to average it out. The bf16 head is the default;
+`bench/train_step.py` measures both.
 """
 
 from __future__ import annotations
@@ -43,7 +31,19 @@ def _padded_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class FP8HeadGemms:
-    """The FP8 counterpart of `te_model.loss.HeadGemms`, for one forward pass of the loss."""
+    """The FP8 counterpart of `te_model.loss.HeadGemms`, for one forward pass of the loss.
+
+    - forward          logits = h @ W.T       h, W in E4M3, each scaled by its own amax
+    - input gradient   dh = dlogits @ W       dlogits in E5M2
+    - weight gradient  dW = dlogits.T @ h     accumulated in fp32 over chunks (one chunk: bf16)
+
+    `softmax - onehot` is bounded by 1 in magnitude, so the gradient's scale is fixed. The loss kernel
+    writes `(softmax - onehot) * 2**15` straight into an E5M2 buffer (`grad_divisor`; a power of two, so
+    exact). That stays within E5M2's range with no amax pass, no bf16 gradient and no separate cast. The
+    GEMMs undo `divisor * 2**15`. Logits come out in bf16, and the loss itself runs in fp32 as on the
+    bf16 path. `_scaled_mm` needs every GEMM dimension divisible by 16, so a chunk's rows are
+    zero-padded to 16; padding rows carry no gradient.
+    """
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, divisor: float):
         for name, size in (("hidden size", weight.shape[1]), ("vocabulary", weight.shape[0])):

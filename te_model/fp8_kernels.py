@@ -1,17 +1,10 @@
-"""The FP8 head's casts and transposes in one pass each over memory, where Triton can run.
+"""The FP8 head's transposes and scaled casts, each one pass over memory where Triton can run.
 
-Hopper's FP8 GEMMs take both operands K-major, so each of the head's GEMMs wants a different layout of
-the same FP8 tensor: the weight as (V, H) for the logits and as (H, V) for the input gradient, the loss's
-gradient (N, V) as (V, N) for the weight gradient. torch's `.t().contiguous()` on a 1-byte tensor runs a
-generic strided copy, far from the memory's speed (docs/log/2026-12-01-step-kernels-fp8-head.md).
-`transpose` here copies square tiles, reading and writing whole lines of them.
-
-`scaled_cast(t, scale, dtype)` is `(t / scale).to(dtype)` in one kernel: torch divides by a 0-dim device
-tensor in a non-vectorised kernel and writes a bf16 quotient that is read again for the cast (rounding
-twice, where this rounds once from fp32).
-
-Both fall back to torch where Triton cannot run (CPU tensors, no Triton); `TRITON_INTERPRET=1` runs the
-kernels on the CPU for the tests.
+Hopper's FP8 GEMMs take both operands K-major, so each of the head's three GEMMs wants its own layout of
+the same FP8 tensor. torch's `.t().contiguous()` on 1-byte elements is a slow generic strided copy;
+`transpose` copies square tiles instead. `scaled_cast` divides and casts in one kernel, rounding once
+from fp32 where torch rounds twice. Both fall back to torch where Triton cannot run (CPU tensors, no
+Triton); `TRITON_INTERPRET=1` runs the kernels on the CPU for the tests.
 """
 
 from __future__ import annotations
@@ -52,7 +45,12 @@ def _usable(t: torch.Tensor) -> bool:
 
 
 def transpose(t: torch.Tensor) -> torch.Tensor:
-    """`t.t().contiguous()` of a 2-D tensor of 1-byte elements (FP8)."""
+    """`t.t().contiguous()` of a 2-D tensor of 1-byte elements (FP8).
+
+    The head needs the weight as (V, H) for the logits and as (H, V) for the input gradient. It needs
+    the loss's gradient (N, V) as (V, N) for the weight gradient. Each program copies one square tile,
+    reading and writing whole lines of it.
+    """
     if t.dim() != 2 or t.element_size() != 1 or not _usable(t):
         return t.t().contiguous()
     rows, cols = t.shape
@@ -64,7 +62,11 @@ def transpose(t: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`t / scale` in `dtype` (FP8), rounded once from fp32; `scale` a 0-dim fp32 tensor on t's device."""
+    """`t / scale` in `dtype` (FP8), rounded once from fp32; `scale` a 0-dim fp32 tensor on t's device.
+
+    torch divides by a 0-dim device tensor in a non-vectorised kernel. It writes a bf16 quotient that is
+    read again for the cast, so it rounds twice; this kernel reads `t` once and rounds once.
+    """
     if not _usable(t):
         return (t.float() / scale).to(dtype)
     out = torch.empty(t.shape, dtype=dtype, device=t.device)

@@ -1,14 +1,9 @@
 """The Llama decoder layer, TE-shaped, and its pure-PyTorch backend.
 
-`TorchLlamaDecoderLayer` is what runs where Transformer Engine cannot (no CUDA, no TE wheel): the same
-parameters under the same names and shapes as `te.pytorch.TransformerLayer` with RMSNorm, SwiGLU, no
-bias and unfused Q/K/V, and the same math as HF's `LlamaDecoderLayer`. Because the names match, one
-weight table (`weights.py`) serves both backends, and a checkpoint trained on either loads into the other.
-
-`DecoderCall` is the part both backends share: the call signature transformers 5.x uses for decoder
-layers, the refusal of a KV cache, the attention plan, and activation checkpointing that
-`model.gradient_checkpointing_enable()` switches on (HF sets `gradient_checkpointing` on every module
-that has the attribute).
+`TorchLlamaDecoderLayer` runs where Transformer Engine cannot (no CUDA, no TE wheel). It has the
+parameters of `te.pytorch.TransformerLayer`, under the same names and shapes, and the math of HF's
+`LlamaDecoderLayer`. Because the names match, one weight table (`weights.py`) serves both backends,
+and a checkpoint trained on either loads into the other. `DecoderCall` is what both backends share.
 """
 
 import torch
@@ -40,7 +35,12 @@ def _standalone_plan(hidden_states, attention_mask, position_ids) -> AttentionPl
 
 
 class DecoderCall:
-    """HF decoder-layer call contract, shared by both backends. Subclasses implement `_block`."""
+    """HF decoder-layer call contract, shared by both backends. Subclasses implement `_block`.
+
+    It holds the call signature transformers 5.x uses for decoder layers, the refusal of a KV cache, the
+    attention plan, and activation checkpointing. `model.gradient_checkpointing_enable()` switches that
+    on: HF sets `gradient_checkpointing` on every module that has the attribute.
+    """
 
     gradient_checkpointing = False
 

@@ -1,16 +1,9 @@
 """`TELlamaDecoderLayer`: HF's Llama decoder layer as a Transformer Engine `TransformerLayer`.
 
-Importing this module imports Transformer Engine; `te_model` only does so when the TE backend is
-chosen. The LlamaConfig → TransformerLayer mapping follows HF's layer exactly: RMSNorm with HF's eps,
-SwiGLU with fc1 = [gate; up], no biases, GQA through `num_gqa_groups`, unfused Q/K/V weights (so HF
-checkpoints map tensor by tensor), dropout off.
-
-Attention runs in TE's THD layout: the (B, S) batch is flattened to B*S tokens and `cu_seqlens` marks
-the segments of the `AttentionPlan`. That is the one layout in which plain rows, left/right padding and
-packed documents are the same call to TE's fused attention; BSHD could express packed documents only
-through a dense (S, S) "arbitrary" mask, which falls back to unfused attention. RoPE comes from the
-model's HF rotary module as an angle table (`rope.angles_table`); TE's fused RoPE indexes it by the
-position within each segment.
+Importing this module imports Transformer Engine; `te_model` does so only when the TE backend is
+chosen. The LlamaConfig → TransformerLayer mapping follows HF's layer exactly, so HF checkpoints map
+tensor by tensor. Attention runs in TE's THD layout, the one layout in which plain, padded and packed
+rows are the same call to TE's fused attention.
 """
 
 import torch
@@ -22,7 +15,16 @@ from .segments import AttentionPlan
 
 
 class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
-    """Drop-in replacement for `LlamaDecoderLayer` built on `te.pytorch.TransformerLayer`."""
+    """Drop-in replacement for `LlamaDecoderLayer` built on `te.pytorch.TransformerLayer`.
+
+    The mapping: RMSNorm with HF's eps, SwiGLU with fc1 = [gate; up], no biases, GQA through
+    `num_gqa_groups`, unfused Q/K/V weights, dropout off.
+
+    Attention: the (B, S) batch is flattened to B*S tokens, and `cu_seqlens` marks the segments of the
+    `AttentionPlan`. BSHD could express packed documents only through a dense (S, S) "arbitrary" mask,
+    which falls back to unfused attention. RoPE comes from the model's HF rotary module as an angle table
+    (`rope.angles_table`); TE's fused RoPE indexes it by the position within each segment.
+    """
 
     wants_rope_angles = True  # SegmentedLlamaModel adds TE's angle table to the plan
 

@@ -1,25 +1,10 @@
 """Causal-LM cross-entropy straight from the last hidden states, without a (batch, seq, vocab) logits tensor.
 
-Why it exists: with Llama 3's 128,256-token vocabulary the logits are the largest activation of the
-model. HF's `LlamaForCausalLM` computes them in bf16 for every position, casts them to fp32 for the loss,
-and cross-entropy's backward makes one more fp32 tensor of the same size: about 8 GiB each for 8 x 2048
-tokens. Here only the positions that are scored (label not -100) are projected, a chunk of tokens at a
-time, and each chunk's gradients are computed as soon as its logits are:
-
-    logits = h @ W.T              (c, V) in the weight's dtype; the math below runs in fp32
-    loss  += logsumexp(logits) - logits[target]
-    dlogits = softmax(logits) - onehot(target), scaled by 1 / tokens, written over the logits
-    dh = dlogits @ W ;  dW += dlogits.T @ h
-
-The middle two lines are one Triton kernel on a GPU (`te_model.ce_kernel`): it reads each bf16 logit
-twice and writes its gradient once, so the loss never makes an fp32 copy of the logits.
-
-The forward pass does the backward's two matmuls, so there is no recomputation and no extra FLOPs; the
-backward pass only scales the stored gradients by the incoming gradient. Peak memory is one chunk's
-logits (`CHUNK_ELEMENTS`) plus the gradients, whatever the batch. The semantics are HF's
-`ForCausalLMLoss`: position t predicts label t+1, -100 is ignored, and the loss is the mean over scored
-tokens (or the sum divided by `num_items_in_batch` when given, as HF's Trainer does under gradient
-accumulation).
+With Llama 3's 128,256-token vocabulary the logits are the model's largest activation. HF makes them in
+bf16 for every position, casts them to fp32 for the loss, and the backward makes one more fp32 copy.
+Here only the scored positions are projected, a chunk of tokens at a time, and each chunk's gradients
+are computed as soon as its logits are. Peak memory is one chunk's logits plus the gradients, whatever
+the batch. The semantics are HF's `ForCausalLMLoss` (`causal_lm_loss` has both).
 """
 
 from __future__ import annotations
@@ -116,9 +101,12 @@ def _fp32_gemm_here(a: torch.Tensor) -> bool:
 
 
 def _gemm_fp32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b in fp32, added into `acc` when given (and returned). On CUDA with bf16/fp16 operands it is
-    one GEMM with an fp32 output (cuBLAS with an fp32 C matrix), instead of a (V, H) product written in
-    the operands' dtype and then upcast or added: for a 128k x 4096 head about 6 GB less memory traffic."""
+    """a @ b in fp32, added into `acc` when given (and returned).
+
+    On CUDA with bf16/fp16 operands it is one GEMM with an fp32 output (cuBLAS with an fp32 C matrix).
+    That avoids writing a (V, H) product in the operands' dtype and then upcasting or adding it: for a
+    128k x 4096 head, about 6 GB less memory traffic.
+    """
     if _fp32_gemm_here(a):
         try:
             if acc is None:
@@ -131,9 +119,12 @@ def _gemm_fp32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None
 
 
 def _chunk_tokens(vocab_size: int, device: torch.device) -> int:
-    """Scored tokens per chunk: CHUNK_ELEMENTS logits, four times that where the Triton kernel keeps them
-    in bf16 with no fp32 copy (8,372 tokens of a 128k vocabulary: one chunk for most micro-batches, so
-    the head's weight gradient is one GEMM, written once in bf16 instead of accumulated in fp32)."""
+    """Scored tokens per chunk: CHUNK_ELEMENTS logits, or four times that with the Triton kernel.
+
+    The kernel keeps the logits in bf16 with no fp32 copy, so a chunk can be larger: 8,372 tokens of a
+    128k vocabulary. That is one chunk for most micro-batches, so the head's weight gradient is one GEMM,
+    written once in bf16 instead of accumulated in fp32.
+    """
     elements = CHUNK_ELEMENTS * (4 if device.type == "cuda" and triton_available() else 1)
     return max(1, elements // vocab_size)
 
@@ -173,6 +164,19 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     in FP8 (`te_model.fp8_head`); off by default, the head stays in the weight's dtype. `scored`: the
     labels' `scored_tokens`, found beforehand (the training loop finds them on the host); None finds them
     here.
+
+    Per chunk of c scored tokens:
+
+        logits = h @ W.T              (c, V) in the weight's dtype; the math below runs in fp32
+        loss  += logsumexp(logits) - logits[target]
+        dlogits = softmax(logits) - onehot(target), scaled by 1 / tokens, written over the logits
+        dh = dlogits @ W ;  dW += dlogits.T @ h
+
+    The middle two lines are one Triton kernel on a GPU (`te_model.ce_kernel`). The forward pass does the
+    backward's two matmuls, so nothing is recomputed; the backward only scales the stored gradients.
+    Semantics are HF's `ForCausalLMLoss`: position t predicts label t+1 and -100 is ignored. The loss is
+    the mean over scored tokens, or the sum divided by `num_items_in_batch` when given (as HF's Trainer
+    does under gradient accumulation).
     """
     if scored is None:
         scored = scored_tokens(labels)

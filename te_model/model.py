@@ -1,19 +1,10 @@
 """Building HF's `LlamaForCausalLM` with TE-style decoder layers.
 
-`replace_decoder` swaps, for the duration of a `with` block, the two classes transformers' Llama module
-instantiates by name:
-
-- `LlamaDecoderLayer` → the chosen backend's layer (`TELlamaDecoderLayer` or `TorchLlamaDecoderLayer`);
-- `LlamaModel` → `SegmentedLlamaModel`, which computes the attention plan (and TE's RoPE angles) once per
-  forward and hands it to every layer, and declares the new layers to HF's output recorder so
-  `output_hidden_states=True` returns every layer's output.
-
-Everything else (embeddings, final norm, LM head, `save_pretrained` of the config, Trainer integration)
-is HF's own. The originals are restored on exit, also when the body raises.
-
-`build_model` makes a `TELlamaForCausalLM`: HF's class, except that a training forward pass (training
-mode, gradients on, labels given) computes the loss from the hidden states without logits
-(`te_model.loss`), and returns `logits=None`.
+`replace_decoder` swaps, inside a `with` block, the two classes transformers' Llama module instantiates
+by name: the decoder layer (for the chosen backend's) and `LlamaModel` (for `SegmentedLlamaModel`,
+which plans attention once per forward). Everything else (embeddings, final norm, LM head, Trainer
+integration) is HF's own. `build_model` makes a `TELlamaForCausalLM`, whose training forward pass
+computes the loss without logits (`te_model.loss`).
 """
 
 import contextlib
@@ -36,7 +27,11 @@ _MASK_IN_PLAN = torch.empty(0, 0, 0, 0, dtype=torch.bool)  # HF passes a 4-D mas
 
 
 class SegmentedLlamaModel(modeling_llama.LlamaModel):
-    """HF's LlamaModel, planning attention once per forward for its TE-style layers."""
+    """HF's LlamaModel, planning attention once per forward for its TE-style layers.
+
+    It hands the plan (and TE's RoPE angles) to every layer. It declares the new layers to HF's output
+    recorder, so `output_hidden_states=True` returns every layer's output.
+    """
 
     _can_record_outputs = {"hidden_states": DecoderCall}
 
@@ -52,7 +47,7 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
         **kwargs,
     ):
         """`attention_plan`: the batch's plan made beforehand (`prepare_batch`, or `plan_attention` on the
-        host's position ids, then `.to(device)`), which saves the two host syncs of planning on the device;
+        host's position ids, then `.to(device)`). It saves the two host syncs of planning on the device.
         None plans here (on the host when neither position ids nor a mask are given)."""
         # A cache asked for (newer transformers' generate passes use_cache=True and no cache yet) or handed
         # in is refused; use_cache=None/False, the patched config's default, runs without one.
@@ -137,7 +132,10 @@ class TELlamaForCausalLM(LlamaForCausalLM):
 
 @contextlib.contextmanager
 def replace_decoder(backend: str = "auto"):
-    """Within the block, `LlamaForCausalLM(config)` builds TE-style layers of `backend`."""
+    """Within the block, `LlamaForCausalLM(config)` builds TE-style layers of `backend`.
+
+    The originals are restored on exit, also when the body raises.
+    """
     layer_cls = decoder_layer_class(backend)
     saved = modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaModel
     modeling_llama.LlamaDecoderLayer = layer_cls

@@ -1,16 +1,10 @@
 """Rotary position embeddings, taken from the model's own HF rotary module.
 
 HF computes the inverse frequencies for the config's rope type (theta, linear scaling, Llama 3.1's
-wavelength-dependent scaling) once per model in `LlamaModel.rotary_emb`. Both backends reuse that
-result instead of re-deriving it, so Llama 3 (theta 5e5) and Llama 3.1 (llama3 scaling) come out exactly
-as HF has them:
-
-- the torch backend takes the `(cos, sin)` HF passes every decoder layer;
-- Transformer Engine wants the rotation angles instead, so `angles_table` turns `inv_freq` into the
-  `[seq, 1, 1, head_dim]` tensor TE's fused RoPE reads, once per forward, on the module's device.
-
-Rope types whose cos/sin carry an attention scale (yarn, longrope) or that change with sequence length
-(dynamic) cannot be expressed as TE angles; they are refused at model build time.
+scaling) once per model, in `LlamaModel.rotary_emb`. Both backends reuse that result, so Llama 3 and
+3.1 come out exactly as HF has them. The torch backend takes the `(cos, sin)` HF passes every layer;
+TE wants rotation angles, which `angles_table` makes from `inv_freq` once per forward. Rope types that
+TE angles cannot express (yarn, longrope, dynamic) are refused at model build time (`rope_type`).
 """
 
 import torch
@@ -23,7 +17,11 @@ class UnsupportedRopeError(ValueError):
 
 
 def rope_type(config) -> str:
-    """The config's rope type, checked against what both backends reproduce exactly."""
+    """The config's rope type, checked against what both backends reproduce exactly.
+
+    Rope types whose cos/sin carry an attention scale (yarn, longrope), or that change with sequence
+    length (dynamic), cannot be expressed as TE angles.
+    """
     params = getattr(config, "rope_parameters", None) or {}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in SUPPORTED_ROPE_TYPES:

@@ -1,33 +1,11 @@
 """Which tokens attend to which: one description for plain, padded and packed rows.
 
-Every row of a batch is cut into *segments*, runs of consecutive tokens that attend causally to each
-other and to nothing else:
-
-- no mask, positions 0..S-1: one segment per row (plain causal);
-- an HF padding mask (left or right padding): the padding and the real tokens are separate segments,
-  so real tokens never see padding (what the padding tokens compute is ignored, as in HF);
-- packed rows: a new segment starts wherever `position_ids` do not continue by +1, i.e. where a
-  document restarts at 0.
-
-That single rule feeds both backends: the torch layer turns it into a block-diagonal causal mask, and the
-TE layer hands the same boundaries to its THD attention as `cu_seqlens`. The plan is made once per
-model forward (`SegmentedLlamaModel`), not per layer: made on a GPU, its segment starts and `max_seqlen`
-cost host syncs. The training loop makes it beforehand from the host's position ids and hands it in
-(`AttentionPlan.to`), which costs none.
-
-`max_seqlen` is the longest segment rounded up to a power of two (at least `MAX_SEQLEN_ALIGN`, 64, and
-never past the row length rounded up to 64; `bucket_max_seqlen`). Transformer Engine re-selects its
-attention backend in Python for every distinct value it is handed; with packed rows the exact longest
-document differs from batch to batch, so exact values would cost that selection nearly every step.
-Rounded, a 4096-token row has at most seven values, each selected once. (TE 2.20's cuDNN graph cache for
-THD keys on bucketed token and segment counts, not on `max_seqlen`.)
-
-The number of segments changes from batch to batch too, and TE compares it as well (it is the THD batch
-size): every new count re-runs TE's backend selection in Python, once per step with packed rows (seen
-with `NVTE_DEBUG=1`; TE's cuDNN graph cache buckets the count itself). So `cu_seqlens` is padded with empty
-segments at the end (the last offset repeated) up to the next power of two segments: a batch of 100 to
-400 documents shows TE three counts, not hundreds. Empty segments change no output or gradient. Plain
-rows (one segment per row) need no padding; their count is the batch size.
+Every row is cut into segments: runs of consecutive tokens that attend causally to each other only.
+A padded row is split into its padding and its real tokens; a packed row starts a new segment where
+`position_ids` restart. The torch layer turns the segments into a block-diagonal causal mask; the TE
+layer hands the same boundaries to its THD attention as `cu_seqlens`. The plan is made once per model
+forward, from the host's position ids, so it costs no host sync. `max_seqlen` and the segment count
+are bucketed to powers of two, so TE re-selects its attention backend only a few times per run.
 """
 
 import dataclasses
@@ -41,7 +19,13 @@ MAX_SEQLEN_ALIGN = 64
 
 def bucket_max_seqlen(longest: int, row_length: int) -> int:
     """The `max_seqlen` handed to TE: the next power of two at or above the longest segment (at least
-    `MAX_SEQLEN_ALIGN`), never past the row length rounded up to `MAX_SEQLEN_ALIGN`."""
+    `MAX_SEQLEN_ALIGN`), never past the row length rounded up to `MAX_SEQLEN_ALIGN`.
+
+    TE re-selects its attention backend in Python for every distinct value it is handed. With packed
+    rows the exact longest document differs from batch to batch, so exact values would cost that
+    selection nearly every step. Rounded, a 4096-token row has at most seven values, each selected once.
+    (TE 2.20's cuDNN graph cache for THD keys on bucketed token and segment counts, not on `max_seqlen`.)
+    """
     bucket = max(MAX_SEQLEN_ALIGN, 1 << (longest - 1).bit_length())
     return min(bucket, -(-row_length // MAX_SEQLEN_ALIGN) * MAX_SEQLEN_ALIGN)
 
@@ -112,7 +96,21 @@ def plan_attention(
     attention_mask: torch.Tensor | None = None,
     device: torch.device | None = None,
 ) -> AttentionPlan:
-    """Cut each row into causal segments from its position ids and padding mask."""
+    """Cut each row into causal segments from its position ids and padding mask.
+
+    - no mask, positions 0..S-1: one segment per row (plain causal);
+    - an HF padding mask (left or right): padding and real tokens are separate segments, so real tokens
+      never see padding (what padding tokens compute is ignored, as in HF);
+    - packed rows: a new segment starts wherever `position_ids` do not continue by +1.
+
+    Made on a GPU, the plan's segment starts and `max_seqlen` cost host syncs. The training loop makes
+    it on the host and hands it in (`AttentionPlan.to`), which costs none.
+
+    The segment count is TE's THD batch size, and every new count re-runs TE's backend selection too.
+    So `cu_seqlens` is padded with empty segments (the last offset repeated) up to the next power of
+    two: a batch of 100 to 400 documents shows TE three counts, not hundreds. Empty segments change no
+    output or gradient. Plain rows (one segment per row) need no padding.
+    """
     if position_ids is None:
         position_ids = torch.arange(seqlen, device=device)[None]
     position_ids = position_ids.expand(batch, seqlen)
@@ -132,7 +130,7 @@ def plan_attention(
     cu_seqlens = torch.cat([flat_starts, total]).to(torch.int32)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     segments = len(lengths)
-    if segments != batch:  # empty segments up to a power of two (see the module doc)
+    if segments != batch:  # empty segments up to a power of two (see the docstring)
         empty = (1 << (segments - 1).bit_length()) - segments
         cu_seqlens = torch.cat([cu_seqlens, cu_seqlens[-1:].expand(empty)])
     return AttentionPlan(

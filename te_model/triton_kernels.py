@@ -1,10 +1,9 @@
 """Triton kernels: built on first use where Triton imports, and the tensors they run on.
 
-A kernel module hands `lazy_kernel` a function that defines its `@triton.jit` kernel from the `triton`
-and `triton.language` modules; the kernel is made on the first call and kept, and the call returns None
-where Triton cannot be imported, so importing the module never needs Triton. `runs_on` says whether a
-kernel can take a tensor: a CUDA tensor, or any tensor under `TRITON_INTERPRET=1`, Triton's interpreter,
-which the CPU tests use.
+A kernel module hands `lazy_kernel` a function that defines its `@triton.jit` kernel. The kernel is
+made on the first call and kept; the call returns None where Triton cannot be imported. So importing a
+kernel module never needs Triton. `runs_on` says whether a kernel can take a tensor: a CUDA tensor, or
+any tensor under `TRITON_INTERPRET=1` (Triton's interpreter, which the CPU tests use).
 """
 
 from __future__ import annotations

@@ -1,29 +1,10 @@
 """The job: data-prep → train → eval → export under one MLflow parent run, each stage re-runnable alone.
 
-What this module decides:
-- A job is identified by `run.name` under `run.output_uri`. Its small state file
-  (`{output_uri}/jobs/{name}/state.json`) records the MLflow parent run and each stage's outputs, so
-  `--stages eval` later finds the checkpoint that `train` wrote and logs under the same parent.
-- Each stage execution is a nested MLflow run carrying the resolved config, seed and code version.
-- The driver process only orchestrates. Training runs in Ray Train workers; eval and export run as one
-  Ray task that asks for a GPU when training did, so big models never load on the head node.
-- Eval records what its scores are of (tags `eval.val_uri`, `eval.data_hash`), and with `eval.champion`
-  set also scores that registered version on the same rows (`champion/...`): the retrain gate compares
-  only results over the same rows.
-- The parent and stage runs are tagged with what runs are compared by (`pipeline.tracking.run_tags`): precision,
-  model, data fingerprint at the start of every invocation; hardware once training ran (its nodes are
-  up by then) on the parent, the train run and the stage runs after it.
-- Bad input leaves no trace. Before the job writes anything (MLflow runs, its state file, Ray), the
-  inputs are checked (`pipeline.job.preflight`) and the data is prepared, since tokenizing is where bad
-  records show; prepared data goes to a content-addressed cache folder only once it is complete. The
-  data stage's MLflow run then records what preparation found.
-- Every failure surfaces as one line naming the stage and the reason (`JobError`), or the bad input
-  (`PipelineError`); `jobs/finetune.py` turns it into an exit code.
-- Submitting a job again under the same `run.name` resumes it: same parent run, training from its latest
-  checkpoint. A stage whose driver was killed mid-way (its MLflow run left RUNNING, recorded in the state
-  file) carries on in that same run, so the train stage keeps one metric history. A run name stands for
-  one run: submitting it with another base model, seed or training data (`IDENTITY_KEYS`) is refused
-  rather than resuming that run's checkpoints; a new run name starts a new run.
+A job is identified by `run.name` under `run.output_uri`. Its state file
+(`{output_uri}/jobs/{name}/state.json`) records the parent run and each stage's outputs, so a later
+`--stages eval` finds what `train` wrote. The driver only orchestrates: training runs in Ray Train
+workers, eval and export in a Ray task with a GPU when training had one. Bad input leaves no trace:
+inputs are checked and the data prepared before anything is written. `run_job` has the rules.
 """
 
 from __future__ import annotations
@@ -224,6 +205,25 @@ def run_job(cfg: Config, stages: list[str], code_version: dict, echo=print,
 
     Inputs are checked and the data prepared first; `connect` (e.g. starting Ray) and opening the job
     come after, so a bad input raises PipelineError or JobError("data: ...") with nothing written.
+
+    - Each stage execution is a nested MLflow run carrying the resolved config, seed and code version.
+    - Checks (`pipeline.job.preflight`) and data preparation come before the job writes anything (MLflow
+      runs, its state file, Ray): tokenizing is where bad records show. Prepared data goes to a
+      content-addressed cache folder only once it is complete. The data stage's MLflow run then records
+      what preparation found.
+    - Eval records what its scores are of (tags `eval.val_uri`, `eval.data_hash`). With `eval.champion`
+      set it also scores that registered version on the same rows (`champion/...`), so the retrain gate
+      compares only results over the same rows.
+    - Runs are tagged with what runs are compared by (`pipeline.tracking.run_tags`). Precision, model and data
+      fingerprint are tagged at the start of every invocation. Hardware is tagged once training ran (its
+      nodes are up by then), on the parent, the train run and the stage runs after it.
+    - Every failure is one line naming the stage and the reason (`JobError`), or the bad input
+      (`PipelineError`); `jobs/finetune.py` turns it into an exit code.
+    - Submitting a job again under the same `run.name` resumes it: same parent run, training from its
+      latest checkpoint. A stage whose driver was killed mid-way (its MLflow run left RUNNING, recorded in
+      the state file) carries on in that same run, so the train stage keeps one metric history.
+    - A run name stands for one run. Submitting it with another base model, seed or training data
+      (`IDENTITY_KEYS`) is refused rather than resuming that run's checkpoints.
     """
     ensure_demo_base(cfg)
     preflight.check_inputs(cfg, stages)

@@ -1,14 +1,10 @@
 """Where a job's relative output locations resolve when it runs under `ray job submit --working-dir`.
 
-Why it exists: Ray unpacks the submitted working directory into a per-job temporary folder
-(`.../runtime_resources/working_dir_files/_ray_pkg_<hash>/`) and deletes it later. A relative
-`run.output_uri` (checkpoints, exports, prepared data), `run.cache_dir` or local `tracking.uri` (the
-MLflow store) resolved there would vanish with it. Under such a job they resolve against a base that
-lasts instead: $FINETUNE_BASE_DIR when set (pass it in the job's runtime env), else `~/finetune` of
-the user the job runs as. Absolute paths, s3:// and http(s):// locations are left alone, and so are
-inputs (`data.train_files` and the like ship with the working directory on purpose).
-
-The job prints one line saying where each moved location went.
+Ray unpacks the submitted working directory into a per-job temporary folder and deletes it later. A
+relative `run.output_uri`, `run.cache_dir` or local `tracking.uri` resolved there would vanish with it.
+Under such a job they resolve against a base that lasts: $FINETUNE_BASE_DIR when set, else
+`~/finetune` of the job's user. Absolute paths, s3:// and http(s):// locations are left alone, and so
+are inputs, which ship with the working directory on purpose. The job prints where each one went.
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
-"""FP8 requested but unable to run: stop before training starts, or, only when asked, train without it
-loudly.
+"""FP8 requested but unable to run: stop before training starts, or, only when asked, train without it.
 
-Why it exists: FP8 that silently does not happen (no GPU, Transformer Engine missing, a GPU without FP8
-tensor cores, or the pure-PyTorch layers, which have no FP8 path) gives a run that looks like an FP8 run
-and is not one. Finding out inside Ray Train costs a cluster start and ends in a worker traceback.
-
-What this module decides:
-- The question is asked where training runs: one Ray task with a training worker's resources (a GPU
-  when `train.use_gpu`) reports why the recipe cannot run there, before Ray Train starts. On a cluster
-  whose GPU nodes autoscale from zero, it waits for a GPU node just as Ray Train would.
-- By default an inactive FP8 request is a one-line PipelineError naming `train.fp8`, the reason and the
-  two ways out. With `train.fp8_fallback: true` the job logs a warning, trains with `train.fp8: none` in
-  `model.dtype` (bf16/fp32), and tags its MLflow runs `fp8.fallback=<reason>` so the run record says so.
-- `train.fp8_attention` (FP8 attention, which needs more than FP8 itself: Blackwell, cuDNN 9.23+) is asked the same way:
-  when FP8 can run and only its attention cannot, the error names `train.fp8_attention`, and the fallback
-  keeps FP8 in the linear layers and runs the attention in bf16 (tag `fp8.fallback=fp8_attention: ...`).
+FP8 that silently does not happen gives a run that looks like an FP8 run and is not one: no GPU, no
+Transformer Engine, a GPU without FP8, or the pure-PyTorch layers. Finding out inside Ray Train costs a
+cluster start and ends in a worker traceback. So one Ray task with a training worker's resources asks
+first, where training will run (`probe_workers`); on an autoscaling cluster it waits for a GPU node
+just as Ray Train would. `apply_fp8_policy` decides what happens then.
 """
 
 from __future__ import annotations
@@ -80,10 +70,16 @@ def probe_workers(cfg: Config) -> tuple[str | None, str | None]:
 
 def apply_fp8_policy(cfg: Config, reason: str | None, run_ids: list[str], tracking_uri: str | None,
                      attention_reason: str | None = None) -> Config:
-    """`cfg` when FP8 can run or was not asked for; else a PipelineError, or with train.fp8_fallback a copy
-    of `cfg` without FP8, after a warning and the `fp8.fallback` tag on `run_ids`. When FP8 can run but
-    `train.fp8_attention` cannot, the same choice for the attention alone: an error, or FP8 linear layers
-    with bf16 attention."""
+    """`cfg` when FP8 can run or was not asked for; else an error, or without FP8 when asked.
+
+    By default an FP8 request that cannot run is a one-line PipelineError naming `train.fp8`, the reason
+    and the two ways out. With `train.fp8_fallback: true`, the result is a copy of `cfg` with
+    `train.fp8: none`, after a warning and the `fp8.fallback=<reason>` tag on `run_ids`.
+
+    When FP8 can run but `train.fp8_attention` cannot (it needs Blackwell and cuDNN 9.23+), the same
+    choice holds for the attention alone. The error names `train.fp8_attention`; the fallback keeps FP8
+    in the linear layers and runs attention in bf16 (tag `fp8.fallback=fp8_attention: ...`).
+    """
     recipe, train = cfg.train.fp8, cfg.train
     if recipe == "none" or (reason is None and attention_reason is None):
         return cfg

@@ -1,23 +1,10 @@
 """Checks of a job's inputs that run before the job writes anything, so a bad input leaves no trace.
 
-Why it exists: a job that finds a bad base checkpoint inside a Ray worker has by then created an MLflow
-run, written its state file and started a cluster, and the error arrives wrapped in Ray's. These checks
-read only what is cheap to read: bucket heads, listings, config.json, the manifest and each safetensors
-header (ranged reads of a few KB, never the tensors). Each failure is one `PipelineError` line naming the
-config key, file or tensor and the fix. `pipeline.job.driver` runs them, then data preparation, and only then
-opens the job.
-
-What this module decides:
-- Buckets: the bucket of every s3 uri in the config must exist and answer to the credentials of the
-  environment. The job never creates a bucket.
-- The base checkpoint: config.json must be a Llama config the layers support. It is read as plain JSON
-  into `LlamaConfig`, so an `auto_map` naming custom code is ignored and never imported. Weights must be
-  safetensors: a folder holding only pickles (`pytorch_model.bin`) is refused, since unpickling runs
-  code. Every shard the index names must exist and be as long as its header says (a cut upload), every
-  tensor the index names must be in its shard, and every tensor must have the shape config.json implies.
-  With a manifest, every file it lists must have the listed size.
-- File contents (sha256 against the manifest) are checked where shards are downloaded
-  (`storage.pull_checkpoint`), not here: that would mean reading every byte twice.
+A bad base checkpoint found inside a Ray worker arrives after an MLflow run, a state file and a
+cluster exist, wrapped in Ray's error. These checks read only what is cheap: bucket heads, listings,
+config.json, the manifest and each safetensors header (a few KB, never the tensors). Each failure is
+one `PipelineError` line naming the key, file or tensor and the fix. The driver runs them, then data
+preparation, and only then opens the job.
 """
 
 from __future__ import annotations
@@ -79,7 +66,10 @@ def _storage_uris(cfg: Config) -> list[tuple[str, str]]:
 
 
 def check_buckets(cfg: Config, options: storage.StorageOptions) -> None:
-    """The bucket of each s3 uri exists and the environment's credentials may use it."""
+    """The bucket of each s3 uri exists and the environment's credentials may use it.
+
+    The job never creates a bucket.
+    """
     seen = set()
     for key, uri in _storage_uris(cfg):
         if not uri.startswith("s3://"):
@@ -206,7 +196,17 @@ class _Checkpoint:
 
 
 def check_base_checkpoint(uri: str, options: storage.StorageOptions) -> str:
-    """Check the HF checkpoint at `uri` without reading its tensors; returns a one-line summary."""
+    """Check the HF checkpoint at `uri` without reading its tensors; returns a one-line summary.
+
+    - config.json must be a Llama config the layers support. It is read as plain JSON into
+      `LlamaConfig`, so an `auto_map` naming custom code is ignored and never imported.
+    - Weights must be safetensors: a folder holding only pickles (`pytorch_model.bin`) is refused, since
+      unpickling runs code.
+    - Every shard the index names must exist and be as long as its header says (a cut upload). Every
+      tensor the index names must be in its shard, with the shape config.json implies.
+    - With a manifest, every file it lists must have the listed size. File contents (sha256) are checked
+      where shards are downloaded (`storage.pull_checkpoint`): here would read every byte twice.
+    """
     try:
         files = storage.list_files(uri, options)
     except PipelineError as exc:

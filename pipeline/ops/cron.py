@@ -1,21 +1,9 @@
 """When scheduled work runs: a five-field cron expression or a fixed interval, on an injectable clock.
 
-Why it exists: `jobs/retrain.py` keeps one process ticking on a schedule, and tests must drive that
-schedule through days of simulated time without waiting. So the clock (`now`) and the wait (`sleep`)
-are parameters, and the cron matching is a small pure parser instead of a dependency.
-
-What this module decides:
-- Cron has the five classic fields: minute hour day-of-month month day-of-week. Each field is `*`, a
-  number, a range `a-b`, a step `*/n` or `a-b/n`, or a comma list of those. Day-of-week 0 and 7 are
-  Sunday. Names (`mon`, `jan`) and the `@daily`-style shortcuts are not supported.
-- Day-of-month and day-of-week combine as in Vixie cron (and cronie), whose rule looks at each field's
-  FIRST CHARACTER, not at the days it expands to: if either field starts with `*` (`*`, `*/2`, `*,10`),
-  a day must match both; otherwise a day matches if either does. So `0 0 */2 * 1` runs on odd days
-  that are Mondays, `0 0 1-31/2 * 1` on odd days and on every Monday, and `0 0 10,* * 2` (not
-  starting with `*`) on every day.
-- Times are UTC (as a Kubernetes CronJob without a time zone); `now` must return an aware datetime.
-- An interval schedule ticks at once, then `every` seconds after each tick STARTED (a slow tick does not
-  push the whole schedule back); a cron schedule ticks at each matching minute after the start.
+`jobs/retrain.py` keeps one process ticking on a schedule, and tests must drive that schedule through
+days of simulated time without waiting. So the clock (`now`) and the wait (`sleep`) are parameters, and
+cron matching is a small pure parser (`Cron`) instead of a dependency. Times are UTC, as in a
+Kubernetes CronJob without a time zone; `now` must return an aware datetime.
 """
 
 from __future__ import annotations
@@ -69,7 +57,18 @@ def _parse_field(text: str, name: str, low: int, high: int) -> frozenset[int]:
 
 @dataclass(frozen=True)
 class Cron:
-    """A parsed five-field cron expression; `next_after(t)` is the first matching minute after t."""
+    """A parsed five-field cron expression; `next_after(t)` is the first matching minute after t.
+
+    Fields: minute hour day-of-month month day-of-week. Each is `*`, a number, a range `a-b`, a step
+    `*/n` or `a-b/n`, or a comma list of those. Day-of-week 0 and 7 are Sunday. Names (`mon`, `jan`) and
+    the `@daily`-style shortcuts are not supported.
+
+    Day-of-month and day-of-week combine as in Vixie cron (and cronie). Its rule looks at each field's
+    FIRST CHARACTER, not at the days it expands to. If either field starts with `*` (`*`, `*/2`, `*,10`),
+    a day must match both; otherwise a day matches if either does. So `0 0 */2 * 1` runs on odd days that
+    are Mondays, and `0 0 1-31/2 * 1` on odd days and on every Monday. `0 0 10,* * 2` (not starting with
+    `*`) runs on every day.
+    """
 
     expression: str
     minutes: frozenset[int]
@@ -117,7 +116,11 @@ class Cron:
 def run_schedule(tick: Callable[[], object], *, cron: Cron | None = None, every_s: float | None = None,
                  now: Callable[[], datetime] = utc_now, sleep: Callable[[float], None] = time.sleep,
                  max_ticks: int | None = None) -> None:
-    """Call `tick` on the schedule (exactly one of `cron`, `every_s`) until `max_ticks` ticks ran."""
+    """Call `tick` on the schedule (exactly one of `cron`, `every_s`) until `max_ticks` ticks ran.
+
+    An interval schedule ticks at once, then `every_s` seconds after each tick STARTED, so a slow tick
+    does not push the whole schedule back. A cron schedule ticks at each matching minute after the start.
+    """
     if (cron is None) == (every_s is None):
         raise PipelineError("a schedule needs exactly one of a cron expression and an interval")
     ticks = 0

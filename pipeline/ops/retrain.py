@@ -1,34 +1,10 @@
 """Scheduled retraining with a champion gate: retrain when the data changed, promote only what is better.
 
-One tick (`Retrainer.tick`):
-1. Fingerprint the training data (`pipeline.tracking.run_tags.data_fingerprint`: settings and file identities).
-2. If the newest DECIDED retrain of this job had that fingerprint, do nothing.
-3. Find or create the fingerprint's retrain record: an MLflow run (`pipeline.role=retrain`) whose tags
-   are this module's state: attempt, submission id, status, decision.
-4. Unless MLflow already holds the finished job, submit `python jobs/finetune.py ... --set
-   run.name=<job>-<fp12>` through Ray's Job Submission API with submission id `<job>-<fp12>-<attempt>`.
-   With a champion, the job also gets `eval.champion=models:/<model>/<champion version>`: its eval stage
-   scores the champion on the same held-out rows, with the same code, as the new model.
-   Ray refuses an id it has seen ("Job with submission_id ... already exists"): a restarted scheduler
-   then waits on the job it submitted before instead of starting a second one.
-5. Wait for the job. A failed job bumps the record's attempt and fails the tick; the next tick submits
-   the next attempt, which resumes the same job (same run.name) from its latest checkpoint.
-6. Read the job's eval run from MLflow: the new version's metric and the champion's (`champion/...`),
-   both over the same rows. A champion the job did not score (the alias moved since the submit) is an
-   error naming what to re-run, never a comparison across different held-out sets.
-7. Move the alias to the new version only if it is strictly better on the metric (lower or higher is
-   better, configurable); with no champion yet, the first version becomes champion.
-8. Write the decision (`promoted` or `kept`) to the record, with both scores (metrics `candidate/...` and
-   `champion/...`), the champion version and the rows they came from (tags `retrain.scored_on`,
-   `retrain.scored_data_hash`). That is step 2's "last successful run".
-
-Idempotence: the state is in MLflow (record tags, the job's runs, the alias) and in Ray (submission ids),
-never in this process. A crash between two steps repeats only the work after the last durable one:
-after the submit, Ray refuses the resubmit and the tick waits; after the job finished, MLflow holds it
-and nothing is submitted; after the alias moved, the champion IS the candidate, which is recorded as
-promoted instead of being compared against itself; after the record, the data is unchanged.
-Assumed: one scheduler per job (a CronJob with `concurrencyPolicy: Forbid`). Ray remembers submission
-ids per cluster; a cluster rebuilt from scratch forgets them, MLflow does not.
+A tick fingerprints the training data and does nothing if it is unchanged. Otherwise it submits the
+fine-tuning job through Ray's Job Submission API and waits for it. Its eval stage scores the new model
+and the current champion on the same rows. The registry alias moves only if the new model is strictly
+better. All state is in MLflow and Ray, never in this process, so a crashed scheduler can simply run
+again (`Retrainer` says how).
 """
 
 from __future__ import annotations
@@ -91,7 +67,19 @@ def _no_crash(point: str) -> None:
 
 @dataclass
 class Retrainer:
-    """Everything a tick needs; no state is kept between ticks."""
+    """Everything a tick needs; no state is kept between ticks.
+
+    Idempotence: the state is in MLflow (record tags, the job's runs, the alias) and in Ray (submission
+    ids), never in this process. A crash between two steps repeats only the work after the last durable
+    one:
+    - after the submit, Ray refuses the resubmit and the tick waits;
+    - after the job finished, MLflow holds it and nothing is submitted;
+    - after the alias moved, the champion IS the candidate: it is recorded as promoted, not compared
+      against itself;
+    - after the record, the data is unchanged.
+    Assumed: one scheduler per job (a CronJob with `concurrencyPolicy: Forbid`). Ray remembers submission
+    ids per cluster; a cluster rebuilt from scratch forgets them, MLflow does not.
+    """
 
     cfg: Config
     ray_client: object  # ray.job_submission.JobSubmissionClient
@@ -117,6 +105,31 @@ class Retrainer:
 
     # -------------------------------------------------------------------------------------------
     def tick(self) -> TickResult:
+        """One tick: submit a retrain when the data changed, and promote its model only if better.
+
+        1. Fingerprint the training data (`pipeline.tracking.run_tags.data_fingerprint`: settings and file
+           identities).
+        2. If the newest DECIDED retrain of this job had that fingerprint, do nothing.
+        3. Find or create the fingerprint's retrain record: an MLflow run (`pipeline.role=retrain`). Its
+           tags are the tick's state: attempt, submission id, status, decision.
+        4. Unless MLflow already holds the finished job, submit `python jobs/finetune.py ... --set
+           run.name=<job>-<fp12>` through Ray's Job Submission API, submission id
+           `<job>-<fp12>-<attempt>`. With a champion, the job also gets
+           `eval.champion=models:/<model>/<champion version>`: its eval stage scores the champion on the
+           same held-out rows, with the same code, as the new model. Ray refuses an id it has seen, so a
+           restarted scheduler waits on the job it submitted instead of starting a second one.
+        5. Wait for the job. A failed job bumps the record's attempt and fails the tick. The next tick
+           submits the next attempt, which resumes the same job (same run.name) from its checkpoint.
+        6. Read the job's eval run from MLflow: the new version's metric and the champion's
+           (`champion/...`), both over the same rows. A champion the job did not score (the alias moved
+           since the submit) is an error naming what to re-run. Scores over different held-out sets are
+           never compared.
+        7. Move the alias to the new version only if it is strictly better on the metric (lower or
+           higher is better, configurable). With no champion yet, the first version becomes champion.
+        8. Write the decision (`promoted` or `kept`) to the record, with both scores (metrics
+           `candidate/...` and `champion/...`), the champion version and the rows they came from (tags
+           `retrain.scored_on`, `retrain.scored_data_hash`). That is step 2's "last decided" retrain.
+        """
         fp = data_fingerprint(self.cfg)
         last = self._last_decided()
         if last is not None and last.data.tags[FINGERPRINT_TAG] == fp:

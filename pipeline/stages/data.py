@@ -1,30 +1,10 @@
 """Data preparation: raw documents in, packed token rows (parquet) out, cached by content hash.
 
-Why it exists: training wants fixed-length rows of `input_ids`, `labels` and `position_ids` so that no
-token of compute is wasted on padding and no document attends to another (te_model's packed-row
-convention). This stage turns text, instruction or chat records into such rows once, and stores them
-under `{run.output_uri}/data/{hash}/` so every later run with the same inputs reuses them. Reading the
-inputs and turning their records into documents is `pipeline.stages.sources`.
-
-Rules decided here (all recorded in stats.json):
-- Special tokens are added by these rules only, never by the tokenizer's own post-processor: BOS before
-  every document when `data.add_bos` (not doubled when the text or chat template already starts with
-  it), EOS after every document when `data.add_eos` (not doubled either).
-- Pad id: the tokenizer's pad token; if it has none (Llama 3), its EOS id. Pad positions are never
-  trained, so reusing EOS is safe; `pad_token_source` says which was used.
-- Labels are aligned with input_ids (the model shifts them). -100 marks untrained tokens: instruction
-  prompts, non-assistant chat text, padding, and the first token of every document, which nothing in
-  its own document can predict.
-- A document longer than `data.seq_len` is truncated (its EOS is lost with the tail) and counted; a
-  document is never split across rows. When every training document would be truncated, the settings
-  are wrong (seq_len far too short for the data), and preparation stops naming data.seq_len. Empty documents and documents left with no trained token are
-  dropped and counted.
-- Packing is best-fit decreasing; position ids restart at 0 for every document and for the trailing pad
-  segment, so a position id of 0 marks each segment start. Rows are then shuffled with `run.seed`.
-- Chat: each assistant turn is found by rendering the conversation prefix with the generation prompt;
-  pieces are tokenized separately, exactly as a prompt and its reply are tokenized at inference time.
-- Cache key: sha256 over every input file's bytes, the tokenizer files' bytes, the data settings that
-  change the output, `run.seed` and FORMAT_VERSION. File names and `data.num_proc` are not part of it.
+Training wants fixed-length rows of `input_ids`, `labels` and `position_ids`, so that no compute is
+wasted on padding and no document attends to another (te_model's packed-row convention). This stage
+turns text, instruction or chat records into such rows once. It stores them under
+`{run.output_uri}/data/{hash}/`, so every later run with the same inputs reuses them. Reading the
+inputs and turning records into documents is `pipeline.stages.sources`; the rules are on `prepare`.
 """
 
 from __future__ import annotations
@@ -319,6 +299,28 @@ def prepare(cfg: Config, tokenizer_dir: str, min_train_rows: int = 1) -> Prepare
 
     Fewer than `min_train_rows` packed training rows (training needs a micro-batch per worker) is an
     error raised before anything is stored.
+
+    The rules, all recorded in stats.json:
+    - Special tokens are added by these rules only, never by the tokenizer's post-processor. BOS goes
+      before every document when `data.add_bos`, EOS after it when `data.add_eos`; neither is doubled
+      when the text or chat template already has it.
+    - Pad id: the tokenizer's pad token, or its EOS id if it has none (Llama 3). Pad positions are never
+      trained, so reusing EOS is safe; `pad_token_source` says which was used.
+    - Labels are aligned with input_ids (the model shifts them). -100 marks untrained tokens:
+      instruction prompts, non-assistant chat text, padding, and the first token of every document,
+      which nothing in its own document can predict.
+    - A document longer than `data.seq_len` is truncated (its EOS is lost with the tail) and counted; a
+      document is never split across rows. When every training document would be truncated, the
+      settings are wrong, and preparation stops naming `data.seq_len`. Empty documents and documents
+      left with no trained token are dropped and counted.
+    - Packing is best-fit decreasing. Position ids restart at 0 for every document and for the trailing
+      pad segment, so a position id of 0 marks each segment start. Rows are then shuffled with
+      `run.seed`.
+    - Chat: each assistant turn is found by rendering the conversation prefix with the generation
+      prompt. Pieces are tokenized separately, exactly as a prompt and its reply are at inference time.
+    - Cache key: sha256 over every input file's bytes, the tokenizer files' bytes, the data settings
+      that change the output, `run.seed` and FORMAT_VERSION. File names and `data.num_proc` are not
+      part of it.
     """
     options = storage.StorageOptions.from_config(cfg.storage)
     tokenizer_dir = _local_tokenizer_dir(tokenizer_dir, cfg, options)

@@ -1,26 +1,10 @@
 """Evaluation: held-out loss and perplexity of the base and the fine-tuned model, and generated samples.
 
-Why it exists: a fine-tune is judged against the model it started from, on documents it never trained
-on, and by reading what it writes. This stage decides how each of those is measured:
-
-- Loss is scored by the TE-style model (the code that trained), on the packed validation rows exactly as
-  `pipeline.stages.data` wrote them: `position_ids` go in, so packed documents never attend to each other, and
-  only tokens whose label is not -100 count. The loss is the token-weighted mean over all scored tokens
-  (sum of token losses / token count, not a mean of batch means), and perplexity is exp(loss).
-- Base and fine-tuned model see the same rows (the first `eval.batch_size * eval.max_batches` rows of the
-  split, already shuffled by data preparation), in the same dtype and backend, without FP8: the numbers
-  compare weights, not kernels. One model is in memory at a time.
-- The vocabulary projection and cross-entropy run on the trained positions only, a chunk of tokens at a
-  time (`te_model.loss`, the training loss too), so a 128k-token vocabulary never needs a (batch, seq,
-  vocab) logits tensor.
-- Samples are generated greedily by the *exported* Hugging Face checkpoint, loaded with
-  `AutoModelForCausalLM` (plain HF code with a KV cache), never by the TE-patched model: what is sampled
-  is what users will load.
-- No held-out split (`val_uri` None, e.g. `data.val_fraction=0`): loss metrics are skipped with a logged
-  reason and an empty dict is returned; samples can still be generated.
-
-`load_trained_model` is the one reader of the training stage's checkpoints (`model.safetensors` holding
-the TE-style parameters of the whole LlamaForCausalLM, next to `trainer_state.json`); export uses it too.
+A fine-tune is judged against the model it started from, on documents it never trained on, and by
+reading what it writes. Both models are scored on the same packed validation rows, by the code that
+trained, in the same dtype and without FP8: the numbers compare weights, not kernels. Samples come
+from the exported HF checkpoint, which is what users will load. `load_trained_model` is the one
+reader of the train stage's checkpoints; export uses it too. `evaluate` has the rules.
 """
 
 from __future__ import annotations
@@ -177,6 +161,16 @@ def evaluate(
 
     `base_dir`/`checkpoint_dir` may be local directories or uris (pulled into `run.cache_dir`). Without a
     held-out split (`val_uri` None) there is nothing to score: the reason is logged and {} returned.
+
+    - Loss is scored by the TE-style model on the packed validation rows exactly as `pipeline.stages.data`
+      wrote them. `position_ids` go in, so packed documents never attend to each other. Only tokens
+      whose label is not -100 count.
+    - The loss is the token-weighted mean over all scored tokens (not a mean of batch means), and
+      perplexity is exp(loss).
+    - Both models see the same rows: the first `eval.batch_size * eval.max_batches` rows of the split,
+      already shuffled by data preparation. One model is in memory at a time.
+    - The head and cross-entropy run on the scored positions only, a chunk of tokens at a time
+      (`te_model.loss`), so a 128k-token vocabulary never needs whole (batch, seq, vocab) logits.
     """
     if val_uri is None:
         log.warning("eval: no validation split (data.val_fraction=0 and no data.validation_files): "

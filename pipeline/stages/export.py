@@ -1,43 +1,10 @@
 """Export: the fine-tuned weights as a standard Hugging Face checkpoint, published and registered.
 
-Why it exists: training writes TE-style parameters (`model.safetensors` of the patched model); users load
-plain `AutoModelForCausalLM` checkpoints. This stage converts one into the other and puts the result where
-it is found again: object storage at `{run.output_uri}/exports/{run.name}/`, and the MLflow model registry.
-
-What it decides:
-- Conversion (`convert`) loads the checkpoint on the CPU with the torch backend (TE-style names are the
-  same for both backends, so no GPU is needed), in `model.dtype`, and writes sharded safetensors with
-  `te_model.save_hf_checkpoint` (`export.max_shard_size`). Beside them go the base checkpoint's tokenizer
-  files and its `generation_config.json` (stop tokens and sampling defaults are the base's; the model
-  config alone would lose e.g. Llama 3's `<|eot_id|>`), and a `manifest.json` of sizes and sha256.
-- `data.chat_template`, when set, is what the model was trained with, so it is written into
-  `tokenizer_config.json` and the base's `chat_template.jinja`/`.json` are left out: transformers prefers
-  those files over the config entry, and the export must load with the template it was trained on.
-- Publishing never silently replaces an export. If a manifest already exists at the uri, the export is
-  skipped when the manifests are identical (a re-run of the same job converts to the same bytes) and is a
-  PipelineError naming the uri otherwise. Files under the uri without a manifest are a publish that died
-  midway: they are overwritten (with a warning), and the manifest, uploaded last, completes the export.
-- The folder is also an MLflow transformers model (`pipeline.tracking.mlflow_model`: an `MLmodel` beside the
-  weights, `model_binary: "."`), so the object-storage copy and the registered version both load with
-  `mlflow.transformers.load_model` / `mlflow.pyfunc.load_model` as well as with `from_pretrained`.
-- With a run id, the same local directory is logged as the run's artifacts under `model/`, and a model
-  version named `export.registered_model_name` is registered (not when that is None).
-- Each step prints a progress line (shards written, MB uploaded and how fast).
-
-Big models
-----------
-The weights are serialized once, into one local directory (`{run.cache_dir}/exports/{run.name}`), and
-every copy is a plain file upload from there; nothing is re-serialized (no `mlflow.transformers`
-logging, which would load the model again and save it a second time, or copy the weights into a
-`model/` subfolder: the MLflow model description is written beside the weights instead) and nothing
-is downloaded back.
-That directory is uploaded once to object storage, and once as MLflow run artifacts. The registered
-version does not upload anything: its source is the `runs:/<run_id>/model` uri of those artifacts
-(`tracking.register_model`), so the registry and the run share one copy. The object-storage copy is the
-pipeline's own record, verified by its manifest; a re-run with identical weights uploads nothing there.
-(`tracking.register_model(..., source_uri=<export uri>)` would instead let the version point at the
-object-storage copy and skip the MLflow artifact upload; this stage does not do that, because readers of
-the registry would then need object-storage credentials.)
+Training writes TE-style parameters; users load plain `AutoModelForCausalLM` checkpoints. This stage
+converts one into the other (`convert`, on the CPU, no GPU needed). It publishes the result at
+`{run.output_uri}/exports/{run.name}/` and registers it in MLflow. The folder is also an MLflow
+transformers model, so it loads with `from_pretrained` and `mlflow.transformers.load_model` alike.
+The weights are serialized once, into one local folder, and every copy is a file upload from there.
 """
 
 from __future__ import annotations
@@ -127,6 +94,15 @@ def convert(
 ) -> Path:
     """Write the trained checkpoint as a loadable HF checkpoint (weights, config, tokenizer, manifest).
 
+    It loads the checkpoint on the CPU with the torch backend (TE-style names are the same for both
+    backends), in `model.dtype`. It writes sharded safetensors (`export.max_shard_size`), the base's
+    tokenizer files, and the base's `generation_config.json`. The stop tokens and sampling defaults
+    are the base's; the model config alone would lose Llama 3's `<|eot_id|>`, for example.
+
+    `data.chat_template`, when set, is what the model was trained with, so it goes into
+    `tokenizer_config.json`. The base's `chat_template.jinja`/`.json` are then left out: transformers
+    prefers those files over the config entry.
+
     `out_dir` (default `export_dir(cfg)`) is replaced as a whole: the new directory is built beside it
     and swapped in, so a reader never sees a half-written export. Only a directory an earlier conversion
     made (its `.source` stamp beside it) is replaced; anything else there is a PipelineError.
@@ -180,7 +156,11 @@ def _published_manifest(uri: str, options: storage.StorageOptions | None) -> dic
 def publish_export(local_dir: Path, uri: str, options: storage.StorageOptions | None = None) -> bool:
     """Publish `local_dir` at `uri` unless an export is there already; True when an identical one was.
 
-    A different export at `uri` is a PipelineError naming the uri and a file that differs.
+    A different export at `uri` is a PipelineError naming the uri and a file that differs: publishing
+    never silently replaces an export. A re-run of the same job converts to the same bytes, so its
+    manifest is identical and nothing is uploaded. Files under the uri without a manifest are a publish
+    that died midway. They are overwritten, with a warning, and the manifest, uploaded last, completes
+    the export.
     """
     entries = read_manifest(local_dir)
     existing = _published_manifest(uri, options)
@@ -206,7 +186,14 @@ def publish_export(local_dir: Path, uri: str, options: storage.StorageOptions | 
 def register_export(
     run_id: str, local_dir: Path, model_name: str | None, tracking_uri: str, export_location: str
 ) -> str | None:
-    """Log `local_dir` as the run's `model/` artifacts and register it as `model_name`; the version."""
+    """Log `local_dir` as the run's `model/` artifacts and register it as `model_name`; the version.
+
+    Nothing is re-serialized: `mlflow.transformers` logging would load the model again and save it a
+    second time. The MLflow model description (`pipeline.tracking.mlflow_model`) sits beside the weights instead.
+    The registered version uploads nothing: its source is the `runs:/<run_id>/model` uri of these
+    artifacts, so the registry and the run share one copy. A version pointing at the object-storage
+    copy would skip this upload, but readers of the registry would then need storage credentials.
+    """
     size, started = sum(p.stat().st_size for p in local_dir.rglob("*") if p.is_file()), time.monotonic()
     progress.echo("export", f"logging {progress.megabytes(size)} as MLflow model artifacts of run {run_id}")
     tracking.log_model_dir(run_id, local_dir, MODEL_ARTIFACT_PATH, tracking_uri=tracking_uri)

@@ -1,21 +1,9 @@
 """Reading the data inputs: files and `datasets` folders in, documents in the configured format out.
 
-Why it exists: data preparation must hash exactly the bytes it tokenizes, and point at the file and line
-of any bad record. This module reads every input once into memory and turns its records into documents,
-the column layout tokenization works on; `pipeline.stages.data` hashes the same bytes and tokenizes the documents.
-
-What this module decides:
-- The kind of an input comes from its suffix: .jsonl, .json (a JSON array or JSON lines), .parquet, .csv.
-  Any other uri must be a `datasets` `save_to_disk` folder of one split (its arrow files are read); a
-  DatasetDict folder is refused, naming the split folder to point at instead.
-- A record becomes a document by `data.format`: text -> {text} from `data.text_field`; instruction ->
-  {prompt, response}, the prompt being the Alpaca-style `format_instruction_prompt` of `instruction` and
-  the optional `input`, the response its `output`; chat -> {messages, where}, the `messages` list of
-  {role, content} strings kept as JSON.
-- A bad record is a `PipelineError` naming the file and line (JSON lines) or row, the field and what is
-  wrong with it, and how to fix it; so is an input that is empty or not UTF-8, and a chat message whose
-  role is not one of `CHAT_ROLES`. `data.max_documents` keeps the first documents of a split's inputs,
-  in file order.
+Data preparation must hash exactly the bytes it tokenizes, and point at the file and line of any bad
+record. So this module reads every input once into memory (`read_source`) and turns its records into
+documents (`documents`); `pipeline.stages.data` hashes the same bytes and tokenizes the documents. A bad
+record is a `PipelineError` naming the file and line or row, the field, what is wrong and the fix.
 """
 
 from __future__ import annotations
@@ -64,7 +52,12 @@ class Source:
 
 
 def read_source(uri: str, options: storage.StorageOptions) -> Source:
-    """The bytes of the input at `uri`: the file, or the arrow files of a one-split datasets folder."""
+    """The bytes of the input at `uri`: the file, or the arrow files of a one-split datasets folder.
+
+    The kind comes from the suffix: .jsonl, .json (a JSON array or JSON lines), .parquet, .csv. Any
+    other uri must be a `datasets` `save_to_disk` folder of one split. A DatasetDict folder is refused,
+    naming the split folder to point at instead.
+    """
     kind = _FILE_KINDS.get(Path(uri.rstrip("/")).suffix.lower())
     if not storage.exists(uri, options):
         raise PipelineError(f"input not found: {uri}; fix the uri or upload the file")
@@ -174,7 +167,15 @@ def _document(record: Any, where: str, data: DataConfig) -> dict[str, str]:
 
 
 def documents(sources: list[Source], data: DataConfig) -> list[dict[str, str]]:
-    """The documents of every record of `sources`, in order, at most `data.max_documents`."""
+    """The documents of every record of `sources`, in order, at most `data.max_documents`.
+
+    A record becomes a document by `data.format`:
+    - text: {text}, from `data.text_field`;
+    - instruction: {prompt, response}. The prompt is the Alpaca-style `format_instruction_prompt` of
+      `instruction` and the optional `input`; the response is `output`;
+    - chat: {messages, where}, the `messages` list of {role, content} strings kept as JSON.
+    An empty input, one that is not UTF-8, and a chat role outside `CHAT_ROLES` are errors too.
+    """
     docs = []
     for source in sources:
         records = _records(source)

@@ -1,26 +1,10 @@
 """Object storage for checkpoints and exports: one small API over `s3://`, `file://` and local paths.
 
-What this module decides:
-- fsspec/s3fs does the I/O. Any S3-compatible endpoint works through `StorageOptions.endpoint_url`
-  or the `AWS_ENDPOINT_URL` environment variable.
-- Credentials come only from the standard AWS chain (env vars, ~/.aws, instance role). This module never
-  reads, logs or formats them; error messages carry the uri and the failure, nothing else.
-- Local writes are atomic (temp file in the same directory, then os.replace): a reader never sees half
-  a file, and a half-downloaded shard never gets its final name.
-- `publish` uploads the manifest last, so a reader that sees a manifest sees every file it lists.
-- `pull_checkpoint` fills a node-local cache once per node, however many worker processes ask at the
-  same time (file lock plus a `.complete` marker written last), and verifies every file it pulls.
-- Only safetensors, json and tokenizer files are ever pulled: pickled formats are never fetched.
-- Transient S3 failures (5xx, throttling, connection errors, timeouts) are retried by botocore's
-  "standard" mode: `max_attempts` tries with exponential backoff and jitter, every request bounded by
-  the connect and read timeouts, so a dead endpoint ends in a PipelineError naming the uri, never a
-  hang. s3fs's own retry loop is cut to one try (`_S3_CALL_TRIES`): its tries multiply botocore's (and
-  nest, in `cat_file`), which would stretch a persistent stall to many times `max_attempts` read
-  timeouts. The price: a failure while reading a response body, which botocore does not retry, fails
-  the call; the caller (a checkpoint pull, a training attempt) is then retried as a whole.
-  This is the filesystem Ray Train writes checkpoints through too (`pipeline.train.launch._ray_storage`).
-- Data that does not match its manifest or commit marker raises `IntegrityError`: a reader may skip
-  such a copy and take an older one, which it must never do for a plain storage failure.
+fsspec/s3fs does the I/O; any S3-compatible endpoint works. Credentials come only from the standard
+AWS chain, and error messages carry the uri and the failure, nothing else. Local writes are atomic, and
+`publish` uploads the manifest last, so a reader never sees half a file or half a checkpoint.
+`pull_checkpoint` fills a node-local cache once per node, verified against the manifest. Data that does
+not match its manifest is an `IntegrityError`, never confused with a plain storage failure.
 """
 
 from __future__ import annotations
@@ -71,7 +55,17 @@ _TRANSIENT_HINT = " (still failing after retries: check the endpoint, or raise s
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """How to reach object storage. Credentials are deliberately absent: they come from the AWS chain."""
+    """How to reach object storage. Credentials are deliberately absent: they come from the AWS chain.
+
+    Transient S3 failures (5xx, throttling, connection errors, timeouts) are retried by botocore's
+    "standard" mode: `max_attempts` tries with exponential backoff and jitter. Every request is bounded
+    by the connect and read timeouts, so a dead endpoint ends in a PipelineError naming the uri, never a
+    hang. s3fs's own retry loop is cut to one try (`_S3_CALL_TRIES`). Its tries multiply botocore's (and
+    nest, in `cat_file`), which would stretch a persistent stall to many times `max_attempts` timeouts.
+    The price: a failure while reading a response body, which botocore does not retry, fails the call.
+    The caller (a checkpoint pull, a training attempt) is then retried as a whole. Ray Train writes
+    checkpoints through this same filesystem.
+    """
 
     endpoint_url: str | None = None
     """S3-compatible endpoint such as http://minio:9000; None falls back to AWS_ENDPOINT_URL, then AWS."""
@@ -370,6 +364,10 @@ def pull_checkpoint(
 
     `only` names the files wanted (e.g. the weights of a training checkpoint, not its optimizer state);
     such a partial pull gets a cache directory of its own.
+
+    However many worker processes ask at the same time, the pull happens once: a file lock, plus a
+    `.complete` marker written last. Every file pulled is verified. Only safetensors, json and tokenizer
+    files are pulled; pickled formats are never fetched.
     """
     key = uri if only is None else f"{uri.rstrip('/')}#{','.join(sorted(only))}"
     cache_dir = checkpoint_cache_dir(key, cache_root)

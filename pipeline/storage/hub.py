@@ -1,24 +1,10 @@
 """Hugging Face Hub inputs: `hf://` uris resolved to files in the node's Hugging Face cache.
 
-Why it exists: base models and datasets are usually named by their Hub repo
-(`hf://<org>/<model>[@revision]`), not copied into object storage first. The storage layer
-(`pipeline.storage.filesystem`) hands every `hf://` uri to `local_path` here, and from then on the
-files are read, listed, pulled and checked exactly like local ones: the base checkpoint's preflight
-(safetensors headers against config.json, no `auto_map`), the node-local pull into `run.cache_dir`,
-the data readers and their content hash.
-
-What this module decides:
-- Uri forms: `hf://<org>/<name>[@<revision>][/<path>]` for a model repo,
-  `hf://datasets/<org>/<name>[@<revision>]/<path>` for a file (or folder) of a dataset repo. Pin a
-  commit as the revision for a run that must be repeatable; a branch moves.
-- What is fetched: from model repos only safetensors shards, their index, config and tokenizer files
-  (`MODEL_FILES`): never pickled weights (`*.bin`, `*.pt`), never Python code, so nothing from the repo
-  can run. From dataset repos only the named path.
-- Where: `huggingface_hub.snapshot_download` into the Hub cache of this node ($HF_HUB_CACHE, default
-  ~/.cache/huggingface/hub), once per node and revision, with its own file locks. The token is
-  huggingface_hub's own ($HF_TOKEN or `hf auth login`); it is never read, logged or recorded here.
-- Offline ($HF_HUB_OFFLINE=1): the cache alone answers, and a repo or revision not in it is a
-  one-line error naming the uri.
+Base models and datasets are usually named by their Hub repo, not copied into object storage first.
+The storage layer hands every `hf://` uri to `local_path` here. From then on the files are read,
+listed, pulled and checked exactly like local ones. Only safetensors, config and tokenizer files are
+fetched from model repos: never pickled weights or code. The token is huggingface_hub's own and is
+never read or logged here.
 """
 
 from __future__ import annotations
@@ -58,7 +44,19 @@ def parse(uri: str) -> HubUri:
 
 
 def local_path(uri: str) -> Path:
-    """The local file or folder `uri` names, fetched into this node's Hub cache first if needed."""
+    """The local file or folder `uri` names, fetched into this node's Hub cache first if needed.
+
+    - Uri forms: `hf://<org>/<name>[@<revision>][/<path>]` for a model repo, and
+      `hf://datasets/<org>/<name>[@<revision>]/<path>` for a file (or folder) of a dataset repo. Pin a
+      commit as the revision for a repeatable run; a branch moves.
+    - From model repos only `MODEL_FILES`: safetensors shards, their index, config and tokenizer files.
+      Never `*.bin`, `*.pt` or Python code, so nothing from the repo can run. From dataset repos only
+      the named path.
+    - `huggingface_hub.snapshot_download` fetches into this node's Hub cache ($HF_HUB_CACHE), once per
+      node and revision, under its own file locks. The token is $HF_TOKEN or `hf auth login`.
+    - Offline ($HF_HUB_OFFLINE=1) the cache alone answers; a repo or revision not in it is a one-line
+      error naming the uri.
+    """
     hub = parse(uri)
     if hub.repo_type == "model":  # one snapshot serves every file of the repo (the storage layer joins names)
         return _snapshot(hub.repo_type, hub.repo_id, hub.revision, MODEL_FILES) / hub.path

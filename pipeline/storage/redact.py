@@ -1,18 +1,9 @@
 """What text may reach MLflow and the logs: secrets masked, lengths within MLflow's limits.
 
-Why it exists: params, tags, text artifacts and warnings are built from configs, uris and exceptions, any
-of which can carry a credential (a signed url, a token in a setting, a password in a server uri). Every
-path from the pipeline to MLflow or to a log line goes through these functions, so the rules live in one
-place, apart from the MLflow client code.
-
-What this module decides:
-- Everything logged passes through `redact` and is truncated to MLflow's length limits.
-- Secrets are recognised by key words and by the shape of values (signed urls, known tokens): a key is
-  secret when one of its words (snake, dotted or camel case) names a credential; "token" is a secret in
-  `hf_token` but a vocabulary entry in `pad_token` or `eos_token_id`. In values, signed-url queries, url
-  passwords and well-known token formats are masked with REDACTED.
-- Cut text says how many characters it had; a cut key ends with a hash of the full key, so it stays unique.
-- An exception is reported as one redacted line: its type and the first line of its message.
+Params, tags, text artifacts and warnings are built from configs, uris and exceptions, and any of them
+can carry a credential (a signed url, a token in a setting, a password in a server uri). Every path
+from the pipeline to MLflow or to a log line goes through these functions, so the rules live in one
+place. Cut text says how much was cut; an exception is reported as one redacted line.
 """
 
 from __future__ import annotations
@@ -51,7 +42,11 @@ _TOKEN_SHAPES = re.compile(
 
 
 def is_secret_key(key: str) -> bool:
-    """True for names like aws_secret_access_key, hf_token, db.password, apiKey; False for pad_token_id."""
+    """True for names like aws_secret_access_key, hf_token, db.password, apiKey; False for pad_token_id.
+
+    A key is secret when one of its words (snake, dotted or camel case) names a credential. "token" is a
+    secret in `hf_token` but a vocabulary entry in `pad_token` or `eos_token_id`.
+    """
     words = [w for w in re.split(r"[^a-z0-9]+", _CAMEL_BOUNDARY.sub("_", key).lower()) if w]
     if any(word in _SECRET_WORDS for word in words) or set(zip(words, words[1:])) & _SECRET_PAIRS:
         return True
@@ -78,7 +73,10 @@ def redact_text(text: str) -> str:
 
 
 def redact(params: Mapping[str, Any]) -> dict[str, str]:
-    """Params as MLflow strings, with secret-looking keys masked and secrets inside values masked."""
+    """Params as MLflow strings, with secret-looking keys masked and secrets inside values masked.
+
+    In values, signed-url queries, url passwords and well-known token formats become REDACTED.
+    """
     return {str(k): REDACTED if is_secret_key(str(k)) else redact_text(str(v)) for k, v in params.items()}
 
 

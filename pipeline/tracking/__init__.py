@@ -1,20 +1,10 @@
 """MLflow tracking for the pipeline: one parent run per job, a nested run per stage, metrics off the hot path.
 
-What this module decides:
-- Only `MlflowClient` with an explicit tracking uri is used, never the fluent `mlflow.start_run` API: its
-  active-run stack is process-global and thread-unsafe, and stages run in different processes (Ray
-  workers, a later re-run of one stage), which pass run ids around instead.
-- A job is one parent run; every stage execution is a nested run under it. The caller persists the parent
-  run id; `find_or_start_parent` also finds the parent again by experiment and run name, so a stage re-run
-  later attaches to the same parent. The parent's params and tags are written when it is created; a stage
-  run carries its own (a re-run may differ), because MLflow params can never change once logged.
-- Failing to create a run is an error (`PipelineError`, one line naming the tracking uri). Everything
-  after that (params, tags, metrics, ending runs) is best effort: a warning and a count, never a crash.
-- Local tracking uses SQLite (`sqlite:///<dir>/mlflow.db`, artifacts beside it in `<dir>/mlartifacts`);
-  one SQLite file must not be shared by several nodes, so multi-node jobs use a tracking server.
-
-What is logged is redacted and fitted to MLflow's limits by `pipeline.storage.redact`; per-step training metrics
-go through `pipeline.tracking.metrics`. Both are re-exported here, so callers need only this module.
+Only `MlflowClient` with an explicit tracking uri is used, never the fluent `mlflow.start_run` API. Its
+active-run stack is process-global and thread-unsafe, and stages run in different processes, which
+pass run ids around instead. Failing to create a run is a one-line `PipelineError`. Everything after
+that (params, tags, metrics, ending runs) is best effort: a warning and a count, never a crash. Text is
+redacted by `pipeline.storage.redact`; per-step metrics go through `pipeline.tracking.metrics` (both re-exported here).
 """
 
 from __future__ import annotations
@@ -122,6 +112,9 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | Path | None = None) 
 
     Empty means `<output_dir>/mlflow.db`; `sqlite:///relative.db` and plain folders resolve against the
     current directory, so every process of a job agrees on one absolute location.
+
+    Local tracking uses SQLite (`sqlite:///<dir>/mlflow.db`, artifacts beside it in `<dir>/mlartifacts`).
+    One SQLite file must not be shared by several nodes, so multi-node jobs use a tracking server.
     """
     if not uri:
         if output_dir is None:
@@ -163,7 +156,12 @@ def find_or_start_parent(
     params: Mapping[str, Any] | None = None, parent_id: str | None = None, tracking_uri: str | None = None,
 ) -> str:
     """The job's parent run id: `parent_id` if given (checked), else the newest live parent run named
-    `run_name` in `experiment`, else a new one with `tags` and `params`. Raises PipelineError on failure."""
+    `run_name` in `experiment`, else a new one with `tags` and `params`. Raises PipelineError on failure.
+
+    Finding the parent by name lets a stage re-run later attach to the same parent. The parent's params
+    and tags are written when it is created. A stage run carries its own (a re-run may differ), because
+    MLflow params can never change once logged.
+    """
     client, uri = _client(tracking_uri)
     name_filter = f"tags.{_RUN_NAME_TAG} = {_quote(run_name)} and tags.`{ROLE_TAG}` = 'parent'"
     try:

@@ -1,17 +1,10 @@
 """Side-by-side comparison of fine-tuning jobs recorded in MLflow: a table, loss curves, an MLflow record.
 
 A job is a parent run (`pipeline.role=parent`) with one nested run per stage execution. For each job
-this module gathers what an engineer compares:
-- the settings that differ between the jobs: the comparison tags (`pipeline.tracking.run_tags`: precision, model,
-  data fingerprint, hardware) and the code commit first, then the parent's params;
-- the training outcome: the final loss, and the throughput (tokens/s, MFU) as the median over logged
-  steps after the first, which includes start-up and compilation;
-- the evaluation (validation loss and perplexity of base and fine-tuned model) of the newest finished
-  eval run;
-- the loss curve. A resumed job has several train runs; their histories are joined by step, the newer
-  run winning where two logged the same step.
-The comparison itself becomes a run (`pipeline.role=comparison`) holding the table and the PNG of the
-curves overlaid, so a comparison shown in a review can be found again.
+this module gathers what an engineer compares: the settings that differ, the training outcome, the
+evaluation and the loss curve (`load_jobs` says how each is read). The comparison itself becomes a run
+(`pipeline.role=comparison`) holding the table and the PNG of the curves overlaid, so a comparison
+shown in a review can be found again.
 """
 
 from __future__ import annotations
@@ -115,7 +108,17 @@ def _parent_by_ref(client: MlflowClient, ref: str, experiment_id: str | None) ->
 
 def load_jobs(tracking_uri: str, refs: list[str] | None = None, experiment: str | None = None,
               last: int = 10) -> list[JobRecord]:
-    """The jobs named or run-id'd in `refs`, else the newest `last` jobs of `experiment`."""
+    """The jobs named or run-id'd in `refs`, else the newest `last` jobs of `experiment`.
+
+    - Settings: the comparison tags (`pipeline.tracking.run_tags`) and the code commit first, then the parent's
+      params.
+    - Training outcome: the final loss, and throughput (tokens/s, MFU) as the median over logged steps
+      after the first, which includes start-up and compilation.
+    - Evaluation: validation loss and perplexity of base and fine-tuned model, from the newest finished
+      eval run.
+    - Loss curve: a resumed job has several train runs. Their histories are joined by step, the newer
+      run winning where two logged the same step.
+    """
     client = MlflowClient(tracking_uri=tracking.resolve_tracking_uri(tracking_uri))
     experiment_id = None
     if experiment is not None:

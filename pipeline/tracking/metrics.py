@@ -1,21 +1,9 @@
 """Per-step training metrics to MLflow, off the training thread.
 
-Why it exists: a training step logs loss, learning rate and throughput every step, and must never wait
-on the tracking server, nor fail because it is slow or down. Summary metrics, params and tags are few and
-go synchronously through `pipeline.tracking`; the per-step stream goes through here.
-
-What this module decides:
-- Per-step training metrics go through `AsyncMetricLogger`: a bounded queue drained by a daemon thread with
-  `MlflowClient.log_batch`, so a slow or dead server never stalls a training step. HTTP retries are MLflow's
-  (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT); on top, unsent steps stay queued and are
-  retried with backoff, and when the queue is full the oldest step is dropped and counted.
-- Steps the server rejects (4xx other than 429) are dropped, not resent: the same data cannot succeed.
-- Closing waits a bounded time, retrying failed sends every second until then; steps not sent by then
-  count as dropped. Losses are never silent: a warning when the queue first overflows, and one with the
-  count of lost steps at close.
-- Only rank 0 of a tracked run logs; other ranks and untracked runs get a `NullLogger`, which has the
-  same interface and does nothing. MLflow is imported only once an `AsyncMetricLogger` is made: importing
-  it takes most of a second of CPU, which every other training worker would pay at each (re)start.
+A training step logs loss, learning rate and throughput, and must never wait on the tracking server,
+nor fail because it is slow or down. So per-step metrics go through a bounded queue drained by a
+daemon thread (`AsyncMetricLogger`). Summary metrics, params and tags are few and go synchronously
+through `pipeline.tracking`. Only rank 0 of a tracked run logs; others get a `NullLogger`.
 """
 
 from __future__ import annotations
@@ -45,6 +33,15 @@ class AsyncMetricLogger:
     The thread sends what is queued every `flush_every_s` (sooner once `batch_steps` steps wait) with
     `MlflowClient.log_batch`. A failed send is counted and warned about once per outage; its steps go
     back to the queue and are retried with backoff. When the queue is full the oldest step is dropped.
+
+    - HTTP retries are MLflow's (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT); unsent
+      steps stay queued on top of them.
+    - Steps the server rejects (4xx other than 429) are dropped, not resent: the same data cannot
+      succeed.
+    - Closing waits a bounded time, retrying failed sends every second until then. Steps not sent by
+      then count as dropped.
+    - Losses are never silent: a warning when the queue first overflows, and one with the count of lost
+      steps at close.
     """
 
     def __init__(self, run_id: str, tracking_uri: str | None = None, *, max_pending_steps: int = 10_000,
@@ -243,7 +240,8 @@ def metric_logger(rank: int, run_id: str | None, tracking_uri: str | None = None
     """An AsyncMetricLogger on rank 0 of a tracked run, a NullLogger everywhere else.
 
     Meant for training workers: it sets `WORKER_HTTP_DEFAULTS` in this process, unless the environment
-    already sets them.
+    already sets them. MLflow is imported only once an AsyncMetricLogger is made: the import is slow,
+    and every other training worker would pay for it at each (re)start.
     """
     if rank != 0 or not run_id:
         return NullLogger()

@@ -1,21 +1,10 @@
 """The exported checkpoint folder made an MLflow model in place: an `MLmodel` file beside the weights.
 
-Why it exists: the registry's versions must load with `mlflow.transformers.load_model` and
-`mlflow.pyfunc.load_model("models:/<name>@champion")` (and serve with `mlflow models serve`), while
-the same folder stays a plain Hugging Face checkpoint for `AutoModelForCausalLM.from_pretrained`.
-`mlflow.transformers.save_model` cannot give both without cost: from an in-memory pipeline it loads
-and serializes the weights again, and from a local checkpoint path it copies them into `model/` (in
-MLflow 3.17 with transformers 5 that path also fails: `check_task` returns the pipeline class as a
-string). So this module writes what `save_model` writes around the weights, and nothing else:
-
-- `MLmodel` with the `transformers` flavor (task `text-generation`) and `python_function` flavor,
-  written through MLflow's `Model` API. `model_binary: "."` points the flavor at the folder itself.
-- `components/tokenizer/`: a copy of the tokenizer files (kilobytes to megabytes), which is where
-  the flavor reads its tokenizer. The tokenizer class is `AutoTokenizer`: for a class name that
-  transformers does not define, MLflow would trust the checkpoint's remote code, which this project
-  never allows.
-- `requirements.txt`, `python_env.yaml`, `conda.yaml`: the versions of this process's packages that
-  loading needs. Written here rather than inferred, because MLflow's inference imports the model.
+Registry versions must load with `mlflow.transformers.load_model` and `mlflow.pyfunc.load_model`, while
+the same folder stays a plain HF checkpoint for `from_pretrained`. `mlflow.transformers.save_model`
+cannot give both without cost: it serializes the weights again, or copies them into `model/`. So
+this module writes what `save_model` writes around the weights, and nothing else
+(`write_mlflow_model` lists the files).
 """
 
 from __future__ import annotations
@@ -72,6 +61,17 @@ def write_mlflow_model(folder: str | Path, tokenizer_files: list[str], source_mo
 
     `tokenizer_files`: names of the tokenizer files in `folder` (copied into the flavor's component
     folder). `source_model`: where the weights came from (recorded in the flavor, for people).
+
+    - `MLmodel` with the `transformers` flavor (task `text-generation`) and the `python_function`
+      flavor, written through MLflow's `Model` API. `model_binary: "."` points the flavor at the folder.
+    - `components/tokenizer/`: a copy of the tokenizer files, where the flavor reads its tokenizer. The
+      class is `AutoTokenizer`: for a class name transformers does not define, MLflow would trust the
+      checkpoint's remote code, which this project never allows.
+    - `requirements.txt`, `python_env.yaml`, `conda.yaml`: the versions of this process's packages that
+      loading needs. Written here, because MLflow's inference of them imports the model.
+
+    `save_model` from a local checkpoint path also fails with MLflow 3.17 and transformers 5:
+    `check_task` returns the pipeline class as a string.
     """
     from mlflow.models import Model, ModelSignature
     from mlflow.pyfunc import add_to_model

@@ -1,20 +1,10 @@
-"""What runs are compared by: tags on a job's parent run, and the fingerprint of its training data.
+"""What runs are compared by: tags on a job's runs, and the fingerprint of its training data.
 
-Why it exists: comparing FP8 against BF16, or one base model against another, starts with filtering runs
-in the MLflow UI (`tags.precision = 'fp8-delayed'`). Params hold every setting but their names are long
-and the interesting facts (how big the model is, which GPU trained it, which exact data) are not
-settings at all. The driver sets these tags on the parent run at every invocation; `jobs/compare.py`
-shows them beside the results, and scheduled retraining keys on the data fingerprint.
-
-What this module decides:
-- `precision`: `fp8-<recipe>` when an FP8 recipe is on, else the model dtype (`bf16`, `fp32`).
-- `model_size`: parameters counted from the base checkpoint's config.json (a Llama formula, no weights
-  are read), e.g. `1.24B`; `model_params` holds the exact count.
-- `hardware`: `<workers>x <GPU name>` from a one-GPU Ray task on a training node, or `cpu x<workers>`.
-- `data_fingerprint`: sha256 over the data settings that change the prepared rows, `run.seed`, and each
-  input file's identity: the content hash of local files, the ETag of object-store files (so a tick of
-  the scheduler does not download the data set). It changes exactly when the training data can.
-- The code version is tagged by `pipeline.tracking.code_version_tags` (`code.commit`).
+Comparing FP8 against BF16, or one base model against another, starts with filtering runs in the
+MLflow UI (`tags.precision = 'fp8-delayed'`). Params hold every setting, but the interesting facts
+(model size, GPU, exact data) are not settings. So the driver tags them: `precision`, `model_size` and
+`model_params`, `hardware`, `data_fingerprint`. `jobs/compare.py` shows them beside the results, and
+scheduled retraining keys on the data fingerprint. The code version is `tracking.code_version_tags`.
 """
 
 from __future__ import annotations
@@ -34,6 +24,7 @@ _NOT_FINGERPRINTED = {"train_files", "validation_files", "num_proc"}
 
 
 def precision(cfg: Config) -> str:
+    """`fp8-<recipe>` when an FP8 recipe is on, else the model dtype (`bf16`, `fp32`)."""
     return f"fp8-{cfg.train.fp8}" if cfg.train.fp8 != "none" else cfg.model.dtype
 
 
@@ -60,6 +51,10 @@ def human_count(n: int) -> str:
 
 
 def model_tags(cfg: Config, options: storage.StorageOptions) -> dict[str, str]:
+    """`model_size` (e.g. `1.24B`) and the exact `model_params`, counted from the base's config.json.
+
+    A Llama formula counts them; no weights are read.
+    """
     base = cfg.model.base_uri.rstrip("/")
     tags = {"model_name": base.rsplit("/", 1)[-1], "model_base_uri": base}
     raw = json.loads(storage.read_bytes(storage.join(base, "config.json"), options))
@@ -91,7 +86,12 @@ def _input_identities(uri: str, options: storage.StorageOptions) -> list[tuple[s
 
 
 def data_fingerprint(cfg: Config) -> str:
-    """sha256 hex of the training data's identity (see the module docstring)."""
+    """sha256 hex of the training data's identity; it changes exactly when the training data can.
+
+    It covers the data settings that change the prepared rows, `run.seed`, and each input file's
+    identity: the content hash of local files, the ETag of object-store files. So a scheduler tick does
+    not download the data set.
+    """
     options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
     settings = {k: v for k, v in vars(cfg.data).items() if k not in _NOT_FINGERPRINTED}
     digest = hashlib.sha256(json.dumps({"seed": cfg.run.seed, **settings}, sort_keys=True, default=str).encode())

@@ -1,37 +1,10 @@
 """Resumable training checkpoints in safetensors and JSON only, so loading one never unpickles.
 
-A checkpoint is one directory, written whole by rank 0 and uploaded (through Ray Train's report) to
-`{run.output_uri}/ray/{run.name}/checkpoint_{step:06d}-{id}/`:
-
-    model.safetensors          parameters by TE-style name (the unwrapped module's `named_parameters`),
-                               in the training dtype
-    optimizer.safetensors      AdamW state by parameter name: `{name}.exp_avg`, `{name}.exp_avg_sq`, `{name}.step`,
-                               and `{name}.master` (fp32) or `{name}.compensation` per `train.master_weights`
-    optimizer.json             param_groups: hyper-parameters and the parameter NAMES of each group
-    scheduler.json             the LR scheduler's state_dict
-    trainer_state.json         step, tokens seen, world size, resolved config, code version, logged metrics
-    rank-{r}/rng.safetensors   rank r's torch CPU RNG state (uint8) and CUDA RNG states, if any
-    rank-{r}/state.json        rank r's python `random` state and data position {epoch, offset}
-    manifest.json              size and sha256 of every file above (pipeline.storage.manifest)
-    COMMITTED                  in storage only, written last by the upload: the sha256 of manifest.json
-                               (pipeline.train.commit; a folder without it is never loaded)
-
-What this module decides:
-- One writer. Every rank's RNG and data state travels to rank 0 as opaque bytes (already encoded as
-  safetensors/JSON) over torch.distributed, and rank 0 writes the directory. So the manifest vouches
-  for every file, and a resume pulls the checkpoint like any other: verified, once per node
-  (`storage.pull_checkpoint`). Ray would merge per-worker directories too, but then no single manifest
-  would cover the merged result.
-- Optimizer state is keyed by parameter name, not by position, so a checkpoint fails loudly (naming the
-  tensor) instead of silently loading moments into the wrong parameter.
-- TE's `_extra_state` (FP8 scaling metadata) is not saved: TE pickles it. FP8 delayed-scaling amax
-  history therefore restarts empty on resume and refills within `train.fp8_amax_history_len` steps.
-- Parameters and AdamW moments are in the training dtype. An fp32 master copy or a Kahan compensation
-  (`train.master_weights`, `pipeline.train.optim`) is optimizer state, saved and restored in its own dtype, so
-  a resume continues bit for bit; the model file (and so the HF export) holds the bf16 weights, which
-  are the master rounded to nearest.
-- One tensor at a time in host memory, both ways: rank 0 writes each safetensors file as it gathers its
-  tensors (`save_streamed`), and a resume reads the optimizer file tensor by tensor onto the devices.
+A checkpoint is one directory, written whole by rank 0 from every rank's state, so one manifest
+vouches for every file. Optimizer state is keyed by parameter name, so a mismatch fails naming the
+tensor instead of loading moments into the wrong parameter. Tensors move one at a time through host
+memory, both ways. TE's FP8 `_extra_state` is not saved, because TE pickles it. The directory's
+layout and the reasons: docs/architecture.md ("Checkpoints").
 """
 
 from __future__ import annotations
@@ -207,7 +180,7 @@ def save_streamed(entries: list[tuple[str, torch.Tensor]], path: Path | None) ->
     """Write `entries` as one safetensors file, one whole tensor in host memory at a time.
 
     The header is known from the shapes alone (a DTensor's shape is the whole tensor's), so it is
-    written first and each tensor's bytes follow as soon as it is gathered: rank 0 needs one tensor's
+    written first. Each tensor's bytes follow as soon as it is gathered. So rank 0 needs one tensor's
     worth of host memory, not the model's and its optimizer's. Every worker calls this with the same
     entries, because gathering a sharded tensor is a collective; workers that write nothing pass
     `path=None` and only take part in the gathers.
@@ -237,8 +210,8 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
                          groups: list[dict]) -> None:
     """Load name-keyed optimizer state from `path`; the saved groups must hold the model's parameters in order.
 
-    One tensor is in host memory at a time: each is read, moved to its parameter's device (this worker's
-    shard of it, for a sharded parameter) and dropped, so resuming an 8B run needs about one embedding's
+    One tensor is in host memory at a time. Each is read, moved to its parameter's device (this worker's
+    shard of it, for a sharded parameter) and dropped. So resuming an 8B run needs about one embedding's
     worth of host memory per process, not the whole optimizer file.
     """
     where = str(path)
@@ -353,9 +326,9 @@ def regrid_position(position: dict[str, int], state: dict[str, Any], world_size:
                     where: str) -> dict[str, int]:
     """A data position {epoch, offset} saved by `state["world_size"]` workers, for `world_size` workers.
 
-    Rank r reads rows[r::world] of each epoch's permutation, so after `offset` micro-batches per rank the
-    workers together have read exactly the first offset * micro_batch_size * world rows of the epoch:
-    the same prefix is where the new grid starts, which needs it to be a whole number of new micro-batches.
+    Rank r reads rows[r::world] of each epoch's permutation. So after `offset` micro-batches per rank,
+    the workers together have read exactly the first offset * micro_batch_size * world rows of the
+    epoch. The new grid starts after the same prefix, which must be a whole number of new micro-batches.
     """
     saved_micro = int(state["config"]["train"]["micro_batch_size"])
     rows_read = position["offset"] * saved_micro * state["world_size"]

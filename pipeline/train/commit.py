@@ -1,30 +1,10 @@
-"""Committed checkpoints: a checkpoint counts once every byte of it is in storage, and a resume loads the
-newest one that proves it.
+"""Committed checkpoints: a checkpoint counts once every byte of it is in storage.
 
-Why it exists: an upload cut off (preempted node, storage outage) leaves a checkpoint folder holding some
-of its files, and bytes can change at rest. Loading either would crash the resume or, worse, continue
-from a state that never existed. Ray Train does not check; this module does.
-
-What this module decides:
-- The marker `COMMITTED` is the last object written into a checkpoint folder. Rank 0 hands Ray Train its
-  own upload function (`ray.train.report(checkpoint_upload_fn=...)`) instead of letting Ray copy the
-  directory with pyarrow, which copies files in parallel and in no set order. The function uploads every
-  file, then `manifest.json` (size and sha256 of each file), then the marker, which records the sha256 of
-  that manifest. Ray registers the checkpoint only after the function returns, so a checkpoint Ray knows
-  of always has its marker, and a folder without one is an upload that was cut off. (The function builds
-  the checkpoint Ray registers from `ray.train.get_context().get_storage()`, the path Ray documents for
-  custom uploads.)
-- A resume does not trust `ray.train.get_checkpoint()`, which hands only the newest checkpoint Ray
-  registered. Rank 0 lists this run's checkpoint folders in storage, newest step first, and takes the
-  first whose marker vouches for its manifest and whose files all match that manifest (pulled into the
-  node cache, every sha256 checked). Each folder skipped is a warning naming it and why. Rank 0's choice
-  is broadcast, so every rank loads the same checkpoint.
-- Only integrity failures (`IntegrityError`: no marker, a manifest the marker does not vouch for, a file
-  missing or altered) are skipped. A storage failure (endpoint down after retries, access denied) stops
-  the resume with its own error: an older checkpoint is no answer to an unreachable store.
-- `train.keep_checkpoints` is at least 2, so there is a previous checkpoint to fall back to.
-- No committed checkpoint at all: a fresh start, unless Ray knows of one; then every checkpoint of the
-  run was damaged or deleted, and training stops rather than silently starting over.
+An upload cut off (preempted node, storage outage) leaves a folder holding some of its files, and
+bytes can change at rest. Loading either would crash the resume or continue from a state that never
+existed; Ray Train does not check. Here the `COMMITTED` marker is written last, after every file and
+the manifest, and a resume loads the newest checkpoint whose marker and files prove it. Damaged ones
+are skipped with a warning; a storage outage is an error. Details: docs/architecture.md ("Checkpoints").
 """
 
 from __future__ import annotations

@@ -1,36 +1,10 @@
-"""What a training worker does about faults: preemption notices, non-finite steps, and per-step metrics
-that must reach MLflow exactly once although a restart re-does the steps after the last checkpoint.
+"""What a training worker does about faults: preemption notices, non-finite steps, metrics logged once.
 
-What this module decides:
-- Dead or failed workers are Ray Train's to handle: it restarts the whole worker group up to
-  `train.max_failures` times, each time from the latest checkpoint its controller committed. An error no
-  restart can fix stops the run instead (`pipeline.train.permanent`).
-- SIGTERM (a preemption notice) only raises a flag. Ray runs the training loop on a thread of the worker
-  actor, and Python takes signal handlers on the main thread alone, so the handler is installed by a call
-  to the worker actor itself (its methods run on the main thread). Outside training the handler passes
-  SIGTERM on to the one it replaced, so Ray can still stop its worker.
-- All ranks decide together, with one small all-reduce per step (`agreement_flags`): the mean loss, the
-  gradient norm, which ranks saw a non-finite loss or gradient norm, and which ranks got SIGTERM. The
-  flags stay on the device: the optimizer skips a non-finite step's update there (`found_nonfinite`),
-  and the host reads a copy (`HostFlags`, `read_agreement`) once it has queued the next step's passes
-  (`pipeline.train.launch.Steps`). A checkpoint is a collective, so a SIGTERM on any rank makes every rank
-  checkpoint that step, wait until rank 0 has uploaded and committed it, and then fail together (Ray
-  restarts them).
-- Metrics are logged once: rank 0 holds each step's metrics until a checkpoint that covers them is
-  committed by Ray's controller (`get_all_reported_checkpoints(COMMITTED)`, asked on a thread so
-  training goes on), then hands them to the MLflow logger. Steps whose commit is still unconfirmed
-  when training ends are counted and warned about, never dropped silently. Steps re-done after a
-  restart were never handed over. Steps handed over but still queued when the worker died are in that
-  checkpoint's history with their timestamps: a resumed worker sends again the history's steps taken
-  since its MLflow run started (older ones went to an earlier run of the job), and MLflow's database
-  stores an identical (key, value, step, timestamp) only once.
-- Test-only hooks, read from the environment where training starts: PIPELINE_FAIL_AT_STEP=N (rank 0
-  raises after step N), PIPELINE_BAD_INPUT_AT_STEP=N (rank 0 raises an error no restart can fix after
-  step N, `pipeline.train.permanent`), PIPELINE_WORKER_STATE_DIR=dir (every worker appends its pid and each step as it
-  finishes, before that step's checkpoint, to dir/rank-R.jsonl, so a test can find the process to
-  kill), PIPELINE_POISON_LOSS=R:N (rank R's loss at step N becomes NaN, once per worker process),
-  PIPELINE_PAUSE_UPLOAD=PHASE:N (the upload of step N's checkpoint records PHASE, before_commit or
-  after_commit, to the state dir and then waits, so a test can kill the driver right there).
+Dead or failed workers are Ray Train's: it restarts the worker group from the newest committed
+checkpoint, `train.max_failures` times. This module handles what Ray does not. SIGTERM only raises a
+flag; all ranks then agree, through one small all-reduce per step, on the loss, the gradient norm and
+which ranks saw a non-finite value or a SIGTERM. Rank 0 logs each step's metrics only once a committed
+checkpoint covers them, so a restart never logs a step twice. `Hooks` injects faults for the tests.
 """
 
 from __future__ import annotations
@@ -93,7 +67,13 @@ def _install_sigterm_handler() -> None:
 
 
 def watch_sigterm() -> None:
-    """From now on until `unwatch_sigterm`, SIGTERM to this process only sets the flag `agreement_flags` reads."""
+    """From now on until `unwatch_sigterm`, SIGTERM to this process only sets the flag `agreement_flags` reads.
+
+    Ray runs the training loop on a thread of the worker actor, and Python runs signal handlers on the
+    main thread only. So the handler is installed by a call to the worker actor itself, whose methods
+    run on the main thread. Outside training the handler passes SIGTERM on to the one it replaced, so Ray
+    can still stop its worker.
+    """
     _sigterm.clear()
     if threading.current_thread() is threading.main_thread():
         _install_sigterm_handler()
@@ -135,9 +115,14 @@ def _ranks(ranks: tuple[int, ...]) -> str:
 
 
 def agreement_flags(loss: torch.Tensor, grad_norm: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This step's flags, summed over ranks by an all-reduce the host does not wait for: [loss, gradient
-    norm, then per rank: 1 non-finite loss + 2 non-finite gradient norm, then per rank: SIGTERM]. Built
-    from device values on the device, so nothing here reads the step's results on the host."""
+    """This step's flags, summed over ranks by an all-reduce the host does not wait for.
+
+    Layout: [loss, gradient norm, then per rank: 1 non-finite loss + 2 non-finite gradient norm, then
+    per rank: SIGTERM]. Built from device values on the device, so nothing here reads the step's results
+    on the host. The optimizer skips a non-finite step's update on the device (`found_nonfinite`). A
+    checkpoint is a collective, so a SIGTERM on any rank makes every rank checkpoint that step, wait for
+    rank 0 to commit it, and then fail together; Ray restarts them.
+    """
     flags = torch.zeros(2 + 2 * world, dtype=torch.float32, device=loss.device)
     flags[0] = loss
     flags[1] = grad_norm
@@ -156,9 +141,12 @@ def found_nonfinite(flags: torch.Tensor, world: int) -> torch.Tensor:
 
 
 class HostFlags:
-    """A step's flags on their way to the host. On a GPU they are copied into pinned memory as soon as they
-    are made and an event marks the copy, so reading them waits for the step up to its flags alone, not for
-    what was queued after them (the update, the next step's passes). Elsewhere they are the flags."""
+    """A step's flags on their way to the host.
+
+    On a GPU they are copied into pinned memory as soon as they are made, and an event marks the copy.
+    So reading them waits for the step up to its flags alone, not for what was queued after them (the
+    update, the next step's passes). Elsewhere they are the flags.
+    """
 
     def __init__(self, flags: torch.Tensor):
         self.ready = None
@@ -236,6 +224,12 @@ class CommittedMetrics:
     committed checkpoint step (`_committed_step`), a few seconds at a time, and logs every held step a
     committed checkpoint covers, in order. Asking again and comparing steps, rather than one long wait
     per checkpoint, means a late or missed notification costs seconds, not the steps.
+
+    Steps whose commit is still unconfirmed when training ends are counted and warned about, never
+    dropped silently. Steps re-done after a restart were never handed over. Steps handed over but still
+    queued when the worker died are in that checkpoint's history, with their timestamps. A resumed worker
+    sends again the history's steps taken since its MLflow run started. MLflow's database stores an
+    identical (key, value, step, timestamp) only once.
     """
 
     def __init__(self, logger: Any) -> None:
@@ -346,7 +340,17 @@ def _committed_step() -> int:
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Hooks:
-    """Test-only fault injection, read from the environment where training starts (see module doc)."""
+    """Test-only fault injection, read from the environment where training starts.
+
+    - PIPELINE_FAIL_AT_STEP=N: rank 0 raises after step N.
+    - PIPELINE_BAD_INPUT_AT_STEP=N: rank 0 raises an error no restart can fix after step N
+      (`pipeline.train.permanent`).
+    - PIPELINE_WORKER_STATE_DIR=dir: every worker appends its pid, and each step as it finishes (before
+      that step's checkpoint), to dir/rank-R.jsonl, so a test can find the process to kill.
+    - PIPELINE_POISON_LOSS=R:N: rank R's loss at step N becomes NaN, once per worker process.
+    - PIPELINE_PAUSE_UPLOAD=PHASE:N: the upload of step N's checkpoint records PHASE (before_commit or
+      after_commit) to the state dir, then waits, so a test can kill the driver right there.
+    """
 
     fail_at_step: int | None = None
     bad_input_at_step: int | None = None

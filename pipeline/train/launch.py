@@ -1,50 +1,11 @@
-"""Fine-tuning on a Ray cluster: Ray Train's TorchTrainer runs the TE-style Llama data-parallel.
+"""The train stage: Ray Train's TorchTrainer runs the TE-style Llama on `train.workers` workers.
 
-What this module decides:
-- Ray Train (V2 API) runs `train_loop_per_worker` on `train.workers` workers, one GPU each when
-  `train.use_gpu` (CPU workers use gloo), with the model replicated (DDP) or sharded (FSDP2) as
-  `train.parallelism` says (`pipeline.train.parallel`). Ray keeps its run state and the checkpoints under
-  `{run.output_uri}/ray/{run.name}/`; S3 goes through the same s3fs filesystem as `pipeline.storage`
-  (custom endpoints included), handed to Ray as a pyarrow filesystem. Ray keeps the newest
-  `train.keep_checkpoints` checkpoints and deletes older ones. Layout: `pipeline.train.checkpoint`.
-- Resuming: a run started again with the same `run.name` and `run.output_uri` goes on from the newest
-  committed, verified checkpoint in its folder (`pipeline.train.commit`: a cut-off upload or a
-  damaged file is skipped with a warning), at the next step with the same data order. Within a run, Ray
-  restarts the worker group after a worker dies or fails, `train.max_failures` times, each from the
-  newest committed checkpoint; after that the run ends in a PipelineError, and running it again resumes.
-  SIGTERM, non-finite steps (`train.on_nonfinite`) and logging each step's metrics once across restarts:
-  `pipeline.train.faults`.
-- Precision: bf16 or fp32 parameters (`model.dtype`), AdamW moments in the same dtype; bf16 parameters
-  keep their updates as `train.master_weights` says (a bf16 Kahan compensation buffer by default, or an
-  fp32 master copy; held by the optimizer, sharded with the parameters under FSDP2; `pipeline.train.optim`).
-  FP8 (`train.fp8`) wraps the forward pass only; TE runs the matching backward itself, with amax reduced
-  over all ranks.
-- Data: epoch e visits a permutation of all packed rows seeded by `run.seed + e`; rank r takes
-  rows[r::world] in micro-batches of `train.micro_batch_size`. Every rank gets the same number of
-  micro-batches per epoch (a remainder is skipped) so DDP stays in lockstep. A micro-batch is a pure
-  function of (seed, epoch, rank, world, offset), so the position {epoch, offset} is all a resume needs.
-- Optimizer: AdamW (betas 0.9/0.95, weight decay on 2-D weights only), linear warmup over
-  `train.warmup_steps`, cosine decay to `min_lr_ratio * lr` at `train.max_steps`; gradients accumulate
-  over `train.grad_accum_steps` micro-batches (DDP syncs only on the last) and are clipped to `max_grad_norm`.
-- The host runs one step ahead of the device (`Steps`): it queues the next step's forward and backward
-  passes before it reads this step's outcome, and waits on the device once per step, for that outcome.
-- Metrics of every `train.log_every`-th step: loss (mean over ranks of each rank's mean token loss), lr,
-  grad_norm (before clipping), tokens_per_s (all ranks, padding included; a step's time runs from the
-  previous step's outcome to its own, checkpoints and rollbacks between them left out), mfu (against the GPU's dense
-  bf16 peak; 0.0 where no peak is known, e.g. on CPU), gpu_mem_gb (peak allocated, GiB), nonfinite_steps
-  (skipped or rolled back so far). They go to MLflow from rank 0 only (tracking's non-blocking logger,
-  once a checkpoint covering them is committed; nothing when no run id is given) and into every
-  checkpoint's trainer_state.json, which is where `TrainResult.metrics` comes from. Rank 0 also prints
-  the same dict as a progress line (`pipeline.progress`) as soon as the step ends, which the driver's
-  output and `ray job logs --follow` show.
-- Ray hears from the workers only at checkpoints (`ray.train.report` with that step's metrics). In Ray
-  2.60 each worker's report waits in a one-slot queue that the controller drains once per health-check
-  poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a report every step would cap training at one step
-  per poll interval; and Ray keeps only the metrics attached to checkpoints anyway.
-- An error no restart can fix (bad input met on a worker) stops the run at its first occurrence, with
-  its one-line reason and no advice to resume: `pipeline.train.permanent`.
-- Test hooks (`pipeline.train.faults.Hooks`) are read from the environment where `train` is called; e.g.
-  PIPELINE_FAIL_AT_STEP=N makes rank 0 raise right after reporting step N (and its checkpoint, if any).
+Each worker builds the model, wraps it for DDP or FSDP2 (`pipeline.train.parallel`), resumes from the newest
+committed checkpoint, and runs `Steps`: optimizer steps with the host one step ahead of the device.
+A micro-batch is a pure function of (seed, epoch, rank, world, offset), so a resume needs only the
+data position. Ray hears from the workers only at checkpoints, which rank 0 writes and commits.
+Faults (SIGTERM, non-finite steps, restarts) are `pipeline.train.faults`'s. What this stage decides, in
+full: docs/architecture.md ("The train stage").
 """
 
 from __future__ import annotations
@@ -71,7 +32,7 @@ import torch.distributed as dist
 from torch.profiler import record_function as phase  # a step's phases, as named ranges in profiles
 import te_model
 from pipeline.train import checkpoint as ckpt
-from pipeline.train import commit as commit
+from pipeline.train import commit
 from pipeline.train import faults, optim, parallel, permanent
 from pipeline import storage
 from pipeline import progress as progress_lines
@@ -166,9 +127,9 @@ def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tra
 def train_result(cfg: Config, ray_uri: str, options: storage.StorageOptions) -> TrainResult:
     """What training reached: the newest committed checkpoint in storage, not the one Ray registered.
 
-    A driver killed mid-run leaves workers that may commit later checkpoints Ray never registers; the next
-    run's workers resume from the newest of them (`checkpoint_commit.resume_checkpoint`), so the result
-    must be that one too, or eval and export would use older weights than the step reported."""
+    A driver killed mid-run leaves workers that may commit later checkpoints Ray never registers. The
+    next run's workers resume from the newest of them (`checkpoint_commit.resume_checkpoint`). So the
+    result must be that one too, or eval and export would use older weights than the step reported."""
     checkpoint_uri = commit.newest_committed_uri(storage.join(ray_uri, cfg.run.name), options)
     if checkpoint_uri is None:
         raise PipelineError(f"training run {cfg.run.name!r} finished without a committed checkpoint under "
@@ -235,10 +196,10 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Ad
     `pipeline.train.optim.AdamW`: torch's fused AdamW, with the update one Triton kernel per parameter on a GPU
     (torch's own fused kernel on CPU). Both take `found_inf`, which lets a non-finite step skip its update
     on the device without the host looking (`Steps`). With data parallelism each replica runs the whole
-    update every step, so its cost does not shrink as workers are added; FSDP2's sharded parameters
+    update every step, so its cost does not shrink as workers are added. FSDP2's sharded parameters
     (DTensors) are updated shard by shard. `train.master_weights` says how bf16 parameters keep small
-    updates (a Kahan compensation buffer by default, or an fp32 master copy; held by the optimizer per
-    parameter or per local shard).
+    updates: a Kahan compensation buffer by default, or an fp32 master copy. The optimizer holds either,
+    per parameter or per local shard.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
@@ -423,15 +384,17 @@ class Steps:
     SIGTERM ranks) only once it has queued the next step's forward and backward passes. Where the device
     is the bound, it then never starts a step empty, waiting for the host to launch the forward pass:
     the host launches it while the device still runs the previous backward and update. (Where the host
-    is the bound, as with small micro-batches of a small model, there is no lead to carry over.) The
-    update needs no decision from the host: the fused AdamW skips it on the device when the flags say some
-    loss or gradient norm was non-finite (`found_inf`, as under a GradScaler). Counting the step, the LR
-    schedule, checkpoints, SIGTERM and `train.on_nonfinite` happen with the outcome, before the queued
-    step's update is launched, which so uses the right learning rate. With the attention plan and the
-    scored tokens found on the host (`_device_batch`), the host waits on the device once per step: for
-    the flags, copied to pinned memory as soon as they are made (`faults.HostFlags`). So it waits for the
-    step up to its flags, not for the update and next passes queued after them, and queues the next
-    update while the device still runs this step's update and the next step's passes.
+    is the bound, as with small micro-batches of a small model, there is no lead to carry over.)
+
+    The update needs no decision from the host. The fused AdamW skips it on the device when the flags say
+    some loss or gradient norm was non-finite (`found_inf`, as under a GradScaler). Counting the step,
+    the LR schedule, checkpoints, SIGTERM and `train.on_nonfinite` happen with the outcome. That is
+    before the queued step's update is launched, so the update uses the right learning rate.
+
+    The attention plan and the scored tokens are found on the host (`_device_batch`). So the host waits
+    on the device once per step: for the flags, copied to pinned memory as soon as they are made
+    (`faults.HostFlags`). It waits for the step up to its flags, not for the work queued after them. It
+    queues the next update while the device still runs this step's update and the next step's passes.
 
     After a non-finite step the queued passes are dropped (their gradients zeroed, their micro-batches
     read again by the next step), whatever `train.on_nonfinite` says. A rollback or a stop needs that;
@@ -592,9 +555,9 @@ def _metric_logger(rank: int, run_id: str | None, tracking_uri: str | None):
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
     """One Ray Train worker: build the model, resume if Ray has a checkpoint, train to `train.max_steps`.
 
-    Returns {"stopped": reason} when a non-finite step stopped the run (on every rank alike), and
-    {"permanent": reason} at once, on every rank, when an earlier try of this attempt failed on an error no
-    restart can fix (`pipeline.train.permanent`); such an error is recorded before it is raised.
+    Returns {"stopped": reason} when a non-finite step stopped the run (on every rank alike). Returns
+    {"permanent": reason} at once, on every rank, when an earlier try of this attempt failed on an error
+    no restart can fix (`pipeline.train.permanent`); such an error is recorded before it is raised.
     """
     cfg = Config.from_dict(loop_config["config"])
     hooks = faults.Hooks(**loop_config["hooks"])

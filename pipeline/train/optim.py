@@ -1,42 +1,11 @@
-"""AdamW whose update runs at the memory's speed on a GPU, with a choice of how a bf16 model keeps its updates.
+"""AdamW whose update is one Triton kernel per large parameter, with master-weight options for bf16 models.
 
-The update is memory-bound: per parameter it reads the weight, its gradient and both moments and writes
-the weight and the moments back, 14 bytes in bf16. torch's fused AdamW moves those bytes at about half
-the GPU's memory bandwidth (docs/log/2026-11-30-fp8-kernels-host-syncs.md): it cuts the parameter list
-into launches of at most 320 blocks of 65,536 elements, a few waves each, with a tail between launches.
-Here each parameter of a million elements or more is one launch over its whole length, 4,096 elements a
-program, so a 500M-element embedding streams as one grid; smaller ones (norm weights) still go to
-torch's fused kernel, several to a launch.
-
-Master weights (`master_weights`, the config's `train.master_weights`). A bf16 weight near 0.02 moves
-only in steps of 2^-13; an update rounded to nearest once per step vanishes whenever it is under half
-of that, which at fine-tuning learning rates is most updates. So for bf16 parameters:
-- `fp32`: the optimizer holds an fp32 master copy (state `master`; for a DTensor, of the local shard). The
-  update is computed from it and written to it and, rounded to nearest, to the bf16 parameter the model
-  computes with, in one kernel. 4 more bytes a parameter.
-- `bf16_sr`: the fp32 result is rounded stochastically to bf16 (random bits added below the bf16
-  mantissa, then truncated): unbiased, no more memory. The random bits are Philox's (Triton's
-  `tl.randint`) keyed by the step count and the parameter's index, both already on the device, so the
-  kernel still never waits for the host and a resumed run draws the same bits.
-- `bf16_kahan`: a bf16 compensation buffer (state `compensation`) carries what each rounding lost into
-  the next step's update (Kahan summation). 2 more bytes a parameter.
-- `bf16`: rounded to nearest, nothing kept (the behaviour without master weights).
-fp32 parameters are their own master: every option updates them as `bf16` does. Moments stay in the
-parameter's dtype in every option.
-
-`AdamW` is `torch.optim.AdamW(fused=True)` with that kernel in its place where it applies (CUDA tensors,
-or any under `TRITON_INTERPRET=1`; bf16, fp16 or fp32; no amsgrad, maximize or grad scaling). Elsewhere
-(CPU) it is torch's own fused kernel for `bf16`, and for the other options `adamw_reference`: the kernel's
-math in plain torch, Philox included, so a CPU run trains as a GPU run does. Same state as torch's
-(`step` per parameter as a float32 tensor on the parameter's device, `exp_avg`, `exp_avg_sq` in its
-dtype) plus `master` or `compensation`, so checkpoints load either way; and the same `found_inf`: set as
-an attribute (as a GradScaler or `pipeline.train.launch.Steps` does), a non-zero value skips the update on the
-device and leaves `step` where it was.
-
-The math is torch's, in fp32 (torch's kernel mixes in fp64 scalars): decoupled weight decay
-`p -= lr * wd * p`, then `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
-`p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`. FSDP2's sharded parameters (DTensors) are
-updated shard by shard.
+The update is memory-bound: 14 bytes a bf16 parameter. torch's fused AdamW cuts big parameters into
+many small launches; here each parameter of a million elements or more is one launch over its whole
+length. Smaller ones (norm weights) still go to torch's fused kernel, several to a launch.
+A bf16 weight moves in steps too coarse for most fine-tuning updates, so `master_weights` says how
+bf16 parameters keep them (`AdamW` lists the options). On CPU, `adamw_reference` runs the kernel's
+math in plain torch, so a CPU run trains as a GPU run does. Speed: docs/performance.md (Optimizer).
 """
 
 from __future__ import annotations
@@ -196,8 +165,40 @@ def _shard_index(p: torch.Tensor) -> int:
 
 
 class AdamW(torch.optim.AdamW):
-    """`torch.optim.AdamW(fused=True)`, its update one Triton kernel per parameter where that applies, bf16
-    parameters kept as `master_weights` says (module docstring)."""
+    """`torch.optim.AdamW(fused=True)`, its update one Triton kernel per parameter where that applies.
+
+    The kernel applies to CUDA tensors (or any under `TRITON_INTERPRET=1`) in bf16, fp16 or fp32, without
+    amsgrad, maximize or grad scaling. Elsewhere (CPU) `bf16` runs torch's own fused kernel, and the other
+    options run `adamw_reference`, Philox included.
+
+    Master weights (`master_weights`, the config's `train.master_weights`). A bf16 weight near 0.02 moves
+    only in steps of 2^-13. An update rounded to nearest vanishes when it is under half of that, which
+    at fine-tuning learning rates is most updates. So for bf16 parameters:
+    - `fp32`: an fp32 master copy (state `master`; for a DTensor, of the local shard). The update is
+      computed from it and written to it, and to the bf16 parameter rounded to nearest, in one kernel.
+      4 more bytes a parameter.
+    - `bf16_sr`: the fp32 result is rounded stochastically to bf16: unbiased, no more memory. The random
+      bits are Philox's (`tl.randint`), keyed by the step count and the parameter's index. Both are on
+      the device, so the kernel never waits for the host, and a resumed run draws the same bits.
+    - `bf16_kahan`: a bf16 compensation buffer (state `compensation`) carries what each rounding lost
+      into the next step's update (Kahan summation). 2 more bytes a parameter.
+    - `bf16`: rounded to nearest, nothing kept.
+    fp32 parameters are their own master: every option updates them as `bf16` does. Moments stay in the
+    parameter's dtype in every option.
+
+    State is torch's (`step` per parameter as a float32 tensor on its device; `exp_avg`, `exp_avg_sq` in
+    its dtype) plus `master` or `compensation`, so checkpoints load either way. `found_inf` works as in
+    torch: set as an attribute (as a GradScaler or `Steps` does), a non-zero value skips the update on
+    the device and leaves `step` where it was.
+
+    The math is torch's, in fp32 (torch's kernel mixes in fp64 scalars):
+
+        p -= lr * wd * p                                  decoupled weight decay
+        m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
+        p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    FSDP2's sharded parameters (DTensors) are updated shard by shard.
+    """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, master_weights: str = "bf16", triton_min_numel: int = SMALL):

@@ -1,23 +1,9 @@
 """How the model is spread over the training workers: DDP (replicated) or FSDP2 (sharded).
 
-Why it exists: the model code is written for one device and parallelism is applied from outside, here,
-so the training loop and the checkpoint code ask this module instead of testing wrapper types.
-
-What this module decides:
-- `ddp`: DistributedDataParallel (what Ray Train's `prepare_model` makes, without needing a Ray worker
-  around it, so a bare process group can train the same way). Every worker holds the whole model,
-  its gradients and AdamW moments: about 8 bytes per parameter in bf16, so roughly 3B parameters per
-  80 GB GPU once activations are counted.
-- `fsdp`: PyTorch's FSDP2 `fully_shard`, one unit per decoder layer plus the root (embedding, final norm,
-  LM head; a tied head stays with the embedding it is). Parameters, gradients and moments are sharded
-  over the workers and each layer is all-gathered just for its forward and again for its backward
-  (`train.fsdp_reshard_after_forward: false` keeps it gathered in between: less traffic, more memory).
-  Parameters, their all-gathers and gradient reductions stay in the training dtype; the optimizer keeps
-  any fp32 master copy (`train.master_weights`) per local shard, as a DTensor like the parameter.
-  TE layers work unchanged under FP8 autocast: FSDP2 hands them whole bf16 weights to quantize.
-- Sharded parameters and moments are DTensors. `full_tensor` gathers one (a collective every worker
-  joins) and `shard_like` cuts a whole tensor read from a checkpoint into the local shard, so checkpoints
-  keep one layout - whole tensors by name - whatever the wrapping, and stay HF-exportable.
+The model code is written for one device, and parallelism is applied from outside, here. So the
+training loop and the checkpoint code ask this module instead of testing wrapper types. Sharded
+parameters and moments are DTensors: `full_tensor` gathers one and `shard_like` cuts a whole tensor
+into the local shard. So checkpoints keep one layout, whole tensors by name, whatever the wrapping.
 """
 
 from __future__ import annotations
@@ -35,6 +21,15 @@ STRATEGIES = ("ddp", "fsdp")
 
 def wrap(model: torch.nn.Module, strategy: str, *, reshard_after_forward: bool = True) -> torch.nn.Module:
     """The module the training step calls: `model` wrapped for `strategy` (FSDP2 shards it in place).
+
+    - `ddp`: DistributedDataParallel, as Ray Train's `prepare_model` makes it, but without needing a Ray
+      worker around it. Every worker holds the whole model, its gradients and AdamW moments: about 8
+      bytes per parameter in bf16, so roughly 3B parameters per 80 GB GPU once activations count.
+    - `fsdp`: FSDP2 `fully_shard`, one unit per decoder layer plus the root (embedding, final norm, LM
+      head; a tied head stays with its embedding). Parameters, gradients and moments are sharded over
+      the workers. Each layer is all-gathered for its forward and again for its backward. All-gathers
+      and reductions stay in the training dtype. TE layers work unchanged under FP8 autocast: FSDP2
+      hands them whole bf16 weights to quantize.
 
     `reshard_after_forward` (FSDP2 only): free each layer's gathered weights after its forward and gather
     them again for its backward (least memory), or keep them until the backward (one all-gather fewer per

@@ -1,17 +1,10 @@
 """Errors no restart can fix stop a training run at their first occurrence.
 
-Ray Train restarts the worker group after any worker error, `train.max_failures` times, and its failure
-policy cannot be told that an error is permanent. So the run tells itself, through its own folder in
-storage (`{run.output_uri}/ray/{run.name}/`):
-- A worker whose error is permanent (`is_permanent`: bad input such as a checkpoint tensor that does not
-  fit, FP8 that cannot run, too few rows) writes a one-line record there before raising.
-- Every (re)started worker group looks for it first (rank 0 reads, all ranks get its answer) and, when
-  found, ends at once without building anything: Ray sees the run finish, so it makes no more restarts.
-- The driver raises the recorded reason, with no advice to resume.
-Anything else (a killed worker, a lost node, a storage outage, a preemption) stays Ray's to retry.
-
-The record names the attempt (a fresh id per `pipeline.train.launch.train` call), which also deletes it before
-starting: a record left by an earlier attempt, whose input has since been fixed, never stops a new one.
+Ray Train restarts the worker group after any worker error, and its failure policy cannot be told
+that an error is permanent (`is_permanent`: bad input such as a tensor that does not fit, FP8 that
+cannot run, too few rows). So a failing worker writes a one-line record into the run's folder before
+raising. Every (re)started group looks for it first and, when found, ends at once, so Ray makes no more
+restarts. The record names its attempt, so a record from an earlier, since-fixed attempt stops nothing.
 """
 
 from __future__ import annotations
@@ -81,7 +74,12 @@ def read(run_uri: str, attempt: str, options: storage.StorageOptions) -> str | N
 
 def agreed_reason(run_uri: str, attempt: str, rank: int, options: storage.StorageOptions,
                   device: torch.device) -> str | None:
-    """`read` on rank 0, the same answer on every rank (over `device`'s process group): all end, or none."""
+    """`read` on rank 0, the same answer on every rank (over `device`'s process group): all end, or none.
+
+    A group that ends this way builds nothing. Ray sees the run finish, and the driver raises the
+    recorded reason with no advice to resume. Anything else (a killed worker, a lost node, a storage
+    outage, a preemption) stays Ray's to retry.
+    """
     answer = [read(run_uri, attempt, options) if rank == 0 else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(answer, src=0, device=device)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train import commit as commit
+from pipeline.train import commit
 from pipeline import storage
 from pipeline.errors import PipelineError
 from pipeline.storage import StorageOptions

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from pipeline.train import commit as commit
+from pipeline.train import commit
 from pipeline import storage
 from pipeline.errors import PipelineError
 from pipeline.storage import StorageOptions
