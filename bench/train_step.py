@@ -328,7 +328,7 @@ def print_table(result: dict) -> None:
             continue
         print(f"{r['label']:44s} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:8.1f} "
               f"{r['mfu_datasheet']:7.1%} {r['mfu_measured_peak']:7.1%} {common.fmt(r['peak_mem_gib'], '6.1f')} "
-              f"{common.fmt(r['speedup_vs_hf'], '5.2f')}x {common.fmt(r.get("speedup_vs_fastest_peer"), "6.2f"):>6s}x "
+              f"{common.fmt(r['speedup_vs_hf'], '5.2f')}x {common.fmt(r.get('speedup_vs_fastest_peer'), '6.2f'):>6s}x "
               f"{r['loss_first']:8.4f}")
     print_profiles(result["variants"])
 

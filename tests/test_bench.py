@@ -269,6 +269,19 @@ def test_matrix_runs_jobs_reports_and_stops_overruns(tmp_path, monkeypatch, caps
     assert goals and all(line.startswith("MISS") and "not measured" in line for line in goals), goals
 
 
+def test_peer_jobs_run_hf_the_peers_and_ours_at_the_three_shapes_only_when_named():
+    from bench import matrix
+
+    shapes = set()
+    for name, (script, job_args, _) in matrix.PEER_JOBS.items():
+        args = train_step.parse_args(job_args)  # refuses an unknown variant or shape
+        assert script == "train_step" and args.master_weights == "bf16_kahan", name
+        assert args.variants == ["hf", *peers.PEERS, "ours_bf16", "fp8_delayed", "fp8_delayed_fp8head"], name
+        shapes.add((args.shape, args.layers, args.batch, args.seq))
+    assert shapes == {("llama3.1-8b", 32, 2, 4096), ("llama3.2-1b", 16, 4, 2048), ("llama3.1-8b", 32, 8, 256)}
+    assert not set(matrix.PEER_JOBS) & set(matrix.parse_args(["--out", "x"]).only)
+
+
 def test_parallel_profile_backend_choice_is_checked():
     from bench import parallel_profile
 
