@@ -16,12 +16,15 @@ Variants (`--variants`, comma-separated; default all):
   ours gets its inputs as the pipeline's training step hands them over (`bench.common.step_inputs`);
 - `hf_liger`, `hf_torchao_fp8`, `accelerate_te_fp8`, `te_llama_swap`: what a user could pick instead of
   ours, each as its users run it, with torch's fused AdamW (`bench/peers.py`); run only when named;
+- `fp8_delayed_weight_cache`: delayed scaling, the FP8 weights cast on a step's first micro-batch and reused
+  by the others (TE's `is_first_microbatch`); it differs from `fp8_delayed` only with `--micro-batches` > 1;
 - `fp8_delayed_torch_adamw`: delayed scaling, updated by torch's fused AdamW (the baselines' optimizer)
   instead of the pipeline's (`pipeline.optim.AdamW`, the same math in one Triton kernel per parameter),
   which every other variant of ours uses, keeping bf16 updates as `--master-weights` says (default `bf16`:
   no master copy; `fp32`, `bf16_kahan`, `bf16_sr` measure what each option costs in memory and time).
 
-A step is the whole thing: embedding, decoder, lm_head, loss, backward, AdamW step, bf16 parameters.
+A step is the whole thing: embedding, decoder, lm_head, loss, backward, AdamW step, bf16 parameters;
+with `--micro-batches N`, N forward and backward passes (gradient accumulation) before the one update.
 Every variant starts from the same weights (`bench.common.reference_state`) and sees the same token
 batches in the same order, so the first-step losses must agree (they are in the JSON). Warm-up steps
 (which include torch.compile's compilation) are not timed; the step time is the median of the timed steps.
@@ -66,6 +69,7 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_attn_fp8head": ("ours", False, "delayed"),  # ... both
     "fp8_delayed_device_plan": ("ours", False, "delayed"),  # ... its plan and loss positions found on the GPU
     "fp8_delayed_torch_adamw": ("ours", False, "delayed"),  # ... updated by torch's fused AdamW, as HF is
+    "fp8_delayed_weight_cache": ("ours", False, "delayed"),  # ... FP8 weights cast once per step
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -84,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated of {', '.join(VARIANTS)} (default: all but the peers)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="forward and backward passes of --batch rows per optimizer step (gradient accumulation)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after the timed steps, profile this many more: kernel ms per step by kind, GPU idle")
@@ -97,8 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of hf_compile")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0:
-        p.error("--steps must be >= 1, --warmup and --profile-steps >= 0")
+    if args.steps < 1 or args.micro_batches < 1 or args.warmup < 0 or args.profile_steps < 0:
+        p.error("--steps and --micro-batches must be >= 1, --warmup and --profile-steps >= 0")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -164,25 +170,33 @@ def run_variant(name: str, args, config, state, batches, device, backend: str) -
 
 
 def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
+    """`batches`: one list of micro-batches per step."""
     kind = VARIANTS[name][0]
     forward, optimizer = variant.model, variant.optimizer
     timer, losses, wall_start = common.StepTimer(device), [], None
+    cache_weights = name.endswith("_weight_cache")
 
-    def train_step(ids):
-        with variant.autocast():
-            loss = forward(**common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))).loss
-        loss.backward()  # outside the autocast: TE runs the matching FP8 backward itself
+    def train_step(micro_batches):
+        count, step_loss = len(micro_batches), None
+        for i, ids in enumerate(micro_batches):
+            inputs = common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))
+            if cache_weights:  # TE casts the FP8 weights on the first micro-batch and reuses them for the rest
+                inputs["is_first_microbatch"] = i == 0
+            with variant.autocast():
+                loss = forward(**inputs).loss
+            (loss / count if count > 1 else loss).backward()  # outside the autocast: TE runs the FP8 backward
+            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(step_loss / count if count > 1 else step_loss)
 
     timed = batches[: args.warmup + args.steps]
-    for i, ids in enumerate(timed):
+    for i, micro_batches in enumerate(timed):
         if i == args.warmup:
             _sync(device)
             wall_start = time.perf_counter()
             timer.mark()
-        train_step(ids)
+        train_step(micro_batches)
         if i >= args.warmup:
             timer.mark()
     _sync(device)
@@ -205,8 +219,8 @@ def profile_steps(train_step, batches, device) -> dict:
     _sync(device)
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
-        for ids in batches:
-            train_step(ids)
+        for micro_batches in batches:
+            train_step(micro_batches)
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3 / len(batches)
     found = kernels.breakdown(prof, len(batches))
@@ -229,7 +243,8 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (" + FP8 attention" if "_attn" in name else "")
             + (" + FP8 head" if name.endswith("_fp8head") else "")
             + (", planned on GPU" if name.endswith("_device_plan") else "")
-            + (", torch AdamW" if name.endswith("_torch_adamw") else ""))
+            + (", torch AdamW" if name.endswith("_torch_adamw") else "")
+            + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else ""))
 
 
 def skip_reason(name: str, backend: str, reason: str | None, device: torch.device) -> str | None:
@@ -244,16 +259,18 @@ def measure(args, device) -> dict:
     """Every requested variant on the same weights and batches; a result row (or skip/error) each."""
     backend, backend_reason = common.ours_backend(device)
     config = common.llama_config(args.shape, args.layers)
-    batches = token_batches(config.vocab_size, args.batch, args.seq, args.warmup + args.steps + args.profile_steps,
-                            args.seed)
+    steps, micro = args.warmup + args.steps + args.profile_steps, args.micro_batches
+    flat = token_batches(config.vocab_size, args.batch, args.seq, steps * micro, args.seed)
+    batches = [flat[i * micro:(i + 1) * micro] for i in range(steps)]
     size = args.matmul_size or (8192 if device.type == "cuda" else 512)
     matmul_peak = common.matmul_peak_flops(device, size)
     common.free_memory()
     state = common.reference_state(config, common.DTYPES[args.dtype], device, args.seed)
-    flops = model_flops(state, config, args.batch, args.seq)
-    tokens = args.batch * args.seq
+    flops = model_flops(state, config, args.batch, args.seq) * micro
+    tokens = args.batch * args.seq * micro
     run = {"shape": args.shape, "layers": config.num_hidden_layers, "seq": args.seq, "batch": args.batch,
-           "tokens_per_step": tokens, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+           "micro_batches": micro, "tokens_per_step": tokens, "dtype": args.dtype, "steps": args.steps,
+           "warmup": args.warmup,
            "model_flops_per_step": flops, "matmul_peak_tflops": matmul_peak / 1e12, "matmul_size": size,
            "datasheet_peak_tflops": common.DATASHEET_BF16_FLOPS / 1e12, "ours_backend": backend,
            "ours_backend_reason": backend_reason, "master_weights": args.master_weights}
@@ -313,7 +330,8 @@ def add_rates(rows: list[dict], flops: float, tokens: int, matmul_peak: float) -
 
 def print_table(result: dict) -> None:
     run, env = result["run"], result["environment"]
-    print(f"\n{env['device']}, {run['shape']} ({run['layers']} layers), {run['batch']}x{run['seq']} tokens, "
+    print(f"\n{env['device']}, {run['shape']} ({run['layers']} layers), {run['batch']}x{run['seq']} tokens"
+          f"{' x ' + str(run['micro_batches']) + ' micro-batches' if run.get('micro_batches', 1) > 1 else ''}, "
           f"{run['dtype']} params, full step incl. AdamW (ours: master_weights={run['master_weights']}), "
           f"median of {run['steps']} "
           f"(matmul peak {run['matmul_peak_tflops']:.0f} TFLOP/s)")

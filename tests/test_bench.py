@@ -176,6 +176,24 @@ def test_kernels_are_sorted_into_kinds_by_name(name, kind):
     assert kernels.kind_of(name) == kind
 
 
+def test_micro_batches_accumulate_to_the_whole_batch(tmp_path):
+    """Two micro-batches of one row train as one step of the same two rows: same losses, twice the tokens."""
+    one, two = train_step.token_batches(512, 1, 32, 2, seed=0), train_step.token_batches(512, 2, 32, 1, seed=0)
+    assert torch.equal(torch.cat(one), two[0])  # the same tokens either way
+    results = {}
+    for batch, micro in ((2, 1), (1, 2)):
+        out = tmp_path / f"{batch}x{micro}.json"
+        train_step.main(TINY + ["--seq", "32", "--batch", str(batch), "--micro-batches", str(micro), "--steps", "2",
+                                "--warmup", "0", "--matmul-size", "64", "--variants", "hf,ours_bf16",
+                                "--out", str(out)])
+        results[micro] = json.loads(out.read_text())
+    assert results[2]["run"]["tokens_per_step"] == results[1]["run"]["tokens_per_step"] == 64
+    assert results[2]["run"]["model_flops_per_step"] == results[1]["run"]["model_flops_per_step"]
+    for whole, accumulated in zip(results[1]["variants"], results[2]["variants"]):
+        for key in ("loss_first", "loss_last"):
+            assert accumulated[key] == pytest.approx(whole[key], abs=1e-5), (whole["variant"], key)
+
+
 def test_model_flops_counts_the_real_parameters():
     config = common.llama_config("tiny")
     state = common.reference_state(config, torch.float32, torch.device("cpu"), seed=0)
