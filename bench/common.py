@@ -114,13 +114,13 @@ def load_hf_state(model: torch.nn.Module, state: dict) -> None:
 def step_inputs(model_kind: str, ids: torch.Tensor, device: torch.device, *, planned_on_device: bool = False) -> dict:
     """One step's model inputs from token ids (B, S) on the host, the ids being their own labels.
 
-    HF's model takes the tokens on the device. Ours takes them as the pipeline's training step hands them
+    HF's model and the peers (`bench.peers`, kind "peer") take the tokens on the device. Ours takes them as the pipeline's training step hands them
     over (`te_model.prepare_batch`: the attention plan and the loss's scored positions found on the host).
     With `planned_on_device` it gets position ids on the device instead. It then plans on the device (two
     host syncs) and selects the loss's positions there (one more): what a caller gets who hands it
     device tensors only.
     """
-    if model_kind == "hf":
+    if model_kind in ("hf", "peer"):
         ids = te_model.to_device(ids, device)
         return {"input_ids": ids, "labels": ids}
     if planned_on_device:

@@ -6,7 +6,12 @@ that outlives its share of `--budget-s` is stopped, and what its script had writ
 counts (train_step writes after every variant). At the end the tables of every job are printed, then the
 performance goals with the measured value next to each.
 
-    python bench/matrix.py --out results/            # all jobs
+The `peers-*` jobs put HF, the peers a user could pick instead (`bench/peers.py`) and ours side by side in
+one process, one shape each, at the real depths; each fills most of a 10-minute call on one H200, so they
+run only when named:
+
+    python bench/matrix.py --out results/            # all jobs but the peers
+    python bench/matrix.py --only peers-8b-4096 --budget-s 560 --out results/
     python bench/matrix.py --only ts-8b-4096,layers-8b --budget-s 540 --out results/
 """
 
@@ -43,18 +48,32 @@ JOBS = {
     "layers-8b": ("layer_speed", ["--shape", "llama3.1-8b", "--layers", "4", "--batch", "2", "--seq", "4096"], 70),
     "layers-1b": ("layer_speed", ["--shape", "llama3.2-1b", "--layers", "4", "--batch", "8", "--seq", "2048"], 60),
 }
+# HF bf16, the four peers, then ours with the default master weights; fewer timed steps where steps are long
+PEER_VARIANTS = ["--variants", "hf,hf_liger,hf_torchao_fp8,accelerate_te_fp8,te_llama_swap,ours_bf16,fp8_delayed,"
+                 "fp8_delayed_fp8head", "--master-weights", "bf16_kahan"]
+PEER_JOBS = {
+    "peers-8b-4096": ("train_step", ["--shape", "llama3.1-8b", "--layers", "32", "--batch", "2", "--seq", "4096",
+                                     "--steps", "8", "--warmup", "3", *PEER_VARIANTS], 450),
+    "peers-1b-2048": ("train_step", ["--shape", "llama3.2-1b", "--layers", "16", "--batch", "4", "--seq", "2048",
+                                     "--steps", "15", "--warmup", "3", *PEER_VARIANTS], 300),
+    "peers-8b-256": ("train_step", ["--shape", "llama3.1-8b", "--layers", "32", "--batch", "8", "--seq", "256",
+                                    "--steps", "15", "--warmup", "3", *PEER_VARIANTS], 350),
+}
+DEFAULT_JOBS = list(JOBS)  # the peers run only when named
+JOBS.update(PEER_JOBS)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", help=f"comma-separated job names (default all: {', '.join(JOBS)})")
+    p.add_argument("--only", help=f"comma-separated job names (default all but the peers': {', '.join(DEFAULT_JOBS)}; "
+                                  f"also {', '.join(PEER_JOBS)})")
     p.add_argument("--gpus", type=int, help="GPUs to spread over (default: all visible)")
     p.add_argument("--budget-s", type=float, default=560, help="wall-clock seconds for all jobs together")
     p.add_argument("--extra", action="append", default=[], metavar="JOB=ARGS",
                    help="more arguments for one job, e.g. 'ts-8b-4096=--steps 30' (repeatable)")
     p.add_argument("--out", required=True, help="folder for each job's JSON and log")
     args = p.parse_args(argv)
-    args.only = [j for j in (args.only or ",".join(JOBS)).split(",") if j]
+    args.only = [j for j in (args.only or ",".join(DEFAULT_JOBS)).split(",") if j]
     unknown = [j for j in args.only if j not in JOBS]
     if unknown:
         p.error(f"--only: unknown job {', '.join(unknown)}; choose from {', '.join(JOBS)}")
@@ -163,6 +182,12 @@ def goal_lines(out: Path) -> list[str]:
                 check(f"{name}: {what} ahead of HF + torch.compile (ratio > 1)", over, over and over > 1)
             mem = fp8 and hf and (round(fp8["peak_mem_gib"], 1), round(hf["peak_mem_gib"], 1))
             check(f"{name}: {what} peak GiB <= HF bf16 peak GiB (fp8, hf)", mem, mem and mem[0] <= mem[1])
+    for name in PEER_JOBS:
+        rows = rows_by_variant(load(out, name))
+        for variant, what in (("fp8_delayed", "FP8 delayed"), ("fp8_delayed_fp8head", "FP8 delayed + FP8 head")):
+            ratio = rows.get(variant, {}).get("speedup_vs_fastest_peer")
+            ratio = ratio and round(ratio, 3)
+            check(f"{name}: {what} ahead of the fastest peer (ratio > 1)", ratio, ratio and ratio > 1)
     for variant, what in (("te_fp8_delayed", "FP8 delayed"), ("te_fp8_delayed_attn", "FP8 delayed + FP8 attention")):
         layers = rows_by_variant(load(out, "layers-8b")).get(variant)
         value = layers and round(layers["layer_tflops"], 1)

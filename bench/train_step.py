@@ -3,7 +3,8 @@
 Each variant (`--variants`) starts from the same weights and sees the same batches, so first-step
 losses must agree. A step is the whole thing, AdamW included; the time is the median of timed steps.
 Without CUDA or TE our model runs on its torch backend, labelled so, and FP8 variants are skipped.
-One shape and length per call, so a matrix can be split over short calls. Variants and method:
+One shape and length per call, so a matrix can be split over short calls. The peers users could pick instead
+(`bench/peers.py`) run only when named. Variants and method:
 docs/performance.md ("What each bench measures").
 
     python bench/train_step.py --shape llama3.1-8b --seq 4096 --out results/8b-4096.json
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
-from bench import common, kernels  # noqa: E402
+from bench import common, kernels, peers  # noqa: E402
 from pipeline.train import optim  # noqa: E402
 
 VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
@@ -37,7 +38,10 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_attn_fp8head": ("ours", False, "delayed"),  # ... both
     "fp8_delayed_device_plan": ("ours", False, "delayed"),  # ... its plan and loss positions found on the GPU
     "fp8_delayed_torch_adamw": ("ours", False, "delayed"),  # ... updated by torch's fused AdamW, as HF is
+    "fp8_delayed_weight_cache": ("ours", False, "delayed"),  # ... FP8 weights cast once per step
+    **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
+DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
 # Rows per step that fit the HF bf16 baseline in 80 GB (8192 tokens a step); raise with --batch.
 DEFAULT_BATCH = {("llama3.2-1b", 2048): 4, ("llama3.2-1b", 4096): 2,
                  ("llama3.1-8b", 2048): 4, ("llama3.1-8b", 4096): 2}
@@ -50,8 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, help="decoder layers (default: the model's; 8 for llama3.1-8b)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, help="rows per step (default: per shape and seq, else 2)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated of {', '.join(VARIANTS)} (default: all but the peers)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="forward and backward passes of --batch rows per optimizer step (gradient accumulation)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after the timed steps, profile this many more: kernel ms per step by kind, GPU idle")
@@ -65,8 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of hf_compile")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0:
-        p.error("--steps must be >= 1, --warmup and --profile-steps >= 0")
+    if args.steps < 1 or args.micro_batches < 1 or args.warmup < 0 or args.profile_steps < 0:
+        p.error("--steps and --micro-batches must be >= 1, --warmup and --profile-steps >= 0")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -103,36 +110,62 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
     return model.train()
 
 
-def run_variant(name: str, args, config, state, batches, device, backend: str) -> dict:
-    """Warm up, then time `args.steps` full training steps; the raw per-variant measurements."""
+def setup_variant(name: str, args, config, state, device, backend: str) -> peers.Peer:
+    """The variant's model, optimizer and forward context, as a `peers.Peer` (ours and HF undo nothing)."""
     kind, compiled, recipe = VARIANTS[name]
+    dtype = common.DTYPES[args.dtype]
+    if kind == "peer":
+        return peers.build(name, config, state, dtype, device, args.lr)
     fp8_attention = "_attn" in name
     if recipe:
         te_model.fp8.make_recipe(recipe, fp8_attention=fp8_attention)  # raises FP8UnsupportedError: TE's reason
-    common.reset_peak(device)
-    model = build_variant(name, config, state, common.DTYPES[args.dtype], device, backend)
-    forward = torch.compile(model, backend=args.compile_backend) if compiled else model
+    model = build_variant(name, config, state, dtype, device, backend)
     if kind == "hf" or name.endswith("_torch_adamw"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     else:  # the pipeline's: the same defaults (weight decay 0.01 on every parameter, as torch's)
         optimizer = optim.AdamW(model.parameters(), lr=args.lr, master_weights=args.master_weights)
-    timer, losses, wall_start = common.StepTimer(device), [], None
+    forward = torch.compile(model, backend=args.compile_backend) if compiled else model
+    return peers.Peer(forward, optimizer, lambda: te_model.fp8_autocast(recipe, fp8_attention=fp8_attention))
 
-    def train_step(ids):
-        with te_model.fp8_autocast(recipe, fp8_attention=fp8_attention):
-            loss = forward(**common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))).loss
-        loss.backward()  # outside the autocast: TE runs the matching FP8 backward itself
+
+def run_variant(name: str, args, config, state, batches, device, backend: str) -> dict:
+    """Warm up, then time `args.steps` full training steps; the raw per-variant measurements."""
+    common.reset_peak(device)
+    variant = setup_variant(name, args, config, state, device, backend)
+    try:
+        return time_steps(name, variant, args, batches, device)
+    finally:
+        variant.close()
+
+
+def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
+    """`batches`: one list of micro-batches per step."""
+    kind = VARIANTS[name][0]
+    forward, optimizer = variant.model, variant.optimizer
+    timer, losses, wall_start = common.StepTimer(device), [], None
+    cache_weights = name.endswith("_weight_cache")
+
+    def train_step(micro_batches):
+        count, step_loss = len(micro_batches), None
+        for i, ids in enumerate(micro_batches):
+            inputs = common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))
+            if cache_weights:  # TE casts the FP8 weights on the first micro-batch and reuses them for the rest
+                inputs["is_first_microbatch"] = i == 0
+            with variant.autocast():
+                loss = forward(**inputs).loss
+            (loss / count if count > 1 else loss).backward()  # outside the autocast: TE runs the FP8 backward
+            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(step_loss / count if count > 1 else step_loss)
 
     timed = batches[: args.warmup + args.steps]
-    for i, ids in enumerate(timed):
+    for i, micro_batches in enumerate(timed):
         if i == args.warmup:
             _sync(device)
             wall_start = time.perf_counter()
             timer.mark()
-        train_step(ids)
+        train_step(micro_batches)
         if i >= args.warmup:
             timer.mark()
     _sync(device)
@@ -143,7 +176,6 @@ def run_variant(name: str, args, config, state, batches, device, backend: str) -
               "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
     if args.profile_steps:
         result["profile"] = profile_steps(train_step, batches[len(timed):], device)
-    del model, forward, optimizer, losses
     return result
 
 
@@ -156,8 +188,8 @@ def profile_steps(train_step, batches, device) -> dict:
     _sync(device)
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
-        for ids in batches:
-            train_step(ids)
+        for micro_batches in batches:
+            train_step(micro_batches)
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3 / len(batches)
     found = kernels.breakdown(prof, len(batches))
@@ -171,6 +203,8 @@ def _sync(device) -> None:
 
 def label(name: str, backend: str, dtype: str) -> str:
     kind, compiled, recipe = VARIANTS[name]
+    if kind == "peer":
+        return peers.LABELS[name]
     if kind == "hf":
         return f"HF LlamaForCausalLM sdpa {dtype}" + (" + compile" if compiled else "")
     where = "TE" if backend == "te" else "torch backend (no TE)"
@@ -178,10 +212,13 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (" + FP8 attention" if "_attn" in name else "")
             + (" + FP8 head" if name.endswith("_fp8head") else "")
             + (", planned on GPU" if name.endswith("_device_plan") else "")
-            + (", torch AdamW" if name.endswith("_torch_adamw") else ""))
+            + (", torch AdamW" if name.endswith("_torch_adamw") else "")
+            + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else ""))
 
 
-def skip_reason(name: str, backend: str, reason: str | None) -> str | None:
+def skip_reason(name: str, backend: str, reason: str | None, device: torch.device) -> str | None:
+    if VARIANTS[name][0] == "peer":
+        return peers.unavailable_reason(name, device)
     if VARIANTS[name][2] and backend != "te":
         return f"FP8 needs Transformer Engine on CUDA: {reason}"
     return None
@@ -191,16 +228,18 @@ def measure(args, device) -> dict:
     """Every requested variant on the same weights and batches; a result row (or skip/error) each."""
     backend, backend_reason = common.ours_backend(device)
     config = common.llama_config(args.shape, args.layers)
-    batches = token_batches(config.vocab_size, args.batch, args.seq, args.warmup + args.steps + args.profile_steps,
-                            args.seed)
+    steps, micro = args.warmup + args.steps + args.profile_steps, args.micro_batches
+    flat = token_batches(config.vocab_size, args.batch, args.seq, steps * micro, args.seed)
+    batches = [flat[i * micro:(i + 1) * micro] for i in range(steps)]
     size = args.matmul_size or (8192 if device.type == "cuda" else 512)
     matmul_peak = common.matmul_peak_flops(device, size)
     common.free_memory()
     state = common.reference_state(config, common.DTYPES[args.dtype], device, args.seed)
-    flops = model_flops(state, config, args.batch, args.seq)
-    tokens = args.batch * args.seq
+    flops = model_flops(state, config, args.batch, args.seq) * micro
+    tokens = args.batch * args.seq * micro
     run = {"shape": args.shape, "layers": config.num_hidden_layers, "seq": args.seq, "batch": args.batch,
-           "tokens_per_step": tokens, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+           "micro_batches": micro, "tokens_per_step": tokens, "dtype": args.dtype, "steps": args.steps,
+           "warmup": args.warmup,
            "model_flops_per_step": flops, "matmul_peak_tflops": matmul_peak / 1e12, "matmul_size": size,
            "datasheet_peak_tflops": common.DATASHEET_BF16_FLOPS / 1e12, "ours_backend": backend,
            "ours_backend_reason": backend_reason, "master_weights": args.master_weights}
@@ -216,7 +255,7 @@ def measure(args, device) -> dict:
 def variant_row(name: str, args, config, state, batches, device, backend: str, backend_reason) -> dict:
     """One variant's measurements, or why it was skipped or failed; memory is freed afterwards."""
     row = {"variant": name, "label": label(name, backend, args.dtype)}
-    row["skipped"] = skip_reason(name, backend, backend_reason)
+    row["skipped"] = skip_reason(name, backend, backend_reason, device)
     if not row["skipped"]:
         try:
             row.update(run_variant(name, args, config, state, batches, device, backend))
@@ -224,14 +263,26 @@ def variant_row(name: str, args, config, state, batches, device, backend: str, b
             row["skipped"] = str(exc)
         except torch.OutOfMemoryError as exc:
             row["error"] = f"out of memory at batch {args.batch} x seq {args.seq}: {str(exc).splitlines()[0]}"
+        except Exception as exc:  # a peer is third-party code: its failure is a result, not the end of the run
+            if VARIANTS[name][0] != "peer":
+                raise
+            row["error"] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
     torch._dynamo.reset()
     common.free_memory()
     return row
 
 
+def fastest_peer(rows: list[dict]) -> dict | None:
+    """The timed peer row with the shortest step, or None when no peer ran."""
+    timed = [r for r in rows if r["variant"] in peers.PEERS and "step_ms" in r]
+    return min(timed, key=lambda r: r["step_ms"], default=None)
+
+
 def add_rates(rows: list[dict], flops: float, tokens: int, matmul_peak: float) -> None:
-    """tokens/s, model TFLOP/s, both MFUs and the speed-up over `hf` (when it ran) for every timed row."""
+    """tokens/s, model TFLOP/s, both MFUs and the speed-ups over `hf` and over the fastest peer (when they
+    ran) for every timed row."""
     base = next((r for r in rows if r["variant"] == "hf" and "step_ms" in r), None)
+    peer = fastest_peer(rows)
     for row in rows:
         if "step_ms" not in row:
             continue
@@ -241,25 +292,31 @@ def add_rates(rows: list[dict], flops: float, tokens: int, matmul_peak: float) -
         row["mfu_datasheet"] = flops / seconds / common.DATASHEET_BF16_FLOPS
         row["mfu_measured_peak"] = flops / seconds / matmul_peak
         row["speedup_vs_hf"] = base["step_ms"] / row["step_ms"] if base else None
+        row["speedup_vs_fastest_peer"] = peer["step_ms"] / row["step_ms"] if peer else None
         # identical starting weights and batches: only kernel rounding may separate the first losses
         row["loss_first_diff_vs_hf"] = row["loss_first"] - base["loss_first"] if base else None
 
 
 def print_table(result: dict) -> None:
     run, env = result["run"], result["environment"]
-    print(f"\n{env['device']}, {run['shape']} ({run['layers']} layers), {run['batch']}x{run['seq']} tokens, "
+    print(f"\n{env['device']}, {run['shape']} ({run['layers']} layers), {run['batch']}x{run['seq']} tokens"
+          f"{' x ' + str(run['micro_batches']) + ' micro-batches' if run.get('micro_batches', 1) > 1 else ''}, "
           f"{run['dtype']} params, full step incl. AdamW (ours: master_weights={run['master_weights']}), "
           f"median of {run['steps']} "
           f"(matmul peak {run['matmul_peak_tflops']:.0f} TFLOP/s)")
-    print(f"{'variant':40s} {'ms/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU989':>7s} {'MFUmeas':>7s} "
-          f"{'GiB':>6s} {'vs HF':>6s} {'loss0':>8s}")
+    peer = fastest_peer(result["variants"])
+    if peer:
+        print(f"vs peer: against the fastest peer, {peer['label']} ({peer['step_ms']:.1f} ms)")
+    print(f"{'variant':44s} {'ms/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU989':>7s} {'MFUmeas':>7s} "
+          f"{'GiB':>6s} {'vs HF':>6s} {'vs peer':>7s} {'loss0':>8s}")
     for r in result["variants"]:
         if "step_ms" not in r:
-            print(f"{r['label']:40s} {'skipped: ' + r['skipped'] if r.get('skipped') else r.get('error')}")
+            print(f"{r['label']:44s} {'skipped: ' + r['skipped'] if r.get('skipped') else r.get('error')}")
             continue
-        print(f"{r['label']:40s} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:8.1f} "
+        print(f"{r['label']:44s} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:8.1f} "
               f"{r['mfu_datasheet']:7.1%} {r['mfu_measured_peak']:7.1%} {common.fmt(r['peak_mem_gib'], '6.1f')} "
-              f"{common.fmt(r['speedup_vs_hf'], '5.2f')}x {r['loss_first']:8.4f}")
+              f"{common.fmt(r['speedup_vs_hf'], '5.2f')}x {common.fmt(r.get('speedup_vs_fastest_peer'), '6.2f'):>6s}x "
+              f"{r['loss_first']:8.4f}")
     print_profiles(result["variants"])
 
 

@@ -4,6 +4,8 @@
 parameters of `te.pytorch.TransformerLayer`, under the same names and shapes, and the math of HF's
 `LlamaDecoderLayer`. Because the names match, one weight table (`weights.py`) serves both backends,
 and a checkpoint trained on either loads into the other. `DecoderCall` is what both backends share.
+`is_first_microbatch`, passed to the model's forward, reaches every layer through HF's keyword
+arguments: TE casts FP8 weights once per optimizer step and reuses them across micro-batches.
 """
 
 import torch
@@ -54,8 +56,11 @@ class DecoderCall:
         cache_position=None,
         position_embeddings=None,
         attention_plan: AttentionPlan | None = None,
+        is_first_microbatch: bool | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """`is_first_microbatch`: None casts FP8 weights at every call; True casts and keeps them, False reuses
+        the kept ones (the weights must not have changed since: later micro-batches of one optimizer step)."""
         if isinstance(hidden_states, tuple):  # older HF versions passed (hidden_states,)
             hidden_states = hidden_states[0]
         if past_key_values is not None:
@@ -63,8 +68,9 @@ class DecoderCall:
         if attention_plan is None:
             attention_plan = _standalone_plan(hidden_states, attention_mask, position_ids)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return self._checkpoint(self._block, hidden_states, attention_plan, position_embeddings)
-        return self._block(hidden_states, attention_plan, position_embeddings)
+            return self._checkpoint(self._block, hidden_states, attention_plan, position_embeddings,
+                                    is_first_microbatch)
+        return self._block(hidden_states, attention_plan, position_embeddings, is_first_microbatch)
 
     @staticmethod
     def _checkpoint(fn, *args):
@@ -173,7 +179,8 @@ class TorchLlamaDecoderLayer(DecoderCall, nn.Module):
             else:
                 nn.init.normal_(param, mean=0.0, std=std)
 
-    def _block(self, x, plan: AttentionPlan, position_embeddings) -> torch.Tensor:
+    def _block(self, x, plan: AttentionPlan, position_embeddings, is_first_microbatch=None) -> torch.Tensor:
+        # is_first_microbatch: TE's FP8 weight caching; these bf16/fp32 weights have no cast to keep
         if position_embeddings is None:
             raise ValueError("TorchLlamaDecoderLayer needs HF's position_embeddings (cos, sin)")
         cos, sin = position_embeddings

@@ -54,7 +54,7 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
         self.layer_idx = layer_idx
         self.head_dim = head_dim(config)
 
-    def _block(self, x, plan: AttentionPlan, position_embeddings) -> torch.Tensor:
+    def _block(self, x, plan: AttentionPlan, position_embeddings, is_first_microbatch=None) -> torch.Tensor:
         if x.dtype == torch.float32:
             raise TypeError("the TE backend runs in bf16 or fp16 (TE's THD attention has no fp32 kernel)")
         if plan.rope_angles is None:
@@ -68,6 +68,7 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
             cu_seqlens_kv=plan.cu_seqlens,
             max_seqlen_q=plan.max_seqlen,
             max_seqlen_kv=plan.max_seqlen,
+            is_first_microbatch=is_first_microbatch,
         )
         return out.view(b, s, h)
 

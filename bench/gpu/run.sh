@@ -2,7 +2,8 @@
 # One part of the GPU checks, on a node with the project and Transformer Engine installed. On a host
 # without a package index whose wheels are staged in /tmp/gpu-stage with their install script, they are
 # installed into /tmp/site first (once); pack those wheels with bench/gpu/host-requirements.txt as an extra
-# requirements file, which pins the S3 stack the pipeline needs. Logs and JSON go to /tmp/results, packed
+# requirements file, which pins the S3 stack the pipeline needs, and bench/gpu/peer-requirements.txt (the
+# peers of the `peers` part). Logs and JSON go to /tmp/results, packed
 # into $OUT/results-<part>.tgz at the end when $OUT is set.
 #   bash bench/gpu/run.sh smoke               GPU tests of the loss, FP8-head and optimizer kernels, FP8 attention and the
 #                                             bench scripts
@@ -25,12 +26,15 @@
 #   bash bench/gpu/run.sh step-kernels [args] bench/train_step.py at 8B shapes (8 layers, 2 x 4096): HF, FP8, FP8 head,
 #                                             timed, then two profiled steps each: kernel time by kind, GPU idle
 #   bash bench/gpu/run.sh matrix [args...]    bench/matrix.py with these arguments
+#   bash bench/gpu/run.sh peers SHAPE [args]  bench/matrix.py's job peers-SHAPE (8b-4096, 1b-2048 or 8b-256): HF, the
+#                                             peers (Liger, torchao FP8, Accelerate TE FP8, TE's te_llama swap) and
+#                                             ours in one process; one shape per call (about 8 minutes each)
 #   bash bench/gpu/run.sh quality [args]      bench/finetune_quality.py: fine-tuning quality of each master-weight option
 #                                             against HF's fp32-master training, on real text
 #   bash bench/gpu/run.sh master-cost         bench/train_step.py at the Llama-3.1-8B shape (32 layers, 2 x 4096), FP8
 #                                             delayed, once per master-weight option; then the optimizer's GPU tests
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|quality|master-cost [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|master-cost [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -107,6 +111,10 @@ case $part in
       | tee $R/step-kernels.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   matrix)
     python3 bench/matrix.py --out $R/matrix "$@"; rc=$? ;;
+  peers)
+    shape=${1:?usage: run.sh peers 8b-4096|1b-2048|8b-256 [matrix args]}; shift
+    python3 -c "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in ('liger-kernel', 'torchao', 'accelerate', 'transformer-engine')))"
+    python3 bench/matrix.py --only peers-$shape --budget-s 560 --out $R/matrix "$@"; rc=$? ;;
   quality)
     python3 bench/finetune_quality.py "$@" 2>&1 | quiet | tee $R/quality.log; rc=$((rc | PIPESTATUS[0])) ;;
   master-cost)

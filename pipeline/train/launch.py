@@ -462,7 +462,8 @@ class Steps:
                 with phase("train.forward"), te_model.fp8_autocast(
                         recipe, amax_history_len=train.fp8_amax_history_len, fp8_attention=train.fp8_attention,
                         group=group):
-                    loss = self.hooks.poisoned(w.ddp_model(**batch).loss, w.rank, step)
+                    loss = self.hooks.poisoned(
+                        w.ddp_model(**batch, is_first_microbatch=micro == 0 if accum > 1 else None).loss, w.rank, step)
                 with phase("train.backward"):
                     (loss / accum).backward()  # outside the FP8 autocast: TE runs the matching backward itself
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()

@@ -40,6 +40,26 @@ def test_train_step_on_te(tmp_path):
     assert not rows["fp8_delayed"].get("skipped")
 
 
+def test_peers_train_from_the_reference_weights(tmp_path):
+    """Each peer installed here runs a few steps and starts from HF's loss; one not installed is skipped."""
+    from bench import peers
+
+    out = tmp_path / "peers.json"
+    train_step.main(TINY_GPU + ["--seq", "128", "--batch", "2", "--steps", "2", "--warmup", "2", "--matmul-size",
+                                "2048", "--variants", "hf," + ",".join(peers.PEERS), "--out", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["variants"]}
+    first = rows["hf"]["loss_first"]
+    for name in peers.PEERS:
+        row = rows[name]
+        if row.get("skipped"):
+            assert "not installed" in row["skipped"], row
+            continue
+        assert "error" not in row, row
+        assert row["step_ms"] > 0 and row["peak_mem_gib"] > 0, row
+        tolerance = 0.05 if peers.PEERS[name][1] else 0.02  # bf16 rounding; FP8 GEMMs on top
+        assert abs(row["loss_first"] - first) < tolerance, (name, row["loss_first"], first)
+
+
 def test_bshd_twin_matches_our_thd_model():
     args = packing.parse_args(TINY_GPU + ["--seq", "256", "--batch", "2", "--steps", "2"])
     device = common.setup_device("cuda")

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench import common, kernels, packing, ray_overhead, train_step
+from bench import common, kernels, packing, peers, ray_overhead, train_step
+from te_model.layer import TorchLlamaDecoderLayer
+from transformers.models.llama import modeling_llama
 
 TINY = ["--shape", "tiny", "--device", "cpu", "--dtype", "fp32"]
 
@@ -43,7 +45,8 @@ def finite_positive(row: dict, *keys: str) -> None:
 def train_step_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "train_step.json"
     argv = TINY + ["--seq", "64", "--batch", "2", "--steps", "2", "--warmup", "1", "--matmul-size", "128",
-                   "--variants", "hf,hf_compile,ours_bf16,fp8_delayed,fp8_block", "--compile-backend", "aot_eager",
+                   "--variants", "hf,hf_compile,ours_bf16,fp8_delayed,fp8_block," + ",".join(peers.PEERS),
+                   "--compile-backend", "aot_eager",
                    "--profile-steps", "2", "--out", str(out)]
     train_step.main(argv)
     return json.loads(out.read_text())
@@ -61,6 +64,75 @@ def test_train_step_reports_every_variant(train_step_result):
     assert "torch backend" in rows["ours_bf16"]["label"]
     for name in ("fp8_delayed", "fp8_block"):
         assert "step_ms" not in rows[name] and "Transformer Engine" in rows[name]["skipped"]
+    for name in peers.PEERS:  # every peer needs CUDA; none ran, so no row has a ratio to the fastest one
+        assert rows[name]["skipped"] == f"{name} runs on CUDA only (device is cpu)", rows[name]
+    assert all(r.get("speedup_vs_fastest_peer") is None for r in rows.values())
+
+
+def test_peers_run_only_when_named():
+    assert not set(peers.PEERS) & set(train_step.parse_args([]).variants)
+    assert set(peers.PEERS) <= set(train_step.VARIANTS) and set(peers.PEERS) == set(peers.BUILDERS)
+
+
+def test_peer_skip_reasons_name_what_is_missing():
+    everything = lambda package: True  # noqa: E731
+    for name in peers.PEERS:
+        assert peers.skip_reason(name, "cuda", (9, 0), everything) is None, name
+    assert peers.skip_reason("hf_liger", "cuda", (9, 0), lambda p: False) == \
+        "liger_kernel not installed (see bench/gpu/peer-requirements.txt)"
+    assert peers.skip_reason("accelerate_te_fp8", "cuda", (9, 0), lambda p: p != "transformer_engine") == \
+        "transformer_engine not installed (see bench/gpu/peer-requirements.txt)"
+    for name in ("hf_torchao_fp8", "accelerate_te_fp8", "te_llama_swap"):  # FP8 tensor cores: Ada, Hopper, ...
+        assert peers.skip_reason(name, "cuda", (8, 0), everything) == \
+            "FP8 needs compute capability 8.9+, this GPU has 8.0"
+        assert peers.skip_reason(name, "cuda", (8, 9), everything) is None
+    assert peers.skip_reason("hf_liger", "cuda", (8, 0), everything) is None  # Liger's Triton runs on an A100
+
+
+def test_ratios_are_against_hf_and_the_fastest_peer():
+    rows = [{"variant": v, "loss_first": 1.0, "step_ms": ms} for v, ms in
+            (("hf", 100.0), ("hf_liger", 80.0), ("te_llama_swap", 60.0), ("fp8_delayed", 40.0))]
+    rows.append({"variant": "hf_torchao_fp8", "error": "out of memory"})  # no time: not a candidate
+    train_step.add_rates(rows, flops=1e12, tokens=1000, matmul_peak=1e15)
+    by = {r["variant"]: r for r in rows}
+    assert train_step.fastest_peer(rows)["variant"] == "te_llama_swap"
+    assert by["fp8_delayed"]["speedup_vs_fastest_peer"] == pytest.approx(1.5)
+    assert by["fp8_delayed"]["speedup_vs_hf"] == pytest.approx(2.5)
+    assert by["hf_liger"]["speedup_vs_fastest_peer"] == pytest.approx(0.75)
+    assert by["fp8_delayed"]["model_tflops"] == pytest.approx(25.0)
+
+
+def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    # Let the swap run on CPU: building it imports Transformer Engine, which is not installed here.
+    monkeypatch.setattr(peers, "unavailable_reason", lambda name, device: None)
+    out = tmp_path / "failing.json"
+    train_step.main(TINY + ["--seq", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--matmul-size", "64",
+                            "--variants", "te_llama_swap,hf", "--out", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["variants"]}
+    assert rows["te_llama_swap"]["error"].startswith("failed: ModuleNotFoundError"), rows["te_llama_swap"]
+    finite_positive(rows["hf"], "step_ms", "loss_first")
+    assert modeling_llama.LlamaDecoderLayer.__name__ == "LlamaDecoderLayer"
+
+
+def test_te_llama_swap_maps_hf_weights_and_keeps_hf_loss_on_the_cpu_twin():
+    """The swap's wiring through the torch twin of TE's TransformerLayer (same parameter names): HF's
+    model with its decoder class swapped, loaded through te_model's key table, computes HF's logits and loss."""
+    config = common.llama_config("tiny")
+    state = common.reference_state(config, torch.float32, torch.device("cpu"), seed=0)
+    hf = common.build_hf(config, torch.float32, torch.device("cpu"))
+    hf.load_state_dict(state, strict=True)
+    swap = peers.swapped_llama(config, state, torch.float32, torch.device("cpu"), TorchLlamaDecoderLayer)
+    assert all(type(layer) is TorchLlamaDecoderLayer for layer in swap.model.layers)
+    assert modeling_llama.LlamaDecoderLayer.__name__ == "LlamaDecoderLayer"  # the swap was undone
+    ids = torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = hf(input_ids=ids, labels=ids), swap(input_ids=ids, labels=ids)
+    err = (got.logits - want.logits).abs()
+    assert err.max() < 1e-4, f"logits differ: max {err.max():.2e}, mean {err.mean():.2e}"
+    assert float(got.loss) == pytest.approx(float(want.loss), abs=1e-5)
+    del state["model.layers.0.self_attn.k_proj.weight"]
+    with pytest.raises(ValueError, match="unset"):
+        peers.swapped_llama(config, state, torch.float32, torch.device("cpu"), TorchLlamaDecoderLayer)
 
 
 def test_train_step_variants_start_from_the_same_weights(train_step_result):
@@ -102,6 +174,24 @@ def test_train_step_profiles_say_where_each_step_goes(train_step_result, capsys)
 ])
 def test_kernels_are_sorted_into_kinds_by_name(name, kind):
     assert kernels.kind_of(name) == kind
+
+
+def test_micro_batches_accumulate_to_the_whole_batch(tmp_path):
+    """Two micro-batches of one row train as one step of the same two rows: same losses, twice the tokens."""
+    one, two = train_step.token_batches(512, 1, 32, 2, seed=0), train_step.token_batches(512, 2, 32, 1, seed=0)
+    assert torch.equal(torch.cat(one), two[0])  # the same tokens either way
+    results = {}
+    for batch, micro in ((2, 1), (1, 2)):
+        out = tmp_path / f"{batch}x{micro}.json"
+        train_step.main(TINY + ["--seq", "32", "--batch", str(batch), "--micro-batches", str(micro), "--steps", "2",
+                                "--warmup", "0", "--matmul-size", "64", "--variants", "hf,ours_bf16",
+                                "--out", str(out)])
+        results[micro] = json.loads(out.read_text())
+    assert results[2]["run"]["tokens_per_step"] == results[1]["run"]["tokens_per_step"] == 64
+    assert results[2]["run"]["model_flops_per_step"] == results[1]["run"]["model_flops_per_step"]
+    for whole, accumulated in zip(results[1]["variants"], results[2]["variants"]):
+        for key in ("loss_first", "loss_last"):
+            assert accumulated[key] == pytest.approx(whole[key], abs=1e-5), (whole["variant"], key)
 
 
 def test_model_flops_counts_the_real_parameters():
@@ -195,6 +285,19 @@ def test_matrix_runs_jobs_reports_and_stops_overruns(tmp_path, monkeypatch, caps
     goals = matrix.goal_lines(tmp_path)
     # FP8 cannot run on CPU: every goal is reported as missed and not measured, none as met
     assert goals and all(line.startswith("MISS") and "not measured" in line for line in goals), goals
+
+
+def test_peer_jobs_run_hf_the_peers_and_ours_at_the_three_shapes_only_when_named():
+    from bench import matrix
+
+    shapes = set()
+    for name, (script, job_args, _) in matrix.PEER_JOBS.items():
+        args = train_step.parse_args(job_args)  # refuses an unknown variant or shape
+        assert script == "train_step" and args.master_weights == "bf16_kahan", name
+        assert args.variants == ["hf", *peers.PEERS, "ours_bf16", "fp8_delayed", "fp8_delayed_fp8head"], name
+        shapes.add((args.shape, args.layers, args.batch, args.seq))
+    assert shapes == {("llama3.1-8b", 32, 2, 4096), ("llama3.2-1b", 16, 4, 2048), ("llama3.1-8b", 32, 8, 256)}
+    assert not set(matrix.PEER_JOBS) & set(matrix.parse_args(["--out", "x"]).only)
 
 
 def test_parallel_profile_backend_choice_is_checked():

@@ -114,6 +114,20 @@ def test_gradient_checkpointing_takes_effect():
         torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_is_first_microbatch_reaches_every_layer_and_changes_nothing_on_the_torch_backend():
+    config = llama_config("llama3", num_hidden_layers=2)
+    model = te_model.build_model(config, backend="torch", dtype=torch.float32).train()
+    seen = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("is_first_microbatch")), with_kwargs=True)
+    ids = torch.randint(0, 320, (2, 32))
+    plain = model(input_ids=ids, labels=ids).loss
+    first = model(input_ids=ids, labels=ids, is_first_microbatch=True).loss
+    later = model(input_ids=ids, labels=ids, is_first_microbatch=False).loss
+    assert seen == [None, None, True, True, False, False]
+    assert float(first) == float(plain) == float(later)
+
+
 def test_fp8_attention_needs_a_per_tensor_recipe():
     with pytest.raises(te_model.FP8UnsupportedError, match="'block' cannot run attention in FP8"):
         te_model.fp8.make_recipe("block", fp8_attention=True)
