@@ -30,7 +30,8 @@ What this module decides:
   finishes, before that step's checkpoint, to dir/rank-R.jsonl, so a test can find the process to
   kill), PIPELINE_POISON_LOSS=R:N (rank R's loss at step N becomes NaN, once per worker process),
   PIPELINE_PAUSE_UPLOAD=PHASE:N (the upload of step N's checkpoint records PHASE, before_commit or
-  after_commit, to the state dir and then waits, so a test can kill the driver right there).
+  after_commit, to the state dir and then waits, so a test can kill the driver right there); with a
+  state dir, every checkpoint's commit is recorded as "committed".
 """
 
 from __future__ import annotations
@@ -385,7 +386,10 @@ class Hooks:
         return loss * float("nan")
 
     def pause_upload(self, phase: str, step: int) -> None:
-        """At the chosen phase of step `step`'s checkpoint upload: record it (rank 0's file), then wait."""
+        """At the chosen phase of step `step`'s checkpoint upload: record it (rank 0's file), then wait.
+        Every commit is recorded too ("committed"), so a test can order it among the steps."""
+        if phase == "after_commit":
+            self.record(0, "committed", step)
         if (phase, step) == (self.pause_phase, self.pause_step):
             self.record(0, phase, step)
             time.sleep(UPLOAD_PAUSE_S)
