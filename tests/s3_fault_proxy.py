@@ -7,7 +7,8 @@ client, in any process, goes through it.
 
 A test sets the fault schedule: `fail(method, path, times, status)` answers the next `times` matching
 requests with an S3-style 5xx error; `stall(method, path, times, seconds)` holds them for `seconds`
-and then drops the connection without an answer (the client's read timeout must fire first). Every
+and then drops the connection without an answer (the client's read timeout must fire first);
+`hold(method, path, release)` keeps them until the test sets `release`, then forwards them. Every
 other request is forwarded to the upstream server unchanged. Each `Fault` counts its hits, so a test
 can prove the fault really happened.
 
@@ -45,6 +46,7 @@ class Fault:
     times: int
     status: int | None = None  # answer with this 5xx status
     stall_s: float = 0.0  # or hold the request this long, then close without an answer
+    release: threading.Event | None = None  # or hold it until this is set (at most stall_s), then forward it
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -76,6 +78,12 @@ class S3FaultProxy:
     def stall(self, method: str, path: str, times: int = 1, seconds: float = 5.0) -> Fault:
         """Hold the next `times` matching requests for `seconds`, then close without answering."""
         return self._add(Fault(method, re.compile(path), times, stall_s=seconds))
+
+    def hold(self, method: str, path: str, release: threading.Event, times: int = 1,
+             longest_s: float = 50.0) -> Fault:
+        """Keep the next `times` matching requests until `release` is set (at most `longest_s`, under the
+        client's read timeout), then forward them: a slow request that still succeeds."""
+        return self._add(Fault(method, re.compile(path), times, stall_s=longest_s, release=release))
 
     def clear(self) -> None:
         with self._lock:
@@ -122,6 +130,9 @@ def _handler_for(proxy: S3FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _handle(self) -> None:
             body = self._body()  # read first: the connection stays usable whatever we answer
             fault = proxy.take_fault(self.command, urlsplit(self.path).path)
+            if fault is not None and fault.release is not None:
+                fault.release.wait(fault.stall_s)
+                fault = None
             if fault is not None and fault.stall_s:
                 time.sleep(fault.stall_s)
                 self.close_connection = True
