@@ -1,16 +1,47 @@
 """Resumable training checkpoints in safetensors and JSON only, so loading one never unpickles.
 
-A checkpoint is one directory, written whole by rank 0 from every rank's state, so one manifest
-vouches for every file. Optimizer state is keyed by parameter name, so a mismatch fails naming the
-tensor instead of loading moments into the wrong parameter. Tensors move one at a time through host
-memory, both ways. TE's FP8 `_extra_state` is not saved, because TE pickles it. The directory's
-layout and the reasons: docs/architecture.md ("Checkpoints").
+A checkpoint is one directory, written whole by rank 0 and uploaded (through Ray Train's report) to
+`{run.output_uri}/ray/{run.name}/checkpoint_{step:06d}-{id}/`:
+
+    model.safetensors          parameters by TE-style name (the unwrapped module's `named_parameters`),
+                               in the training dtype
+    optimizer.safetensors      AdamW state by parameter name: `{name}.exp_avg`, `{name}.exp_avg_sq`, `{name}.step`,
+                               and `{name}.master` (fp32) or `{name}.compensation` per `train.master_weights`
+    optimizer.json             param_groups: hyper-parameters and the parameter NAMES of each group
+    scheduler.json             the LR scheduler's state_dict
+    trainer_state.json         step, tokens seen, world size, resolved config, code version, logged metrics
+    rank-{r}/rng.safetensors   rank r's torch CPU RNG state (uint8) and CUDA RNG states, if any
+    rank-{r}/state.json        rank r's python `random` state and data position {epoch, offset}
+    manifest.json              size and sha256 of every file above (pipeline.storage.manifest)
+    COMMITTED                  in storage only, written last by the upload: the sha256 of manifest.json
+                               (pipeline.train.commit; a folder without it is never loaded)
+
+What this module decides:
+- One writer. Every rank's RNG and data state travels to rank 0 as opaque bytes (already encoded as
+  safetensors/JSON) over torch.distributed, and rank 0 writes the directory. So the manifest vouches
+  for every file, and a resume pulls the checkpoint like any other: verified, once per node
+  (`storage.pull_checkpoint`). Files hold whole tensors, so any worker count can resume them.
+- Two halves, so training need not wait for the disk: `snapshot` copies the state into host buffers
+  (a collective, in the training loop), and `write_snapshot` writes the directory from them (on a
+  background thread, `checkpoint_commit.Checkpointer`). A replicated (DDP) tensor is copied from rank
+  0's own replica; a sharded (FSDP2) one is gathered one tensor at a time, and only rank 0 keeps a
+  copy. Rank 0's buffers (pinned on a GPU host) are allocated once and reused by every checkpoint.
+- Optimizer state is keyed by parameter name, not by position, so a checkpoint fails loudly (naming the
+  tensor) instead of silently loading moments into the wrong parameter.
+- TE's `_extra_state` (FP8 scaling metadata) is not saved: TE pickles it. FP8 delayed-scaling amax
+  history therefore restarts empty on resume and refills within `train.fp8_amax_history_len` steps.
+- Parameters and AdamW moments are in the training dtype. An fp32 master copy or a Kahan compensation
+  (`train.master_weights`, `pipeline.train.optim`) is optimizer state, saved and restored in its own dtype, so
+  a resume continues bit for bit; the model file (and so the HF export) holds the bf16 weights, which
+  are the master rounded to nearest.
+- A resume reads the optimizer file tensor by tensor onto the devices: one tensor in host memory.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -176,20 +207,12 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16
                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def save_streamed(entries: list[tuple[str, torch.Tensor]], path: Path | None) -> None:
-    """Write `entries` as one safetensors file, one whole tensor in host memory at a time.
+def save_streamed(entries: list[tuple[str, torch.Tensor]], path: Path) -> None:
+    """Write `entries` as one safetensors file, one tensor at a time, without building the file in memory.
 
-    The header is known from the shapes alone (a DTensor's shape is the whole tensor's), so it is
-    written first. Each tensor's bytes follow as soon as it is gathered. So rank 0 needs one tensor's
-    worth of host memory, not the model's and its optimizer's. Every worker calls this with the same
-    entries, because gathering a sharded tensor is a collective; workers that write nothing pass
-    `path=None` and only take part in the gathers.
+    The header is known from the shapes alone, so it is written first and each tensor's bytes follow.
+    Entries are host tensors (a `Snapshot`'s); a sharded one would be gathered here (a collective).
     """
-    if path is None:
-        for _, tensor in entries:
-            if parallel.is_sharded(tensor):
-                parallel.full_tensor(tensor)
-        return
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, tensor in entries:
         size = tensor.numel() * tensor.element_size()
@@ -246,33 +269,114 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 # ---------------------------------------------------------------------------------------------------
 # the whole directory
 # ---------------------------------------------------------------------------------------------------
-def join_gather(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """What a worker that writes nothing does while rank 0 runs `write_checkpoint`: take part in gathering
-    sharded tensors, in the same order (nothing at all when nothing is sharded)."""
-    save_streamed(model_entries(module), None)
-    save_streamed(optimizer_entries(module, optimizer)[0], None)
+@dataclass
+class Snapshot:
+    """A checkpoint's state in rank 0's host memory: what `write_snapshot` turns into the directory."""
+
+    model: list[tuple[str, torch.Tensor]]
+    """(parameter name, host tensor), in the order `model_entries` gives."""
+
+    optimizer: list[tuple[str, torch.Tensor]]
+    """(`{param name}.{field}`, host tensor), as `optimizer_entries` gives."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    """The small files by relative path (optimizer groups, scheduler, rank files); trainer_state added last."""
+
+    copied: Any = None
+    """A CUDA event marking the device-to-host copies done; None when they were synchronous (CPU)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self.model + self.optimizer)
+
+
+class HostBuffers:
+    """Rank 0's host copies of the state, by entry name, allocated at the first checkpoint and reused.
+
+    Pinned when the source is on a GPU, so the copies run asynchronously, in stream order: queued after
+    the step that made the state and before the next update, they need no wait on the host. Reusing
+    them means a checkpoint must not begin while the previous one is still being written from them
+    (`checkpoint_commit.Checkpointer` waits for that)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        host = self.tensors.get(name)
+        if host is None or host.shape != tensor.shape or host.dtype != tensor.dtype:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            self.tensors[name] = host
+        host.copy_(tensor, non_blocking=tensor.is_cuda)
+        return host
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _copied(entries: list[tuple[str, torch.Tensor]], buffers: HostBuffers | None,
+            prefix: str) -> list[tuple[str, torch.Tensor]]:
+    """Each entry gathered when sharded (every rank takes part) and copied into `buffers` (rank 0 only)."""
+    out = []
+    for name, tensor in entries:
+        whole = parallel.full_tensor(tensor)
+        if buffers is not None:
+            out.append((name, buffers.copy(prefix + name, whole)))
+        del whole  # a gathered tensor lives on the device only until its copy is queued
+    return out
+
+
+def snapshot(*, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, ranks: list[dict[str, bytes]],
+             buffers: HostBuffers | None) -> Snapshot | None:
+    """The state as it is now, in host memory on rank 0 (`buffers` given), None elsewhere.
+
+    A collective when anything is sharded: every worker calls it, in the same order. The copies may
+    still be running on the device when it returns (`Snapshot.copied`); nothing has to wait for them
+    but the writer, because the device runs them before any later update of the state."""
+    model = _copied(model_entries(module), buffers, "model.")
+    entries, groups = optimizer_entries(module, optimizer)
+    moments = _copied(entries, buffers, "optimizer.")
+    if buffers is None:
+        return None
+    files = {OPTIMIZER_GROUPS_FILE: _json_bytes(groups), SCHEDULER_FILE: _json_bytes(scheduler.state_dict())}
+    for rank, rank_blobs in enumerate(ranks):
+        files.update({f"{rank_dir(rank)}/{name}": blob for name, blob in rank_blobs.items()})
+    copied = None
+    if any(t.is_pinned() for _, t in model + moments):  # copied asynchronously from a GPU
+        copied = torch.cuda.Event()
+        copied.record()
+    return Snapshot(model, moments, files, copied)
+
+
+def with_trainer_state(snap: Snapshot, trainer_state: dict[str, Any], world_size: int) -> None:
+    """Add trainer_state.json to `snap`: step, tokens, config, metrics, and the world size that wrote it."""
+    snap.files[TRAINER_STATE_FILE] = _json_bytes({"format": FORMAT_VERSION, **trainer_state, "world_size": world_size})
+
+
+def write_snapshot(out_dir: str | Path, snap: Snapshot) -> Path:
+    """Write a complete checkpoint directory from a snapshot, manifest last; returns the dir. Waits for
+    the snapshot's device copies first. Safe on any thread: it touches host memory and files only."""
+    if snap.copied is not None:
+        snap.copied.synchronize()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_streamed(snap.model, out / MODEL_FILE)
+    save_streamed(snap.optimizer, out / OPTIMIZER_FILE)
+    for name, blob in snap.files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(blob)
+    write_manifest(out)
+    return out
 
 
 def write_checkpoint(out_dir: str | Path, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      scheduler: torch.optim.lr_scheduler.LRScheduler, trainer_state: dict[str, Any],
                      ranks: list[dict[str, bytes]]) -> Path:
-    """Write a complete checkpoint into `out_dir` (rank 0 only, while the other ranks `join_gather`),
-    manifest last; returns the dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_streamed(model_entries(module), out / MODEL_FILE)
-    entries, groups = optimizer_entries(module, optimizer)
-    save_streamed(entries, out / OPTIMIZER_FILE)
-    (out / OPTIMIZER_GROUPS_FILE).write_bytes(_json_bytes(groups))
-    (out / SCHEDULER_FILE).write_bytes(_json_bytes(scheduler.state_dict()))
-    for rank, files in enumerate(ranks):
-        (out / rank_dir(rank)).mkdir(exist_ok=True)
-        for name, blob in files.items():
-            (out / rank_dir(rank) / name).write_bytes(blob)
-    state = {"format": FORMAT_VERSION, **trainer_state, "world_size": len(ranks)}
-    (out / TRAINER_STATE_FILE).write_bytes(_json_bytes(state))
-    write_manifest(out)
-    return out
+    """`snapshot` then `write_snapshot` in one go, for one process (tests, tools); returns the dir."""
+    snap = snapshot(module=module, optimizer=optimizer, scheduler=scheduler, ranks=ranks, buffers=HostBuffers())
+    with_trainer_state(snap, trainer_state, len(ranks))
+    return write_snapshot(out_dir, snap)
 
 
 def parse_trainer_state(data: bytes, where: str) -> dict[str, Any]:

@@ -13,9 +13,19 @@ import hashlib
 import json
 import logging
 import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import ray.train
+
+from pipeline.train import checkpoint as ckpt
+from pipeline import progress as progress_lines
 from pipeline import storage
 from pipeline.train.checkpoint import gather_bytes
 from pipeline.errors import IntegrityError, PipelineError
@@ -43,19 +53,144 @@ def upload_and_commit(local_dir: str | Path, uri: str, options: storage.StorageO
         pause("after_commit")
 
 
-def ray_upload_fn(run_uri: str, options: storage.StorageOptions,
-                  pause: Callable[[str], None] | None = None) -> Callable:
-    """The `checkpoint_upload_fn` for `ray.train.report`: `upload_and_commit` into Ray's run folder."""
+@dataclass
+class CheckpointTimes:
+    """What one checkpoint cost, on rank 0."""
 
-    def upload(checkpoint, checkpoint_dir_name: str):
-        import ray.train
+    step: int
+    """The optimizer step it holds."""
 
-        upload_and_commit(checkpoint.path, storage.join(run_uri, checkpoint_dir_name), options, pause)
-        context = ray.train.get_context().get_storage()
-        return ray.train.Checkpoint(path=f"{context.experiment_fs_path}/{checkpoint_dir_name}",
-                                    filesystem=context.storage_filesystem)
+    stall_s: float = 0.0
+    """Seconds the training loop was blocked: the previous upload waited for, the snapshot, the report."""
 
-    return upload
+    upload_s: float | None = None
+    """Seconds to write, upload and commit it in the background; None until it is committed."""
+
+    size_bytes: int = 0
+    """Bytes of tensor data in it (the host snapshot's size)."""
+
+
+@dataclass
+class _Upload:
+    """The checkpoint being written and uploaded on Ray's upload thread."""
+
+    times: CheckpointTimes
+    sealed: threading.Event  # set once the snapshot has its trainer_state.json
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class Checkpointer:
+    """Checkpoints that training does not wait for: a snapshot in the loop, the rest in the background.
+
+    `save` (every rank; a collective) waits for the previous upload if it is still running (at most
+    one in flight: the host buffers are reused), takes a host snapshot (`checkpoint.snapshot`) and
+    reports it with `ray.train.report(checkpoint_upload_mode=ASYNC)`. Ray's one upload thread then runs
+    our upload function: write the directory from the snapshot, then `upload_and_commit`. Ray registers
+    the checkpoint only after that function returns, and raises a failed upload in the training thread.
+    `finish` waits for the upload in flight; the loop calls it before it returns.
+    """
+
+    def __init__(self, *, rank: int, world: int, run_uri: str, options: storage.StorageOptions,
+                 module, optimizer, scheduler, run_state: dict[str, Any],
+                 pause: Callable[[str, int], None] | None = None) -> None:
+        """`run_state`: what every trainer_state.json carries besides the progress (config, data uri,
+        code version). `pause(phase, step)`: test hooks around the commit marker."""
+        self.rank, self.world, self.run_uri, self.options = rank, world, run_uri, options
+        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.run_state, self.pause = run_state, pause
+        self.buffers = ckpt.HostBuffers() if rank == 0 else None
+        self.times: list[CheckpointTimes] = []
+        self._upload: _Upload | None = None
+
+    def save(self, progress, metrics: dict[str, Any], *, wait: bool = False) -> None:
+        """Checkpoint `progress` (step, tokens_seen, resumed_from_step, epoch, offset, history; its
+        checkpoint_step is set) with `metrics`, the step's own dict. That dict gets `checkpoint_stall_s`
+        now and `checkpoint_upload_s` once committed, before MLflow sees it. `wait`: return only once
+        this checkpoint is committed (a preemption's checkpoint)."""
+        started = time.perf_counter()
+        times = CheckpointTimes(progress.step)
+        self._wait()
+        ranks = ckpt.gather_rank_files(ckpt.rank_files({"epoch": progress.epoch, "offset": progress.offset}))
+        snap = ckpt.snapshot(module=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
+                             ranks=ranks, buffers=self.buffers)
+        progress.checkpoint_step = progress.step
+        name = f"checkpoint_{progress.step:06d}-{uuid.uuid4().hex[:8]}"
+        upload = _Upload(times, sealed=threading.Event())
+        if snap is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        else:
+            local = tempfile.mkdtemp(prefix="train-checkpoint-")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                             delete_local_checkpoint_after_upload=False,
+                             checkpoint_upload_fn=self._upload_fn(snap, upload, metrics))
+            self._upload = upload
+            self.times.append(times)
+        times.stall_s = metrics["checkpoint_stall_s"] = time.perf_counter() - started
+        if snap is not None:
+            # The history is encoded now, stall included: the loop appends to it while the upload runs.
+            times.size_bytes = snap.nbytes
+            state = {"step": progress.step, "tokens_seen": progress.tokens_seen,
+                     "resumed_from_step": progress.resumed_from_step, **self.run_state, "metrics": progress.history}
+            try:
+                ckpt.with_trainer_state(snap, state, self.world)
+            finally:
+                upload.sealed.set()
+        if wait:  # the run stops after this checkpoint: not a stall of training
+            self._wait()
+
+    def finish(self) -> list[CheckpointTimes]:
+        """Wait for the upload in flight (a failed one raises); what every checkpoint of this attempt cost."""
+        self._wait()
+        return self.times
+
+    def close(self) -> None:
+        """On the way out of a failed loop: let the upload in flight finish, its failure only logged."""
+        try:
+            self._wait()
+        except PipelineError as exc:
+            log.warning("%s", exc)
+
+    def _wait(self) -> None:
+        upload, self._upload = self._upload, None
+        if upload is None:
+            return
+        upload.done.wait()
+        if upload.error is not None:
+            raise PipelineError(f"checkpoint of step {upload.times.step} was not committed: "
+                                f"{type(upload.error).__name__}: {upload.error}") from upload.error
+
+    def _upload_fn(self, snap: ckpt.Snapshot, upload: _Upload, metrics: dict[str, Any]) -> Callable:
+        """The `checkpoint_upload_fn` Ray runs on its upload thread for this checkpoint."""
+        step = upload.times.step
+        pause = (lambda phase: self.pause(phase, step)) if self.pause else None
+
+        def write_upload_commit(checkpoint, checkpoint_dir_name: str):
+            started = time.perf_counter()
+            try:
+                upload.sealed.wait()
+                if ckpt.TRAINER_STATE_FILE not in snap.files:  # the loop failed before it was sealed
+                    raise PipelineError(f"checkpoint of step {step} has no {ckpt.TRAINER_STATE_FILE}")
+                ckpt.write_snapshot(checkpoint.path, snap)
+                upload_and_commit(checkpoint.path, storage.join(self.run_uri, checkpoint_dir_name), self.options, pause)
+                upload.times.upload_s = metrics["checkpoint_upload_s"] = time.perf_counter() - started
+                progress_lines.echo("train", f"checkpoint of step {step} committed: "
+                                             f"{progress_lines.megabytes(upload.times.size_bytes)} in "
+                                             f"{upload.times.upload_s:.1f} s, training blocked "
+                                             f"{upload.times.stall_s:.2f} s")
+                context = ray.train.get_context().get_storage()
+                return ray.train.Checkpoint(path=f"{context.experiment_fs_path}/{checkpoint_dir_name}",
+                                            filesystem=context.storage_filesystem)
+            except BaseException as exc:
+                upload.error = exc
+                raise
+            finally:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+                upload.done.set()
+
+        return write_upload_commit
 
 
 def checkpoint_names(run_uri: str, options: storage.StorageOptions) -> list[str]:

@@ -1,10 +1,36 @@
 """What a training worker does about faults: preemption notices, non-finite steps, metrics logged once.
 
-Dead or failed workers are Ray Train's: it restarts the worker group from the newest committed
-checkpoint, `train.max_failures` times. This module handles what Ray does not. SIGTERM only raises a
-flag; all ranks then agree, through one small all-reduce per step, on the loss, the gradient norm and
-which ranks saw a non-finite value or a SIGTERM. Rank 0 logs each step's metrics only once a committed
-checkpoint covers them, so a restart never logs a step twice. `Hooks` injects faults for the tests.
+What this module decides:
+- Dead or failed workers are Ray Train's to handle: it restarts the whole worker group up to
+  `train.max_failures` times, each time from the latest checkpoint its controller committed. An error no
+  restart can fix stops the run instead (`pipeline.train.permanent`).
+- SIGTERM (a preemption notice) only raises a flag. Ray runs the training loop on a thread of the worker
+  actor, and Python takes signal handlers on the main thread alone, so the handler is installed by a call
+  to the worker actor itself (its methods run on the main thread). Outside training the handler passes
+  SIGTERM on to the one it replaced, so Ray can still stop its worker.
+- All ranks decide together, with one small all-reduce per step (`agreement_flags`): the mean loss, the
+  gradient norm, which ranks saw a non-finite loss or gradient norm, and which ranks got SIGTERM. The
+  flags stay on the device: the optimizer skips a non-finite step's update there (`found_nonfinite`),
+  and the host reads a copy (`HostFlags`, `read_agreement`) once it has queued the next step's passes
+  (`pipeline.train.launch.Steps`). A checkpoint is a collective, so a SIGTERM on any rank makes every rank
+  checkpoint that step, wait until rank 0 has uploaded and committed it, and then fail together (Ray
+  restarts them).
+- Metrics are logged once: rank 0 holds each step's metrics until a checkpoint that covers them is
+  committed by Ray's controller (`get_all_reported_checkpoints(COMMITTED)`, asked on a thread so
+  training goes on), then hands them to the MLflow logger. Steps whose commit is still unconfirmed
+  when training ends are counted and warned about, never dropped silently. Steps re-done after a
+  restart were never handed over. Steps handed over but still queued when the worker died are in that
+  checkpoint's history with their timestamps: a resumed worker sends again the history's steps taken
+  since its MLflow run started (older ones went to an earlier run of the job), and MLflow's database
+  stores an identical (key, value, step, timestamp) only once.
+- Test-only hooks, read from the environment where training starts: PIPELINE_FAIL_AT_STEP=N (rank 0
+  raises after step N), PIPELINE_BAD_INPUT_AT_STEP=N (rank 0 raises an error no restart can fix after
+  step N, `pipeline.train.permanent`), PIPELINE_WORKER_STATE_DIR=dir (every worker appends its pid and each step as it
+  finishes, before that step's checkpoint, to dir/rank-R.jsonl, so a test can find the process to
+  kill), PIPELINE_POISON_LOSS=R:N (rank R's loss at step N becomes NaN, once per worker process),
+  PIPELINE_PAUSE_UPLOAD=PHASE:N (the upload of step N's checkpoint records PHASE, before_commit or
+  after_commit, to the state dir and then waits, so a test can kill the driver right there); with a
+  state dir, every checkpoint's commit is recorded as "committed".
 """
 
 from __future__ import annotations
@@ -389,7 +415,10 @@ class Hooks:
         return loss * float("nan")
 
     def pause_upload(self, phase: str, step: int) -> None:
-        """At the chosen phase of step `step`'s checkpoint upload: record it (rank 0's file), then wait."""
+        """At the chosen phase of step `step`'s checkpoint upload: record it (rank 0's file), then wait.
+        Every commit is recorded too ("committed"), so a test can order it among the steps."""
+        if phase == "after_commit":
+            self.record(0, "committed", step)
         if (phase, step) == (self.pause_phase, self.pause_step):
             self.record(0, phase, step)
             time.sleep(UPLOAD_PAUSE_S)

@@ -14,10 +14,8 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -59,6 +57,8 @@ class TrainResult:
     metrics: list[dict[str, float]]  # every logged step, oldest first, across resumes
     ray_result_path: str  # uri of Ray's run folder, {run.output_uri}/ray/{run.name}
     resumed_from_step: int  # step the last attempt started from; 0 = from the base checkpoint
+    checkpoints: list[dict[str, float]] = field(default_factory=list)  # the last attempt's checkpoints,
+    # oldest first: step, stall_s (training blocked), upload_s (background write + upload + commit), size_bytes
 
 
 @dataclass
@@ -121,10 +121,11 @@ def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tra
     if stopped:
         raise PipelineError(f"training run {cfg.run.name!r} stopped: {stopped}; lower train.lr or check the data, "
                             "or set train.on_nonfinite=skip or rollback")
-    return train_result(cfg, ray_uri, options)
+    return train_result(cfg, ray_uri, options, checkpoints=(result.return_value or {}).get("checkpoints", []))
 
 
-def train_result(cfg: Config, ray_uri: str, options: storage.StorageOptions) -> TrainResult:
+def train_result(cfg: Config, ray_uri: str, options: storage.StorageOptions,
+                 checkpoints: list[dict[str, float]] | None = None) -> TrainResult:
     """What training reached: the newest committed checkpoint in storage, not the one Ray registered.
 
     A driver killed mid-run leaves workers that may commit later checkpoints Ray never registers. The
@@ -140,7 +141,7 @@ def train_result(cfg: Config, ray_uri: str, options: storage.StorageOptions) -> 
     return TrainResult(checkpoint_uri=checkpoint_uri, steps=state["step"],
                        final_loss=metrics[-1]["loss"] if metrics else math.nan, metrics=metrics,
                        ray_result_path=storage.join(ray_uri, cfg.run.name),
-                       resumed_from_step=state["resumed_from_step"])
+                       resumed_from_step=state["resumed_from_step"], checkpoints=checkpoints or [])
 
 
 def _run_started_ms(run_id: str | None, tracking_uri: str | None) -> int | None:
@@ -523,27 +524,13 @@ def _rolled_back(w: _Worker, progress: Progress, ray_uri: str, checkpoint: ray.t
     return restored
 
 
-def _report_checkpoint(w: _Worker, progress: Progress, metrics: dict[str, float],
-                       loop_config: dict[str, Any]) -> None:
-    """ray.train.report on every rank (a collective), with the checkpoint rank 0 writes for all."""
-    ranks = ckpt.gather_rank_files(ckpt.rank_files({"epoch": progress.epoch, "offset": progress.offset}))
-    if w.rank != 0:
-        ckpt.join_gather(w.model, w.optimizer)
-        ray.train.report(metrics, checkpoint=None)
-        return
-    state = {"step": progress.step, "tokens_seen": progress.tokens_seen,
-             "resumed_from_step": progress.resumed_from_step, "train_uri": loop_config["train_uri"],
-             "config": w.cfg.to_dict(), "code_version": loop_config["code_version"], "metrics": progress.history}
-    with tempfile.TemporaryDirectory(prefix="train-checkpoint-") as local:
-        ckpt.write_checkpoint(local, module=w.model, optimizer=w.optimizer, scheduler=w.scheduler,
-                              trainer_state=state, ranks=ranks)
-        # Our upload, not Ray's copy: files, manifest, then the COMMITTED marker (pipeline.train.commit).
-        hooks = faults.Hooks(**loop_config["hooks"])
-        upload = commit.ray_upload_fn(storage.join(loop_config["ray_uri"], w.cfg.run.name), w.options,
-                                      pause=lambda phase: hooks.pause_upload(phase, progress.step))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                         checkpoint_dir_name=f"checkpoint_{progress.step:06d}-{uuid.uuid4().hex[:8]}",
-                         checkpoint_upload_fn=upload)
+def _checkpointer(w: _Worker, hooks: faults.Hooks, loop_config: dict[str, Any]) -> commit.Checkpointer:
+    """This worker's part in checkpoints: rank 0 writes and uploads them in the background."""
+    run_state = {"train_uri": loop_config["train_uri"], "config": w.cfg.to_dict(),
+                 "code_version": loop_config["code_version"]}
+    return commit.Checkpointer(rank=w.rank, world=w.world, run_uri=storage.join(loop_config["ray_uri"], w.cfg.run.name),
+                               options=w.options, module=w.model, optimizer=w.optimizer, scheduler=w.scheduler,
+                               run_state=run_state, pause=hooks.pause_upload)
 
 
 def _metric_logger(rank: int, run_id: str | None, tracking_uri: str | None):
@@ -584,15 +571,21 @@ def _train_worker(cfg: Config, hooks: faults.Hooks, loop_config: dict[str, Any])
     metrics.resend(progress.history, since_ms=loop_config["run_started_ms"])
     hooks.record(w.rank, "start", progress.step)
     faults.watch_sigterm()
+    checkpointer = _checkpointer(w, hooks, loop_config)
     try:
-        return _train_steps(w, progress, metrics, hooks, loop_config)
+        outcome = _train_steps(w, progress, metrics, hooks, loop_config, checkpointer)
+        times = checkpointer.finish()  # the last checkpoint committed before the result is
+    except BaseException:
+        checkpointer.close()  # the state in flight is sound: let its commit finish
+        raise
     finally:
         faults.unwatch_sigterm()
         metrics.close(timeout=30.0)
+    return outcome or {"checkpoints": [asdict(t) for t in times]}
 
 
 def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetrics, hooks: faults.Hooks,
-                 loop_config: dict[str, Any]) -> dict[str, str] | None:
+                 loop_config: dict[str, Any], checkpointer: commit.Checkpointer) -> dict[str, str] | None:
     train = w.cfg.train
     steps = Steps(w, hooks)
     shown = progress_lines.step_progress(w.rank, train.max_steps, train.log_every, train.progress_every_s,
@@ -607,20 +600,19 @@ def _train_steps(w: _Worker, progress: Progress, metrics: faults.CommittedMetric
             continue
         step, last = progress.step, progress.step == train.max_steps
         hooks.record(w.rank, "step", step)  # finished; its checkpoint, if any, follows
-        shown.update(step_metrics)  # the same numbers MLflow gets
         save = last or bool(agreed.sigterm_ranks) or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0)
         if last or save or step % train.log_every == 0:
             progress.history.append(step_metrics)
             metrics.hold(step_metrics)
-        if save:
-            _report_checkpoint(w, progress, step_metrics, loop_config)
-            progress.checkpoint_step = step
+        if save:  # written and uploaded in the background; a preemption's checkpoint is waited for
+            checkpointer.save(progress, step_metrics, wait=bool(agreed.sigterm_ranks))
             metrics.checkpoint_reported()
             steps.restart_clock()
+        shown.update(step_metrics)  # the same numbers MLflow gets
         if agreed.sigterm_ranks and not last:
             if w.world > 1:
-                # Rank 0's report returns once the checkpoint is uploaded and committed. A rank that raised
-                # sooner would have Ray stop the group mid-upload, and the preemption checkpoint lost.
+                # Rank 0's save returns once the checkpoint is committed. A rank that raised sooner would
+                # have Ray stop the group mid-upload, and the preemption checkpoint lost.
                 dist.barrier()
             raise faults.preempted_error(agreed, step)
         if w.rank == 0 and hooks.fail_at_step == step:

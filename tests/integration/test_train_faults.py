@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.train import commit
 from pipeline.train import permanent
 from pipeline import demo, storage, tracking
 from pipeline.config import Config
@@ -159,6 +160,102 @@ def test_sigterm_checkpoints_that_step_and_the_restart_loses_none(reference, set
         assert restart == last_step(tmp_path, rank, first_pid) >= 3  # every finished step kept
     assert result.steps == STEPS and result.resumed_from_step == restart
     assert [m["loss"] for m in result.metrics] == [m["loss"] for m in reference.metrics]
+
+
+def through_proxy(cfg: Config, proxy) -> Config:
+    raw = cfg.to_dict()
+    raw["storage"]["endpoint_url"] = proxy.url
+    return Config.from_dict(raw)
+
+
+def release_when(state_dir: Path, rank: int, step: int, then, timeout_s: float = 120.0,
+                 also=lambda: True) -> threading.Thread:
+    """A thread that calls `then(pid)` once rank `rank` has finished `step` and `also()` holds (or at the
+    timeout, with None)."""
+    def run() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = [e for e in worker_events(state_dir, rank) if e["event"] == "step" and e["step"] >= step]
+            if done and also():
+                return then(done[-1]["pid"])
+            time.sleep(0.02)
+        then(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def order(state_dir: Path) -> list[tuple[str, int]]:
+    """Rank 0's steps and checkpoint commits, in the order they happened."""
+    return [(e["event"], e["step"]) for e in worker_events(state_dir, 0) if e["event"] in ("step", "committed")]
+
+
+@pytest.mark.slow
+def test_training_goes_on_while_a_checkpoint_uploads_and_waits_for_it_at_the_next(reference, setup, s3_fault_proxy,
+                                                                                   monkeypatch, tmp_path):
+    cfg_for, prepared = setup
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
+    # Step 2's commit marker is held on the wire until rank 0 has finished step 4: were training blocked
+    # by the upload, step 4 would never come and the marker would go through only at the hold's limit.
+    release = threading.Event()
+    held = s3_fault_proxy.hold("PUT", r"/checkpoint_000002-[^/]+/COMMITTED$", release)
+    releaser = release_when(tmp_path, 0, 4, lambda pid: release.set())
+    result = train(through_proxy(cfg_for("async-upload"), s3_fault_proxy), prepared)
+    releaser.join(timeout=5)
+    assert held.hits == 1
+    events = order(tmp_path)
+    assert events.index(("step", 4)) < events.index(("committed", 2)) < events.index(("step", 5))  # one in flight
+    assert [step for event, step in events if event == "committed"] == list(range(2, STEPS + 1, 2))
+    assert events[-1] == ("committed", STEPS)  # the final checkpoint committed before train() returned
+    assert result.checkpoint_uri.rstrip("/").split("/")[-1].startswith(f"checkpoint_{STEPS:06d}-")
+    assert [m["loss"] for m in result.metrics] == [m["loss"] for m in reference.metrics]  # exactly
+    assert [c["step"] for c in result.checkpoints] == list(range(2, STEPS + 1, 2))
+    assert all(c["upload_s"] is not None and c["stall_s"] >= 0 and c["size_bytes"] > 0 for c in result.checkpoints)
+    by_step = {m["step"]: m for m in result.metrics}
+    assert all("checkpoint_stall_s" in by_step[s] for s in range(2, STEPS + 1, 2))
+    # A checkpoint's upload time reaches the history of the checkpoints after it.
+    assert all("checkpoint_upload_s" in by_step[s] for s in range(2, STEPS, 2))
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_upload_resumes_from_the_previous_committed_checkpoint(reference, setup, s3_fault_proxy,
+                                                                                  monkeypatch, tmp_path):
+    cfg_for, prepared = setup
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
+    release = threading.Event()
+    held = s3_fault_proxy.hold("PUT", r"/checkpoint_000004-[^/]+/model\.safetensors$", release)
+    killed: list[int] = []
+
+    def kill(pid: int | None) -> None:  # rank 0, past step 5 while step 4's upload is held, dies
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        release.set()
+
+    killer = release_when(tmp_path, 0, 5, kill, timeout_s=300.0, also=lambda: held.hits == 1)
+    cfg = through_proxy(cfg_for("killed-mid-upload", max_failures=1), s3_fault_proxy)
+    result = train(cfg, prepared)
+    killer.join(timeout=5)
+    assert len(killed) == 1, (held.hits, order(tmp_path))
+    first, restart = starts(tmp_path, 0)
+    assert first == (killed[0], 0) and restart[1] == 2  # step 4's checkpoint was never committed
+    assert ("committed", 4) not in [(e["event"], e["step"]) for e in worker_events(tmp_path, 0)
+                                    if e["pid"] == killed[0]]
+    assert result.steps == STEPS and result.resumed_from_step == 2
+    assert [m["loss"] for m in result.metrics] == [m["loss"] for m in reference.metrics]
+    options = storage.StorageOptions(endpoint_url=cfg_for("x").storage.endpoint_url)
+    run_uri = f"{cfg.run.output_uri}/ray/{cfg.run.name}"
+    partial = [n for n in commit.checkpoint_names(run_uri, options) if n.startswith("checkpoint_000004-")]
+    assert any(not _committed(storage.join(run_uri, n), options) for n in partial)
+
+
+def _committed(uri: str, options) -> bool:
+    try:
+        commit.verify_commit(uri, options)
+        return True
+    except PipelineError:
+        return False
 
 
 POISON_STEP = 6  # after the step-4 checkpoint (checkpoint_every=4)
