@@ -2,8 +2,8 @@
 # One part of the GPU checks, on a node with the project and Transformer Engine installed. On a host
 # without a package index whose wheels are staged in /tmp/gpu-stage with their install script, they are
 # installed into /tmp/site first (once); pack those wheels with bench/gpu/host-requirements.txt as an extra
-# requirements file, which pins the S3 stack the pipeline needs, and bench/gpu/peer-requirements.txt (the
-# peers of the `peers` part). Logs and JSON go to /tmp/results, packed
+# requirements file, which pins the S3 stack the pipeline needs; add the two wheels of
+# bench/gpu/peer-requirements.txt (the `peers` part) with `pip download --no-deps` beside them. Logs and JSON go to /tmp/results, packed
 # into $OUT/results-<part>.tgz at the end when $OUT is set.
 #   bash bench/gpu/run.sh smoke               GPU tests of the loss, FP8-head and optimizer kernels, FP8 attention and the
 #                                             bench scripts
