@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ BUCKET = "job8b"
 RUN_NAME = "job-8b"
 MODEL_NAME = "job-8b"
 GIB = 1024**3
+CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)-")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class Shape:
     """save_pretrained shard size of the base: small objects, since moto reads a whole object per GET."""
     overrides: tuple[str, ...]
     """--set overrides on top of the preset."""
+    hooks: tuple[tuple[str, str], ...] = ()
+    """Test hooks (pipeline.faults) for the job's environment."""
 
 
 SHAPES = {
@@ -67,7 +71,9 @@ SHAPES = {
         "train.use_gpu=false", "train.fp8=none", "model.dtype=fp32", "model.backend=torch",
         "data.seq_len=128", "data.num_proc=1", "data.val_fraction=0.1", "train.max_steps=8",
         "train.checkpoint_every=2", "train.log_every=1", "train.activation_checkpointing=false",
-        "eval.max_batches=2", "eval.num_samples=1", "eval.max_new_tokens=8", "export.max_shard_size=1MB")),
+        "eval.max_batches=2", "eval.num_samples=1", "eval.max_new_tokens=8", "export.max_shard_size=1MB"),
+        # tiny steps take milliseconds: the worker waits after its first commit, so the kill lands mid-run
+        (("PIPELINE_PAUSE_UPLOAD", "after_commit:2"),)),
 }
 
 
@@ -307,7 +313,7 @@ def job_command(shape: Shape, places: Places, s3: str) -> list[str]:
     return [sys.executable, "jobs/finetune.py", "--config", str(PRESET), *[a for s in sets for a in ("--set", s)]]
 
 
-def job_env(places: Places, s3: str, tracking: str) -> dict[str, str]:
+def job_env(shape: Shape, places: Places, s3: str, tracking: str) -> dict[str, str]:
     from pipeline.faults import STATE_DIR_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "AWS_PROFILE", "AWS_SESSION_TOKEN")}
@@ -317,7 +323,7 @@ def job_env(places: Places, s3: str, tracking: str) -> dict[str, str]:
     # RAY_TMPDIR: Ray's session files and sockets, on a short path (unix sockets allow ~107 characters).
     return {**env, **aws_env(s3), "MLFLOW_TRACKING_URI": tracking, "TMPDIR": str(places.out / "tmp"),
             "RAY_TMPDIR": f"/tmp/ray-job8b-{os.getuid()}", STATE_DIR_ENV: str(places.workers),
-            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **dict(shape.hooks)}
 
 
 def driver_state(places: Places) -> tuple[int | None, bool]:
@@ -343,15 +349,17 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.driver_pid, self.rss, self.gpu_mib, self.stop = driver_pid, {}, 0, threading.Event()
 
-    def label(self, pid: int, cmd: str) -> str:
+    def label(self, pid: int, cmd: str) -> str | None:
+        """The process's name in the table; None for processes that are not the run's."""
         if pid == self.driver_pid:
             return "driver (jobs/finetune.py)"
+        if pid == os.getpid():
+            return "bench/job_8b.py"
         for needle, name in (("moto.server", "S3 server (moto)"), ("mlflow", "mlflow server"),
                              ("raylet", "raylet"), ("gcs_server", "ray gcs_server")):
             if needle in cmd:
                 return name
-        title = cmd.split()[0] if cmd.split() else "?"
-        return title.split(".")[0] if title.startswith("ray::") else Path(title).name
+        return cmd.split()[0].split(".")[0] if cmd.startswith("ray::") else None
 
     def run(self) -> None:
         smi, last_smi = shutil.which("nvidia-smi"), 0.0
@@ -362,8 +370,8 @@ class Sampler(threading.Thread):
                                        if l.startswith("VmRSS")).split()[1])
                 except (OSError, StopIteration, ValueError):
                     continue
-                if rss_kib > 50 * 1024:
-                    name = self.label(int(proc.name), _cmdline(int(proc.name)))
+                name = self.label(int(proc.name), _cmdline(int(proc.name)))
+                if name is not None:
                     self.rss[name] = max(self.rss.get(name, 0), rss_kib * 1024)
             if smi and time.monotonic() - last_smi > 2:
                 last_smi = time.monotonic()
@@ -377,8 +385,8 @@ def watch(places: Places, budget_s: float, kill: bool) -> None:
     training worker once, right after the first checkpoint commits."""
     from pipeline import storage
 
-    pid, _ = driver_state(places)
-    sampler = Sampler(pid)
+    starts = events(places, "driver_start")
+    sampler = Sampler(starts[-1]["pid"] if starts else None)
     sampler.start()
     seen_steps = {(e["pid"], e["step"]) for e in events(places, "step")}
     seen_ckpt = {(e["name"], e["kind"]) for e in events(places) if e["kind"] in ("ckpt_dir", "committed")}
@@ -399,11 +407,11 @@ def watch(places: Places, budget_s: float, kill: bool) -> None:
             if (e["pid"], e["step"]) not in seen_steps:
                 seen_steps.add((e["pid"], e["step"]))
                 record(places, "step", pid=e["pid"], step=e["step"])
-        for folder in sorted(run_dir.glob("checkpoint_*")) if run_dir.exists() else []:
+        for folder in sorted(p for p in run_dir.glob("checkpoint_*") if CHECKPOINT_DIR.match(p.name)):
             for kind, present in (("ckpt_dir", True), ("committed", (folder / "COMMITTED").exists())):
                 if present and (folder.name, kind) not in seen_ckpt:
                     seen_ckpt.add((folder.name, kind))
-                    record(places, kind, name=folder.name, step=int(folder.name.split("_")[1].split("-")[0]))
+                    record(places, kind, name=folder.name, step=int(CHECKPOINT_DIR.match(folder.name).group(1)))
                     say(f"checkpoint {folder.name}: {'upload started' if kind == 'ckpt_dir' else 'committed'}")
         if not pull_started and base_cache.exists():
             pull_started = [e["t"] for e in events(places, "pull_start")] or [time.time()]
@@ -437,13 +445,18 @@ def _kill_worker(places: Places) -> None:
     if not steps:
         return
     last = steps[-1]
-    os.kill(last["pid"], signal.SIGKILL)
+    try:
+        os.kill(last["pid"], signal.SIGKILL)
+    except ProcessLookupError:
+        say(f"the training worker (pid {last['pid']}) was gone before the kill")
+        return
     record(places, "kill", pid=last["pid"], step=last["step"])
     say(f"SIGKILL to the training worker (pid {last['pid']}) after step {last['step']}")
 
 
 def run_job_phase(shape: Shape, places: Places, args) -> None:
     s3, tracking = start_servers(places, args.s3_port, args.mlflow_port)
+    os.environ.update(aws_env(s3))  # this process and jobs/publish.py talk to the local S3 server
     publish_inputs(places, s3, args.keep_base)
     pid, done = driver_state(places)
     if done:
@@ -453,7 +466,7 @@ def run_job_phase(shape: Shape, places: Places, args) -> None:
         if not print_plan(shape, places) and not args.force:
             raise SystemExit("job_8b: the run does not fit the free space above (docs/scale.md); --force to try")
         with open(places.log, "ab") as out:
-            proc = subprocess.Popen(job_command(shape, places, s3), cwd=REPO, env=job_env(places, s3, tracking),
+            proc = subprocess.Popen(job_command(shape, places, s3), cwd=REPO, env=job_env(shape, places, s3, tracking),
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         record(places, "driver_start", pid=proc.pid)
         say(f"job started (driver pid {proc.pid}); log {places.log}")
@@ -470,9 +483,10 @@ def load_registered(places: Places, tracking: str) -> float:
     import torch
 
     mlflow.set_tracking_uri(tracking)
-    version = mlflow.MlflowClient().get_latest_versions(MODEL_NAME)[0].version
+    version = max(int(v.version) for v in mlflow.MlflowClient().search_model_versions(f"name='{MODEL_NAME}'"))
     target = places.work / "loaded"
     shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
     started = time.time()
     parts = mlflow.transformers.load_model(f"models:/{MODEL_NAME}/{version}", dst_path=str(target),
                                            return_type="components", torch_dtype=torch.bfloat16)
@@ -487,8 +501,6 @@ def load_registered(places: Places, tracking: str) -> float:
 
 
 def stage_times(places: Places) -> dict[str, float]:
-    import re
-
     times = {}
     for line in places.log.read_text().splitlines() if places.log.exists() else []:
         if m := re.match(r"^\[(data|train|eval|export)\] .* \((\d+)s\)$", line):
@@ -497,7 +509,6 @@ def stage_times(places: Places) -> dict[str, float]:
 
 
 def tokens_per_s(places: Places) -> float | None:
-    import re
     import statistics
 
     rates = [float(m.group(2).replace(",", "")) for line in places.log.read_text().splitlines()
