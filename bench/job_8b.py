@@ -135,21 +135,35 @@ def plan(shape: Shape, places: Places, keep: int = 2) -> list[tuple[str, Path, i
             ("export under run.output_uri", places.out, weights)]
 
 
+def fits(shape: Shape, places: Places) -> tuple[bool, list[tuple[Path, int, int]]]:
+    """Whether every filesystem has the room the plan needs there: (fits, [(folder, needed, free)])."""
+    needs: dict[int, list] = {}
+    for _, where, size in plan(shape, places):
+        where.mkdir(parents=True, exist_ok=True)
+        needs.setdefault(os.stat(where).st_dev, [where, 0])[1] += size
+    rows = [(where, size, shutil.disk_usage(where).free) for where, size in needs.values()]
+    return all(size <= free for _, size, free in rows), rows
+
+
 def print_plan(shape: Shape, places: Places) -> bool:
     """The storage each folder needs at its peak against what its filesystem has free; True if it fits."""
-    needs: dict[int, list] = {}
     say(f"{param_count(shape) / 1e9:.2f}B parameters")
     for what, where, size in plan(shape, places):
-        where.mkdir(parents=True, exist_ok=True)
-        say(f"  {size / GIB:8.1f} GiB  {what}  ({where})")
-        needs.setdefault(os.stat(where).st_dev, [where, 0])[1] += size
-    fits = True
-    for where, size in needs.values():
-        free = shutil.disk_usage(where).free
-        fits &= size <= free
+        say(f"  {size / GIB:8.2f} GiB  {what}  ({where})")
+    ok, rows = fits(shape, places)
+    for where, size, free in rows:
         say(f"  filesystem of {where}: needs {size / GIB:.1f} GiB, {free / GIB:.1f} GiB free"
             f"{'' if size <= free else '  << DOES NOT FIT'}")
-    return fits
+    if not ok:
+        layers = [n for n in range(1, llama_layers(shape)) if fits(Shape(**{**shape.__dict__, "layers": n}), places)[0]]
+        say(f"the most decoder layers that fit these folders: {max(layers) if layers else 'none'} (--layers)")
+    return ok
+
+
+def llama_layers(shape: Shape) -> int:
+    from bench.common import llama_config
+
+    return llama_config(shape.name, shape.layers).num_hidden_layers
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -511,8 +525,9 @@ def stage_times(places: Places) -> dict[str, float]:
 def tokens_per_s(places: Places) -> float | None:
     import statistics
 
-    rates = [float(m.group(2).replace(",", "")) for line in places.log.read_text().splitlines()
-             if (m := re.match(r"^\[train\] step (\d+)/\d+ .* tokens/s ([\d,]+)", line)) and int(m.group(1)) > 10]
+    rates = [float(m.group(3).replace(",", "")) for line in places.log.read_text().splitlines()
+             if (m := re.match(r"^\[train\] step (\d+)/(\d+) .* tokens/s ([\d,]+)", line))
+             and int(m.group(1)) > min(10, int(m.group(2)) // 4)]
     return statistics.median(rates) if rates else None
 
 
@@ -548,7 +563,7 @@ def report(places: Places, tracking: str | None) -> None:
     rows += [(f"publish base ({e['bytes'] / GIB:.2f} GiB)", f"{e['seconds']:.1f} s") for e in events(places, "publish")]
     rows += [("base pull into run.cache_dir (seen)", f"{e['seconds']:.1f} s") for e in events(places, "pull")]
     rate = tokens_per_s(places)
-    rows.append(("steady tokens/s (median, steps > 10)", f"{rate:,.0f}" if rate else "n/a"))
+    rows.append(("steady tokens/s (median after warm-up)", f"{rate:,.0f}" if rate else "n/a"))
     rows += checkpoint_rows(places)
     for kill in events(places, "kill"):
         after = [e for e in events(places, "step") if e["t"] > kill["t"] and e["pid"] != kill["pid"]]
@@ -562,7 +577,8 @@ def report(places: Places, tracking: str | None) -> None:
     for p in peaks:
         for name, size in p["rss"].items():
             rss[name] = max(rss.get(name, 0), size)
-    rows += [(f"peak RSS {name}", f"{size / GIB:.2f} GiB") for name, size in sorted(rss.items(), key=lambda kv: -kv[1])]
+    rows += [(f"peak RSS {name}", f"{size / GIB:.2f} GiB") for name, size in sorted(rss.items(), key=lambda kv: -kv[1])
+             if size >= 0.1 * GIB]
     if tracking:
         rows.append(("load registered model (mlflow) + forward", f"{load_registered(places, tracking):.0f} s"))
     width = max(len(k) for k, _ in rows)
