@@ -66,7 +66,7 @@ class Shape:
 
 
 SHAPES = {
-    "8b": Shape("llama3.1-8b", None, "cuda", "bf16", 8192, 60_000_000, "1GB", ()),
+    "8b": Shape("llama3.1-8b", None, "cuda", "bf16", 8192, 20_000_000, "1GB", ()),
     "tiny": Shape("tiny", None, "cpu", "fp32", 512, 400_000, "200KB", (
         "train.use_gpu=false", "train.fp8=none", "model.dtype=fp32", "model.backend=torch",
         "data.seq_len=128", "data.num_proc=1", "data.val_fraction=0.1", "train.max_steps=8",
