@@ -243,14 +243,16 @@ def start_servers(places: Places, s3_port: int, mlflow_port: int) -> tuple[str, 
     if not _listening(s3_port):
         places.s3.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TMPDIR": str(places.s3)}  # moto spools every object over 5 MB here
-        spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)], env,
-              places.work / "s3.log")
+        pid = spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)], env,
+                    places.work / "s3.log")
+        (places.work / "s3.pid").write_text(str(pid))
     if not _listening(mlflow_port):
         places.mlflow.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        spawn([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+        pid = spawn([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                f"sqlite:///{places.mlflow / 'mlflow.db'}", "--artifacts-destination", str(places.mlflow / "artifacts"),
                "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"], env, places.work / "mlflow.log")
+        (places.work / "mlflow.pid").write_text(str(pid))
     _wait_http(s3, 60)
     _wait_http(f"{tracking}/health", 120)
     return s3, tracking
@@ -262,6 +264,19 @@ def spawn(command: list[str], env: dict, log: Path) -> int:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                                 start_new_session=True)
     return proc.pid
+
+
+def stop_servers(places: Places) -> None:
+    """End the servers this script started (each is its own process group), by their recorded pids."""
+    for name in ("s3", "mlflow"):
+        pid_file = places.work / f"{name}.pid"
+        if pid_file.exists():
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            pid_file.unlink()
+            say(f"{name} server stopped")
 
 
 def aws_env(endpoint: str) -> dict[str, str]:
@@ -592,7 +607,7 @@ def report(places: Places, tracking: str | None) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", choices=["plan", "base", "job", "report", "all"], required=True)
+    p.add_argument("--phase", choices=["plan", "base", "job", "report", "stop", "all"], required=True)
     p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     p.add_argument("--layers", type=int, help="decoder layers (default: the shape's; the 8B has 32)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/job8b"), help="base, data, S3 and MLflow files, cache")
@@ -615,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     places.work.mkdir(parents=True, exist_ok=True)
     if args.phase == "plan":
         return 0 if print_plan(shape, places) else 1
+    if args.phase == "stop":
+        stop_servers(places)
+        return 0
     if args.phase in ("base", "all"):
         print_plan(shape, places)
         make_base(shape, places)

@@ -5,7 +5,6 @@ so the GPU run does not fail on a typo; and the storage plan's arithmetic at the
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -37,17 +36,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop_servers(ports: list[int]) -> None:
-    """The script leaves its servers running for the next phase; stop the ones this test started."""
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if any(f"--port {p} " in cmd + " " or f"-p {p} " in cmd + " " for p in ports):
-            os.killpg(int(proc.name), signal.SIGTERM)
-
-
 @pytest.mark.slow
 def test_tiny_run_goes_through_every_phase_kills_the_worker_once_and_resumes(tmp_path):
     ports = [_free_port(), _free_port()]
@@ -63,7 +51,7 @@ def test_tiny_run_goes_through_every_phase_kills_the_worker_once_and_resumes(tmp
         assert not (tmp_path / "w" / "base").exists()  # deleted once published
         report = subprocess.run([*command, "--phase", "report"], cwd=REPO, env=env, capture_output=True, text=True)
     finally:
-        _stop_servers(ports)
+        subprocess.run([*command, "--phase", "stop"], cwd=REPO, env=env, check=True)
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
     table = {line.split("|")[1].strip(): line.split("|")[2].strip()
              for line in report.stdout.splitlines() if line.startswith("| ") and line.count("|") == 3}
