@@ -405,7 +405,7 @@ class Sampler(threading.Thread):
             if smi and time.monotonic() - last_smi > 2:
                 last_smi = time.monotonic()
                 out = subprocess.run([smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True).stdout.split()
+                                     capture_output=True, text=True, check=False).stdout.split()
                 self.gpu_mib = max([self.gpu_mib, *[int(x) for x in out if x.isdigit()]])
 
 
