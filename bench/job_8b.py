@@ -139,8 +139,8 @@ def fits(shape: Shape, places: Places) -> tuple[bool, list[tuple[Path, int, int]
     """Whether every filesystem has the room the plan needs there: (fits, [(folder, needed, free)])."""
     needs: dict[int, list] = {}
     for _, where, size in plan(shape, places):
-        where.mkdir(parents=True, exist_ok=True)
-        needs.setdefault(os.stat(where).st_dev, [where, 0])[1] += size
+        existing = next(p for p in (where, *where.parents) if p.exists())  # creates nothing (base is deleted)
+        needs.setdefault(os.stat(existing).st_dev, [existing, 0])[1] += size
     rows = [(where, size, shutil.disk_usage(where).free) for where, size in needs.values()]
     return all(size <= free for _, size, free in rows), rows
 
