@@ -31,10 +31,13 @@
 #                                             ours in one process; one shape per call (about 8 minutes each)
 #   bash bench/gpu/run.sh quality [args]      bench/finetune_quality.py: fine-tuning quality of each master-weight option
 #                                             against HF's fp32-master training, on real text
+#   bash bench/gpu/run.sh job-8b PHASE [args] bench/job_8b.py: the real job at the Llama-3.1-8B shape on this host, one
+#                                             bounded phase a command (plan, base, job, report; docs/scale.md);
+#                                             files under /tmp/job8b (--workdir, --out-dir to move them)
 #   bash bench/gpu/run.sh master-cost         bench/train_step.py at the Llama-3.1-8B shape (32 layers, 2 x 4096), FP8
 #                                             delayed, once per master-weight option; then the optimizer's GPU tests
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|master-cost [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -117,6 +120,10 @@ case $part in
     python3 bench/matrix.py --only peers-$shape --budget-s 560 --out $R/matrix "$@"; rc=$? ;;
   quality)
     python3 bench/finetune_quality.py "$@" 2>&1 | quiet | tee $R/quality.log; rc=$((rc | PIPESTATUS[0])) ;;
+  job-8b)
+    phase=${1:?usage: run.sh job-8b plan|base|job|report [args]}; shift
+    python3 -u bench/job_8b.py --phase "$phase" "$@" 2>&1 | grep -v "it/s\]\|Warning\|warn(" \
+      | tee -a $R/job-8b-$phase.log; rc=$((rc | PIPESTATUS[0])) ;;
   master-cost)
     for m in bf16 fp32 bf16_kahan bf16_sr; do
       python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 10 \

@@ -1,0 +1,64 @@
+"""bench/job_8b.py, the 8B run's script, on CPU with a tiny model: every phase end to end through the real
+job (moto S3 and mlflow servers of its own, a Ray cluster of its own, a real SIGKILL of the training worker),
+so the GPU run does not fail on a typo; and the storage plan's arithmetic at the real 8B shape."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import job_8b
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_plan_counts_the_llama_3_1_8b_parameters_and_sizes_a_checkpoint_at_8_bytes_each(tmp_path):
+    shape = job_8b.SHAPES["8b"]
+    assert job_8b.param_count(shape) == 8_030_261_248  # Meta's Llama-3.1-8B
+    places = job_8b.Places(tmp_path / "work", tmp_path / "out")
+    sizes = {what: size for what, _, size in job_8b.plan(shape, places)}
+    weights = 2 * 8_030_261_248
+    assert sizes["base pulled into run.cache_dir"] == weights
+    assert sizes["resume: checkpoint pulled into run.cache_dir"] == 4 * weights
+    ok, rows = job_8b.fits(shape, places)
+    assert sum(needed for _, needed, _ in rows) == sum(sizes.values())
+    assert ok == all(needed <= free for _, needed, free in rows)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tiny_run_goes_through_every_phase_kills_the_worker_once_and_resumes(tmp_path):
+    ports = [_free_port(), _free_port()]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "bench/job_8b.py", "--shape", "tiny", "--workdir", str(tmp_path / "w"),
+               "--s3-port", str(ports[0]), "--mlflow-port", str(ports[1]), "--budget-s", "600"]
+    try:
+        base = subprocess.run([*command, "--phase", "base"], cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        assert base.returncode == 0, base.stdout[-3000:] + base.stderr[-3000:]
+        job = subprocess.run([*command, "--phase", "job"], cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "job finished" in job.stdout
+        assert not (tmp_path / "w" / "base").exists()  # deleted once published
+        report = subprocess.run([*command, "--phase", "report"], cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    finally:
+        subprocess.run([*command, "--phase", "stop"], cwd=REPO, env=env, check=True)
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    table = {line.split("|")[1].strip(): line.split("|")[2].strip()
+             for line in report.stdout.splitlines() if line.startswith("| ") and line.count("|") == 3}
+    for stage in ("data", "train", "eval", "export"):
+        assert table[f"stage {stage}"].endswith(" s")
+    (kill,) = [k for k in table if k.startswith("SIGKILL after step 2")]
+    assert table[kill].endswith("(step 3)")  # resumed from the step-2 checkpoint by a new worker
+    assert [k for k in table if k.startswith("checkpoint step 8")]
+    assert table["load registered model (mlflow) + forward"].endswith(" s")
+    assert "publish base" in " ".join(table)
