@@ -14,7 +14,7 @@ import pytest
 
 from bench import job_8b
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_plan_counts_the_llama_3_1_8b_parameters_and_sizes_a_checkpoint_at_8_bytes_each(tmp_path):
