@@ -77,8 +77,9 @@ def test_update_fidelity_plain_torch():
 
 
 def test_update_fidelity_triton_interpreted():
+    """One kernel program's worth of weights: the interpreter runs each program in Python."""
     script = FIDELITY + f'''
-print(json.dumps({{mode: fidelity(mode, 1 << 15, {LR}, {STEPS}) for mode in optim.MASTER_WEIGHTS}}))
+print(json.dumps({{mode: fidelity(mode, optim.BLOCK, {LR}, {STEPS}) for mode in optim.MASTER_WEIGHTS}}))
 '''
     results = run_interpreted(script)
     print(f"\nupdate fidelity at lr {LR}, Triton kernel (interpreted): {results}")
