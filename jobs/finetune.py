@@ -45,14 +45,24 @@ def parse_args(argv):
     return args
 
 
+def worker_pythonpath() -> str:
+    """PYTHONPATH for Ray's workers: the checkout first, then the driver's own entries.
+
+    Workers find the project through it, also on a cluster joined by RAY_ADDRESS from this node; under
+    `ray job submit` (which hands the driver its job config) the working dir does it instead. A runtime
+    env's PYTHONPATH replaces the inherited one, so packages the driver reaches through PYTHONPATH (a
+    site folder beside the system's) are kept.
+    """
+    inherited = os.environ.get("PYTHONPATH")
+    return str(REPO) + (os.pathsep + inherited if inherited else "")
+
+
 def start_ray():
     import ray
 
     if ray.is_initialized():
         return
-    # Workers find the project through PYTHONPATH, also on a cluster joined by RAY_ADDRESS from this node;
-    # under `ray job submit` (which hands the driver its job config) the working dir does it.
-    env = None if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else {"env_vars": {"PYTHONPATH": str(REPO)}}
+    env = None if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else {"env_vars": {"PYTHONPATH": worker_pythonpath()}}
     # the dashboard also serves Ray's state API, which Ray Train polls; without it Train logs warnings
     ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=env)
 
