@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import te_model  # noqa: E402
 from bench import common, ray_overhead, trace_gaps  # noqa: E402
 from bench.trace_gaps import gpu_work  # noqa: E402
-from pipeline.train import launch as pipeline_train  # noqa: E402
+from pipeline.train import loop  # noqa: E402
+from pipeline.train import worker as train_worker  # noqa: E402
 
 # name: (processes, train settings)
 # name: (processes, each process's rows as a share of the global batch, train settings)
@@ -58,7 +59,7 @@ def parse_args(argv):
                    help="also record Python calls (with_stack) and print where host time goes inside operators "
                         "whose name contains OP, e.g. FusedAttnFunc (the tracer itself adds host time)")
     p.add_argument("--no-ahead", action="store_true",
-                   help="read each step's outcome before queuing the next step (pipeline.train.launch.Steps(ahead=False)): "
+                   help="read each step's outcome before queuing the next step (pipeline.train.loop.Steps(ahead=False)): "
                         "the step as it ran before the host went one step ahead, for an A/B on one machine")
     p.add_argument("--trace-dir", help="also keep rank 0's profile of each layout here (gzipped Chrome trace)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -109,8 +110,8 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
     try:
         from pipeline.config import Config
 
-        w = pipeline_train.build_worker(Config.from_dict(cfg_dict), train_uri, rank, world, device)
-        progress, steps = pipeline_train.Progress(), pipeline_train.Steps(w, ahead=not args.no_ahead)
+        state = train_worker.build(Config.from_dict(cfg_dict), train_uri, rank, world, device)
+        progress, steps = loop.Progress(), loop.Steps(state, ahead=not args.no_ahead)
         for _ in range(args.warmup):
             steps.next(progress)
         # timed straight after the warm-up, before the profile: running ahead, the step queued while the

@@ -1,6 +1,6 @@
 """What Ray Train costs per step: the pipeline's training step in a bare process and inside the real job.
 
-Both sides run `pipeline.train.launch.Steps` on the same checkpoint and packed rows: one in a worker built in
+Both sides run `pipeline.train.loop.Steps` on the same checkpoint and packed rows: one in a worker built in
 this process, no Ray; one through `pipeline.train.launch.train`, a one-worker `TorchTrainer`. The ratio is
 Ray's median step over the bare one. Method: docs/performance.md ("What each bench measures").
 
@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import te_model  # noqa: E402
 from bench import common  # noqa: E402
 from bench.packing import make_documents  # noqa: E402
-from pipeline.train import launch as pipeline_train  # noqa: E402
+from pipeline.train import launch, loop, worker  # noqa: E402
 from pipeline.config import Config  # noqa: E402
-from pipeline.stages.data import PreparedData, _write_parquet, pack_documents  # noqa: E402
+from pipeline.stages.data import PreparedData, write_parquet, pack_documents  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,15 +81,15 @@ def write_inputs(args, workdir: Path, device) -> tuple[Path, PreparedData]:
     columns = pack_documents(docs, args.seq, pad_id=0, seed=args.seed)
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    _write_parquet(columns, data_dir / "train.parquet")
+    write_parquet(columns, data_dir / "train.parquet")
     return base_dir, PreparedData(str(data_dir), str(data_dir / "train.parquet"), None, {})
 
 
 def bare_metrics(cfg: Config, train_uri: str, device: torch.device) -> list[dict]:
-    worker = pipeline_train.build_worker(cfg, train_uri, device=device)  # what a Ray worker builds, minus Ray
-    progress, steps = pipeline_train.Progress(), pipeline_train.Steps(worker)
+    state = worker.build(cfg, train_uri, device=device)  # what a Ray worker builds, minus Ray
+    progress, steps = loop.Progress(), loop.Steps(state)
     metrics = [steps.next(progress)[0] for _ in range(cfg.train.max_steps)]
-    del worker
+    del state
     common.free_memory()
     return metrics
 
@@ -128,7 +128,7 @@ def measure(args, device, workdir: Path) -> dict:
     bare = bare_metrics(cfg, prepared.train_uri, device)
     started = ensure_ray(use_gpu)
     try:
-        job = pipeline_train.train(cfg, prepared)
+        job = launch.train(cfg, prepared)
     finally:
         if started:
             import ray

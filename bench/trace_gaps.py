@@ -1,7 +1,7 @@
 """When the GPU sits idle inside a training step, and what the host was doing meanwhile.
 
 Reads a Chrome trace from `torch.profiler` in which each step is a host range named `window` and its
-phases are ranges named `train.*` (`pipeline.train.launch` marks them). Each step's time splits into compute,
+phases are ranges named `train.*` (`pipeline.train.loop` marks them). Each step's time splits into compute,
 NCCL only and idle; an idle gap the host caused (it launched the next kernel late) goes to what the
 host was doing. Blocking synchronizes are counted by phase and operator. `host_breakdown` says where
 host time goes inside named operators. Method: docs/performance.md ("What each bench measures").

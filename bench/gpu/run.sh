@@ -97,7 +97,7 @@ case $part in
   attention-host)
     python3 bench/attention_host.py --out $R/attention_host.json 2>&1 | quiet | tee $R/attention-host.log | tail -14; rc=$((rc | PIPESTATUS[0])) ;;
   profile-step)
-    # with the host one step ahead, then without (--no-ahead): an A/B of pipeline.train.launch.Steps on one machine
+    # with the host one step ahead, then without (--no-ahead): an A/B of pipeline.train.loop.Steps on one machine
     python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \
       --fp8 delayed --out $R/step.json "$@" 2>&1 | quiet | tee $R/profile-step.log | grep -A8 "GPU time per step\|^layout"; rc=$((rc | PIPESTATUS[0]))
     python3 bench/parallel_profile.py --shape llama3.1-8b --layers 8 --seq 4096 --global-batch 2 --layouts 1 \

@@ -289,7 +289,7 @@ def _split_stats(docs: list, columns: dict[str, list], seq_len: int) -> dict[str
             "padding_waste": round(1 - tokens / slots, 6) if slots else 0.0}
 
 
-def _write_parquet(columns: dict[str, list], path: Path) -> None:
+def write_parquet(columns: dict[str, list], path: Path) -> None:
     arrays = {name: pa.array(values, type=pa.list_(pa.int32())) for name, values in columns.items()}
     pq.write_table(pa.table(arrays), path)
 
@@ -416,7 +416,7 @@ def _build(cfg: Config, tokenizer: PreTrainedTokenizerBase, splits: dict[str, li
         progress.echo("data", f"{split}: {len(docs):,} documents -> {stats[split]['tokens']:,} tokens in "
                               f"{stats[split]['rows']:,} rows of {data.seq_len}")
         if kept:
-            _write_parquet(columns, local / ("train.parquet" if split == "train" else "val.parquet"))
+            write_parquet(columns, local / ("train.parquet" if split == "train" else "val.parquet"))
     if not stats["train"]["rows"]:
         raise PipelineError(f"no training document left after tokenization ({', '.join(data.train_files)}): "
                             "each was empty or had nothing to train on; check data.format against the records")

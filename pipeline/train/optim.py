@@ -10,10 +10,16 @@ math in plain torch, so a CPU run trains as a GPU run does. Speed: docs/performa
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
 from torch.optim.adamw import adamw as torch_fused_adamw  # the functional form of torch.optim.AdamW
 
 from te_model.triton_kernels import lazy_kernel, runs_on
+
+if TYPE_CHECKING:
+    from pipeline.config import TrainConfig
 
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps
 # Smaller parameters (norm weights) go to torch's fused kernel, several to a launch: one launch each would
@@ -330,3 +336,35 @@ class AdamW(torch.optim.AdamW):
                 if key in wanted and self.keeps_updates(p):
                     dtype = torch.float32 if key == "master" else p.dtype
                     self.state[p][key] = value.to(device=p.device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the optimizer and learning-rate schedule a run trains with
+# ---------------------------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> AdamW:
+    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not on norms.
+
+    The fused update takes `found_inf`, which lets a non-finite step skip its update on the device
+    without the host looking (`pipeline.train.loop`). With data parallelism each replica runs the whole
+    update every step, so its cost does not shrink as workers are added. FSDP2's sharded parameters
+    (DTensors) are updated shard by shard. `train.master_weights` says how bf16 parameters keep small
+    updates; the optimizer holds that state per parameter or per local shard.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.95),
+                 master_weights=train.master_weights)
+
+
+def lr_multiplier(step: int, train: TrainConfig) -> float:
+    """Factor on `train.lr` for optimizer step `step` (0-based): linear warmup, then cosine decay."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+    return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    # A plain function (not a partial): LambdaLR then saves no state for it, and its state stays JSON.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))

@@ -26,7 +26,8 @@ from pipeline import demo, storage
 from pipeline.config import Config
 from pipeline.stages.data import prepare
 from pipeline.errors import PipelineError
-from pipeline.train.launch import FAIL_AT_STEP_ENV, train
+from pipeline.train.faults import FAIL_AT_STEP_ENV
+from pipeline.train.launch import train
 
 STEPS, FAIL_AT = 8, 4
 SHIPPED_TEXT = str(Path(__file__).resolve().parents[2] / "data" / "tiny_text.jsonl")

@@ -24,7 +24,9 @@ from pipeline.config import Config
 from pipeline.stages.data import prepare
 from pipeline.errors import PipelineError
 from pipeline.storage.manifest import read_manifest
-from pipeline.train.launch import FAIL_AT_STEP_ENV, lr_multiplier, train
+from pipeline.train.faults import FAIL_AT_STEP_ENV
+from pipeline.train.launch import train
+from pipeline.train.optim import lr_multiplier
 
 STEPS, CHECKPOINT_EVERY, KEEP, FAIL_AT = 20, 5, 2, 10
 SHIPPED_TEXT = str(Path(__file__).resolve().parents[2] / "data" / "tiny_text.jsonl")
@@ -158,7 +160,7 @@ def test_a_restarted_run_resumes_from_its_latest_checkpoint_exactly(reference, s
 
 def test_checkpoint_round_trip_and_clear_errors(base_dir, tmp_path):
     """In one process (world size 1): state written, loaded into fresh objects, and mismatches refused."""
-    from pipeline.train.launch import make_optimizer, make_scheduler
+    from pipeline.train.optim import make_optimizer, make_scheduler
 
     cfg = Config.from_dict({"train": {"warmup_steps": 1, "max_steps": 4}})
 

@@ -185,7 +185,7 @@ def test_an_unknown_option_is_refused_naming_the_key():
 def test_a_resume_from_a_checkpoint_continues_bit_for_bit(mode, tmp_path):
     """A bf16 model trained 4 steps straight, and trained 2, checkpointed, rebuilt, loaded and trained 2
     more: the same weights and optimizer state, the master copy or compensation saved in its own dtype."""
-    from pipeline.train.launch import make_optimizer, make_scheduler
+    from pipeline.train.optim import make_optimizer, make_scheduler
 
     base = demo.make_tiny_checkpoint(tmp_path / "base")
     cfg = Config.from_dict({"model": {"dtype": "bf16"},

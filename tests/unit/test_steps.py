@@ -1,4 +1,4 @@
-"""`pipeline.train.launch.Steps` in one process (no Ray): the host reads a step's outcome only after the next
+"""`pipeline.train.loop.Steps` in one process (no Ray): the host reads a step's outcome only after the next
 step's passes are queued, and a non-finite step changes no weight, no optimizer state and no schedule,
 through the fused AdamW's `found_inf` alone, before its queued passes are dropped and redone. On a GPU,
 reading a step's flags waits for nothing queued after them."""
@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.train import faults
 from pipeline import demo
-from pipeline.train import launch as pipeline_train
 from pipeline.config import Config
 from pipeline.stages.data import prepare
+from pipeline.train import agreement, faults, loop, worker
 
 SHIPPED_TEXT = str(Path(__file__).resolve().parents[2] / "data" / "tiny_text.jsonl")
 
@@ -34,22 +33,22 @@ def worker_for(tmp_path_factory):
         })
 
     prepared = prepare(cfg(4), str(base))
-    return lambda max_steps: pipeline_train.build_worker(cfg(max_steps), prepared.train_uri)
+    return lambda max_steps: worker.build(cfg(max_steps), prepared.train_uri)
 
 
 @pytest.mark.parametrize("ahead", [True, False])
 def test_a_steps_outcome_is_read_only_after_the_next_steps_passes_are_queued(worker_for, monkeypatch, ahead):
     """`ahead=False`, the step as it was before (kept to measure the difference), reads every outcome first."""
     w = worker_for(3)
-    steps, progress = pipeline_train.Steps(w, ahead=ahead), pipeline_train.Progress()
+    steps, progress = loop.Steps(w, ahead=ahead), loop.Progress()
     seen = []
-    read = faults.read_agreement
+    read = agreement.read_agreement
 
     def spy(flags, world):
         seen.append((progress.step, steps.queued is not None))
         return read(flags, world)
 
-    monkeypatch.setattr(faults, "read_agreement", spy)
+    monkeypatch.setattr(agreement, "read_agreement", spy)
     metrics = [steps.next(progress)[0] for _ in range(3)]
     # steps 1 and 2 are read with the next step's passes queued; the last step queues nothing
     assert seen == ([(0, True), (1, True), (2, False)] if ahead else [(0, False), (1, False), (2, False)])
@@ -61,7 +60,7 @@ def test_a_steps_outcome_is_read_only_after_the_next_steps_passes_are_queued(wor
 def test_a_nonfinite_step_updates_nothing_and_its_queued_passes_are_redone(worker_for, monkeypatch):
     monkeypatch.setattr(faults, "_poisoned", False)
     w = worker_for(4)
-    steps, progress = pipeline_train.Steps(w, faults.Hooks(poison_rank=0, poison_step=2)), pipeline_train.Progress()
+    steps, progress = loop.Steps(w, faults.Hooks(poison_rank=0, poison_step=2)), loop.Progress()
     first, _ = steps.next(progress)
     assert first["step"] == 1
     weights = {name: p.detach().clone() for name, p in w.model.named_parameters()}
@@ -95,7 +94,7 @@ def test_running_ahead_changes_no_number(worker_for):
     runs = []
     for ahead in (True, False):
         w = worker_for(3)
-        steps, progress = pipeline_train.Steps(w, ahead=ahead), pipeline_train.Progress()
+        steps, progress = loop.Steps(w, ahead=ahead), loop.Progress()
         metrics = [steps.next(progress)[0] for _ in range(3)]
         runs.append(([(m["loss"], m["grad_norm"], m["lr"]) for m in metrics],
                      {name: p.detach().clone() for name, p in w.model.named_parameters()}))
@@ -107,7 +106,7 @@ def test_running_ahead_changes_no_number(worker_for):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_flags_are_read_without_waiting_for_the_work_queued_after_them():
     flags = torch.arange(4, dtype=torch.float32, device="cuda")
-    on_host = faults.HostFlags(flags)
+    on_host = agreement.HostFlags(flags)
     a = torch.randn(8192, 8192, device="cuda")
     for _ in range(20):  # about half a second of fp32 matmuls queued after the flags
         a = a @ a / 8192
