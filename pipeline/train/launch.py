@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pipeline import storage
 from pipeline import progress as progress_lines
 from pipeline.config import Config, TrainConfig, require_max_steps
 from pipeline.stages.data import PreparedData
+from pipeline.job.resolved import ResolvedJob, absolute_path, resolve_job, storage_options
 from pipeline.errors import PermanentError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -78,21 +78,22 @@ class Progress:
 # ---------------------------------------------------------------------------------------------------
 # driver side
 # ---------------------------------------------------------------------------------------------------
-def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tracking_uri: str | None = None,
-          code_version: dict | None = None) -> TrainResult:
+def train(job: ResolvedJob | Config, prepared: PreparedData, *, run_id: str | None = None,
+          tracking_uri: str | None = None, code_version: dict | None = None) -> TrainResult:
     """Fine-tune `model.base_uri` on `prepared.train_uri` with Ray Train; a run with checkpoints resumes.
 
-    Needs a running Ray (`ray.init` or a cluster address). `run_id`/`tracking_uri`: the MLflow run that
-    receives per-step metrics from rank 0; None logs nothing to MLflow.
+    Needs a running Ray (`ray.init` or a cluster address). `job`: the job resolved at its start (a plain
+    Config is resolved here); training runs with `job.train_config`. `run_id`/`tracking_uri`: the MLflow
+    run that receives per-step metrics from rank 0; None logs nothing to MLflow.
     """
+    job = resolve_job(job) if isinstance(job, Config) else job
+    cfg, options = job.train_config, job.storage
     require_max_steps(cfg)  # before any worker starts
-    cfg = _with_absolute_paths(cfg)
-    options = _storage_options(cfg)
-    ray_uri = storage.join(cfg.run.output_uri, "ray")
+    ray_uri = job.folders.ray_uri
     storage_path, storage_fs = _ray_storage(ray_uri, options)
     run_uri, attempt = storage.join(ray_uri, cfg.run.name), permanent.new_attempt()
     permanent.clear(run_uri, options)  # an earlier attempt's reason to stop does not stop this one
-    loop_config = {"config": cfg.to_dict(), "train_uri": _absolute(prepared.train_uri), "ray_uri": ray_uri,
+    loop_config = {"job": job, "train_uri": absolute_path(prepared.train_uri), "ray_uri": ray_uri,
                    "run_id": run_id, "tracking_uri": tracking_uri, "code_version": code_version,
                    "run_started_ms": _run_started_ms(run_id, tracking_uri), "attempt": attempt,
                    "hooks": faults.Hooks.from_env().to_dict()}
@@ -150,26 +151,6 @@ def _run_started_ms(run_id: str | None, tracking_uri: str | None) -> int | None:
     from pipeline import tracking  # imports mlflow: the driver only
 
     return tracking.run_start_ms(run_id, tracking_uri=tracking_uri)
-
-
-def _absolute(uri: str) -> str:
-    """Local paths made absolute where `train` is called: Ray workers run in a directory of their own."""
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    elif "://" in uri:
-        return uri
-    return os.path.abspath(os.path.expanduser(uri))
-
-
-def _with_absolute_paths(cfg: Config) -> Config:
-    raw = cfg.to_dict()
-    for section, key in (("run", "output_uri"), ("run", "cache_dir"), ("model", "base_uri")):
-        raw[section][key] = _absolute(raw[section][key])
-    return Config.from_dict(raw)
-
-
-def _storage_options(cfg: Config) -> storage.StorageOptions:
-    return storage.StorageOptions.from_config(cfg.storage)
 
 
 def _ray_storage(ray_uri: str, options: storage.StorageOptions) -> tuple[str, pyarrow.fs.FileSystem | None]:
@@ -304,12 +285,12 @@ class _Worker:
 
 
 def build_worker(cfg: Config, train_uri: str, rank: int = 0, world: int = 1,
-                 device: torch.device | None = None) -> _Worker:
+                 device: torch.device | None = None, options: storage.StorageOptions | None = None) -> _Worker:
     """Everything rank `rank` of `world` trains with: model (wrapped when torch.distributed is up), optimizer,
-    schedule and its shard of the rows. Ray Train workers get theirs from `_build_worker`; a bare process
-    (bench/ray_overhead.py) calls this directly."""
+    schedule and its shard of the rows. Ray Train workers get theirs from `_build_worker`, with the job's
+    storage options; a bare process (bench/ray_overhead.py) calls this directly."""
     require_max_steps(cfg)
-    options = _storage_options(cfg)
+    options = options or storage_options(cfg)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     device = device or torch.device("cpu")
@@ -333,10 +314,10 @@ def build_worker(cfg: Config, train_uri: str, rank: int = 0, world: int = 1,
                    peak_flops(device))
 
 
-def _build_worker(cfg: Config, train_uri: str) -> _Worker:
+def _build_worker(cfg: Config, train_uri: str, options: storage.StorageOptions) -> _Worker:
     context = ray.train.get_context()
     return build_worker(cfg, train_uri, context.get_world_rank(), context.get_world_size(),
-                        ray.train.torch.get_device())
+                        ray.train.torch.get_device(), options)
 
 
 def _resume(w: _Worker, ray_uri: str, checkpoint: ray.train.Checkpoint | None = None) -> Progress:
@@ -559,9 +540,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
     {"permanent": reason} at once, on every rank, when an earlier try of this attempt failed on an error
     no restart can fix (`pipeline.train.permanent`); such an error is recorded before it is raised.
     """
-    cfg = Config.from_dict(loop_config["config"])
+    job: ResolvedJob = loop_config["job"]  # Ray hands the driver's object over as it is
+    cfg, options = job.train_config, job.storage
     hooks = faults.Hooks(**loop_config["hooks"])
-    rank, options = ray.train.get_context().get_world_rank(), _storage_options(cfg)
+    rank = ray.train.get_context().get_world_rank()
     run_uri = storage.join(loop_config["ray_uri"], cfg.run.name)
     reason = permanent.agreed_reason(run_uri, loop_config["attempt"], rank, options, ray.train.torch.get_device())
     if reason:
@@ -576,7 +558,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
 
 
 def _train_worker(cfg: Config, hooks: faults.Hooks, loop_config: dict[str, Any]) -> dict[str, str] | None:
-    w = _build_worker(cfg, loop_config["train_uri"])
+    w = _build_worker(cfg, loop_config["train_uri"], loop_config["job"].storage)
     progress = _resume(w, loop_config["ray_uri"])  # last: restores the RNG states training goes on with
     progress.nonfinite_steps = faults.nonfinite_count(progress.history)
     metrics = faults.CommittedMetrics(_metric_logger(w.rank, loop_config["run_id"], loop_config["tracking_uri"]))
