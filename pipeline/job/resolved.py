@@ -145,9 +145,11 @@ def storage_options(cfg: Config) -> storage.StorageOptions:
     return storage.StorageOptions.from_config(cfg.storage)
 
 
-def absolute_path(uri: str) -> str:
-    """A local path (or file:// uri) made absolute against this process's directory; remote uris as given.
-    Ray workers run in a directory of their own, so every process of a job must get the same path."""
+def absolute_path(uri: str | None) -> str | None:
+    """A local path (or file:// uri) made absolute against this process's directory; remote uris (and
+    None) as given. Ray workers run in a directory of their own: every process must get the same path."""
+    if uri is None:
+        return None
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     elif "://" in uri:

@@ -86,9 +86,9 @@ def train(job: ResolvedJob | Config, prepared: PreparedData, *, run_id: str | No
     Config is resolved here); training runs with `job.train_config`. `run_id`/`tracking_uri`: the MLflow
     run that receives per-step metrics from rank 0; None logs nothing to MLflow.
     """
+    require_max_steps(job if isinstance(job, Config) else job.config)  # before anything starts
     job = resolve_job(job) if isinstance(job, Config) else job
     cfg, options = job.train_config, job.storage
-    require_max_steps(cfg)  # before any worker starts
     ray_uri = job.folders.ray_uri
     storage_path, storage_fs = _ray_storage(ray_uri, options)
     run_uri, attempt = storage.join(ray_uri, cfg.run.name), permanent.new_attempt()
