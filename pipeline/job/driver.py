@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 
@@ -25,6 +25,9 @@ from pipeline.tracking import run_tags
 from pipeline import storage, tracking
 from pipeline.config import DEMO_BASE_URI, STAGES, Config  # noqa: F401 - STAGES is re-exported
 from pipeline.errors import JobError, PipelineError  # noqa: F401 - JobError is re-exported
+
+if TYPE_CHECKING:
+    from pipeline.stages.data import PreparedData
 
 # Settings a job's checkpoints were made with: a run name cannot be resumed under other values.
 IDENTITY_KEYS = ("run.seed", "model.base_uri", "data.train_files", "data.format", "data.seq_len")
@@ -44,7 +47,7 @@ class JobContext:
     state: JobState = dataclasses.field(default_factory=JobState)
     """The job's state file, saved after each change (`pipeline.job.state`)."""
 
-    prepared: Any = None
+    prepared: PreparedData | None = None
     """The data stage's result, made before the job was opened."""
 
     @property
