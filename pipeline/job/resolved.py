@@ -41,7 +41,7 @@ class Fp8Decision:
     """Whether a training worker was asked if FP8 runs there; False when no train stage needed it."""
 
     @classmethod
-    def as_requested(cls, train: TrainConfig, checked: bool = False) -> "Fp8Decision":
+    def as_requested(cls, train: TrainConfig, checked: bool = False) -> Fp8Decision:
         return cls(train.fp8, train.fp8_attention, train.fp8, train.fp8_attention, None, checked)
 
     def apply(self, cfg: Config) -> Config:
@@ -111,7 +111,7 @@ class ResolvedJob:
     def tracking_uri(self) -> str:
         return self.tracking.uri
 
-    def with_fp8(self, decision: Fp8Decision) -> "ResolvedJob":
+    def with_fp8(self, decision: Fp8Decision) -> ResolvedJob:
         """This job with FP8 checked on a worker (`pipeline.job.precision.decide_fp8`), before the job opens."""
         return dataclasses.replace(self, fp8=decision)
 
@@ -121,7 +121,8 @@ def resolve_job(cfg: Config, environ: Mapping[str, str] | None = None, cwd: Path
 
     Writes nothing: a local tracking store's folder is made when the job opens (`tracking.make_local_store`).
     """
-    from pipeline import tracking  # imports mlflow: resolving happens on the driver only
+    # imports mlflow: resolving happens on the driver only
+    from pipeline import tracking
 
     given, moved = lasting_locations(cfg, environ, cwd)
     config = dataclasses.replace(

@@ -62,7 +62,7 @@ class JobState:
         return json.dumps(raw, indent=2).encode()
 
     @classmethod
-    def from_json(cls, text: bytes | str, where: str) -> "JobState":
+    def from_json(cls, text: bytes | str, where: str) -> JobState:
         """The state in `text` (the file at `where`); PipelineError naming the file and key it cannot read."""
         try:
             raw = json.loads(text)
@@ -80,7 +80,8 @@ class JobState:
 
 def _field(key: str, value: Any, where: str) -> Any:
     """One field of the file, checked and typed."""
-    from pipeline.stages.data import PreparedData  # imports tokenizers: only where a state is read
+    # imports tokenizers: only where a state is read
+    from pipeline.stages.data import PreparedData
 
     kinds = {"identity": dict, "parent_run_id": str, "running": dict, "data": dict, "checkpoint_uri": str,
              "eval": dict, "export": dict}
