@@ -329,7 +329,7 @@ def print_profiles(rows: list[dict]) -> None:
     rows = [r for r in rows if "profile" in r]
     if not rows:
         return
-    print(f"\nprofiled steps, ms per step: wall, GPU idle, kernel time by kind")
+    print("\nprofiled steps, ms per step: wall, GPU idle, kernel time by kind")
     print(f"{'variant':40s} {'wall':>7s} {'idle':>6s} " + " ".join(f"{k[:9]:>9s}" for k in PROFILE_COLUMNS))
     for r in rows:
         p = r["profile"]

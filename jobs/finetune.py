@@ -67,10 +67,10 @@ def start_ray():
     ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=env)
 
 
-def report_dry_run(cfg) -> int:
+def report_dry_run(job) -> int:
     from pipeline.job.driver import dry_run
 
-    checks = dry_run(cfg)
+    checks = dry_run(job)
     for name, ok, detail in checks:
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
     return 0 if all(ok for _, ok, _ in checks) else 1
@@ -97,24 +97,27 @@ def main(argv=None) -> int:
         if args.list_keys:
             print(describe_keys())
             return 0
-        cfg, moved = lasting_locations(load_config(args.config, args.set))
+        cfg = load_config(args.config, args.set)
         if args.print_config:
-            print(cfg.to_yaml(), end="")
+            print(lasting_locations(cfg)[0].to_yaml(), end="")
             return 0
-        for line in moved:  # under `ray job submit`: out of Ray's temporary working directory
+        from pipeline.job.resolved import resolve_job
+
+        job = resolve_job(cfg)  # the one place the config is resolved: every stage and worker gets `job`
+        for line in job.folders.moved:  # under `ray job submit`: out of Ray's temporary working directory
             print(f"[job] {line} (relative outputs go under ${BASE_DIR_ENV} or ~/finetune in a Ray job)")
         if args.dry_run:
-            return report_dry_run(cfg)
+            return report_dry_run(job)
         from pipeline.job.driver import run_job
         from pipeline.tracking import code_version
 
-        ctx = run_job(cfg, args.stages, code_version(REPO), connect=start_ray)
+        ctx = run_job(job, args.stages, code_version(REPO), connect=start_ray)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one line and exit code 1
         return fail(exc, args.debug)
     from pipeline.storage.redact import redact_text
 
     tracking_uri = redact_text(ctx.tracking_uri)
-    print(f"done: job {cfg.run.name!r}, MLflow parent run {ctx.state['parent_run_id']} at {tracking_uri}")
+    print(f"done: job {cfg.run.name!r}, MLflow parent run {ctx.state.parent_run_id} at {tracking_uri}")
     if ctx.tracking_uri.startswith("sqlite:"):
         print(f"open it with: mlflow ui --backend-store-uri {tracking_uri}")
     return 0

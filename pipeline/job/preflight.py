@@ -25,6 +25,8 @@ import torch
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.job.resolved import ResolvedJob
+from pipeline.job.state import load_state
 from pipeline.storage.manifest import MANIFEST_NAME, parse_manifest
 from pipeline.storage.redact import error_line, redact_text
 
@@ -41,13 +43,13 @@ _CONFIG_VALUES = (("hidden_size", int, True), ("intermediate_size", int, True), 
 _FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
-def check_inputs(cfg: Config, stages: list[str]) -> None:
-    """Every cheap check for running `stages` of the job of `cfg`; raises one PipelineError line."""
-    options = storage.StorageOptions.from_config(cfg.storage)
+def check_inputs(job: ResolvedJob, stages: list[str]) -> None:
+    """Every cheap check for running `stages` of `job`; raises one PipelineError line."""
+    cfg, options = job.config, job.storage
     check_local_folders(cfg)
     check_buckets(cfg, options)
-    check_stages(cfg, stages, options)
-    check_tracking(cfg.tracking.uri)
+    check_stages(cfg, stages, job.folders.state_uri, options)
+    check_tracking(job.tracking.uri)
     if cfg.train.use_gpu:
         check_gpus_reachable()
     if {"data", "train", "eval", "export"} & set(stages):
@@ -97,16 +99,11 @@ def _head_bucket(key: str, bucket: str, options: storage.StorageOptions) -> None
                             "check storage.endpoint_url and the network") from None
 
 
-def job_state_uri(cfg: Config) -> str:
-    """Where the job's state file lives (`pipeline.job.driver`)."""
-    return storage.join(cfg.run.output_uri, "jobs", cfg.run.name, "state.json")
-
-
 # What a stage reads from the job's state when the stage that writes it is not run with it.
 _STAGE_NEEDS = {"train": ("data", "data"), "eval": ("checkpoint_uri", "train"), "export": ("checkpoint_uri", "train")}
 
 
-def check_stages(cfg: Config, stages: list[str], options: storage.StorageOptions) -> None:
+def check_stages(cfg: Config, stages: list[str], state_uri: str, options: storage.StorageOptions) -> None:
     """At least one stage, and what each needs is made by an earlier stage of this run or of the job."""
     if not stages:
         raise PipelineError("--stages names no stage; give some of data,train,eval,export")
@@ -116,11 +113,10 @@ def check_stages(cfg: Config, stages: list[str], options: storage.StorageOptions
         if key is None or maker in stages:
             continue
         if state is None:
-            uri = job_state_uri(cfg)
-            state = json.loads(storage.read_bytes(uri, options)) if storage.exists(uri, options) else {}
-        if key not in state:
+            state = load_state(state_uri, options)
+        if getattr(state, key) is None:
             raise PipelineError(f"--stages {','.join(stages)}: stage {stage!r} needs the {maker} stage's output, "
-                                f"and job {cfg.run.name!r} has none ({job_state_uri(cfg)}); add {maker} to --stages")
+                                f"and job {cfg.run.name!r} has none ({state_uri}); add {maker} to --stages")
 
 
 def check_local_folders(cfg: Config) -> None:

@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from pipeline import progress, storage
 from pipeline.config import DEMO_BASE_URI, Config, DataConfig, load_config
 from pipeline.errors import PipelineError
+from pipeline.job.resolved import storage_options
 from pipeline.storage.manifest import MANIFEST_NAME
 from pipeline.stages.sources import (  # noqa: F401 - the prompt and its formatter are re-exported
     INSTRUCTION_PROMPT,
@@ -294,7 +295,8 @@ def write_parquet(columns: dict[str, list], path: Path) -> None:
     pq.write_table(pa.table(arrays), path)
 
 
-def prepare(cfg: Config, tokenizer_dir: str, min_train_rows: int = 1) -> PreparedData:
+def prepare(cfg: Config, tokenizer_dir: str, min_train_rows: int = 1,
+            options: storage.StorageOptions | None = None) -> PreparedData:
     """Tokenize, pack and store the configured data under `{run.output_uri}/data/{hash}`, or reuse it.
 
     Fewer than `min_train_rows` packed training rows (training needs a micro-batch per worker) is an
@@ -322,7 +324,7 @@ def prepare(cfg: Config, tokenizer_dir: str, min_train_rows: int = 1) -> Prepare
       that change the output, `run.seed` and FORMAT_VERSION. File names and `data.num_proc` are not
       part of it.
     """
-    options = storage.StorageOptions.from_config(cfg.storage)
+    options = options or storage_options(cfg)  # a job passes its own (`ResolvedJob.storage`)
     tokenizer_dir = _local_tokenizer_dir(tokenizer_dir, cfg, options)
     sources = read_inputs(cfg.data, options)
     read = sum(len(blob) for split in sources.values() for source in split for blob in source.blobs.values())

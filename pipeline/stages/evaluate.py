@@ -27,6 +27,7 @@ from pipeline.train.checkpoint import MODEL_FILE as CHECKPOINT_WEIGHTS, load_mod
 from pipeline.config import Config
 from pipeline.stages.data import IGNORE_INDEX, format_instruction_prompt
 from pipeline.errors import PipelineError
+from pipeline.job.resolved import storage_options
 from te_model.weights import load_config
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def evaluate(
         log.warning("eval: no validation split (data.val_fraction=0 and no data.validation_files): "
                     "skipping validation loss and perplexity")
         return {}
-    options = options or storage.StorageOptions.from_config(cfg.storage)
+    options = options or storage_options(cfg)
     base_dir, checkpoint_dir = local_checkpoint(base_dir, cfg, options), local_checkpoint(checkpoint_dir, cfg, options)
     kwargs = {"backend": cfg.model.backend, "dtype": model_dtype(cfg), "device": device or default_device()}
     loaders = {"base": lambda: te_model.from_hf_checkpoint(base_dir, **kwargs),

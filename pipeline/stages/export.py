@@ -23,6 +23,7 @@ from pipeline import progress, storage, tracking
 from pipeline.config import Config
 from pipeline.stages.data import TOKENIZER_FILES
 from pipeline.errors import PipelineError
+from pipeline.job.resolved import storage_options
 from pipeline.stages.evaluate import load_trained_model, local_checkpoint, model_dtype
 from pipeline.tracking.mlflow_model import write_mlflow_model
 from pipeline.storage.manifest import MANIFEST_NAME, FileEntry, parse_manifest, read_manifest, write_manifest
@@ -107,7 +108,7 @@ def convert(
     and swapped in, so a reader never sees a half-written export. Only a directory an earlier conversion
     made (its `.source` stamp beside it) is replaced; anything else there is a PipelineError.
     """
-    options = options or storage.StorageOptions.from_config(cfg.storage)
+    options = options or storage_options(cfg)
     base = local_checkpoint(base_dir, cfg, options)
     checkpoint = local_checkpoint(checkpoint_dir, cfg, options)
     target = Path(out_dir) if out_dir is not None else export_dir(cfg)
@@ -219,14 +220,14 @@ def export(
 ) -> ExportResult:
     """Convert, publish to `export_uri(cfg)`, and (with `run_id`) log to MLflow and register.
 
-    `tracking_uri` defaults to `tracking.uri` of the config.
+    `tracking_uri` (resolved, as a job's `ResolvedJob.tracking.uri`) defaults to `tracking.uri` of the config.
     """
-    options = options or storage.StorageOptions.from_config(cfg.storage)
+    options = options or storage_options(cfg)
     local_dir = convert(cfg, base_dir, checkpoint_dir, options=options)
     uri = export_uri(cfg)
     reused = publish_export(local_dir, uri, options)
     version = None
     if run_id is not None:
-        resolved = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+        resolved = tracking_uri or tracking.resolve_tracking_uri(cfg.tracking.uri)
         version = register_export(run_id, local_dir, cfg.export.registered_model_name, resolved, uri)
     return ExportResult(uri=uri, local_dir=local_dir, version=version, reused=reused)

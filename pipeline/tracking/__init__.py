@@ -107,8 +107,9 @@ def code_version_tags(version: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
-def resolve_tracking_uri(uri: str | None, output_dir: str | Path | None = None) -> str:
-    """The uri MLflow gets: servers pass through; local stores become absolute with their folder created.
+def resolve_tracking_uri(uri: str | None, output_dir: str | Path | None = None, *, create: bool = True) -> str:
+    """The uri MLflow gets: servers pass through; local stores become absolute (their folder created unless
+    `create` is False; `make_local_store` makes it later).
 
     Empty means `<output_dir>/mlflow.db`; `sqlite:///relative.db` and plain folders resolve against the
     current directory, so every process of a job agrees on one absolute location.
@@ -119,22 +120,29 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | Path | None = None) 
     if not uri:
         if output_dir is None:
             raise PipelineError("tracking.uri: empty and no output dir was given for a local MLflow database")
-        return _sqlite_uri(Path(output_dir) / "mlflow.db")
+        return _sqlite_uri(Path(output_dir) / "mlflow.db", create)
     scheme = urllib.parse.urlsplit(uri).scheme
     if scheme == "sqlite":
         if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
             raise PipelineError(f"tracking.uri: {uri!r} is not a SQLite file uri like sqlite:///path/mlflow.db")
-        return _sqlite_uri(Path(uri.removeprefix("sqlite:///")))
+        return _sqlite_uri(Path(uri.removeprefix("sqlite:///")), create)
     if scheme in ("", "file"):
         folder = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path) if scheme else uri).resolve()
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         return folder.as_uri()
     return uri.rstrip("/")
 
 
-def _sqlite_uri(db_path: Path) -> str:
+def make_local_store(uri: str) -> None:
+    """Create the folder of a resolved local tracking uri (`resolve_tracking_uri(..., create=False)`)."""
+    resolve_tracking_uri(uri)
+
+
+def _sqlite_uri(db_path: Path, create: bool = True) -> str:
     db_path = db_path.resolve()
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db_path}"
 
 

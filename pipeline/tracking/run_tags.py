@@ -85,14 +85,14 @@ def _input_identities(uri: str, options: storage.StorageOptions) -> list[tuple[s
     return [(f[len(path):], _file_identity(fs, f)) for f in files]
 
 
-def data_fingerprint(cfg: Config) -> str:
+def data_fingerprint(cfg: Config, options: storage.StorageOptions | None = None) -> str:
     """sha256 hex of the training data's identity; it changes exactly when the training data can.
 
     It covers the data settings that change the prepared rows, `run.seed`, and each input file's
     identity: the content hash of local files, the ETag of object-store files. So a scheduler tick does
     not download the data set.
     """
-    options = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)
+    options = options or storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region)  # a job passes its own
     settings = {k: v for k, v in vars(cfg.data).items() if k not in _NOT_FINGERPRINTED}
     digest = hashlib.sha256(json.dumps({"seed": cfg.run.seed, **settings}, sort_keys=True, default=str).encode())
     for role, uris in (("train", cfg.data.train_files), ("validation", cfg.data.validation_files or [])):
@@ -121,4 +121,4 @@ def hardware_tags(cfg: Config) -> dict[str, str]:
 def comparison_tags(cfg: Config, options: storage.StorageOptions) -> dict[str, str]:
     """Precision, model and data tags for the job's parent run (hardware: `hardware_tags`)."""
     tags = {PRECISION_TAG: precision(cfg), "fp8_recipe": cfg.train.fp8, "dtype": cfg.model.dtype}
-    return {**tags, **model_tags(cfg, options), FINGERPRINT_TAG: data_fingerprint(cfg)}
+    return {**tags, **model_tags(cfg, options), FINGERPRINT_TAG: data_fingerprint(cfg, options)}

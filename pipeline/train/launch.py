@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass, field
 
 import pyarrow.fs
@@ -21,6 +20,7 @@ import ray.train.torch
 from pipeline import storage
 from pipeline.config import Config, require_max_steps
 from pipeline.errors import PermanentError, PipelineError
+from pipeline.job.resolved import ResolvedJob, absolute_path, resolve_job
 from pipeline.stages.data import PreparedData
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import commit, faults, permanent
@@ -43,21 +43,22 @@ class TrainResult:
 
 
 
-def train(cfg: Config, prepared: PreparedData, *, run_id: str | None = None, tracking_uri: str | None = None,
-          code_version: dict | None = None) -> TrainResult:
+def train(job: ResolvedJob | Config, prepared: PreparedData, *, run_id: str | None = None,
+          tracking_uri: str | None = None, code_version: dict | None = None) -> TrainResult:
     """Fine-tune `model.base_uri` on `prepared.train_uri` with Ray Train; a run with checkpoints resumes.
 
-    Needs a running Ray (`ray.init` or a cluster address). `run_id`/`tracking_uri`: the MLflow run that
-    receives per-step metrics from rank 0; None logs nothing to MLflow.
+    Needs a running Ray (`ray.init` or a cluster address). `job`: the job resolved at its start (a plain
+    Config is resolved here); training runs with `job.train_config`. `run_id`/`tracking_uri`: the MLflow
+    run that receives per-step metrics from rank 0; None logs nothing to MLflow.
     """
-    require_max_steps(cfg)  # before any worker starts
-    cfg = _with_absolute_paths(cfg)
-    options = _storage_options(cfg)
-    ray_uri = storage.join(cfg.run.output_uri, "ray")
+    require_max_steps(job if isinstance(job, Config) else job.config)  # before anything starts
+    job = resolve_job(job) if isinstance(job, Config) else job
+    cfg, options = job.train_config, job.storage
+    ray_uri = job.folders.ray_uri
     storage_path, storage_fs = _ray_storage(ray_uri, options)
     run_uri, attempt = storage.join(ray_uri, cfg.run.name), permanent.new_attempt()
     permanent.clear(run_uri, options)  # an earlier attempt's reason to stop does not stop this one
-    spec = WorkerSpec(config=cfg, options=options, train_uri=_absolute(prepared.train_uri), run_uri=run_uri,
+    spec = WorkerSpec(config=cfg, options=options, train_uri=absolute_path(prepared.train_uri), run_uri=run_uri,
                       attempt=attempt, code_version=code_version, run_id=run_id, tracking_uri=tracking_uri,
                       run_started_ms=_run_started_ms(run_id, tracking_uri), faults=faults.Hooks.from_env())
     trainer = ray.train.torch.TorchTrainer(
@@ -114,26 +115,6 @@ def _run_started_ms(run_id: str | None, tracking_uri: str | None) -> int | None:
     from pipeline import tracking  # imports mlflow: the driver only
 
     return tracking.run_start_ms(run_id, tracking_uri=tracking_uri)
-
-
-def _absolute(uri: str) -> str:
-    """Local paths made absolute where `train` is called: Ray workers run in a directory of their own."""
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    elif "://" in uri:
-        return uri
-    return os.path.abspath(os.path.expanduser(uri))
-
-
-def _with_absolute_paths(cfg: Config) -> Config:
-    raw = cfg.to_dict()
-    for section, key in (("run", "output_uri"), ("run", "cache_dir"), ("model", "base_uri")):
-        raw[section][key] = _absolute(raw[section][key])
-    return Config.from_dict(raw)
-
-
-def _storage_options(cfg: Config) -> storage.StorageOptions:
-    return storage.StorageOptions.from_config(cfg.storage)
 
 
 def _ray_storage(ray_uri: str, options: storage.StorageOptions) -> tuple[str, pyarrow.fs.FileSystem | None]:

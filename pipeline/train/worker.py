@@ -20,7 +20,8 @@ import torch.distributed as dist
 import te_model
 from pipeline import storage
 from pipeline.config import Config, require_max_steps
-from pipeline.train import (
+from pipeline.job.resolved import storage_options
+from pipeline.train.launch import (
     agreement,
     exactly_once,
     loop,
@@ -29,7 +30,7 @@ from pipeline.train import (
     permanent,
     sigterm,
 )
-from pipeline.train.batches import RankShard, read_rows
+from pipeline.train.launch.batches import RankShard, read_rows
 from pipeline.train.faults import NO_FAULTS, FaultInjector
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict:
 
 def _train(spec: WorkerSpec, place: loop.Placement) -> tuple[str | None, list[dict]]:
     """Why a non-finite step stopped the run (or None), and the times of this attempt's checkpoints."""
-    state = build(spec.config, spec.train_uri, place.rank, place.world, place.device)
+    state = build(spec.config, spec.train_uri, place.rank, place.world, place.device, spec.options)
     progress = loop.restore(state, spec)  # last: restores the RNG states training goes on with
     progress.nonfinite_steps = agreement.nonfinite_count(progress.history)
     metrics = exactly_once.CommittedMetrics(_metric_logger(place.rank, spec.run_id, spec.tracking_uri))
@@ -108,12 +109,12 @@ class WorkerSpec:
     """Fault injection for the tests (`pipeline.train.faults.Hooks`); the default does nothing."""
 
 
-def build(cfg: Config, train_uri: str, rank: int = 0, world: int = 1,
-          device: torch.device | None = None) -> loop.TrainState:
+def build(cfg: Config, train_uri: str, rank: int = 0, world: int = 1, device: torch.device | None = None,
+          options: storage.StorageOptions | None = None) -> loop.TrainState:
     """Everything rank `rank` of `world` trains with: model (wrapped when torch.distributed is up), optimizer,
     schedule and its shard of the rows."""
     require_max_steps(cfg)
-    options = storage.StorageOptions.from_config(cfg.storage)
+    options = options or storage_options(cfg)  # a bare process (bench/) has no job's options
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     device = device or torch.device("cpu")

@@ -7,6 +7,7 @@ the same check in this (CPU-only) process.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 
@@ -79,3 +80,33 @@ def test_with_the_opt_in_training_goes_on_without_fp8_and_the_runs_say_so(ray_cl
         assert client.get_run(run).data.tags[precision.FALLBACK_TAG] == f"{NO_CUDA} (train.use_gpu=false)"
     untouched = load_config(None, [])
     assert precision.settle_fp8(untouched, [run_id], mlflow_server.uri) is untouched  # no FP8 asked: no probe
+
+
+def test_a_job_decides_fp8_once_and_its_workers_train_with_the_decision(ray_cluster, mlflow_server, tmp_path):
+    """The whole driver: FP8 checked before the job opens, the fallback tagged, the workers train without it."""
+    from pathlib import Path
+
+    from pipeline.demo import make_tiny_checkpoint
+    from pipeline.job.driver import run_job
+    from pipeline.train.checkpoint import TRAINER_STATE_FILE
+
+    repo = Path(__file__).resolve().parents[2]
+    base = make_tiny_checkpoint(tmp_path / "base")
+    name = f"fp8-job-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(None, ["train.fp8=delayed", "train.fp8_fallback=true", f"run.name={name}",
+                             f"run.output_uri={tmp_path}/out", f"run.cache_dir={tmp_path}/node", f"model.base_uri={base}",
+                             f"data.train_files=[{repo}/data/tiny_text.jsonl]", "data.seq_len=64", "train.max_steps=2",
+                             "train.warmup_steps=1", "train.checkpoint_every=0", f"tracking.uri={mlflow_server.uri}"])
+    ctx = run_job(cfg, ["data", "train"], {"commit": "abc123", "dirty": False, "source": "git"}, echo=lambda line: None)
+    reason = f"{NO_CUDA} (train.use_gpu=false)"
+    assert (ctx.job.fp8.requested, ctx.job.fp8.recipe, ctx.job.fp8.fallback) == ("delayed", "none", reason)
+    assert ctx.job.config.train.fp8 == "delayed"  # the config asked for is never swapped
+    trained = json.loads(Path(ctx.state.checkpoint_uri, TRAINER_STATE_FILE).read_text())
+    assert trained["config"]["train"]["fp8"] == "none" and trained["config"] == ctx.job.train_config.to_dict()
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    parent = client.get_run(ctx.state.parent_run_id)
+    (train_run,) = client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                    "and tags.`pipeline.stage` = 'train'")
+    for run in (parent, train_run):
+        assert run.data.tags[precision.FALLBACK_TAG] == reason and run.data.params["train.fp8"] == "delayed"

@@ -1,0 +1,120 @@
+"""The job resolved once: `ResolvedJob` made at job start, read by every stage, its state file typed.
+
+A real job (data stage, local files, a local SQLite MLflow store) counts how often storage options are
+built; the source tree is checked for any other place that builds them. The state file keeps the JSON
+layout that earlier versions wrote.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.demo import make_tiny_checkpoint
+from pipeline.errors import PipelineError
+from pipeline.job.resolved import Fp8Decision, ResolvedJob, resolve_job
+from pipeline.job.state import ExportRecord, JobState, load_state
+
+REPO = Path(__file__).resolve().parents[2]
+RESOLVER = REPO / "pipeline/job/resolved.py"
+CODE_VERSION = {"commit": "abc123", "dirty": False, "source": "git"}
+
+
+def _from_config_calls(path: Path) -> list[int]:
+    """Lines of `path` that call `<...>StorageOptions.from_config(...)`."""
+    tree = ast.parse(path.read_text(), str(path))
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_config"
+            and ast.unparse(node.func.value).endswith("StorageOptions")]
+
+
+def test_only_the_resolver_builds_storage_options(tmp_path):
+    sources = [p for folder in ("pipeline", "jobs", "bench") for p in (REPO / folder).rglob("*.py")]
+    callers = {str(p.relative_to(REPO)): lines for p in sources if (lines := _from_config_calls(p))}
+    assert callers == {"pipeline/job/resolved.py": _from_config_calls(RESOLVER)} and callers[str(RESOLVER.relative_to(REPO))]
+    stray = tmp_path / "stage.py"  # the check finds a call where one is added
+    stray.write_text("from pipeline import storage\noptions = storage.StorageOptions.from_config(cfg.storage)\n")
+    assert _from_config_calls(stray) == [2]
+
+
+def test_resolving_makes_local_paths_absolute_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["run.output_uri=out", "run.cache_dir=node", "model.base_uri=models/base",
+                             "tracking.uri=sqlite:///track/mlflow.db", "storage.max_attempts=2"])
+    job = resolve_job(cfg)
+    assert (job.config.run.output_uri, job.config.run.cache_dir) == (str(tmp_path / "out"), str(tmp_path / "node"))
+    assert job.config.model.base_uri == str(tmp_path / "models/base")
+    assert job.given is cfg and cfg.run.output_uri == "out"  # params and identity keep what was written
+    assert job.folders.state_uri == str(tmp_path / "out/jobs" / cfg.run.name / "state.json")
+    assert job.folders.ray_uri == str(tmp_path / "out/ray") and job.folders.moved == ()
+    assert job.tracking.uri == f"sqlite:///{tmp_path}/track/mlflow.db" and job.tracking.experiment == cfg.tracking.experiment
+    assert job.storage == storage.StorageOptions(max_attempts=2)
+    assert job.fp8 == Fp8Decision("none", False, "none", False) and job.train_config is job.config
+    assert list(tmp_path.iterdir()) == []  # the tracking folder is made when the job opens
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.storage = storage.StorageOptions()  # type: ignore[misc]
+
+
+def test_the_fp8_decision_is_what_training_runs_with():
+    cfg = load_config(None, ["train.fp8=delayed", "train.fp8_fallback=true", "train.fp8_attention=true"])
+    job = resolve_job(cfg)
+    assert job.train_config.train.fp8 == "delayed"  # as requested until a worker is asked
+    fallback = dataclasses.replace(job.fp8, recipe="none", attention=False, fallback="no CUDA", checked=True)
+    settled = job.with_fp8(fallback)
+    assert (settled.train_config.train.fp8, settled.train_config.train.fp8_attention) == ("none", False)
+    assert settled.config is job.config and settled.config.train.fp8 == "delayed"  # what was asked stays
+    assert settled.fp8.requested == "delayed" and settled.fp8.fallback == "no CUDA"
+
+
+# The layout that the state file had when it was a plain dict: every key, in the order it was written.
+OLD_STATE = {
+    "identity": {"run.seed": 0, "model.base_uri": "s3://b/base", "data.train_files": ["s3://b/t.jsonl"],
+                 "data.format": "text", "data.seq_len": 64},
+    "parent_run_id": "p1", "running": {},
+    "data": {"uri": "s3://b/runs/data/ab", "train_uri": "s3://b/runs/data/ab/train.parquet", "val_uri": None,
+             "stats": {"data_hash": "ab", "cache_hit": False}},
+    "checkpoint_uri": "s3://b/runs/ray/e2e/checkpoint_000006-x", "eval": {"base/val_loss": 3.5},
+    "export": {"uri": "s3://b/runs/exports/e2e", "version": "1"},
+}
+
+
+def test_the_state_file_reads_and_writes_the_layout_it_always_had(tmp_path):
+    state = JobState.from_json(json.dumps(OLD_STATE), "state.json")
+    assert state.data.train_uri.endswith("train.parquet") and state.export == ExportRecord("s3://b/runs/exports/e2e", "1")
+    assert state.to_json() == json.dumps(OLD_STATE, indent=2).encode()
+    partial = {"parent_run_id": "p1", "export": {"uri": "s3://b/x", "version": "1"}}  # fields never set are left out
+    assert json.loads(JobState.from_json(json.dumps(partial), "s").to_json()) == partial
+    assert load_state(str(tmp_path / "none.json"), storage.StorageOptions()) == JobState()
+    with pytest.raises(PipelineError, match=r"^s3://b/state.json: unknown key 'checkpoint' in the job's state file"):
+        JobState.from_json(json.dumps({**OLD_STATE, "checkpoint": "x"}), "s3://b/state.json")
+    with pytest.raises(PipelineError, match=r"^f: 'export' in the job's state file must be a dict, not str"):
+        JobState.from_json(json.dumps({"export": "s3://b/x"}), "f")
+    with pytest.raises(PipelineError, match=r"^f: 'data' in the job's state file does not fit PreparedData"):
+        JobState.from_json(json.dumps({"data": {"uri": "x"}}), "f")
+
+
+def test_a_job_resolves_its_config_once(tmp_path, monkeypatch):
+    """A real data-stage job: storage options are built once, and every stage sees the same `job`."""
+    from pipeline.job import driver
+
+    base = make_tiny_checkpoint(tmp_path / "base")
+    cfg = load_config(None, [f"run.output_uri={tmp_path}/out", f"run.cache_dir={tmp_path}/node",
+                             f"model.base_uri={base}", f"data.train_files=[{REPO}/data/tiny_text.jsonl]",
+                             "data.seq_len=64", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    built, real = [], storage.StorageOptions.from_config.__func__
+    monkeypatch.setattr(storage.StorageOptions, "from_config",
+                        classmethod(lambda cls, section: built.append(section) or real(cls, section)))
+    seen: list[ResolvedJob] = []
+    data_stage = driver.STAGE_FUNCTIONS["data"]
+    monkeypatch.setitem(driver.STAGE_FUNCTIONS, "data", lambda ctx, run_id: seen.append(ctx.job) or data_stage(ctx, run_id))
+    ctx = driver.run_job(cfg, ["data"], CODE_VERSION, echo=lambda line: None)
+    assert len(built) == 1 and seen == [ctx.job]
+    saved = load_state(ctx.job.folders.state_uri, ctx.job.storage)
+    assert saved == ctx.state and saved.data.train_uri.startswith(str(tmp_path / "out/data"))
+    assert saved.identity["model.base_uri"] == str(base) and saved.running == {}
