@@ -10,7 +10,6 @@ import torch
 import transformer_engine.pytorch as te
 
 from .layer import DecoderCall, head_dim
-from .rope import angles_table
 from .segments import AttentionPlan
 
 

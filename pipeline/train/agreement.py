@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.train.launch import sigterm
+from pipeline.train import sigterm
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ import te_model
 from pipeline import progress as progress_lines
 from pipeline import storage
 from pipeline.config import TrainConfig
-from pipeline.train.launch import agreement, commit, exactly_once, optim, parallel, sigterm
+from pipeline.train import agreement, commit, exactly_once, optim, parallel, sigterm
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.launch.batches import RankShard
+from pipeline.train.batches import RankShard
 from pipeline.train.faults import NO_FAULTS, FaultInjector
 
 if TYPE_CHECKING:

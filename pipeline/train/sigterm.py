@@ -2,7 +2,7 @@
 
 A preempted node gets SIGTERM some seconds before it goes. Exiting at once would lose the steps since the
 last checkpoint. So while training, SIGTERM only sets a flag. Each step's all-reduce tells every rank
-which ranks saw it (`pipeline.train.launch.agreement`); they all checkpoint that step, then fail together, and
+which ranks saw it (`pipeline.train.agreement`); they all checkpoint that step, then fail together, and
 Ray restarts them from it. Outside training, SIGTERM goes to the handler it replaced, so Ray can still
 stop its worker.
 """

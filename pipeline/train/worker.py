@@ -21,7 +21,7 @@ import te_model
 from pipeline import storage
 from pipeline.config import Config, require_max_steps
 from pipeline.job.resolved import storage_options
-from pipeline.train.launch import (
+from pipeline.train import (
     agreement,
     exactly_once,
     loop,
@@ -30,7 +30,7 @@ from pipeline.train.launch import (
     permanent,
     sigterm,
 )
-from pipeline.train.launch.batches import RankShard, read_rows
+from pipeline.train.batches import RankShard, read_rows
 from pipeline.train.faults import NO_FAULTS, FaultInjector
 
 log = logging.getLogger(__name__)

@@ -351,7 +351,7 @@ def reported(step: int) -> SimpleNamespace:
 
 def controller_commits(monkeypatch, step_of) -> None:
     """The controller's answer, played by the test: one committed checkpoint at step `step_of()`."""
-    from pipeline.train.launch import exactly_once as faults  # where the controller is asked
+    from pipeline.train import exactly_once as faults  # where the controller is asked
 
     monkeypatch.setattr(faults, "_committed_checkpoints", lambda: [reported(step_of())])
 
@@ -364,7 +364,7 @@ def _wait_for(condition, timeout: float = 5.0) -> bool:
 
 
 def test_held_steps_are_logged_only_once_a_commit_covers_them_in_order_and_never_twice(monkeypatch):
-    from pipeline.train.launch.exactly_once import CommittedMetrics
+    from pipeline.train.exactly_once import CommittedMetrics
 
     committed = {"step": -1}
     logger = RecordingLogger()
@@ -387,7 +387,7 @@ def test_held_steps_are_logged_only_once_a_commit_covers_them_in_order_and_never
 
 
 def test_steps_of_a_checkpoint_never_confirmed_are_counted_and_warned_about_at_close(monkeypatch, caplog):
-    from pipeline.train.launch.exactly_once import CommittedMetrics
+    from pipeline.train.exactly_once import CommittedMetrics
 
     logger = RecordingLogger()
     controller_commits(monkeypatch, lambda: 3)
@@ -403,7 +403,7 @@ def test_steps_of_a_checkpoint_never_confirmed_are_counted_and_warned_about_at_c
 
 
 def test_a_rollback_waits_for_the_commit_of_the_newest_checkpoint_it_reported(monkeypatch):
-    from pipeline.train.launch import exactly_once as faults  # where the controller is asked
+    from pipeline.train import exactly_once as faults  # where the controller is asked
 
     answers = iter([[reported(2)], [reported(2)], [reported(2), reported(4)]])  # the controller catches up
     monkeypatch.setattr(faults, "_committed_checkpoints", lambda: next(answers))

@@ -13,7 +13,7 @@ import torch
 from pipeline import demo
 from pipeline.config import Config
 from pipeline.stages.data import prepare
-from pipeline.train.launch import agreement, faults, loop, worker
+from pipeline.train import agreement, faults, loop, worker
 
 SHIPPED_TEXT = str(Path(__file__).resolve().parents[2] / "data" / "tiny_text.jsonl")
 
