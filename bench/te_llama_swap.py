@@ -13,7 +13,7 @@ import torch
 import transformer_engine.pytorch as te
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from te_model.layer import head_dim
+from te_model.layer_te import llama_layer_args
 from te_model.rope import angles_table
 
 
@@ -21,25 +21,8 @@ class SwapDecoderLayer(te.TransformerLayer):
     """`te.pytorch.TransformerLayer` with HF's decoder-layer constructor and call signature."""
 
     def __init__(self, config, layer_idx: int = 0):
-        super().__init__(
-            hidden_size=config.hidden_size,
-            ffn_hidden_size=config.intermediate_size,
-            num_attention_heads=config.num_attention_heads,
-            num_gqa_groups=config.num_key_value_heads,
-            kv_channels=head_dim(config),
-            layernorm_epsilon=config.rms_norm_eps,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            bias=False,
-            normalization="RMSNorm",
-            activation="swiglu",
-            attn_input_format="bshd",
-            self_attn_mask_type="causal",
-            fuse_qkv_params=False,
-            layer_number=layer_idx + 1,
-            params_dtype=torch.get_default_dtype(),
-            device=torch.get_default_device(),
-        )
+        super().__init__(**llama_layer_args(config, layer_idx), attn_input_format="bshd",
+                         self_attn_mask_type="causal")
         self.register_buffer("inv_freq", LlamaRotaryEmbedding(config).inv_freq.float(), persistent=False)
         self._angles = None  # (length, table): recomputed only when the sequence length changes
 

@@ -13,6 +13,28 @@ from .layer import DecoderCall, head_dim
 from .segments import AttentionPlan
 
 
+def llama_layer_args(config, layer_idx: int) -> dict:
+    """`te.pytorch.TransformerLayer` arguments for a Llama decoder layer of an HF config: RMSNorm, SwiGLU,
+    grouped-query attention, no bias or dropout, unfused Q/K/V (their names map one to one to HF's)."""
+    return dict(
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads,
+        num_gqa_groups=config.num_key_value_heads,
+        kv_channels=head_dim(config),
+        layernorm_epsilon=config.rms_norm_eps,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias=False,
+        normalization="RMSNorm",
+        activation="swiglu",
+        fuse_qkv_params=False,
+        layer_number=layer_idx + 1,
+        params_dtype=torch.get_default_dtype(),
+        device=torch.get_default_device(),
+    )
+
+
 class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
     """Drop-in replacement for `LlamaDecoderLayer` built on `te.pytorch.TransformerLayer`.
 
@@ -30,25 +52,11 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
     def __init__(self, config, layer_idx: int = 0):
         std = config.initializer_range
         super().__init__(
-            hidden_size=config.hidden_size,
-            ffn_hidden_size=config.intermediate_size,
-            num_attention_heads=config.num_attention_heads,
-            num_gqa_groups=config.num_key_value_heads,
-            kv_channels=head_dim(config),
-            layernorm_epsilon=config.rms_norm_eps,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            bias=False,
-            normalization="RMSNorm",
-            activation="swiglu",
+            **llama_layer_args(config, layer_idx),
             attn_input_format="thd",
             self_attn_mask_type="padding_causal",
-            fuse_qkv_params=False,
-            layer_number=layer_idx + 1,
             init_method=lambda w: torch.nn.init.normal_(w, mean=0.0, std=std),
             output_layer_init_method=lambda w: torch.nn.init.normal_(w, mean=0.0, std=std),
-            params_dtype=torch.get_default_dtype(),
-            device=torch.get_default_device(),
         )
         self.layer_idx = layer_idx
         self.head_dim = head_dim(config)
