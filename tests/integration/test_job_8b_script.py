@@ -57,8 +57,11 @@ def test_tiny_run_goes_through_every_phase_kills_the_worker_once_and_resumes(tmp
              for line in report.stdout.splitlines() if line.startswith("| ") and line.count("|") == 3}
     for stage in ("data", "train", "eval", "export"):
         assert table[f"stage {stage}"].endswith(" s")
-    (kill,) = [k for k in table if k.startswith("SIGKILL after step 2")]
-    assert table[kill].endswith("(step 3)")  # resumed from the step-2 checkpoint by a new worker
+    # Checkpoints upload in the background: the kill lands after the step-2 commit, at most at step 4
+    # (whose save waits for step 2's held upload); a new worker resumes from step 2's checkpoint.
+    (kill,) = [k for k in table if k.startswith("SIGKILL after step")]
+    assert 2 <= int(kill.split()[3]) <= 4, kill
+    assert table[kill].endswith("(step 3)"), table[kill]
     assert [k for k in table if k.startswith("checkpoint step 8")]
     assert table["load registered model (mlflow) + forward"].endswith(" s")
     assert "publish base" in " ".join(table)
