@@ -33,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from jobs.finetune import worker_pythonpath  # noqa: E402 - the checkout first, then the caller's entries
 PRESET = REPO / "configs" / "llama3.1-8b-fp8-1gpu.yaml"
 BUCKET = "job8b"
 RUN_NAME = "job-8b"
@@ -77,11 +79,6 @@ SHAPES = {
 }
 
 
-
-def _pythonpath() -> str:
-    """The checkout first, then whatever the caller's PYTHONPATH had (packages installed beside the system's)."""
-    rest = os.environ.get("PYTHONPATH")
-    return str(REPO) + (os.pathsep + rest if rest else "")
 
 def say(text: str) -> None:
     print(f"[job_8b {time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -323,7 +320,7 @@ def publish_inputs(places: Places, s3: str, keep_base: bool) -> None:
     source = places.base if (places.base / "config.json").exists() else _cached_base(places)
     started = time.time()
     subprocess.run([sys.executable, "jobs/publish.py", str(source), f"s3://{BUCKET}/base", "--endpoint-url", s3],
-                   cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": _pythonpath()})
+                   cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": worker_pythonpath()})
     size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     record(places, "publish", seconds=time.time() - started, bytes=size)
     say(f"published the base from {source}: {size / GIB:.2f} GiB in {time.time() - started:.0f}s")
@@ -358,7 +355,7 @@ def job_env(shape: Shape, places: Places, s3: str, tracking: str) -> dict[str, s
     # RAY_TMPDIR: Ray's session files and sockets, on a short path (unix sockets allow ~107 characters).
     return {**env, **aws_env(s3), "MLFLOW_TRACKING_URI": tracking, "TMPDIR": str(places.out / "tmp"),
             "RAY_TMPDIR": f"/tmp/ray-job8b-{os.getuid()}", STATE_DIR_ENV: str(places.workers),
-            "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath(), **dict(shape.hooks)}
+            "PYTHONUNBUFFERED": "1", "PYTHONPATH": worker_pythonpath(), **dict(shape.hooks)}
 
 
 def driver_state(places: Places) -> tuple[int | None, bool]:
