@@ -125,7 +125,8 @@ def param_count(shape: Shape) -> int:
 
 def plan(shape: Shape, places: Places, keep: int = 2) -> list[tuple[str, Path, int]]:
     """(what, where, bytes at its peak): a checkpoint is weights + 2 moments + compensation, 8 bytes a
-    parameter in bf16; Ray keeps `keep` and writes the next before deleting the oldest."""
+    parameter in bf16; Ray keeps `keep` and writes the next before deleting the oldest. The output is a
+    local folder here, so each checkpoint is written in place, with no staging copy."""
     weights = param_count(shape) * (2 if shape.dtype == "bf16" else 4)
     ckpt = 4 * weights
     return [("base built, deleted after publishing", places.base, weights),
@@ -134,7 +135,7 @@ def plan(shape: Shape, places: Places, keep: int = 2) -> list[tuple[str, Path, i
             ("resume: checkpoint pulled into run.cache_dir", places.cache, ckpt),
             ("eval/export: trained weights pulled, then converted", places.cache, 2 * weights),
             ("MLflow artifacts of the export", places.mlflow, weights),
-            (f"checkpoints: {keep} kept + 1 being written, + its staging copy", places.out, (keep + 2) * ckpt),
+            (f"checkpoints: {keep} kept + 1 being written", places.out, (keep + 1) * ckpt),
             ("export under run.output_uri", places.out, weights)]
 
 
@@ -561,6 +562,9 @@ def checkpoint_rows(places: Places) -> list[tuple[str, str]]:
         if begin and done:
             rows.append((f"checkpoint step {e['step']}: written / uploaded",
                          f"{begin['t'] - done:.1f} s / {e['t'] - begin['t']:.1f} s"))
+    for line in places.log.read_text().splitlines() if places.log.exists() else []:
+        if m := re.search(r"checkpoint of step (\d+) committed: (.*)$", line):
+            rows.append((f"checkpoint step {m.group(1)} (the job's line)", m.group(2)))
     metrics = _final_metrics(places)
     for key in ("checkpoint_stall_s", "checkpoint_upload_s"):
         found = [m[key] for m in metrics if key in m]

@@ -163,6 +163,14 @@ def _is_local(fs: AbstractFileSystem) -> bool:
     return "file" in fs.protocol
 
 
+def writable_local_path(uri: str) -> Path | None:
+    """The folder `uri` names on this machine (a local path or file://), None for object storage and hf://."""
+    if uri.startswith(hub.SCHEME) or uri.startswith("s3://"):
+        return None
+    fs, path = filesystem(uri)
+    return Path(path) if _is_local(fs) else None
+
+
 def join(uri: str, *parts: str) -> str:
     """`uri` with `parts` appended using "/" (works for s3://, file:// and local paths alike)."""
     pieces = [part.strip("/") for part in parts if part.strip("/")]
@@ -269,16 +277,18 @@ def upload_dir(
 
 
 def publish(
-    local_dir: str | Path, uri: str, options: StorageOptions | None = None
+    local_dir: str | Path, uri: str, options: StorageOptions | None = None,
+    known: dict[str, FileEntry] | None = None,
 ) -> dict[str, FileEntry]:
-    """Write the manifest of `local_dir`, upload every file, then the manifest; returns its entries."""
+    """Write the manifest of `local_dir`, upload every file, then the manifest; returns its entries.
+    `known`: entries of files hashed as they were written (`manifest.build_manifest`)."""
     if not Path(local_dir).is_dir():
         raise PipelineError(f"cannot publish {local_dir}: not a directory")
     if not publishable_files(local_dir):
         raise PipelineError(f"cannot publish {local_dir}: it holds no files")
     manifest_uri = join(uri, MANIFEST_NAME)
     fs, manifest_path = filesystem(manifest_uri, options)
-    write_manifest(local_dir)
+    write_manifest(local_dir, known)
     entries = read_manifest(local_dir)
     # An older manifest at the destination would vouch for files this upload is about to replace.
     with _storage_errors("replace", manifest_uri):

@@ -52,15 +52,21 @@ def publishable_files(local_dir: str | Path) -> list[str]:
     return names
 
 
-def build_manifest(local_dir: str | Path) -> dict[str, FileEntry]:
-    """Size and sha256 of every publishable file in `local_dir`, keyed by posix relative name."""
+def build_manifest(local_dir: str | Path, known: dict[str, FileEntry] | None = None) -> dict[str, FileEntry]:
+    """Size and sha256 of every publishable file in `local_dir`, keyed by posix relative name.
+
+    `known`: entries of files hashed as they were written; each is reused when the file still has its
+    size, so a multi-GB checkpoint is not read back just to hash it."""
     root = Path(local_dir)
     if not root.is_dir():
         raise PipelineError(f"cannot build manifest: {root} is not a directory")
-    return {
-        name: FileEntry((root / name).stat().st_size, sha256_file(root / name))
-        for name in publishable_files(root)
-    }
+    known = known or {}
+    entries = {}
+    for name in publishable_files(root):
+        size = (root / name).stat().st_size
+        entry = known.get(name)
+        entries[name] = entry if entry is not None and entry.size == size else FileEntry(size, sha256_file(root / name))
+    return entries
 
 
 def manifest_bytes(entries: dict[str, FileEntry]) -> bytes:
@@ -69,9 +75,10 @@ def manifest_bytes(entries: dict[str, FileEntry]) -> bytes:
     return (json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=2) + "\n").encode()
 
 
-def write_manifest(local_dir: str | Path) -> Path:
-    """Write `manifest.json` into `local_dir` describing its files; returns the manifest path."""
-    entries = build_manifest(local_dir)
+def write_manifest(local_dir: str | Path, known: dict[str, FileEntry] | None = None) -> Path:
+    """Write `manifest.json` into `local_dir` describing its files; returns the manifest path.
+    `known`: as for `build_manifest`."""
+    entries = build_manifest(local_dir, known)
     path = Path(local_dir) / MANIFEST_NAME
     path.write_bytes(manifest_bytes(entries))
     return path

@@ -23,7 +23,7 @@ What this module decides:
   (`storage.pull_checkpoint`). Files hold whole tensors, so any worker count can resume them.
 - Two halves, so training need not wait for the disk: `snapshot` copies the state into host buffers
   (a collective, in the training loop), and `write_snapshot` writes the directory from them (on a
-  background thread, `checkpoint_commit.Checkpointer`). A replicated (DDP) tensor is copied from rank
+  background thread, `commit.Checkpointer`). A replicated (DDP) tensor is copied from rank
   0's own replica; a sharded (FSDP2) one is gathered one tensor at a time, and only rank 0 keeps a
   copy. Rank 0's buffers (pinned on a GPU host) are allocated once and reused by every checkpoint.
 - Optimizer state is keyed by parameter name, not by position, so a checkpoint fails loudly (naming the
@@ -39,8 +39,11 @@ What this module decides:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,7 @@ from safetensors.torch import load_file, save
 
 from pipeline.train import parallel
 from pipeline.errors import PermanentError, PipelineError
-from pipeline.storage.manifest import write_manifest
+from pipeline.storage.manifest import FileEntry, write_manifest
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -207,10 +210,11 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16
                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def save_streamed(entries: list[tuple[str, torch.Tensor]], path: Path) -> None:
-    """Write `entries` as one safetensors file, one tensor at a time, without building the file in memory.
+def save_streamed(entries: list[tuple[str, torch.Tensor]], path: Path) -> FileEntry:
+    """Write `entries` as one safetensors file, one tensor at a time; returns its size and sha256.
 
-    The header is known from the shapes alone, so it is written first and each tensor's bytes follow.
+    The header is known from the shapes alone, so it is written first and each tensor's bytes follow,
+    hashed while a second thread writes them (both release the GIL): the manifest needs no second read.
     Entries are host tensors (a `Snapshot`'s); a sharded one would be gathered here (a collective).
     """
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -221,12 +225,18 @@ def save_streamed(entries: list[tuple[str, torch.Tensor]], path: Path) -> None:
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
+    head = len(head).to_bytes(8, "little") + head
+    digest = hashlib.sha256(head)
+    with open(path, "wb") as f, ThreadPoolExecutor(1) as writer:
+        f.write(head)
         for _, tensor in entries:
             whole = parallel.full_tensor(tensor).to("cpu").contiguous()
-            f.write(whole.reshape(-1).view(torch.uint8).numpy().data)
-            del whole
+            data = whole.reshape(-1).view(torch.uint8).numpy().data
+            written = writer.submit(f.write, data)
+            digest.update(data)
+            written.result()
+            del whole, data
+    return FileEntry(len(head) + offset, digest.hexdigest())
 
 
 def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path,
@@ -291,17 +301,34 @@ class Snapshot:
 
 
 class HostBuffers:
-    """Rank 0's host copies of the state, by entry name, allocated at the first checkpoint and reused.
+    """Rank 0's host copies of the state, by entry name, allocated once and reused by every checkpoint.
 
     Pinned when the source is on a GPU, so the copies run asynchronously, in stream order: queued after
-    the step that made the state and before the next update, they need no wait on the host. Reusing
-    them means a checkpoint must not begin while the previous one is still being written from them
-    (`checkpoint_commit.Checkpointer` waits for that)."""
+    the step that made the state and before the next update, they need no wait on the host. Pinning
+    tens of GB takes seconds, so `reserve` allocates them on a background thread while training runs.
+    Reusing them means a checkpoint must not begin while the previous one is still being written from
+    them (`commit.Checkpointer` waits for that)."""
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self._reserving: threading.Thread | None = None
+
+    def reserve(self, entries: list[tuple[str, torch.Tensor]]) -> None:
+        """Allocate buffers for `entries` (name, source tensor) in the background; `copy` waits for it."""
+        wanted = [(name, tuple(t.shape), t.dtype, t.is_cuda) for name, t in entries]
+
+        def allocate() -> None:
+            for name, shape, dtype, pin in wanted:
+                if name not in self.tensors:
+                    self.tensors[name] = torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+        self._reserving = threading.Thread(target=allocate, name="checkpoint-buffers", daemon=True)
+        self._reserving.start()
 
     def copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self._reserving is not None:
+            self._reserving.join()
+            self._reserving = None
         host = self.tensors.get(name)
         if host is None or host.shape != tensor.shape or host.dtype != tensor.dtype:
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
@@ -312,6 +339,16 @@ class HostBuffers:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+_MODEL_PREFIX, _OPTIMIZER_PREFIX = "model.", "optimizer."
+
+
+def reserve_buffers(module: torch.nn.Module, optimizer: torch.optim.Optimizer, buffers: HostBuffers) -> None:
+    """Start allocating `buffers` for every entry a snapshot will copy (call once the optimizer has state)."""
+    entries = [(_MODEL_PREFIX + name, t) for name, t in model_entries(module)]
+    entries += [(_OPTIMIZER_PREFIX + name, t) for name, t in optimizer_entries(module, optimizer)[0]]
+    buffers.reserve(entries)
 
 
 def _copied(entries: list[tuple[str, torch.Tensor]], buffers: HostBuffers | None,
@@ -334,9 +371,9 @@ def snapshot(*, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     A collective when anything is sharded: every worker calls it, in the same order. The copies may
     still be running on the device when it returns (`Snapshot.copied`); nothing has to wait for them
     but the writer, because the device runs them before any later update of the state."""
-    model = _copied(model_entries(module), buffers, "model.")
+    model = _copied(model_entries(module), buffers, _MODEL_PREFIX)
     entries, groups = optimizer_entries(module, optimizer)
-    moments = _copied(entries, buffers, "optimizer.")
+    moments = _copied(entries, buffers, _OPTIMIZER_PREFIX)
     if buffers is None:
         return None
     files = {OPTIMIZER_GROUPS_FILE: _json_bytes(groups), SCHEDULER_FILE: _json_bytes(scheduler.state_dict())}
@@ -356,17 +393,20 @@ def with_trainer_state(snap: Snapshot, trainer_state: dict[str, Any], world_size
 
 def write_snapshot(out_dir: str | Path, snap: Snapshot) -> Path:
     """Write a complete checkpoint directory from a snapshot, manifest last; returns the dir. Waits for
-    the snapshot's device copies first. Safe on any thread: it touches host memory and files only."""
+    the snapshot's device copies first. Safe on any thread: it touches host memory and files only.
+    The model and optimizer files are written side by side, each hashed as it is written."""
     if snap.copied is not None:
         snap.copied.synchronize()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_streamed(snap.model, out / MODEL_FILE)
-    save_streamed(snap.optimizer, out / OPTIMIZER_FILE)
-    for name, blob in snap.files.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_bytes(blob)
-    write_manifest(out)
+    with ThreadPoolExecutor(2) as files:
+        written = {name: files.submit(save_streamed, entries, out / name)
+                   for name, entries in ((OPTIMIZER_FILE, snap.optimizer), (MODEL_FILE, snap.model))}
+        for name, blob in snap.files.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(blob)
+        known = {name: future.result() for name, future in written.items()}
+    write_manifest(out, known)
     return out
 
 

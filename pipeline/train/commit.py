@@ -29,7 +29,7 @@ from pipeline import progress as progress_lines
 from pipeline import storage
 from pipeline.train.checkpoint import gather_bytes
 from pipeline.errors import IntegrityError, PipelineError
-from pipeline.storage.manifest import MANIFEST_NAME
+from pipeline.storage.manifest import MANIFEST_NAME, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,19 @@ def upload_and_commit(local_dir: str | Path, uri: str, options: storage.StorageO
                       pause: Callable[[str], None] | None = None) -> None:
     """Upload a checkpoint directory to `uri`: every file, then its manifest, then the commit marker.
 
-    `pause` (test hooks only) is called with "before_commit" and "after_commit" around the marker."""
-    storage.publish(local_dir, uri, options)  # files first, manifest.json last
+    A manifest already in `local_dir` (`checkpoint.write_snapshot` hashes as it writes) is reused for
+    the files whose sizes it states. `pause` (test hooks only) is called with "before_commit" and
+    "after_commit" around the marker."""
+    present = Path(local_dir) / MANIFEST_NAME
+    known = read_manifest(local_dir) if present.is_file() else None
+    storage.publish(local_dir, uri, options, known)  # files first, manifest.json last
+    commit_in_place(local_dir, uri, options, pause)
+
+
+def commit_in_place(local_dir: str | Path, uri: str, options: storage.StorageOptions,
+                    pause: Callable[[str], None] | None = None) -> None:
+    """Write the commit marker of the checkpoint at `uri`, whose files and manifest (those of `local_dir`)
+    are all there already."""
     manifest = (Path(local_dir) / MANIFEST_NAME).read_bytes()
     marker = {"format": MARKER_FORMAT, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
     if pause is not None:
@@ -62,6 +73,9 @@ class CheckpointTimes:
 
     stall_s: float = 0.0
     """Seconds the training loop was blocked: the previous upload waited for, the snapshot, the report."""
+
+    waited_s: float = 0.0
+    """The part of `stall_s` spent waiting for the previous checkpoint's upload (the writer fell behind)."""
 
     upload_s: float | None = None
     """Seconds to write, upload and commit it in the background; None until it is committed."""
@@ -102,6 +116,7 @@ class Checkpointer:
         self.buffers = ckpt.HostBuffers() if rank == 0 else None
         self.times: list[CheckpointTimes] = []
         self._upload: _Upload | None = None
+        self._prepared = False
 
     def save(self, progress, metrics: dict[str, Any], *, wait: bool = False) -> None:
         """Checkpoint `progress` (step, tokens_seen, resumed_from_step, epoch, offset, history; its
@@ -111,6 +126,7 @@ class Checkpointer:
         started = time.perf_counter()
         times = CheckpointTimes(progress.step)
         self._wait()
+        times.waited_s = time.perf_counter() - started
         ranks = ckpt.gather_rank_files(ckpt.rank_files({"epoch": progress.epoch, "offset": progress.offset}))
         snap = ckpt.snapshot(module=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
                              ranks=ranks, buffers=self.buffers)
@@ -140,6 +156,13 @@ class Checkpointer:
                 upload.sealed.set()
         if wait:  # the run stops after this checkpoint: not a stall of training
             self._wait()
+
+    def prepare(self) -> None:
+        """Start allocating rank 0's host buffers in the background: call once the optimizer has state,
+        so the first checkpoint does not stall on pinning tens of GB of host memory."""
+        if self.buffers is not None and not self._prepared:
+            ckpt.reserve_buffers(self.module, self.optimizer, self.buffers)
+        self._prepared = True
 
     def finish(self) -> list[CheckpointTimes]:
         """Wait for the upload in flight (a failed one raises); what every checkpoint of this attempt cost."""
@@ -173,13 +196,20 @@ class Checkpointer:
                 upload.sealed.wait()
                 if ckpt.TRAINER_STATE_FILE not in snap.files:  # the loop failed before it was sealed
                     raise PipelineError(f"checkpoint of step {step} has no {ckpt.TRAINER_STATE_FILE}")
-                ckpt.write_snapshot(checkpoint.path, snap)
-                upload_and_commit(checkpoint.path, storage.join(self.run_uri, checkpoint_dir_name), self.options, pause)
+                uri = storage.join(self.run_uri, checkpoint_dir_name)
+                local = storage.writable_local_path(uri)
+                if local is not None:  # a local or mounted output: written in place, no staging copy
+                    ckpt.write_snapshot(local, snap)
+                    commit_in_place(local, uri, self.options, pause)
+                else:
+                    ckpt.write_snapshot(checkpoint.path, snap)
+                    upload_and_commit(checkpoint.path, uri, self.options, pause)
                 upload.times.upload_s = metrics["checkpoint_upload_s"] = time.perf_counter() - started
                 progress_lines.echo("train", f"checkpoint of step {step} committed: "
                                              f"{progress_lines.megabytes(upload.times.size_bytes)} in "
                                              f"{upload.times.upload_s:.1f} s, training blocked "
-                                             f"{upload.times.stall_s:.2f} s")
+                                             f"{upload.times.stall_s:.2f} s ({upload.times.waited_s:.2f} s of it "
+                                             f"for the previous checkpoint)")
                 context = ray.train.get_context().get_storage()
                 return ray.train.Checkpoint(path=f"{context.experiment_fs_path}/{checkpoint_dir_name}",
                                             filesystem=context.storage_filesystem)

@@ -38,8 +38,8 @@ class TrainResult:
     ray_result_path: str  # uri of Ray's run folder, {run.output_uri}/ray/{run.name}
     resumed_from_step: int  # step the last attempt started from; 0 = from the base checkpoint
     checkpoints: list[dict[str, float]] = field(default_factory=list)
-    # the last attempt's checkpoints, oldest first: step, stall_s (training blocked), upload_s (background
-    # write, upload and commit), size_bytes
+    # the last attempt's checkpoints, oldest first: step, stall_s (training blocked), waited_s (the part
+    # of it spent waiting for the previous upload), upload_s (background write, upload and commit), size_bytes
 
 
 
@@ -93,7 +93,7 @@ def train_result(cfg: Config, ray_uri: str, options: storage.StorageOptions,
     """What training reached: the newest committed checkpoint in storage, not the one Ray registered.
 
     A driver killed mid-run leaves workers that may commit later checkpoints Ray never registers. The
-    next run's workers resume from the newest of them (`checkpoint_commit.resume_checkpoint`). So the
+    next run's workers resume from the newest of them (`commit.resume_checkpoint`). So the
     result must be that one too, or eval and export would use older weights than the step reported."""
     checkpoint_uri = commit.newest_committed_uri(storage.join(ray_uri, cfg.run.name), options)
     if checkpoint_uri is None:

@@ -108,6 +108,7 @@ def fit(state: TrainState, progress: Progress, spec: WorkerSpec, metrics: exactl
             continue
         step, last = progress.step, progress.step == train.max_steps
         faults.step_finished(rank, step)
+        checkpointer.prepare()  # once: the optimizer has its state now
 
         save = last or bool(agreed.sigterm_ranks) or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0)
         if save or step % train.log_every == 0:

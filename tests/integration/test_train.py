@@ -23,7 +23,8 @@ from pipeline import demo, storage, tracking
 from pipeline.config import Config
 from pipeline.stages.data import prepare
 from pipeline.errors import PipelineError
-from pipeline.storage.manifest import read_manifest
+from pipeline.storage import manifest
+from pipeline.storage.manifest import FileEntry, read_manifest, sha256_file
 from pipeline.train.faults import FAIL_AT_STEP_ENV
 from pipeline.train.launch import train
 from pipeline.train.optim import lr_multiplier
@@ -206,8 +207,37 @@ def test_streamed_safetensors_read_back_by_safetensors_itself(tmp_path):
     must get every tensor back bit for bit, whatever its dtype and rank (0-d AdamW steps included)."""
     tensors = {"w": torch.randn(3, 5).bfloat16(), "w.exp_avg": torch.randn(3, 5), "w.step": torch.tensor(7.0),
                "ids": torch.arange(10), "x": torch.randn(4, 2, 3, dtype=torch.float64), "flags": torch.ones(3).bool()}
-    ckpt.save_streamed(list(tensors.items()), tmp_path / "t.safetensors")
+    entry = ckpt.save_streamed(list(tensors.items()), tmp_path / "t.safetensors")
     back = load_file(tmp_path / "t.safetensors")
     assert back.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    # hashed while written: what the manifest gets without reading the file back
+    assert entry == FileEntry((tmp_path / "t.safetensors").stat().st_size, sha256_file(tmp_path / "t.safetensors"))
+
+
+def test_a_snapshot_is_written_with_a_manifest_that_vouches_for_it_without_reading_the_big_files_back(
+        tmp_path, monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 6)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    buffers = ckpt.HostBuffers()
+    ckpt.reserve_buffers(model, optimizer, buffers)  # in the background, as the loop does after its first step
+    snap = ckpt.snapshot(module=model, optimizer=optimizer, scheduler=scheduler,
+                         ranks=[ckpt.rank_files({"epoch": 0, "offset": 3})], buffers=buffers)
+    reserved = dict(buffers.tensors)
+    assert [name for name, _ in snap.model] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert all(reserved["model." + name] is host for name, host in snap.model)  # copied into, not reallocated
+    ckpt.with_trainer_state(snap, {"step": 1}, 1)
+
+    hashed = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    out = ckpt.write_snapshot(tmp_path / "ck", snap)
+    assert ckpt.MODEL_FILE not in hashed and ckpt.OPTIMIZER_FILE not in hashed and ckpt.SCHEDULER_FILE in hashed
+    monkeypatch.undo()
+    manifest.verify_dir(out)  # every file, the two big ones included, has the size and sha256 it states
+    back = load_file(out / ckpt.MODEL_FILE)
+    assert all(torch.equal(back[name], p.detach()) for name, p in model.named_parameters())
