@@ -545,7 +545,8 @@ def tokens_per_s(places: Places) -> float | None:
     import statistics
 
     rates = [float(m.group(3).replace(",", "")) for line in places.log.read_text().splitlines()
-             if (m := re.match(r"^\[train\] step (\d+)/(\d+) .* tokens/s ([\d,]+)", line))
+             # Ray prefixes a worker's lines with its name and pid (and colours): search, not match
+             if (m := re.search(r"\[train\] step (\d+)/(\d+) .* tokens/s ([\d,]+)", line))
              and int(m.group(1)) > min(10, int(m.group(2)) // 4)]
     return statistics.median(rates) if rates else None
 

@@ -25,6 +25,7 @@ def test_plan_counts_the_llama_3_1_8b_parameters_and_sizes_a_checkpoint_at_8_byt
     weights = 2 * 8_030_261_248
     assert sizes["base pulled into run.cache_dir"] == weights
     assert sizes["resume: checkpoint pulled into run.cache_dir"] == 4 * weights
+    assert sizes["checkpoints: 2 kept + 1 being written"] == 3 * 4 * weights  # written in place: no staging copy
     ok, rows = job_8b.fits(shape, places)
     assert sum(needed for _, needed, _ in rows) == sum(sizes.values())
     assert ok == all(needed <= free for _, needed, free in rows)
@@ -63,5 +64,6 @@ def test_tiny_run_goes_through_every_phase_kills_the_worker_once_and_resumes(tmp
     assert 2 <= int(kill.split()[3]) <= 4, kill
     assert table[kill].endswith("(step 3)"), table[kill]
     assert [k for k in table if k.startswith("checkpoint step 8")]
+    assert float(table["steady tokens/s (median after warm-up)"].replace(",", "")) > 0  # read from the worker's lines
     assert table["load registered model (mlflow) + forward"].endswith(" s")
     assert "publish base" in " ".join(table)
