@@ -41,6 +41,8 @@ def _free_port() -> int:
 def test_tiny_run_goes_through_every_phase_kills_the_worker_once_and_resumes(tmp_path):
     ports = [_free_port(), _free_port()]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # As in the suite's own clusters (tests/fixtures/ray_cluster.py): no node-drain watcher actor.
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     command = [sys.executable, "bench/job_8b.py", "--shape", "tiny", "--workdir", str(tmp_path / "w"),
                "--s3-port", str(ports[0]), "--mlflow-port", str(ports[1]), "--budget-s", "600"]
     try:

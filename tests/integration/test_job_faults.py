@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from jobs import finetune
 import te_model
-from pipeline.train import commit
+from pipeline.train import commit, permanent
 from pipeline import storage
 from pipeline.train.faults import BAD_INPUT_AT_STEP_ENV, PAUSE_UPLOAD_ENV, STATE_DIR_ENV
 from pipeline.demo import make_tiny_checkpoint
@@ -206,6 +206,8 @@ def test_bad_input_on_a_worker_fails_the_job_once_in_one_line_and_the_fixed_job_
     assert [e["step"] for e in events(failed) if e["event"] == "bad_input"] == [3]  # raised once
     assert len(starts(failed, 0)) == 1  # trained once; Ray's one restart found the record and ended
     assert [e["event"] for e in events(failed, 1) if e["event"] != "step"] == ["start", "permanent_seen"]
+    record = permanent.record_uri(f"s3://{job['bucket']}/runs/ray/bad-input")
+    assert "bad input on purpose" in json.loads(storage.read_bytes(record, job["options"]))["reason"]
 
     monkeypatch.delenv(BAD_INPUT_AT_STEP_ENV)
     monkeypatch.setenv(STATE_DIR_ENV, str(fixed))
@@ -216,3 +218,4 @@ def test_bad_input_on_a_worker_fails_the_job_once_in_one_line_and_the_fixed_job_
     assert len(killer.sent) == 1
     assert len(starts(fixed, 1)) == 2  # the first try and one restart
     assert max(e["step"] for e in events(fixed) if e["event"] == "step") == STEPS
+    assert not storage.exists(record, job["options"])  # the fixed job cleared the failed one's record
