@@ -132,8 +132,7 @@ def plan(shape: Shape, places: Places, keep: int = 2) -> list[tuple[str, Path, i
     return [("base built, deleted after publishing", places.base, weights),
             ("base in S3 (moto spools objects to its TMPDIR)", places.s3, weights),
             ("base pulled into run.cache_dir", places.cache, weights),
-            ("resume: checkpoint pulled into run.cache_dir", places.cache, ckpt),
-            ("eval/export: trained weights pulled, then converted", places.cache, 2 * weights),
+            ("eval/export: trained weights converted (the checkpoints are read in place)", places.cache, weights),
             ("MLflow artifacts of the export", places.mlflow, weights),
             (f"checkpoints: {keep} kept + 1 being written", places.out, (keep + 1) * ckpt),
             ("export under run.output_uri", places.out, weights)]

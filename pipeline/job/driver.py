@@ -182,7 +182,7 @@ def _local_dirs(job: ResolvedJob, checkpoint_uri: str) -> tuple[Path, Path]:
     """The base checkpoint and the trained weights (not the optimizer state) on this node."""
     cache = job.folders.cache_dir
     base = storage.pull_checkpoint(job.config.model.base_uri, cache, job.storage)
-    checkpoint = storage.pull_checkpoint(checkpoint_uri, cache, job.storage, only=["model.safetensors"])
+    checkpoint = storage.checkpoint_dir(checkpoint_uri, cache, job.storage, only=["model.safetensors"])
     return base, checkpoint
 
 

@@ -36,6 +36,7 @@ from pipeline.storage.manifest import (
     publishable_files,
     read_manifest,
     sha256_file,
+    verify_file,
     write_manifest,
 )
 
@@ -391,6 +392,52 @@ def pull_checkpoint(
         else:
             _pull_into(uri, cache_dir, options, max_workers, only)
     return cache_dir
+
+
+def checkpoint_dir(
+    uri: str,
+    cache_root: str | Path,
+    options: StorageOptions | None = None,
+    max_workers: int = 8,
+    only: Collection[str] | None = None,
+) -> Path:
+    """A local directory holding the training checkpoint at `uri`, verified against its manifest.
+
+    A checkpoint already on this machine (a local path or file://, with its manifest) is verified where
+    it is, once per node, and read there: no copy of tens of GB into `cache_root`. Any other is pulled
+    (`pull_checkpoint`). Only for checkpoints this pipeline wrote: a folder read in place is not
+    filtered to safetensors and JSON the way a pull is.
+    """
+    local = writable_local_path(uri)
+    if local is None or not (local / MANIFEST_NAME).is_file():
+        return pull_checkpoint(uri, cache_root, options, max_workers, only)
+    key = f"{uri.rstrip('/')}#in-place" + ("" if only is None else f"#{','.join(sorted(only))}")
+    cache_dir = checkpoint_cache_dir(key, cache_root)
+    marker = cache_dir / _COMPLETE_MARKER
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(cache_dir / _LOCK_NAME):
+        if not marker.is_file():
+            _verify_in_place(uri, local, only, max_workers)
+            _atomic_write_local(marker, json.dumps({"uri": uri, "in_place": str(local)}).encode())
+    return local
+
+
+def _verify_in_place(uri: str, local: Path, only: Collection[str] | None, max_workers: int) -> None:
+    entries = read_manifest(local)
+    absent = sorted(set(only or ()) - set(entries))
+    if absent:
+        raise PipelineError(f"{join(uri, absent[0])} is not listed in {join(uri, MANIFEST_NAME)}")
+
+    def check(name: str, entry: FileEntry) -> None:
+        if not (local / name).is_file():
+            raise IntegrityError(f"{join(uri, name)} is listed in the manifest but missing")
+        verify_file(local / name, entry, join(uri, name))
+
+    wanted = {n: e for n, e in entries.items() if only is None or n in only}
+    with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+        for future in [pool.submit(check, name, entry) for name, entry in sorted(wanted.items())]:
+            future.result()
+    log.info("verified %d files of %s in place", len(wanted), uri)
 
 
 def _wanted_files(

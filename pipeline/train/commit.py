@@ -262,9 +262,10 @@ def newest_committed_uri(run_uri: str, options: storage.StorageOptions) -> str |
 
 
 def pull_committed(uri: str, cache_root: str | Path, options: storage.StorageOptions) -> Path:
-    """Pull a committed checkpoint into the node cache, every file checked against its manifest."""
+    """A committed checkpoint on this node, every file checked against its manifest: pulled into the node
+    cache, or read where it is when it is on this machine (`storage.checkpoint_dir`)."""
     verify_commit(uri, options)
-    return storage.pull_checkpoint(uri, cache_root, options)
+    return storage.checkpoint_dir(uri, cache_root, options)
 
 
 def newest_committed(run_uri: str, cache_root: str | Path,

@@ -310,7 +310,7 @@ def restore(state: TrainState, spec: WorkerSpec, checkpoint: ray.train.Checkpoin
     cfg, rank = spec.config, state.place.rank
     if checkpoint is not None:
         uri = storage.join(spec.run_uri, PurePosixPath(checkpoint.path).name)
-        local = storage.pull_checkpoint(uri, cfg.run.cache_dir, spec.options)  # verified against its manifest
+        local = storage.checkpoint_dir(uri, cfg.run.cache_dir, spec.options)  # verified against its manifest
     else:
         found = commit.resume_checkpoint(spec.run_uri, cfg.run.cache_dir, spec.options, rank=rank,
                                          ray_has_one=ray.train.get_checkpoint() is not None)

@@ -285,3 +285,33 @@ def test_a_hugging_face_cache_snapshot_is_a_base_checkpoint_and_its_links_stay_i
     with pytest.raises(PipelineError, match=rf"extra.json links to {re.escape(str(outside))}, outside "
                                             rf"{re.escape(str(snapshot.parent.parent))}"):
         list_files(str(snapshot))
+
+
+def test_a_local_checkpoint_is_verified_where_it_is_and_a_damaged_one_is_refused_untouched(
+        s3_server, s3_bucket, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "runs" / "checkpoint_000004-ab"
+    shutil.copytree(tiny_checkpoint, folder)
+    write_manifest(folder)
+    cache = tmp_path / "cache"
+    assert storage.checkpoint_dir(str(folder), cache) == folder  # read in place: nothing copied
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")]
+    one = next(folder.glob("*.safetensors")).name
+    assert storage.checkpoint_dir(f"file://{folder}", cache, only=[one]) == folder
+
+    damaged = tmp_path / "runs" / "checkpoint_000006-cd"
+    shutil.copytree(folder, damaged)
+    shard = next(damaged.glob("*.safetensors"))
+    shard.write_bytes(b"x" + shard.read_bytes()[1:])
+    before = shard.read_bytes()
+    with pytest.raises(PipelineError, match=f"sha256 mismatch for .*{shard.name}"):
+        storage.checkpoint_dir(str(damaged), cache)
+    assert shard.read_bytes() == before  # the user's folder is never changed
+    (damaged / "config.json").unlink()
+    with pytest.raises(PipelineError, match="config.json is listed in the manifest but missing"):
+        storage.checkpoint_dir(str(damaged), tmp_path / "cache2")
+
+    # object storage is still pulled into the node cache
+    options = StorageOptions(endpoint_url=s3_server.endpoint_url)
+    publish(folder, f"s3://{s3_bucket}/ck", options)
+    pulled = storage.checkpoint_dir(f"s3://{s3_bucket}/ck", cache, options)
+    assert pulled.is_relative_to(cache) and read_manifest(pulled) == read_manifest(folder)

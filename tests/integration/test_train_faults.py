@@ -348,9 +348,9 @@ def reported(step: int) -> SimpleNamespace:
 
 def controller_commits(monkeypatch, step_of) -> None:
     """The controller's answer, played by the test: one committed checkpoint at step `step_of()`."""
-    from pipeline.train import exactly_once as faults  # where the controller is asked
+    from pipeline.train import exactly_once  # where the controller is asked
 
-    monkeypatch.setattr(faults, "_committed_checkpoints", lambda: [reported(step_of())])
+    monkeypatch.setattr(exactly_once, "_committed_checkpoints", lambda: [reported(step_of())])
 
 
 def _wait_for(condition, timeout: float = 5.0) -> bool:
@@ -400,11 +400,11 @@ def test_steps_of_a_checkpoint_never_confirmed_are_counted_and_warned_about_at_c
 
 
 def test_a_rollback_waits_for_the_commit_of_the_newest_checkpoint_it_reported(monkeypatch):
-    from pipeline.train import exactly_once as faults  # where the controller is asked
+    from pipeline.train import exactly_once  # where the controller is asked
 
     answers = iter([[reported(2)], [reported(2)], [reported(2), reported(4)]])  # the controller catches up
-    monkeypatch.setattr(faults, "_committed_checkpoints", lambda: next(answers))
-    monkeypatch.setattr(faults, "COMMIT_POLL_S", 0.01)
-    assert faults.latest_committed_checkpoint(4) == "checkpoint_000004"
-    monkeypatch.setattr(faults, "_committed_checkpoints", lambda: [])
-    assert faults.latest_committed_checkpoint(0) is None  # nothing reported yet: nothing to wait for
+    monkeypatch.setattr(exactly_once, "_committed_checkpoints", lambda: next(answers))
+    monkeypatch.setattr(exactly_once, "COMMIT_POLL_S", 0.01)
+    assert exactly_once.latest_committed_checkpoint(4) == "checkpoint_000004"
+    monkeypatch.setattr(exactly_once, "_committed_checkpoints", lambda: [])
+    assert exactly_once.latest_committed_checkpoint(0) is None  # nothing reported yet: nothing to wait for
