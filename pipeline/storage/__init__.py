@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -382,25 +382,26 @@ def pull_checkpoint(
     """
     key = uri if only is None else f"{uri.rstrip('/')}#{','.join(sorted(only))}"
     cache_dir = checkpoint_cache_dir(key, cache_root)
-    marker = cache_dir / _COMPLETE_MARKER
-    if marker.is_file():
-        return cache_dir  # pulled earlier on this node: no network access at all
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(cache_dir / _LOCK_NAME):
-        if marker.is_file():
-            log.info("checkpoint %s was pulled by another process into %s", uri, cache_dir)
-        else:
-            _pull_into(uri, cache_dir, options, max_workers, only)
+    _once_per_node(cache_dir, lambda: _pull_into(uri, cache_dir, options, max_workers, only))
     return cache_dir
 
 
-def checkpoint_dir(
-    uri: str,
-    cache_root: str | Path,
-    options: StorageOptions | None = None,
-    max_workers: int = 8,
-    only: Collection[str] | None = None,
-) -> Path:
+def _once_per_node(cache_dir: Path, work: Callable[[], None]) -> None:
+    """Run `work` (which writes `cache_dir`'s `.complete` marker last) unless some process on this node
+    already did: under the folder's file lock, so concurrent callers wait and then find the marker."""
+    marker = cache_dir / _COMPLETE_MARKER
+    if marker.is_file():
+        return  # done earlier on this node: no network access at all
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(cache_dir / _LOCK_NAME):
+        if marker.is_file():
+            log.info("%s was prepared by another process", cache_dir)
+        else:
+            work()
+
+
+def checkpoint_dir(uri: str, cache_root: str | Path, options: StorageOptions | None = None,
+                   only: Collection[str] | None = None) -> Path:
     """A local directory holding the training checkpoint at `uri`, verified against its manifest.
 
     A checkpoint already on this machine (a local path or file://, with its manifest) is verified where
@@ -410,19 +411,19 @@ def checkpoint_dir(
     """
     local = writable_local_path(uri)
     if local is None or not (local / MANIFEST_NAME).is_file():
-        return pull_checkpoint(uri, cache_root, options, max_workers, only)
+        return pull_checkpoint(uri, cache_root, options, only=only)
     key = f"{uri.rstrip('/')}#in-place" + ("" if only is None else f"#{','.join(sorted(only))}")
     cache_dir = checkpoint_cache_dir(key, cache_root)
-    marker = cache_dir / _COMPLETE_MARKER
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(cache_dir / _LOCK_NAME):
-        if not marker.is_file():
-            _verify_in_place(uri, local, only, max_workers)
-            _atomic_write_local(marker, json.dumps({"uri": uri, "in_place": str(local)}).encode())
+
+    def verify() -> None:
+        _verify_in_place(uri, local, only)
+        _atomic_write_local(cache_dir / _COMPLETE_MARKER, json.dumps({"uri": uri, "in_place": str(local)}).encode())
+
+    _once_per_node(cache_dir, verify)
     return local
 
 
-def _verify_in_place(uri: str, local: Path, only: Collection[str] | None, max_workers: int) -> None:
+def _verify_in_place(uri: str, local: Path, only: Collection[str] | None, max_workers: int = 8) -> None:
     entries = read_manifest(local)
     absent = sorted(set(only or ()) - set(entries))
     if absent:
