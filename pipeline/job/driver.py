@@ -178,20 +178,12 @@ def _on_worker(ctx: JobContext, fn, *args):
     return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(fn).remote(*args))
 
 
-def _local_dirs(job: ResolvedJob, checkpoint_uri: str) -> tuple[Path, Path]:
-    """The base checkpoint and the trained weights (not the optimizer state) on this node."""
-    cache = job.folders.cache_dir
-    base = storage.pull_checkpoint(job.config.model.base_uri, cache, job.storage)
-    checkpoint = storage.checkpoint_dir(checkpoint_uri, cache, job.storage, only=["model.safetensors"])
-    return base, checkpoint
-
-
 def _eval_task(job: ResolvedJob, checkpoint_uri: str, val_uri: str | None):
     from pipeline.stages.evaluate import evaluate, generate_samples, score_champion
     from pipeline.stages.export import convert
 
     cfg, options = job.config, job.storage
-    base, checkpoint = _local_dirs(job, checkpoint_uri)
+    base, checkpoint = cfg.model.base_uri, checkpoint_uri  # each stage reads them locally, once per node
     metrics = evaluate(cfg, base, checkpoint, val_uri, options=options) if val_uri else {}
     if cfg.eval.champion and val_uri:
         name, version = cfg.eval.champion.removeprefix("models:/").split("/")
@@ -207,8 +199,8 @@ def _eval_task(job: ResolvedJob, checkpoint_uri: str, val_uri: str | None):
 def _export_task(job: ResolvedJob, checkpoint_uri: str, run_id: str) -> ExportRecord:
     from pipeline.stages.export import export
 
-    base, checkpoint = _local_dirs(job, checkpoint_uri)
-    result = export(job.config, base, checkpoint, run_id=run_id, tracking_uri=job.tracking.uri, options=job.storage)
+    result = export(job.config, job.config.model.base_uri, checkpoint_uri, run_id=run_id,
+                    tracking_uri=job.tracking.uri, options=job.storage)
     return ExportRecord(uri=result.uri, version=result.version)
 
 

@@ -289,8 +289,7 @@ def publish(
         raise PipelineError(f"cannot publish {local_dir}: it holds no files")
     manifest_uri = join(uri, MANIFEST_NAME)
     fs, manifest_path = filesystem(manifest_uri, options)
-    write_manifest(local_dir, known)
-    entries = read_manifest(local_dir)
+    entries = write_manifest(local_dir, known)
     # An older manifest at the destination would vouch for files this upload is about to replace.
     with _storage_errors("replace", manifest_uri):
         if fs.exists(manifest_path):

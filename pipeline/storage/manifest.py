@@ -75,13 +75,12 @@ def manifest_bytes(entries: dict[str, FileEntry]) -> bytes:
     return (json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=2) + "\n").encode()
 
 
-def write_manifest(local_dir: str | Path, known: dict[str, FileEntry] | None = None) -> Path:
-    """Write `manifest.json` into `local_dir` describing its files; returns the manifest path.
+def write_manifest(local_dir: str | Path, known: dict[str, FileEntry] | None = None) -> dict[str, FileEntry]:
+    """Write `manifest.json` into `local_dir` describing its files; returns its entries.
     `known`: as for `build_manifest`."""
     entries = build_manifest(local_dir, known)
-    path = Path(local_dir) / MANIFEST_NAME
-    path.write_bytes(manifest_bytes(entries))
-    return path
+    (Path(local_dir) / MANIFEST_NAME).write_bytes(manifest_bytes(entries))
+    return entries
 
 
 def parse_manifest(data: bytes, where: str) -> dict[str, FileEntry]:

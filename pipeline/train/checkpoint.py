@@ -391,8 +391,9 @@ def with_trainer_state(snap: Snapshot, trainer_state: dict[str, Any], world_size
     snap.files[TRAINER_STATE_FILE] = _json_bytes({"format": FORMAT_VERSION, **trainer_state, "world_size": world_size})
 
 
-def write_snapshot(out_dir: str | Path, snap: Snapshot) -> Path:
-    """Write a complete checkpoint directory from a snapshot, manifest last; returns the dir. Waits for
+def write_snapshot(out_dir: str | Path, snap: Snapshot) -> dict[str, FileEntry]:
+    """Write a complete checkpoint directory from a snapshot, manifest last; returns the manifest's
+    entries. Waits for
     the snapshot's device copies first. Safe on any thread: it touches host memory and files only.
     The model and optimizer files are written side by side, each hashed as it is written."""
     if snap.copied is not None:
@@ -406,8 +407,7 @@ def write_snapshot(out_dir: str | Path, snap: Snapshot) -> Path:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_bytes(blob)
         known = {name: future.result() for name, future in written.items()}
-    write_manifest(out, known)
-    return out
+    return write_manifest(out, known)
 
 
 def write_checkpoint(out_dir: str | Path, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -416,7 +416,8 @@ def write_checkpoint(out_dir: str | Path, *, module: torch.nn.Module, optimizer:
     """`snapshot` then `write_snapshot` in one go, for one process (tests, tools); returns the dir."""
     snap = snapshot(module=module, optimizer=optimizer, scheduler=scheduler, ranks=ranks, buffers=HostBuffers())
     with_trainer_state(snap, trainer_state, len(ranks))
-    return write_snapshot(out_dir, snap)
+    write_snapshot(out_dir, snap)
+    return Path(out_dir)
 
 
 def parse_trainer_state(data: bytes, where: str) -> dict[str, Any]:

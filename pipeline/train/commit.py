@@ -29,7 +29,7 @@ from pipeline import progress as progress_lines
 from pipeline import storage
 from pipeline.train.checkpoint import gather_bytes
 from pipeline.errors import IntegrityError, PipelineError
-from pipeline.storage.manifest import MANIFEST_NAME, read_manifest
+from pipeline.storage.manifest import MANIFEST_NAME, FileEntry
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,13 @@ _CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)-")
 
 
 def upload_and_commit(local_dir: str | Path, uri: str, options: storage.StorageOptions,
+                      known: dict[str, FileEntry] | None = None,
                       pause: Callable[[str], None] | None = None) -> None:
     """Upload a checkpoint directory to `uri`: every file, then its manifest, then the commit marker.
 
-    A manifest already in `local_dir` (`checkpoint.write_snapshot` hashes as it writes) is reused for
-    the files whose sizes it states. `pause` (test hooks only) is called with "before_commit" and
-    "after_commit" around the marker."""
-    present = Path(local_dir) / MANIFEST_NAME
-    known = read_manifest(local_dir) if present.is_file() else None
+    `known`: the entries of files hashed as they were written (what `checkpoint.write_snapshot`
+    returns), reused for the files that still have their sizes. `pause` (test hooks only) is called
+    with "before_commit" and "after_commit" around the marker."""
     storage.publish(local_dir, uri, options, known)  # files first, manifest.json last
     commit_in_place(local_dir, uri, options, pause)
 
@@ -116,7 +115,6 @@ class Checkpointer:
         self.buffers = ckpt.HostBuffers() if rank == 0 else None
         self.times: list[CheckpointTimes] = []
         self._upload: _Upload | None = None
-        self._prepared = False
 
     def save(self, progress, metrics: dict[str, Any], *, wait: bool = False) -> None:
         """Checkpoint `progress` (step, tokens_seen, resumed_from_step, epoch, offset, history; its
@@ -158,11 +156,10 @@ class Checkpointer:
             self._wait()
 
     def prepare(self) -> None:
-        """Start allocating rank 0's host buffers in the background: call once the optimizer has state,
-        so the first checkpoint does not stall on pinning tens of GB of host memory."""
-        if self.buffers is not None and not self._prepared:
+        """Start allocating rank 0's host buffers in the background: call once, when the optimizer has
+        state, so the first checkpoint does not stall on pinning tens of GB of host memory."""
+        if self.buffers is not None:
             ckpt.reserve_buffers(self.module, self.optimizer, self.buffers)
-        self._prepared = True
 
     def finish(self) -> list[CheckpointTimes]:
         """Wait for the upload in flight (a failed one raises); what every checkpoint of this attempt cost."""
@@ -202,8 +199,8 @@ class Checkpointer:
                     ckpt.write_snapshot(local, snap)
                     commit_in_place(local, uri, self.options, pause)
                 else:
-                    ckpt.write_snapshot(checkpoint.path, snap)
-                    upload_and_commit(checkpoint.path, uri, self.options, pause)
+                    known = ckpt.write_snapshot(checkpoint.path, snap)
+                    upload_and_commit(checkpoint.path, uri, self.options, known, pause)
                 upload.times.upload_s = metrics["checkpoint_upload_s"] = time.perf_counter() - started
                 progress_lines.echo("train", f"checkpoint of step {step} committed: "
                                              f"{progress_lines.megabytes(upload.times.size_bytes)} in "

@@ -98,6 +98,7 @@ def fit(state: TrainState, progress: Progress, spec: WorkerSpec, metrics: exactl
     steps = Steps(state, faults)
     shown = progress_lines.step_progress(rank, train.max_steps, train.log_every, train.progress_every_s,
                                          first_step=progress.step)
+    prepared = False
     while progress.step < train.max_steps:
         step_metrics, agreed = steps.next(progress)
         if step_metrics is None:  # non-finite on some rank: no rank updated
@@ -108,7 +109,9 @@ def fit(state: TrainState, progress: Progress, spec: WorkerSpec, metrics: exactl
             continue
         step, last = progress.step, progress.step == train.max_steps
         faults.step_finished(rank, step)
-        checkpointer.prepare()  # once: the optimizer has its state now
+        if not prepared:  # once, now that the optimizer has its state
+            checkpointer.prepare()
+            prepared = True
 
         save = last or bool(agreed.sigterm_ranks) or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0)
         if save or step % train.log_every == 0:

@@ -24,7 +24,7 @@ import te_model
 from pipeline import storage, tracking
 from pipeline.config import Config
 from pipeline.stages.data import format_instruction_prompt, prepare
-from pipeline.errors import PipelineError
+from pipeline.errors import IntegrityError, PipelineError
 from pipeline.stages.evaluate import _prompt_ids, evaluate, generate_samples, load_trained_model
 from pipeline.stages.export import convert, export
 from pipeline.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
@@ -302,6 +302,31 @@ def test_a_folder_the_export_did_not_write_is_never_replaced(workdir, base_dir, 
     (first / "stale.txt").write_text("left by an earlier conversion")
     (first.parent / f"{first.name}.source").write_text("another checkpoint")
     assert convert(cfg, base_dir, trained[0]) == first and not (first / "stale.txt").exists()
+
+
+def test_eval_and_export_verify_a_local_checkpoint_where_it_is_and_refuse_a_damaged_one(
+    workdir, base_dir, val_uri, tmp_path
+):
+    """A training checkpoint on this machine is read in place (no copy into the node cache), after its
+    weights are checked against the manifest; damaged weights are refused by name and left as they were."""
+    checkpoint = tmp_path / "checkpoint-local"
+    write_trained_checkpoint(base_dir, checkpoint, seed=3)
+    cfg = make_cfg(tmp_path)
+    assert convert(cfg, base_dir, checkpoint).is_dir()
+    cache = Path(cfg.run.cache_dir)
+    assert not list(cache.rglob("model.safetensors"))  # verified where it is, not pulled
+
+    damaged = tmp_path / "checkpoint-damaged"
+    write_trained_checkpoint(base_dir, damaged, seed=4)
+    weights = damaged / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"checkpoint-damaged/model\.safetensors"):
+        evaluate(cfg, base_dir, damaged, val_uri, device="cpu")
+    with pytest.raises(IntegrityError, match=r"checkpoint-damaged/model\.safetensors"):
+        convert(cfg, base_dir, damaged, tmp_path / "never-written")
+    assert weights.read_bytes() == bytes(data) and not (tmp_path / "never-written").exists()
 
 
 def test_the_registered_version_loads_as_an_mlflow_transformers_and_pyfunc_model(

@@ -19,6 +19,7 @@ from transformers import LlamaConfig
 
 import te_model
 from pipeline.train import checkpoint as ckpt
+from pipeline.train import commit
 from pipeline import demo, storage, tracking
 from pipeline.config import Config
 from pipeline.stages.data import prepare
@@ -235,8 +236,13 @@ def test_a_snapshot_is_written_with_a_manifest_that_vouches_for_it_without_readi
     hashed = []
     real = manifest.sha256_file
     monkeypatch.setattr(manifest, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
-    out = ckpt.write_snapshot(tmp_path / "ck", snap)
+    out = tmp_path / "ck"
+    entries = ckpt.write_snapshot(out, snap)
     assert ckpt.MODEL_FILE not in hashed and ckpt.OPTIMIZER_FILE not in hashed and ckpt.SCHEDULER_FILE in hashed
+    assert entries == read_manifest(out)  # what it returns is the manifest it wrote
+    hashed.clear()  # the upload publishes the same manifest from these entries: nothing is read back to hash
+    commit.upload_and_commit(out, str(tmp_path / "uploaded"), storage.StorageOptions(), entries)
+    assert hashed == [] and read_manifest(tmp_path / "uploaded") == entries
     monkeypatch.undo()
     manifest.verify_dir(out)  # every file, the two big ones included, has the size and sha256 it states
     back = load_file(out / ckpt.MODEL_FILE)
