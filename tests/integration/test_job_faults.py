@@ -93,76 +93,39 @@ def train_runs(client: MlflowClient, parent_id: str):
     return runs
 
 
-def test_driver_killed_mid_train_resumes_when_submitted_again(job, tmp_path):
-    args = [*job["args"], "--set", "run.name=driver-kill"]
-    # Killed mid-upload: step 6's files are in storage, its commit marker is not.
-    driver = finetune_subprocess(args, tmp_path, **{PAUSE_UPLOAD_ENV: "before_commit:6"})
+def kill_driver_at(args: list[str], state_dir: Path, pause: str, event: str, what: str) -> None:
+    """Run the job until rank 0's upload pauses at `pause` and reports `event`, then SIGKILL the driver and
+    wait for Ray to stop its workers."""
+    driver = finetune_subprocess(args, state_dir, **{PAUSE_UPLOAD_ENV: pause})
     try:
-        wait_for(lambda: any(e["event"] == "before_commit" for e in events(tmp_path)),
-                 "training past its step-2 and step-4 checkpoints, uploading step 6's")
+        wait_for(lambda: any(e["event"] == event for e in events(state_dir)), what)
     finally:
         driver.kill()  # SIGKILL
         output = driver.communicate(timeout=60)[0]
     assert driver.returncode == -9, output[-2000:]
+    workers = {e["pid"] for rank in (0, 1) for e in events(state_dir, rank)}
+    wait_for(lambda: all(gone(pid) for pid in workers), "Ray to stop the dead driver's workers", 60)
+
+
+def test_a_killed_driver_resumes_when_submitted_again_and_exports_the_newest_committed_checkpoint(job, tmp_path):
+    name = "driver-kill"
+    args = [*job["args"], "--set", f"run.name={name}", "--set", "export.registered_model_name="]
+    # First killed mid-upload: step 6's files are in storage, its commit marker is not.
+    kill_driver_at(args, tmp_path, "before_commit:6", "before_commit",
+                   "training past its step-2 and step-4 checkpoints, uploading step 6's")
     killed_at = max(e["step"] for e in events(tmp_path))
-    old_workers = {e["pid"] for rank in (0, 1) for e in events(tmp_path, rank)}
-    wait_for(lambda: all(gone(pid) for pid in old_workers), "Ray to stop the dead driver's workers", 60)
-    state_uri = f"s3://{job['bucket']}/runs/jobs/driver-kill/state.json"
+    state_uri = f"s3://{job['bucket']}/runs/jobs/{name}/state.json"
     parent_before = json.loads(storage.read_bytes(state_uri, job["options"]))["parent_run_id"]
 
-    again = finetune_subprocess(args, tmp_path)
-    output = again.communicate(timeout=600)[0]
-    assert again.returncode == 0, output[-3000:]
-    (_, resumed_at) = [(e["pid"], e["step"]) for e in events(tmp_path) if e["event"] == "start"][-1]
-    # Uploads run in the background: training went on to at most step 8, whose checkpoint waits for
-    # step 6's. The resume is from the newest committed checkpoint: not step 0, nor step 6's folder,
-    # which has no marker.
-    assert 6 <= killed_at <= 8 and resumed_at == 4, (killed_at, resumed_at)
-    assert f"[train] {STEPS} steps" in output
-    client = job["client"]
-    (parent,) = parents(client, "driver-kill")
-    assert parent.info.run_id == parent_before == json.loads(storage.read_bytes(state_uri, job["options"]))["parent_run_id"]
-    (train_run,) = train_runs(client, parent_before)  # the killed driver's train run, carried on
-    assert train_run.info.status == "FINISHED"
-    for key in ("loss", "lr", "grad_norm"):
-        steps = sorted(m.step for m in client.get_metric_history(train_run.info.run_id, key))
-        assert steps == list(range(1, STEPS + 1)), (key, steps)  # one value per step across both drivers
-
-
-def test_a_new_run_name_starts_a_new_run_and_a_reused_name_keeps_its_data(job, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
-    args = [*job["args"], "--set", "run.name=driver-new", "--set", "train.max_steps=2"]
-    assert finetune.main(args) == 0
+    # Submitted again, and killed once its last checkpoint is committed in storage but not yet registered
+    # by Ray: the third driver's workers resume at the last step and train nothing, so Ray's newest
+    # registered checkpoint is an older one.
+    kill_driver_at(args, tmp_path, f"after_commit:{STEPS}", "after_commit", "the driver to commit its last checkpoint")
     starts = [e["step"] for e in events(tmp_path) if e["event"] == "start"]
-    assert starts == [0]  # not the other run's checkpoints
-    (parent,) = parents(job["client"], "driver-new")
-    assert parent.info.run_id not in {p.info.run_id for p in parents(job["client"], "driver-kill")}
-    (train_run,) = train_runs(job["client"], parent.info.run_id)
-    assert sorted(m.step for m in job["client"].get_metric_history(train_run.info.run_id, "loss")) == [1, 2]
-
-    capsys.readouterr()
-    assert finetune.main([*args, "--set", "data.seq_len=32"]) == 1
-    error = capsys.readouterr().err.strip()
-    assert error == ("finetune: error: run.name 'driver-new' is a job with data.seq_len=64 "
-                     f"(s3://{job['bucket']}/runs/jobs/driver-new/state.json), not 32; "
-                     "use a new run.name to start a new run")
-
-
-def test_after_a_driver_kill_export_uses_the_newest_committed_checkpoint_and_reports_its_step(job, tmp_path):
-    # The last checkpoint, committed in storage but not yet registered by Ray: the next driver's workers
-    # resume at the last step and train nothing, so Ray's newest registered checkpoint is an older one.
-    name = "kill-after-commit"
-    args = [*job["args"], "--set", f"run.name={name}", "--set", "export.registered_model_name="]
-    driver = finetune_subprocess(args, tmp_path, **{PAUSE_UPLOAD_ENV: f"after_commit:{STEPS}"})
-    try:
-        wait_for(lambda: any(e["event"] == "after_commit" for e in events(tmp_path)),
-                 "the driver to commit its last checkpoint")
-    finally:
-        driver.kill()  # SIGKILL
-        output = driver.communicate(timeout=60)[0]
-    assert driver.returncode == -9, output[-2000:]
-    old_workers = {e["pid"] for rank in (0, 1) for e in events(tmp_path, rank)}
-    wait_for(lambda: all(gone(pid) for pid in old_workers), "Ray to stop the dead driver's workers", 60)
+    # Uploads run in the background: the first driver trained to at most step 8, whose checkpoint waits
+    # for step 6's. The resume is from the newest committed checkpoint: not step 0, nor step 6's folder,
+    # which has no marker.
+    assert 6 <= killed_at <= 8 and starts[-1] == 4, (killed_at, starts)
 
     again = finetune_subprocess([*args, "--stages", "data,train,export"], tmp_path)  # the later --stages wins
     output = again.communicate(timeout=600)[0]
@@ -185,6 +148,34 @@ def test_after_a_driver_kill_export_uses_the_newest_committed_checkpoint_and_rep
     assert set(parameters) == set(weights)
     for key, tensor in weights.items():
         assert torch.equal(parameters[key].detach(), tensor), key
+
+    client = job["client"]
+    (parent,) = parents(client, name)
+    assert parent.info.run_id == parent_before == json.loads(storage.read_bytes(state_uri, options))["parent_run_id"]
+    (train_run,) = train_runs(client, parent_before)  # the killed drivers' train run, carried on
+    assert train_run.info.status == "FINISHED"
+    for key in ("loss", "lr", "grad_norm"):
+        steps = sorted(m.step for m in client.get_metric_history(train_run.info.run_id, key))
+        assert steps == list(range(1, STEPS + 1)), (key, steps)  # one value per step across the three drivers
+
+
+def test_a_new_run_name_starts_a_new_run_and_a_reused_name_keeps_its_data(job, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
+    args = [*job["args"], "--set", "run.name=driver-new", "--set", "train.max_steps=2"]
+    assert finetune.main(args) == 0
+    starts = [e["step"] for e in events(tmp_path) if e["event"] == "start"]
+    assert starts == [0]  # not the other run's checkpoints
+    (parent,) = parents(job["client"], "driver-new")
+    assert parent.info.run_id not in {p.info.run_id for p in parents(job["client"], "driver-kill")}
+    (train_run,) = train_runs(job["client"], parent.info.run_id)
+    assert sorted(m.step for m in job["client"].get_metric_history(train_run.info.run_id, "loss")) == [1, 2]
+
+    capsys.readouterr()
+    assert finetune.main([*args, "--set", "data.seq_len=32"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == ("finetune: error: run.name 'driver-new' is a job with data.seq_len=64 "
+                     f"(s3://{job['bucket']}/runs/jobs/driver-new/state.json), not 32; "
+                     "use a new run.name to start a new run")
 
 
 def test_bad_input_on_a_worker_fails_the_job_once_in_one_line_and_the_fixed_job_survives_a_killed_worker(
