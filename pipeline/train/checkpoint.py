@@ -393,9 +393,8 @@ def with_trainer_state(snap: Snapshot, trainer_state: dict[str, Any], world_size
 
 def write_snapshot(out_dir: str | Path, snap: Snapshot) -> dict[str, FileEntry]:
     """Write a complete checkpoint directory from a snapshot, manifest last; returns the manifest's
-    entries. Waits for
-    the snapshot's device copies first. Safe on any thread: it touches host memory and files only.
-    The model and optimizer files are written side by side, each hashed as it is written."""
+    entries. Waits for the snapshot's device copies first. Safe on any thread: it touches host memory and
+    files only. The model and optimizer files are written side by side, each hashed as it is written."""
     if snap.copied is not None:
         snap.copied.synchronize()
     out = Path(out_dir)
