@@ -28,7 +28,6 @@ from pipeline.config import Config
 from pipeline.stages.data import IGNORE_INDEX, format_instruction_prompt
 from pipeline.errors import PipelineError
 from pipeline.job.resolved import storage_options
-from pipeline.storage.manifest import MANIFEST_NAME
 from te_model.weights import load_config
 
 log = logging.getLogger(__name__)
@@ -47,25 +46,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def local_checkpoint(uri: str | Path, cfg: Config, options: storage.StorageOptions | None = None,
-                     only: list[str] | None = None) -> Path:
-    """A local directory holding the checkpoint at `uri`, only the files `only` names if given.
-
-    A model folder on this machine without a manifest (a base checkpoint) is read as it is. A training
-    checkpoint on this machine is verified against its manifest where it is; anything else is pulled
-    (verified) into `run.cache_dir`. Both happen once per node (`storage.checkpoint_dir`).
-    """
+def local_base(uri: str | Path, cfg: Config, options: storage.StorageOptions | None = None) -> Path:
+    """A local directory holding the base model at `uri`: a folder on this machine as it is, anything
+    else pulled (verified, once per node) into `run.cache_dir`."""
     local = storage.writable_local_path(str(uri))
-    if local is not None and not (local / MANIFEST_NAME).is_file():
-        if not local.is_dir():
-            raise PipelineError(f"checkpoint directory not found: {uri}")
-        return local
-    return storage.checkpoint_dir(str(uri), cfg.run.cache_dir, options, only=only)
+    if local is None:
+        return storage.pull_checkpoint(str(uri), cfg.run.cache_dir, options)
+    if not local.is_dir():
+        raise PipelineError(f"checkpoint directory not found: {uri}")
+    return local
 
 
 def trained_weights(uri: str | Path, cfg: Config, options: storage.StorageOptions | None = None) -> Path:
-    """A local directory holding a training checkpoint's weights (not its optimizer state), verified."""
-    return local_checkpoint(uri, cfg, options, only=[CHECKPOINT_WEIGHTS])
+    """A local directory holding a training checkpoint's weights (not its optimizer state), verified
+    against its manifest once per node: where it is on this machine, else pulled (`storage.checkpoint_dir`)."""
+    return storage.checkpoint_dir(str(uri), cfg.run.cache_dir, options, only=[CHECKPOINT_WEIGHTS])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,7 +184,7 @@ def evaluate(
                     "skipping validation loss and perplexity")
         return {}
     options = options or storage_options(cfg)
-    base_dir, checkpoint_dir = local_checkpoint(base_dir, cfg, options), trained_weights(checkpoint_dir, cfg, options)
+    base_dir, checkpoint_dir = local_base(base_dir, cfg, options), trained_weights(checkpoint_dir, cfg, options)
     kwargs = {"backend": cfg.model.backend, "dtype": model_dtype(cfg), "device": device or default_device()}
     loaders = {"base": lambda: te_model.from_hf_checkpoint(base_dir, **kwargs),
                "finetuned": lambda: load_trained_model(checkpoint_dir, base_dir, **kwargs)}

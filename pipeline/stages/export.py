@@ -24,7 +24,7 @@ from pipeline.config import Config
 from pipeline.stages.data import TOKENIZER_FILES
 from pipeline.errors import PipelineError
 from pipeline.job.resolved import storage_options
-from pipeline.stages.evaluate import load_trained_model, local_checkpoint, model_dtype, trained_weights
+from pipeline.stages.evaluate import load_trained_model, local_base, model_dtype, trained_weights
 from pipeline.tracking.mlflow_model import write_mlflow_model
 from pipeline.storage.manifest import MANIFEST_NAME, FileEntry, parse_manifest, read_manifest, write_manifest
 
@@ -109,7 +109,7 @@ def convert(
     made (its `.source` stamp beside it) is replaced; anything else there is a PipelineError.
     """
     options = options or storage_options(cfg)
-    base = local_checkpoint(base_dir, cfg, options)
+    base = local_base(base_dir, cfg, options)
     checkpoint = trained_weights(checkpoint_dir, cfg, options)
     target = Path(out_dir) if out_dir is not None else export_dir(cfg)
     stamp = target.parent / f"{target.name}.source"  # which checkpoint `target` was converted from
