@@ -1,8 +1,9 @@
 """Worker faults on a real local Ray cluster: 2 CPU workers (gloo), checkpoints in moto S3, metrics to MLflow.
 
-An uninterrupted run is the reference (fp32 on CPU is deterministic). Then: workers are SIGKILLed three
-times in one run, a worker gets SIGTERM, and one rank's loss turns NaN. Kills are real signals to the
-worker processes, which the test finds through the pid files of the PIPELINE_WORKER_STATE_DIR hook.
+An uninterrupted run is the reference (fp32 on CPU is deterministic); it also shows that training goes on
+while a checkpoint uploads. Then: workers are SIGKILLed three times in one run, once while a checkpoint's
+weights are still on the wire; a worker gets SIGTERM; one rank's loss turns NaN. Kills are real signals to
+the worker processes, which the test finds through the pid files of the PIPELINE_WORKER_STATE_DIR hook.
 Last, the hand-over of held metrics alone, with the controller's answers played by the test.
 """
 
@@ -28,6 +29,7 @@ from pipeline.stages.data import prepare
 from pipeline.errors import PermanentError, PipelineError
 from pipeline.train.faults import POISON_LOSS_ENV, STATE_DIR_ENV
 from pipeline.train.launch import train
+from tests.fixtures.s3_fault_proxy import S3FaultProxy
 
 STEPS = 12
 SHIPPED_TEXT = str(Path(__file__).resolve().parents[2] / "data" / "tiny_text.jsonl")
@@ -57,9 +59,28 @@ def setup(s3_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, setup):
+def reference_run(ray_cluster, setup, s3_server, tmp_path_factory):
+    """The uninterrupted run every fault run is compared to, with step 2's commit marker held on the wire
+    until rank 0 has finished step 4: (result, times the hold was hit, rank 0's steps and commits in order)."""
     cfg_for, prepared = setup
-    return train(cfg_for("reference"), prepared)
+    state_dir = tmp_path_factory.mktemp("reference-events")
+    proxy = S3FaultProxy(s3_server.endpoint_url)
+    release = threading.Event()
+    held = proxy.hold("PUT", r"/checkpoint_000002-[^/]+/COMMITTED$", release)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(STATE_DIR_ENV, str(state_dir))
+            releaser = release_when(state_dir, 0, 4, lambda pid: release.set())
+            result = train(through_proxy(cfg_for("reference"), proxy), prepared)
+            releaser.join(timeout=5)
+    finally:
+        proxy.close()
+    return SimpleNamespace(result=result, held_hits=held.hits, events=order(state_dir))
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return reference_run.result
 
 
 def tracked_train(cfg: Config, prepared, mlflow_uri: str):
@@ -117,25 +138,50 @@ def last_step(state_dir: Path, rank: int, pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_workers_sigkilled_three_times_resume_exactly_and_log_each_step_once(
-        reference, setup, mlflow_server, monkeypatch, tmp_path):
+def test_workers_sigkilled_three_times_once_mid_upload_resume_exactly_and_log_each_step_once(
+        reference, setup, mlflow_server, s3_fault_proxy, monkeypatch, tmp_path):
     cfg_for, prepared = setup
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
-    killer = Signaller(tmp_path, [(0, 3), (1, 6), (0, 9)], signal.SIGKILL)
+    # First, rank 0 dies past step 5 while step 4's weights are held on the wire: step 4 never commits.
+    release = threading.Event()
+    held = s3_fault_proxy.hold("PUT", r"/checkpoint_000004-[^/]+/model\.safetensors$", release)
+    mid_upload: list[int] = []
+
+    def kill(pid: int | None) -> None:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            mid_upload.append(pid)
+        release.set()
+
+    first = release_when(tmp_path, 0, 5, kill, timeout_s=300.0, also=lambda: held.hits == 1)
+    # Then rank 1 and rank 0 again, in the processes that resumed: no first-attempt process reaches step 7.
+    killer = Signaller(tmp_path, [(1, 7), (0, 10)], signal.SIGKILL, timeout_s=300.0)
     killer.start()
-    result, run_id = tracked_train(cfg_for("sigkill", max_failures=3), prepared, mlflow_server.uri)
+    cfg = through_proxy(cfg_for("sigkill", max_failures=3), s3_fault_proxy)
+    result, run_id = tracked_train(cfg, prepared, mlflow_server.uri)
+    first.join(timeout=5)
     killer.join(timeout=5)
-    assert [k["rank"] for k in killer.sent] == [0, 1, 0], killer.sent
+    assert len(mid_upload) == 1, (held.hits, order(tmp_path))
+    assert [k["rank"] for k in killer.sent] == [1, 0], killer.sent
     for rank in (0, 1):
         attempts = starts(tmp_path, rank)
         assert len(attempts) == 4, attempts  # the first attempt and three restarts
         resumed = [step for _, step in attempts[1:]]
-        # Each from the newest checkpoint Ray had committed (checkpoint_every=2), possibly none yet.
-        assert all(step % 2 == 0 for step in resumed) and resumed == sorted(resumed) and resumed[-1] >= 2, resumed
+        # Each from the newest checkpoint Ray had committed (checkpoint_every=2): step 2 after the first
+        # kill, since step 4's checkpoint was never committed.
+        assert resumed[0] == 2 and all(step % 2 == 0 for step in resumed) and resumed == sorted(resumed), resumed
+    assert starts(tmp_path, 0)[0] == (mid_upload[0], 0)
+    assert ("committed", 4) not in [(e["event"], e["step"]) for e in worker_events(tmp_path, 0)
+                                    if e["pid"] == mid_upload[0]]
     assert result.steps == STEPS
     assert [m["loss"] for m in result.metrics] == [m["loss"] for m in reference.metrics]  # exactly
     assert [m["grad_norm"] for m in result.metrics] == [m["grad_norm"] for m in reference.metrics]
     assert_one_value_per_step(mlflow_server.uri, run_id, result)
+    # The weights of step 4's first checkpoint reached storage; its commit marker never did.
+    options = storage.StorageOptions(endpoint_url=cfg_for("x").storage.endpoint_url)
+    run_uri = f"{cfg.run.output_uri}/ray/{cfg.run.name}"
+    partial = [n for n in commit.checkpoint_names(run_uri, options) if n.startswith("checkpoint_000004-")]
+    assert any(not _committed(storage.join(run_uri, n), options) for n in partial), partial
 
 
 @pytest.mark.slow
@@ -191,63 +237,22 @@ def order(state_dir: Path) -> list[tuple[str, int]]:
     return [(e["event"], e["step"]) for e in worker_events(state_dir, 0) if e["event"] in ("step", "committed")]
 
 
-@pytest.mark.slow
-def test_training_goes_on_while_a_checkpoint_uploads_and_waits_for_it_at_the_next(reference, setup, s3_fault_proxy,
-                                                                                   monkeypatch, tmp_path):
-    cfg_for, prepared = setup
-    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
-    # Step 2's commit marker is held on the wire until rank 0 has finished step 4: were training blocked
-    # by the upload, step 4 would never come and the marker would go through only at the hold's limit.
-    release = threading.Event()
-    held = s3_fault_proxy.hold("PUT", r"/checkpoint_000002-[^/]+/COMMITTED$", release)
-    releaser = release_when(tmp_path, 0, 4, lambda pid: release.set())
-    result = train(through_proxy(cfg_for("async-upload"), s3_fault_proxy), prepared)
-    releaser.join(timeout=5)
-    assert held.hits == 1
-    events = order(tmp_path)
+def test_training_goes_on_while_a_checkpoint_uploads_and_waits_for_it_at_the_next(reference_run):
+    # The reference run held step 2's commit marker on the wire until rank 0 had finished step 4: were
+    # training blocked by the upload, step 4 would never come and the marker would go through only at the
+    # hold's limit.
+    result, events = reference_run.result, reference_run.events
+    assert reference_run.held_hits == 1
     assert events.index(("step", 4)) < events.index(("committed", 2)) < events.index(("step", 5))  # one in flight
     assert [step for event, step in events if event == "committed"] == list(range(2, STEPS + 1, 2))
     assert events[-1] == ("committed", STEPS)  # the final checkpoint committed before train() returned
     assert result.checkpoint_uri.rstrip("/").split("/")[-1].startswith(f"checkpoint_{STEPS:06d}-")
-    assert [m["loss"] for m in result.metrics] == [m["loss"] for m in reference.metrics]  # exactly
     assert [c["step"] for c in result.checkpoints] == list(range(2, STEPS + 1, 2))
     assert all(c["upload_s"] is not None and c["stall_s"] >= 0 and c["size_bytes"] > 0 for c in result.checkpoints)
     by_step = {m["step"]: m for m in result.metrics}
     assert all("checkpoint_stall_s" in by_step[s] for s in range(2, STEPS + 1, 2))
     # A checkpoint's upload time reaches the history of the checkpoints after it.
     assert all("checkpoint_upload_s" in by_step[s] for s in range(2, STEPS, 2))
-
-
-@pytest.mark.slow
-def test_a_worker_killed_mid_upload_resumes_from_the_previous_committed_checkpoint(reference, setup, s3_fault_proxy,
-                                                                                  monkeypatch, tmp_path):
-    cfg_for, prepared = setup
-    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
-    release = threading.Event()
-    held = s3_fault_proxy.hold("PUT", r"/checkpoint_000004-[^/]+/model\.safetensors$", release)
-    killed: list[int] = []
-
-    def kill(pid: int | None) -> None:  # rank 0, past step 5 while step 4's upload is held, dies
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        release.set()
-
-    killer = release_when(tmp_path, 0, 5, kill, timeout_s=300.0, also=lambda: held.hits == 1)
-    cfg = through_proxy(cfg_for("killed-mid-upload", max_failures=1), s3_fault_proxy)
-    result = train(cfg, prepared)
-    killer.join(timeout=5)
-    assert len(killed) == 1, (held.hits, order(tmp_path))
-    first, restart = starts(tmp_path, 0)
-    assert first == (killed[0], 0) and restart[1] == 2  # step 4's checkpoint was never committed
-    assert ("committed", 4) not in [(e["event"], e["step"]) for e in worker_events(tmp_path, 0)
-                                    if e["pid"] == killed[0]]
-    assert result.steps == STEPS and result.resumed_from_step == 2
-    assert [m["loss"] for m in result.metrics] == [m["loss"] for m in reference.metrics]
-    options = storage.StorageOptions(endpoint_url=cfg_for("x").storage.endpoint_url)
-    run_uri = f"{cfg.run.output_uri}/ray/{cfg.run.name}"
-    partial = [n for n in commit.checkpoint_names(run_uri, options) if n.startswith("checkpoint_000004-")]
-    assert any(not _committed(storage.join(run_uri, n), options) for n in partial)
 
 
 def _committed(uri: str, options) -> bool:
