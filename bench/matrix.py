@@ -49,8 +49,10 @@ JOBS = {
     "layers-1b": ("layer_speed", ["--shape", "llama3.2-1b", "--layers", "4", "--batch", "8", "--seq", "2048"], 60),
 }
 # HF bf16, the four peers, then ours with the default master weights; fewer timed steps where steps are long
-PEER_VARIANTS = ["--variants", "hf,hf_liger,hf_torchao_fp8,accelerate_te_fp8,te_llama_swap,ours_bf16,fp8_delayed,"
-                 "fp8_delayed_fp8head", "--master-weights", "bf16_kahan"]
+PEERS = ("hf_liger", "hf_torchao_fp8", "accelerate_te_fp8", "te_llama_swap")  # bench/peers.py's; this launcher imports no torch
+PEER_VARIANTS = ["--variants", ",".join(["hf", *PEERS, "ours_bf16", "fp8_delayed", "fp8_delayed_fp8head",
+                                         "fp8_delayed_recompute_mlp", "fp8_delayed_fp8head_recompute_mlp"]),
+                 "--master-weights", "bf16_kahan"]
 PEER_JOBS = {
     "peers-8b-4096": ("train_step", ["--shape", "llama3.1-8b", "--layers", "32", "--batch", "2", "--seq", "4096",
                                      "--steps", "8", "--warmup", "3", *PEER_VARIANTS], 450),
@@ -184,10 +186,15 @@ def goal_lines(out: Path) -> list[str]:
             check(f"{name}: {what} peak GiB <= HF bf16 peak GiB (fp8, hf)", mem, mem and mem[0] <= mem[1])
     for name in PEER_JOBS:
         rows = rows_by_variant(load(out, name))
-        for variant, what in (("fp8_delayed", "FP8 delayed"), ("fp8_delayed_fp8head", "FP8 delayed + FP8 head")):
+        leanest = min((r["peak_mem_gib"] for v, r in rows.items() if v in PEERS), default=None)
+        for variant, what in (("fp8_delayed", "FP8 delayed"), ("fp8_delayed_fp8head", "FP8 delayed + FP8 head"),
+                              ("fp8_delayed_recompute_mlp", "FP8 delayed, MLP recomputed"),
+                              ("fp8_delayed_fp8head_recompute_mlp", "FP8 delayed + FP8 head, MLP recomputed")):
             ratio = rows.get(variant, {}).get("speedup_vs_fastest_peer")
             ratio = ratio and round(ratio, 3)
             check(f"{name}: {what} ahead of the fastest peer (ratio > 1)", ratio, ratio and ratio > 1)
+            mem = (round(rows[variant]["peak_mem_gib"], 1), round(leanest, 1)) if variant in rows and leanest else None
+            check(f"{name}: {what} peak GiB <= the leanest peer's (ours, peer)", mem, mem and mem[0] <= mem[1])
     for variant, what in (("te_fp8_delayed", "FP8 delayed"), ("te_fp8_delayed_attn", "FP8 delayed + FP8 attention")):
         layers = rows_by_variant(load(out, "layers-8b")).get(variant)
         value = layers and round(layers["layer_tflops"], 1)

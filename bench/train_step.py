@@ -39,6 +39,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_device_plan": ("ours", False, "delayed"),  # ... its plan and loss positions found on the GPU
     "fp8_delayed_torch_adamw": ("ours", False, "delayed"),  # ... updated by torch's fused AdamW, as HF is
     "fp8_delayed_weight_cache": ("ours", False, "delayed"),  # ... FP8 weights cast once per step
+    "fp8_delayed_recompute_mlp": ("ours", False, "delayed"),  # ... each layer's MLP recomputed in backward
+    "fp8_delayed_fp8head_recompute_mlp": ("ours", False, "delayed"),  # ... with the FP8 head
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -106,7 +108,8 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
         model = te_model.build_model(config, backend=backend, dtype=dtype, device=device)
         common.load_hf_state(model, state)
         model.fused_loss = not name.endswith("_logits")
-        model.fp8_head = name.endswith("_fp8head")
+        model.fp8_head = "_fp8head" in name
+        model.mlp_recompute_enable("_recompute_mlp" in name)
     return model.train()
 
 
@@ -210,7 +213,8 @@ def label(name: str, backend: str, dtype: str) -> str:
     where = "TE" if backend == "te" else "torch backend (no TE)"
     return (f"ours {where}, " + (f"FP8 {recipe}" if recipe else dtype) + (", HF loss" if "logits" in name else "")
             + (" + FP8 attention" if "_attn" in name else "")
-            + (" + FP8 head" if name.endswith("_fp8head") else "")
+            + (" + FP8 head" if "_fp8head" in name else "")
+            + (", MLP recomputed" if name.endswith("_recompute_mlp") else "")
             + (", planned on GPU" if name.endswith("_device_plan") else "")
             + (", torch AdamW" if name.endswith("_torch_adamw") else "")
             + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else ""))

@@ -255,6 +255,10 @@ class TrainConfig(_Section):
     master_weights: Literal["fp32", "bf16_kahan", "bf16_sr", "bf16"] = "bf16_kahan"
     # Recompute decoder-layer activations in backward to save memory.
     activation_checkpointing: bool = False
+    # Recompute only each decoder layer's MLP in backward: the MLP keeps just its input (not FC1's output,
+    # the SwiGLU output nor, under FP8, its FP8 weights), for one more FC1 GEMM a layer. Less memory saved
+    # than activation_checkpointing, for much less time (docs/performance.md, "Memory").
+    recompute_mlp: bool = False
     # Save a resumable checkpoint every this many optimizer steps; 0 = only at the end. 500 (HF Trainer's
     # save_steps): a full-model checkpoint with optimizer state is several times the model's size.
     checkpoint_every: int = 500
@@ -291,6 +295,8 @@ class TrainConfig(_Section):
             if self.warmup_steps is None:
                 self.warmup_steps = -(-self.max_steps * WARMUP_PERCENT // 100)  # integer ceiling
             self._require(self.warmup_steps <= self.max_steps, "warmup_steps", "must be <= train.max_steps")
+        self._require(not (self.recompute_mlp and self.activation_checkpointing), "recompute_mlp",
+                      "has no use with train.activation_checkpointing=true, which recomputes whole layers")
         self._require(self.keep_checkpoints >= 2, "keep_checkpoints",
                       "must be >= 2 (a corrupt newest checkpoint falls back to the one before it)")
         for name in ("weight_decay", "max_grad_norm", "checkpoint_every"):

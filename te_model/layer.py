@@ -41,10 +41,12 @@ class DecoderCall:
 
     It holds the call signature transformers 5.x uses for decoder layers, the refusal of a KV cache, the
     attention plan, and activation checkpointing. `model.gradient_checkpointing_enable()` switches that
-    on: HF sets `gradient_checkpointing` on every module that has the attribute.
+    on: HF sets `gradient_checkpointing` on every module that has the attribute. `recompute_mlp` (set by
+    `model.mlp_recompute_enable()`) recomputes only the MLP in backward: of the MLP, only its input is kept.
     """
 
     gradient_checkpointing = False
+    recompute_mlp = False
 
     def forward(
         self,
@@ -185,4 +187,6 @@ class TorchLlamaDecoderLayer(DecoderCall, nn.Module):
             raise ValueError("TorchLlamaDecoderLayer needs HF's position_embeddings (cos, sin)")
         cos, sin = position_embeddings
         x = x + self.self_attention(x, plan, cos, sin, self.eps)
+        if self.recompute_mlp and self.training and torch.is_grad_enabled():
+            return x + self._checkpoint(self.layernorm_mlp, x, self.eps)
         return x + self.layernorm_mlp(x, self.eps)

@@ -61,6 +61,17 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
         self.layer_idx = layer_idx
         self.head_dim = head_dim(config)
 
+    @property
+    def recompute_mlp(self) -> bool:
+        """TE's selective activation checkpointing of `LayerNormMLP` (its `checkpoint` argument, which
+        `TransformerLayer` does not pass on): forward keeps only the MLP's input, and backward recomputes the
+        norm, FC1 and SwiGLU, with the FP8 weights cast again, under the forward's FP8 scaling state."""
+        return self.layernorm_mlp.checkpoint
+
+    @recompute_mlp.setter
+    def recompute_mlp(self, on: bool) -> None:
+        self.layernorm_mlp.checkpoint = bool(on)
+
     def _block(self, x, plan: AttentionPlan, position_embeddings, is_first_microbatch=None) -> torch.Tensor:
         if x.dtype == torch.float32:
             raise TypeError("the TE backend runs in bf16 or fp16 (TE's THD attention has no fp32 kernel)")

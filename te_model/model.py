@@ -113,6 +113,14 @@ class TELlamaForCausalLM(LlamaForCausalLM):
     fused_loss = True
     fp8_head = False  # the fused loss's head GEMMs in FP8 (te_model.fp8_head); opt-in
 
+    def mlp_recompute_enable(self, on: bool = True) -> None:
+        """Recompute each decoder layer's MLP in backward instead of keeping its activations (and, under FP8,
+        its FP8 weights) from forward: the largest part of what a Llama layer keeps, for one more FC1 GEMM a
+        layer. Attention and its projections keep theirs. `gradient_checkpointing_enable()` recomputes whole
+        layers instead."""
+        for layer in self.model.layers:
+            layer.recompute_mlp = on
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         scored = kwargs.pop("scored_tokens", None)  # te_model.loss.ScoredTokens, found beforehand

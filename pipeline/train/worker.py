@@ -123,6 +123,7 @@ def build(cfg: Config, train_uri: str, rank: int = 0, world: int = 1, device: to
                                         device=device)
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable()
+    model.mlp_recompute_enable(cfg.train.recompute_mlp)
     model.fp8_head = cfg.train.fp8_head
     model.train()
     wrapped = model

@@ -294,9 +294,11 @@ def test_peer_jobs_run_hf_the_peers_and_ours_at_the_three_shapes_only_when_named
     for name, (script, job_args, _) in matrix.PEER_JOBS.items():
         args = train_step.parse_args(job_args)  # refuses an unknown variant or shape
         assert script == "train_step" and args.master_weights == "bf16_kahan", name
-        assert args.variants == ["hf", *peers.PEERS, "ours_bf16", "fp8_delayed", "fp8_delayed_fp8head"], name
+        assert args.variants == ["hf", *peers.PEERS, "ours_bf16", "fp8_delayed", "fp8_delayed_fp8head",
+                                 "fp8_delayed_recompute_mlp", "fp8_delayed_fp8head_recompute_mlp"], name
         shapes.add((args.shape, args.layers, args.batch, args.seq))
     assert shapes == {("llama3.1-8b", 32, 2, 4096), ("llama3.2-1b", 16, 4, 2048), ("llama3.1-8b", 32, 8, 256)}
+    assert matrix.PEERS == tuple(peers.PEERS)
     assert not set(matrix.PEER_JOBS) & set(matrix.parse_args(["--out", "x"]).only)
 
 
@@ -390,3 +392,20 @@ def test_trace_gaps_splits_a_step_into_compute_nccl_and_idle_and_names_what_the_
     assert [(r["phase"], r["op"], r["calls"], round(r["ms"] * 1e3, 6)) for r in result["syncs"]] == [
         ("train.forward", "aten::nonzero", 1, 30)]
     assert "starved by the host 0.2" in trace_gaps.format_report("ddp", result)
+
+
+def test_peer_goals_compare_ours_with_the_fastest_and_the_leanest_peer(tmp_path):
+    from bench import matrix
+
+    def row(variant, ms, gib, vs_peer=None):
+        return {"variant": variant, "step_ms": ms, "peak_mem_gib": gib, "speedup_vs_fastest_peer": vs_peer}
+
+    rows = [row("hf", 100.0, 50.0), row("hf_liger", 90.0, 40.0), row("hf_torchao_fp8", 70.0, 45.0),
+            row("fp8_delayed", 60.0, 48.0, 70 / 60), row("fp8_delayed_recompute_mlp", 65.0, 39.0, 70 / 65)]
+    (tmp_path / "peers-8b-4096.json").write_text(json.dumps({"variants": rows}))
+    lines = [line for line in matrix.goal_lines(tmp_path) if line.split()[1] == "peers-8b-4096:"]
+    assert "MET  peers-8b-4096: FP8 delayed ahead of the fastest peer (ratio > 1): 1.167" in lines
+    assert "MISS peers-8b-4096: FP8 delayed peak GiB <= the leanest peer's (ours, peer): (48.0, 40.0)" in lines
+    assert ("MET  peers-8b-4096: FP8 delayed, MLP recomputed peak GiB <= the leanest peer's (ours, peer): "
+            "(39.0, 40.0)") in lines
+    assert "MISS peers-8b-4096: FP8 delayed + FP8 head peak GiB <= the leanest peer's (ours, peer): not measured" in lines

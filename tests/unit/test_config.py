@@ -226,6 +226,14 @@ def test_out_of_range_values_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_mlp_recompute_inside_whole_layer_recompute_is_refused():
+    assert load_config(None, ["train.recompute_mlp=true"]).train.recompute_mlp is True
+    with pytest.raises(PipelineError) as caught:
+        load_config(None, ["train.recompute_mlp=true", "train.activation_checkpointing=true"])
+    assert str(caught.value) == ("train.recompute_mlp has no use with train.activation_checkpointing=true, "
+                                 "which recomputes whole layers (got True)")
+
+
 def test_global_batch_size_sets_grad_accum_steps():
     assert load_config(None, ["train.global_batch_size=32"]).train.grad_accum_steps == 4
     cfg = load_config(None, ["train.global_batch_size=32", "train.workers=4"])

@@ -23,17 +23,17 @@ def worker_for(tmp_path_factory):
     root = tmp_path_factory.mktemp("steps")
     base = demo.make_tiny_checkpoint(root / "base")
 
-    def cfg(max_steps: int) -> Config:
+    def cfg(max_steps: int, **train) -> Config:
         return Config.from_dict({
             "run": {"name": "steps", "seed": 0, "output_uri": str(root / "runs"), "cache_dir": str(root / "cache")},
             "model": {"base_uri": str(base), "backend": "torch", "dtype": "fp32"},
             "data": {"train_files": [SHIPPED_TEXT], "seq_len": 64, "max_documents": 80, "val_fraction": 0.1},
             "train": {"workers": 1, "use_gpu": False, "micro_batch_size": 2, "grad_accum_steps": 2, "lr": 3e-3,
-                      "warmup_steps": 2, "max_steps": max_steps},
+                      "warmup_steps": 2, "max_steps": max_steps, **train},
         })
 
     prepared = prepare(cfg(4), str(base))
-    return lambda max_steps: worker.build(cfg(max_steps), prepared.train_uri)
+    return lambda max_steps, **train: worker.build(cfg(max_steps, **train), prepared.train_uri)
 
 
 @pytest.mark.parametrize("ahead", [True, False])
@@ -113,3 +113,14 @@ def test_flags_are_read_without_waiting_for_the_work_queued_after_them():
     assert on_host.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert not torch.cuda.current_stream().query()  # the read did not wait for the matmuls
     torch.cuda.synchronize()
+
+
+def test_recompute_mlp_reaches_every_layer_and_trains_the_same(worker_for):
+    metrics = {}
+    for on in (False, True):
+        w = worker_for(2, recompute_mlp=on)
+        assert all(layer.recompute_mlp is on for layer in w.model.model.layers)
+        steps, progress = loop.Steps(w), loop.Progress()
+        metrics[on] = [steps.next(progress)[0] for _ in range(2)]
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-6), key
