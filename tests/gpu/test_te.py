@@ -84,6 +84,17 @@ def test_te_backend_matches_hf_in_bf16(parity_rows):
     assert not bad, bad
 
 
+def fp8_backward_peak_mib(model, ids) -> tuple[torch.Tensor, float]:
+    """One forward under FP8 delayed scaling and its backward: (loss, peak MiB allocated above the start)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with te_model.fp8_autocast("delayed"):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def test_hidden_states_and_activation_checkpointing_on_te(tmp_path):
     config = llama_config("llama3", num_hidden_layers=4, **GPU_SHAPES)
     model = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
@@ -91,19 +102,10 @@ def test_hidden_states_and_activation_checkpointing_on_te(tmp_path):
     out = model(ids, output_hidden_states=True)
     assert len(out.hidden_states) == config.num_hidden_layers + 1
 
-    def peak_step_mb():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with te_model.fp8_autocast("delayed"):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-    plain = peak_step_mb()
+    plain = fp8_backward_peak_mib(model, ids)[1]
+    model.zero_grad(set_to_none=True)
     model.gradient_checkpointing_enable()
-    ckpt = peak_step_mb()
+    ckpt = fp8_backward_peak_mib(model, ids)[1]
     print(f"\nactivation peak per step, 4 layers, 8x1024 tokens, FP8 delayed: {plain:.0f} MiB plain, "
           f"{ckpt:.0f} MiB with gradient_checkpointing_enable()")
     assert ckpt < 0.7 * plain
@@ -124,13 +126,8 @@ def test_mlp_recompute_on_te_keeps_less_and_trains_the_same():
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
         losses, peaks, first_grads = [], [], None
         for _ in range(3):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            with te_model.fp8_autocast("delayed"):
-                loss = model(ids, labels=ids).loss
-            loss.backward()
-            peaks.append((torch.cuda.max_memory_allocated() - base) / 2**20)
+            loss, peak = fp8_backward_peak_mib(model, ids)
+            peaks.append(peak)
             first_grads = first_grads or {n: p.grad.clone() for n, p in model.named_parameters()}
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -100,37 +100,24 @@ def _saved_activation_bytes(model, ids):
     return total, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_gradient_checkpointing_takes_effect():
+@pytest.mark.parametrize("enable, flag", [("gradient_checkpointing_enable", "gradient_checkpointing"),
+                                          ("mlp_recompute_enable", "recompute_mlp")])
+def test_recompute_keeps_less_and_changes_no_gradient(enable, flag):
     config = llama_config("llama3", num_hidden_layers=4)
     model = te_model.build_model(config, backend="torch", dtype=torch.float32).train()
     ids = torch.randint(0, 320, (4, 128))
     plain_bytes, plain_grads = _saved_activation_bytes(model, ids)
     model.zero_grad()
-    model.gradient_checkpointing_enable()
-    assert all(layer.gradient_checkpointing for layer in model.model.layers)
-    ckpt_bytes, ckpt_grads = _saved_activation_bytes(model, ids)
-    assert ckpt_bytes < 0.5 * plain_bytes, f"saved {ckpt_bytes} vs {plain_bytes} bytes"
+    getattr(model, enable)()
+    assert all(getattr(layer, flag) for layer in model.model.layers)
+    kept_bytes, grads = _saved_activation_bytes(model, ids)
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_mlp_recompute_keeps_only_the_mlp_input_and_changes_no_gradient():
-    config = llama_config("llama3", num_hidden_layers=4)
-    model = te_model.build_model(config, backend="torch", dtype=torch.float32).train()
-    ids = torch.randint(0, 320, (4, 128))
-    plain_bytes, plain_grads = _saved_activation_bytes(model, ids)
-    model.zero_grad()
-    model.mlp_recompute_enable()
-    assert all(layer.recompute_mlp for layer in model.model.layers)
-    mlp_bytes, mlp_grads = _saved_activation_bytes(model, ids)
-    # No longer kept, per layer and token: at least FC1's output (gate and up) and FC2's input, fp32.
-    dropped = config.num_hidden_layers * ids.numel() * 3 * config.intermediate_size * 4
-    assert plain_bytes - mlp_bytes >= dropped, (plain_bytes, mlp_bytes, dropped)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(mlp_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
-    model.zero_grad()
-    model.mlp_recompute_enable(False)
-    assert _saved_activation_bytes(model, ids)[0] == plain_bytes
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    if flag == "gradient_checkpointing":
+        assert kept_bytes < 0.5 * plain_bytes, f"saved {kept_bytes} vs {plain_bytes} bytes"
+    else:  # no longer kept, per layer and token: at least FC1's output (gate and up) and FC2's input, fp32
+        dropped = config.num_hidden_layers * ids.numel() * 3 * config.intermediate_size * 4
+        assert plain_bytes - kept_bytes >= dropped, (plain_bytes, kept_bytes, dropped)
 
 
 def test_is_first_microbatch_reaches_every_layer_and_changes_nothing_on_the_torch_backend():
