@@ -61,6 +61,16 @@ PEER_JOBS = {
     "peers-8b-256": ("train_step", ["--shape", "llama3.1-8b", "--layers", "32", "--batch", "8", "--seq", "256",
                                     "--steps", "15", "--warmup", "3", *PEER_VARIANTS], 350),
 }
+# What each peers job must show: ours over HF bf16 and over the fastest peer, model TFLOP/s, our FP8 over
+# our bf16; and, for each of ours, peak memory at or under the leanest peer's.
+PEER_GOALS = {
+    "peers-8b-4096": {"vs_hf": 2.0, "vs_peer": 1.35, "tflops": 900},
+    "peers-1b-2048": {"vs_hf": 2.0, "vs_peer": 1.0},
+    "peers-8b-256": {"vs_hf": 1.5, "vs_peer": 1.0, "fp8_vs_bf16": 1.2},
+}
+OURS_AGAINST_PEERS = (("fp8_delayed", "FP8 delayed"), ("fp8_delayed_fp8head", "FP8 delayed + FP8 head"),
+                      ("fp8_delayed_recompute_mlp", "FP8 delayed, MLP recomputed"),
+                      ("fp8_delayed_fp8head_recompute_mlp", "FP8 delayed + FP8 head, MLP recomputed"))
 DEFAULT_JOBS = list(JOBS)  # the peers run only when named
 JOBS.update(PEER_JOBS)
 
@@ -184,17 +194,26 @@ def goal_lines(out: Path) -> list[str]:
                 check(f"{name}: {what} ahead of HF + torch.compile (ratio > 1)", over, over and over > 1)
             mem = fp8 and hf and (round(fp8["peak_mem_gib"], 1), round(hf["peak_mem_gib"], 1))
             check(f"{name}: {what} peak GiB <= HF bf16 peak GiB (fp8, hf)", mem, mem and mem[0] <= mem[1])
-    for name in PEER_JOBS:
+    for name, goal in PEER_GOALS.items():
         rows = rows_by_variant(load(out, name))
         leanest = min((r["peak_mem_gib"] for v, r in rows.items() if v in PEERS), default=None)
-        for variant, what in (("fp8_delayed", "FP8 delayed"), ("fp8_delayed_fp8head", "FP8 delayed + FP8 head"),
-                              ("fp8_delayed_recompute_mlp", "FP8 delayed, MLP recomputed"),
-                              ("fp8_delayed_fp8head_recompute_mlp", "FP8 delayed + FP8 head, MLP recomputed")):
-            ratio = rows.get(variant, {}).get("speedup_vs_fastest_peer")
-            ratio = ratio and round(ratio, 3)
-            check(f"{name}: {what} ahead of the fastest peer (ratio > 1)", ratio, ratio and ratio > 1)
-            mem = (round(rows[variant]["peak_mem_gib"], 1), round(leanest, 1)) if variant in rows and leanest else None
+        for variant, what in OURS_AGAINST_PEERS:
+            row = rows.get(variant, {})
+            value = row.get("speedup_vs_hf") and round(row["speedup_vs_hf"], 3)
+            check(f"{name}: {what} over HF bf16 >= {goal['vs_hf']}", value, value and value >= goal["vs_hf"])
+            value = row.get("speedup_vs_fastest_peer") and round(row["speedup_vs_fastest_peer"], 3)
+            check(f"{name}: {what} over the fastest peer >= {goal['vs_peer']}", value,
+                  value and value >= goal["vs_peer"])
+            if goal.get("tflops"):
+                value = row.get("model_tflops") and round(row["model_tflops"], 1)
+                check(f"{name}: {what} model TFLOP/s >= {goal['tflops']}", value, value and value >= goal["tflops"])
+            mem = (round(row["peak_mem_gib"], 1), round(leanest, 1)) if row and leanest else None
             check(f"{name}: {what} peak GiB <= the leanest peer's (ours, peer)", mem, mem and mem[0] <= mem[1])
+        if goal.get("fp8_vs_bf16"):
+            fp8, bf16 = rows.get("fp8_delayed"), rows.get("ours_bf16")
+            value = fp8 and bf16 and round(bf16["step_ms"] / fp8["step_ms"], 3)
+            check(f"{name}: FP8 delayed over our bf16 >= {goal['fp8_vs_bf16']}", value,
+                  value and value >= goal["fp8_vs_bf16"])
     for variant, what in (("te_fp8_delayed", "FP8 delayed"), ("te_fp8_delayed_attn", "FP8 delayed + FP8 attention")):
         layers = rows_by_variant(load(out, "layers-8b")).get(variant)
         value = layers and round(layers["layer_tflops"], 1)

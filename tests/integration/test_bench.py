@@ -394,18 +394,25 @@ def test_trace_gaps_splits_a_step_into_compute_nccl_and_idle_and_names_what_the_
     assert "starved by the host 0.2" in trace_gaps.format_report("ddp", result)
 
 
-def test_peer_goals_compare_ours_with_the_fastest_and_the_leanest_peer(tmp_path):
+def test_peer_goals_compare_ours_with_hf_the_fastest_and_the_leanest_peer(tmp_path):
     from bench import matrix
 
-    def row(variant, ms, gib, vs_peer=None):
-        return {"variant": variant, "step_ms": ms, "peak_mem_gib": gib, "speedup_vs_fastest_peer": vs_peer}
+    def row(variant, ms, gib):
+        return {"variant": variant, "step_ms": ms, "peak_mem_gib": gib, "speedup_vs_hf": 100.0 / ms,
+                "speedup_vs_fastest_peer": 70.0 / ms, "model_tflops": 50_000 / ms}
 
     rows = [row("hf", 100.0, 50.0), row("hf_liger", 90.0, 40.0), row("hf_torchao_fp8", 70.0, 45.0),
-            row("fp8_delayed", 60.0, 48.0, 70 / 60), row("fp8_delayed_recompute_mlp", 65.0, 39.0, 70 / 65)]
-    (tmp_path / "peers-8b-4096.json").write_text(json.dumps({"variants": rows}))
-    lines = [line for line in matrix.goal_lines(tmp_path) if line.split()[1] == "peers-8b-4096:"]
-    assert "MET  peers-8b-4096: FP8 delayed ahead of the fastest peer (ratio > 1): 1.167" in lines
-    assert "MISS peers-8b-4096: FP8 delayed peak GiB <= the leanest peer's (ours, peer): (48.0, 40.0)" in lines
-    assert ("MET  peers-8b-4096: FP8 delayed, MLP recomputed peak GiB <= the leanest peer's (ours, peer): "
-            "(39.0, 40.0)") in lines
-    assert "MISS peers-8b-4096: FP8 delayed + FP8 head peak GiB <= the leanest peer's (ours, peer): not measured" in lines
+            row("ours_bf16", 62.0, 47.0), row("fp8_delayed", 50.0, 48.0), row("fp8_delayed_recompute_mlp", 65.0, 39.0)]
+    for name in ("peers-8b-4096", "peers-8b-256"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"variants": rows}))
+    lines = matrix.goal_lines(tmp_path)
+    for line in ("MET  peers-8b-4096: FP8 delayed over HF bf16 >= 2.0: 2.0",
+                 "MET  peers-8b-4096: FP8 delayed over the fastest peer >= 1.35: 1.4",
+                 "MET  peers-8b-4096: FP8 delayed model TFLOP/s >= 900: 1000.0",
+                 "MISS peers-8b-4096: FP8 delayed peak GiB <= the leanest peer's (ours, peer): (48.0, 40.0)",
+                 "MISS peers-8b-4096: FP8 delayed, MLP recomputed over HF bf16 >= 2.0: 1.538",
+                 "MET  peers-8b-4096: FP8 delayed, MLP recomputed peak GiB <= the leanest peer's (ours, peer): (39.0, 40.0)",
+                 "MISS peers-8b-4096: FP8 delayed + FP8 head over HF bf16 >= 2.0: not measured",
+                 "MET  peers-8b-256: FP8 delayed over our bf16 >= 1.2: 1.24",
+                 "MISS peers-1b-2048: FP8 delayed over HF bf16 >= 2.0: not measured"):
+        assert line in lines, line
