@@ -70,6 +70,9 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
 
     @recompute_mlp.setter
     def recompute_mlp(self, on: bool) -> None:
+        if not hasattr(self.layernorm_mlp, "checkpoint"):  # an attribute, set only where TE reads it
+            raise RuntimeError("this Transformer Engine's LayerNormMLP has no selective recompute "
+                               "(`checkpoint`): recompute_mlp needs TE 2.20 or later")
         self.layernorm_mlp.checkpoint = bool(on)
 
     def _block(self, x, plan: AttentionPlan, position_embeddings, is_first_microbatch=None) -> torch.Tensor:
