@@ -70,7 +70,7 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
 
     @recompute_mlp.setter
     def recompute_mlp(self, on: bool) -> None:
-        if not hasattr(self.layernorm_mlp, "checkpoint"):  # an attribute, set only where TE reads it
+        if on and not hasattr(self.layernorm_mlp, "checkpoint"):  # a TE without it would ignore the setting
             raise RuntimeError("this Transformer Engine's LayerNormMLP has no selective recompute "
                                "(`checkpoint`): recompute_mlp needs TE 2.20 or later")
         self.layernorm_mlp.checkpoint = bool(on)
