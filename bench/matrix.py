@@ -49,7 +49,8 @@ JOBS = {
     "layers-1b": ("layer_speed", ["--shape", "llama3.2-1b", "--layers", "4", "--batch", "8", "--seq", "2048"], 60),
 }
 # HF bf16, the four peers, then ours with the default master weights; fewer timed steps where steps are long
-PEERS = ("hf_liger", "hf_torchao_fp8", "accelerate_te_fp8", "te_llama_swap")  # bench/peers.py's; this launcher imports no torch
+# bench/peers.py's peers, named here because this launcher imports no torch
+PEERS = ("hf_liger", "hf_torchao_fp8", "accelerate_te_fp8", "te_llama_swap")
 PEER_VARIANTS = ["--variants", ",".join(["hf", *PEERS, "ours_bf16", "fp8_delayed", "fp8_delayed_fp8head",
                                          "fp8_delayed_recompute_mlp", "fp8_delayed_fp8head_recompute_mlp"]),
                  "--master-weights", "bf16_kahan"]

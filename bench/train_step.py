@@ -214,7 +214,7 @@ def label(name: str, backend: str, dtype: str) -> str:
     return (f"ours {where}, " + (f"FP8 {recipe}" if recipe else dtype) + (", HF loss" if "logits" in name else "")
             + (" + FP8 attention" if "_attn" in name else "")
             + (" + FP8 head" if "_fp8head" in name else "")
-            + (", MLP recomputed" if name.endswith("_recompute_mlp") else "")
+            + (", MLP recomputed" if "_recompute_mlp" in name else "")
             + (", planned on GPU" if name.endswith("_device_plan") else "")
             + (", torch AdamW" if name.endswith("_torch_adamw") else "")
             + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else ""))

@@ -411,7 +411,8 @@ def test_peer_goals_compare_ours_with_hf_the_fastest_and_the_leanest_peer(tmp_pa
                  "MET  peers-8b-4096: FP8 delayed model TFLOP/s >= 900: 1000.0",
                  "MISS peers-8b-4096: FP8 delayed peak GiB <= the leanest peer's (ours, peer): (48.0, 40.0)",
                  "MISS peers-8b-4096: FP8 delayed, MLP recomputed over HF bf16 >= 2.0: 1.538",
-                 "MET  peers-8b-4096: FP8 delayed, MLP recomputed peak GiB <= the leanest peer's (ours, peer): (39.0, 40.0)",
+                 "MET  peers-8b-4096: FP8 delayed, MLP recomputed peak GiB <= the leanest peer's (ours, peer): "
+                 "(39.0, 40.0)",
                  "MISS peers-8b-4096: FP8 delayed + FP8 head over HF bf16 >= 2.0: not measured",
                  "MET  peers-8b-256: FP8 delayed over our bf16 >= 1.2: 1.24",
                  "MISS peers-1b-2048: FP8 delayed over HF bf16 >= 2.0: not measured"):
