@@ -41,6 +41,9 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_weight_cache": ("ours", False, "delayed"),  # ... FP8 weights cast once per step
     "fp8_delayed_recompute_mlp": ("ours", False, "delayed"),  # ... each layer's MLP recomputed in backward
     "fp8_delayed_fp8head_recompute_mlp": ("ours", False, "delayed"),  # ... with the FP8 head
+    "ours_bf16_graphs": ("ours", False, None),  # ... decoder layers replayed as CUDA graphs
+    "fp8_delayed_graphs": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_graphs": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -131,6 +134,13 @@ def setup_variant(name: str, args, config, state, device, backend: str) -> peers
     return peers.Peer(forward, optimizer, lambda: te_model.fp8_autocast(recipe, fp8_attention=fp8_attention))
 
 
+def capture_graphs(name: str, model, ids: torch.Tensor, device) -> None:
+    """The `_graphs` variants: the decoder layers captured for the first batch's layout, before any step."""
+    recipe = VARIANTS[name][2]
+    made = te_model.fp8.make_recipe(recipe, fp8_attention="_attn" in name) if recipe else None
+    te_model.graphs.capture_decoder_graphs(model, common.step_inputs("ours", ids, device), recipe=made)
+
+
 def run_variant(name: str, args, config, state, batches, device, backend: str) -> dict:
     """Warm up, then time `args.steps` full training steps; the raw per-variant measurements."""
     common.reset_peak(device)
@@ -147,6 +157,8 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
     forward, optimizer = variant.model, variant.optimizer
     timer, losses, wall_start = common.StepTimer(device), [], None
     cache_weights = name.endswith("_weight_cache")
+    if name.endswith("_graphs"):
+        capture_graphs(name, forward, batches[0][0], device)
 
     def train_step(micro_batches):
         count, step_loss = len(micro_batches), None
@@ -217,7 +229,8 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", MLP recomputed" if "_recompute_mlp" in name else "")
             + (", planned on GPU" if name.endswith("_device_plan") else "")
             + (", torch AdamW" if name.endswith("_torch_adamw") else "")
-            + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else ""))
+            + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else "")
+            + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 
 def skip_reason(name: str, backend: str, reason: str | None, device: torch.device) -> str | None:
@@ -225,6 +238,8 @@ def skip_reason(name: str, backend: str, reason: str | None, device: torch.devic
         return peers.unavailable_reason(name, device)
     if VARIANTS[name][2] and backend != "te":
         return f"FP8 needs Transformer Engine on CUDA: {reason}"
+    if name.endswith("_graphs") and backend != "te":
+        return f"CUDA graphs need Transformer Engine on CUDA: {reason}"
     return None
 
 

@@ -10,15 +10,16 @@ from .fp8 import RECIPES, FP8UnsupportedError, check_fp8_tokens, fp8_autocast, p
 from .layer import KVCacheUnsupportedError, TorchLlamaDecoderLayer
 from .model import SegmentedLlamaModel, build_model, prepare_batch, replace_decoder
 from .rope import UnsupportedRopeError
+from .graphs import GraphsUnsupportedError, capture_decoder_graphs
 from .loss import ScoredTokens, scored_tokens
 from .segments import AttentionPlan, MaskError, plan_attention, to_device
 from .weights import CheckpointError, from_hf_checkpoint, hf_to_te_key, save_hf_checkpoint, te_to_hf_keys
 
 __all__ = [
     "BACKENDS", "RECIPES", "AttentionPlan", "BackendUnavailableError", "CheckpointError",
-    "FP8UnsupportedError", "KVCacheUnsupportedError", "MaskError", "SaveHFCheckpointCallback", "SegmentedLlamaModel",
+    "FP8UnsupportedError", "GraphsUnsupportedError", "KVCacheUnsupportedError", "MaskError", "SaveHFCheckpointCallback", "SegmentedLlamaModel",
     "TELlamaDecoderLayer", "TorchLlamaDecoderLayer", "UnsupportedRopeError", "build_model",
-    "check_fp8_tokens", "fp8_autocast", "from_hf_checkpoint", "hf_to_te_key", "pad_to_multiple",
+    "capture_decoder_graphs", "check_fp8_tokens", "fp8_autocast", "from_hf_checkpoint", "hf_to_te_key", "pad_to_multiple",
     "plan_attention", "prepare_batch", "replace_decoder", "resolve_backend", "save_hf_checkpoint", "ScoredTokens", "scored_tokens",
     "te_to_hf_keys", "to_device",
 ]

@@ -67,6 +67,9 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
                             f"the inputs have shape {(batch, seqlen)}")
         else:
             plan = attention_plan
+        graphs = self.__dict__.get("decoder_graphs")  # te_model.graphs.capture_decoder_graphs
+        if graphs is not None and self.training and torch.is_grad_enabled():
+            plan = graphs.fit(plan, batch * seqlen) or plan
         if getattr(self.layers[0], "wants_rope_angles", False):  # the TE backend
             if fp8_active():
                 check_fp8_tokens(batch * seqlen, where=f"batch of shape {(batch, seqlen)}")

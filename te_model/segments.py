@@ -44,6 +44,7 @@ class AttentionPlan:
     max_seqlen: int
     one_segment_per_row: bool  # plain causal rows: the fast path needs no mask at all
     rope_angles: torch.Tensor | None = None  # (max_seqlen, 1, 1, head_dim) for TE's fused RoPE
+    graphed: bool = False  # widened to the layout the layers' CUDA graphs were captured for (te_model.graphs)
 
     def to(self, device: torch.device) -> "AttentionPlan":
         """The plan's tensors on `device`, copied without waiting for it (`to_device`). A plan made from the

@@ -1,0 +1,144 @@
+"""CUDA graphs for the decoder layers: each layer's forward and backward replayed, not launched kernel by kernel.
+
+At short sequences a decoder layer's kernels finish faster than Python can launch them through Transformer
+Engine's modules, so the GPU waits on the host. `capture_decoder_graphs` records every layer's forward and
+backward once, with TE's `make_graphed_callables` (which keeps FP8 scaling state right across replays),
+for one batch layout: token count, `cu_seqlens` length and `max_seqlen`. A replay copies the batch's
+hidden states, segment offsets and RoPE table into the recorded buffers and launches one graph per layer
+and direction.
+
+Packed rows differ in their segment count from batch to batch. A plan whose layout fits under the captured
+one is widened to it (`DecoderGraphs.fit`): empty segments appended, `max_seqlen` raised to the row's
+length, neither of which changes any output. A batch with more segments than captured runs eagerly, and
+is counted (`DecoderGraphs.eager_batches`).
+
+What the graphs cost: the captured activations stay allocated between steps, and each layer keeps a static
+buffer for its weight gradients (one more bf16 copy of the decoder's weights), from which every backward
+copies them out. Sizes: docs/performance.md ("CUDA graphs").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .rope import angles_table
+from .segments import AttentionPlan, bucket_max_seqlen
+
+SEGMENT_HEADROOM = 2  # captured segment count over the first batch's: packed batches vary around it
+
+
+class GraphsUnsupportedError(RuntimeError):
+    """The model or its training setup cannot run its decoder layers as CUDA graphs."""
+
+
+@dataclass(frozen=True)
+class GraphLayout:
+    """What a captured graph was recorded for: flattened tokens, `cu_seqlens` entries, `max_seqlen`."""
+
+    tokens: int
+    offsets: int
+    max_seqlen: int
+
+
+class _LayerCall(torch.nn.Module):
+    """One TE layer's THD call with `max_seqlen` fixed: the callable TE records (tensors in, tensor out)."""
+
+    def __init__(self, layer, max_seqlen: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.max_seqlen = max_seqlen
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, rope_angles: torch.Tensor) -> torch.Tensor:
+        import transformer_engine.pytorch as te
+
+        return te.TransformerLayer.forward(self.layer, x, rotary_pos_emb=rope_angles, cu_seqlens_q=cu_seqlens,
+                                           cu_seqlens_kv=cu_seqlens, max_seqlen_q=self.max_seqlen,
+                                           max_seqlen_kv=self.max_seqlen)
+
+
+class DecoderGraphs:
+    """The captured layers of one model and the layout they were captured for."""
+
+    def __init__(self, layout: GraphLayout, calls: list[_LayerCall]) -> None:
+        self.layout = layout
+        self.calls = calls
+        self.eager_batches = 0  # batches whose layout did not fit: they ran without the graphs
+
+    def fit(self, plan: AttentionPlan, tokens: int) -> AttentionPlan | None:
+        """`plan` widened to the captured layout (with `graphed` set), or None when it cannot be: another
+        token count, or more segments than captured."""
+        layout = self.layout
+        offsets = plan.cu_seqlens.numel()
+        if tokens != layout.tokens or offsets > layout.offsets or plan.max_seqlen > layout.max_seqlen:
+            self.eager_batches += 1
+            return None
+        return dataclasses.replace(widen(plan, layout.offsets, layout.max_seqlen), graphed=True)
+
+
+def widen(plan: AttentionPlan, offsets: int, max_seqlen: int) -> AttentionPlan:
+    """The same segments with `cu_seqlens` padded by empty segments to `offsets` entries and `max_seqlen`
+    raised: neither changes which token attends to which. Runs on the plan's device without a host sync."""
+    cu = plan.cu_seqlens
+    if cu.numel() < offsets:
+        cu = torch.cat([cu, cu[-1:].expand(offsets - cu.numel())])
+    return dataclasses.replace(plan, cu_seqlens=cu, max_seqlen=max_seqlen, rope_angles=None)
+
+
+def graph_layout(plan: AttentionPlan, tokens: int, row_length: int) -> GraphLayout:
+    """The layout to capture for a first batch: its tokens; its offsets, or for packed rows room for
+    `SEGMENT_HEADROOM` times its segments (a power of two, as plans pad to); `max_seqlen` the whole row."""
+    offsets = plan.cu_seqlens.numel()
+    if not plan.one_segment_per_row:
+        segments = (offsets - 1) * SEGMENT_HEADROOM
+        offsets = (1 << (segments - 1).bit_length()) + 1
+    return GraphLayout(tokens=tokens, offsets=offsets, max_seqlen=bucket_max_seqlen(row_length, row_length))
+
+
+def check_graphable(model) -> None:
+    """Refuse what the graphs cannot record, naming it."""
+    layers = model.model.layers
+    if not getattr(layers[0], "wants_rope_angles", False):
+        raise GraphsUnsupportedError("CUDA graphs need the TE backend on a CUDA device "
+                                     f"(this model's layers are {type(layers[0]).__name__})")
+    if any(layer.gradient_checkpointing or layer.recompute_mlp for layer in layers):
+        raise GraphsUnsupportedError("CUDA graphs cannot record recomputation in backward: turn off "
+                                     "activation checkpointing and recompute_mlp")
+
+
+def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, warmup: int = 3) -> DecoderGraphs:
+    """Record every decoder layer of `model` for the layout of `inputs` (`prepare_batch`'s output: its
+    `attention_plan` and `input_ids`), and switch the model to replay them in training.
+
+    `recipe`: the TE recipe object the training autocast uses (`te_model.fp8.make_recipe`), None for bf16;
+    `group`: the amax reduction group. Call outside any autocast, before the first training step: the
+    capture runs `warmup` forward and backward passes on random inputs and restores FP8 scaling state after.
+    """
+    check_graphable(model)
+    import transformer_engine.pytorch as te
+
+    ids, plan = inputs["input_ids"], inputs["attention_plan"]
+    batch, seqlen = ids.shape
+    layout = graph_layout(plan, batch * seqlen, seqlen)
+    static = widen(plan, layout.offsets, layout.max_seqlen)
+    decoder = model.model
+    angles = angles_table(decoder.rotary_emb.inv_freq, layout.max_seqlen)
+    hidden = decoder.config.hidden_size
+    dtype = decoder.embed_tokens.weight.dtype
+    calls = [_LayerCall(layer, layout.max_seqlen) for layer in decoder.layers]
+    samples = tuple(
+        (torch.randn(layout.tokens, hidden, device=ids.device, dtype=dtype, requires_grad=True),
+         static.cu_seqlens, angles)
+        for _ in calls)
+    was_training = model.training
+    model.train()
+    te.make_graphed_callables(tuple(calls), samples, num_warmup_iters=warmup, enabled=recipe is not None,
+                              recipe=recipe, amax_reduction_group=group)
+    model.train(was_training)
+    graphs = DecoderGraphs(layout, calls)
+    for layer, call in zip(decoder.layers, calls):
+        layer.__dict__["graphed_call"] = call  # not a submodule: the layer's state dict stays its own
+    decoder.__dict__["decoder_graphs"] = graphs
+    return graphs
