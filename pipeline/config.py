@@ -259,6 +259,11 @@ class TrainConfig(_Section):
     # the SwiGLU output nor, under FP8, its FP8 weights), for one more FC1 GEMM a layer. Less memory saved
     # than activation_checkpointing, for much less time (docs/performance.md, "Memory").
     recompute_mlp: bool = False
+    # Replay each decoder layer's forward and backward as CUDA graphs (te_model/graphs.py), captured at the
+    # first step: short steps, whose host cannot launch TE's kernels as fast as the GPU runs them, run at
+    # the GPU's pace. One GPU worker, TE backend; batches with more packed documents than the captured
+    # layout has room for run without the graphs. docs/performance.md ("CUDA graphs").
+    cuda_graphs: bool = False
     # Save a resumable checkpoint every this many optimizer steps; 0 = only at the end. 500 (HF Trainer's
     # save_steps): a full-model checkpoint with optimizer state is several times the model's size.
     checkpoint_every: int = 500
@@ -309,6 +314,11 @@ class TrainConfig(_Section):
                       "train.fp8_fallback=true) to train on CPU without FP8")
         self._require(not self.fp8_attention or self.fp8 in ("delayed", "current"), "fp8_attention",
                       f"needs train.fp8 set to delayed or current, not {self.fp8!r}")
+        if self.cuda_graphs:
+            self._require(self.use_gpu, "cuda_graphs", "needs GPU workers (train.use_gpu=true)")
+            self._require(self.workers == 1, "cuda_graphs", "runs on one worker; set train.workers=1 or turn it off")
+            for other in ("activation_checkpointing", "recompute_mlp", "fp8_attention"):
+                self._require(not getattr(self, other), "cuda_graphs", f"cannot be combined with train.{other}")
         self._require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
         self._require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", "must be >= 0")
         self._require(self.progress_every_s > 0, "progress_every_s", "must be > 0")

@@ -12,20 +12,24 @@ one is widened to it (`DecoderGraphs.fit`): empty segments appended, `max_seqlen
 length, neither of which changes any output. A batch with more segments than captured runs eagerly, and
 is counted (`DecoderGraphs.eager_batches`).
 
-What the graphs cost: the captured activations stay allocated between steps, and each layer keeps a static
-buffer for its weight gradients (one more bf16 copy of the decoder's weights), from which every backward
-copies them out. Sizes: docs/performance.md ("CUDA graphs").
+Memory: the captured activations stay allocated between steps. The weight gradients are written into
+static buffers of the graphs; without gradient accumulation they are the parameters' `.grad` (each replay
+overwrites them, after the optimizer has read them), with it every backward copies them out, so each
+micro-batch's gradients add up. Sizes: docs/performance.md ("CUDA graphs").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from .rope import angles_table
 from .segments import AttentionPlan, bucket_max_seqlen
+
+log = logging.getLogger(__name__)
 
 SEGMENT_HEADROOM = 2  # captured segment count over the first batch's: packed batches vary around it
 
@@ -74,6 +78,10 @@ class DecoderGraphs:
         offsets = plan.cu_seqlens.numel()
         if tokens != layout.tokens or offsets > layout.offsets or plan.max_seqlen > layout.max_seqlen:
             self.eager_batches += 1
+            if self.eager_batches == 1:  # once: the run's speed is then partly not the graphs'
+                log.warning("a batch of %d tokens in %d segments does not fit the CUDA graphs' layout (%d tokens, "
+                            "up to %d segments): it runs without them, as will any other such batch",
+                            tokens, offsets - 1, layout.tokens, layout.offsets - 1)
             return None
         return dataclasses.replace(widen(plan, layout.offsets, layout.max_seqlen), graphed=True)
 
@@ -108,13 +116,18 @@ def check_graphable(model) -> None:
                                      "activation checkpointing and recompute_mlp")
 
 
-def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, warmup: int = 3) -> DecoderGraphs:
+def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, accumulate: bool = True,
+                           warmup: int = 3) -> DecoderGraphs:
     """Record every decoder layer of `model` for the layout of `inputs` (`prepare_batch`'s output: its
     `attention_plan` and `input_ids`), and switch the model to replay them in training.
 
     `recipe`: the TE recipe object the training autocast uses (`te_model.fp8.make_recipe`), None for bf16;
-    `group`: the amax reduction group. Call outside any autocast, before the first training step: the
-    capture runs `warmup` forward and backward passes on random inputs and restores FP8 scaling state after.
+    `group`: the amax reduction group. `accumulate=False` promises one backward pass per optimizer step,
+    with the gradients read and `.grad` set to None (`zero_grad()`'s default) before the next: the weight
+    gradients then stay in the graphs' buffers, with no copy. With gradient accumulation, or gradients
+    zeroed in place, leave it True. Call outside
+    any autocast, before the first training step: the capture runs `warmup` forward and backward passes
+    on random inputs and restores FP8 scaling state after.
     """
     check_graphable(model)
     import transformer_engine.pytorch as te
@@ -135,7 +148,7 @@ def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, warm
     was_training = model.training
     model.train()
     te.make_graphed_callables(tuple(calls), samples, num_warmup_iters=warmup, enabled=recipe is not None,
-                              recipe=recipe, amax_reduction_group=group)
+                              recipe=recipe, amax_reduction_group=group, clone_param_grads_on_return=accumulate)
     model.train(was_training)
     graphs = DecoderGraphs(layout, calls)
     for layer, call in zip(decoder.layers, calls):

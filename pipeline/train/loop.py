@@ -82,6 +82,8 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     shard: RankShard
     """This rank's micro-batches."""
+    graphs: te_model.graphs.DecoderGraphs | None = None
+    """The decoder layers' CUDA graphs (`train.cuda_graphs`), captured by the first pass."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,6 +236,8 @@ def forward_backward(state: TrainState, position: tuple[int, int], step: int, fa
             batch = state.shard.device_batch(position, state.place.device)
         position = state.shard.next_position(*position)
         tokens += batch["input_ids"].numel()
+        if train.cuda_graphs:
+            capture_graphs(state, batch, group)
         with parallel.gradient_sync(state.wrapped, enabled=micro == accum - 1):
             with phase("train.forward"), te_model.fp8_autocast(
                     recipe, amax_history_len=train.fp8_amax_history_len, fp8_attention=train.fp8_attention,
@@ -244,6 +248,20 @@ def forward_backward(state: TrainState, position: tuple[int, int], step: int, fa
                 (loss / accum).backward()  # outside the FP8 autocast: TE runs the matching backward itself
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     return Passes(loss_sum / accum, tokens, position)
+
+
+def capture_graphs(state: TrainState, batch: dict, group) -> None:
+    """`train.cuda_graphs`: the decoder layers captured for the first batch's layout, outside the FP8 autocast
+    (as TE's capture wants)."""
+    train = state.train
+    if state.graphs is None:
+        recipe = None if train.fp8 == "none" else te_model.fp8.make_recipe(
+            train.fp8, amax_history_len=train.fp8_amax_history_len)
+        state.graphs = te_model.capture_decoder_graphs(state.model, batch, recipe=recipe, group=group,
+                                                       accumulate=train.grad_accum_steps > 1)
+        layout = state.graphs.layout
+        log.info("decoder layers captured as CUDA graphs: %d tokens, up to %d segments, max_seqlen %d",
+                 layout.tokens, layout.offsets - 1, layout.max_seqlen)
 
 
 def clip_agree_update(state: TrainState, loss: torch.Tensor) -> tuple[agreement.HostFlags, float]:

@@ -18,14 +18,15 @@ import torch.distributed as dist
 
 from pipeline import storage
 from pipeline.errors import PermanentError, PipelineError
-from te_model import CheckpointError, FP8UnsupportedError, UnsupportedRopeError
+from te_model import CheckpointError, FP8UnsupportedError, GraphsUnsupportedError, UnsupportedRopeError
 
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "permanent_error.json"
 # Raised where no retry changes the outcome: our own input errors, the model package's input errors, and
 # a local folder this process may not write.
-PERMANENT_TYPES = (PermanentError, CheckpointError, FP8UnsupportedError, UnsupportedRopeError, PermissionError)
+PERMANENT_TYPES = (PermanentError, CheckpointError, FP8UnsupportedError, GraphsUnsupportedError, UnsupportedRopeError,
+                   PermissionError)
 
 
 def is_permanent(exc: BaseException) -> bool:

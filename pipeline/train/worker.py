@@ -124,6 +124,8 @@ def build(cfg: Config, train_uri: str, rank: int = 0, world: int = 1, device: to
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable()
     model.mlp_recompute_enable(cfg.train.recompute_mlp)
+    if cfg.train.cuda_graphs:  # captured by the first pass (loop.capture_graphs); refused here if it cannot be
+        te_model.graphs.check_graphable(model)
     model.fp8_head = cfg.train.fp8_head
     model.train()
     wrapped = model

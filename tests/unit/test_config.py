@@ -271,3 +271,17 @@ def test_dict_yaml_round_trip_and_flat_params(tmp_path):
     assert list(flat) == valid_keys()
     assert flat["train.lr"] == pytest.approx(3e-5) and flat["model.dtype"] == "bf16"
     assert flat["data.chat_template"] == "{{ bos_token }}"
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run():
+    on = ["train.cuda_graphs=true", "train.use_gpu=true", "train.workers=1"]
+    assert load_config(None, on).train.cuda_graphs is True
+    for extra, message in (
+            (["train.use_gpu=false"], "train.cuda_graphs needs GPU workers (train.use_gpu=true) (got True)"),
+            (["train.workers=2"], "train.cuda_graphs runs on one worker; set train.workers=1 or turn it off (got True)"),
+            (["train.recompute_mlp=true"], "train.cuda_graphs cannot be combined with train.recompute_mlp (got True)"),
+            (["train.activation_checkpointing=true"],
+             "train.cuda_graphs cannot be combined with train.activation_checkpointing (got True)")):
+        with pytest.raises(PipelineError) as caught:
+            load_config(None, [*on, *extra])
+        assert str(caught.value) == message

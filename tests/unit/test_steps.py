@@ -124,3 +124,13 @@ def test_recompute_mlp_reaches_every_layer_and_trains_the_same(worker_for):
         metrics[on] = [steps.next(progress)[0] for _ in range(2)]
     for key in ("loss", "grad_norm"):
         assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-6), key
+
+
+def test_cuda_graphs_on_the_torch_backend_are_refused_when_the_worker_builds(worker_for):
+    from te_model import GraphsUnsupportedError
+
+    from pipeline.train.permanent import is_permanent
+
+    with pytest.raises(GraphsUnsupportedError, match="CUDA graphs need the TE backend") as caught:
+        worker_for(2, cuda_graphs=True, use_gpu=True)  # the model is built on the torch backend all the same
+    assert is_permanent(caught.value)  # no restart retries it
