@@ -146,11 +146,13 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def graph_pool_gib(device: torch.device) -> float:
-    """GiB that CUDA graphs' private memory pools hold on `device`. A replay allocates nothing, so the
-    tensors a captured graph keeps (its activations) are in no peak of allocated memory: they are here."""
+def graph_pool_unallocated_gib(device: torch.device) -> float:
+    """GiB that CUDA graphs' private memory pools hold on `device` beyond their allocated tensors. The
+    tensors a captured graph keeps inside it (its activations) count as freed once captured, and a replay
+    allocates nothing: no statistic of allocated memory counts them, this does. The pools' tensors still
+    referenced (the graphs' inputs, outputs and gradient buffers) are allocated, and counted there."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot(include_traces=False)
+    return sum(seg["total_size"] - seg["allocated_size"] for seg in torch.cuda.memory_snapshot(include_traces=False)
                if seg["device"] == index and tuple(seg["segment_pool_id"]) != (0, 0)) / 2**30
 
 

@@ -192,8 +192,8 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
     wall_ms = (time.perf_counter() - wall_start) * 1e3 / args.steps
     step_ms = timer.step_ms()
     peak = common.peak_gib(device)
-    if capture_peak is not None:  # the graphs' pool on top of the steps' peak: at most what they held at once
-        peak = max(capture_peak, peak + common.graph_pool_gib(device))
+    if capture_peak is not None:  # the graphs' activations are in no allocated figure: added
+        peak = max(capture_peak, peak + common.graph_pool_unallocated_gib(device))
     result = {"step_ms": statistics.median(step_ms), "step_ms_min": min(step_ms), "step_ms_max": max(step_ms),
               "wall_ms_mean": wall_ms, "peak_mem_gib": peak,
               "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
