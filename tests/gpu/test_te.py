@@ -418,7 +418,8 @@ def test_decoder_graphs_train_as_the_eager_layers_do(recipe, monkeypatch):
     losses, grads = train(eager, batches)
     eager_calls = []
     original = te.TransformerLayer.forward
-    monkeypatch.setattr(te.TransformerLayer, "forward", lambda self, *a, **k: eager_calls.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(te.TransformerLayer, "forward",
+                        lambda self, *a, **k: eager_calls.append(1) or original(self, *a, **k))
     losses_g, grads_g = train(graphed, batches)
     assert eager_calls == [] and graphs.eager_batches == 0
     worst = max(rel_err(g, e) for g, e in zip(grads_g, grads))

@@ -278,7 +278,8 @@ def test_cuda_graphs_are_refused_where_they_cannot_run():
     assert load_config(None, on).train.cuda_graphs is True
     for extra, message in (
             (["train.use_gpu=false"], "train.cuda_graphs needs GPU workers (train.use_gpu=true) (got True)"),
-            (["train.workers=2"], "train.cuda_graphs runs on one worker; set train.workers=1 or turn it off (got True)"),
+            (["train.workers=2"],
+             "train.cuda_graphs runs on one worker; set train.workers=1 or turn it off (got True)"),
             (["train.recompute_mlp=true"], "train.cuda_graphs cannot be combined with train.recompute_mlp (got True)"),
             (["train.activation_checkpointing=true"],
              "train.cuda_graphs cannot be combined with train.activation_checkpointing (got True)")):
