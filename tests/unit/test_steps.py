@@ -134,3 +134,27 @@ def test_cuda_graphs_on_the_torch_backend_are_refused_when_the_worker_builds(wor
     with pytest.raises(GraphsUnsupportedError, match="CUDA graphs need the TE backend") as caught:
         worker_for(2, cuda_graphs=True, use_gpu=True)  # the model is built on the torch backend all the same
     assert is_permanent(caught.value)  # no restart retries it
+
+
+def test_the_first_pass_captures_the_graphs_once_with_the_runs_recipe_and_accumulation(worker_for, monkeypatch):
+    """The loop's side of `train.cuda_graphs` (the capture itself needs a GPU: tests/gpu/test_graphs.py)."""
+    import dataclasses
+
+    import te_model
+    from te_model.graphs import DecoderGraphs, GraphLayout
+
+    calls = []
+
+    def capture(model, batch, *, recipe, group, accumulate):
+        calls.append((model, batch["input_ids"].shape, recipe, accumulate))
+        return DecoderGraphs(GraphLayout(tokens=batch["input_ids"].numel(), offsets=3, max_seqlen=64), calls=[])
+
+    monkeypatch.setattr(te_model, "capture_decoder_graphs", capture)
+    w = worker_for(3, use_gpu=True)  # built without the graphs: the torch backend could not hold them
+    w.train = dataclasses.replace(w.train, cuda_graphs=True)
+    steps, progress = loop.Steps(w), loop.Progress()
+    for _ in range(3):
+        steps.next(progress)
+    assert len(calls) == 1 and w.graphs is not None
+    model, shape, recipe, accumulate = calls[0]
+    assert model is w.model and shape == (2, 64) and recipe is None and accumulate is True  # 2 micro-batches a step
