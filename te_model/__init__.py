@@ -17,9 +17,11 @@ from .weights import CheckpointError, from_hf_checkpoint, hf_to_te_key, save_hf_
 
 __all__ = [
     "BACKENDS", "RECIPES", "AttentionPlan", "BackendUnavailableError", "CheckpointError",
-    "FP8UnsupportedError", "GraphsUnsupportedError", "KVCacheUnsupportedError", "MaskError", "SaveHFCheckpointCallback", "SegmentedLlamaModel",
+    "FP8UnsupportedError", "GraphsUnsupportedError", "KVCacheUnsupportedError", "MaskError",
+    "SaveHFCheckpointCallback", "SegmentedLlamaModel",
     "TELlamaDecoderLayer", "TorchLlamaDecoderLayer", "UnsupportedRopeError", "build_model",
-    "capture_decoder_graphs", "check_fp8_tokens", "fp8_autocast", "from_hf_checkpoint", "hf_to_te_key", "pad_to_multiple",
+    "capture_decoder_graphs", "check_fp8_tokens", "fp8_autocast", "from_hf_checkpoint", "hf_to_te_key",
+    "pad_to_multiple",
     "plan_attention", "prepare_batch", "replace_decoder", "resolve_backend", "save_hf_checkpoint", "ScoredTokens", "scored_tokens",
     "te_to_hf_keys", "to_device",
 ]

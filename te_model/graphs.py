@@ -64,11 +64,10 @@ class _LayerCall(torch.nn.Module):
 
 
 class DecoderGraphs:
-    """The captured layers of one model and the layout they were captured for."""
+    """The layout a model's layers were captured for (each layer holds its own graphed call)."""
 
-    def __init__(self, layout: GraphLayout, calls: list[_LayerCall]) -> None:
+    def __init__(self, layout: GraphLayout) -> None:
         self.layout = layout
-        self.calls = calls
         self.eager_batches = 0  # batches whose layout did not fit: they ran without the graphs
 
     def fit(self, plan: AttentionPlan, tokens: int) -> AttentionPlan | None:
@@ -125,9 +124,8 @@ def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, accu
     `group`: the amax reduction group. `accumulate=False` promises one backward pass per optimizer step,
     with the gradients read and `.grad` set to None (`zero_grad()`'s default) before the next: the weight
     gradients then stay in the graphs' buffers, with no copy. With gradient accumulation, or gradients
-    zeroed in place, leave it True. Call outside
-    any autocast, before the first training step: the capture runs `warmup` forward and backward passes
-    on random inputs and restores FP8 scaling state after.
+    zeroed in place, leave it True. Call outside any autocast, before the first training step: the capture
+    runs `warmup` forward and backward passes on random inputs and restores FP8 scaling state after.
     """
     check_graphable(model)
     import transformer_engine.pytorch as te
@@ -150,7 +148,7 @@ def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, accu
     te.make_graphed_callables(tuple(calls), samples, num_warmup_iters=warmup, enabled=recipe is not None,
                               recipe=recipe, amax_reduction_group=group, clone_param_grads_on_return=accumulate)
     model.train(was_training)
-    graphs = DecoderGraphs(layout, calls)
+    graphs = DecoderGraphs(layout)
     for layer, call in zip(decoder.layers, calls):
         layer.__dict__["graphed_call"] = call  # not a submodule: the layer's state dict stays its own
     decoder.__dict__["decoder_graphs"] = graphs

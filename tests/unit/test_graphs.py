@@ -30,7 +30,7 @@ def test_the_captured_layout_leaves_room_for_packed_batches_and_fixes_plain_ones
 
 
 def test_a_later_batch_is_widened_to_the_layout_without_changing_its_segments():
-    graphs = DecoderGraphs(GraphLayout(tokens=1024, offsets=33, max_seqlen=256), calls=[])
+    graphs = DecoderGraphs(GraphLayout(tokens=1024, offsets=33, max_seqlen=256))
     later = packed_plan([[64] * 4, [32] * 8, [256], [200, 56]])  # 15 segments
     fitted = graphs.fit(later, 1024)
     assert fitted.graphed and not later.graphed

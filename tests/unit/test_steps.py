@@ -147,7 +147,7 @@ def test_the_first_pass_captures_the_graphs_once_with_the_runs_recipe_and_accumu
 
     def capture(model, batch, *, recipe, group, accumulate):
         calls.append((model, batch["input_ids"].shape, recipe, accumulate))
-        return DecoderGraphs(GraphLayout(tokens=batch["input_ids"].numel(), offsets=3, max_seqlen=64), calls=[])
+        return DecoderGraphs(GraphLayout(tokens=batch["input_ids"].numel(), offsets=3, max_seqlen=64))
 
     monkeypatch.setattr(te_model, "capture_decoder_graphs", capture)
     w = worker_for(3, use_gpu=True)  # built without the graphs: the torch backend could not hold them
