@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,7 +35,6 @@ from bench.trace_gaps import gpu_work  # noqa: E402
 from pipeline.train import loop  # noqa: E402
 from pipeline.train import worker as train_worker  # noqa: E402
 
-# name: (processes, train settings)
 # name: (processes, each process's rows as a share of the global batch, train settings)
 LAYOUTS = {"1": (1, 1, {"parallelism": "ddp"}), "1-half": (1, 2, {"parallelism": "ddp"}),
            "ddp": (2, 2, {"parallelism": "ddp"}), "fsdp": (2, 2, {"parallelism": "fsdp"}),
@@ -65,8 +65,14 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train setting of every layout's job, e.g. fp8_head=true or cuda_graphs=true (repeatable)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
+    try:
+        args.train = dict(_setting(item) for item in args.train)
+    except ValueError as exc:
+        p.error(f"--train: {exc}")
     args.layouts = [name for name in args.layouts.split(",") if name]
     unknown = [name for name in args.layouts if name not in LAYOUTS]
     if unknown:
@@ -76,13 +82,21 @@ def parse_args(argv):
     return args
 
 
+def _setting(item: str) -> tuple[str, object]:
+    """`key=value` with the value read as YAML (true, 2, 1e-5, a word)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{item!r} is not KEY=VALUE")
+    return key, yaml.safe_load(value)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-STEP_RANGE = "bench.step"  # each profiled step, for the GPU-idle analysis (bench/trace_gaps.py)
+STEP_RANGE = trace_gaps.STEP_RANGE
 
 
 def profile_summary(prof, steps: int) -> dict:
@@ -159,7 +173,7 @@ def job_config(args, workdir: Path, base_dir: Path, backend: str, world: int, ro
     steps = Namespace(seed=args.seed, dtype=args.dtype, seq=args.seq, batch=rows,
                       warmup=args.warmup + args.profile_steps, steps=args.steps + 1, fp8=args.fp8)
     cfg = ray_overhead.job_dict(steps, workdir, base_dir, backend, args.device == "cuda")
-    cfg["train"].update(workers=world, **settings)
+    cfg["train"].update(workers=world, **settings, **args.train)
     return cfg
 
 
@@ -199,7 +213,7 @@ def measure(args, workdir: Path) -> dict:
     run = {"shape": args.shape, "seq": args.seq, "global_batch": args.global_batch, "fp8": args.fp8,
            "backend": backend, "backend_reason": reason, "warmup": args.warmup,
            "profile_steps": args.profile_steps, "steps": args.steps, "host_breakdown": args.host_breakdown,
-           "ahead": not args.no_ahead}
+           "ahead": not args.no_ahead, "train": args.train}
     return {"environment": common.environment(device), "run": run, "layouts": layouts}
 
 

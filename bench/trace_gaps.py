@@ -16,6 +16,7 @@ GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_KINDS = ("cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 QUEUED = "(queued: waits on another stream)"
+STEP_RANGE = "bench.step"  # the host range around each profiled step that `analyse` reads
 
 
 def _end(e: dict) -> float:

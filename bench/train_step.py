@@ -14,8 +14,11 @@ docs/performance.md ("What each bench measures").
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
-from bench import common, kernels, peers  # noqa: E402
+from bench import common, kernels, peers, trace_gaps  # noqa: E402
 from pipeline.train import optim  # noqa: E402
 
 VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
@@ -67,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after the timed steps, profile this many more: kernel ms per step by kind, GPU idle")
+    p.add_argument("--gaps", action="store_true",
+                   help="with --profile-steps: when the GPU idled in them and what the host did meanwhile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES), help="parameter dtype")
     p.add_argument("--lr", type=float, default=1e-5)
@@ -165,18 +170,23 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
         capture_peak = common.peak_gib(device)
         common.reset_peak(device)
 
+    phase = _phases if args.gaps else _no_phases
+
     def train_step(micro_batches):
         count, step_loss = len(micro_batches), None
         for i, ids in enumerate(micro_batches):
-            inputs = common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))
+            with phase("train.batch"):
+                inputs = common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))
             if cache_weights:  # TE casts the FP8 weights on the first micro-batch and reuses them for the rest
                 inputs["is_first_microbatch"] = i == 0
-            with variant.autocast():
+            with phase("train.forward"), variant.autocast():
                 loss = forward(**inputs).loss
-            (loss / count if count > 1 else loss).backward()  # outside the autocast: TE runs the FP8 backward
+            with phase("train.backward"):  # outside the autocast: TE runs the FP8 backward
+                (loss / count if count > 1 else loss).backward()
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with phase("train.optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss / count if count > 1 else step_loss)
 
     timed = batches[: args.warmup + args.steps]
@@ -198,13 +208,23 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
               "wall_ms_mean": wall_ms, "peak_mem_gib": peak,
               "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
     if args.profile_steps:
-        result["profile"] = profile_steps(train_step, batches[len(timed):], device)
+        result["profile"] = profile_steps(train_step, batches[len(timed):], device, gaps=args.gaps)
     return result
 
 
-def profile_steps(train_step, batches, device) -> dict:
+@contextlib.contextmanager
+def _no_phases(_name):
+    yield
+
+
+def _phases(name):
+    return torch.profiler.record_function(name)
+
+
+def profile_steps(train_step, batches, device, gaps: bool = False) -> dict:
     """`kernels.breakdown` of these steps, profiled back to back, with their mean wall time and the GPU's
-    idle time in it (wall less busy): where a variant's step goes, beside its timing."""
+    idle time in it (wall less busy): where a variant's step goes, beside its timing. With `gaps`, also
+    `trace_gaps.analyse` of them: each idle gap put down to the step's phase and the host's operator."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -212,11 +232,18 @@ def profile_steps(train_step, batches, device) -> dict:
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for micro_batches in batches:
-            train_step(micro_batches)
+            with _phases(trace_gaps.STEP_RANGE) if gaps else contextlib.nullcontext():
+                train_step(micro_batches)
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3 / len(batches)
     found = kernels.breakdown(prof, len(batches))
-    return {"steps": len(batches), "wall_ms": wall_ms, "idle_ms": max(0.0, wall_ms - found["busy_ms"]), **found}
+    result = {"steps": len(batches), "wall_ms": wall_ms, "idle_ms": max(0.0, wall_ms - found["busy_ms"]), **found}
+    if gaps and device.type == "cuda":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(path))
+            result["gaps"] = trace_gaps.analyse(json.loads(path.read_text()), trace_gaps.STEP_RANGE)
+    return result
 
 
 def _sync(device) -> None:
@@ -366,6 +393,9 @@ def print_profiles(rows: list[dict]) -> None:
         print(f"{r['label']} largest kernels (ms per step, calls per step):")
         for name, ms, calls in r["profile"]["kernels_top"][:10]:
             print(f"  {ms:7.2f} {calls:4d}  {name}")
+    for r in rows:
+        if "gaps" in r["profile"]:
+            print(trace_gaps.format_report(r["label"], r["profile"]["gaps"]))
 
 
 def main(argv: list[str] | None = None) -> dict:

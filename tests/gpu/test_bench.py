@@ -26,9 +26,13 @@ TINY_GPU = ["--shape", "tiny", "--device", "cuda", "--dtype", "bf16"]
 def test_train_step_on_te(tmp_path):
     out = tmp_path / "train_step.json"
     train_step.main(TINY_GPU + ["--seq", "128", "--batch", "2", "--steps", "3", "--warmup", "2",
-                                "--matmul-size", "2048", "--out", str(out)])
+                                "--matmul-size", "2048", "--profile-steps", "2", "--gaps", "--out", str(out)])
     rows = {r["variant"]: r for r in json.loads(out.read_text())["variants"]}
     assert rows["ours_bf16"]["label"].startswith("ours TE")
+    gaps = rows["ours_bf16"]["profile"]["gaps"]  # the idle time put down to the step's phases
+    assert gaps["steps"] == 2 and gaps["per_step_ms"]["compute"] > 0
+    assert {row["phase"] for row in gaps["idle"]} <= {"-", "train.batch", "train.forward", "train.backward",
+                                                      "train.optimizer"}
     first = rows["hf"]["loss_first"]
     for name, row in rows.items():
         if row.get("skipped"):

@@ -313,6 +313,10 @@ def test_parallel_profile_backend_choice_is_checked():
         parallel_profile.main([*common_args, "--backend", "torch", "--fp8", "delayed"])
     with pytest.raises(SystemExit, match="--backend te: Transformer Engine cannot run here"):
         parallel_profile.main([*common_args, "--backend", "te"])
+    assert parallel_profile.parse_args(["--train", "fp8_head=true", "--train", "warmup_steps=7"]).train == \
+        {"fp8_head": True, "warmup_steps": 7}
+    with pytest.raises(SystemExit):
+        parallel_profile.parse_args(["--train", "fp8_head"])
 
 
 def test_host_breakdown_counts_only_what_runs_inside_the_named_operator(tmp_path):
