@@ -13,6 +13,7 @@ import gc
 import json
 import math
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -177,6 +178,50 @@ class StepTimer:
             torch.cuda.synchronize()
             return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+class GpuSampler:
+    """The GPU's SM clock (MHz) and board power (W), read through NVML every `every_s` on a thread from
+    `start` to `stop`. An H200 training at full rate sits at its power limit and lowers its clock:
+    a step's time then follows the energy it needs, which these readings show. A no-op off CUDA or
+    without NVML (`nvidia-ml-py`)."""
+
+    def __init__(self, device: torch.device, every_s: float = 0.05):
+        self.device, self.every_s = device, every_s
+        self.clocks: list[float] = []
+        self.watts: list[float] = []
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _read(self) -> None:
+        self.clocks.append(float(torch.cuda.clock_rate(self.device)))
+        self.watts.append(torch.cuda.power_draw(self.device) / 1e3)  # NVML gives milliwatts
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._read()
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            try:
+                self._read()
+            except (ModuleNotFoundError, RuntimeError):  # no NVML here: nothing is sampled
+                return
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def summary(self) -> dict | None:
+        """Median SM MHz and watts over the samples, and their count; None when nothing was sampled."""
+        if not self.clocks:
+            return None
+        return {"sm_clock_mhz": statistics.median(self.clocks), "power_w": statistics.median(self.watts),
+                "samples": len(self.clocks)}
 
 
 def matmul_peak_flops(device: torch.device, size: int, reps: int = 10) -> float:

@@ -66,7 +66,7 @@ def parse_args(argv):
     p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
-                   help="a train setting of every layout's job, e.g. fp8_head=true or cuda_graphs=true (repeatable)")
+                   help="a train setting of every layout's job, e.g. fp8_head=true (repeatable)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     try:

@@ -190,15 +190,20 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
         losses.append(step_loss / count if count > 1 else step_loss)
 
     timed = batches[: args.warmup + args.steps]
-    for i, micro_batches in enumerate(timed):
-        if i == args.warmup:
-            _sync(device)
-            wall_start = time.perf_counter()
-            timer.mark()
-        train_step(micro_batches)
-        if i >= args.warmup:
-            timer.mark()
-    _sync(device)
+    sampler = common.GpuSampler(device)
+    try:
+        for i, micro_batches in enumerate(timed):
+            if i == args.warmup:
+                _sync(device)
+                wall_start = time.perf_counter()
+                timer.mark()
+                sampler.start()
+            train_step(micro_batches)
+            if i >= args.warmup:
+                timer.mark()
+        _sync(device)
+    finally:
+        sampler.stop()
     wall_ms = (time.perf_counter() - wall_start) * 1e3 / args.steps
     step_ms = timer.step_ms()
     peak = common.peak_gib(device)
@@ -207,6 +212,9 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
     result = {"step_ms": statistics.median(step_ms), "step_ms_min": min(step_ms), "step_ms_max": max(step_ms),
               "wall_ms_mean": wall_ms, "peak_mem_gib": peak,
               "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
+    gpu = sampler.summary()
+    if gpu is not None:  # energy a step: the median power over the timed steps, times the median step
+        result["gpu"] = {**gpu, "joules_per_step": gpu["power_w"] * result["step_ms"] / 1e3}
     if args.profile_steps:
         result["profile"] = profile_steps(train_step, batches[len(timed):], device, gaps=args.gaps)
     return result
@@ -371,7 +379,20 @@ def print_table(result: dict) -> None:
               f"{r['mfu_datasheet']:7.1%} {r['mfu_measured_peak']:7.1%} {common.fmt(r['peak_mem_gib'], '6.1f')} "
               f"{common.fmt(r['speedup_vs_hf'], '5.2f')}x {common.fmt(r.get('speedup_vs_fastest_peer'), '6.2f'):>6s}x "
               f"{r['loss_first']:8.4f}")
+    print_power(result["variants"])
     print_profiles(result["variants"])
+
+
+def print_power(rows: list[dict]) -> None:
+    """Median SM clock and board power over each variant's timed steps, and the energy of a step."""
+    rows = [r for r in rows if "gpu" in r]
+    if not rows:
+        return
+    print("\nGPU during the timed steps (NVML, medians): SM clock, board power, energy a step")
+    print(f"{'variant':44s} {'SM MHz':>7s} {'watts':>6s} {'J/step':>7s}")
+    for r in rows:
+        g = r["gpu"]
+        print(f"{r['label']:44s} {g['sm_clock_mhz']:7.0f} {g['power_w']:6.0f} {g['joules_per_step']:7.1f}")
 
 
 PROFILE_COLUMNS = ("gemm fp8", "gemm", "attention", "optimizer", "loss", "embedding", "cast/transpose/amax", "norm",

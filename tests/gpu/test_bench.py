@@ -29,6 +29,8 @@ def test_train_step_on_te(tmp_path):
                                 "--matmul-size", "2048", "--profile-steps", "2", "--gaps", "--out", str(out)])
     rows = {r["variant"]: r for r in json.loads(out.read_text())["variants"]}
     assert rows["ours_bf16"]["label"].startswith("ours TE")
+    gpu = rows["ours_bf16"]["gpu"]  # NVML's readings over the timed steps (nvidia-ml-py comes with the host)
+    assert gpu["samples"] >= 1 and gpu["sm_clock_mhz"] > 0 and gpu["power_w"] > 0 and gpu["joules_per_step"] > 0
     gaps = rows["ours_bf16"]["profile"]["gaps"]  # the idle time put down to the step's phases
     assert gaps["steps"] == 2 and gaps["per_step_ms"]["compute"] > 0
     assert {row["phase"] for row in gaps["idle"]} <= {"-", "train.batch", "train.forward", "train.backward",

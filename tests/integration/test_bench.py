@@ -62,6 +62,7 @@ def test_train_step_reports_every_variant(train_step_result):
         assert rows[name]["tokens_per_s"] == pytest.approx(run["tokens_per_step"] / rows[name]["step_ms"] * 1e3)
     assert rows["hf"]["speedup_vs_hf"] == 1.0
     assert "torch backend" in rows["ours_bf16"]["label"]
+    assert not any("gpu" in r for r in rows.values())  # no clock or power readings off CUDA
     for name in ("fp8_delayed", "fp8_block"):
         assert "step_ms" not in rows[name] and "Transformer Engine" in rows[name]["skipped"]
     for name in peers.PEERS:  # every peer needs CUDA; none ran, so no row has a ratio to the fastest one
