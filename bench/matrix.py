@@ -245,6 +245,11 @@ def goal_lines(out: Path) -> list[str]:
     return lines
 
 
+def goal_job(line: str) -> str:
+    """The job a `goal_lines` line is about: "MET  peers-1b-2048: ..." -> "peers-1b-2048"."""
+    return line[5:].split(":", 1)[0]
+
+
 def report(args, status: dict) -> None:
     from bench import layer_speed, packing, ray_overhead, train_step  # each prints its own table
 
@@ -260,8 +265,10 @@ def report(args, status: dict) -> None:
             printers[JOBS[name][0]](result)
         except (KeyError, TypeError) as exc:  # a job stopped half-way leaves a partial JSON
             print(f"\n{name}: partial results ({status.get(name)}): {exc!r}")
-    print("\nGoals")
-    for line in goal_lines(out):
+    lines = goal_lines(out)
+    ran = [line for line in lines if goal_job(line) in args.only]
+    print(f"\nGoals of the jobs run ({len(lines) - len(ran)} goals of other jobs not shown)")
+    for line in ran:
         print(line)
     print("\nJobs: " + "; ".join(f"{k} {v}" for k, v in status.items()))
 
