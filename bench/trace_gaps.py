@@ -175,6 +175,10 @@ def analyse(trace: dict, window: str, phase_prefix: str = "train.", min_gap_us: 
                 row = syncs[(phase_at(e["ts"]), timelines[key].at(e["ts"]))]
                 row[0] += 1
                 row[1] += e["dur"]
+    # GPU work past the last step's host range: the host had queued it and gone on (it ran ahead), so the
+    # GPU, not the host, set the pace; the ranges then hold the host's time, not the GPU's
+    last = windows[-1][1]
+    totals["after"] = _length(_clip(compute, last, max(last, compute[-1][1] if compute else last)))
     steps = len(windows)
     per_step = {k: v / 1e3 / steps for k, v in totals.items()}
     idle_rows = sorted(({"phase": p, "host": h, "ms": us / 1e3 / steps} for (p, h), us in idle_by.items()),
@@ -190,8 +194,11 @@ def format_report(name: str, result: dict, top: int = 12) -> str:
              f"step {s['step']:.1f} = compute {s['compute']:.1f} + NCCL only {s['nccl_only']:.1f} + idle "
              f"{s['idle']:.1f}; gaps: starved by the host {s['starved']:.1f}, queued behind another stream "
              f"{s['queued']:.1f}, under {result['min_gap_us']:g} us between kernels {s['short']:.1f} (gaps include "
-             f"NCCL-only time)",
-             f"{'idle ms':>8s}  phase             host activity during the gap"]
+             f"NCCL-only time)"]
+    if s.get("after", 0) > 0:
+        lines.append(f"the host ran ahead: the GPU computed {s['after']:.1f} ms a step more after the host's last "
+                     f"step range ended, so the GPU set the pace and 'step' is the host's time")
+    lines.append(f"{'idle ms':>8s}  phase             host activity during the gap")
     for row in result["idle"][:top]:
         lines.append(f"{row['ms']:8.2f}  {row['phase'][:16]:16s}  {row['host'][:90]}")
     lines.append(f"{'sync ms':>8s} {'calls':>6s}  phase             operator (blocking host calls)")

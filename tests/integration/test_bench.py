@@ -396,7 +396,8 @@ def test_trace_gaps_splits_a_step_into_compute_nccl_and_idle_and_names_what_the_
     result = trace_gaps.analyse({"traceEvents": host + gpu}, "bench.step")
     ms = {k: round(v * 1e3, 6) for k, v in result["per_step_ms"].items()}  # back to microseconds
     assert ms == {"step": 1000, "compute": 705, "nccl_only": 20, "idle": 275, "starved": 240, "queued": 50,
-                  "short": 5}
+                  "short": 5, "after": 0}
+    assert "the host ran ahead" not in trace_gaps.format_report("one", result)
     idle = {(r["phase"], r["host"]): round(r["ms"] * 1e3, 6) for r in result["idle"]}
     assert idle == {("train.batch", "aten::copy_"): 50, ("train.batch", "(python)"): 50,
                     ("train.forward", "aten::nonzero"): 40, ("train.forward", "(python)"): 60,
@@ -405,6 +406,11 @@ def test_trace_gaps_splits_a_step_into_compute_nccl_and_idle_and_names_what_the_
     assert [(r["phase"], r["op"], r["calls"], round(r["ms"] * 1e3, 6)) for r in result["syncs"]] == [
         ("train.forward", "aten::nonzero", 1, 30)]
     assert "starved by the host 0.2" in trace_gaps.format_report("ddp", result)
+    # the host queues the step and goes on: the GPU computes 400 us past the host's range
+    late = [x("kernel", "gemm", 220, 1180, pid=0, tid=7, correlation=1)]
+    ahead = trace_gaps.analyse({"traceEvents": host + late}, "bench.step")
+    assert round(ahead["per_step_ms"]["after"] * 1e3, 6) == 400
+    assert "the host ran ahead: the GPU computed 0.4 ms a step more" in trace_gaps.format_report("one", ahead)
 
 
 def test_peer_goals_compare_ours_with_hf_the_fastest_and_the_leanest_peer(tmp_path):
