@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import statistics
 import threading
 import time
@@ -264,7 +265,22 @@ def environment(device: torch.device) -> dict:
 
         info["transformer_engine"] = transformer_engine.__version__
         info["cudnn_for_te"] = ".".join(map(str, get_cudnn_version()))
+    info["host_cpu"] = host_cpu()
     info["time"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     return info
+
+
+def host_cpu() -> str:
+    """The host's CPU model and logical core count: eager TE steps at short shapes go at the host's pace,
+    so runs on different hosts are compared knowing their CPUs."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # not Linux
+        pass
+    return f"{model}, {os.cpu_count()} logical cores"
 
 

@@ -366,6 +366,8 @@ def print_table(result: dict) -> None:
           f"{run['dtype']} params, full step incl. AdamW (ours: master_weights={run['master_weights']}), "
           f"median of {run['steps']} "
           f"(matmul peak {run['matmul_peak_tflops']:.0f} TFLOP/s)")
+    if env.get("host_cpu"):
+        print(f"host: {env['host_cpu']}")
     peer = fastest_peer(result["variants"])
     if peer:
         print(f"vs peer: against the fastest peer, {peer['label']} ({peer['step_ms']:.1f} ms)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -63,6 +64,7 @@ def test_train_step_reports_every_variant(train_step_result):
     assert rows["hf"]["speedup_vs_hf"] == 1.0
     assert "torch backend" in rows["ours_bf16"]["label"]
     assert not any("gpu" in r for r in rows.values())  # no clock or power readings off CUDA
+    assert train_step_result["environment"]["host_cpu"].endswith(f"{os.cpu_count()} logical cores")
     for name in ("fp8_delayed", "fp8_block"):
         assert "step_ms" not in rows[name] and "Transformer Engine" in rows[name]["skipped"]
     for name in peers.PEERS:  # every peer needs CUDA; none ran, so no row has a ratio to the fastest one
