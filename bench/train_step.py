@@ -170,9 +170,7 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
         capture_peak = common.peak_gib(device)
         common.reset_peak(device)
 
-    phase = _phases if args.gaps else _no_phases
-
-    def train_step(micro_batches):
+    def train_step(micro_batches, phase=_no_phases):  # profile_steps marks the phases for --gaps
         count, step_loss = len(micro_batches), None
         for i, ids in enumerate(micro_batches):
             with phase("train.batch"):
@@ -240,7 +238,10 @@ def profile_steps(train_step, batches, device, gaps: bool = False) -> dict:
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for micro_batches in batches:
-            with _phases(trace_gaps.STEP_RANGE) if gaps else contextlib.nullcontext():
+            if gaps:
+                with _phases(trace_gaps.STEP_RANGE):
+                    train_step(micro_batches, phase=_phases)
+            else:
                 train_step(micro_batches)
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3 / len(batches)
