@@ -83,7 +83,7 @@ def parse_args(argv):
 
 
 def _setting(item: str) -> tuple[str, object]:
-    """`key=value` with the value read as YAML (true, 2, 1e-5, a word)."""
+    """`key=value` with the value read as YAML (true, 2, 0.5, a word)."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ValueError(f"{item!r} is not KEY=VALUE")

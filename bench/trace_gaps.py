@@ -177,8 +177,7 @@ def analyse(trace: dict, window: str, phase_prefix: str = "train.", min_gap_us: 
                 row[1] += e["dur"]
     # GPU work past the last step's host range: the host had queued it and gone on (it ran ahead), so the
     # GPU, not the host, set the pace; the ranges then hold the host's time, not the GPU's
-    last = windows[-1][1]
-    totals["after"] = _length(_clip(compute, last, max(last, compute[-1][1] if compute else last)))
+    totals["after"] = _length(_clip(compute, windows[-1][1], float("inf")))
     steps = len(windows)
     per_step = {k: v / 1e3 / steps for k, v in totals.items()}
     idle_rows = sorted(({"phase": p, "host": h, "ms": us / 1e3 / steps} for (p, h), us in idle_by.items()),

@@ -170,7 +170,7 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
         capture_peak = common.peak_gib(device)
         common.reset_peak(device)
 
-    def train_step(micro_batches, phase=_no_phases):  # profile_steps marks the phases for --gaps
+    def train_step(micro_batches, phase=contextlib.nullcontext):  # profile_steps marks the phases for --gaps
         count, step_loss = len(micro_batches), None
         for i, ids in enumerate(micro_batches):
             with phase("train.batch"):
@@ -218,15 +218,6 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
     return result
 
 
-@contextlib.contextmanager
-def _no_phases(_name):
-    yield
-
-
-def _phases(name):
-    return torch.profiler.record_function(name)
-
-
 def profile_steps(train_step, batches, device, gaps: bool = False) -> dict:
     """`kernels.breakdown` of these steps, profiled back to back, with their mean wall time and the GPU's
     idle time in it (wall less busy): where a variant's step goes, beside its timing. With `gaps`, also
@@ -239,8 +230,8 @@ def profile_steps(train_step, batches, device, gaps: bool = False) -> dict:
         start = time.perf_counter()
         for micro_batches in batches:
             if gaps:
-                with _phases(trace_gaps.STEP_RANGE):
-                    train_step(micro_batches, phase=_phases)
+                with torch.profiler.record_function(trace_gaps.STEP_RANGE):
+                    train_step(micro_batches, phase=torch.profiler.record_function)
             else:
                 train_step(micro_batches)
         _sync(device)
