@@ -51,10 +51,10 @@ JOBS = {
 # HF bf16, the four peers, then ours with the default master weights; fewer timed steps where steps are long
 # bench/peers.py's peers, named here because this launcher imports no torch
 PEERS = ("hf_liger", "hf_torchao_fp8", "accelerate_te_fp8", "te_llama_swap")
-OURS = ["ours_bf16", "fp8_delayed", "fp8_delayed_fp8head", "fp8_delayed_recompute_mlp",
+OURS = ["ours_bf16", "fp8_delayed", "fp8_delayed_fp8head", "fp8_delayed_fp8head_inline", "fp8_delayed_recompute_mlp",
         "fp8_delayed_fp8head_recompute_mlp"]
 # At short steps the host launches TE's kernels barely as fast as the GPU runs them: CUDA graphs there
-GRAPHS = ["ours_bf16_graphs", "fp8_delayed_graphs", "fp8_delayed_fp8head_graphs"]
+GRAPHS = ["ours_bf16_graphs", "fp8_delayed_graphs", "fp8_delayed_fp8head_graphs", "fp8_delayed_fp8head_inline_graphs"]
 
 
 def peer_variants(ours: list[str]) -> list[str]:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
 from bench import common, kernels, peers, trace_gaps  # noqa: E402
-from pipeline.train import optim  # noqa: E402
+from pipeline.train import optim, overlap  # noqa: E402
 
 VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "hf": ("hf", False, None),
@@ -47,6 +47,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "ours_bf16_graphs": ("ours", False, None),  # ... decoder layers replayed as CUDA graphs
     "fp8_delayed_graphs": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_graphs": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_inline": ("ours", False, "delayed"),  # ... the update in line, not beside the next forward
+    "fp8_delayed_fp8head_inline_graphs": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -170,6 +172,11 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
         capture_peak = common.peak_gib(device)
         common.reset_peak(device)
 
+    # ours on a GPU, as the pipeline runs it (`train.overlap_update`): each step's update on a side stream,
+    # beside the next step's forward; the `_inline` variants without
+    overlapped = kind == "ours" and device.type == "cuda" and "_inline" not in name
+    update = overlap.UpdateOverlap(forward, optimizer, device).step if overlapped else optimizer.step
+
     def train_step(micro_batches, phase=contextlib.nullcontext):  # profile_steps marks the phases for --gaps
         count, step_loss = len(micro_batches), None
         for i, ids in enumerate(micro_batches):
@@ -183,7 +190,7 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
                 (loss / count if count > 1 else loss).backward()
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         with phase("train.optimizer"):
-            optimizer.step()
+            update()
             optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss / count if count > 1 else step_loss)
 
@@ -265,6 +272,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", planned on GPU" if name.endswith("_device_plan") else "")
             + (", torch AdamW" if name.endswith("_torch_adamw") else "")
             + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else "")
+            + (", update in line" if "_inline" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

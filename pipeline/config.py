@@ -264,6 +264,10 @@ class TrainConfig(_Section):
     # the GPU's pace. One GPU worker, TE backend; batches with more packed documents than the captured
     # layout has room for run without the graphs. docs/performance.md ("CUDA graphs").
     cuda_graphs: bool = False
+    # Run each step's AdamW update on a second CUDA stream beside the next step's forward, each block of which
+    # waits only for its own parameters' update (pipeline/train/overlap.py). Same values as the update in
+    # line. GPU workers with ddp; under fsdp, and on CPU, the update runs in line.
+    overlap_update: bool = True
     # Save a resumable checkpoint every this many optimizer steps; 0 = only at the end. 500 (HF Trainer's
     # save_steps): a full-model checkpoint with optimizer state is several times the model's size.
     checkpoint_every: int = 500

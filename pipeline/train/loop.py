@@ -27,7 +27,7 @@ import te_model
 from pipeline import progress as progress_lines
 from pipeline import storage
 from pipeline.config import TrainConfig
-from pipeline.train import agreement, commit, exactly_once, optim, parallel, sigterm
+from pipeline.train import agreement, commit, exactly_once, optim, overlap, parallel, sigterm
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batches import RankShard
 from pipeline.train.faults import NO_FAULTS, FaultInjector
@@ -84,6 +84,17 @@ class TrainState:
     """This rank's micro-batches."""
     graphs: te_model.graphs.DecoderGraphs | None = None
     """The decoder layers' CUDA graphs (`train.cuda_graphs`), captured by the first pass."""
+    overlap: overlap.UpdateOverlap | None = None
+    """The update beside the next forward (`train.overlap_update`), where it applies."""
+
+    def update(self) -> None:
+        """`optimizer.step()`: on the overlap's side stream where there is one."""
+        (self.overlap.step if self.overlap is not None else self.optimizer.step)()
+
+    def join_update(self) -> None:
+        """Whatever is queued from now on runs after the last update (a no-op without the overlap)."""
+        if self.overlap is not None:
+            self.overlap.join()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,6 +200,7 @@ class Steps:
         # 3. the next step's passes, queued before this step's outcome is read
         if self.ahead and progress.step + 1 < state.train.max_steps:
             self.queued = forward_backward(state, passes.position, progress.step + 2, self.faults)
+        state.join_update()  # what comes after this step (a checkpoint, a rollback) sees the update
         # 4. the outcome: the host's one wait on the device
         agreed = agreement.read_agreement(flags, world)
         progress.epoch, progress.offset = passes.position
@@ -278,7 +290,7 @@ def clip_agree_update(state: TrainState, loss: torch.Tensor) -> tuple[agreement.
     with phase("train.optimizer"):
         optimizer.found_inf = agreement.found_nonfinite(flags, place.world)  # skips the update on the device
         try:
-            optimizer.step()
+            state.update()
         finally:
             del optimizer.found_inf
         optimizer.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ math in plain torch, so a CPU run trains as a GPU run does. Speed: docs/performa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -213,6 +214,7 @@ class AdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         self.master_weights = master_weights
         self.triton_min_numel = triton_min_numel  # smaller parameters: torch's fused kernel
+        self.launched: Callable[[torch.Tensor], None] | None = None  # called as each update is queued
 
     def keeps_updates(self, p: torch.Tensor) -> bool:
         """Whether `p` is updated through `master_weights` (bf16 parameters, an option other than `bf16`)."""
@@ -260,29 +262,45 @@ class AdamW(torch.optim.AdamW):
         # a parameter's place in the optimizer, and its shard's, key its random bits
         streams = {id(p): (_shard_index(p) << 16) + i
                    for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        # Every group's small parameters first (one fused launch each), then the rest in parameter order: so
+        # the update reaches the model's blocks in the order a forward pass uses them (`UpdateOverlap`).
+        own = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                self._step_group(group, params, triton, found_inf, streams)
+                own.append((group, self._step_small(group, params, triton, found_inf)))
+        for group, rest in own:
+            if rest:
+                self._step_own(group, rest, triton, found_inf, streams)
         return loss
 
-    def _step_group(self, group: dict, params: list[torch.Tensor], triton: bool, found_inf: torch.Tensor | None,
-                    streams: dict[int, int]) -> None:
+    def _step_small(self, group: dict, params: list[torch.Tensor], triton: bool,
+                    found_inf: torch.Tensor | None) -> list[tuple[torch.Tensor, dict]]:
+        """Updates the group's parameters that go to torch's fused kernel: those without master weights that are
+        small (or all, without Triton). Returns the others, with their state."""
         beta1, beta2 = group["betas"]
-        lr, weight_decay, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         states = [self._init_state(p) for p in params]
-        # torch's fused kernel: parameters without master weights that are small (or all, without Triton)
         fused = [not self.keeps_updates(p) and (not triton or p.numel() < self.triton_min_numel) for p in params]
         if any(fused):
             small = [(p, s) for p, s, f in zip(params, states, fused) if f]
             torch_fused_adamw(
                 [p for p, _ in small], [p.grad for p, _ in small], [s["exp_avg"] for _, s in small],
                 [s["exp_avg_sq"] for _, s in small], [], [s["step"] for _, s in small], fused=True,
-                found_inf=found_inf, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
-                eps=eps, maximize=False)
-        own = [(p, s) for p, s, f in zip(params, states, fused) if not f]
-        if not own:
-            return
+                found_inf=found_inf, amsgrad=False, beta1=beta1, beta2=beta2, lr=float(group["lr"]),
+                weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), maximize=False)
+            self._announce(p for p, _ in small)
+        return [(p, s) for p, s, f in zip(params, states, fused) if not f]
+
+    def _announce(self, params) -> None:
+        """Tells `launched` (when set) of each parameter whose update is now queued."""
+        if self.launched is not None:
+            for p in params:
+                self.launched(p)
+
+    def _step_own(self, group: dict, own: list[tuple[torch.Tensor, dict]], triton: bool,
+                  found_inf: torch.Tensor | None, streams: dict[int, int]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, weight_decay, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         steps = [s["step"] for _, s in own]
         torch._foreach_add_(steps, 1.0)
         hyper = dict(lr=lr, weight_decay=weight_decay, beta1=float(beta1), beta2=float(beta2), eps=eps)
@@ -295,6 +313,7 @@ class AdamW(torch.optim.AdamW):
                 adamw_reference(_local(p), _local(p.grad), _local(s["exp_avg"]), _local(s["exp_avg_sq"]),
                                 None if extra is None else _local(extra), s["step"], streams[id(p)], found_inf,
                                 mode=mode, **hyper)
+                self._announce([p])
         if found_inf is not None:  # a skipped update leaves the count where it was, as torch's does
             torch._foreach_sub_(steps, [found_inf] * len(steps))
 
@@ -309,16 +328,16 @@ class AdamW(torch.optim.AdamW):
         for i, (p, state) in enumerate(own):
             local = _local(p)
             n = local.numel()
-            if n == 0:
-                continue
             mode = self.master_weights if self.keeps_updates(p) else "bf16"
             extra = state.get(EXTRA_STATE.get(mode, ""))
-            kernel[(-(-n // BLOCK),)](
-                local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                local if extra is None else _local(extra), n, corrections, i, streams[id(p)],
-                found_inf if found_inf is not None else corrections, hyper["lr"], hyper["weight_decay"],
-                hyper["beta1"], hyper["beta2"], hyper["eps"], MODE=KERNEL_MODE[mode],
-                HAS_FOUND_INF=found_inf is not None, BF16=local.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=8)
+            if n:
+                kernel[(-(-n // BLOCK),)](
+                    local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                    local if extra is None else _local(extra), n, corrections, i, streams[id(p)],
+                    found_inf if found_inf is not None else corrections, hyper["lr"], hyper["weight_decay"],
+                    hyper["beta1"], hyper["beta2"], hyper["eps"], MODE=KERNEL_MODE[mode],
+                    HAS_FOUND_INF=found_inf is not None, BF16=local.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=8)
+            self._announce([p])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, keeping `master` in fp32 (torch casts every floating state to the parameter's dtype) and

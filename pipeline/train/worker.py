@@ -26,6 +26,7 @@ from pipeline.train import (
     exactly_once,
     loop,
     optim,
+    overlap,
     parallel,
     permanent,
     sigterm,
@@ -136,8 +137,14 @@ def build(cfg: Config, train_uri: str, rank: int = 0, world: int = 1, device: to
     shard = RankShard(read_rows(train_uri, options), cfg.run.seed, rank, world, cfg.train.micro_batch_size)
     if cfg.train.fp8 != "none":
         te_model.check_fp8_tokens(cfg.train.micro_batch_size * shard.seq_len, where="a micro-batch")
+    # FSDP2 gathers each layer's weights before its forward on streams of its own: the update stays in line there
+    sharded = dist.is_initialized() and cfg.train.parallelism == "fsdp"
+    overlapped = None
+    if cfg.train.overlap_update and device.type == "cuda" and not sharded:
+        overlapped = overlap.UpdateOverlap(model, optimizer, device)
     return loop.TrainState(train=cfg.train, place=loop.Placement(rank, world, device), model=model, wrapped=wrapped,
-                           optimizer=optimizer, scheduler=optim.make_scheduler(optimizer, cfg.train), shard=shard)
+                           optimizer=optimizer, scheduler=optim.make_scheduler(optimizer, cfg.train), shard=shard,
+                           overlap=overlapped)
 
 
 def _metric_logger(rank: int, run_id: str | None, tracking_uri: str | None):

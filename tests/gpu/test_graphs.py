@@ -1,6 +1,7 @@
-"""`train.cuda_graphs` through the pipeline's own step on a GPU: the worker captures its decoder layers at the
-first pass and trains as it does without them, with and without gradient accumulation, over packed rows
-whose segment counts differ from batch to batch."""
+"""The pipeline's own step on a GPU with its step-level options. `train.cuda_graphs`: the worker captures its
+decoder layers at the first pass and trains as it does without them, with and without gradient accumulation,
+over packed rows whose segment counts differ from batch to batch. `train.overlap_update`: the update beside
+the next step's forward trains to the same bits as the update in line."""
 
 from __future__ import annotations
 
@@ -54,3 +55,37 @@ def test_cuda_graphs_train_the_pipelines_steps_as_the_eager_layers_do(worker_for
           f"{[m['loss'] for m in metrics[False]]}; layout {graphs.layout}, {graphs.eager_batches} pass(es) eager")
     for key in ("loss", "grad_norm"):
         assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-3), key
+
+
+def _trained(state, steps: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Metrics of `steps` pipeline steps, and the weights after them."""
+    runner, progress = loop.Steps(state), loop.Progress()
+    metrics = [runner.next(progress)[0] for _ in range(steps)]
+    torch.cuda.synchronize()
+    return metrics, {k: v.detach().clone() for k, v in state.model.state_dict().items() if torch.is_tensor(v)}
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_overlapped_update_trains_to_the_same_bits(worker_for, graphs):
+    """Deterministic kernels (TE picks its attention backend by torch's flag when a layer is built), so two runs
+    in line agree bit for bit; the overlapped run must too. A forward reading a weight before its update, or
+    the update reading a gradient the next pass had overwritten, would change the losses and the weights."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = {}
+        for name, on in (("in line", False), ("in line again", False), ("overlapped", True)):
+            state = worker_for(overlap_update=on, cuda_graphs=graphs, lr=1e-3)
+            assert (state.overlap is not None) == on
+            runs[name] = _trained(state, STEPS)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    losses = {name: [m["loss"] for m in metrics] for name, (metrics, _) in runs.items()}
+    print(f"\noverlap_update, cuda_graphs={graphs}: losses {losses}")
+    (ref_metrics, ref_weights), (_, again_weights) = runs["in line"], runs["in line again"]
+    assert all(torch.equal(ref_weights[k], again_weights[k]) for k in ref_weights), "runs in line differ"
+    metrics, weights = runs["overlapped"]
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in metrics] == [m[key] for m in ref_metrics], key
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+    assert losses["overlapped"][-1] < losses["overlapped"][0]  # it trained

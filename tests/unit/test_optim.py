@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.train import optim
+from pipeline.train import optim, overlap
 
 REPO = Path(__file__).resolve().parents[2]
 # largest |ours - torch| over the largest |torch| of a tensor, after one step from the same state
@@ -114,6 +114,47 @@ def test_on_cpu_it_is_torch_fused_adamw():
     again.load_state_dict(ours.state_dict())
     for key in ("step", "exp_avg", "exp_avg_sq"):
         assert torch.equal(again.state_dict()["state"][0][key], ref.state_dict()["state"][0][key]), key
+
+
+def test_each_update_is_announced_as_queued_small_parameters_first():
+    """`launched` hears of every parameter with a gradient once, as its update is queued: every group's
+    small (fused-kernel) parameters first, then the rest in parameter order, the order a forward pass uses
+    them (`pipeline.train.overlap`). Hearing of them changes no value."""
+    gen = torch.Generator().manual_seed(2)
+
+    def params():
+        made = {"a": torch.randn(6, 5, generator=gen).bfloat16(), "small": torch.randn(7, generator=gen),
+                "b": torch.randn(4, 5, generator=gen).bfloat16(), "norm": torch.randn(5, generator=gen).bfloat16(),
+                "other_small": torch.randn(3, generator=gen), "frozen": torch.randn(2, 2, generator=gen).bfloat16()}
+        return {k: torch.nn.Parameter(v) for k, v in made.items()}
+
+    heard, plain, told = [], params(), params()
+    for p, q in zip(plain.values(), told.values()):
+        q.data.copy_(p.data)
+    names = {id(p): k for k, p in told.items()}
+
+    def optimizer(ps):  # bf16 weights keep updates (`bf16_kahan`); fp32 ones go to torch's fused kernel
+        return optim.AdamW([{"params": [ps["a"], ps["small"], ps["b"], ps["frozen"]], "weight_decay": 0.1},
+                            {"params": [ps["norm"], ps["other_small"]], "weight_decay": 0.0}],
+                           lr=1e-3, master_weights="bf16_kahan")
+
+    ours, ref = optimizer(told), optimizer(plain)
+    ours.launched = lambda p: heard.append(names[id(p)])
+    for _ in range(2):
+        heard.clear()
+        for ps in (plain, told):
+            for k, p in ps.items():
+                p.grad = None if k == "frozen" else torch.ones_like(p)
+        ours.step()
+        ref.step()
+        assert heard == ["small", "other_small", "a", "b", "norm"]
+    assert all(torch.equal(plain[k], told[k]) for k in plain)
+
+
+def test_the_overlapped_update_needs_a_gpu():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="needs a CUDA device, not cpu"):
+        overlap.UpdateOverlap(model, optim.AdamW(model.parameters()), torch.device("cpu"))
 
 
 @pytest.mark.gpu
