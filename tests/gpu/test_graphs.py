@@ -57,19 +57,31 @@ def test_cuda_graphs_train_the_pipelines_steps_as_the_eager_layers_do(worker_for
         assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-3), key
 
 
-def _trained(state, steps: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Metrics of `steps` pipeline steps, and the weights after them."""
+
+def _trained(state, steps: int, update_delay_cycles: int = 0) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Metrics of `steps` pipeline steps, and the parameters after them. `update_delay_cycles`: each update
+    starts that many GPU cycles late on its stream, so a forward that did not wait for it would read the
+    weights of the step before."""
+    if update_delay_cycles:
+        step = state.optimizer.step
+
+        def late_step(*args, **kwargs):
+            torch.cuda._sleep(update_delay_cycles)  # on the stream the update is queued on
+            return step(*args, **kwargs)
+
+        state.optimizer.step = late_step
     runner, progress = loop.Steps(state), loop.Progress()
     metrics = [runner.next(progress)[0] for _ in range(steps)]
     torch.cuda.synchronize()
-    return metrics, {k: v.detach().clone() for k, v in state.model.state_dict().items() if torch.is_tensor(v)}
+    return metrics, {k: v.detach().clone() for k, v in state.model.named_parameters()}
 
 
 @pytest.mark.parametrize("graphs", [False, True])
 def test_the_overlapped_update_trains_to_the_same_bits(worker_for, graphs):
     """Deterministic kernels (TE picks its attention backend by torch's flag when a layer is built), so two runs
-    in line agree bit for bit; the overlapped run must too. A forward reading a weight before its update, or
-    the update reading a gradient the next pass had overwritten, would change the losses and the weights."""
+    in line agree bit for bit; the overlapped run must too, with each update held back on its stream by about
+    50 ms. A forward reading a weight before its update, or the update reading a gradient whose memory the next
+    pass had taken, would change the losses and the weights."""
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -77,12 +89,13 @@ def test_the_overlapped_update_trains_to_the_same_bits(worker_for, graphs):
         for name, on in (("in line", False), ("in line again", False), ("overlapped", True)):
             state = worker_for(overlap_update=on, cuda_graphs=graphs, lr=1e-3)
             assert (state.overlap is not None) == on
-            runs[name] = _trained(state, STEPS)
+            runs[name] = _trained(state, STEPS, update_delay_cycles=100_000_000 if on else 0)
     finally:
         torch.use_deterministic_algorithms(was)
     losses = {name: [m["loss"] for m in metrics] for name, (metrics, _) in runs.items()}
     print(f"\noverlap_update, cuda_graphs={graphs}: losses {losses}")
-    (ref_metrics, ref_weights), (_, again_weights) = runs["in line"], runs["in line again"]
+    (ref_metrics, ref_weights), (again_metrics, again_weights) = runs["in line"], runs["in line again"]
+    assert [m["loss"] for m in again_metrics] == losses["in line"], "runs in line differ"
     assert all(torch.equal(ref_weights[k], again_weights[k]) for k in ref_weights), "runs in line differ"
     metrics, weights = runs["overlapped"]
     for key in ("loss", "grad_norm"):
