@@ -140,8 +140,7 @@ def worker(rank: int, world: int, cfg_dict: dict, train_uri: str, port: int, arg
         breakdown = gaps = None
         if rank == 0:
             trace_path = Path(out).with_suffix(".trace.json")
-            prof.export_chrome_trace(str(trace_path))
-            trace = json.loads(trace_path.read_text())
+            trace = trace_gaps.chrome_trace(prof, trace_path)
             if args.host_breakdown:
                 breakdown = trace_gaps.host_breakdown(trace, args.host_breakdown)
             if cuda:

@@ -10,13 +10,26 @@ host time goes inside named operators. Method: docs/performance.md ("What each b
 from __future__ import annotations
 
 import bisect
+import json
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_KINDS = ("cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 QUEUED = "(queued: waits on another stream)"
 STEP_RANGE = "bench.step"  # the host range around each profiled step that `analyse` reads
+
+
+def chrome_trace(prof, path: Path | None = None) -> dict:
+    """The Chrome trace of a finished `torch.profiler.profile`, read back as JSON; the file is kept at `path`
+    when one is given, else written to a temporary directory and removed."""
+    if path is not None:
+        prof.export_chrome_trace(str(path))
+        return json.loads(Path(path).read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        return chrome_trace(prof, Path(tmp) / "trace.json")
 
 
 def _end(e: dict) -> float:

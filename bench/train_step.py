@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -246,10 +244,7 @@ def profile_steps(train_step, batches, device, gaps: bool = False) -> dict:
     found = kernels.breakdown(prof, len(batches))
     result = {"steps": len(batches), "wall_ms": wall_ms, "idle_ms": max(0.0, wall_ms - found["busy_ms"]), **found}
     if gaps and device.type == "cuda":
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "trace.json"
-            prof.export_chrome_trace(str(path))
-            result["gaps"] = trace_gaps.analyse(json.loads(path.read_text()), trace_gaps.STEP_RANGE)
+        result["gaps"] = trace_gaps.analyse(trace_gaps.chrome_trace(prof), trace_gaps.STEP_RANGE)
     return result
 
 

@@ -329,7 +329,7 @@ def test_parallel_profile_backend_choice_is_checked():
 
 
 def test_host_breakdown_counts_only_what_runs_inside_the_named_operator(tmp_path):
-    from bench.trace_gaps import host_breakdown
+    from bench.trace_gaps import chrome_trace, host_breakdown
 
     def inner(x):
         return (x @ x).sum()
@@ -339,8 +339,11 @@ def test_host_breakdown_counts_only_what_runs_inside_the_named_operator(tmp_path
             inner(torch.ones(64, 64))
         torch.ones(8).exp()  # outside the range: must not be counted
     trace_path = tmp_path / "trace.json"
-    prof.export_chrome_trace(str(trace_path))
-    trace = json.loads(trace_path.read_text())
+    trace = chrome_trace(prof, trace_path)  # kept at the path
+    assert json.loads(trace_path.read_text()) == trace
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as again:
+        torch.ones(8).exp()
+    assert any(e.get("name") == "aten::exp" for e in chrome_trace(again)["traceEvents"])  # no path: a temporary file
     rows = host_breakdown(trace, "outer_range", top=100)
     names = {row["name"] for row in rows}
     assert "aten::mm" in names and any("inner" in name for name in names), names
