@@ -45,7 +45,8 @@ class UpdateOverlap:
                 self.block_of.setdefault(id(p), i)  # a tied head is the embedding's: its first use waits
         self.events: list[torch.cuda.Event | None] = [None] * len(blocks)
         self.remaining: Counter[int] = Counter()
-        self.hooks = [block.register_forward_pre_hook(self._waiter(i)) for i, block in enumerate(blocks)]
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(self._waiter(i))
 
     def _block(self, p: torch.Tensor) -> int:
         return self.block_of.get(id(p), self.last)  # the final norm, the head: whatever comes after the layers
@@ -96,10 +97,3 @@ class UpdateOverlap:
     def join(self) -> None:
         """Whatever the main stream queues from now on runs after the whole update."""
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
-
-    def remove(self) -> None:
-        """Joins and takes the hooks off the model."""
-        self.join()
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
