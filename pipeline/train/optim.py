@@ -264,12 +264,12 @@ class AdamW(torch.optim.AdamW):
                    for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
         # Every group's small parameters first (one fused launch each), then the rest in parameter order: so
         # the update reaches the model's blocks in the order a forward pass uses them (`UpdateOverlap`).
-        own = []
+        rest_by_group = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                own.append((group, self._step_small(group, params, triton, found_inf)))
-        for group, rest in own:
+                rest_by_group.append((group, self._step_small(group, params, triton, found_inf)))
+        for group, rest in rest_by_group:
             if rest:
                 self._step_own(group, rest, triton, found_inf, streams)
         return loss

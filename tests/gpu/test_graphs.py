@@ -57,7 +57,6 @@ def test_cuda_graphs_train_the_pipelines_steps_as_the_eager_layers_do(worker_for
         assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-3), key
 
 
-
 def _trained(state, steps: int, update_delay_cycles: int = 0) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Metrics of `steps` pipeline steps, and the parameters after them. `update_delay_cycles`: each update
     starts that many GPU cycles late on its stream, so a forward that did not wait for it would read the
