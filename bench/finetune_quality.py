@@ -3,10 +3,12 @@
 At fine-tuning learning rates most AdamW updates are below half a bf16 step, so a model whose
 parameters are its only copy loses them (`train.master_weights`). This pretrains a byte-level Llama on
 one local corpus, fine-tunes it on another, and compares HF's fp32-master training with ours under
-each option, in bf16 and FP8. Needs CUDA and TE; `--smoke` checks it end to end on CPU. Corpora and
-variants: `main`; results: docs/performance.md.
+each option, in bf16 and FP8. `--vocab` swaps the bytes for a byte-level BPE and a Llama-sized head,
+where the FP8 head's rounding reaches 128k logits a token. Needs CUDA and TE; `--smoke` checks it end
+to end on CPU. Corpora and variants: `main`; results: docs/performance.md.
 
     python bench/finetune_quality.py
+    python bench/finetune_quality.py --vocab 128256 --variants hf_fp32_master,fp8_delayed_bf16_kahan,fp8_delayed_bf16_kahan_fp8head
     python bench/finetune_quality.py --smoke --device cpu
 """
 
@@ -31,7 +33,7 @@ from pipeline.config import TrainConfig  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 DEFAULT_MASTER = TrainConfig().master_weights
-VOCAB = 256  # bytes
+BYTES = 256  # the vocabulary without --vocab
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads
     "base": (1024, 2816, 12, 16, 4),
     "smoke": (64, 128, 2, 4, 2),
@@ -57,12 +59,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--finetune-steps", type=int, help="steps per fine-tune (default 300; smoke 6)")
     p.add_argument("--lrs", default="1e-5,2e-5", help="fine-tuning learning rates, comma-separated")
     p.add_argument("--variants", help=f"comma-separated of {', '.join(variants())} (default: all; smoke: no FP8)")
-    p.add_argument("--seq", type=int, help="tokens (bytes) per row (default 1024; smoke 64)")
+    p.add_argument("--seq", type=int, help="tokens per row (default 1024; smoke 64)")
     p.add_argument("--batch", type=int, help="rows per step (default 32 pretraining, 16 fine-tuning; smoke 4)")
     p.add_argument("--max-mb", type=float, help="MB read from each corpus (default 64; smoke 1)")
     p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 64; smoke 4)")
+    p.add_argument("--vocab", type=int, default=BYTES,
+                   help="model vocabulary: 256 = bytes (default); more = a byte-level BPE learnt on corpus A with at "
+                        "most this many tokens, the rest of the head never a target (Llama 3: 128256)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.vocab < BYTES or (args.vocab > BYTES and args.vocab % 16):
+        p.error(f"--vocab {args.vocab}: must be 256 (bytes) or a larger multiple of 16 (the FP8 head's GEMMs need it)")
     smoke = args.smoke
     for name, full, tiny in (("pretrain_steps", 900, 20), ("finetune_steps", 300, 6), ("seq", 1024, 64),
                              ("batch", None, 4), ("max_mb", 64.0, 1.0), ("eval_rows", 64, 4)):
@@ -108,8 +115,27 @@ def read_corpus(which: str, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor,
     return as_tensor(parts), as_tensor(held), described
 
 
+def bpe_ids(vocab: int, *streams: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """Each byte stream as the ids of a byte-level BPE (Llama 3's kind of tokenizer) learnt on the first
+    stream with at most `vocab` tokens; and how many tokens it learnt (a small corpus learns fewer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    def pieces(stream: torch.Tensor, size: int = 1 << 20) -> list[str]:
+        text = bytes(stream.to(torch.uint8).numpy()).decode("utf-8", errors="replace")
+        return [text[i:i + size] for i in range(0, len(text), size)]
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(pieces(streams[0]), trainer=trainer)
+    encoded = [[i for e in tokenizer.encode_batch(pieces(s)) for i in e.ids] for s in streams]
+    return [torch.tensor(ids, dtype=torch.long) for ids in encoded], tokenizer.get_vocab_size()
+
+
 def windows(tokens: torch.Tensor, count: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:
-    """`count` batches of `batch` random windows of `seq` bytes, the same for every variant."""
+    """`count` batches of `batch` random windows of `seq` tokens, the same for every variant."""
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - seq, (count, batch), generator=gen)
     return [tokens[s[:, None] + torch.arange(seq)] for s in starts]
@@ -118,9 +144,9 @@ def windows(tokens: torch.Tensor, count: int, batch: int, seq: int, seed: int) -
 # ---------------------------------------------------------------------------------------------------
 # models and steps
 # ---------------------------------------------------------------------------------------------------
-def llama_config(shape: str) -> LlamaConfig:
+def llama_config(shape: str, vocab: int = BYTES) -> LlamaConfig:
     hidden, intermediate, layers, heads, kv_heads = SHAPES[shape]
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
                        use_cache=False, attn_implementation="sdpa",
@@ -258,7 +284,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     1. Base: a byte-level Llama pretrained on corpus A, the Python standard library's `.py` sources of
        this machine (without site-packages), bf16 with fp32 master weights, for a fixed step budget. The
-       held-out curve's last points are printed, so one can see it flatten.
+       held-out curve's last points are printed, so one can see it flatten. With `--vocab`, a byte-level
+       BPE learnt on A's training files tokenizes both corpora, and the model's head has `--vocab` rows.
     2. Fine-tunes on corpus B, another distribution: the C headers of Python's include folder and
        `/usr/include` (what is found is reported), at each `--lrs` for `--finetune-steps` steps.
     3. Variants, all from the same base weights, on the same batches. `hf_fp32_master`: stock HF
@@ -279,7 +306,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train_a, held_a, about_a = read_corpus("A", int(args.max_mb * 1e6))
     train_b, held_b, about_b = read_corpus("B", int(args.max_mb * 1e6))
     phase(f"{about_a}; {about_b}; our model: {backend} backend" + (f" ({why})" if why else ""))
-    config = llama_config("smoke" if args.smoke else "base")
+    if args.vocab > BYTES:
+        (train_a, held_a, train_b, held_b), learnt = bpe_ids(args.vocab, train_a, held_a, train_b, held_b)
+        phase(f"byte-level BPE learnt on A: {learnt} tokens of a {args.vocab}-token head; "
+              f"{len(train_a) / 1e6:.2f}M tokens of A, {len(train_b) / 1e6:.2f}M of B")
+    config = llama_config("smoke" if args.smoke else "base", args.vocab)
     state = pretrain(args, config, device, train_a, held_a)
     params = sum(t.numel() for t in state.values())
     phase(f"pretrained the base ({params / 1e6:.0f}M parameters, {args.pretrain_steps} steps)")
