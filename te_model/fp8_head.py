@@ -1,10 +1,11 @@
-"""The LM head's three GEMMs in FP8 (opt-in): `torch._scaled_mm` with per-tensor scales.
+"""The LM head's three GEMMs in FP8: `torch._scaled_mm` with per-tensor scales.
 
 With a 128k vocabulary the head is a large share of a step's FLOPs. Unlike the decoder layers, it stays
 bf16 under TE's autocast. This runs its GEMMs on the FP8 tensor cores, as TE's HYBRID recipes do
-inside the layers (`FP8HeadGemms` has the details). It is opt-in because the head's FP8 rounding
-reaches the logits directly, with no later layer to average it out. The bf16 head is the default;
-`bench/train_step.py` measures both.
+inside the layers (`FP8HeadGemms` has the details). Its rounding reaches the logits directly, with no
+later layer to average it out; fine-tuned at a 128k vocabulary it reaches the bf16 head's held-out loss
+(`bench/finetune_quality.py --vocab`). The model's `fp8_head` switches it on; the pipeline does so for
+FP8 training wherever the head's sizes fit (`train.fp8_head`). `bench/train_step.py` measures both heads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ def quantize(t: torch.Tensor, dtype=E4M3) -> tuple[torch.Tensor, torch.Tensor]:
     amax = torch.linalg.vector_norm(t, float("inf"), dtype=torch.float32)  # no |t| copy of the tensor
     scale = (amax / torch.finfo(dtype).max).clamp(min=1e-12)
     return scaled_cast(t.contiguous(), scale, dtype), scale
+
+
+def unfit_reason(hidden_size: int, vocab_size: int) -> str | None:
+    """Why a head of these sizes cannot run its GEMMs in FP8 (`_scaled_mm` needs multiples of 16); None if it can."""
+    for name, size in (("hidden size", hidden_size), ("vocabulary", vocab_size)):
+        if size % ALIGN:
+            return f"the {name} ({size}) must be divisible by {ALIGN}"
+    return None
 
 
 def _padded_rows(t: torch.Tensor) -> torch.Tensor:
@@ -46,9 +55,9 @@ class FP8HeadGemms:
     """
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, divisor: float):
-        for name, size in (("hidden size", weight.shape[1]), ("vocabulary", weight.shape[0])):
-            if size % ALIGN:
-                raise ValueError(f"fp8 head: the {name} ({size}) must be divisible by {ALIGN}")
+        reason = unfit_reason(weight.shape[1], weight.shape[0])
+        if reason:
+            raise ValueError(f"fp8 head: {reason}")
         self.dtype = weight.dtype
         self.wq, self.w_scale = quantize(weight)  # (V, H) row-major: W.T as the column-major operand
         self.wq_t = None  # (H, V), made on first use by grad_hidden

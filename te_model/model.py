@@ -114,7 +114,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
     """
 
     fused_loss = True
-    fp8_head = False  # the fused loss's head GEMMs in FP8 (te_model.fp8_head); opt-in
+    fp8_head = False  # the fused loss's head GEMMs in FP8 (te_model.fp8_head); the pipeline sets it
 
     def mlp_recompute_enable(self, on: bool = True) -> None:
         """Recompute each decoder layer's MLP in backward instead of keeping its activations (and, under FP8,

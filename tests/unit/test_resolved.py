@@ -72,6 +72,15 @@ def test_the_fp8_decision_is_what_training_runs_with():
     assert settled.fp8.requested == "delayed" and settled.fp8.fallback == "no CUDA"
 
 
+def test_a_fallback_without_fp8_drops_an_fp8_head_asked_for():
+    cfg = load_config(None, ["train.fp8=delayed", "train.fp8_fallback=true", "train.fp8_head=true"])
+    job = resolve_job(cfg)
+    assert job.train_config.train.fp8_head is True
+    settled = job.with_fp8(dataclasses.replace(job.fp8, recipe="none", fallback="no CUDA", checked=True))
+    assert (settled.train_config.train.fp8, settled.train_config.train.fp8_head) == ("none", None)
+    assert settled.config.train.fp8_head is True  # what was asked stays
+
+
 # The layout that the state file had when it was a plain dict: every key, in the order it was written.
 OLD_STATE = {
     "identity": {"run.seed": 0, "model.base_uri": "s3://b/base", "data.train_files": ["s3://b/t.jsonl"],

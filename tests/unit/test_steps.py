@@ -126,6 +126,32 @@ def test_recompute_mlp_reaches_every_layer_and_trains_the_same(worker_for):
         assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-6), key
 
 
+def test_the_fp8_head_comes_with_fp8_training_unless_turned_off(worker_for):
+    assert worker_for(2).model.fp8_head is False  # no FP8 layers, no FP8 head
+    assert worker_for(2, fp8="delayed", use_gpu=True).model.fp8_head is True  # the default (null) with FP8
+    assert worker_for(2, fp8="delayed", use_gpu=True, fp8_head=False).model.fp8_head is False
+
+
+def test_a_head_the_fp8_gemms_cannot_take_stays_bf16_unless_asked_for(caplog):
+    from transformers import LlamaConfig
+
+    from pipeline.config import TrainConfig
+    from pipeline.train.permanent import is_permanent
+
+    odd = LlamaConfig(hidden_size=64, vocab_size=32001)  # Llama 2's vocabulary plus a pad token
+    left = TrainConfig(fp8="delayed", use_gpu=True)
+    with caplog.at_level("INFO", logger="pipeline.train.worker"):
+        assert worker.fp8_head_on(left, odd) is False
+    assert "the LM head stays bf16 (train.fp8_head left null): the vocabulary (32001) must be divisible by 16" \
+        in caplog.text
+    with pytest.raises(Exception) as caught:
+        worker.fp8_head_on(TrainConfig(fp8="delayed", use_gpu=True, fp8_head=True), odd)
+    assert str(caught.value) == ("train.fp8_head=true cannot run on this model: the vocabulary (32001) must be "
+                                 "divisible by 16; set it to null (FP8 where the head fits) or false")
+    assert is_permanent(caught.value)  # no restart retries it
+    assert worker.fp8_head_on(left, LlamaConfig(hidden_size=64, vocab_size=32000)) is True
+
+
 def test_cuda_graphs_on_the_torch_backend_are_refused_when_the_worker_builds(worker_for):
     from te_model import GraphsUnsupportedError
 
