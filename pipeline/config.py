@@ -244,7 +244,8 @@ class TrainConfig(_Section):
     # The LM head's three GEMMs in FP8 too (te_model/fp8_head.py). null (default): whenever train.fp8 is on
     # and the head's hidden size and vocabulary are multiples of 16; else the head stays bf16. true: the same,
     # and a model whose head does not fit stops the job. false: the head stays bf16. Fine-tuned at a 128k
-    # vocabulary it reaches the bf16 head's held-out loss, 3-8% faster steps (docs/performance.md).
+    # vocabulary it reaches the bf16 head's held-out loss, in faster steps at every Llama shape measured
+    # (docs/performance.md).
     fp8_head: Optional[bool] = None
     # Run the attention itself in FP8 too (cuDNN's FP8 fused attention; delayed or current only; trains on
     # Blackwell with cuDNN 9.23+). Off: attention stays bf16 between the FP8 projections.
