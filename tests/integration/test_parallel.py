@@ -4,7 +4,7 @@ Both start from the same base checkpoint and read the same rows, so in fp32 thei
 to reduction-order noise. An FSDP run stopped after its step-4 checkpoint resumes with ONE worker on the
 same global batch (grad_accum doubled), reaches the last step and matches the uninterrupted run; its
 final checkpoint holds whole tensors that convert to a standard HF checkpoint. Last, in one process,
-what `train.fsdp_reshard_after_forward` changes.
+what `train.fsdp_reshard_after_forward` changes, and the FP8 head under FSDP2.
 """
 
 from __future__ import annotations
@@ -132,3 +132,32 @@ def test_fsdp_keeps_gathered_weights_until_backward_only_when_asked(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(seen[True][3], seen[False][3]))
     finally:
         dist.destroy_process_group()
+
+
+def test_the_fp8_head_trains_under_fsdp_as_without_it(tmp_path):
+    """The FP8 head (on with FP8 by default) reads the head's weight inside the forward and hands back its
+    gradient from its own autograd function: under FSDP2 (a world of one, gloo; the FP8 GEMMs run on the CPU
+    too) the loss and every gradient equal the unwrapped model's."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    base = demo.make_tiny_checkpoint(tmp_path / "base")
+    tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        for sharded in (False, True):
+            model = te_model.from_hf_checkpoint(base, backend="torch", dtype=torch.bfloat16)
+            model.fp8_head = True
+            if sharded:
+                parallel.wrap(model, "fsdp")
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            seen[sharded] = (loss.item(), {n: parallel.full_tensor(p.grad) for n, p in model.named_parameters()})
+    finally:
+        dist.destroy_process_group()
+    assert seen[True][0] == seen[False][0]
+    assert seen[True][1].keys() == seen[False][1].keys()
+    for name, grad in seen[False][1].items():
+        torch.testing.assert_close(seen[True][1][name], grad, rtol=0, atol=0, msg=name)
+    assert seen[True][1]["lm_head.weight"].abs().sum() > 0
