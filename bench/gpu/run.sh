@@ -30,7 +30,8 @@
 #                                             peers (Liger, torchao FP8, Accelerate TE FP8, TE's te_llama swap) and
 #                                             ours in one process; one shape per call (about 8 minutes each)
 #   bash bench/gpu/run.sh quality [args]      bench/finetune_quality.py: fine-tuning quality of each master-weight option
-#                                             against HF's fp32-master training, on real text
+#                                             against HF's fp32-master training, on real text (--vocab 128256:
+#                                             a Llama-sized head, for the FP8 head)
 #   bash bench/gpu/run.sh job-8b PHASE [args] bench/job_8b.py: the real job at the Llama-3.1-8B shape on this host, one
 #                                             bounded phase a command (plan, base, job, report; docs/scale.md);
 #                                             files under /tmp/job8b (--workdir, --out-dir to move them)
