@@ -245,7 +245,7 @@ def run_job(job: ResolvedJob | Config, stages: list[str], code_version: dict, ec
         job = job.with_fp8(_decide_fp8(job))
     ctx = open_job(job, code_version)
     ctx.prepared = prepared
-    compared = _comparison_tags(ctx, lambda: run_tags.comparison_tags(job.given, job.storage))
+    compared = _comparison_tags(ctx, lambda: run_tags.comparison_tags(job.given, job.storage, job.train_config.train))
     tracking.set_tags(ctx.state.parent_run_id, compared, tracking_uri=ctx.tracking_uri)
     params = {**job.given.flat_params(), "run.seed": job.given.run.seed}
     tags = {**tracking.code_version_tags(code_version), **compared}
@@ -345,7 +345,7 @@ def _exists(uri: str, options) -> str:
 
 
 def _check_base(cfg: Config, options) -> str:
-    return preflight.check_base_checkpoint(cfg.model.base_uri, options)
+    return preflight.check_base_checkpoint(cfg.model.base_uri, options, cfg.train)
 
 
 def _check_writable(uri: str, options) -> str:

@@ -23,9 +23,9 @@ import botocore.exceptions
 import torch
 
 from pipeline import storage
-from pipeline.config import Config
+from pipeline.config import Config, TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.job.resolved import ResolvedJob
+from pipeline.job.resolved import ResolvedJob, fp8_head_on
 from pipeline.job.state import load_state
 from pipeline.storage.manifest import MANIFEST_NAME, parse_manifest
 from pipeline.storage.redact import error_line, redact_text
@@ -53,7 +53,7 @@ def check_inputs(job: ResolvedJob, stages: list[str]) -> None:
     if cfg.train.use_gpu:
         check_gpus_reachable()
     if {"data", "train", "eval", "export"} & set(stages):
-        check_base_checkpoint(cfg.model.base_uri, options)
+        check_base_checkpoint(cfg.model.base_uri, options, cfg.train if "train" in stages else None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class _Checkpoint:
         return value
 
 
-def check_base_checkpoint(uri: str, options: storage.StorageOptions) -> str:
+def check_base_checkpoint(uri: str, options: storage.StorageOptions, train: TrainConfig | None = None) -> str:
     """Check the HF checkpoint at `uri` without reading its tensors; returns a one-line summary.
 
     - config.json must be a Llama config the layers support. It is read as plain JSON into
@@ -200,6 +200,7 @@ def check_base_checkpoint(uri: str, options: storage.StorageOptions) -> str:
       unpickling runs code.
     - Every shard the index names must exist and be as long as its header says (a cut upload). Every
       tensor the index names must be in its shard, with the shape config.json implies.
+    - With `train` (the job trains): a head that `train.fp8_head: true` asks to run in FP8 must fit FP8 GEMMs.
     - With a manifest, every file it lists must have the listed size. File contents (sha256) are checked
       where shards are downloaded (`storage.pull_checkpoint`): here would read every byte twice.
     """
@@ -210,6 +211,11 @@ def check_base_checkpoint(uri: str, options: storage.StorageOptions) -> str:
                             "(jobs/publish.py) or fix model.base_uri") from None
     ckpt = _Checkpoint(uri, options, files)
     config = _llama_config(ckpt)
+    if train is not None:
+        try:
+            fp8_head_on(train, config.hidden_size, config.vocab_size)
+        except PipelineError as exc:
+            raise PipelineError(f"{ckpt.where('config.json')}: {exc}") from None
     _check_tokenizer_ids(ckpt, config.vocab_size)
     shards = _shards(ckpt)
     has_manifest = MANIFEST_NAME in files

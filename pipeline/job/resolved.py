@@ -9,13 +9,17 @@ The FP8 decision is part of it: training runs with `train_config`, checked befor
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import Config, TrainConfig
+from pipeline.errors import PermanentError
 from pipeline.job.locations import lasting_locations
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,24 @@ class Fp8Decision:
         head = cfg.train.fp8_head if self.recipe != "none" else None
         train = dataclasses.replace(cfg.train, fp8=self.recipe, fp8_attention=self.attention, fp8_head=head)
         return dataclasses.replace(cfg, train=train)
+
+
+def fp8_head_on(train: TrainConfig, hidden_size: int, vocab_size: int) -> bool:
+    """Whether training runs the LM head's GEMMs in FP8 (`train.fp8_head`): with FP8 training, unless turned
+    off or, when left to the default, unless the head's sizes do not fit FP8 GEMMs (then it says so once).
+    Asked for explicitly where they do not fit: a PermanentError naming the key (job start checks it first,
+    `preflight.check_base_checkpoint`)."""
+    from te_model.fp8_head import unfit_reason
+
+    if train.fp8 == "none" or train.fp8_head is False:
+        return False
+    reason = unfit_reason(hidden_size, vocab_size)
+    if reason and train.fp8_head:
+        raise PermanentError(f"train.fp8_head=true cannot run on this model: {reason}; set it to null (FP8 where "
+                             "the head fits) or false")
+    if reason:
+        log.info("the LM head stays bf16 (train.fp8_head left null): %s", reason)
+    return reason is None
 
 
 @dataclasses.dataclass(frozen=True)

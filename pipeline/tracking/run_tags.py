@@ -2,8 +2,8 @@
 
 Comparing FP8 against BF16, or one base model against another, starts with filtering runs in the
 MLflow UI (`tags.precision = 'fp8-delayed'`). Params hold every setting, but the interesting facts
-(model size, GPU, exact data) are not settings. So the driver tags them: `precision`, `model_size` and
-`model_params`, `hardware`, `data_fingerprint`. `jobs/compare.py` shows them beside the results, and
+(model size, GPU, exact data, the head's precision where a default decides it) are not settings. So the
+driver tags them: `precision`, `lm_head`, `model_size` and `model_params`, `hardware`, `data_fingerprint`. `jobs/compare.py` shows them beside the results, and
 scheduled retraining keys on the data fingerprint. The code version is `tracking.code_version_tags`.
 """
 
@@ -14,10 +14,12 @@ import json
 from typing import Any
 
 from pipeline import storage
-from pipeline.config import Config
+from pipeline.config import Config, TrainConfig
 from pipeline.errors import PipelineError
+from pipeline.job.resolved import fp8_head_on
 
 PRECISION_TAG = "precision"
+LM_HEAD_TAG = "lm_head"
 FINGERPRINT_TAG = "data_fingerprint"
 # data settings that do not change which rows are trained on
 _NOT_FINGERPRINTED = {"train_files", "validation_files", "num_proc"}
@@ -50,8 +52,10 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def model_tags(cfg: Config, options: storage.StorageOptions) -> dict[str, str]:
-    """`model_size` (e.g. `1.24B`) and the exact `model_params`, counted from the base's config.json.
+def model_tags(cfg: Config, options: storage.StorageOptions, train: TrainConfig | None = None) -> dict[str, str]:
+    """`model_size` (e.g. `1.24B`) and the exact `model_params`, counted from the base's config.json, and
+    `lm_head`: `fp8` where training runs the head's GEMMs in FP8 (`train`, default `cfg.train`), else the
+    model's dtype.
 
     A Llama formula counts them; no weights are read.
     """
@@ -59,7 +63,12 @@ def model_tags(cfg: Config, options: storage.StorageOptions) -> dict[str, str]:
     tags = {"model_name": base.rsplit("/", 1)[-1], "model_base_uri": base}
     raw = json.loads(storage.read_bytes(storage.join(base, "config.json"), options))
     count = llama_parameter_count(raw)
-    return {**tags, "model_params": str(count), "model_size": human_count(count)}
+    try:
+        fp8_head = fp8_head_on(train or cfg.train, raw["hidden_size"], raw["vocab_size"])
+    except PipelineError:  # asked for where it cannot run: a job that trains stops at start instead
+        fp8_head = False
+    head = "fp8" if fp8_head else cfg.model.dtype
+    return {**tags, "model_params": str(count), "model_size": human_count(count), LM_HEAD_TAG: head}
 
 
 def _file_identity(fs, path: str) -> str:
@@ -118,7 +127,8 @@ def hardware_tags(cfg: Config) -> dict[str, str]:
     return {"hardware": f"{cfg.train.workers}x {name}", "gpu_name": name, "gpu_count": str(cfg.train.workers)}
 
 
-def comparison_tags(cfg: Config, options: storage.StorageOptions) -> dict[str, str]:
-    """Precision, model and data tags for the job's parent run (hardware: `hardware_tags`)."""
+def comparison_tags(cfg: Config, options: storage.StorageOptions, train: TrainConfig | None = None) -> dict[str, str]:
+    """Precision, model and data tags for the job's parent run (hardware: `hardware_tags`). `train`: the
+    settings training runs with, after the FP8 decision (default `cfg.train`)."""
     tags = {PRECISION_TAG: precision(cfg), "fp8_recipe": cfg.train.fp8, "dtype": cfg.model.dtype}
-    return {**tags, **model_tags(cfg, options), FINGERPRINT_TAG: data_fingerprint(cfg, options)}
+    return {**tags, **model_tags(cfg, options, train), FINGERPRINT_TAG: data_fingerprint(cfg, options)}

@@ -19,9 +19,8 @@ import torch.distributed as dist
 
 import te_model
 from pipeline import storage
-from pipeline.config import Config, TrainConfig, require_max_steps
-from pipeline.errors import PermanentError
-from pipeline.job.resolved import storage_options
+from pipeline.config import Config, require_max_steps
+from pipeline.job.resolved import fp8_head_on, storage_options
 from pipeline.train import (
     agreement,
     exactly_once,
@@ -128,7 +127,7 @@ def build(cfg: Config, train_uri: str, rank: int = 0, world: int = 1, device: to
     model.mlp_recompute_enable(cfg.train.recompute_mlp)
     if cfg.train.cuda_graphs:  # captured by the first pass (loop.capture_graphs); refused here if it cannot be
         te_model.graphs.check_graphable(model)
-    model.fp8_head = fp8_head_on(cfg.train, model.config)
+    model.fp8_head = fp8_head_on(cfg.train, model.config.hidden_size, model.config.vocab_size)
     model.train()
     wrapped = model
     if dist.is_initialized():
@@ -146,21 +145,6 @@ def build(cfg: Config, train_uri: str, rank: int = 0, world: int = 1, device: to
     return loop.TrainState(train=cfg.train, place=loop.Placement(rank, world, device), model=model, wrapped=wrapped,
                            optimizer=optimizer, scheduler=optim.make_scheduler(optimizer, cfg.train), shard=shard,
                            overlap=overlapped)
-
-
-def fp8_head_on(train: TrainConfig, config) -> bool:
-    """Whether this model's LM head runs in FP8 (`train.fp8_head`): with FP8 training, unless turned off or,
-    when left to the default, unless the head's sizes do not fit FP8 GEMMs. Asked for explicitly where they
-    do not fit: a PermanentError naming the key."""
-    if train.fp8 == "none" or train.fp8_head is False:
-        return False
-    reason = te_model.fp8_head.unfit_reason(config.hidden_size, config.vocab_size)
-    if reason and train.fp8_head:
-        raise PermanentError(f"train.fp8_head=true cannot run on this model: {reason}; set it to null (FP8 where "
-                             "the head fits) or false")
-    if reason:
-        log.info("the LM head stays bf16 (train.fp8_head left null): %s", reason)
-    return reason is None
 
 
 def _metric_logger(rank: int, run_id: str | None, tracking_uri: str | None):

@@ -73,6 +73,16 @@ def not_llama(w, tmp):
     return ["--set", f"model.base_uri={folder}"], [f"{folder}/config.json: model_type is 'mistral'", "only Llama"]
 
 
+def fp8_head_on_an_odd_vocabulary(w, tmp):
+    from pipeline.demo import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp / "odd", vocab_size=500)  # a whole, valid checkpoint: 500 tokens
+    return (["--set", f"model.base_uri={folder}", "--set", "train.fp8=delayed", "--set", "train.fp8_fallback=true",
+             "--set", "train.fp8_head=true"],
+            [f"{folder}/config.json: train.fp8_head=true cannot run on this model: the vocabulary (500) must be "
+             "divisible by 16", "set it to null"])
+
+
 def missing_shard(w, tmp):
     folder = _checkpoint_copy(w, tmp)
     uri = _published(w, folder, "missing-shard")
@@ -339,6 +349,7 @@ CASES = [
         expect=["fewer than train.workers x train.micro_batch_size = 8", "add training data"])),
     # checkpoint
     Case("ckpt-not-llama", not_llama),
+    Case("ckpt-fp8-head-on-an-odd-vocabulary", fp8_head_on_an_odd_vocabulary),
     Case("ckpt-no-config", no_config),
     Case("ckpt-missing-shard", missing_shard),
     Case("ckpt-truncated-safetensors", truncated_shard),

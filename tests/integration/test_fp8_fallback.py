@@ -110,3 +110,4 @@ def test_a_job_decides_fp8_once_and_its_workers_train_with_the_decision(ray_clus
                                                     "and tags.`pipeline.stage` = 'train'")
     for run in (parent, train_run):
         assert run.data.tags[precision.FALLBACK_TAG] == reason and run.data.params["train.fp8"] == "delayed"
+        assert run.data.tags["lm_head"] == cfg.model.dtype == "fp32"  # the FP8 head went with the rest of FP8

@@ -176,6 +176,7 @@ def test_compare_shows_the_job_with_its_tags_and_real_loss_history(job, tmp_path
     assert record.metrics["tokens_per_s"] > 0 and "finetuned/val_loss" in record.metrics
     tags = record.tags
     assert (tags["precision"], tags["hardware"], tags["model_name"]) == ("fp32", "cpu x2", "tiny-llama")
+    assert tags["lm_head"] == "fp32"
     assert len(tags["data_fingerprint"]) == 64 and tags["code.commit"] not in ("", "unknown")
     train_tags = train_runs[-1].data.tags  # the loss lives here: the UI filters these runs by the same tags
     assert (train_tags["precision"], train_tags["hardware"]) == ("fp32", "cpu x2")
