@@ -129,4 +129,3 @@ def settle_fp8(cfg: Config, run_ids: list[str], tracking_uri: str | None) -> Con
     decision = decide_fp8(cfg)
     tag_fallback(decision, run_ids, tracking_uri)
     return decision.apply(cfg)
-

@@ -3,8 +3,9 @@
 Comparing FP8 against BF16, or one base model against another, starts with filtering runs in the
 MLflow UI (`tags.precision = 'fp8-delayed'`). Params hold every setting, but the interesting facts
 (model size, GPU, exact data, the head's precision where a default decides it) are not settings. So the
-driver tags them: `precision`, `lm_head`, `model_size` and `model_params`, `hardware`, `data_fingerprint`. `jobs/compare.py` shows them beside the results, and
-scheduled retraining keys on the data fingerprint. The code version is `tracking.code_version_tags`.
+driver tags them: `precision`, `lm_head`, `model_size` and `model_params`, `hardware`, `data_fingerprint`.
+`jobs/compare.py` shows them beside the results, and scheduled retraining keys on the data fingerprint. The
+code version is `tracking.code_version_tags`.
 """
 
 from __future__ import annotations
