@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
+from te_model.fp8_head import ALIGN as FP8_ALIGN  # noqa: E402
 from bench import common  # noqa: E402
 from pipeline.train import optim  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
@@ -68,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "most this many tokens, the rest of the head never a target (Llama 3: 128256)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.vocab < BYTES or (args.vocab > BYTES and args.vocab % 16):
+    if args.vocab < BYTES or (args.vocab > BYTES and args.vocab % FP8_ALIGN):
         p.error(f"--vocab {args.vocab}: must be 256 (bytes) or a larger multiple of 16 (the FP8 head's GEMMs need it)")
     smoke = args.smoke
     for name, full, tiny in (("pretrain_steps", 900, 20), ("finetune_steps", 300, 6), ("seq", 1024, 64),

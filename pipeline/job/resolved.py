@@ -60,7 +60,8 @@ class Fp8Decision:
 
 def fp8_head_on(train: TrainConfig, hidden_size: int, vocab_size: int) -> bool:
     """Whether training runs the LM head's GEMMs in FP8 (`train.fp8_head`): with FP8 training, unless turned
-    off or, when left to the default, unless the head's sizes do not fit FP8 GEMMs (then it says so once).
+    off or, when left to the default, unless the head's sizes do not fit FP8 GEMMs (then it logs why: at job
+    start, for the run's tags and on each worker).
     Asked for explicitly where they do not fit: a PermanentError naming the key (job start checks it first,
     `preflight.check_base_checkpoint`)."""
     from te_model.fp8_head import unfit_reason

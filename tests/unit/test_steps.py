@@ -132,40 +132,6 @@ def test_the_fp8_head_comes_with_fp8_training_unless_turned_off(worker_for):
     assert worker_for(2, fp8="delayed", use_gpu=True, fp8_head=False).model.fp8_head is False
 
 
-def test_a_head_the_fp8_gemms_cannot_take_stays_bf16_unless_asked_for(caplog):
-    from pipeline.config import TrainConfig
-    from pipeline.job.resolved import fp8_head_on
-    from pipeline.train.permanent import is_permanent
-
-    left = TrainConfig(fp8="delayed", use_gpu=True)
-    with caplog.at_level("INFO", logger="pipeline.job.resolved"):
-        assert fp8_head_on(left, 64, 32001) is False  # Llama 2's vocabulary plus a pad token
-    assert "the LM head stays bf16 (train.fp8_head left null): the vocabulary (32001) must be divisible by 16" \
-        in caplog.text
-    with pytest.raises(Exception) as caught:
-        fp8_head_on(TrainConfig(fp8="delayed", use_gpu=True, fp8_head=True), 64, 32001)
-    assert str(caught.value) == ("train.fp8_head=true cannot run on this model: the vocabulary (32001) must be "
-                                 "divisible by 16; set it to null (FP8 where the head fits) or false")
-    assert is_permanent(caught.value)  # no restart retries it
-    assert fp8_head_on(left, 64, 32000) is True
-    assert fp8_head_on(left, 60, 32000) is False  # the hidden size counts too
-
-
-def test_the_lm_head_tag_says_what_the_head_trains_in(tmp_path):
-    from pipeline import storage
-    from pipeline.config import load_config
-    from pipeline.tracking.run_tags import model_tags
-
-    fits, odd = demo.make_tiny_checkpoint(tmp_path / "fits"), demo.make_tiny_checkpoint(tmp_path / "odd", vocab_size=500)
-    tag = lambda base, *sets: model_tags(load_config(None, [f"model.base_uri={base}", *sets]),
-                                         storage.StorageOptions())["lm_head"]
-    fp8 = ("train.fp8=delayed", "train.use_gpu=true", "model.dtype=bf16")
-    assert tag(fits, *fp8) == "fp8"
-    assert tag(odd, *fp8) == "bf16"
-    assert tag(fits, *fp8, "train.fp8_head=false") == "bf16"
-    assert tag(fits, "model.dtype=fp32") == "fp32"
-
-
 def test_cuda_graphs_on_the_torch_backend_are_refused_when_the_worker_builds(worker_for):
     from te_model import GraphsUnsupportedError
 
