@@ -47,6 +47,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_graphs": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_inline": ("ours", False, "delayed"),  # ... the update in line, not beside the next forward
     "fp8_delayed_fp8head_inline_graphs": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_te_dswiglu": ("ours", False, "delayed"),  # ... the SwiGLU gradient cast by TE's path
+    "fp8_delayed_fp8head_te_dswiglu_graphs": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -118,6 +120,9 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
         model.fused_loss = not name.endswith("_logits")
         model.fp8_head = "_fp8head" in name
         model.mlp_recompute_enable("_recompute_mlp" in name)
+        if "_te_dswiglu" in name:
+            for layer in model.model.layers:
+                layer.one_pass_dswiglu = False
     return model.train()
 
 
@@ -268,6 +273,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", torch AdamW" if name.endswith("_torch_adamw") else "")
             + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else "")
             + (", update in line" if "_inline" in name else "")
+            + (", SwiGLU gradient cast by TE" if "_te_dswiglu" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

@@ -9,6 +9,7 @@ rows are the same call to TE's fused attention.
 import torch
 import transformer_engine.pytorch as te
 
+from . import swiglu_te
 from .layer import DecoderCall, head_dim
 from .segments import AttentionPlan
 
@@ -60,6 +61,23 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
         )
         self.layer_idx = layer_idx
         self.head_dim = head_dim(config)
+        if swiglu_te.install():  # the MLP's backward casts the SwiGLU gradient in one pass
+            self.layernorm_mlp.__class__ = swiglu_te.LlamaLayerNormMLP
+
+    @property
+    def one_pass_dswiglu(self) -> bool:
+        """Under delayed scaling, the MLP's backward computes the SwiGLU gradient and casts it to FP8 in one
+        kernel (`te_model.swiglu_kernels`), not in bf16 first and then cast by TE. The same gradient, rounded
+        once instead of twice. On by default; the benchmarks turn it off to measure TE's own path."""
+        return getattr(self.layernorm_mlp, "one_pass_dswiglu", False)
+
+    @one_pass_dswiglu.setter
+    def one_pass_dswiglu(self, on: bool) -> None:
+        if on and not isinstance(self.layernorm_mlp, swiglu_te.LlamaLayerNormMLP):
+            raise RuntimeError("this Transformer Engine has no activation table to take the one-pass "
+                               "SwiGLU backward")
+        if isinstance(self.layernorm_mlp, swiglu_te.LlamaLayerNormMLP):
+            self.layernorm_mlp.one_pass_dswiglu = bool(on)
 
     @property
     def recompute_mlp(self) -> bool:
