@@ -5,9 +5,10 @@
 # requirements file, which pins the S3 stack the pipeline needs; add the two wheels of
 # bench/gpu/peer-requirements.txt (the `peers` part) with `pip download --no-deps` beside them. Logs and JSON go to /tmp/results, packed
 # into $OUT/results-<part>.tgz at the end when $OUT is set.
-#   bash bench/gpu/run.sh smoke               GPU tests of the loss, FP8-head and optimizer kernels, FP8 attention and the
+#   bash bench/gpu/run.sh smoke               GPU tests of the loss, FP8-head, SwiGLU and optimizer kernels, FP8 attention and the
 #                                             bench scripts
-#   bash bench/gpu/run.sh gpu-tests           every GPU test but the two-GPU scaling test
+#   bash bench/gpu/run.sh gpu-tests [args]    every GPU test but the two-GPU scaling test (args to pytest, e.g.
+#                                             --ignore tests/gpu/test_job.py to split it in two shorter runs)
 #   bash bench/gpu/run.sh scaling [args]      tests/gpu/test_scaling.py (two GPUs; e.g. -k wider)
 #   bash bench/gpu/run.sh profile [args]      bench/parallel_profile.py, 1 process (whole and half batch) vs 2 DDP
 #                                             vs 2 FSDP2 processes, FP8; then bf16, half batch vs DDP (PROFILE_BF16=0: not)
@@ -66,12 +67,13 @@ case $part in
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     nvidia-smi topo -m    # how the GPUs are linked (NVLink or PCIe): it bounds what FSDP2 can overlap
     python3 -c "import torch, transformers, transformer_engine as te, triton; from transformer_engine.pytorch.utils import get_cudnn_version as v; print('torch', torch.__version__, 'transformers', transformers.__version__, 'te', te.__version__, 'cudnn (TE)', v(), 'triton', triton.__version__)"
-    python3 -m pytest tests/unit/test_ce_kernel.py tests/unit/test_fp8_kernels.py tests/unit/test_optim.py tests/gpu/test_bench.py "tests/gpu/test_te.py::test_fp8_attention_tracks_bf16_attention" \
+    python3 -m pytest tests/unit/test_ce_kernel.py tests/unit/test_fp8_kernels.py tests/unit/test_optim.py tests/gpu/test_swiglu.py \
+      tests/gpu/test_bench.py "tests/gpu/test_te.py::test_fp8_attention_tracks_bf16_attention" \
       "tests/gpu/test_te.py::test_empty_segments_change_nothing" \
       "tests/gpu/test_te.py::test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it" \
       -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | grep "FP8 attention\|passed\|failed\|Error" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
   gpu-tests)
-    python3 -m pytest tests -m gpu --ignore tests/gpu/test_scaling.py -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet \
+    python3 -m pytest tests -m gpu --ignore tests/gpu/test_scaling.py -s -q -p no:cacheprovider -o addopts="" "$@" 2>&1 | quiet \
       | tee $R/gpu-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
   scaling)
     python3 -m pytest tests/gpu/test_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" "$@" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error"; rc=$((rc | PIPESTATUS[0])) ;;
