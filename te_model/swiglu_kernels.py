@@ -82,6 +82,6 @@ def dswiglu_fp8(grad: torch.Tensor, fc1_out: torch.Tensor, scale: torch.Tensor, 
     grid = (-(-rows // ROWS), -(-cols // COLS))
     _kernel()[grid](grad, fc1_out, q, scale, scale_inv, amax, rows, cols, ROWS=ROWS, COLS=COLS,
                     num_warps=4)
-    # the transpose from the tiles in registers came out wrong on Hopper (every fourth row, Triton 3.6):
-    # it is copied from q instead, tile by tile
+    # a transposed FP8 store beside the row-major one came out wrong on Hopper (every fourth row, Triton
+    # 3.6; triton-lang/triton#11111, put down to the ptxas Triton bundles): the transpose is copied from q
     return q, fp8_kernels.transpose(q), scale_inv
