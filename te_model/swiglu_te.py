@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import transformer_engine.pytorch as te
 import transformer_engine_torch as tex
+from transformer_engine.common.recipe import DelayedScaling
 from transformer_engine.pytorch.constants import TE_DType_To_Torch, FP8BwdTensorIdx
 from transformer_engine.pytorch.module import layernorm_mlp as te_layernorm_mlp
 from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
@@ -59,12 +60,20 @@ def dswiglu_cast(grad: torch.Tensor, fc1_out: torch.Tensor, quantizer, **params)
 
 
 def install() -> bool:
-    """Give TE's activation table the SwiGLU entry (once per process); False where this TE has no table."""
+    """Give TE's activation table the SwiGLU entry (once per process). False, and TE's table left alone,
+    where this TE has no such table, or one whose SwiGLU entry is not the three kernels with no fused
+    one that this module was written against (TE 2.20)."""
     table = getattr(te_layernorm_mlp, "_act_func", None)
     if table is None:
         return False
     if getattr(table, "te_table", None) is not None:
         return True
+    try:
+        entry = table("swiglu", DelayedScaling())
+    except Exception:  # noqa: BLE001 - any other table keeps TE's own path
+        return False
+    if not (isinstance(entry, tuple) and len(entry) == 3 and entry[2] is None):
+        return False
 
     def act_func(activation: str, recipe=None):
         funcs = table(activation, recipe)
