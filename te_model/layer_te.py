@@ -61,7 +61,7 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
         )
         self.layer_idx = layer_idx
         self.head_dim = head_dim(config)
-        if swiglu_te.install():  # the MLP's backward casts the SwiGLU gradient in one pass
+        if swiglu_te.install():  # the MLP's backward: the SwiGLU gradient and its FP8 cast in one kernel
             self.layernorm_mlp.__class__ = swiglu_te.LlamaLayerNormMLP
 
     @property
@@ -74,8 +74,8 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
     @one_pass_dswiglu.setter
     def one_pass_dswiglu(self, on: bool) -> None:
         if on and not isinstance(self.layernorm_mlp, swiglu_te.LlamaLayerNormMLP):
-            raise RuntimeError("this Transformer Engine has no activation table to take the one-pass "
-                               "SwiGLU backward")
+            raise RuntimeError("this Transformer Engine's LayerNormMLP cannot take the one-kernel SwiGLU "
+                               "backward (te_model.swiglu_te.install)")
         if isinstance(self.layernorm_mlp, swiglu_te.LlamaLayerNormMLP):
             self.layernorm_mlp.one_pass_dswiglu = bool(on)
 
