@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.vocab < BYTES or (args.vocab > BYTES and args.vocab % FP8_ALIGN):
-        p.error(f"--vocab {args.vocab}: must be 256 (bytes) or a larger multiple of 16 (the FP8 head's GEMMs need it)")
+        p.error(f"--vocab {args.vocab}: must be 256 (bytes) or a larger multiple of {FP8_ALIGN} (the FP8 head's GEMMs "
+                "need it)")
     smoke = args.smoke
     for name, full, tiny in (("pretrain_steps", 900, 20), ("finetune_steps", 300, 6), ("seq", 1024, 64),
                              ("batch", None, 4), ("max_mb", 64.0, 1.0), ("eval_rows", 64, 4)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_kernels import lazy_kernel, runs_on
+from .triton_kernels import cdiv, lazy_kernel, runs_on
 
 TILE = 64  # a transpose program's square tile
 BLOCK = 4096  # a scaled cast program's elements
@@ -56,7 +56,7 @@ def transpose(t: torch.Tensor) -> torch.Tensor:
     rows, cols = t.shape
     out = torch.empty((cols, rows), dtype=t.dtype, device=t.device)
     if t.numel():
-        grid = (_cdiv(rows, TILE), _cdiv(cols, TILE))
+        grid = (cdiv(rows, TILE), cdiv(cols, TILE))
         _kernels()[0][grid](t.view(torch.uint8), out.view(torch.uint8), rows, cols, TILE=TILE, num_warps=4)
     return out
 
@@ -71,9 +71,5 @@ def scaled_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
         return (t.float() / scale).to(dtype)
     out = torch.empty(t.shape, dtype=dtype, device=t.device)
     if t.numel():
-        _kernels()[1][(_cdiv(t.numel(), BLOCK),)](t, scale, out, t.numel(), BLOCK=BLOCK, num_warps=8)
+        _kernels()[1][(cdiv(t.numel(), BLOCK),)](t, scale, out, t.numel(), BLOCK=BLOCK, num_warps=8)
     return out
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import fp8_kernels
-from .triton_kernels import lazy_kernel, runs_on
+from .triton_kernels import cdiv, lazy_kernel, runs_on
 
 ROWS, COLS = 64, 64  # a program's tile of the gradient of the SwiGLU output
 
@@ -79,7 +79,7 @@ def dswiglu_fp8(grad: torch.Tensor, fc1_out: torch.Tensor, scale: torch.Tensor, 
     scale_inv = torch.empty(1, dtype=torch.float32, device=grad.device)
     if not grad.numel():
         return q, q.t().contiguous(), torch.reciprocal(scale.float().reshape(1))
-    grid = (-(-rows // ROWS), -(-cols // COLS))
+    grid = (cdiv(rows, ROWS), cdiv(cols, COLS))
     _kernel()[grid](grad, fc1_out, q, scale, scale_inv, amax, rows, cols, ROWS=ROWS, COLS=COLS,
                     num_warps=4)
     # a transposed FP8 store beside the row-major one came out wrong on Hopper (every fourth row, Triton

@@ -29,6 +29,11 @@ def lazy_kernel(build: Callable) -> Callable:
     return kernel
 
 
+def cdiv(a: int, b: int) -> int:
+    """How many programs of `b` elements cover `a`: a launch grid's size."""
+    return -(-a // b)
+
+
 def runs_on(tensor: torch.Tensor) -> bool:
     """Whether a Triton kernel can run on `tensor`: on a GPU, or on any device under the interpreter."""
     return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.optim.adamw import adamw as torch_fused_adamw  # the functional form of torch.optim.AdamW
 
-from te_model.triton_kernels import lazy_kernel, runs_on
+from te_model.triton_kernels import cdiv, lazy_kernel, runs_on
 
 if TYPE_CHECKING:
     from pipeline.config import TrainConfig
@@ -331,7 +331,7 @@ class AdamW(torch.optim.AdamW):
             mode = self.master_weights if self.keeps_updates(p) else "bf16"
             extra = state.get(EXTRA_STATE.get(mode, ""))
             if n:
-                kernel[(-(-n // BLOCK),)](
+                kernel[(cdiv(n, BLOCK),)](
                     local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
                     local if extra is None else _local(extra), n, corrections, i, streams[id(p)],
                     found_inf if found_inf is not None else corrections, hyper["lr"], hyper["weight_decay"],
