@@ -49,6 +49,7 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_inline_graphs": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_te_dswiglu": ("ours", False, "delayed"),  # ... the SwiGLU gradient cast by TE's path
     "fp8_delayed_fp8head_te_dswiglu_graphs": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_recast_graphs": ("ours", False, "delayed"),  # ... FP8 weights cast every micro-batch
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -144,13 +145,16 @@ def setup_variant(name: str, args, config, state, device, backend: str) -> peers
     return peers.Peer(forward, optimizer, lambda: te_model.fp8_autocast(recipe, fp8_attention=fp8_attention))
 
 
-def capture_graphs(name: str, model, ids: torch.Tensor, device, micro_batches: int) -> None:
+def capture_graphs(name: str, model, ids: torch.Tensor, device, micro_batches: int) -> bool:
     """The `_graphs` variants: the decoder layers captured for the first batch's layout, before any step;
-    the weight gradients kept in the graphs' buffers unless micro-batches accumulate them."""
+    the weight gradients kept in the graphs' buffers unless micro-batches accumulate them. With micro-batches
+    under FP8 the FP8 weights are cast once a step, as the pipeline does, but by the `_recast` variants."""
     recipe = VARIANTS[name][2]
     made = te_model.fp8.make_recipe(recipe, fp8_attention="_attn" in name) if recipe else None
-    te_model.graphs.capture_decoder_graphs(model, common.step_inputs("ours", ids, device), recipe=made,
-                                           accumulate=micro_batches > 1)
+    graphs = te_model.graphs.capture_decoder_graphs(
+        model, common.step_inputs("ours", ids, device), recipe=made, accumulate=micro_batches > 1,
+        cache_fp8_weights=made is not None and micro_batches > 1 and "_recast" not in name)
+    return graphs.cache_fp8_weights  # the steps then mark each micro-batch
 
 
 def run_variant(name: str, args, config, state, batches, device, backend: str) -> dict:
@@ -169,9 +173,9 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
     forward, optimizer = variant.model, variant.optimizer
     timer, losses, wall_start = common.StepTimer(device), [], None
     cache_weights = name.endswith("_weight_cache")
-    capture_peak = None
+    capture_peak, cached_graphs = None, False
     if name.endswith("_graphs"):
-        capture_graphs(name, forward, batches[0][0], device, len(batches[0]))
+        cached_graphs = capture_graphs(name, forward, batches[0][0], device, len(batches[0]))
         capture_peak = common.peak_gib(device)
         common.reset_peak(device)
 
@@ -185,7 +189,7 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
         for i, ids in enumerate(micro_batches):
             with phase("train.batch"):
                 inputs = common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))
-            if cache_weights:  # TE casts the FP8 weights on the first micro-batch and reuses them for the rest
+            if cache_weights or cached_graphs:  # FP8 weights cast on the first micro-batch, reused after
                 inputs["is_first_microbatch"] = i == 0
             with phase("train.forward"), variant.autocast():
                 loss = forward(**inputs).loss
@@ -274,6 +278,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else "")
             + (", update in line" if "_inline" in name else "")
             + (", SwiGLU gradient cast by TE" if "_te_dswiglu" in name else "")
+            + (", FP8 weights cast every micro-batch" if "_recast" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

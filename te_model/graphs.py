@@ -12,6 +12,11 @@ one is widened to it (`DecoderGraphs.fit`): empty segments appended, `max_seqlen
 length, neither of which changes any output. A batch with more segments than captured runs eagerly, and
 is counted (`DecoderGraphs.eager_batches`).
 
+With gradient accumulation under FP8 the graphs can also keep each layer's FP8 weights across the micro-batches
+of an optimizer step (`cache_fp8_weights`): the replay the caller marks `is_first_microbatch=True` casts
+them, later replays skip the casts on the device (TE's `cache_quantized_params`: a flag tensor the captured
+cast kernels read). The weights must not change between those replays, as within one optimizer step.
+
 Memory: the captured activations stay allocated between steps. The weight gradients are written into
 static buffers of the graphs; without gradient accumulation they are the parameters' `.grad` (each replay
 overwrites them, after the optimizer has read them), with it every backward copies them out, so each
@@ -50,10 +55,11 @@ class GraphLayout:
 class _LayerCall(torch.nn.Module):
     """One TE layer's THD call with `max_seqlen` fixed: the callable TE records (tensors in, tensor out)."""
 
-    def __init__(self, layer, max_seqlen: int) -> None:
+    def __init__(self, layer, max_seqlen: int, cache_fp8_weights: bool = False) -> None:
         super().__init__()
         self.layer = layer
         self.max_seqlen = max_seqlen
+        self.cache_fp8_weights = cache_fp8_weights  # its replays take `is_first_microbatch`
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, rope_angles: torch.Tensor) -> torch.Tensor:
         import transformer_engine.pytorch as te
@@ -66,8 +72,9 @@ class _LayerCall(torch.nn.Module):
 class DecoderGraphs:
     """The layout a model's layers were captured for (each layer holds its own graphed call)."""
 
-    def __init__(self, layout: GraphLayout) -> None:
+    def __init__(self, layout: GraphLayout, cache_fp8_weights: bool = False) -> None:
         self.layout = layout
+        self.cache_fp8_weights = cache_fp8_weights  # FP8 weights cast once per optimizer step
         self.eager_batches = 0  # batches whose layout did not fit: they ran without the graphs
 
     def fit(self, plan: AttentionPlan, tokens: int) -> AttentionPlan | None:
@@ -116,7 +123,7 @@ def check_graphable(model) -> None:
 
 
 def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, accumulate: bool = True,
-                           warmup: int = 3) -> DecoderGraphs:
+                           cache_fp8_weights: bool = False, warmup: int = 3) -> DecoderGraphs:
     """Record every decoder layer of `model` for the layout of `inputs` (`prepare_batch`'s output: its
     `attention_plan` and `input_ids`), and switch the model to replay them in training.
 
@@ -124,10 +131,14 @@ def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, accu
     `group`: the amax reduction group. `accumulate=False` promises one backward pass per optimizer step,
     with the gradients read and `.grad` set to None (`zero_grad()`'s default) before the next: the weight
     gradients then stay in the graphs' buffers, with no copy. With gradient accumulation, or gradients
-    zeroed in place, leave it True. Call outside any autocast, before the first training step: the capture
+    zeroed in place, leave it True. `cache_fp8_weights` (with a recipe): replays cast the FP8 weights only when
+    the model is called with `is_first_microbatch=True` (or without it), and reuse that cast when it is called
+    with False: for the later micro-batches of one optimizer step. Call outside any autocast, before the first training step: the capture
     runs `warmup` forward and backward passes on random inputs and restores FP8 scaling state after.
     """
     check_graphable(model)
+    if cache_fp8_weights and recipe is None:
+        raise GraphsUnsupportedError("cache_fp8_weights keeps FP8 weights: it needs an FP8 recipe")
     import transformer_engine.pytorch as te
 
     ids, plan = inputs["input_ids"], inputs["attention_plan"]
@@ -138,7 +149,7 @@ def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, accu
     angles = angles_table(decoder.rotary_emb.inv_freq, layout.max_seqlen)
     hidden = decoder.config.hidden_size
     dtype = decoder.embed_tokens.weight.dtype
-    calls = [_LayerCall(layer, layout.max_seqlen) for layer in decoder.layers]
+    calls = [_LayerCall(layer, layout.max_seqlen, cache_fp8_weights) for layer in decoder.layers]
     samples = tuple(
         (torch.randn(layout.tokens, hidden, device=ids.device, dtype=dtype, requires_grad=True),
          static.cu_seqlens, angles)
@@ -146,9 +157,10 @@ def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, accu
     was_training = model.training
     model.train()
     te.make_graphed_callables(tuple(calls), samples, num_warmup_iters=warmup, enabled=recipe is not None,
-                              recipe=recipe, amax_reduction_group=group, clone_param_grads_on_return=accumulate)
+                              recipe=recipe, amax_reduction_group=group, clone_param_grads_on_return=accumulate,
+                              cache_quantized_params=cache_fp8_weights)
     model.train(was_training)
-    graphs = DecoderGraphs(layout)
+    graphs = DecoderGraphs(layout, cache_fp8_weights)
     for layer, call in zip(decoder.layers, calls):
         layer.__dict__["graphed_call"] = call  # not a submodule: the layer's state dict stays its own
     decoder.__dict__["decoder_graphs"] = graphs

@@ -100,9 +100,12 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
             raise ValueError("TELlamaDecoderLayer needs the plan's rope angles: build it with te_model")
         b, s, h = x.shape
         call = self.__dict__.get("graphed_call")  # te_model.graphs: this layer's captured forward and backward
-        if call is not None and plan.graphed and is_first_microbatch is None and self.training \
-                and torch.is_grad_enabled():
-            return call(x.reshape(b * s, h), plan.cu_seqlens, plan.rope_angles).view(b, s, h)
+        if call is not None and plan.graphed and self.training and torch.is_grad_enabled():
+            if call.cache_fp8_weights:  # cast on a first (or unmarked) micro-batch, reused on the others
+                return call(x.reshape(b * s, h), plan.cu_seqlens, plan.rope_angles,
+                            is_first_microbatch=is_first_microbatch is not False).view(b, s, h)
+            if is_first_microbatch is None:
+                return call(x.reshape(b * s, h), plan.cu_seqlens, plan.rope_angles).view(b, s, h)
         out = te.TransformerLayer.forward(
             self,
             x.reshape(b * s, h),

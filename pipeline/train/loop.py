@@ -250,6 +250,8 @@ def forward_backward(state: TrainState, position: tuple[int, int], step: int, fa
         tokens += batch["input_ids"].numel()
         if train.cuda_graphs:
             capture_graphs(state, batch, group)
+        if state.graphs is not None and state.graphs.cache_fp8_weights:  # FP8 weights cast once a step
+            batch["is_first_microbatch"] = micro == 0
         with parallel.gradient_sync(state.wrapped, enabled=micro == accum - 1):
             with phase("train.forward"), te_model.fp8_autocast(
                     recipe, amax_history_len=train.fp8_amax_history_len, fp8_attention=train.fp8_attention,
@@ -264,13 +266,16 @@ def forward_backward(state: TrainState, position: tuple[int, int], step: int, fa
 
 def capture_graphs(state: TrainState, batch: dict, group) -> None:
     """`train.cuda_graphs`: the decoder layers captured for the first batch's layout, outside the FP8 autocast
-    (as TE's capture wants)."""
+    (as TE's capture wants). Under FP8 with gradient accumulation they cast the FP8 weights on a step's first
+    micro-batch only."""
     train = state.train
     if state.graphs is None:
         recipe = None if train.fp8 == "none" else te_model.fp8.make_recipe(
             train.fp8, amax_history_len=train.fp8_amax_history_len)
+        accumulate = train.grad_accum_steps > 1
         state.graphs = te_model.capture_decoder_graphs(state.model, batch, recipe=recipe, group=group,
-                                                       accumulate=train.grad_accum_steps > 1)
+                                                       accumulate=accumulate,
+                                                       cache_fp8_weights=accumulate and recipe is not None)
         layout = state.graphs.layout
         log.info("decoder layers captured as CUDA graphs: %d tokens, up to %d segments, max_seqlen %d",
                  layout.tokens, layout.offsets - 1, layout.max_seqlen)

@@ -433,3 +433,55 @@ def test_decoder_graphs_train_as_the_eager_layers_do(recipe, monkeypatch):
     crowded_loss.backward()
     assert graphs.eager_batches == 1 and len(eager_calls) == config.num_hidden_layers
     assert math.isfinite(crowded_loss.item())
+
+
+
+def test_decoder_graphs_cast_fp8_weights_once_per_step_when_told():
+    """`cache_fp8_weights`: a replay marked `is_first_microbatch=False` computes with the FP8 weights the
+    step's first replay cast, not the weights as they are now; a first (or unmarked) replay casts them again.
+    The weights are changed under the graphs between passes to tell the two apart. An eager layer given the
+    same marks (a batch that does not fit the layout) reads and writes the same kept weights."""
+    config = llama_config("llama3", num_hidden_layers=2, **GPU_SHAPES)
+    model = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # logits that move with the hidden states (the head is not graphed)
+    batch = packed_batch(config.vocab_size, [[100, 100, 56], [256], [16, 200, 40], [128, 128]], 0)
+    recipe = te_model.fp8.make_recipe("delayed")
+    graphs = te_model.capture_decoder_graphs(model, batch, recipe=recipe, accumulate=True, cache_fp8_weights=True)
+    assert graphs.cache_fp8_weights
+
+    def loss(first, inputs=batch):
+        marks = {} if first is None else {"is_first_microbatch": first}
+        with te_model.fp8_autocast(recipe):
+            out = model(**inputs, **marks).loss
+        out.backward()
+        model.zero_grad(set_to_none=True)
+        return out.item()
+
+    for _ in range(3):  # the FP8 scaling state settles on this batch
+        loss(True)
+    fc2 = [layer.layernorm_mlp.fc2_weight for layer in model.model.layers]
+    cast = loss(True)
+    with torch.no_grad():
+        saved = [w.clone() for w in fc2]
+        for w in fc2:
+            w.zero_()  # every MLP now adds nothing: a pass that casts again sees another model
+    kept, kept_again = loss(False), loss(False)
+    recast = loss(True)
+    unmarked = loss(None)
+    with torch.no_grad():
+        for w, s in zip(fc2, saved):
+            w.copy_(s)
+    kept_zeroed = loss(False)
+    crowded = packed_batch(config.vocab_size, [[16] * 16, [16] * 16, [16] * 16, [256]], 3)  # runs eagerly
+    loss(True, crowded)  # casts the restored weights into the kept ones
+    after_eager = loss(False)
+    print(f"\nFP8 weights kept across replays: cast {cast:.4f}; kept {kept:.4f}, {kept_again:.4f}; cast after "
+          f"zeroing FC2 {recast:.4f}, unmarked {unmarked:.4f}; restored but kept {kept_zeroed:.4f}; "
+          f"after an eager cast {after_eager:.4f}")
+    assert graphs.eager_batches == 1
+    assert abs(recast - cast) > 0.05 * cast  # the change is seen when cast again...
+    assert kept == pytest.approx(cast, rel=5e-3) and kept_again == pytest.approx(cast, rel=5e-3)  # ...not before
+    assert unmarked == pytest.approx(recast, rel=5e-3)
+    assert kept_zeroed == pytest.approx(recast, rel=5e-3)
+    assert after_eager == pytest.approx(cast, rel=5e-3)

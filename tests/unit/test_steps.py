@@ -151,8 +151,8 @@ def test_the_first_pass_captures_the_graphs_once_with_the_runs_recipe_and_accumu
 
     calls = []
 
-    def capture(model, batch, *, recipe, group, accumulate):
-        calls.append((model, batch["input_ids"].shape, recipe, accumulate))
+    def capture(model, batch, *, recipe, group, accumulate, cache_fp8_weights):
+        calls.append((model, batch["input_ids"].shape, recipe, accumulate, cache_fp8_weights))
         return DecoderGraphs(GraphLayout(tokens=batch["input_ids"].numel(), offsets=3, max_seqlen=64))
 
     monkeypatch.setattr(te_model, "capture_decoder_graphs", capture)
@@ -162,5 +162,32 @@ def test_the_first_pass_captures_the_graphs_once_with_the_runs_recipe_and_accumu
     for _ in range(3):
         steps.next(progress)
     assert len(calls) == 1 and w.graphs is not None
-    model, shape, recipe, accumulate = calls[0]
+    model, shape, recipe, accumulate, cache = calls[0]
     assert model is w.model and shape == (2, 64) and recipe is None and accumulate is True  # 2 micro-batches a step
+    assert cache is False  # no FP8 weights to keep in bf16
+
+
+def test_graphs_that_keep_fp8_weights_are_told_which_micro_batch_starts_a_step(worker_for, monkeypatch):
+    """With `cache_fp8_weights` graphs the loop marks a step's first micro-batch `is_first_microbatch=True` and
+    the others False, so the FP8 weights are cast once per optimizer step (the replay: tests/gpu/test_te.py)."""
+    import dataclasses
+
+    import te_model
+    from te_model.graphs import DecoderGraphs, GraphLayout
+
+    monkeypatch.setattr(te_model, "capture_decoder_graphs", lambda model, batch, **_: DecoderGraphs(
+        GraphLayout(tokens=batch["input_ids"].numel(), offsets=3, max_seqlen=64), cache_fp8_weights=True))
+    w = worker_for(3, use_gpu=True)
+    w.train = dataclasses.replace(w.train, cuda_graphs=True)
+    marks, forward = [], w.wrapped.forward
+
+    def marked(*args, **kwargs):
+        marks.append(kwargs.get("is_first_microbatch"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(w.wrapped, "forward", marked)
+    steps, progress = loop.Steps(w), loop.Progress()
+    for _ in range(2):
+        steps.next(progress)
+    assert len(marks) >= 4 and marks == [True, False] * (len(marks) // 2)  # 2 micro-batches a step (and the
+    # passes of the step after, queued before the last outcome is read)
