@@ -50,6 +50,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_te_dswiglu": ("ours", False, "delayed"),  # ... the SwiGLU gradient cast by TE's path
     "fp8_delayed_fp8head_te_dswiglu_graphs": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_recast_graphs": ("ours", False, "delayed"),  # ... FP8 weights cast every micro-batch
+    "fp8_delayed_fp8head_autograd_residual": ("ours", False, "delayed"),  # ... residual gradients added by autograd
+    "fp8_delayed_fp8head_autograd_residual_graphs": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -121,9 +123,11 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
         model.fused_loss = not name.endswith("_logits")
         model.fp8_head = "_fp8head" in name
         model.mlp_recompute_enable("_recompute_mlp" in name)
-        if "_te_dswiglu" in name:
-            for layer in model.model.layers:
+        for layer in model.model.layers if backend == "te" else ():
+            if "_te_dswiglu" in name:
                 layer.one_pass_dswiglu = False
+            if "_autograd_residual" in name:
+                layer.fuse_residual_grad = False
     return model.train()
 
 
@@ -279,6 +283,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", update in line" if "_inline" in name else "")
             + (", SwiGLU gradient cast by TE" if "_te_dswiglu" in name else "")
             + (", FP8 weights cast every micro-batch" if "_recast" in name else "")
+            + (", residual gradients added by autograd" if "_autograd_residual" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

@@ -9,7 +9,7 @@ rows are the same call to TE's fused attention.
 import torch
 import transformer_engine.pytorch as te
 
-from . import swiglu_te
+from . import residual, residual_te, swiglu_te
 from .layer import DecoderCall, head_dim
 from .segments import AttentionPlan
 
@@ -63,6 +63,30 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
         self.head_dim = head_dim(config)
         if swiglu_te.install():  # the MLP's backward: the SwiGLU gradient and its FP8 cast in one kernel
             self.layernorm_mlp.__class__ = swiglu_te.LlamaLayerNormMLP
+        self._residual_fusable = residual_te.install()
+        self.fuse_residual_grad = self._residual_fusable
+
+    @property
+    def fuse_residual_grad(self) -> bool:
+        """Each residual connection's gradient is added by the RMSNorm backward of the branch it skips
+        (`te_model.residual`), not by autograd in a kernel of its own. On by default; the benchmarks turn it
+        off to measure autograd's add."""
+        return self.__dict__["_fuse_residual_grad"]
+
+    @fuse_residual_grad.setter
+    def fuse_residual_grad(self, on: bool) -> None:
+        if on and not self._residual_fusable:
+            raise RuntimeError("this Transformer Engine's norm backward cannot take the residual gradient "
+                               "(te_model.residual_te.install)")
+        self.__dict__["_fuse_residual_grad"] = bool(on)
+
+    def _bias_dropout_add(self, hidden_state, bias, residual_input, drop_path=None):
+        # TE's residual connection (its only caller is TransformerLayer.forward): our layers have no bias,
+        # dropout or drop path, so it is the plain sum, whose gradient the norm backward can add
+        if self.fuse_residual_grad and drop_path is None and (bias is None or bias.numel() == 0) \
+                and (self.hidden_dropout == 0 or not self.training):
+            return residual.add(residual_input, hidden_state)
+        return super()._bias_dropout_add(hidden_state, bias, residual_input, drop_path)
 
     @property
     def one_pass_dswiglu(self) -> bool:

@@ -1,0 +1,71 @@
+"""The gradient along a decoder layer's residual connection, added by the norm backward that ends the branch.
+
+A pre-norm block computes `out = x + branch(norm(x))`. In backward `x` gets two gradients, the one through
+the branch (which ends in the norm's backward) and `out`'s own along the residual, and autograd adds them
+in an elementwise kernel of its own: two reads and a write of a (tokens, hidden) tensor, twice a layer.
+Transformer Engine has a norm backward that adds a tensor to its result as it writes it
+(`rmsnorm_bwd_add`). `add` hands `out`'s gradient to that norm backward instead: `ResidualAdd`'s backward
+leaves `x` no gradient of its own and keeps `out`'s, keyed by `x`'s memory, until the norm backward of the
+same `x` takes it (`take`). `te_model.residual_te` puts `take` into TE's modules.
+
+A gradient kept and never taken would be lost, so each residual input checks, once its whole gradient is
+known, that nothing is still kept; anything kept raises there, in the same backward, before any update.
+
+This module does not import Transformer Engine (the CPU tests run it with a torch norm).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_kept: dict[int, torch.Tensor] = {}  # data_ptr of a residual input -> the gradient its norm backward adds
+
+
+class ResidualGradientLost(RuntimeError):
+    """A residual gradient was kept for a norm backward that never took it."""
+
+
+def _lost() -> ResidualGradientLost:
+    count = len(_kept)
+    _kept.clear()
+    return ResidualGradientLost(
+        f"{count} residual gradient(s) kept for a norm backward that did not take them (te_model.residual): "
+        "the norm this branch starts with does not run the backward residual_te installs; turn "
+        "fuse_residual_grad off")
+
+
+class ResidualAdd(torch.autograd.Function):
+    """`residual + branch`, whose backward keeps the gradient for `residual`'s norm backward to add."""
+
+    @staticmethod
+    def forward(ctx, residual: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(residual)  # in backward: the tensor the norm backward sees (recomputed or not)
+        return residual + branch
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if _kept:  # the one kept before this was never taken
+            raise _lost()
+        (residual,) = ctx.saved_tensors
+        _kept[residual.data_ptr()] = grad
+        return None, grad
+
+
+def _check_taken(grad: torch.Tensor) -> None:
+    if _kept:
+        raise _lost()
+
+
+def add(residual: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """`residual + branch`, its backward handing `residual`'s gradient to the norm backward of `residual`, which
+    must call `take`. Only where `residual` needs a gradient: that norm backward then runs."""
+    if not (torch.is_grad_enabled() and residual.requires_grad):
+        return residual + branch
+    residual.register_hook(_check_taken)  # runs once residual's gradient is complete
+    return ResidualAdd.apply(residual, branch)
+
+
+def take(x: torch.Tensor) -> torch.Tensor | None:
+    """In the backward of a norm whose input is `x`: the residual gradient to add to `x`'s gradient, if
+    one was kept for it (and then no longer kept)."""
+    return _kept.pop(x.data_ptr(), None) if _kept else None
