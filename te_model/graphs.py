@@ -25,6 +25,7 @@ micro-batch's gradients add up. Sizes: docs/performance.md ("CUDA graphs").
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class DecoderGraphs:
     def __init__(self, layout: GraphLayout, cache_fp8_weights: bool = False) -> None:
         self.layout = layout
         self.cache_fp8_weights = cache_fp8_weights  # FP8 weights cast once per optimizer step
+        self.weight_cast_flag: torch.Tensor | None = None  # with them: TE's flag the captured casts read
         self.eager_batches = 0  # batches whose layout did not fit: they ran without the graphs
 
     def fit(self, plan: AttentionPlan, tokens: int) -> AttentionPlan | None:
@@ -111,6 +113,24 @@ def graph_layout(plan: AttentionPlan, tokens: int, row_length: int) -> GraphLayo
     return GraphLayout(tokens=tokens, offsets=offsets, max_seqlen=bucket_max_seqlen(row_length, row_length))
 
 
+@contextlib.contextmanager
+def _weight_cast_flag(cache: bool):
+    """TE's layers, while captured, read one process-wide flag tensor that skips their FP8 weight casts if it
+    exists, whether or not their capture asked for caching (one with `cache_quantized_params` makes it). A
+    capture without caching hides it, so that its casts read no flag it never sets."""
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    state = FP8GlobalStateManager.quantization_state
+    before = state.skip_fp8_weight_update_tensor
+    if not cache:
+        state.skip_fp8_weight_update_tensor = None
+    try:
+        yield
+    finally:
+        if not cache:
+            state.skip_fp8_weight_update_tensor = before
+
+
 def check_graphable(model) -> None:
     """Refuse what the graphs cannot record, naming it."""
     layers = model.model.layers
@@ -133,8 +153,9 @@ def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, accu
     gradients then stay in the graphs' buffers, with no copy. With gradient accumulation, or gradients
     zeroed in place, leave it True. `cache_fp8_weights` (with a recipe): replays cast the FP8 weights only when
     the model is called with `is_first_microbatch=True` (or without it), and reuse that cast when it is called
-    with False: for the later micro-batches of one optimizer step. Call outside any autocast, before the first training step: the capture
-    runs `warmup` forward and backward passes on random inputs and restores FP8 scaling state after.
+    with False: for the later micro-batches of one optimizer step. Call outside any autocast, before the first
+    training step: the capture runs `warmup` forward and backward passes on random inputs and restores FP8
+    scaling state after.
     """
     check_graphable(model)
     if cache_fp8_weights and recipe is None:
@@ -156,11 +177,16 @@ def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, accu
         for _ in calls)
     was_training = model.training
     model.train()
-    te.make_graphed_callables(tuple(calls), samples, num_warmup_iters=warmup, enabled=recipe is not None,
-                              recipe=recipe, amax_reduction_group=group, clone_param_grads_on_return=accumulate,
-                              cache_quantized_params=cache_fp8_weights)
+    with _weight_cast_flag(cache_fp8_weights):
+        te.make_graphed_callables(tuple(calls), samples, num_warmup_iters=warmup, enabled=recipe is not None,
+                                  recipe=recipe, amax_reduction_group=group, clone_param_grads_on_return=accumulate,
+                                  cache_quantized_params=cache_fp8_weights)
     model.train(was_training)
     graphs = DecoderGraphs(layout, cache_fp8_weights)
+    if cache_fp8_weights:  # the flag the captured casts read lives as long as the graphs
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+        graphs.weight_cast_flag = FP8GlobalStateManager.get_skip_fp8_weight_update_tensor()
     for layer, call in zip(decoder.layers, calls):
         layer.__dict__["graphed_call"] = call  # not a submodule: the layer's state dict stays its own
     decoder.__dict__["decoder_graphs"] = graphs

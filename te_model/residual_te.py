@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import types
 
+import transformer_engine.pytorch  # noqa: F401 - before its extension module, which it loads
 import transformer_engine_torch as tex
 from transformer_engine.pytorch.module import layernorm_linear as te_layernorm_linear
 from transformer_engine.pytorch.module import layernorm_mlp as te_layernorm_mlp

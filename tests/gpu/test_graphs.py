@@ -53,8 +53,11 @@ def test_cuda_graphs_train_the_pipelines_steps_as_the_eager_layers_do(worker_for
     assert graphs is not None and graphs.eager_batches < STEPS * accum  # some passes replayed the graphs
     print(f"\ncuda_graphs, {accum} micro-batch(es) a step: losses {[m['loss'] for m in metrics[True]]}, eager "
           f"{[m['loss'] for m in metrics[False]]}; layout {graphs.layout}, {graphs.eager_batches} pass(es) eager")
-    for key in ("loss", "grad_norm"):
-        assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-3), key
+    # With 2 micro-batches the graphs keep the first one's FP8 weights for the second (the weights are the
+    # same; the eager layers cast them again, under the scale the first pass updated): the bf16 gradient norm
+    # may then be a unit of its last place (2**-7 relative) off
+    for key, rel in (("loss", 1e-3), ("grad_norm", 1e-3 if accum == 1 else 1e-2)):
+        assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=rel), key
 
 
 def _trained(state, steps: int, update_delay_cycles: int = 0) -> tuple[list[dict], dict[str, torch.Tensor]]:
