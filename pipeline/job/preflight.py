@@ -213,7 +213,7 @@ def check_base_checkpoint(uri: str, options: storage.StorageOptions, train: Trai
     config = _llama_config(ckpt)
     if train is not None:
         try:
-            fp8_head_on(train, config.hidden_size, config.vocab_size)
+            fp8_head_on(train, config.hidden_size, config.vocab_size, say_why=True)
         except PipelineError as exc:
             raise PipelineError(f"{ckpt.where('config.json')}: {exc}") from None
     _check_tokenizer_ids(ckpt, config.vocab_size)

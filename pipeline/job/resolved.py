@@ -58,10 +58,10 @@ class Fp8Decision:
         return dataclasses.replace(cfg, train=train)
 
 
-def fp8_head_on(train: TrainConfig, hidden_size: int, vocab_size: int) -> bool:
+def fp8_head_on(train: TrainConfig, hidden_size: int, vocab_size: int, say_why: bool = False) -> bool:
     """Whether training runs the LM head's GEMMs in FP8 (`train.fp8_head`): with FP8 training, unless turned
-    off or, when left to the default, unless the head's sizes do not fit FP8 GEMMs (then it logs why: at job
-    start, for the run's tags and on each worker).
+    off or, when left to the default, unless the head's sizes do not fit FP8 GEMMs (then, with `say_why`, it
+    logs why: job start does, once; the run's tags and the workers only ask).
     Asked for explicitly where they do not fit: a PermanentError naming the key (job start checks it first,
     `preflight.check_base_checkpoint`)."""
     from te_model.fp8_head import unfit_reason
@@ -72,7 +72,7 @@ def fp8_head_on(train: TrainConfig, hidden_size: int, vocab_size: int) -> bool:
     if reason and train.fp8_head:
         raise PermanentError(f"train.fp8_head=true cannot run on this model: {reason}; set it to null (FP8 where "
                              "the head fits) or false")
-    if reason:
+    if reason and say_why:
         log.info("the LM head stays bf16 (train.fp8_head left null): %s", reason)
     return reason is None
 

@@ -87,9 +87,11 @@ def test_a_head_the_fp8_gemms_cannot_take_stays_bf16_unless_asked_for(caplog):
 
     left = TrainConfig(fp8="delayed", use_gpu=True)
     with caplog.at_level("INFO", logger="pipeline.job.resolved"):
-        assert fp8_head_on(left, 64, 32001) is False  # Llama 2's vocabulary plus a pad token
-    assert "the LM head stays bf16 (train.fp8_head left null): the vocabulary (32001) must be divisible by 16" \
-        in caplog.text
+        assert fp8_head_on(left, 64, 32001) is False  # the run's tags and each worker ask: nothing logged
+        assert caplog.text == ""
+        assert fp8_head_on(left, 64, 32001, say_why=True) is False  # Llama 2's vocabulary plus a pad token
+    assert caplog.text.count("the LM head stays bf16 (train.fp8_head left null): the vocabulary (32001) must be "
+                             "divisible by 16") == 1  # job start says it, once
     with pytest.raises(Exception) as caught:
         fp8_head_on(TrainConfig(fp8="delayed", use_gpu=True, fp8_head=True), 64, 32001)
     assert str(caught.value) == ("train.fp8_head=true cannot run on this model: the vocabulary (32001) must be "
