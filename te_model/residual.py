@@ -30,8 +30,8 @@ def _lost() -> ResidualGradientLost:
     _kept.clear()
     return ResidualGradientLost(
         f"{count} residual gradient(s) kept for a norm backward that did not take them (te_model.residual): "
-        "the norm this branch starts with does not run the backward residual_te installs; turn "
-        "fuse_residual_grad off")
+        "a branch starts with a norm whose backward is not the one te_model.residual_te installs; set "
+        "fuse_residual_grad = False on the model's decoder layers")
 
 
 class ResidualAdd(torch.autograd.Function):
