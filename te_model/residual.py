@@ -10,6 +10,9 @@ same `x` takes it (`take`). `te_model.residual_te` puts `take` into TE's modules
 
 A gradient kept and never taken would be lost, so each residual input checks, once its whole gradient is
 known, that nothing is still kept; anything kept raises there, in the same backward, before any update.
+What a backward that was abandoned midway kept (an out-of-memory error caught and retried, as batch-size
+finders do) is dropped by the next backward, not blamed on it: each gradient is kept with the id of the
+backward pass that kept it.
 
 This module does not import Transformer Engine (the CPU tests run it with a torch norm).
 """
@@ -18,7 +21,16 @@ from __future__ import annotations
 
 import torch
 
-_kept: dict[int, torch.Tensor] = {}  # data_ptr of a residual input -> the gradient its norm backward adds
+# data_ptr of a residual input -> (the backward pass that kept it, the gradient its norm backward adds)
+_kept: dict[int, tuple[int, torch.Tensor]] = {}
+
+
+def _this_backward() -> int:
+    """The running backward pass (autograd's graph task), after dropping what other passes left kept."""
+    task = torch._C._current_graph_task_id()
+    for key in [key for key, (kept_by, _) in _kept.items() if kept_by != task]:
+        del _kept[key]
+    return task
 
 
 class ResidualGradientLost(RuntimeError):
@@ -44,14 +56,21 @@ class ResidualAdd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if _kept:  # the one kept before this was never taken
-            raise _lost()
         (residual,) = ctx.saved_tensors
-        _kept[residual.data_ptr()] = grad
+        keep(residual, grad)
         return None, grad
 
 
+def keep(x: torch.Tensor, grad: torch.Tensor) -> None:
+    """Keep `grad` for the norm backward of `x` to add (`take`), in this backward pass."""
+    task = _this_backward()
+    if _kept:  # the one this pass kept before was never taken
+        raise _lost()
+    _kept[x.data_ptr()] = (task, grad)
+
+
 def _check_taken(grad: torch.Tensor) -> None:
+    _this_backward()
     if _kept:
         raise _lost()
 
@@ -68,4 +87,8 @@ def add(residual: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
 def take(x: torch.Tensor) -> torch.Tensor | None:
     """In the backward of a norm whose input is `x`: the residual gradient to add to `x`'s gradient, if
     one was kept for it (and then no longer kept)."""
-    return _kept.pop(x.data_ptr(), None) if _kept else None
+    if not _kept:
+        return None
+    _this_backward()
+    kept = _kept.pop(x.data_ptr(), None)
+    return None if kept is None else kept[1]

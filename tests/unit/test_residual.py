@@ -99,3 +99,36 @@ def test_without_a_gradient_to_hand_on_it_is_the_plain_sum():
     assert not residual._kept
     with torch.no_grad():
         torch.testing.assert_close(residual.add(b, a), a + b)
+
+
+def test_what_an_abandoned_backward_kept_is_dropped_not_blamed_on_the_next():
+    """A backward stopped midway (an out-of-memory error caught and retried in the same process) leaves a
+    gradient kept; the next backward drops it and runs as if nothing had been left."""
+    params = _stack(1)
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    out = _forward(x, params, fused=True)
+
+    class Stop(Exception):
+        pass
+
+    def stop(grad):
+        raise Stop
+
+    params[1][1].register_hook(stop)  # the MLP-like branch's weight: after its gradient was kept
+    with pytest.raises(Stop):
+        out.sum().backward()
+    assert residual._kept  # left by the abandoned pass
+    x.grad = None
+    fresh = _stack(1)
+    _forward(x, fresh, fused=True).sum().backward()
+    assert not residual._kept and x.grad is not None
+    plain_x = x.detach().clone().requires_grad_()
+    _forward(plain_x, _stack(1), fused=False).sum().backward()
+    torch.testing.assert_close(x.grad, plain_x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_gradient_kept_is_taken_once_by_the_norm_of_the_same_input():
+    x, other, grad = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    residual.keep(x, grad)
+    assert residual.take(other) is None  # another input's norm: nothing for it
+    assert residual.take(x) is grad and residual.take(x) is None and not residual._kept
