@@ -265,8 +265,9 @@ class TrainConfig(_Section):
     recompute_mlp: bool = False
     # Replay each decoder layer's forward and backward as CUDA graphs (te_model/graphs.py), captured at the
     # first step: short steps, whose host cannot launch TE's kernels as fast as the GPU runs them, run at
-    # the GPU's pace. One GPU worker, TE backend; batches with more packed documents than the captured
-    # layout has room for run without the graphs. docs/performance.md ("CUDA graphs").
+    # the GPU's pace. With grad_accum_steps > 1 under FP8 they cast the FP8 weights once per optimizer step.
+    # One GPU worker, TE backend; batches with more packed documents than the captured layout has room for
+    # run without the graphs. docs/performance.md ("CUDA graphs").
     cuda_graphs: bool = False
     # Run each step's AdamW update on a second CUDA stream beside the next step's forward, each block of which
     # waits only for its own parameters' update (pipeline/train/overlap.py). Same values as the update in
