@@ -117,7 +117,7 @@ def graph_layout(plan: AttentionPlan, tokens: int, row_length: int) -> GraphLayo
 def _weight_cast_flag(cache: bool):
     """TE's layers, while captured, read one process-wide flag tensor that skips their FP8 weight casts if it
     exists, whether or not their capture asked for caching (one with `cache_quantized_params` makes it). A
-    capture without caching hides it, so that its casts read no flag it never sets."""
+    capture without caching hides it, so that its casts read no flag it never sets. Yields TE's state."""
     from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
     state = FP8GlobalStateManager.quantization_state
@@ -125,7 +125,7 @@ def _weight_cast_flag(cache: bool):
     if not cache:
         state.skip_fp8_weight_update_tensor = None
     try:
-        yield
+        yield state
     finally:
         if not cache:
             state.skip_fp8_weight_update_tensor = before
@@ -177,16 +177,14 @@ def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, accu
         for _ in calls)
     was_training = model.training
     model.train()
-    with _weight_cast_flag(cache_fp8_weights):
+    with _weight_cast_flag(cache_fp8_weights) as te_state:
         te.make_graphed_callables(tuple(calls), samples, num_warmup_iters=warmup, enabled=recipe is not None,
                                   recipe=recipe, amax_reduction_group=group, clone_param_grads_on_return=accumulate,
                                   cache_quantized_params=cache_fp8_weights)
     model.train(was_training)
     graphs = DecoderGraphs(layout, cache_fp8_weights)
     if cache_fp8_weights:  # the flag the captured casts read lives as long as the graphs
-        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
-
-        graphs.weight_cast_flag = FP8GlobalStateManager.get_skip_fp8_weight_update_tensor()
+        graphs.weight_cast_flag = te_state.skip_fp8_weight_update_tensor
     for layer, call in zip(decoder.layers, calls):
         layer.__dict__["graphed_call"] = call  # not a submodule: the layer's state dict stays its own
     decoder.__dict__["decoder_graphs"] = graphs

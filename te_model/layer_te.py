@@ -63,8 +63,7 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
         self.head_dim = head_dim(config)
         if swiglu_te.install():  # the MLP's backward: the SwiGLU gradient and its FP8 cast in one kernel
             self.layernorm_mlp.__class__ = swiglu_te.LlamaLayerNormMLP
-        self._residual_fusable = residual_te.install()
-        self.fuse_residual_grad = self._residual_fusable
+        self.fuse_residual_grad = residual_te.install()
 
     @property
     def fuse_residual_grad(self) -> bool:
@@ -75,7 +74,7 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
 
     @fuse_residual_grad.setter
     def fuse_residual_grad(self, on: bool) -> None:
-        if on and not self._residual_fusable:
+        if on and not residual_te.install():
             raise RuntimeError("this Transformer Engine's norm backward cannot take the residual gradient "
                                "(te_model.residual_te.install)")
         self.__dict__["_fuse_residual_grad"] = bool(on)
@@ -124,12 +123,11 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
             raise ValueError("TELlamaDecoderLayer needs the plan's rope angles: build it with te_model")
         b, s, h = x.shape
         call = self.__dict__.get("graphed_call")  # te_model.graphs: this layer's captured forward and backward
-        if call is not None and plan.graphed and self.training and torch.is_grad_enabled():
-            if call.cache_fp8_weights:  # cast on a first (or unmarked) micro-batch, reused on the others
-                return call(x.reshape(b * s, h), plan.cu_seqlens, plan.rope_angles,
-                            is_first_microbatch=is_first_microbatch is not False).view(b, s, h)
-            if is_first_microbatch is None:
-                return call(x.reshape(b * s, h), plan.cu_seqlens, plan.rope_angles).view(b, s, h)
+        if call is not None and plan.graphed and self.training and torch.is_grad_enabled() \
+                and (call.cache_fp8_weights or is_first_microbatch is None):
+            # graphs that keep FP8 weights cast them on a first (or unmarked) micro-batch, reuse them on the others
+            marks = {"is_first_microbatch": is_first_microbatch is not False} if call.cache_fp8_weights else {}
+            return call(x.reshape(b * s, h), plan.cu_seqlens, plan.rope_angles, **marks).view(b, s, h)
         out = te.TransformerLayer.forward(
             self,
             x.reshape(b * s, h),

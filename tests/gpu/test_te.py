@@ -544,7 +544,8 @@ def test_residual_gradients_added_by_the_norm_backward_match_autograds_add(recip
     equal but for rounding. Deterministic kernels, so that rounding is the only difference: in bf16 the first
     layers' gradients move by about 1% (the unfused path, rounding the norm's gradient before the sum, is the
     less exact one: the test above); FP8 rounds gradients to E5M2 (2 mantissa bits), where a moved bf16 bit
-    moves whole FP8 steps, by about 16% on the second step. A lost residual gradient is an O(1) change."""
+    moves whole FP8 steps, by about 16% on the second step. A lost residual gradient would drop a whole term
+    of each input's gradient."""
     from te_model import residual
 
     was = torch.are_deterministic_algorithms_enabled()

@@ -39,8 +39,8 @@ def _rmsnorm(x, weight):
 
 def _stack(blocks: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    params = [(torch.rand(16, generator=g, dtype=torch.float64) + 0.5, torch.randn(16, 16, generator=g, dtype=torch.float64))
-              for _ in range(2 * blocks)]
+    params = [(torch.rand(16, generator=g, dtype=torch.float64) + 0.5,
+               torch.randn(16, 16, generator=g, dtype=torch.float64)) for _ in range(2 * blocks)]
     return [(w.requires_grad_(), m.requires_grad_()) for w, m in params]
 
 
@@ -51,8 +51,8 @@ def _forward(x, params, fused: bool, norm=TakingNorm.apply, wrap=None):
         return add(h, torch.tanh(norm(h, w2) @ m2))
 
     for (w1, m1), (w2, m2) in zip(params[::2], params[1::2]):
-        h_args = (x, w1, m1, w2, m2)
-        x = wrap(block, *h_args) if wrap is not None else block(*h_args)
+        args = (x, w1, m1, w2, m2)
+        x = wrap(block, *args) if wrap is not None else block(*args)
     return x
 
 
