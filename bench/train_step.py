@@ -1,7 +1,8 @@
 """Full training steps, side by side in one process: stock HF Llama against our model in bf16 and FP8.
 
 Each variant (`--variants`) starts from the same weights and sees the same batches, so first-step
-losses must agree. A step is the whole thing, AdamW included; the time is the median of timed steps.
+losses must agree. A step is the whole thing, gradient clipping and AdamW included; the time is the
+median of timed steps.
 Without CUDA or TE our model runs on its torch backend, labelled so, and FP8 variants are skipped.
 One shape and length per call, so a matrix can be split over short calls. The peers users could pick instead
 (`bench/peers.py`) run only when named. Variants and method:
@@ -52,6 +53,7 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_recast_graphs": ("ours", False, "delayed"),  # ... FP8 weights cast every micro-batch
     "fp8_delayed_fp8head_autograd_residual": ("ours", False, "delayed"),  # ... residual gradients added by autograd
     "fp8_delayed_fp8head_autograd_residual_graphs": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_torch_clip": ("ours", False, "delayed"),  # ... clipped by torch's clip_grad_norm_
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -80,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES), help="parameter dtype")
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="gradient clipping of every variant, HF Trainer's default (0: none); ours as the pipeline "
+                        "clips (inside the update), the others with torch's clip_grad_norm_")
     p.add_argument("--master-weights", default="bf16", choices=optim.MASTER_WEIGHTS,
                    help="how our optimizer keeps bf16 updates (train.master_weights): its memory and time cost")
     p.add_argument("--seed", type=int, default=0)
@@ -187,6 +192,17 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
     # beside the next step's forward; the `_inline` variants without
     overlapped = kind == "ours" and device.type == "cuda" and "_inline" not in name
     update = overlap.UpdateOverlap(forward, optimizer, device).step if overlapped else optimizer.step
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    folded = isinstance(optimizer, optim.AdamW) and "_torch_clip" not in name
+
+    def clip():  # as the pipeline's step clips (pipeline.train.loop), or as HF Trainer does
+        if not args.max_grad_norm:
+            return
+        if folded:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            optimizer.grad_factor = optim.clip_factor(norm, args.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
 
     def train_step(micro_batches, phase=contextlib.nullcontext):  # profile_steps marks the phases for --gaps
         count, step_loss = len(micro_batches), None
@@ -201,6 +217,7 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
                 (loss / count if count > 1 else loss).backward()
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         with phase("train.optimizer"):
+            clip()
             update()
             optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss / count if count > 1 else step_loss)
@@ -284,6 +301,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", SwiGLU gradient cast by TE" if "_te_dswiglu" in name else "")
             + (", FP8 weights cast every micro-batch" if "_recast" in name else "")
             + (", residual gradients added by autograd" if "_autograd_residual" in name else "")
+            + (", clipped by torch's clip_grad_norm_" if "_torch_clip" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

@@ -10,7 +10,6 @@ Building the model and resuming it: `pipeline.train.worker`. What this decides: 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -285,19 +284,20 @@ def clip_agree_update(state: TrainState, loss: torch.Tensor) -> tuple[agreement.
     """Clip, agree and step the optimizer, all queued on the device: (the agreement flags on their way to
     the host, still unread; the learning rate the update used)."""
     place, optimizer = state.place, state.optimizer
-    with phase("train.clip"):
-        grad_norm = parallel.full_tensor(
-            torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.train.max_grad_norm or math.inf))
+    with phase("train.clip"):  # the norm; the update's kernel applies the clipping as it reads the gradients
+        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+        grad_norm = parallel.full_tensor(torch.nn.utils.get_total_norm(grads))
     with phase("train.agree"):
         flags = agreement.agreement_flags(loss, grad_norm, place.rank, place.world)
         on_host = agreement.HostFlags(flags)  # copied before the update is queued: reading waits for no more
     lr = state.scheduler.get_last_lr()[0]
     with phase("train.optimizer"):
         optimizer.found_inf = agreement.found_nonfinite(flags, place.world)  # skips the update on the device
+        optimizer.grad_factor = optim.clip_factor(grad_norm, state.train.max_grad_norm)
         try:
             state.update()
         finally:
-            del optimizer.found_inf
+            del optimizer.found_inf, optimizer.grad_factor
         optimizer.zero_grad(set_to_none=True)
     return on_host, lr
 

@@ -35,9 +35,9 @@ PHILOX_ROUNDS = 10  # tl.randint's default
 
 def _build(triton, tl):
     @triton.jit(do_not_specialize=["stream"])  # one compiled kernel for every parameter's stream
-    def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, n, corrections_ptr, index, stream, found_inf_ptr, lr,
-                     weight_decay, beta1, beta2, eps, MODE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                     BF16: tl.constexpr, BLOCK: tl.constexpr):
+    def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, n, corrections_ptr, index, stream, found_inf_ptr,
+                     factor_ptr, lr, weight_decay, beta1, beta2, eps, MODE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                     HAS_FACTOR: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
         # MODE: 0 round to nearest; 1 fp32 master in extra_ptr; 2 stochastic rounding; 3 Kahan, extra_ptr
         # holding the compensation
         if HAS_FOUND_INF:
@@ -50,6 +50,8 @@ def _build(triton, tl):
         else:
             p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
         g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+        if HAS_FACTOR:  # the gradient clipping's factor, applied here instead of in a pass of its own
+            g = g * tl.load(factor_ptr)
         m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
         v = tl.load(v_ptr + offsets, mask=mask).to(tl.float32)
         bias1 = tl.load(corrections_ptr + 3 * index)  # 1 - beta1^step
@@ -125,13 +127,16 @@ def round_stochastic(x: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor
 
 def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, extra: torch.Tensor | None,
                     step: torch.Tensor, stream: int, found_inf: torch.Tensor | None, *, mode: str, lr: float,
-                    weight_decay: float, beta1: float, beta2: float, eps: float) -> None:
+                    weight_decay: float, beta1: float, beta2: float, eps: float,
+                    factor: torch.Tensor | None = None) -> None:
     """One update of one parameter (local tensors), in place: the Triton kernel's math in plain torch.
-    `step` is the parameter's count after this step; a non-zero `found_inf` leaves everything as it was."""
+    `step` is the parameter's count after this step; a non-zero `found_inf` leaves everything as it was;
+    `factor` (fp32, 0-dim) multiplies the gradient."""
     f32 = torch.float32
     old = extra if mode == "fp32" else p.float()
-    m32 = beta1 * m.float() + (1 - beta1) * g.float()
-    v32 = beta2 * v.float() + (1 - beta2) * g.float() * g.float()
+    g = g.float() if factor is None else g.float() * factor
+    m32 = beta1 * m.float() + (1 - beta1) * g
+    v32 = beta2 * v.float() + (1 - beta2) * g * g
     bias1, bias2_sqrt = 1 - torch.pow(beta1, step), (1 - torch.pow(beta2, step)).sqrt()
     delta = -(torch.tensor(lr, dtype=f32) * weight_decay) * old - (lr / bias1) * m32 / (v32.sqrt() / bias2_sqrt + eps)
     if mode == "bf16_kahan":
@@ -196,7 +201,10 @@ class AdamW(torch.optim.AdamW):
     State is torch's (`step` per parameter as a float32 tensor on its device; `exp_avg`, `exp_avg_sq` in
     its dtype) plus `master` or `compensation`, so checkpoints load either way. `found_inf` works as in
     torch: set as an attribute (as a GradScaler or `Steps` does), a non-zero value skips the update on
-    the device and leaves `step` where it was.
+    the device and leaves `step` where it was. `grad_factor`, set the same way (a 0-dim fp32 tensor on the
+    parameters' device, `clip_factor`), multiplies every gradient as the update reads it: gradient
+    clipping without a pass over the gradients of its own. The gradients themselves are left as they were
+    where the kernel applies; elsewhere they are scaled in place first.
 
     The math is torch's, in fp32 (torch's kernel mixes in fp64 scalars):
 
@@ -252,7 +260,10 @@ class AdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         triton = self.triton_applies()
+        factor = getattr(self, "grad_factor", None)
         if not triton and self.master_weights == "bf16":
+            if factor is not None:
+                _scale_grads([p for group in self.param_groups for p in group["params"]], factor)
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -268,14 +279,14 @@ class AdamW(torch.optim.AdamW):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                rest_by_group.append((group, self._step_small(group, params, triton, found_inf)))
+                rest_by_group.append((group, self._step_small(group, params, triton, found_inf, factor)))
         for group, rest in rest_by_group:
             if rest:
-                self._step_own(group, rest, triton, found_inf, streams)
+                self._step_own(group, rest, triton, found_inf, factor, streams)
         return loss
 
-    def _step_small(self, group: dict, params: list[torch.Tensor], triton: bool,
-                    found_inf: torch.Tensor | None) -> list[tuple[torch.Tensor, dict]]:
+    def _step_small(self, group: dict, params: list[torch.Tensor], triton: bool, found_inf: torch.Tensor | None,
+                    factor: torch.Tensor | None) -> list[tuple[torch.Tensor, dict]]:
         """Updates the group's parameters that go to torch's fused kernel: those without master weights that are
         small (or all, without Triton). Returns the others, with their state."""
         beta1, beta2 = group["betas"]
@@ -283,6 +294,8 @@ class AdamW(torch.optim.AdamW):
         fused = [not self.keeps_updates(p) and (not triton or p.numel() < self.triton_min_numel) for p in params]
         if any(fused):
             small = [(p, s) for p, s, f in zip(params, states, fused) if f]
+            if factor is not None:
+                _scale_grads([p for p, _ in small], factor)
             torch_fused_adamw(
                 [p for p, _ in small], [p.grad for p, _ in small], [s["exp_avg"] for _, s in small],
                 [s["exp_avg_sq"] for _, s in small], [], [s["step"] for _, s in small], fused=True,
@@ -298,27 +311,27 @@ class AdamW(torch.optim.AdamW):
                 self.launched(p)
 
     def _step_own(self, group: dict, own: list[tuple[torch.Tensor, dict]], triton: bool,
-                  found_inf: torch.Tensor | None, streams: dict[int, int]) -> None:
+                  found_inf: torch.Tensor | None, factor: torch.Tensor | None, streams: dict[int, int]) -> None:
         beta1, beta2 = group["betas"]
         lr, weight_decay, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         steps = [s["step"] for _, s in own]
         torch._foreach_add_(steps, 1.0)
         hyper = dict(lr=lr, weight_decay=weight_decay, beta1=float(beta1), beta2=float(beta2), eps=eps)
         if triton:
-            self._launch(own, found_inf, streams, hyper)
+            self._launch(own, found_inf, factor, streams, hyper)
         else:
             for p, s in own:
                 mode = self.master_weights if self.keeps_updates(p) else "bf16"
                 extra = s.get(EXTRA_STATE.get(mode, ""))
                 adamw_reference(_local(p), _local(p.grad), _local(s["exp_avg"]), _local(s["exp_avg_sq"]),
                                 None if extra is None else _local(extra), s["step"], streams[id(p)], found_inf,
-                                mode=mode, **hyper)
+                                mode=mode, factor=factor, **hyper)
                 self._announce([p])
         if found_inf is not None:  # a skipped update leaves the count where it was, as torch's does
             torch._foreach_sub_(steps, [found_inf] * len(steps))
 
-    def _launch(self, own: list[tuple[torch.Tensor, dict]], found_inf: torch.Tensor | None, streams: dict[int, int],
-                hyper: dict) -> None:
+    def _launch(self, own: list[tuple[torch.Tensor, dict]], found_inf: torch.Tensor | None,
+                factor: torch.Tensor | None, streams: dict[int, int], hyper: dict) -> None:
         """One Triton launch per parameter."""
         kernel = _triton_kernel()
         step = torch.stack([s["step"] for _, s in own])
@@ -334,9 +347,11 @@ class AdamW(torch.optim.AdamW):
                 kernel[(cdiv(n, BLOCK),)](
                     local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
                     local if extra is None else _local(extra), n, corrections, i, streams[id(p)],
-                    found_inf if found_inf is not None else corrections, hyper["lr"], hyper["weight_decay"],
+                    found_inf if found_inf is not None else corrections,
+                    factor if factor is not None else corrections, hyper["lr"], hyper["weight_decay"],
                     hyper["beta1"], hyper["beta2"], hyper["eps"], MODE=KERNEL_MODE[mode],
-                    HAS_FOUND_INF=found_inf is not None, BF16=local.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=8)
+                    HAS_FOUND_INF=found_inf is not None, HAS_FACTOR=factor is not None,
+                    BF16=local.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=8)
             self._announce([p])
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -355,6 +370,20 @@ class AdamW(torch.optim.AdamW):
                 if key in wanted and self.keeps_updates(p):
                     dtype = torch.float32 if key == "master" else p.dtype
                     self.state[p][key] = value.to(device=p.device, dtype=dtype)
+
+
+def _scale_grads(params: list[torch.Tensor], factor: torch.Tensor) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor)
+
+
+def clip_factor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor | None:
+    """What torch's `clip_grad_norm_` multiplies the gradients by, as an fp32 tensor on `grad_norm`'s device
+    (`AdamW.grad_factor`): min(1, max_norm / (grad_norm + 1e-6)). None for `max_norm` 0, no clipping."""
+    if not max_norm:
+        return None
+    return (max_norm / (grad_norm.float() + 1e-6)).clamp(max=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------

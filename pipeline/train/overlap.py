@@ -79,9 +79,9 @@ class UpdateOverlap:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         for p in params:
             p.grad.record_stream(self.stream)
-        found_inf = getattr(self.optimizer, "found_inf", None)
-        if found_inf is not None:
-            found_inf.record_stream(self.stream)
+        for flag in (getattr(self.optimizer, "found_inf", None), getattr(self.optimizer, "grad_factor", None)):
+            if flag is not None:
+                flag.record_stream(self.stream)
         self.events = [None] * len(self.events)
         self.remaining = Counter(self._block(p) for p in params)
         self.optimizer.launched = self._launched

@@ -3,7 +3,8 @@
 Each step starts both optimizers from the same state (weights, moments, step count) with the same
 gradients, so a difference is that step's alone: within a rounding or two of the tensor's scale (the two
 kernels round the same math differently: torch's mixes in fp64 scalars). A step with `found_inf` set
-must change nothing, its count included. The Triton kernel runs here through Triton's interpreter
+must change nothing, its count included. Every other step clips: torch's `clip_grad_norm_` scales the
+reference's gradients, ours gets the same factor as `grad_factor` and applies it inside the update. The Triton kernel runs here through Triton's interpreter
 (`TRITON_INTERPRET=1`, in a fresh process); on a GPU the `gpu` test runs it compiled against torch's CUDA
 kernel.
 """
@@ -46,6 +47,11 @@ COMPARE = textwrap.dedent('''
                 a.grad, b.grad = g.clone(), g.clone()
             before = [p.detach().clone() for p in ours_p]
             applied.append(ours.triton_applies())
+            if step % 2:  # clipped, the reference's gradients scaled in place, ours in the update
+                norm = torch.nn.utils.get_total_norm([p.grad for p in ours_p])
+                ours.grad_factor = optim.clip_factor(norm, 0.5)
+                assert float(ours.grad_factor) < 0.1  # the clipping bites
+                torch.nn.utils.clip_grad_norm_(ref_p, 0.5)
             for o in (ours, ref):
                 for group in o.param_groups:
                     group["lr"] = 1e-2 * (step + 1) / steps  # a schedule, as LambdaLR sets it
@@ -54,6 +60,7 @@ COMPARE = textwrap.dedent('''
                 o.step()
                 if step == skip_at:
                     del o.found_inf
+            ours.__dict__.pop("grad_factor", None)
             if step == skip_at:
                 unchanged_when_skipped = all(torch.equal(p.detach(), q) for p, q in zip(ours_p, before))
             for a, b in zip(ours_p, ref_p):
@@ -102,11 +109,15 @@ def test_on_cpu_it_is_torch_fused_adamw():
     ref_p = torch.nn.Parameter(ours_p.detach().clone())
     ours = optim.AdamW([ours_p], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     ref = torch.optim.AdamW([ref_p], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    for _ in range(3):
+    for step in range(3):
         g = torch.randn(40, 30, generator=gen)
         ours_p.grad, ref_p.grad = g.clone(), g.clone()
         assert not ours.triton_applies()
+        if step == 1:  # clipped: the factor scales our gradient in place, as torch's clip_grad_norm_ does
+            ours.grad_factor = optim.clip_factor(torch.nn.utils.get_total_norm([ours_p.grad]), 1.0)
+            torch.nn.utils.clip_grad_norm_([ref_p], 1.0)
         ours.step()
+        ours.__dict__.pop("grad_factor", None)
         ref.step()
     assert torch.equal(ours_p, ref_p)
     # the same state layout: each optimizer's state loads into the other
@@ -151,6 +162,12 @@ def test_each_update_is_announced_as_queued_small_parameters_first():
     assert all(torch.equal(plain[k], told[k]) for k in plain)
 
 
+def test_no_clipping_is_no_factor():
+    assert optim.clip_factor(torch.tensor(5.0), 0.0) is None
+    assert float(optim.clip_factor(torch.tensor(0.5), 1.0)) == 1.0  # under the bound: unscaled
+    assert float(optim.clip_factor(torch.tensor(4.0, dtype=torch.bfloat16), 1.0)) == pytest.approx(0.25)
+
+
 def test_the_overlapped_update_needs_a_gpu():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="needs a CUDA device, not cpu"):
@@ -171,9 +188,9 @@ def test_triton_update_matches_torch_fused_adamw_on_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("master_weights", optim.MASTER_WEIGHTS)
 def test_the_update_never_waits_for_the_gpu(master_weights):
-    """A step, with `found_inf` on the device as the training step sets it, makes no host sync: torch raises
-    on any synchronizing call (`set_sync_debug_mode("error")`). Stochastic rounding reads its step on the
-    device too."""
+    """A step, with `found_inf` and the clipping factor on the device as the training step sets them, makes
+    no host sync: torch raises on any synchronizing call (`set_sync_debug_mode("error")`). Stochastic
+    rounding reads its step on the device too."""
     pytest.importorskip("triton")
     params = [torch.nn.Parameter(torch.randn(shape, device="cuda", dtype=torch.bfloat16))
               for shape in ((2048, 1024), (1024,))]  # one large, one small (a norm weight)
@@ -181,6 +198,7 @@ def test_the_update_never_waits_for_the_gpu(master_weights):
     for p in params:
         p.grad = torch.randn_like(p)
     opt.found_inf = torch.zeros((), device="cuda")
+    opt.grad_factor = optim.clip_factor(torch.nn.utils.get_total_norm([p.grad for p in params]), 1.0)
     opt.step()  # compiles the kernel, makes the state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -102,6 +102,31 @@ def test_running_ahead_changes_no_number(worker_for):
     assert all(torch.equal(runs[0][1][name], runs[1][1][name]) for name in runs[0][1])
 
 
+def test_the_update_clips_the_gradients_as_torchs_clip_grad_norm_does(worker_for):
+    """`train.max_grad_norm`: the step hands the clipping factor to the update (`grad_factor`) instead of
+    scaling the gradients itself; the weights come out as after torch's `clip_grad_norm_`, the same norms
+    are reported, and the clipping bites at this bound (without it the weights differ)."""
+    runs = {}
+    for how in ("folded", "torch", "unclipped"):
+        w = worker_for(2, max_grad_norm=0.0 if how == "unclipped" else 0.05)
+        if how == "torch":
+            update = w.update
+
+            def clip_then_update(w=w, update=update):
+                assert w.optimizer.grad_factor is not None
+                w.optimizer.grad_factor = None
+                torch.nn.utils.clip_grad_norm_(w.model.parameters(), 0.05)
+                update()
+
+            w.update = clip_then_update
+        steps, progress = loop.Steps(w), loop.Progress()
+        metrics = [steps.next(progress)[0] for _ in range(2)]
+        runs[how] = ([m["grad_norm"] for m in metrics], [p.detach().clone() for p in w.model.parameters()])
+    assert runs["folded"][0] == runs["torch"][0] and min(runs["folded"][0]) > 0.5  # 10x the bound and more
+    assert all(torch.equal(a, b) for a, b in zip(runs["folded"][1], runs["torch"][1]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs["folded"][1], runs["unclipped"][1]))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_flags_are_read_without_waiting_for_the_work_queued_after_them():
