@@ -203,8 +203,9 @@ class AdamW(torch.optim.AdamW):
     torch: set as an attribute (as a GradScaler or `Steps` does), a non-zero value skips the update on
     the device and leaves `step` where it was. `grad_factor`, set the same way (a 0-dim fp32 tensor on the
     parameters' device, `clip_factor`), multiplies every gradient as the update reads it: gradient
-    clipping without a pass over the gradients of its own. The gradients themselves are left as they were
-    where the kernel applies; elsewhere they are scaled in place first.
+    clipping without a pass over the gradients of its own. The gradients of parameters that the Triton
+    kernel (or `adamw_reference`) updates stay as they were; those that go to torch's fused kernel are
+    scaled in place first.
 
     The math is torch's, in fp32 (torch's kernel mixes in fp64 scalars):
 
@@ -373,7 +374,7 @@ class AdamW(torch.optim.AdamW):
 
 
 def _scale_grads(params: list[torch.Tensor], factor: torch.Tensor) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [_local(p.grad) for p in params if p.grad is not None]  # a shard shares its DTensor's storage
     if grads:
         torch._foreach_mul_(grads, factor)
 
