@@ -29,7 +29,7 @@
 #   bash bench/gpu/run.sh matrix [args...]    bench/matrix.py with these arguments
 #   bash bench/gpu/run.sh peers SHAPE [args]  bench/matrix.py's job peers-SHAPE (8b-4096, 1b-2048 or 8b-256): HF, the
 #                                             peers (Liger, torchao FP8, Accelerate TE FP8, TE's te_llama swap) and
-#                                             ours in one process; one shape per call (about 8 minutes each)
+#                                             ours in one process; one shape per call (2-3 minutes each on an H200)
 #   bash bench/gpu/run.sh quality [args]      bench/finetune_quality.py: fine-tuning quality of each master-weight option
 #                                             against HF's fp32-master training, on real text (--vocab 128256:
 #                                             a Llama-sized head, for the FP8 head)
