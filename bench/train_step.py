@@ -199,8 +199,7 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
         if not args.max_grad_norm:
             return
         if folded:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            optimizer.grad_factor = optim.clip_factor(norm, args.max_grad_norm)
+            optim.clip_in_update(optimizer, params, args.max_grad_norm)
         else:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
 

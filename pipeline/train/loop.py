@@ -285,15 +285,14 @@ def clip_agree_update(state: TrainState, loss: torch.Tensor) -> tuple[agreement.
     the host, still unread; the learning rate the update used)."""
     place, optimizer = state.place, state.optimizer
     with phase("train.clip"):  # the norm; the update's kernel applies the clipping as it reads the gradients
-        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
-        grad_norm = parallel.full_tensor(torch.nn.utils.get_total_norm(grads))
+        grad_norm = optim.clip_in_update(optimizer, state.model.parameters(), state.train.max_grad_norm,
+                                         parallel.full_tensor)
     with phase("train.agree"):
         flags = agreement.agreement_flags(loss, grad_norm, place.rank, place.world)
         on_host = agreement.HostFlags(flags)  # copied before the update is queued: reading waits for no more
     lr = state.scheduler.get_last_lr()[0]
     with phase("train.optimizer"):
         optimizer.found_inf = agreement.found_nonfinite(flags, place.world)  # skips the update on the device
-        optimizer.grad_factor = optim.clip_factor(grad_norm, state.train.max_grad_norm)
         try:
             state.update()
         finally:

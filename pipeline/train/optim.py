@@ -201,8 +201,8 @@ class AdamW(torch.optim.AdamW):
     State is torch's (`step` per parameter as a float32 tensor on its device; `exp_avg`, `exp_avg_sq` in
     its dtype) plus `master` or `compensation`, so checkpoints load either way. `found_inf` works as in
     torch: set as an attribute (as a GradScaler or `Steps` does), a non-zero value skips the update on
-    the device and leaves `step` where it was. `grad_factor`, set the same way (a 0-dim fp32 tensor on the
-    parameters' device, `clip_factor`), multiplies every gradient as the update reads it: gradient
+    the device and leaves `step` where it was. `grad_factor`, set the same way (`clip_in_update`: a 0-dim
+    fp32 tensor on the parameters' device), multiplies every gradient as the update reads it: gradient
     clipping without a pass over the gradients of its own. The gradients of parameters that the Triton
     kernel (or `adamw_reference`) updates stay as they were; those that go to torch's fused kernel are
     scaled in place first.
@@ -385,6 +385,16 @@ def clip_factor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor | None
     if not max_norm:
         return None
     return (max_norm / (grad_norm.float() + 1e-6)).clamp(max=1.0)
+
+
+def clip_in_update(optimizer: AdamW, params, max_norm: float,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] = lambda norm: norm) -> torch.Tensor:
+    """torch's `clip_grad_norm_`, with the scaling left to `optimizer`'s next step: the total norm of the
+    gradients of `params` (through `reduce`: a sharded norm made whole), returned, and its clipping factor
+    set as `optimizer.grad_factor` (None for `max_norm` 0). The gradients are not touched here."""
+    norm = reduce(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    optimizer.grad_factor = clip_factor(norm, max_norm)
+    return norm
 
 
 # ---------------------------------------------------------------------------------------------------
