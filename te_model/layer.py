@@ -59,13 +59,14 @@ class DecoderCall:
         position_embeddings=None,
         attention_plan: AttentionPlan | None = None,
         is_first_microbatch: bool | None = None,
+        cache=None,
         **kwargs,
     ) -> torch.Tensor:
         """`is_first_microbatch`: None casts FP8 weights at every call; True casts and keeps them, False reuses
         the kept ones (the weights must not have changed since: later micro-batches of one optimizer step)."""
         if isinstance(hidden_states, tuple):  # older HF versions passed (hidden_states,)
             hidden_states = hidden_states[0]
-        if past_key_values is not None:
+        if past_key_values is not None or cache is not None:  # the cache's name before and from transformers 5.24
             raise KVCacheUnsupportedError(KV_CACHE_MESSAGE)
         if attention_plan is None:
             attention_plan = _standalone_plan(hidden_states, attention_mask, position_ids)

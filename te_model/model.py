@@ -44,14 +44,16 @@ class SegmentedLlamaModel(modeling_llama.LlamaModel):
         inputs_embeds=None,
         use_cache=None,
         attention_plan=None,
+        cache=None,
         **kwargs,
     ):
         """`attention_plan`: the batch's plan made beforehand (`prepare_batch`, or `plan_attention` on the
         host's position ids, then `.to(device)`). It saves the two host syncs of planning on the device.
         None plans here (on the host when neither position ids nor a mask are given)."""
         # A cache asked for (newer transformers' generate passes use_cache=True and no cache yet) or handed
-        # in is refused; use_cache=None/False, the patched config's default, runs without one.
-        if past_key_values is not None or use_cache:
+        # in (`cache` from transformers 5.24, `past_key_values` before) is refused; use_cache=None/False, the
+        # patched config's default, runs without one.
+        if past_key_values is not None or cache is not None or use_cache:
             raise KVCacheUnsupportedError(KV_CACHE_MESSAGE)
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, seqlen = tokens.shape[:2]
@@ -125,16 +127,17 @@ class TELlamaForCausalLM(LlamaForCausalLM):
             layer.recompute_mlp = on
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
         scored = kwargs.pop("scored_tokens", None)  # te_model.loss.ScoredTokens, found beforehand
+        if past_key_values is not None or cache is not None:  # under either name; HF's own would warn of the old
+            raise KVCacheUnsupportedError(KV_CACHE_MESSAGE)
         if labels is None or not (self.fused_loss and self.training and torch.is_grad_enabled()):
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)  # HF Trainer's count under gradient accumulation
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             **kwargs)
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch=num_items,
                               fp8_head=self.fp8_head, scored=scored)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,

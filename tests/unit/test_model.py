@@ -3,6 +3,7 @@ KV-cache refusal, masks, FP8 padding, and training with a plain loop and with `t
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -76,6 +77,28 @@ def test_kv_cache_is_refused_and_plain_generation_is_right(hf_and_te):
     # with the cache off (the patched model's default), generation recomputes and matches HF
     out = te.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(out, hf.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+def test_a_cache_handed_in_is_refused_under_either_name_and_plain_calls_do_not_warn(hf_and_te):
+    from transformers import DynamicCache
+
+    _, te = hf_and_te
+    ids = torch.randint(0, 320, (1, 12))
+    for name in ("cache", "past_key_values"):  # transformers 5.24's name and the one before
+        for forward in (te, te.model):
+            with pytest.raises(te_model.KVCacheUnsupportedError, match="does not support a KV cache"):
+                forward(ids, **{name: DynamicCache(config=te.config)})
+    # HF deprecates `past_key_values` with a FutureWarning whenever it is passed, None included: ours
+    # must not pass it on in any forward, with labels or without, training or not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        te.train()
+        te(ids, labels=ids).loss.backward()
+        te.eval()
+        with torch.no_grad():
+            te(ids, labels=ids)
+            te(ids)
+    te.zero_grad(set_to_none=True)
 
 
 def test_padding_with_holes_is_refused(hf_and_te):
