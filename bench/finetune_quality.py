@@ -35,19 +35,22 @@ from transformers import LlamaConfig  # noqa: E402
 
 DEFAULT_MASTER = TrainConfig().master_weights
 BYTES = 256  # the vocabulary without --vocab
-SHAPES = {  # hidden, intermediate, layers, heads, kv heads
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads (every matrix's rows whole blocks of FP8 moments)
     "base": (1024, 2816, 12, 16, 4),
+    "small": (256, 768, 4, 4, 2),  # a CPU-sized base
     "smoke": (64, 128, 2, 4, 2),
 }
 
 
-def variants() -> dict[str, tuple[str, str | None, str, bool]]:
-    """name: (model kind, FP8 recipe, master_weights option, FP8 head)."""
-    table = {"hf_fp32_master": ("hf", None, "fp32", False)}
-    table |= {f"ours_bf16_{m}": ("ours", None, m, False) for m in optim.MASTER_WEIGHTS}
-    table |= {f"fp8_delayed_{m}": ("ours", "delayed", m, False) for m in optim.MASTER_WEIGHTS}
-    table[f"fp8_current_{DEFAULT_MASTER}"] = ("ours", "current", DEFAULT_MASTER, False)
-    table[f"fp8_delayed_{DEFAULT_MASTER}_fp8head"] = ("ours", "delayed", DEFAULT_MASTER, True)
+def variants() -> dict[str, tuple[str, str | None, str, bool, bool]]:
+    """name: (model kind, FP8 recipe, master_weights option, FP8 head, FP8 moments)."""
+    table = {"hf_fp32_master": ("hf", None, "fp32", False, False)}
+    table |= {f"ours_bf16_{m}": ("ours", None, m, False, False) for m in optim.MASTER_WEIGHTS}
+    table |= {f"fp8_delayed_{m}": ("ours", "delayed", m, False, False) for m in optim.MASTER_WEIGHTS}
+    table[f"fp8_current_{DEFAULT_MASTER}"] = ("ours", "current", DEFAULT_MASTER, False, False)
+    table[f"fp8_delayed_{DEFAULT_MASTER}_fp8head"] = ("ours", "delayed", DEFAULT_MASTER, True, False)
+    table[f"ours_bf16_{DEFAULT_MASTER}_moments_fp8"] = ("ours", None, DEFAULT_MASTER, False, True)
+    table[f"fp8_delayed_{DEFAULT_MASTER}_fp8head_moments_fp8"] = ("ours", "delayed", DEFAULT_MASTER, True, True)
     return table
 
 
@@ -67,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=BYTES,
                    help="model vocabulary: 256 = bytes (default); more = a byte-level BPE learnt on corpus A with at "
                         "most this many tokens, the rest of the head never a target (Llama 3: 128256)")
+    p.add_argument("--shape", choices=[s for s in SHAPES if s != "smoke"], default="base",
+                   help="the model: base (136M with bytes; the GPU's) or small (a CPU-sized one)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.vocab < BYTES or (args.vocab > BYTES and args.vocab % FP8_ALIGN):
@@ -226,14 +231,15 @@ def relative_movement(model, start: list[torch.Tensor]) -> float:
 
 
 def finetune(name: str, lr: float, args, config, state, device, backend, batches, held) -> dict:
-    kind, recipe, master, fp8_head = variants()[name]
+    kind, recipe, master, fp8_head, moments_fp8 = variants()[name]
     model = build(kind, config, state, device, backend, fp8_head)
     start = [p.detach().clone() for p in model.parameters()]
     if kind == "hf":
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
                                       fused=device.type == "cuda")
     else:
-        optimizer = optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, master_weights=master)
+        optimizer = optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, master_weights=master,
+                                moments_fp8=moments_fp8)
     scheduler = schedule(optimizer, len(batches), max(1, len(batches) // 30))
     warm = min(5, len(batches) - 1)
     for step, ids in enumerate(batches):
@@ -294,7 +300,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
        `LlamaForCausalLM` with fp32 parameters under bf16 autocast and torch's AdamW, the reference (what
        HF Trainer does). Ours in bf16 with each `master_weights` option (`bf16` is the behaviour without
        master weights), and under FP8 delayed scaling with each. FP8 current scaling and FP8 delayed with
-       the FP8 LM head, both with the default option.
+       the FP8 LM head, both with the default option. `_moments_fp8`: AdamW's moments kept in FP8
+       (`train.moments_fp8`).
 
     Printed: variant, lr, held-out loss on B, its difference from the reference in percent, the weights'
     relative movement |w - w_base| / |w_base|, and the step time. Without TE the FP8 variants are
@@ -312,7 +319,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         (train_a, held_a, train_b, held_b), learnt = bpe_ids(args.vocab, train_a, held_a, train_b, held_b)
         phase(f"byte-level BPE learnt on A: {learnt} tokens of a {args.vocab}-token head; "
               f"{len(train_a) / 1e6:.2f}M tokens of A, {len(train_b) / 1e6:.2f}M of B")
-    config = llama_config("smoke" if args.smoke else "base", args.vocab)
+    config = llama_config("smoke" if args.smoke else args.shape, args.vocab)
     state = pretrain(args, config, device, train_a, held_a)
     params = sum(t.numel() for t in state.values())
     phase(f"pretrained the base ({params / 1e6:.0f}M parameters, {args.pretrain_steps} steps)")

@@ -54,6 +54,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_autograd_residual": ("ours", False, "delayed"),  # ... residual gradients added by autograd
     "fp8_delayed_fp8head_autograd_residual_graphs": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_torch_clip": ("ours", False, "delayed"),  # ... clipped by torch's clip_grad_norm_
+    "fp8_delayed_fp8head_moments_fp8": ("ours", False, "delayed"),  # ... AdamW's moments kept in FP8
+    "fp8_delayed_fp8head_recompute_mlp_moments_fp8": ("ours", False, "delayed"),  # ... and the MLP recomputed
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -149,7 +151,8 @@ def setup_variant(name: str, args, config, state, device, backend: str) -> peers
     if kind == "hf" or name.endswith("_torch_adamw"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     else:  # the pipeline's: the same defaults (weight decay 0.01 on every parameter, as torch's)
-        optimizer = optim.AdamW(model.parameters(), lr=args.lr, master_weights=args.master_weights)
+        optimizer = optim.AdamW(model.parameters(), lr=args.lr, master_weights=args.master_weights,
+                                moments_fp8="_moments_fp8" in name)
     forward = torch.compile(model, backend=args.compile_backend) if compiled else model
     return peers.Peer(forward, optimizer, lambda: te_model.fp8_autocast(recipe, fp8_attention=fp8_attention))
 
@@ -301,6 +304,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", FP8 weights cast every micro-batch" if "_recast" in name else "")
             + (", residual gradients added by autograd" if "_autograd_residual" in name else "")
             + (", clipped by torch's clip_grad_norm_" if "_torch_clip" in name else "")
+            + (", FP8 moments" if "_moments_fp8" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

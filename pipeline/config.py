@@ -257,6 +257,10 @@ class TrainConfig(_Section):
     # to nearest; fine-tuning updates below half a bf16 step are lost. No effect when model.dtype is fp32:
     # the parameters are then their own master.
     master_weights: Literal["fp32", "bf16_kahan", "bf16_sr", "bf16"] = "bf16_kahan"
+    # Keep AdamW's two moments of every weight matrix in FP8 (E4M3 with a scale per 256 elements, rounded
+    # stochastically; pipeline/train/optim.py) instead of the parameter's dtype: 2 bytes a parameter less
+    # optimizer state (16 GB at 8B) and less to move in each update. Off: the moments stay bf16.
+    moments_fp8: bool = False
     # Recompute decoder-layer activations in backward to save memory.
     activation_checkpointing: bool = False
     # Recompute only each decoder layer's MLP in backward: the MLP keeps just its input (not FC1's output,

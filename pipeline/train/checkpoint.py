@@ -6,7 +6,9 @@ A checkpoint is one directory, written whole by rank 0 and uploaded (through Ray
     model.safetensors          parameters by TE-style name (the unwrapped module's `named_parameters`),
                                in the training dtype
     optimizer.safetensors      AdamW state by parameter name: `{name}.exp_avg`, `{name}.exp_avg_sq`, `{name}.step`,
-                               and `{name}.master` (fp32) or `{name}.compensation` per `train.master_weights`
+                               and `{name}.master` (fp32) or `{name}.compensation` per `train.master_weights`;
+                               with `train.moments_fp8`, a matrix's moments as `{name}.exp_avg_fp8`,
+                               `{name}.exp_avg_sq_root_fp8` (E4M3) and their `..._scale` (fp32) instead
     optimizer.json             param_groups: hyper-parameters and the parameter NAMES of each group
     scheduler.json             the LR scheduler's state_dict
     trainer_state.json         step, tokens seen, world size, resolved config, code version, logged metrics
@@ -30,8 +32,9 @@ What this module decides:
   tensor) instead of silently loading moments into the wrong parameter.
 - TE's `_extra_state` (FP8 scaling metadata) is not saved: TE pickles it. FP8 delayed-scaling amax
   history therefore restarts empty on resume and refills within `train.fp8_amax_history_len` steps.
-- Parameters and AdamW moments are in the training dtype. An fp32 master copy or a Kahan compensation
-  (`train.master_weights`, `pipeline.train.optim`) is optimizer state, saved and restored in its own dtype, so
+- Parameters and AdamW moments are in the training dtype (FP8 moments in theirs). An fp32 master copy or a Kahan
+  compensation (`train.master_weights`, `pipeline.train.optim`) is optimizer state, saved and restored in its own
+  dtype, so
   a resume continues bit for bit; the model file (and so the HF export) holds the bf16 weights, which
   are the master rounded to nearest.
 - A resume reads the optimizer file tensor by tensor onto the devices: one tensor in host memory.
@@ -207,7 +210,8 @@ def optimizer_entries(module: torch.nn.Module,
 
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+                      torch.float8_e4m3fn: "F8_E4M3"}
 
 
 def save_streamed(entries: list[tuple[str, torch.Tensor]], path: Path) -> FileEntry:

@@ -4,8 +4,9 @@ The update is memory-bound: 14 bytes a bf16 parameter. torch's fused AdamW cuts 
 many small launches; here each parameter of a million elements or more is one launch over its whole
 length. Smaller ones (norm weights) still go to torch's fused kernel, several to a launch.
 A bf16 weight moves in steps too coarse for most fine-tuning updates, so `master_weights` says how
-bf16 parameters keep them (`AdamW` lists the options). On CPU, `adamw_reference` runs the kernel's
-math in plain torch, so a CPU run trains as a GPU run does. Speed: docs/performance.md (Optimizer).
+bf16 parameters keep them (`AdamW` lists the options). `moments_fp8` keeps the moments of weight
+matrices in a byte each instead of two. On CPU, `adamw_reference` runs the kernel's math in plain
+torch, so a CPU run trains as a GPU run does. Speed: docs/performance.md (Optimizer).
 """
 
 from __future__ import annotations
@@ -31,15 +32,25 @@ MASTER_WEIGHTS = ("fp32", "bf16_sr", "bf16_kahan", "bf16")
 KERNEL_MODE = {"bf16": 0, "fp32": 1, "bf16_sr": 2, "bf16_kahan": 3}
 EXTRA_STATE = {"fp32": "master", "bf16_kahan": "compensation"}  # optimizer state each option adds
 PHILOX_ROUNDS = 10  # tl.randint's default
+# FP8 moments (`moments_fp8`): E4M3 codes, one power-of-two scale per QBLOCK consecutive elements of a row
+QBLOCK = 256
+E4M3_MAX = 448.0
+E4M3_MIN_NORMAL = 2.0**-6  # below it E4M3 steps by its smallest subnormal, 2^-9
+FP8_STATE = {  # each moment's state in the parameter's dtype -> its (codes, scales) state
+    "exp_avg": ("exp_avg_fp8", "exp_avg_scale"),
+    "exp_avg_sq": ("exp_avg_sq_root_fp8", "exp_avg_sq_root_scale"),
+}
 
 
 def _build(triton, tl):
     @triton.jit(do_not_specialize=["stream"])  # one compiled kernel for every parameter's stream
-    def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, n, corrections_ptr, index, stream, found_inf_ptr,
-                     factor_ptr, lr, weight_decay, beta1, beta2, eps, MODE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                     HAS_FACTOR: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr, n, corrections_ptr, index,
+                     stream, found_inf_ptr, factor_ptr, lr, weight_decay, beta1, beta2, eps, MODE: tl.constexpr,
+                     HAS_FOUND_INF: tl.constexpr, HAS_FACTOR: tl.constexpr, BF16: tl.constexpr,
+                     MOMENTS_FP8: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
         # MODE: 0 round to nearest; 1 fp32 master in extra_ptr; 2 stochastic rounding; 3 Kahan, extra_ptr
-        # holding the compensation
+        # holding the compensation. MOMENTS_FP8: m_ptr holds m and v_ptr sqrt(v) as E4M3 codes, each QBLOCK of
+        # them times a power of two in m_scale_ptr / v_scale_ptr (`quantize_moment`, `dequantize_moment`).
         if HAS_FOUND_INF:
             if tl.load(found_inf_ptr) != 0:
                 return
@@ -52,19 +63,30 @@ def _build(triton, tl):
         g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
         if HAS_FACTOR:  # the gradient clipping's factor, applied here instead of in a pass of its own
             g = g * tl.load(factor_ptr)
-        m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
-        v = tl.load(v_ptr + offsets, mask=mask).to(tl.float32)
+        if MOMENTS_FP8:
+            m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32) * tl.load(m_scale_ptr + offsets // QBLOCK, mask=mask)
+            root = tl.load(v_ptr + offsets, mask=mask).to(tl.float32) * tl.load(v_scale_ptr + offsets // QBLOCK,
+                                                                                mask=mask)
+            v = root * root
+        else:
+            m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
+            v = tl.load(v_ptr + offsets, mask=mask).to(tl.float32)
         bias1 = tl.load(corrections_ptr + 3 * index)  # 1 - beta1^step
         bias2_sqrt = tl.load(corrections_ptr + 3 * index + 1)  # sqrt(1 - beta2^step)
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
-        delta = -(lr * weight_decay) * p - (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
+        if MOMENTS_FP8:
+            root = tl.sqrt_rn(v)  # rounded as torch's: the stored code depends on it
+        else:
+            root = tl.sqrt(v)
+        delta = -(lr * weight_decay) * p - (lr / bias1) * m / (root / bias2_sqrt + eps)
         if MODE == 3:
             delta += tl.load(extra_ptr + offsets, mask=mask).to(tl.float32)
         new = p + delta
-        if MODE == 2:
+        if MODE == 2 or MOMENTS_FP8:  # Philox's four words: the weight's rounding takes the first, the moments the next
             step = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint64)
-            bits = tl.randint((step << 32) | stream, offsets.to(tl.uint32), n_rounds=10)
+            bits, m_bits, v_bits, _ = tl.randint4x((step << 32) | stream, offsets.to(tl.uint32), n_rounds=10)
+        if MODE == 2:
             carried = new.to(tl.uint32, bitcast=True) + (bits & 0xFFFF)
             new = ((carried >> 16) << 16).to(tl.float32, bitcast=True)
         stored = new
@@ -72,6 +94,7 @@ def _build(triton, tl):
             bits = new.to(tl.uint32, bitcast=True)
             stored = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
             stored = tl.where(new != new, new, stored)
+        if BF16 and not MOMENTS_FP8:
             bits = m.to(tl.uint32, bitcast=True)
             m = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
             bits = v.to(tl.uint32, bitcast=True)
@@ -84,8 +107,37 @@ def _build(triton, tl):
             bits = lost.to(tl.uint32, bitcast=True)
             lost = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
             tl.store(extra_ptr + offsets, lost.to(extra_ptr.dtype.element_ty), mask=mask)
-        tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
+        if MOMENTS_FP8:
+            # Each QBLOCK's scale: the power of two at or above its largest magnitude / 448, so products and
+            # quotients by it are exact. Codes are rounded stochastically, by hand, so every one is an exact
+            # E4M3 value and the cast cannot round: the same codes on the GPU and under the interpreter.
+            rows = tl.program_id(0).to(tl.int64) * (BLOCK // QBLOCK) + tl.arange(0, BLOCK // QBLOCK)
+            row_mask = rows < n // QBLOCK
+            for which in tl.static_range(2):
+                if which == 0:
+                    x, random = m, m_bits
+                else:
+                    x, random = root, v_bits
+                x2 = tl.reshape(x, (BLOCK // QBLOCK, QBLOCK))
+                top = (tl.max(tl.abs(x2), axis=1) * (1.0 / 448.0)).to(tl.uint32, bitcast=True)
+                exponent = (top >> 23) + ((top & 0x7FFFFF) != 0).to(tl.uint32)
+                scale = (exponent << 23).to(tl.float32, bitcast=True)  # 0 for an all-zero block
+                inverse = tl.where(exponent > 0, ((254 - exponent) << 23).to(tl.float32, bitcast=True), 0.0)
+                y = tl.reshape(x2 * inverse[:, None], (BLOCK,))
+                y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+                fraction = random & 0xFFFFF
+                normal = (((y.to(tl.uint32, bitcast=True) + fraction) >> 20) << 20).to(tl.float32, bitcast=True)
+                subnormal = tl.floor(y * 512.0 + fraction.to(tl.float32) * (1.0 / 1048576.0)) * (1.0 / 512.0)
+                code = tl.where(tl.abs(y) < 0.015625, subnormal, normal).to(m_ptr.dtype.element_ty)
+                if which == 0:
+                    tl.store(m_ptr + offsets, code, mask=mask)
+                    tl.store(m_scale_ptr + rows, scale, mask=row_mask)
+                else:
+                    tl.store(v_ptr + offsets, code, mask=mask)
+                    tl.store(v_scale_ptr + rows, scale, mask=row_mask)
+        else:
+            tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
 
     return adamw_update
 
@@ -104,9 +156,9 @@ def _umulhi(a: int, b: torch.Tensor) -> torch.Tensor:
     return ((b * a) >> 32) & _MASK32
 
 
-def philox_randint(key: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`tl.randint(key, offsets)` in torch: Philox-4x32, 10 rounds, counter (offset, 0, 0, 0), key = the
-    low and high words of the 64-bit `key`; the first word, as uint32 values held in int64."""
+def philox_randint4x(key: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tl.randint4x(key, offsets)` in torch: Philox-4x32, 10 rounds, counter (offset, 0, 0, 0), key = the
+    low and high words of the 64-bit `key`; the four words, as uint32 values held in int64."""
     c0, c1 = offsets.to(torch.int64) & _MASK32, torch.zeros_like(offsets, dtype=torch.int64)
     c2, c3 = c1.clone(), c1.clone()
     k0, k1 = key & _MASK32, (key >> 32) & _MASK32
@@ -114,7 +166,12 @@ def philox_randint(key: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = (_umulhi(0xCD9E8D57, c2) ^ c1 ^ k0, (c2 * 0xCD9E8D57) & _MASK32,
                           _umulhi(0xD2511F53, c0) ^ c3 ^ k1, (c0 * 0xD2511F53) & _MASK32)
         k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_randint(key: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`tl.randint(key, offsets)` in torch: the first word of `philox_randint4x`."""
+    return philox_randint4x(key, offsets)[0]
 
 
 def round_stochastic(x: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor:
@@ -125,26 +182,68 @@ def round_stochastic(x: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor
     return (bits - (bits >> 31 << 32)).to(torch.int32).view(torch.float32).to(torch.bfloat16)
 
 
+def _as_float(bits: torch.Tensor) -> torch.Tensor:
+    """uint32 bit patterns held in int64 as the fp32 values they encode."""
+    return (bits - (bits >> 31 << 32)).to(torch.int32).view(torch.float32)
+
+
+def quantize_moment(x: torch.Tensor, random_bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 `x` (its last dimension a multiple of QBLOCK) as (E4M3 codes, fp32 scales of shape
+    `x.shape[:-1] + (x.shape[-1] // QBLOCK,)`), codes times their block's scale approximating `x`.
+
+    Each block's scale is the power of two at or above its largest magnitude / 448, so dividing by it is
+    exact. Each code is rounded stochastically (unbiased) with the low 20 bits of `random_bits` (uint32 in
+    int64, `x`'s shape): an EMA whose steps are smaller than a code's spacing still moves on average, where
+    rounding to nearest would hold it in place. The Triton kernel computes the same codes."""
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // QBLOCK, QBLOCK)
+    top = (blocks.abs().amax(dim=-1) * (1.0 / E4M3_MAX)).view(torch.int32).to(torch.int64) & _MASK32
+    exponent = (top >> 23) + ((top & 0x7FFFFF) != 0).to(torch.int64)
+    scale = _as_float(exponent << 23)
+    inverse = torch.where(exponent > 0, _as_float((254 - exponent).clamp(min=0) << 23), 0.0)
+    y = (blocks * inverse[..., None]).clamp(-E4M3_MAX, E4M3_MAX).reshape(x.shape)
+    fraction = random_bits & 0xFFFFF
+    normal = _as_float((((y.view(torch.int32).to(torch.int64) & _MASK32) + fraction) >> 20 << 20) & _MASK32)
+    subnormal = torch.floor(y * 512.0 + fraction.to(torch.float32) * (1.0 / 1048576.0)) * (1.0 / 512.0)
+    codes = torch.where(y.abs() < E4M3_MIN_NORMAL, subnormal, normal)
+    return codes.to(torch.float8_e4m3fn), scale
+
+
+def dequantize_moment(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 values of `quantize_moment`'s (codes, scales)."""
+    blocks = codes.float().reshape(*codes.shape[:-1], codes.shape[-1] // QBLOCK, QBLOCK)
+    return (blocks * scale[..., None]).reshape(codes.shape)
+
+
 def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, extra: torch.Tensor | None,
                     step: torch.Tensor, stream: int, found_inf: torch.Tensor | None, *, mode: str, lr: float,
                     weight_decay: float, beta1: float, beta2: float, eps: float,
-                    factor: torch.Tensor | None = None) -> None:
+                    factor: torch.Tensor | None = None,
+                    scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One update of one parameter (local tensors), in place: the Triton kernel's math in plain torch.
     `step` is the parameter's count after this step; a non-zero `found_inf` leaves everything as it was;
-    `factor` (fp32, 0-dim) multiplies the gradient."""
+    `factor` (fp32, 0-dim) multiplies the gradient. `scales`: FP8 moments, `m` and `v` then holding the
+    E4M3 codes of m and of sqrt(v), `scales` their blocks' scales (`quantize_moment`)."""
     f32 = torch.float32
     old = extra if mode == "fp32" else p.float()
     g = g.float() if factor is None else g.float() * factor
-    m32 = beta1 * m.float() + (1 - beta1) * g
-    v32 = beta2 * v.float() + (1 - beta2) * g * g
+    if scales is None:
+        m_old, v_old = m.float(), v.float()
+    else:
+        m_old, root = dequantize_moment(m, scales[0]), dequantize_moment(v, scales[1])
+        v_old = root * root
+    m32 = beta1 * m_old + (1 - beta1) * g
+    v32 = beta2 * v_old + (1 - beta2) * g * g
+    root = v32.sqrt()
     bias1, bias2_sqrt = 1 - torch.pow(beta1, step), (1 - torch.pow(beta2, step)).sqrt()
-    delta = -(torch.tensor(lr, dtype=f32) * weight_decay) * old - (lr / bias1) * m32 / (v32.sqrt() / bias2_sqrt + eps)
+    delta = -(torch.tensor(lr, dtype=f32) * weight_decay) * old - (lr / bias1) * m32 / (root / bias2_sqrt + eps)
     if mode == "bf16_kahan":
         delta = delta + extra.float()
     new = old + delta
-    if mode == "bf16_sr":
+    if mode == "bf16_sr" or scales is not None:
         key = (step.to(torch.int64) << 32) | stream
-        stored = round_stochastic(new, philox_randint(key, torch.arange(new.numel(), device=new.device)).view(new.shape))
+        words = [w.view(new.shape) for w in philox_randint4x(key, torch.arange(new.numel(), device=new.device))]
+    if mode == "bf16_sr":
+        stored = round_stochastic(new, words[0])
     else:
         stored = new.to(p.dtype)
     skip = None if found_inf is None else found_inf != 0
@@ -154,8 +253,14 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
     elif mode == "bf16_kahan":
         extra.copy_(keep((delta - (stored.float() - old)).to(extra.dtype), extra))
     p.copy_(keep(stored, p))
-    m.copy_(keep(m32.to(m.dtype), m))
-    v.copy_(keep(v32.to(v.dtype), v))
+    if scales is None:
+        m.copy_(keep(m32.to(m.dtype), m))
+        v.copy_(keep(v32.to(v.dtype), v))
+        return
+    for codes, scale, value, bits in ((m, scales[0], m32, words[1]), (v, scales[1], root, words[2])):
+        new_codes, new_scale = quantize_moment(value, bits)
+        codes.copy_(new_codes if skip is None else torch.where(skip, codes.float(), new_codes.float()))
+        scale.copy_(keep(new_scale, scale))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,8 +300,15 @@ class AdamW(torch.optim.AdamW):
     - `bf16_kahan`: a bf16 compensation buffer (state `compensation`) carries what each rounding lost
       into the next step's update (Kahan summation). 2 more bytes a parameter.
     - `bf16`: rounded to nearest, nothing kept.
-    fp32 parameters are their own master: every option updates them as `bf16` does. Moments stay in the
-    parameter's dtype in every option.
+    fp32 parameters are their own master: every option updates them as `bf16` does. Moments are kept in
+    the parameter's dtype in every option, or, with `moments_fp8`, as FP8 (below).
+
+    FP8 moments (`moments_fp8`, the config's `train.moments_fp8`): each matrix whose rows are whole
+    blocks of QBLOCK elements keeps m and sqrt(v) as E4M3 codes with one fp32 scale a block
+    (`quantize_moment`), 1 byte a moment instead of 2, rounded stochastically; the update computes in fp32
+    from the decoded moments as before. State `exp_avg_fp8`, `exp_avg_scale`, `exp_avg_sq_root_fp8`,
+    `exp_avg_sq_root_scale` in place of `exp_avg`, `exp_avg_sq`; a checkpoint of either kind loads into
+    either (the moments are converted). Norm weights and other vectors keep theirs in their dtype.
 
     State is torch's (`step` per parameter as a float32 tensor on its device; `exp_avg`, `exp_avg_sq` in
     its dtype) plus `master` or `compensation`, so checkpoints load either way. `found_inf` works as in
@@ -217,17 +329,24 @@ class AdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, master_weights: str = "bf16", triton_min_numel: int = SMALL):
+                 weight_decay: float = 1e-2, *, master_weights: str = "bf16", moments_fp8: bool = False,
+                 triton_min_numel: int = SMALL):
         if master_weights not in MASTER_WEIGHTS:
             raise ValueError(f"master_weights={master_weights!r}: must be one of {', '.join(MASTER_WEIGHTS)}")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         self.master_weights = master_weights
+        self.moments_fp8 = moments_fp8
         self.triton_min_numel = triton_min_numel  # smaller parameters: torch's fused kernel
         self.launched: Callable[[torch.Tensor], None] | None = None  # called as each update is queued
 
     def keeps_updates(self, p: torch.Tensor) -> bool:
         """Whether `p` is updated through `master_weights` (bf16 parameters, an option other than `bf16`)."""
         return self.master_weights != "bf16" and p.dtype == torch.bfloat16
+
+    def quantizes_moments(self, p: torch.Tensor) -> bool:
+        """Whether `p` keeps FP8 moments: `moments_fp8` on, and `p` a matrix whose rows are whole blocks."""
+        return (self.moments_fp8 and p.dim() >= 2 and p.shape[-1] % QBLOCK == 0 and p.dtype in DTYPES
+                and _local(p).is_contiguous())
 
     def triton_applies(self) -> bool:
         """Whether `step` runs the Triton kernel for the parameters that have gradients now."""
@@ -247,7 +366,12 @@ class AdamW(torch.optim.AdamW):
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
-        if not state:  # the layout torch's fused AdamW makes: checkpoints load either way
+        if not state and self.quantizes_moments(p):
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            for codes, scale in FP8_STATE.values():
+                state[codes] = torch.zeros_like(p, dtype=torch.float8_e4m3fn)
+                state[scale] = _zeros_for_scales(p)
+        elif not state:  # the layout torch's fused AdamW makes: checkpoints load either way
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -262,7 +386,7 @@ class AdamW(torch.optim.AdamW):
     def step(self, closure=None):
         triton = self.triton_applies()
         factor = getattr(self, "grad_factor", None)
-        if not triton and self.master_weights == "bf16":
+        if not triton and self.master_weights == "bf16" and not self.moments_fp8:
             if factor is not None:
                 _scale_grads([p for group in self.param_groups for p in group["params"]], factor)
             return super().step(closure)
@@ -292,7 +416,8 @@ class AdamW(torch.optim.AdamW):
         small (or all, without Triton). Returns the others, with their state."""
         beta1, beta2 = group["betas"]
         states = [self._init_state(p) for p in params]
-        fused = [not self.keeps_updates(p) and (not triton or p.numel() < self.triton_min_numel) for p in params]
+        fused = [not (self.keeps_updates(p) or self.quantizes_moments(p))
+                 and (not triton or p.numel() < self.triton_min_numel) for p in params]
         if any(fused):
             small = [(p, s) for p, s, f in zip(params, states, fused) if f]
             if factor is not None:
@@ -324,9 +449,9 @@ class AdamW(torch.optim.AdamW):
             for p, s in own:
                 mode = self.master_weights if self.keeps_updates(p) else "bf16"
                 extra = s.get(EXTRA_STATE.get(mode, ""))
-                adamw_reference(_local(p), _local(p.grad), _local(s["exp_avg"]), _local(s["exp_avg_sq"]),
-                                None if extra is None else _local(extra), s["step"], streams[id(p)], found_inf,
-                                mode=mode, factor=factor, **hyper)
+                m, v, scales = _moments(s)
+                adamw_reference(_local(p), _local(p.grad), m, v, None if extra is None else _local(extra), s["step"],
+                                streams[id(p)], found_inf, mode=mode, factor=factor, scales=scales, **hyper)
                 self._announce([p])
         if found_inf is not None:  # a skipped update leaves the count where it was, as torch's does
             torch._foreach_sub_(steps, [found_inf] * len(steps))
@@ -344,24 +469,27 @@ class AdamW(torch.optim.AdamW):
             n = local.numel()
             mode = self.master_weights if self.keeps_updates(p) else "bf16"
             extra = state.get(EXTRA_STATE.get(mode, ""))
+            m, v, scales = _moments(state)
             if n:
                 kernel[(cdiv(n, BLOCK),)](
-                    local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                    local if extra is None else _local(extra), n, corrections, i, streams[id(p)],
+                    local, _local(p.grad), m, v, local if extra is None else _local(extra),
+                    *(scales or (corrections, corrections)), n, corrections, i, streams[id(p)],
                     found_inf if found_inf is not None else corrections,
                     factor if factor is not None else corrections, hyper["lr"], hyper["weight_decay"],
                     hyper["beta1"], hyper["beta2"], hyper["eps"], MODE=KERNEL_MODE[mode],
                     HAS_FOUND_INF=found_inf is not None, HAS_FACTOR=factor is not None,
-                    BF16=local.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=8)
+                    BF16=local.dtype == torch.bfloat16, MOMENTS_FP8=scales is not None, BLOCK=BLOCK,
+                    QBLOCK=QBLOCK, num_warps=8)
             self._announce([p])
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's, keeping `master` in fp32 (torch casts every floating state to the parameter's dtype) and
-        dropping extra state this `master_weights` option does not keep."""
+        """torch's, keeping `master` in fp32 and FP8 moments as they are (torch casts every floating state to
+        the parameter's dtype), dropping extra state this `master_weights` option does not keep, and
+        converting moments saved with or without `moments_fp8` to what this optimizer keeps."""
         wanted = set(EXTRA_STATE.values()) & {EXTRA_STATE.get(self.master_weights)}
-        saved = {index: {k: v for k, v in fields.items() if k in EXTRA_STATE.values()}
-                 for index, fields in state_dict["state"].items()}
-        state = {index: {k: v for k, v in fields.items() if k not in EXTRA_STATE.values()}
+        own = set(EXTRA_STATE.values()) | {key for pair in FP8_STATE.values() for key in pair}
+        saved = {index: {k: v for k, v in fields.items() if k in own} for index, fields in state_dict["state"].items()}
+        state = {index: {k: v for k, v in fields.items() if k not in own}
                  for index, fields in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": state})
         params = [p for group in self.param_groups for p in group["params"]]
@@ -371,6 +499,54 @@ class AdamW(torch.optim.AdamW):
                 if key in wanted and self.keeps_updates(p):
                     dtype = torch.float32 if key == "master" else p.dtype
                     self.state[p][key] = value.to(device=p.device, dtype=dtype)
+                elif key not in EXTRA_STATE.values():
+                    self.state[p][key] = value.to(device=p.device)
+        for p in params:
+            if p in self.state:
+                _convert_moments(self.state[p], self.quantizes_moments(p), p)
+
+
+def _zeros_for_scales(p: torch.Tensor) -> torch.Tensor:
+    """fp32 zeros of shape `p.shape[:-1] + (p.shape[-1] // QBLOCK,)`, laid out over devices as `p` is (a
+    DTensor sharded by rows, as FSDP2 shards, has its scales sharded by the same rows)."""
+    local = _local(p)
+    zeros = torch.zeros((*local.shape[:-1], local.shape[-1] // QBLOCK), dtype=torch.float32, device=local.device)
+    if local is p:
+        return zeros
+    from torch.distributed.tensor import DTensor
+
+    shape = (*p.shape[:-1], p.shape[-1] // QBLOCK)
+    return DTensor.from_local(zeros, p.device_mesh, p.placements, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def _moments(state: dict) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(m, v, scales) of a parameter's state as local tensors: scales None for moments in the parameter's dtype,
+    else m and v are the E4M3 codes of m and sqrt(v) and scales their blocks' scales."""
+    if "exp_avg" in state:
+        return _local(state["exp_avg"]), _local(state["exp_avg_sq"]), None
+    (m, m_scale), (v, v_scale) = ((_local(state[c]), _local(state[s])) for c, s in FP8_STATE.values())
+    return m, v, (m_scale, v_scale)
+
+
+def _convert_moments(state: dict, fp8: bool, p: torch.Tensor) -> None:
+    """Moments loaded from a checkpoint of the other kind, converted in place to what `state` should hold.
+    Codes are rounded to nearest here (the random bits' middle), as nothing draws bits outside a step."""
+    if fp8 and "exp_avg" in state:
+        m, v = (_local(state.pop(key)).float() for key in ("exp_avg", "exp_avg_sq"))
+        half = torch.full(m.shape, 0x80000, dtype=torch.int64, device=m.device)
+        for (codes, scale), value in zip(FP8_STATE.values(), (m, v.sqrt())):
+            state[codes], state[scale] = torch.zeros_like(p, dtype=torch.float8_e4m3fn), _zeros_for_scales(p)
+            new_codes, new_scale = quantize_moment(value, half)
+            _local(state[codes]).copy_(new_codes)
+            _local(state[scale]).copy_(new_scale)
+    elif not fp8 and "exp_avg" not in state and FP8_STATE["exp_avg"][0] in state:
+        m, v, (m_scale, v_scale) = _moments(state)
+        values = (dequantize_moment(m, m_scale), dequantize_moment(v, v_scale).square())
+        for key, (codes, scale), value in zip(("exp_avg", "exp_avg_sq"), FP8_STATE.values(), values):
+            state[key] = torch.zeros_like(p)
+            _local(state[key]).copy_(value)
+            del state[codes], state[scale]
 
 
 def _scale_grads(params: list[torch.Tensor], factor: torch.Tensor) -> None:
@@ -413,7 +589,7 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> AdamW:
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.95),
-                 master_weights=train.master_weights)
+                 master_weights=train.master_weights, moments_fp8=train.moments_fp8)
 
 
 def lr_multiplier(step: int, train: TrainConfig) -> float:

@@ -70,15 +70,29 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def _retyped(tensor: DTensor, dtype: torch.dtype) -> DTensor:
+    """A DTensor's bytes seen as another dtype of the same size, laid out as it is."""
+    return DTensor.from_local(tensor.to_local().view(dtype), tensor.device_mesh, tensor.placements,
+                              shape=tensor.shape, stride=tensor.stride())
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor; for a shard, gathered from every worker (all of them must call this)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    """The whole tensor; for a shard, gathered from every worker (all of them must call this). FP8 (optimizer
+    moments) travels as bytes: gloo's collectives have no FP8 type."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if tensor.dtype.itemsize == 1 and tensor.dtype.is_floating_point:
+        return _retyped(tensor, torch.uint8).full_tensor().view(tensor.dtype)
+    return tensor.full_tensor()
 
 
 def shard_like(whole: torch.Tensor, like: torch.Tensor, *, keep_dtype: bool = False) -> torch.Tensor:
     """`whole` laid out as `like`: this worker's shard when `like` is sharded, else `whole` on its device; in
-    `like`'s dtype, or its own with `keep_dtype` (an fp32 master copy of a bf16 parameter)."""
+    `like`'s dtype, or its own with `keep_dtype` (an fp32 master copy of a bf16 parameter, FP8 moments, their
+    scales: any tensor sharded by `like`'s rows)."""
     whole = whole.to(device=like.device, dtype=whole.dtype if keep_dtype else like.dtype)
-    if isinstance(like, DTensor):
-        return distribute_tensor(whole, like.device_mesh, like.placements)
-    return whole
+    if not isinstance(like, DTensor):
+        return whole
+    if whole.dtype.itemsize == 1 and whole.dtype.is_floating_point:  # as bytes, as `full_tensor` gathers them
+        return _retyped(distribute_tensor(whole.view(torch.uint8), like.device_mesh, like.placements), whole.dtype)
+    return distribute_tensor(whole, like.device_mesh, like.placements)

@@ -161,3 +161,136 @@ def test_the_fp8_head_trains_under_fsdp_as_without_it(tmp_path):
     for name, grad in seen[False][1].items():
         torch.testing.assert_close(seen[True][1][name], grad, rtol=0, atol=0, msg=name)
     assert seen[True][1]["lm_head.weight"].abs().sum() > 0
+
+
+def test_fp8_moments_under_fsdp_as_without_it(tmp_path):
+    """`train.moments_fp8` under FSDP2 (a world of one, gloo): the codes' scales are sharded by the rows their
+    matrix is sharded by; steps give the unwrapped model's weights and moments bit for bit, and the sharded
+    moments go through the checkpoint's files and back unchanged."""
+    from pipeline.train.optim import FP8_STATE, make_optimizer
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    base = demo.make_tiny_checkpoint(tmp_path / "base", layers=1, hidden=256, intermediate=512)
+    tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0))
+    cfg = Config.from_dict({"train": {"moments_fp8": True, "lr": 1e-3, "max_steps": 3}})
+    fp8_keys = {key for pair in FP8_STATE.values() for key in pair}
+    seen = {}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        for sharded in (False, True):
+            model = te_model.from_hf_checkpoint(base, backend="torch", dtype=torch.bfloat16)
+            if sharded:
+                parallel.wrap(model, "fsdp")
+            optimizer = make_optimizer(model, cfg.train)
+            for _ in range(3):
+                model(input_ids=tokens, labels=tokens).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state = {(name, key): parallel.full_tensor(value).float()
+                     for name, p in model.named_parameters() for key, value in optimizer.state[p].items()}
+            seen[sharded] = ({n: parallel.full_tensor(p).float() for n, p in model.named_parameters()}, state)
+            if sharded:
+                qkv = model.model.layers[0].self_attention.layernorm_qkv.query_weight
+                assert isinstance(optimizer.state[qkv]["exp_avg_scale"], DTensor)
+                assert optimizer.state[qkv]["exp_avg_scale"].placements == qkv.placements
+                entries, groups = ckpt.optimizer_entries(model, optimizer)
+                ckpt.save_streamed(entries, tmp_path / "optimizer.safetensors")
+                fresh = make_optimizer(model, cfg.train)
+                ckpt.load_optimizer_state(model, fresh, tmp_path / "optimizer.safetensors", groups)
+                for name, p in model.named_parameters():
+                    for key, value in optimizer.state[p].items():
+                        again = fresh.state[p][key]
+                        assert again.dtype == value.dtype and torch.equal(parallel.full_tensor(again).float(),
+                                                                          parallel.full_tensor(value).float())
+    finally:
+        dist.destroy_process_group()
+    weights, state = seen[False]
+    assert {key for _, key in state} >= fp8_keys  # the matrices kept FP8 moments
+    for name, w in weights.items():
+        assert torch.equal(seen[True][0][name], w), name
+    assert state.keys() == seen[True][1].keys()
+    for key, value in state.items():
+        assert torch.equal(seen[True][1][key], value), key
+
+
+def _fp8_moments_on_two_ranks(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: a 7-row matrix sharded 4 + 3 by FSDP2, three steps with FP8 moments, the state
+    written through the checkpoint's files and read back into a fresh optimizer; rank 0 saves what it saw."""
+    from torch.distributed.fsdp import fully_shard
+
+    from pipeline.train import optim
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(512, 7, bias=False)).to(torch.bfloat16)
+        fully_shard(module)
+        weight = module[0].weight
+        opt = optim.AdamW(module.parameters(), lr=1e-3, moments_fp8=True, master_weights="bf16_kahan")
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(5, 512, generator=gen).bfloat16()  # the same rows on both ranks
+            module(x).float().square().sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        state = opt.state[weight]
+        local_rows = (weight.to_local().shape[0], state["exp_avg_scale"].to_local().shape[0])
+        entries, groups = ckpt.optimizer_entries(module, opt)
+        path = Path(out).parent / "optimizer.safetensors"
+        if rank == 0:
+            ckpt.save_streamed(entries, path)
+        else:
+            for _, tensor in entries:  # the gathers are collectives: rank 1 takes part in them too
+                parallel.full_tensor(tensor)
+        dist.barrier()
+        fresh = optim.AdamW(module.parameters(), lr=1e-3, moments_fp8=True, master_weights="bf16_kahan")
+        ckpt.load_optimizer_state(module, fresh, path, groups)
+        same = all(torch.equal(fresh.state[weight][k].to_local().float(), v.to_local().float())
+                   for k, v in state.items() if isinstance(v, DTensor))
+        whole = {k: parallel.full_tensor(v).float() for k, v in state.items()}
+        whole["weight"] = parallel.full_tensor(weight).float()
+        if rank == 0:
+            torch.save({"local_rows": local_rows, "same": same, "whole": whole}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp8_moments_shard_unevenly_over_two_ranks(tmp_path):
+    """Two processes, 7 rows over 2 ranks: each rank's scales cover its own rows; the checkpoint gathers and
+    re-shards codes and scales bit for bit; and the sharded run's moments are the unsharded run's on rank 0's
+    rows and within the rounding on rank 1's (each shard draws its own random bits)."""
+    import torch.multiprocessing as mp
+
+    from pipeline.train import optim
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = str(tmp_path / "seen.pt")
+    mp.start_processes(_fp8_moments_on_two_ranks, args=(port, out), nprocs=2, start_method="spawn")
+    seen = torch.load(out, weights_only=True)
+    assert seen["local_rows"] == (4, 4) and seen["same"]
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(512, 7, bias=False)).to(torch.bfloat16)
+    opt = optim.AdamW(module.parameters(), lr=1e-3, moments_fp8=True, master_weights="bf16_kahan")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        module(torch.randn(5, 512, generator=gen).bfloat16()).float().square().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    m, v, scales = optim._moments(opt.state[module[0].weight])
+    whole = seen["whole"]
+    assert whole["exp_avg_scale"].shape == (7, 2)
+    for codes, scale, (key_codes, key_scale) in ((m, scales[0], optim.FP8_STATE["exp_avg"]),
+                                                 (v, scales[1], optim.FP8_STATE["exp_avg_sq"])):
+        assert torch.equal(whole[key_scale], scale)  # the same blocks, so the same scales
+        assert torch.equal(whole[key_codes][:4], codes[:4].float())  # rank 0 draws the unsharded run's bits
+        # rank 1's rows: two independent stochastic roundings a step, each up or down to a neighbouring code
+        # (1/16 to 1/8 of the value apart), so the two runs differ by some percent on average
+        decoded = optim.dequantize_moment(whole[key_codes].to(torch.float8_e4m3fn), whole[key_scale])[4:]
+        unsharded = optim.dequantize_moment(codes, scale)[4:]
+        assert 0 < float((decoded - unsharded).abs().mean() / unsharded.abs().mean()) < 0.1
+    torch.testing.assert_close(whole["weight"], module[0].weight.float(), rtol=0, atol=2**-12)

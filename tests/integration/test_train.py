@@ -207,7 +207,8 @@ def test_streamed_safetensors_read_back_by_safetensors_itself(tmp_path):
     """Checkpoints are written a tensor at a time with a header computed up front; safetensors' own reader
     must get every tensor back bit for bit, whatever its dtype and rank (0-d AdamW steps included)."""
     tensors = {"w": torch.randn(3, 5).bfloat16(), "w.exp_avg": torch.randn(3, 5), "w.step": torch.tensor(7.0),
-               "ids": torch.arange(10), "x": torch.randn(4, 2, 3, dtype=torch.float64), "flags": torch.ones(3).bool()}
+               "ids": torch.arange(10), "x": torch.randn(4, 2, 3, dtype=torch.float64), "flags": torch.ones(3).bool(),
+               "w.exp_avg_fp8": torch.randn(3, 5).to(torch.float8_e4m3fn)}
     entry = ckpt.save_streamed(list(tensors.items()), tmp_path / "t.safetensors")
     back = load_file(tmp_path / "t.safetensors")
     assert back.keys() == tensors.keys()

@@ -236,6 +236,13 @@ def test_mlp_recompute_inside_whole_layer_recompute_is_refused():
                                  "which recomputes whole layers (got True)")
 
 
+def test_fp8_moments_are_off_unless_asked_for():
+    assert load_config(None).train.moments_fp8 is False
+    assert load_config(None, ["train.moments_fp8=true"]).train.moments_fp8 is True
+    with pytest.raises(PipelineError, match=re.escape("train.moments_fp8: expected bool (true/false), got str 'maybe'")):
+        load_config(None, ["train.moments_fp8=maybe"])
+
+
 def test_global_batch_size_sets_grad_accum_steps():
     assert load_config(None, ["train.global_batch_size=32"]).train.grad_accum_steps == 4
     cfg = load_config(None, ["train.global_batch_size=32", "train.workers=4"])
