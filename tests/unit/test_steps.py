@@ -216,3 +216,37 @@ def test_graphs_that_keep_fp8_weights_are_told_which_micro_batch_starts_a_step(w
         steps.next(progress)
     assert len(marks) >= 4 and marks == [True, False] * (len(marks) // 2)  # 2 micro-batches a step (and the
     # passes of the step after, queued before the last outcome is read)
+
+
+def test_fp8_moments_train_through_the_steps_and_a_nonfinite_step_keeps_them(tmp_path, monkeypatch):
+    """`train.moments_fp8` through the pipeline's own step (a model whose matrices are whole 256-element
+    blocks): the matrices keep FP8 codes and scales, the vectors their own moments; a poisoned step changes
+    neither codes nor scales (the kernel's `found_inf`), and the next step trains on."""
+    from pipeline.train.optim import FP8_STATE
+
+    monkeypatch.setattr(faults, "_poisoned", False)
+    base = demo.make_tiny_checkpoint(tmp_path / "base", layers=1, hidden=256, intermediate=512)
+    cfg = Config.from_dict({
+        "run": {"name": "fp8-moments", "seed": 0, "output_uri": str(tmp_path / "runs"),
+                "cache_dir": str(tmp_path / "cache")},
+        "model": {"base_uri": str(base), "backend": "torch", "dtype": "bf16"},
+        "data": {"train_files": [SHIPPED_TEXT], "seq_len": 64, "max_documents": 40, "val_fraction": 0.1},
+        "train": {"workers": 1, "use_gpu": False, "micro_batch_size": 2, "grad_accum_steps": 1, "lr": 1e-3,
+                  "warmup_steps": 1, "max_steps": 4, "moments_fp8": True},
+    })
+    w = worker.build(cfg, prepare(cfg, str(base)).train_uri)
+    steps, progress = loop.Steps(w, faults.Hooks(poison_rank=0, poison_step=2)), loop.Progress()
+    steps.next(progress)
+    codes = {key for pair in FP8_STATE.values() for key in pair}
+    matrices = [p for p in w.model.parameters() if p.dim() == 2]
+    assert matrices and all(codes <= set(w.optimizer.state[p]) for p in matrices)
+    assert all({"exp_avg", "exp_avg_sq"} <= set(w.optimizer.state[p]) for p in w.model.parameters() if p.dim() == 1)
+    before = {(id(p), k): v.float().clone() for p in matrices for k, v in w.optimizer.state[p].items()}
+    skipped, agreed = steps.next(progress)
+    assert skipped is None and agreed.nonfinite
+    assert all(torch.equal(w.optimizer.state[p][k].float(), before[(id(p), k)])
+               for p in matrices for k in w.optimizer.state[p])
+    redone, _ = steps.next(progress)
+    assert redone["step"] == 2 and redone["loss"] == redone["loss"]
+    assert not all(torch.equal(w.optimizer.state[p][k].float(), before[(id(p), k)])
+                   for p in matrices for k in codes)
