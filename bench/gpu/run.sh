@@ -38,6 +38,9 @@
 #                                             files under /tmp/job8b (--workdir, --out-dir to move them)
 #   bash bench/gpu/run.sh master-cost         bench/train_step.py at the Llama-3.1-8B shape (32 layers, 2 x 4096), FP8
 #                                             delayed, once per master-weight option; then the optimizer's GPU tests
+#   bash bench/gpu/run.sh moments-fp8         FP8 moments (train.moments_fp8): their GPU tests; the Llama-3.1-8B step
+#                                             (32 layers, 2 x 4096) with and without them beside HF; fine-tuning
+#                                             quality against HF's fp32-master training (136M, bytes)
 set -uo pipefail
 part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost [args]}; shift
 R=/tmp/results; mkdir -p $R
@@ -67,7 +70,8 @@ case $part in
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     nvidia-smi topo -m    # how the GPUs are linked (NVLink or PCIe): it bounds what FSDP2 can overlap
     python3 -c "import torch, transformers, transformer_engine as te, triton; from transformer_engine.pytorch.utils import get_cudnn_version as v; print('torch', torch.__version__, 'transformers', transformers.__version__, 'te', te.__version__, 'cudnn (TE)', v(), 'triton', triton.__version__)"
-    python3 -m pytest tests/unit/test_ce_kernel.py tests/unit/test_fp8_kernels.py tests/unit/test_optim.py tests/gpu/test_swiglu.py \
+    python3 -m pytest tests/unit/test_ce_kernel.py tests/unit/test_fp8_kernels.py tests/unit/test_optim.py \
+      tests/unit/test_moments_fp8.py tests/gpu/test_swiglu.py \
       tests/gpu/test_bench.py "tests/gpu/test_te.py::test_fp8_attention_tracks_bf16_attention" \
       "tests/gpu/test_te.py::test_empty_segments_change_nothing" \
       "tests/gpu/test_te.py::test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it" \
@@ -135,6 +139,15 @@ case $part in
     done
     python3 -m pytest tests/unit/test_optim.py tests/unit/test_master_weights.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 \
       | quiet | tee $R/optim-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -8; rc=$((rc | PIPESTATUS[0])) ;;
+  moments-fp8)
+    python3 -m pytest tests/unit/test_moments_fp8.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet \
+      | tee $R/moments-fp8-tests.log | grep "share of equal\|passed\|failed\|Error\|^FAILED" | tail -8; rc=$((rc | PIPESTATUS[0]))
+    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 \
+      --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_moments_fp8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \
+      --out $R/8b-moments-fp8.json "$@" 2>&1 | quiet | tee $R/8b-moments-fp8.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    python3 bench/finetune_quality.py --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
+      --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head,fp8_delayed_bf16_kahan_fp8head_moments_fp8 2>&1 | quiet \
+      | tee $R/quality-moments-fp8.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
 esac
 status=$rc
 [ -n "${OUT:-}" ] && tar czf "$OUT/results-$part.tgz" -C /tmp results
