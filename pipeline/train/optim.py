@@ -83,10 +83,9 @@ def _build(triton, tl):
         if MODE == 3:
             delta += tl.load(extra_ptr + offsets, mask=mask).to(tl.float32)
         new = p + delta
-        if MODE == 2 or MOMENTS_FP8:  # Philox's four words: the weight's rounding takes the first, the moments the next
-            step = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint64)
-            bits, m_bits, v_bits, _ = tl.randint4x((step << 32) | stream, offsets.to(tl.uint32), n_rounds=10)
         if MODE == 2:
+            step = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint64)
+            bits = tl.randint((step << 32) | stream, offsets.to(tl.uint32), n_rounds=10)
             carried = new.to(tl.uint32, bitcast=True) + (bits & 0xFFFF)
             new = ((carried >> 16) << 16).to(tl.float32, bitcast=True)
         stored = new
@@ -111,13 +110,28 @@ def _build(triton, tl):
             # Each QBLOCK's scale: the power of two at or above its largest magnitude / 448, so products and
             # quotients by it are exact. Codes are rounded stochastically, by hand, so every one is an exact
             # E4M3 value and the cast cannot round: the same codes on the GPU and under the interpreter.
+            # Random bits from a hash of (element, step, stream), `moment_bits`: Philox's ten rounds for every
+            # element would cost more than the update's memory traffic.
+            step32 = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint32)
+            key = step32 * 0x9E3779B1 + stream.to(tl.uint32)
+            key ^= key >> 16
+            key *= 0x85EBCA6B
+            key ^= key >> 13
+            key *= 0xC2B2AE35
+            key ^= key >> 16
+            hashed = offsets.to(tl.uint32) ^ key
+            hashed ^= hashed >> 16
+            hashed *= 0x85EBCA6B
+            hashed ^= hashed >> 13
+            hashed *= 0xC2B2AE35
+            hashed ^= hashed >> 16
             rows = tl.program_id(0).to(tl.int64) * (BLOCK // QBLOCK) + tl.arange(0, BLOCK // QBLOCK)
             row_mask = rows < n // QBLOCK
             for which in tl.static_range(2):
                 if which == 0:
-                    x, random = m, m_bits
+                    x, fraction = m, (hashed & 0xFFFF) << 4
                 else:
-                    x, random = root, v_bits
+                    x, fraction = root, (hashed >> 16) << 4
                 x2 = tl.reshape(x, (BLOCK // QBLOCK, QBLOCK))
                 top = (tl.max(tl.abs(x2), axis=1) * (1.0 / 448.0)).to(tl.uint32, bitcast=True)
                 exponent = (top >> 23) + ((top & 0x7FFFFF) != 0).to(tl.uint32)
@@ -125,7 +139,6 @@ def _build(triton, tl):
                 inverse = tl.where(exponent > 0, ((254 - exponent) << 23).to(tl.float32, bitcast=True), 0.0)
                 y = tl.reshape(x2 * inverse[:, None], (BLOCK,))
                 y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-                fraction = random & 0xFFFFF
                 normal = (((y.to(tl.uint32, bitcast=True) + fraction) >> 20) << 20).to(tl.float32, bitcast=True)
                 subnormal = tl.floor(y * 512.0 + fraction.to(tl.float32) * (1.0 / 1048576.0)) * (1.0 / 512.0)
                 code = tl.where(tl.abs(y) < 0.015625, subnormal, normal).to(m_ptr.dtype.element_ty)
@@ -156,9 +169,9 @@ def _umulhi(a: int, b: torch.Tensor) -> torch.Tensor:
     return ((b * a) >> 32) & _MASK32
 
 
-def philox_randint4x(key: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """`tl.randint4x(key, offsets)` in torch: Philox-4x32, 10 rounds, counter (offset, 0, 0, 0), key = the
-    low and high words of the 64-bit `key`; the four words, as uint32 values held in int64."""
+def philox_randint(key: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`tl.randint(key, offsets)` in torch: Philox-4x32, 10 rounds, counter (offset, 0, 0, 0), key = the
+    low and high words of the 64-bit `key`; the first word, as uint32 values held in int64."""
     c0, c1 = offsets.to(torch.int64) & _MASK32, torch.zeros_like(offsets, dtype=torch.int64)
     c2, c3 = c1.clone(), c1.clone()
     k0, k1 = key & _MASK32, (key >> 32) & _MASK32
@@ -166,12 +179,28 @@ def philox_randint4x(key: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Te
         c0, c1, c2, c3 = (_umulhi(0xCD9E8D57, c2) ^ c1 ^ k0, (c2 * 0xCD9E8D57) & _MASK32,
                           _umulhi(0xD2511F53, c0) ^ c3 ^ k1, (c0 * 0xD2511F53) & _MASK32)
         k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
-    return c0, c1, c2, c3
+    return c0
 
 
-def philox_randint(key: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`tl.randint(key, offsets)` in torch: the first word of `philox_randint4x`."""
-    return philox_randint4x(key, offsets)[0]
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on uint32 values held in int64: a bijection whose every output bit
+    depends on every input bit."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def moment_bits(step: torch.Tensor, stream: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random bits FP8 moments are rounded with, as the kernel draws them: for element i of a parameter at
+    optimizer step `step` (its count after the step) in `stream`, h = fmix32(i ^ fmix32(step * 0x9E3779B1 +
+    stream)); m's rounding takes its low 16 bits, sqrt(v)'s its high 16 (each as the top of the 20 bits
+    `quantize_moment` reads). Distinct elements of one step hash distinct inputs; a cheap hash, since the
+    update is memory-bound and Philox for every element would not be."""
+    key = _fmix32(((step.to(torch.int64) * 0x9E3779B1) + stream) & _MASK32)
+    hashed = _fmix32(torch.arange(numel, device=step.device, dtype=torch.int64) ^ key)
+    return (hashed & 0xFFFF) << 4, (hashed >> 16) << 4
 
 
 def round_stochastic(x: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor:
@@ -239,11 +268,9 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
     if mode == "bf16_kahan":
         delta = delta + extra.float()
     new = old + delta
-    if mode == "bf16_sr" or scales is not None:
-        key = (step.to(torch.int64) << 32) | stream
-        words = [w.view(new.shape) for w in philox_randint4x(key, torch.arange(new.numel(), device=new.device))]
     if mode == "bf16_sr":
-        stored = round_stochastic(new, words[0])
+        key = (step.to(torch.int64) << 32) | stream
+        stored = round_stochastic(new, philox_randint(key, torch.arange(new.numel(), device=new.device)).view(new.shape))
     else:
         stored = new.to(p.dtype)
     skip = None if found_inf is None else found_inf != 0
@@ -257,7 +284,8 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
         m.copy_(keep(m32.to(m.dtype), m))
         v.copy_(keep(v32.to(v.dtype), v))
         return
-    for codes, scale, value, bits in ((m, scales[0], m32, words[1]), (v, scales[1], root, words[2])):
+    bits = [b.view(new.shape) for b in moment_bits(step, stream, new.numel())]
+    for codes, scale, value, bits in ((m, scales[0], m32, bits[0]), (v, scales[1], root, bits[1])):
         new_codes, new_scale = quantize_moment(value, bits)
         codes.copy_(new_codes if skip is None else torch.where(skip, codes.float(), new_codes.float()))
         scale.copy_(keep(new_scale, scale))

@@ -151,6 +151,29 @@ def test_codes_are_exact_values_of_a_power_of_two_scale_and_unbiased():
     assert float(relative.mean()) < 5e-3 and float(relative.max()) < 0.05
 
 
+def test_the_hashed_bits_round_without_bias_and_differ_by_element_step_and_parameter():
+    """The kernel's bits are a hash, not Philox: check what the rounding needs of them. Over the elements of
+    one step each 16-bit half is spread evenly; the halves, the steps and the parameters (streams) draw apart;
+    and a value rounded with them comes out right on average."""
+    n = 1 << 16
+    m_bits, v_bits = optim.moment_bits(torch.tensor(7.0), 3, n)
+    for bits in (m_bits, v_bits):
+        assert bits.min() >= 0 and bits.max() < 1 << 20 and int((bits & 0xF).max()) == 0
+        counts = torch.bincount((bits >> 16).flatten(), minlength=16).float()  # the top 4 of the 20 bits
+        assert float((counts - n / 16).abs().max()) < 0.05 * n / 16
+    assert float(torch.corrcoef(torch.stack([m_bits.double(), v_bits.double()]))[0, 1]).__abs__() < 0.02
+    assert float((m_bits == optim.moment_bits(torch.tensor(8.0), 3, n)[0]).float().mean()) < 0.001
+    assert float((m_bits == optim.moment_bits(torch.tensor(7.0), 4, n)[0]).float().mean()) < 0.001
+    # 1,000 steps of one element whose value lies 3/10 of the way between two codes: up 3 times in 10
+    x = torch.full((1, 256), 0.0)
+    x[0, 0], x[0, 1] = 448.0, 288.0 + 0.3 * 32  # the block's scale 1; codes 288 and 320 are neighbours
+    ups = 0
+    for step in range(1, 1001):
+        codes, _ = optim.quantize_moment(x, optim.moment_bits(torch.tensor(float(step)), 5, 256)[0].view(1, 256))
+        ups += float(codes.float()[0, 1]) == 320.0
+    assert abs(ups / 1000 - 0.3) < 0.05
+
+
 def test_an_ema_whose_steps_are_under_a_codes_spacing_still_decays():
     """sqrt(v) shrinks by 2.5% a step once gradients stop (beta2 0.95), under half an E4M3 spacing: rounded to
     nearest it stays about ten times too high (checked: 0.316 against 0.0296), and the update stays damped.
