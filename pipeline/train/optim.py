@@ -333,8 +333,8 @@ class AdamW(torch.optim.AdamW):
 
     FP8 moments (`moments_fp8`, the config's `train.moments_fp8`): each matrix whose rows are whole
     blocks of QBLOCK elements keeps m and sqrt(v) as E4M3 codes with one fp32 scale a block
-    (`quantize_moment`), 1 byte a moment instead of 2, rounded stochastically; the update computes in fp32
-    from the decoded moments as before. State `exp_avg_fp8`, `exp_avg_scale`, `exp_avg_sq_root_fp8`,
+    (`quantize_moment`), 1 byte a moment instead of 2, rounded stochastically with hashed bits
+    (`moment_bits`); the update computes in fp32 from the decoded moments as before. State `exp_avg_fp8`, `exp_avg_scale`, `exp_avg_sq_root_fp8`,
     `exp_avg_sq_root_scale` in place of `exp_avg`, `exp_avg_sq`; a checkpoint of either kind loads into
     either (the moments are converted). Norm weights and other vectors keep theirs in their dtype.
 
