@@ -270,7 +270,8 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
     new = old + delta
     if mode == "bf16_sr":
         key = (step.to(torch.int64) << 32) | stream
-        stored = round_stochastic(new, philox_randint(key, torch.arange(new.numel(), device=new.device)).view(new.shape))
+        bits = philox_randint(key, torch.arange(new.numel(), device=new.device)).view(new.shape)
+        stored = round_stochastic(new, bits)
     else:
         stored = new.to(p.dtype)
     skip = None if found_inf is None else found_inf != 0
@@ -284,8 +285,8 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
         m.copy_(keep(m32.to(m.dtype), m))
         v.copy_(keep(v32.to(v.dtype), v))
         return
-    bits = [b.view(new.shape) for b in moment_bits(step, stream, new.numel())]
-    for codes, scale, value, bits in ((m, scales[0], m32, bits[0]), (v, scales[1], root, bits[1])):
+    m_bits, v_bits = (b.view(new.shape) for b in moment_bits(step, stream, new.numel()))
+    for codes, scale, value, bits in ((m, scales[0], m32, m_bits), (v, scales[1], root, v_bits)):
         new_codes, new_scale = quantize_moment(value, bits)
         codes.copy_(new_codes if skip is None else torch.where(skip, codes.float(), new_codes.float()))
         scale.copy_(keep(new_scale, scale))
@@ -334,9 +335,10 @@ class AdamW(torch.optim.AdamW):
     FP8 moments (`moments_fp8`, the config's `train.moments_fp8`): each matrix whose rows are whole
     blocks of QBLOCK elements keeps m and sqrt(v) as E4M3 codes with one fp32 scale a block
     (`quantize_moment`), 1 byte a moment instead of 2, rounded stochastically with hashed bits
-    (`moment_bits`); the update computes in fp32 from the decoded moments as before. State `exp_avg_fp8`, `exp_avg_scale`, `exp_avg_sq_root_fp8`,
-    `exp_avg_sq_root_scale` in place of `exp_avg`, `exp_avg_sq`; a checkpoint of either kind loads into
-    either (the moments are converted). Norm weights and other vectors keep theirs in their dtype.
+    (`moment_bits`); the update computes in fp32 from the decoded moments as before. State `exp_avg_fp8`,
+    `exp_avg_scale`, `exp_avg_sq_root_fp8`, `exp_avg_sq_root_scale` in place of `exp_avg`, `exp_avg_sq`; a
+    checkpoint of either kind loads into either (the moments are converted). Norm weights and other vectors
+    keep theirs in their dtype.
 
     State is torch's (`step` per parameter as a float32 tensor on its device; `exp_avg`, `exp_avg_sq` in
     its dtype) plus `master` or `compensation`, so checkpoints load either way. `found_inf` works as in

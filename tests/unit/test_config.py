@@ -239,7 +239,8 @@ def test_mlp_recompute_inside_whole_layer_recompute_is_refused():
 def test_fp8_moments_are_off_unless_asked_for():
     assert load_config(None).train.moments_fp8 is False
     assert load_config(None, ["train.moments_fp8=true"]).train.moments_fp8 is True
-    with pytest.raises(PipelineError, match=re.escape("train.moments_fp8: expected bool (true/false), got str 'maybe'")):
+    refused = "train.moments_fp8: expected bool (true/false), got str 'maybe'"
+    with pytest.raises(PipelineError, match=re.escape(refused)):
         load_config(None, ["train.moments_fp8=maybe"])
 
 
