@@ -40,8 +40,9 @@ class DecoderCall:
     """HF decoder-layer call contract, shared by both backends. Subclasses implement `_block`.
 
     It holds the call signature transformers 5.x uses for decoder layers, the refusal of a KV cache, the
-    attention plan, and activation checkpointing. `model.gradient_checkpointing_enable()` switches that
-    on: HF sets `gradient_checkpointing` on every module that has the attribute. `recompute_mlp` (set by
+    attention plan, and activation checkpointing. `model.activation_checkpointing_enable()` (before
+    transformers 5.24, `gradient_checkpointing_enable()`) switches that on: HF sets `gradient_checkpointing`
+    on every module that has the attribute. `recompute_mlp` (set by
     `model.mlp_recompute_enable()`) recomputes only the MLP in backward: of the MLP, only its input is kept.
     """
 

@@ -121,7 +121,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
     def mlp_recompute_enable(self, on: bool = True) -> None:
         """Recompute each decoder layer's MLP in backward instead of keeping its activations (and, under FP8,
         its FP8 weights) from forward: the largest part of what a Llama layer keeps, for one more FC1 GEMM a
-        layer. Attention and its projections keep theirs. `gradient_checkpointing_enable()` recomputes whole
+        layer. Attention and its projections keep theirs. `activation_checkpointing_enable()` recomputes whole
         layers instead."""
         for layer in self.model.layers:
             layer.recompute_mlp = on

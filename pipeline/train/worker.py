@@ -122,8 +122,8 @@ def build(cfg: Config, train_uri: str, rank: int = 0, world: int = 1, device: to
     base = storage.pull_checkpoint(cfg.model.base_uri, cfg.run.cache_dir, options)  # once per node
     model = te_model.from_hf_checkpoint(base, backend=cfg.model.backend, dtype=DTYPES[cfg.model.dtype],
                                         device=device)
-    if cfg.train.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.train.activation_checkpointing:  # the name from transformers 5.24 on; the one before is deprecated
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.mlp_recompute_enable(cfg.train.recompute_mlp)
     if cfg.train.cuda_graphs:  # captured by the first pass (loop.capture_graphs); refused here if it cannot be
         te_model.graphs.check_graphable(model)

@@ -123,7 +123,12 @@ def _saved_activation_bytes(model, ids):
     return total, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("enable, flag", [("gradient_checkpointing_enable", "gradient_checkpointing"),
+# HF's switch for whole-layer recompute: renamed in transformers 5.24, the old name deprecated
+WHOLE_LAYERS = ("activation_checkpointing_enable" if hasattr(modeling_llama.LlamaForCausalLM, "activation_checkpointing_enable")
+                else "gradient_checkpointing_enable")
+
+
+@pytest.mark.parametrize("enable, flag", [(WHOLE_LAYERS, "gradient_checkpointing"),
                                           ("mlp_recompute_enable", "recompute_mlp")])
 def test_recompute_keeps_less_and_changes_no_gradient(enable, flag):
     config = llama_config("llama3", num_hidden_layers=4)

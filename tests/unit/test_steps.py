@@ -5,6 +5,7 @@ reading a step's flags waits for nothing queued after them."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,21 @@ def test_recompute_mlp_reaches_every_layer_and_trains_the_same(worker_for):
     for on in (False, True):
         w = worker_for(2, recompute_mlp=on)
         assert all(layer.recompute_mlp is on for layer in w.model.model.layers)
+        steps, progress = loop.Steps(w), loop.Progress()
+        metrics[on] = [steps.next(progress)[0] for _ in range(2)]
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-6), key
+
+
+def test_whole_layer_recompute_reaches_every_layer_without_a_deprecation_and_trains_the_same(worker_for):
+    """`train.activation_checkpointing` through HF's switch under its current name (transformers 5.24 renamed
+    it and warns on the old one)."""
+    metrics = {}
+    for on in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            w = worker_for(2, activation_checkpointing=on)
+        assert all(layer.gradient_checkpointing is on for layer in w.model.model.layers)
         steps, progress = loop.Steps(w), loop.Progress()
         metrics[on] = [steps.next(progress)[0] for _ in range(2)]
     for key in ("loss", "grad_norm"):
