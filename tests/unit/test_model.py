@@ -159,7 +159,7 @@ def test_is_first_microbatch_reaches_every_layer_and_changes_nothing_on_the_torc
     first = model(input_ids=ids, labels=ids, is_first_microbatch=True).loss
     later = model(input_ids=ids, labels=ids, is_first_microbatch=False).loss
     assert seen == [None, None, True, True, False, False]
-    assert float(first) == float(plain) == float(later)
+    assert first.item() == plain.item() == later.item()
 
 
 def test_fp8_attention_needs_a_per_tensor_recipe():
