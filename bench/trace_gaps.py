@@ -223,26 +223,35 @@ def host_breakdown(trace: dict, within: str, top: int = 15) -> list[dict]:
     """Self host time per Python function, C call or CUDA runtime call nested inside any operator whose
     name contains `within`, from a Chrome trace written by torch.profiler with `with_stack=True`.
 
-    Events nest per thread by time; an event's self time is its duration less its direct children's."""
+    Events nest per thread by time; an event's self time is its duration less its direct children's. Only
+    time inside the operator counts: a call that starts inside it and ends after it (the Python frame
+    leaving a `record_function` block, say, when the thread is descheduled there) counts up to its end."""
     totals: dict = {}
 
     def close(frame):
-        event, children, inside = frame
+        event, children, inside, _, span = frame
         if inside and within not in event["name"]:
             row = totals.setdefault(event["name"], {"name": event["name"], "calls": 0, "self_us": 0.0})
             row["calls"] += 1
-            row["self_us"] += event["dur"] - children
+            row["self_us"] += max(0.0, span - children)
 
     for events in _host_threads(_complete_events(trace)).values():
         events = sorted(events, key=lambda e: (e["ts"], -e["dur"]))
-        stack: list = []  # [event, children's time, inside `within`]
+        stack: list = []  # [event, children's time, inside `within`, the operator's end, the time counted]
         for e in events:
             while stack and stack[-1][0]["ts"] + stack[-1][0]["dur"] <= e["ts"]:
                 close(stack.pop())
+            end = e["ts"] + e["dur"]
+            if within in e["name"]:
+                inside, limit = True, end
+            elif stack and stack[-1][2]:
+                inside, limit = True, stack[-1][3]
+            else:
+                inside, limit = False, float("inf")
+            span = min(end, limit) - e["ts"]
             if stack:
-                stack[-1][1] += e["dur"]
-            inside = within in e["name"] or (bool(stack) and stack[-1][2])
-            stack.append([e, 0.0, inside])
+                stack[-1][1] += span
+            stack.append([e, 0.0, inside, limit, span])
         while stack:
             close(stack.pop())
     return sorted(totals.values(), key=lambda r: -r["self_us"])[:top]

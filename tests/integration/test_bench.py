@@ -352,6 +352,25 @@ def test_host_breakdown_counts_only_what_runs_inside_the_named_operator(tmp_path
     assert 0 < sum(row["self_us"] for row in rows) <= outer["dur"]
 
 
+def test_host_breakdown_counts_a_call_that_outlives_the_operator_only_up_to_its_end():
+    """A call that starts inside the operator and ends after it (a thread descheduled as the Python frame
+    leaves the `record_function` block) counts only its time inside; nothing outside counts."""
+    from bench.trace_gaps import host_breakdown
+
+    def event(name, ts, dur, cat="python_function"):
+        return {"name": name, "ph": "X", "ts": ts, "dur": dur, "cat": cat, "pid": 1, "tid": 1}
+
+    trace = {"traceEvents": [
+        event("test.py(1): body", 0, 1000),  # the caller, outside the operator
+        event("outer_range", 100, 300, cat="user_annotation"),
+        event("aten::mm", 120, 100, cat="cpu_op"),
+        event("profiler.py(2): __exit__", 350, 400),  # ends 350 us after the operator
+        event("aten::exp", 800, 50, cat="cpu_op"),  # after it
+    ]}
+    rows = {row["name"]: row["self_us"] for row in host_breakdown(trace, "outer_range")}
+    assert rows == {"aten::mm": 100, "profiler.py(2): __exit__": 50}
+
+
 def test_attention_host_cases_are_what_they_say_and_cpu_is_refused():
     from bench import attention_host
 
