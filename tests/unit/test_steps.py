@@ -141,30 +141,21 @@ def test_flags_are_read_without_waiting_for_the_work_queued_after_them():
     torch.cuda.synchronize()
 
 
-def test_recompute_mlp_reaches_every_layer_and_trains_the_same(worker_for):
-    metrics = {}
-    for on in (False, True):
-        w = worker_for(2, recompute_mlp=on)
-        assert all(layer.recompute_mlp is on for layer in w.model.model.layers)
-        steps, progress = loop.Steps(w), loop.Progress()
-        metrics[on] = [steps.next(progress)[0] for _ in range(2)]
-    for key in ("loss", "grad_norm"):
-        assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-6), key
-
-
-def test_whole_layer_recompute_reaches_every_layer_without_a_deprecation_and_trains_the_same(worker_for):
-    """`train.activation_checkpointing` through HF's switch under its current name (transformers 5.24 renamed
-    it and warns on the old one)."""
+@pytest.mark.parametrize("key, flag", [("recompute_mlp", "recompute_mlp"),
+                                       ("activation_checkpointing", "gradient_checkpointing")])
+def test_recompute_reaches_every_layer_without_a_deprecation_and_trains_the_same(worker_for, key, flag):
+    """`train.recompute_mlp`, and `train.activation_checkpointing` through HF's switch under its current name
+    (transformers 5.24 renamed it and warns on the old one): every layer told, the same losses."""
     metrics = {}
     for on in (False, True):
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
-            w = worker_for(2, activation_checkpointing=on)
-        assert all(layer.gradient_checkpointing is on for layer in w.model.model.layers)
+            w = worker_for(2, **{key: on})
+        assert all(getattr(layer, flag) is on for layer in w.model.model.layers)
         steps, progress = loop.Steps(w), loop.Progress()
         metrics[on] = [steps.next(progress)[0] for _ in range(2)]
-    for key in ("loss", "grad_norm"):
-        assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-6), key
+    for name in ("loss", "grad_norm"):
+        assert [m[name] for m in metrics[True]] == pytest.approx([m[name] for m in metrics[False]], rel=1e-6), name
 
 
 def test_the_fp8_head_comes_with_fp8_training_unless_turned_off(worker_for):
