@@ -184,7 +184,7 @@ def _loss_and_grads(fp8_head: bool, hidden, weight, labels):
     w = weight.clone().requires_grad_()
     loss = causal_lm_loss(h, w, labels, fp8_head=fp8_head)
     loss.backward()
-    return float(loss), h.grad.float(), w.grad.float()
+    return loss.item(), h.grad.float(), w.grad.float()
 
 
 def test_fp8_head_tracks_the_bf16_head():
