@@ -110,8 +110,8 @@ def _build(triton, tl):
             # Each QBLOCK's scale: the power of two at or above its largest magnitude / 448, so products and
             # quotients by it are exact. Codes are rounded stochastically, by hand, so every one is an exact
             # E4M3 value and the cast cannot round: the same codes on the GPU and under the interpreter.
-            # Random bits from a hash of (element, step, stream), `moment_bits`: Philox's ten rounds for every
-            # element would cost more than the update's memory traffic.
+            # Random bits from a hash of (element, step, stream), `moment_bits`: a few integer operations an
+            # element, where Philox's ten rounds would load a memory-bound update with compute.
             step32 = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint32)
             key = step32 * 0x9E3779B1 + stream.to(tl.uint32)
             key ^= key >> 16
