@@ -35,7 +35,7 @@ from transformers import LlamaConfig  # noqa: E402
 
 DEFAULT_MASTER = TrainConfig().master_weights
 BYTES = 256  # the vocabulary without --vocab
-SHAPES = {  # hidden, intermediate, layers, heads, kv heads (every matrix's rows whole blocks of FP8 moments)
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads (base, small: every matrix takes FP8 moments)
     "base": (1024, 2816, 12, 16, 4),
     "small": (256, 768, 4, 4, 2),  # a CPU-sized base
     "smoke": (64, 128, 2, 4, 2),

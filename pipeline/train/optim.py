@@ -206,9 +206,13 @@ def moment_bits(step: torch.Tensor, stream: int, numel: int) -> tuple[torch.Tens
 def round_stochastic(x: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor:
     """fp32 `x` to bf16, rounded up in magnitude with probability (what truncation drops) / 2^16: the low 16
     bits of `random_bits` are added below the bf16 mantissa and the sum truncated."""
-    bits = x.view(torch.int32).to(torch.int64) & _MASK32
-    bits = ((bits + (random_bits & 0xFFFF)) >> 16 << 16) & _MASK32
-    return (bits - (bits >> 31 << 32)).to(torch.int32).view(torch.float32).to(torch.bfloat16)
+    bits = ((_as_bits(x) + (random_bits & 0xFFFF)) >> 16 << 16) & _MASK32
+    return _as_float(bits).to(torch.bfloat16)
+
+
+def _as_bits(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values' bit patterns as uint32 held in int64."""
+    return x.view(torch.int32).to(torch.int64) & _MASK32
 
 
 def _as_float(bits: torch.Tensor) -> torch.Tensor:
@@ -225,13 +229,13 @@ def quantize_moment(x: torch.Tensor, random_bits: torch.Tensor) -> tuple[torch.T
     int64, `x`'s shape): an EMA whose steps are smaller than a code's spacing still moves on average, where
     rounding to nearest would hold it in place. The Triton kernel computes the same codes."""
     blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // QBLOCK, QBLOCK)
-    top = (blocks.abs().amax(dim=-1) * (1.0 / E4M3_MAX)).view(torch.int32).to(torch.int64) & _MASK32
+    top = _as_bits(blocks.abs().amax(dim=-1) * (1.0 / E4M3_MAX))
     exponent = (top >> 23) + ((top & 0x7FFFFF) != 0).to(torch.int64)
     scale = _as_float(exponent << 23)
     inverse = torch.where(exponent > 0, _as_float((254 - exponent).clamp(min=0) << 23), 0.0)
     y = (blocks * inverse[..., None]).clamp(-E4M3_MAX, E4M3_MAX).reshape(x.shape)
     fraction = random_bits & 0xFFFFF
-    normal = _as_float((((y.view(torch.int32).to(torch.int64) & _MASK32) + fraction) >> 20 << 20) & _MASK32)
+    normal = _as_float(((_as_bits(y) + fraction) >> 20 << 20) & _MASK32)
     subnormal = torch.floor(y * 512.0 + fraction.to(torch.float32) * (1.0 / 1048576.0)) * (1.0 / 512.0)
     codes = torch.where(y.abs() < E4M3_MIN_NORMAL, subnormal, normal)
     return codes.to(torch.float8_e4m3fn), scale

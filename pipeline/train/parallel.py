@@ -70,6 +70,11 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def _fp8(dtype: torch.dtype) -> bool:
+    """Whether tensors of `dtype` must travel as bytes: gloo's collectives have no FP8 type."""
+    return dtype.itemsize == 1 and dtype.is_floating_point
+
+
 def _retyped(tensor: DTensor, dtype: torch.dtype) -> DTensor:
     """A DTensor's bytes seen as another dtype of the same size, laid out as it is."""
     return DTensor.from_local(tensor.to_local().view(dtype), tensor.device_mesh, tensor.placements,
@@ -78,10 +83,10 @@ def _retyped(tensor: DTensor, dtype: torch.dtype) -> DTensor:
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor; for a shard, gathered from every worker (all of them must call this). FP8 (optimizer
-    moments) travels as bytes: gloo's collectives have no FP8 type."""
+    moments) travels as bytes."""
     if not isinstance(tensor, DTensor):
         return tensor
-    if tensor.dtype.itemsize == 1 and tensor.dtype.is_floating_point:
+    if _fp8(tensor.dtype):
         return _retyped(tensor, torch.uint8).full_tensor().view(tensor.dtype)
     return tensor.full_tensor()
 
@@ -93,6 +98,6 @@ def shard_like(whole: torch.Tensor, like: torch.Tensor, *, keep_dtype: bool = Fa
     whole = whole.to(device=like.device, dtype=whole.dtype if keep_dtype else like.dtype)
     if not isinstance(like, DTensor):
         return whole
-    if whole.dtype.itemsize == 1 and whole.dtype.is_floating_point:  # as bytes, as `full_tensor` gathers them
+    if _fp8(whole.dtype):  # as bytes, as `full_tensor` gathers them
         return _retyped(distribute_tensor(whole.view(torch.uint8), like.device_mesh, like.placements), whole.dtype)
     return distribute_tensor(whole, like.device_mesh, like.placements)
