@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from pipeline.config import TrainConfig
 
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps
+# With FP8 moments the update does more arithmetic per byte: smaller programs keep more of them resident
+FP8_BLOCK, FP8_WARPS = 1024, 4
 # Smaller parameters (norm weights) go to torch's fused kernel, several to a launch: one launch each would
 # cost the host more than the update costs the GPU.
 SMALL = 1 << 20
@@ -75,10 +77,7 @@ def _build(triton, tl):
         bias2_sqrt = tl.load(corrections_ptr + 3 * index + 1)  # sqrt(1 - beta2^step)
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
-        if MOMENTS_FP8:
-            root = tl.sqrt_rn(v)  # rounded as torch's: the stored code depends on it
-        else:
-            root = tl.sqrt(v)
+        root = tl.sqrt(v)
         delta = -(lr * weight_decay) * p - (lr / bias1) * m / (root / bias2_sqrt + eps)
         if MODE == 3:
             delta += tl.load(extra_ptr + offsets, mask=mask).to(tl.float32)
@@ -504,16 +503,17 @@ class AdamW(torch.optim.AdamW):
             mode = self.master_weights if self.keeps_updates(p) else "bf16"
             extra = state.get(EXTRA_STATE.get(mode, ""))
             m, v, scales = _moments(state)
+            block, warps = (FP8_BLOCK, FP8_WARPS) if scales else (BLOCK, 8)
             if n:
-                kernel[(cdiv(n, BLOCK),)](
+                kernel[(cdiv(n, block),)](
                     local, _local(p.grad), m, v, local if extra is None else _local(extra),
                     *(scales or (corrections, corrections)), n, corrections, i, streams[id(p)],
                     found_inf if found_inf is not None else corrections,
                     factor if factor is not None else corrections, hyper["lr"], hyper["weight_decay"],
                     hyper["beta1"], hyper["beta2"], hyper["eps"], MODE=KERNEL_MODE[mode],
                     HAS_FOUND_INF=found_inf is not None, HAS_FACTOR=factor is not None,
-                    BF16=local.dtype == torch.bfloat16, MOMENTS_FP8=scales is not None, BLOCK=BLOCK,
-                    QBLOCK=QBLOCK, num_warps=8)
+                    BF16=local.dtype == torch.bfloat16, MOMENTS_FP8=scales is not None, BLOCK=block,
+                    QBLOCK=QBLOCK, num_warps=warps)
             self._announce([p])
 
     def load_state_dict(self, state_dict: dict) -> None:
