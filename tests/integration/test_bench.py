@@ -461,3 +461,53 @@ def test_peer_goals_compare_ours_with_hf_the_fastest_and_the_leanest_peer(tmp_pa
                  "MET  peers-8b-256: FP8 delayed over our bf16 >= 1.2: 1.24",
                  "MISS peers-1b-2048: FP8 delayed over HF bf16 >= 2.0: not measured"):
         assert line in lines, line
+
+
+# ---------------------------------------------------------------------------------------------------
+# update_kernel
+
+# a shape whose every matrix has rows of whole 256-element blocks, so FP8 moments apply on the CPU too
+BLOCKS_SHAPE = dict(common.SHAPES["tiny"], vocab_size=512, hidden_size=256, intermediate_size=512,
+                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_update_kernel_times_each_update_and_counts_the_bytes_the_state_has(monkeypatch, tmp_path):
+    from bench import update_kernel
+    from pipeline.train import optim
+
+    monkeypatch.setitem(common.SHAPES, "blocks", BLOCKS_SHAPE)
+    launch = optim.FP8_BLOCK, optim.FP8_WARPS
+    out = tmp_path / "update.json"
+    update_kernel.main(["--shape", "blocks", "--device", "cpu", "--master-weights", "bf16_kahan,fp32",
+                        "--fp8-launch", "1024x4,512x4", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["variants"]
+    assert [row["name"] for row in rows] == [
+        "torch fused AdamW", "ours bf16_kahan, bf16 moments", "ours bf16_kahan, FP8 moments (1024x4)",
+        "ours bf16_kahan, FP8 moments (512x4)", "ours fp32, bf16 moments", "ours fp32, FP8 moments (1024x4)",
+        "ours fp32, FP8 moments (512x4)"]
+    for row in rows:
+        finite_positive(row, "ms", "gb_per_s", "vs_torch")
+    assert (optim.FP8_BLOCK, optim.FP8_WARPS) == launch  # the sweep leaves the pipeline's launch as it was
+
+    # the bytes each row says an update moves: its state read and written, the gradient read, the bf16
+    # parameter read and written (only written with an fp32 master, which the update reads instead)
+    config = common.llama_config("blocks")
+    for row in rows[1:]:
+        params = update_kernel.parameters(config, torch.device("cpu"))
+        optimizer = optim.AdamW(params, master_weights=row["master_weights"], moments_fp8=row["moments_fp8"])
+        optimizer.step()
+        matrix = params[2]  # the first layer's query weight
+        assert matrix.dim() == 2 and optimizer.quantizes_moments(matrix) == row["moments_fp8"]
+        state = optimizer.state[matrix]
+        per_element = sum(value.element_size() for key, value in state.items()
+                          if torch.is_tensor(value) and value.shape == matrix.shape)
+        param_moves = 1 if row["master_weights"] == "fp32" else 2
+        assert row["bytes"] == 2 * per_element + 2 + param_moves * 2, row["name"]
+
+
+def test_update_kernel_refuses_a_launch_shape_the_kernel_cannot_take(capsys):
+    from bench import update_kernel
+
+    with pytest.raises(SystemExit):
+        update_kernel.main(["--shape", "tiny", "--device", "cpu", "--fp8-launch", "768x4"])
+    assert "--fp8-launch 768x4: elements must be a power of two" in capsys.readouterr().err
