@@ -38,7 +38,8 @@
 #                                             files under /tmp/job8b (--workdir, --out-dir to move them)
 #   bash bench/gpu/run.sh master-cost         bench/train_step.py at the Llama-3.1-8B shape (32 layers, 2 x 4096), FP8
 #                                             delayed, once per master-weight option; then the optimizer's GPU tests
-#   bash bench/gpu/run.sh moments-fp8         FP8 moments (train.moments_fp8): their GPU tests; the Llama-3.1-8B step
+#   bash bench/gpu/run.sh moments-fp8         FP8 moments (train.moments_fp8): their GPU tests; the update alone over the
+#                                             8B model's parameters beside torch's fused AdamW; the Llama-3.1-8B step
 #                                             (32 layers, 2 x 4096) with and without them beside HF; fine-tuning
 #                                             quality against HF's fp32-master training (136M, bytes)
 set -uo pipefail
@@ -142,6 +143,8 @@ case $part in
   moments-fp8)
     python3 -m pytest tests/unit/test_moments_fp8.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet \
       | tee $R/moments-fp8-tests.log | grep "share of equal\|passed\|failed\|Error\|^FAILED" | tail -8; rc=$((rc | PIPESTATUS[0]))
+    python3 bench/update_kernel.py --master-weights bf16_kahan --out $R/update-kernel.json 2>&1 | quiet \
+      | tee $R/update-kernel.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 \
       --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_moments_fp8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \
       --out $R/8b-moments-fp8.json "$@" 2>&1 | quiet | tee $R/8b-moments-fp8.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))

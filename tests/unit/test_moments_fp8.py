@@ -91,8 +91,9 @@ def test_the_kernel_stores_the_codes_and_scales_its_torch_twin_stores():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_compiled_kernel_stores_the_twins_codes_on_gpu():
-    """Compiled, the kernel may fuse a multiply and an add that torch rounds apart, so a code whose random
-    threshold falls between the two sums can differ by one step: almost every code and scale is the same."""
+    """Compiled, the kernel may fuse a multiply and an add that torch rounds apart, and takes the GPU's
+    approximate square root, so a code whose random threshold falls between the two results
+    can differ by one step: almost every code and scale is the same."""
     pytest.importorskip("triton")
     results = kernel_against_twin("cuda", {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     print(f"\nshare of equal codes and scales, CUDA: {results}")
