@@ -145,7 +145,7 @@ case $part in
       | tee $R/moments-fp8-tests.log | grep "share of equal\|passed\|failed\|Error\|^FAILED" | tail -8; rc=$((rc | PIPESTATUS[0]))
     python3 bench/update_kernel.py --master-weights bf16_kahan --out $R/update-kernel.json 2>&1 | quiet \
       | tee $R/update-kernel.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
-    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 \
+    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_moments_fp8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \
       --out $R/8b-moments-fp8.json "$@" 2>&1 | quiet | tee $R/8b-moments-fp8.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 bench/finetune_quality.py --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
