@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from pipeline.config import TrainConfig
 
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps
-# With FP8 moments the update does more arithmetic per byte: smaller programs keep more of them resident
+# With FP8 moments the update is bound by its arithmetic, not memory, and ran faster in smaller programs
 FP8_BLOCK, FP8_WARPS = 1024, 4
 # Smaller parameters (norm weights) go to torch's fused kernel, several to a launch: one launch each would
 # cost the host more than the update costs the GPU.
@@ -110,7 +110,7 @@ def _build(triton, tl):
             # quotients by it are exact. Codes are rounded stochastically, by hand, so every one is an exact
             # E4M3 value and the cast cannot round: the same codes on the GPU and under the interpreter.
             # Random bits from a hash of (element, step, stream), `moment_bits`: a few integer operations an
-            # element, where Philox's ten rounds would load a memory-bound update with compute.
+            # element, where Philox's ten rounds take about a hundred in an update already bound by arithmetic.
             step32 = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint32)
             key = step32 * 0x9E3779B1 + stream.to(tl.uint32)
             key ^= key >> 16
@@ -196,7 +196,7 @@ def moment_bits(step: torch.Tensor, stream: int, numel: int) -> tuple[torch.Tens
     optimizer step `step` (its count after the step) in `stream`, h = fmix32(i ^ fmix32(step * 0x9E3779B1 +
     stream)); m's rounding takes its low 16 bits, sqrt(v)'s its high 16 (each as the top of the 20 bits
     `quantize_moment` reads). Distinct elements of one step hash distinct inputs; a cheap hash, since the
-    update is memory-bound and Philox for every element would not be."""
+    update with FP8 moments is bound by its arithmetic already."""
     key = _fmix32(((step.to(torch.int64) * 0x9E3779B1) + stream) & _MASK32)
     hashed = _fmix32(torch.arange(numel, device=step.device, dtype=torch.int64) ^ key)
     return (hashed & 0xFFFF) << 4, (hashed >> 16) << 4

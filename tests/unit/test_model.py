@@ -124,8 +124,8 @@ def _saved_activation_bytes(model, ids):
 
 
 # HF's switch for whole-layer recompute: renamed in transformers 5.24, the old name deprecated
-WHOLE_LAYERS = ("activation_checkpointing_enable" if hasattr(modeling_llama.LlamaForCausalLM, "activation_checkpointing_enable")
-                else "gradient_checkpointing_enable")
+WHOLE_LAYERS = next(name for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+                    if hasattr(modeling_llama.LlamaForCausalLM, name))
 
 
 @pytest.mark.parametrize("enable, flag", [(WHOLE_LAYERS, "gradient_checkpointing"),
