@@ -56,6 +56,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_torch_clip": ("ours", False, "delayed"),  # ... clipped by torch's clip_grad_norm_
     "fp8_delayed_fp8head_moments_fp8": ("ours", False, "delayed"),  # ... AdamW's moments kept in FP8
     "fp8_delayed_fp8head_recompute_mlp_moments_fp8": ("ours", False, "delayed"),  # ... and the MLP recomputed
+    "fp8_delayed_fp8head_bwdcast": ("ours", False, "delayed"),  # ... FP8 weights cast again in backward, not kept
+    "fp8_delayed_fp8head_bwdcast_moments_fp8": ("ours", False, "delayed"),  # ... and AdamW's moments in FP8
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -130,6 +132,7 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
         model.fused_loss = not name.endswith("_logits")
         model.fp8_head = "_fp8head" in name
         model.mlp_recompute_enable("_recompute_mlp" in name)
+        model.fp8_weight_recast_enable("_bwdcast" in name)
         for layer in model.model.layers if backend == "te" else ():
             if "_te_dswiglu" in name:
                 layer.one_pass_dswiglu = False
@@ -165,7 +168,8 @@ def capture_graphs(name: str, model, ids: torch.Tensor, device, micro_batches: i
     made = te_model.fp8.make_recipe(recipe, fp8_attention="_attn" in name) if recipe else None
     graphs = te_model.graphs.capture_decoder_graphs(
         model, common.step_inputs("ours", ids, device), recipe=made, accumulate=micro_batches > 1,
-        cache_fp8_weights=made is not None and micro_batches > 1 and "_recast" not in name)
+        cache_fp8_weights=made is not None and micro_batches > 1 and "_recast" not in name
+        and "_bwdcast" not in name)
     return graphs.cache_fp8_weights  # the steps then mark each micro-batch
 
 
@@ -296,6 +300,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (" + FP8 attention" if "_attn" in name else "")
             + (" + FP8 head" if "_fp8head" in name else "")
             + (", MLP recomputed" if "_recompute_mlp" in name else "")
+            + (", FP8 weights cast again in backward" if "_bwdcast" in name else "")
             + (", planned on GPU" if name.endswith("_device_plan") else "")
             + (", torch AdamW" if name.endswith("_torch_adamw") else "")
             + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else "")

@@ -267,6 +267,11 @@ class TrainConfig(_Section):
     # the SwiGLU output nor, under FP8, its FP8 weights), for one more FC1 GEMM a layer. Less memory saved
     # than activation_checkpointing, for much less time (docs/performance.md, "Memory").
     recompute_mlp: bool = False
+    # Under FP8, cast each decoder weight to FP8 again in backward instead of keeping the forward's FP8
+    # copies (row-wise and transposed, 2 bytes a parameter) until then: less memory at a step's peak, for
+    # one more cast of each weight a step (docs/performance.md, "Memory"). With cuda_graphs and
+    # grad_accum_steps > 1 the FP8 weights are then cast on every micro-batch, not once a step.
+    recast_fp8_weights: bool = False
     # Replay each decoder layer's forward and backward as CUDA graphs (te_model/graphs.py), captured at the
     # first step: short steps, whose host cannot launch TE's kernels as fast as the GPU runs them, run at
     # the GPU's pace. With grad_accum_steps > 1 under FP8 they cast the FP8 weights once per optimizer step.
@@ -330,6 +335,8 @@ class TrainConfig(_Section):
         self._require(not self.fp8_head or self.fp8 != "none", "fp8_head",
                       "true needs train.fp8 set to a recipe (the head runs in FP8 beside FP8 layers); "
                       "leave it null or set it false")
+        self._require(not self.recast_fp8_weights or self.fp8 != "none", "recast_fp8_weights",
+                      "true needs train.fp8 set to a recipe (without FP8 there are no FP8 weights to cast)")
         if self.cuda_graphs:
             self._require(self.use_gpu, "cuda_graphs", "needs GPU workers (train.use_gpu=true)")
             self._require(self.workers == 1, "cuda_graphs", "runs on one worker; set train.workers=1 or turn it off")

@@ -48,6 +48,7 @@ class DecoderCall:
 
     gradient_checkpointing = False
     recompute_mlp = False
+    recast_fp8_weights = False  # the TE layer's switch (`layer_te`); this backend keeps no FP8 weights
 
     def forward(
         self,

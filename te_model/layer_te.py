@@ -8,6 +8,7 @@ rows are the same call to TE's fused attention.
 
 import torch
 import transformer_engine.pytorch as te
+from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
 
 from . import residual, residual_te, swiglu_te
 from .layer import DecoderCall, head_dim
@@ -115,6 +116,29 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
             raise RuntimeError("this Transformer Engine's LayerNormMLP has no selective recompute "
                                "(`checkpoint`): recompute_mlp needs TE 2.20 or later")
         self.layernorm_mlp.checkpoint = bool(on)
+
+    @property
+    def recast_fp8_weights(self) -> bool:
+        """Under FP8, each linear layer's backward casts its weight to FP8 again instead of keeping the
+        forward's FP8 copy (row-wise and transposed, 2 bytes a parameter) until then: TE's own path for
+        weights sharded by FSDP2, whose forward keeps no FP8 weight. Less memory held from forward to
+        backward, for one more cast of each weight a step."""
+        return all(m.__dict__.get("_is_fsdp2") is True for m in self._te_modules())
+
+    @recast_fp8_weights.setter
+    def recast_fp8_weights(self, on: bool) -> None:
+        modules = self._te_modules()
+        if on and not all(isinstance(getattr(type(m), "is_fsdp2", None), property) for m in modules):
+            raise RuntimeError("this Transformer Engine cannot cast FP8 weights again in backward "
+                               "(no is_fsdp2 path): recast_fp8_weights needs TE 2.20 or later")
+        for m in modules:
+            if on:
+                m._is_fsdp2 = True  # read by TE's forward (keep no FP8 weight) and backward (cast it again)
+            else:
+                m.__dict__.pop("_is_fsdp2", None)  # TE finds out again whether FSDP2 shards the module
+
+    def _te_modules(self) -> list:
+        return [m for m in self.modules() if isinstance(m, TransformerEngineBaseModule)]
 
     def _block(self, x, plan: AttentionPlan, position_embeddings, is_first_microbatch=None) -> torch.Tensor:
         if x.dtype == torch.float32:

@@ -126,6 +126,14 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         for layer in self.model.layers:
             layer.recompute_mlp = on
 
+    def fp8_weight_recast_enable(self, on: bool = True) -> None:
+        """Under FP8, cast each decoder layer's weights to FP8 again in backward instead of keeping the
+        forward's FP8 copies until then (`TELlamaDecoderLayer.recast_fp8_weights`): 2 bytes a decoder
+        parameter less held at the peak of a step, for one more cast of each weight. Nothing to do on the
+        torch backend, which keeps no FP8 weights."""
+        for layer in self.model.layers:
+            layer.recast_fp8_weights = on
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
         scored = kwargs.pop("scored_tokens", None)  # te_model.loss.ScoredTokens, found beforehand

@@ -266,7 +266,7 @@ def forward_backward(state: TrainState, position: tuple[int, int], step: int, fa
 def capture_graphs(state: TrainState, batch: dict, group) -> None:
     """`train.cuda_graphs`: the decoder layers captured for the first batch's layout, outside the FP8 autocast
     (as TE's capture wants). Under FP8 with gradient accumulation they cast the FP8 weights on a step's first
-    micro-batch only."""
+    micro-batch only, unless `train.recast_fp8_weights` keeps none."""
     train = state.train
     if state.graphs is None:
         recipe = None if train.fp8 == "none" else te_model.fp8.make_recipe(
@@ -274,7 +274,8 @@ def capture_graphs(state: TrainState, batch: dict, group) -> None:
         accumulate = train.grad_accum_steps > 1
         state.graphs = te_model.capture_decoder_graphs(state.model, batch, recipe=recipe, group=group,
                                                        accumulate=accumulate,
-                                                       cache_fp8_weights=accumulate and recipe is not None)
+                                                       cache_fp8_weights=accumulate and recipe is not None
+                                                       and not train.recast_fp8_weights)
         layout = state.graphs.layout
         log.info("decoder layers captured as CUDA graphs: %d tokens, up to %d segments, max_seqlen %d",
                  layout.tokens, layout.offsets - 1, layout.max_seqlen)

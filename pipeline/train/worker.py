@@ -125,6 +125,7 @@ def build(cfg: Config, train_uri: str, rank: int = 0, world: int = 1, device: to
     if cfg.train.activation_checkpointing:  # the name from transformers 5.24 on; the one before is deprecated
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.mlp_recompute_enable(cfg.train.recompute_mlp)
+    model.fp8_weight_recast_enable(cfg.train.recast_fp8_weights)
     if cfg.train.cuda_graphs:  # captured by the first pass (loop.capture_graphs); refused here if it cannot be
         te_model.graphs.check_graphable(model)
     model.fp8_head = fp8_head_on(cfg.train, model.config.hidden_size, model.config.vocab_size)

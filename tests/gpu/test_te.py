@@ -111,31 +111,39 @@ def test_hidden_states_and_activation_checkpointing_on_te(tmp_path):
     assert ckpt < 0.7 * plain
 
 
+def train_three_fp8_steps(model, ids) -> tuple[list[float], float, dict]:
+    """Three SGD steps under FP8 delayed scaling: (losses, the largest activation peak in MiB, the first
+    step's gradients)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    losses, peaks, first_grads = [], [], None
+    for _ in range(3):
+        loss, peak = fp8_backward_peak_mib(model, ids)
+        peaks.append(peak)
+        first_grads = first_grads or {n: p.grad.clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, max(peaks), first_grads
+
+
+def plain_and_twin(config):
+    """Two TE models of `config` holding the same weights."""
+    plain = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
+    twin = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
+    twin.load_state_dict(plain.state_dict())
+    return plain, twin
+
+
 def test_mlp_recompute_on_te_keeps_less_and_trains_the_same():
     """TE's selective recompute of LayerNormMLP under FP8 delayed scaling: the same losses and gradients
     (the recompute restores the forward's scaling state), a smaller activation peak."""
     config = llama_config("llama3", num_hidden_layers=4, **GPU_SHAPES)
-    plain = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
-    recomputed = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
-    recomputed.load_state_dict(plain.state_dict())
+    plain, recomputed = plain_and_twin(config)
     recomputed.mlp_recompute_enable()
     assert all(layer.layernorm_mlp.checkpoint for layer in recomputed.model.layers)
     ids = torch.randint(0, config.vocab_size, (8, 1024), device="cuda")
-
-    def train(model):
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-        losses, peaks, first_grads = [], [], None
-        for _ in range(3):
-            loss, peak = fp8_backward_peak_mib(model, ids)
-            peaks.append(peak)
-            first_grads = first_grads or {n: p.grad.clone() for n, p in model.named_parameters()}
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        return losses, max(peaks), first_grads
-
-    losses, peak, grads = train(plain)
-    losses_r, peak_r, grads_r = train(recomputed)
+    losses, peak, grads = train_three_fp8_steps(plain, ids)
+    losses_r, peak_r, grads_r = train_three_fp8_steps(recomputed, ids)
     worst = max(rel_err(grads_r[name], grad) for name, grad in grads.items())
     print(f"\nMLP recompute, 4 layers, 8x1024 tokens, FP8 delayed: activation peak {peak:.0f} -> {peak_r:.0f} MiB; "
           f"losses {losses} vs {losses_r}; largest gradient rel_err {worst:.1e}")
@@ -143,6 +151,38 @@ def test_mlp_recompute_on_te_keeps_less_and_trains_the_same():
     assert losses_r == pytest.approx(losses, rel=1e-3)
     assert worst <= 1e-2
     assert peak_r < 0.8 * peak
+
+
+def test_fp8_weights_cast_again_in_backward_keep_less_and_train_the_same():
+    """`fp8_weight_recast_enable`: the forward keeps no FP8 weight for backward, whose linear layers cast
+    their weights again (TE's FSDP2 path). The same forward, the same gradients up to the backward cast's
+    scale (updated after the forward), and the FP8 weights (row-wise and transposed, 2 bytes a decoder
+    weight) off the peak but for the layer in backward. Turned off, TE keeps them again."""
+    config = llama_config("llama3", num_hidden_layers=4, **GPU_SHAPES)
+    plain, recast = plain_and_twin(config)
+    recast.fp8_weight_recast_enable()
+    assert all(layer.recast_fp8_weights for layer in recast.model.layers)
+    assert not any(layer.recast_fp8_weights for layer in plain.model.layers)
+    ids = torch.randint(0, config.vocab_size, (8, 1024), device="cuda")
+    for model in (plain, recast):  # a forward sets the weights' scales: backward then casts with the forward's
+        with te_model.fp8_autocast("delayed"):
+            model(ids, labels=ids)
+    losses, peak, grads = train_three_fp8_steps(plain, ids)
+    losses_r, peak_r, grads_r = train_three_fp8_steps(recast, ids)
+    fp8_weights_mib = 2 * sum(p.numel() for n, p in plain.model.layers.named_parameters()
+                              if p.dim() == 2) / 2**20
+    worst = max(rel_err(grads_r[name], grad) for name, grad in grads.items())
+    print(f"\nFP8 weights cast again in backward, 4 layers, 8x1024 tokens, FP8 delayed: activation peak "
+          f"{peak:.0f} -> {peak_r:.0f} MiB (FP8 weights {fp8_weights_mib:.0f} MiB); losses {losses} vs {losses_r}; "
+          f"largest gradient rel_err {worst:.1e}")
+    assert losses_r[0] == losses[0]  # the forward is the same
+    assert losses_r == pytest.approx(losses, rel=1e-3)
+    assert worst <= 1e-3
+    assert peak - peak_r >= 0.5 * fp8_weights_mib  # all but the layer in backward, which casts its own
+    recast.fp8_weight_recast_enable(False)
+    assert not any(layer.recast_fp8_weights for layer in recast.model.layers)
+    peak_back = train_three_fp8_steps(recast, ids)[1]
+    assert peak_back == pytest.approx(peak, abs=1.0)
 
 
 def test_fp8_refuses_token_counts_not_divisible_by_16():

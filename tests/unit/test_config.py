@@ -216,6 +216,8 @@ def test_wrong_types_name_key_and_expected_type(override, message):
     ("train.fp8_attention=true", "train.fp8_attention needs train.fp8 set to delayed or current, not 'none'"),
     ("train.fp8_head=true", "train.fp8_head true needs train.fp8 set to a recipe (the head runs in FP8 beside FP8 "
                             "layers); leave it null or set it false"),
+    ("train.recast_fp8_weights=true", "train.recast_fp8_weights true needs train.fp8 set to a recipe (without FP8 "
+                                      "there are no FP8 weights to cast)"),
     ("storage.max_attempts=0", "storage.max_attempts must be >= 1"),
     ("storage.read_timeout_s=0", "storage.read_timeout_s must be > 0"),
     ("train.global_batch_size=12", "train.global_batch_size must be a multiple of train.workers x "

@@ -158,6 +158,12 @@ def test_recompute_reaches_every_layer_without_a_deprecation_and_trains_the_same
         assert [m[name] for m in metrics[True]] == pytest.approx([m[name] for m in metrics[False]], rel=1e-6), name
 
 
+def test_recast_fp8_weights_reaches_every_layer(worker_for):
+    for on in (False, True):
+        w = worker_for(2, fp8="delayed", use_gpu=True, recast_fp8_weights=on)
+        assert [layer.recast_fp8_weights for layer in w.model.model.layers] == [on] * len(w.model.model.layers)
+
+
 def test_the_fp8_head_comes_with_fp8_training_unless_turned_off(worker_for):
     assert worker_for(2).model.fp8_head is False  # no FP8 layers, no FP8 head
     assert worker_for(2, fp8="delayed", use_gpu=True).model.fp8_head is True  # the default (null) with FP8
