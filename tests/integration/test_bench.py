@@ -8,6 +8,7 @@ both packing modes carry exactly the same documents, and the Ray job and the bar
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -513,3 +514,20 @@ def test_update_kernel_refuses_a_launch_shape_the_kernel_cannot_take(capsys):
     with pytest.raises(SystemExit):
         update_kernel.main(["--shape", "tiny", "--device", "cpu", "--fp8-launch", "768x4"])
     assert "--fp8-launch 768x4: elements must be a power of two" in capsys.readouterr().err
+
+
+def test_check_pins_names_each_pin_the_host_does_not_match(tmp_path, capsys):
+    from bench.gpu import check_pins
+
+    have = importlib.metadata.version("pytest")
+    pins = tmp_path / "host-requirements.txt"
+    pins.write_text(f"# the S3 stack\npytest=={have}  # matches\n\npytest==0.0.1\nno-such-package-here==1.0\n")
+    assert check_pins.main([str(pins)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{pins}:4: pins pytest==0.0.1, this host has {have}; pack the staged wheels with this file (-r)",
+        f"{pins}:5: pins no-such-package-here==1.0, this host has none; pack the staged wheels with this file (-r)"]
+    pins.write_text(f"pytest=={have}\n")
+    assert check_pins.main([str(pins)]) == 0
+    pins.write_text("pytest>=8\n")
+    with pytest.raises(SystemExit, match=r"host-requirements.txt:1: not a name==version pin: 'pytest>=8'"):
+        check_pins.main([str(pins)])
