@@ -126,7 +126,7 @@ def train_three_fp8_steps(model, ids) -> tuple[list[float], float, dict]:
     return losses, max(peaks), first_grads
 
 
-def plain_and_twin(config):
+def model_pair(config):
     """Two TE models of `config` holding the same weights."""
     plain = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
     twin = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
@@ -138,7 +138,7 @@ def test_mlp_recompute_on_te_keeps_less_and_trains_the_same():
     """TE's selective recompute of LayerNormMLP under FP8 delayed scaling: the same losses and gradients
     (the recompute restores the forward's scaling state), a smaller activation peak."""
     config = llama_config("llama3", num_hidden_layers=4, **GPU_SHAPES)
-    plain, recomputed = plain_and_twin(config)
+    plain, recomputed = model_pair(config)
     recomputed.mlp_recompute_enable()
     assert all(layer.layernorm_mlp.checkpoint for layer in recomputed.model.layers)
     ids = torch.randint(0, config.vocab_size, (8, 1024), device="cuda")
@@ -159,7 +159,7 @@ def test_fp8_weights_cast_again_in_backward_keep_less_and_train_the_same():
     scale (updated after the forward), and the FP8 weights (row-wise and transposed, 2 bytes a decoder
     weight) off the peak but for the layer in backward. Turned off, TE keeps them again."""
     config = llama_config("llama3", num_hidden_layers=4, **GPU_SHAPES)
-    plain, recast = plain_and_twin(config)
+    plain, recast = model_pair(config)
     recast.fp8_weight_recast_enable()
     assert all(layer.recast_fp8_weights for layer in recast.model.layers)
     assert not any(layer.recast_fp8_weights for layer in plain.model.layers)
