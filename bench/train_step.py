@@ -168,8 +168,7 @@ def capture_graphs(name: str, model, ids: torch.Tensor, device, micro_batches: i
     made = te_model.fp8.make_recipe(recipe, fp8_attention="_attn" in name) if recipe else None
     graphs = te_model.graphs.capture_decoder_graphs(
         model, common.step_inputs("ours", ids, device), recipe=made, accumulate=micro_batches > 1,
-        cache_fp8_weights=made is not None and micro_batches > 1 and "_recast" not in name
-        and "_bwdcast" not in name)
+        cache_fp8_weights=made is not None and micro_batches > 1 and "_recast" not in name)
     return graphs.cache_fp8_weights  # the steps then mark each micro-batch
 
 

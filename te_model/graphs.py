@@ -153,13 +153,15 @@ def capture_decoder_graphs(model, inputs: dict, *, recipe=None, group=None, accu
     gradients then stay in the graphs' buffers, with no copy. With gradient accumulation, or gradients
     zeroed in place, leave it True. `cache_fp8_weights` (with a recipe): replays cast the FP8 weights only when
     the model is called with `is_first_microbatch=True` (or without it), and reuse that cast when it is called
-    with False: for the later micro-batches of one optimizer step. Call outside any autocast, before the first
+    with False: for the later micro-batches of one optimizer step; layers that cast their FP8 weights again in
+    backward (`recast_fp8_weights`) keep none, and cast them at every replay. Call outside any autocast, before the first
     training step: the capture runs `warmup` forward and backward passes on random inputs and restores FP8
     scaling state after.
     """
     check_graphable(model)
     if cache_fp8_weights and recipe is None:
         raise GraphsUnsupportedError("cache_fp8_weights keeps FP8 weights: it needs an FP8 recipe")
+    cache_fp8_weights = cache_fp8_weights and not any(layer.recast_fp8_weights for layer in model.model.layers)
     import transformer_engine.pytorch as te
 
     ids, plan = inputs["input_ids"], inputs["attention_plan"]

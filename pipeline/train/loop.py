@@ -274,8 +274,7 @@ def capture_graphs(state: TrainState, batch: dict, group) -> None:
         accumulate = train.grad_accum_steps > 1
         state.graphs = te_model.capture_decoder_graphs(state.model, batch, recipe=recipe, group=group,
                                                        accumulate=accumulate,
-                                                       cache_fp8_weights=accumulate and recipe is not None
-                                                       and not train.recast_fp8_weights)
+                                                       cache_fp8_weights=accumulate and recipe is not None)
         layout = state.graphs.layout
         log.info("decoder layers captured as CUDA graphs: %d tokens, up to %d segments, max_seqlen %d",
                  layout.tokens, layout.offsets - 1, layout.max_seqlen)

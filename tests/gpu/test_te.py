@@ -155,9 +155,9 @@ def test_mlp_recompute_on_te_keeps_less_and_trains_the_same():
 
 def test_fp8_weights_cast_again_in_backward_keep_less_and_train_the_same():
     """`fp8_weight_recast_enable`: the forward keeps no FP8 weight for backward, whose linear layers cast
-    their weights again (TE's FSDP2 path). The same forward, the same gradients up to the backward cast's
-    scale (updated after the forward), and the FP8 weights (row-wise and transposed, 2 bytes a decoder
-    weight) off the peak but for the layer in backward. Turned off, TE keeps them again."""
+    their weights again (TE's FSDP2 path). The same forward; once a forward has set the weights' scales, the
+    backward's cast is the forward's, so the same gradients; and the FP8 weights (row-wise and transposed,
+    2 bytes a decoder weight) off the peak but for the layer in backward. Turned off, TE keeps them again."""
     config = llama_config("llama3", num_hidden_layers=4, **GPU_SHAPES)
     plain, recast = model_pair(config)
     recast.fp8_weight_recast_enable()
