@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 import sys
 import time
@@ -27,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
 from bench import common, kernels, peers, trace_gaps  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train import optim, overlap  # noqa: E402
+
+DEFAULT_MASTER_WEIGHTS = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "master_weights")
 
 VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "hf": ("hf", False, None),
@@ -89,8 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="gradient clipping of every variant, HF Trainer's default (0: none); ours as the pipeline "
                         "clips (inside the update), the others with torch's clip_grad_norm_")
-    p.add_argument("--master-weights", default="bf16", choices=optim.MASTER_WEIGHTS,
-                   help="how our optimizer keeps bf16 updates (train.master_weights): its memory and time cost")
+    p.add_argument("--master-weights", default=DEFAULT_MASTER_WEIGHTS, choices=optim.MASTER_WEIGHTS,
+                   help="how our optimizer keeps bf16 updates (train.master_weights; default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--matmul-size", type=int, help="side of the bf16 peak matmul (default 8192; 512 on CPU)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of hf_compile")

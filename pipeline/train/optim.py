@@ -5,8 +5,8 @@ many small launches; here each parameter of a million elements or more is one la
 length. Smaller ones (norm weights) still go to torch's fused kernel, several to a launch.
 A bf16 weight moves in steps too coarse for most fine-tuning updates, so `master_weights` says how
 bf16 parameters keep them (`AdamW` lists the options). `moments_fp8` keeps the moments of weight
-matrices in a byte each instead of two. On CPU, `adamw_reference` runs the kernel's math in plain
-torch, so a CPU run trains as a GPU run does. Speed: docs/performance.md (Optimizer).
+matrices in a byte each instead of two. The kernel is `adamw_kernel.py`; on CPU, `adamw_reference` runs
+its math in plain torch, so a CPU run trains as a GPU run does. Speed: docs/performance.md (Optimizer).
 """
 
 from __future__ import annotations
@@ -45,113 +45,9 @@ FP8_STATE = {  # each moment's state in the parameter's dtype -> its (codes, sca
 
 
 def _build(triton, tl):
-    @triton.jit(do_not_specialize=["stream"])  # one compiled kernel for every parameter's stream
-    def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr, n, corrections_ptr, index,
-                     stream, found_inf_ptr, factor_ptr, lr, weight_decay, beta1, beta2, eps, MODE: tl.constexpr,
-                     HAS_FOUND_INF: tl.constexpr, HAS_FACTOR: tl.constexpr, BF16: tl.constexpr,
-                     MOMENTS_FP8: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
-        # MODE: 0 round to nearest; 1 fp32 master in extra_ptr; 2 stochastic rounding; 3 Kahan, extra_ptr
-        # holding the compensation. MOMENTS_FP8: m_ptr holds m and v_ptr sqrt(v) as E4M3 codes, each QBLOCK of
-        # them times a power of two in m_scale_ptr / v_scale_ptr (`quantize_moment`, `dequantize_moment`).
-        if HAS_FOUND_INF:
-            if tl.load(found_inf_ptr) != 0:
-                return
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n
-        if MODE == 1:
-            p = tl.load(extra_ptr + offsets, mask=mask)
-        else:
-            p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
-        g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
-        if HAS_FACTOR:  # the gradient clipping's factor, applied here instead of in a pass of its own
-            g = g * tl.load(factor_ptr)
-        if MOMENTS_FP8:
-            m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32) * tl.load(m_scale_ptr + offsets // QBLOCK, mask=mask)
-            root = tl.load(v_ptr + offsets, mask=mask).to(tl.float32) * tl.load(v_scale_ptr + offsets // QBLOCK,
-                                                                                mask=mask)
-            v = root * root
-        else:
-            m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
-            v = tl.load(v_ptr + offsets, mask=mask).to(tl.float32)
-        bias1 = tl.load(corrections_ptr + 3 * index)  # 1 - beta1^step
-        bias2_sqrt = tl.load(corrections_ptr + 3 * index + 1)  # sqrt(1 - beta2^step)
-        m = beta1 * m + (1 - beta1) * g
-        v = beta2 * v + (1 - beta2) * g * g
-        root = tl.sqrt(v)
-        delta = -(lr * weight_decay) * p - (lr / bias1) * m / (root / bias2_sqrt + eps)
-        if MODE == 3:
-            delta += tl.load(extra_ptr + offsets, mask=mask).to(tl.float32)
-        new = p + delta
-        if MODE == 2:
-            step = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint64)
-            bits = tl.randint((step << 32) | stream, offsets.to(tl.uint32), n_rounds=10)
-            carried = new.to(tl.uint32, bitcast=True) + (bits & 0xFFFF)
-            new = ((carried >> 16) << 16).to(tl.float32, bitcast=True)
-        stored = new
-        if BF16:  # to nearest even by hand, as the GPU converts: Triton's interpreter would truncate
-            bits = new.to(tl.uint32, bitcast=True)
-            stored = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
-            stored = tl.where(new != new, new, stored)
-        if BF16 and not MOMENTS_FP8:
-            bits = m.to(tl.uint32, bitcast=True)
-            m = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
-            bits = v.to(tl.uint32, bitcast=True)
-            v = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
-        tl.store(p_ptr + offsets, stored.to(p_ptr.dtype.element_ty), mask=mask)
-        if MODE == 1:
-            tl.store(extra_ptr + offsets, new, mask=mask)
-        if MODE == 3:
-            lost = delta - (stored - p)
-            bits = lost.to(tl.uint32, bitcast=True)
-            lost = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
-            tl.store(extra_ptr + offsets, lost.to(extra_ptr.dtype.element_ty), mask=mask)
-        if MOMENTS_FP8:
-            # Each QBLOCK's scale: the power of two at or above its largest magnitude / 448, so products and
-            # quotients by it are exact. Codes are rounded stochastically, by hand, so every one is an exact
-            # E4M3 value and the cast cannot round: the same codes on the GPU and under the interpreter.
-            # Random bits from a hash of (element, step, stream), `moment_bits`: a few integer operations an
-            # element, where Philox's ten rounds take about a hundred in an update already bound by arithmetic.
-            step32 = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint32)
-            key = step32 * 0x9E3779B1 + stream.to(tl.uint32)
-            key ^= key >> 16
-            key *= 0x85EBCA6B
-            key ^= key >> 13
-            key *= 0xC2B2AE35
-            key ^= key >> 16
-            hashed = offsets.to(tl.uint32) ^ key
-            hashed ^= hashed >> 16
-            hashed *= 0x85EBCA6B
-            hashed ^= hashed >> 13
-            hashed *= 0xC2B2AE35
-            hashed ^= hashed >> 16
-            rows = tl.program_id(0).to(tl.int64) * (BLOCK // QBLOCK) + tl.arange(0, BLOCK // QBLOCK)
-            row_mask = rows < n // QBLOCK
-            for which in tl.static_range(2):
-                if which == 0:
-                    x, fraction = m, (hashed & 0xFFFF) << 4
-                else:
-                    x, fraction = root, (hashed >> 16) << 4
-                x2 = tl.reshape(x, (BLOCK // QBLOCK, QBLOCK))
-                top = (tl.max(tl.abs(x2), axis=1) * (1.0 / 448.0)).to(tl.uint32, bitcast=True)
-                exponent = (top >> 23) + ((top & 0x7FFFFF) != 0).to(tl.uint32)
-                scale = (exponent << 23).to(tl.float32, bitcast=True)  # 0 for an all-zero block
-                inverse = tl.where(exponent > 0, ((254 - exponent) << 23).to(tl.float32, bitcast=True), 0.0)
-                y = tl.reshape(x2 * inverse[:, None], (BLOCK,))
-                y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-                normal = (((y.to(tl.uint32, bitcast=True) + fraction) >> 20) << 20).to(tl.float32, bitcast=True)
-                subnormal = tl.floor(y * 512.0 + fraction.to(tl.float32) * (1.0 / 1048576.0)) * (1.0 / 512.0)
-                code = tl.where(tl.abs(y) < 0.015625, subnormal, normal).to(m_ptr.dtype.element_ty)
-                if which == 0:
-                    tl.store(m_ptr + offsets, code, mask=mask)
-                    tl.store(m_scale_ptr + rows, scale, mask=row_mask)
-                else:
-                    tl.store(v_ptr + offsets, code, mask=mask)
-                    tl.store(v_scale_ptr + rows, scale, mask=row_mask)
-        else:
-            tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
-            tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
+    from . import adamw_kernel  # imports Triton, which `lazy_kernel` has found by now
 
-    return adamw_update
+    return adamw_kernel.adamw_update
 
 
 _triton_kernel = lazy_kernel(_build)  # the kernel, compiled on first use, or None without Triton
