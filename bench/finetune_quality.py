@@ -49,8 +49,9 @@ def variants() -> dict[str, tuple[str, str | None, str, bool, bool]]:
     table |= {f"fp8_delayed_{m}": ("ours", "delayed", m, False, False) for m in optim.MASTER_WEIGHTS}
     table[f"fp8_current_{DEFAULT_MASTER}"] = ("ours", "current", DEFAULT_MASTER, False, False)
     table[f"fp8_delayed_{DEFAULT_MASTER}_fp8head"] = ("ours", "delayed", DEFAULT_MASTER, True, False)
-    table[f"ours_bf16_{DEFAULT_MASTER}_moments_fp8"] = ("ours", None, DEFAULT_MASTER, False, True)
-    table[f"fp8_delayed_{DEFAULT_MASTER}_fp8head_moments_fp8"] = ("ours", "delayed", DEFAULT_MASTER, True, True)
+    for master in dict.fromkeys((DEFAULT_MASTER, "bf16_kahan8")):  # the default, and the leanest that keeps updates
+        table[f"ours_bf16_{master}_moments_fp8"] = ("ours", None, master, False, True)
+        table[f"fp8_delayed_{master}_fp8head_moments_fp8"] = ("ours", "delayed", master, True, True)
     return table
 
 

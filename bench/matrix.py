@@ -55,8 +55,8 @@ OURS = ["ours_bf16", "fp8_delayed", "fp8_delayed_fp8head", "fp8_delayed_fp8head_
         "fp8_delayed_fp8head_recompute_mlp"]
 # At short steps the host launches TE's kernels barely as fast as the GPU runs them: CUDA graphs there
 GRAPHS = ["ours_bf16_graphs", "fp8_delayed_graphs", "fp8_delayed_fp8head_graphs", "fp8_delayed_fp8head_inline_graphs"]
-# At 8B with long rows, memory is what is short: also with the two ways to hold less for about 1% more time
-LEAN = ["fp8_delayed_fp8head_bwdcast_moments_fp8"]
+# At 8B with long rows, memory is what is short: also with the three ways to hold less for about 1% more time
+LEAN = ["fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8"]
 
 
 def peer_variants(ours: list[str]) -> list[str]:
@@ -86,8 +86,8 @@ PEER_GOALS = {
 OURS_AGAINST_PEERS = (("fp8_delayed", "FP8 delayed"), ("fp8_delayed_fp8head", "FP8 delayed + FP8 head"),
                       ("fp8_delayed_recompute_mlp", "FP8 delayed, MLP recomputed"),
                       ("fp8_delayed_fp8head_recompute_mlp", "FP8 delayed + FP8 head, MLP recomputed"),
-                      ("fp8_delayed_fp8head_bwdcast_moments_fp8",
-                       "FP8 delayed + FP8 head, FP8 weights cast again in backward, FP8 moments"),
+                      ("fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8",
+                       "FP8 delayed + FP8 head, FP8 weights cast again in backward, FP8 moments, 1-byte Kahan"),
                       ("fp8_delayed_graphs", "FP8 delayed, CUDA graphs"),
                       ("fp8_delayed_fp8head_graphs", "FP8 delayed + FP8 head, CUDA graphs"))
 DEFAULT_JOBS = list(JOBS)  # the peers run only when named

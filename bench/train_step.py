@@ -62,6 +62,9 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_recompute_mlp_moments_fp8": ("ours", False, "delayed"),  # ... and the MLP recomputed
     "fp8_delayed_fp8head_bwdcast": ("ours", False, "delayed"),  # ... FP8 weights cast again in backward, not kept
     "fp8_delayed_fp8head_bwdcast_moments_fp8": ("ours", False, "delayed"),  # ... and AdamW's moments in FP8
+    # ... and the Kahan compensation in a byte a parameter (`bf16_kahan8`, whatever --master-weights says)
+    "fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_kahan8": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -158,7 +161,8 @@ def setup_variant(name: str, args, config, state, device, backend: str) -> peers
     if kind == "hf" or name.endswith("_torch_adamw"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     else:  # the pipeline's: the same defaults (weight decay 0.01 on every parameter, as torch's)
-        optimizer = optim.AdamW(model.parameters(), lr=args.lr, master_weights=args.master_weights,
+        master_weights = "bf16_kahan8" if name.endswith("_kahan8") else args.master_weights
+        optimizer = optim.AdamW(model.parameters(), lr=args.lr, master_weights=master_weights,
                                 moments_fp8="_moments_fp8" in name)
     forward = torch.compile(model, backend=args.compile_backend) if compiled else model
     return peers.Peer(forward, optimizer, lambda: te_model.fp8_autocast(recipe, fp8_attention=fp8_attention))
@@ -313,6 +317,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", residual gradients added by autograd" if "_autograd_residual" in name else "")
             + (", clipped by torch's clip_grad_norm_" if "_torch_clip" in name else "")
             + (", FP8 moments" if "_moments_fp8" in name else "")
+            + (", 1-byte Kahan compensation" if name.endswith("_kahan8") else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

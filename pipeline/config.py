@@ -252,11 +252,12 @@ class TrainConfig(_Section):
     fp8_attention: bool = False
     # How bf16 parameters keep updates smaller than their rounding step (pipeline/train/optim.py).
     # bf16_kahan: a bf16 compensation buffer, 2 more bytes a parameter; it fine-tunes to the held-out loss
-    # of fp32 master weights (docs/performance.md). fp32: an fp32 master copy in the optimizer, 4 more
-    # bytes, sharded under fsdp. bf16_sr: stochastic rounding, no memory, unbiased but noisy. bf16: round
-    # to nearest; fine-tuning updates below half a bf16 step are lost. No effect when model.dtype is fp32:
-    # the parameters are then their own master.
-    master_weights: Literal["fp32", "bf16_kahan", "bf16_sr", "bf16"] = "bf16_kahan"
+    # of fp32 master weights (docs/performance.md). bf16_kahan8: the same compensation in one byte a
+    # parameter (int8 steps of 1/256 of the weight's bf16 step). fp32: an fp32 master copy in the optimizer,
+    # 4 more bytes, sharded under fsdp. bf16_sr: stochastic rounding, no memory, unbiased but noisy. bf16:
+    # round to nearest; fine-tuning updates below half a bf16 step are lost. No effect when model.dtype is
+    # fp32: the parameters are then their own master.
+    master_weights: Literal["fp32", "bf16_kahan", "bf16_kahan8", "bf16_sr", "bf16"] = "bf16_kahan"
     # Keep AdamW's two moments of every weight matrix in FP8 (E4M3 with a scale per 256 elements, rounded
     # stochastically; pipeline/train/optim.py) instead of the parameter's dtype: 2 bytes a parameter less
     # optimizer state (16 GB at 8B) and less to move in each update. Off: the moments stay bf16.

@@ -150,14 +150,14 @@ case $part in
   moments-fp8)
     python3 -m pytest tests/unit/test_moments_fp8.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet \
       | tee $R/moments-fp8-tests.log | grep "share of equal\|passed\|failed\|Error\|^FAILED" | tail -8; rc=$((rc | PIPESTATUS[0]))
-    python3 bench/update_kernel.py --master-weights bf16_kahan --out $R/update-kernel.json 2>&1 | quiet \
+    python3 bench/update_kernel.py --master-weights bf16_kahan,bf16_kahan8 --out $R/update-kernel.json 2>&1 | quiet \
       | tee $R/update-kernel.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 bench/finetune_quality.py --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
-      --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head,fp8_delayed_bf16_kahan_fp8head_moments_fp8 2>&1 | quiet \
+      --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head,fp8_delayed_bf16_kahan_fp8head_moments_fp8,fp8_delayed_bf16_kahan8_fp8head_moments_fp8 2>&1 | quiet \
       | tee $R/quality-moments-fp8.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
-      --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_bwdcast,fp8_delayed_fp8head_moments_fp8,fp8_delayed_fp8head_bwdcast_moments_fp8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \
+      --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \
       --out $R/8b-memory.json "$@" 2>&1 | quiet | tee $R/8b-memory.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 -m pytest tests/gpu/test_te.py tests/unit/test_moments_fp8.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
       -k "cast_again or recompute or moments" 2>&1 | quiet | tee $R/memory-tests.log \

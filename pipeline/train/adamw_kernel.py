@@ -27,14 +27,22 @@ def fmix32(x):
     return x ^ (x >> 16)
 
 
+@triton.jit
+def compensation_step(x):
+    """(a code's value, its inverse) for fp32 `x` holding bf16 values (`optim._compensation_step`)."""
+    exponent = tl.maximum((x.to(tl.uint32, bitcast=True) >> 23) & 0xFF, 16)
+    return ((exponent - 15) << 23).to(tl.float32, bitcast=True), ((269 - exponent) << 23).to(tl.float32, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["stream"])  # one compiled kernel for every parameter's stream
 def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr, n, corrections_ptr, index,
                  stream, found_inf_ptr, factor_ptr, lr, weight_decay, beta1, beta2, eps, MODE: tl.constexpr,
                  HAS_FOUND_INF: tl.constexpr, HAS_FACTOR: tl.constexpr, BF16: tl.constexpr,
                  MOMENTS_FP8: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
     # MODE: 0 round to nearest; 1 fp32 master in extra_ptr; 2 stochastic rounding; 3 Kahan, extra_ptr
-    # holding the compensation. MOMENTS_FP8: m_ptr holds m and v_ptr sqrt(v) as E4M3 codes, each QBLOCK of
-    # them times a power of two in m_scale_ptr / v_scale_ptr (`quantize_moment`, `dequantize_moment`).
+    # holding the compensation; 4 Kahan, extra_ptr holding it as int8 codes (`optim.encode_compensation`).
+    # MOMENTS_FP8: m_ptr holds m and v_ptr sqrt(v) as E4M3 codes, each QBLOCK of them times a power of two in
+    # m_scale_ptr / v_scale_ptr (`quantize_moment`, `dequantize_moment`).
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
@@ -63,6 +71,9 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
     delta = -(lr * weight_decay) * p - (lr / bias1) * m / (root / bias2_sqrt + eps)
     if MODE == 3:
         delta += tl.load(extra_ptr + offsets, mask=mask).to(tl.float32)
+    if MODE == 4:
+        code_value, _ = compensation_step(p)
+        delta += tl.load(extra_ptr + offsets, mask=mask).to(tl.float32) * code_value
     new = p + delta
     if MODE == 2:
         step = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint64)
@@ -81,14 +92,22 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
     if MODE == 3:
         lost = bf16_nearest(delta - (stored - p))
         tl.store(extra_ptr + offsets, lost.to(extra_ptr.dtype.element_ty), mask=mask)
+    if MOMENTS_FP8 or MODE == 4:
+        # Random bits from a hash of (element, step, stream), `optim.element_hash`: a few integer operations an
+        # element, where Philox's ten rounds take about a hundred in an update already bound by arithmetic.
+        step32 = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint32)
+        hashed = fmix32(offsets.to(tl.uint32) ^ fmix32(step32 * 0x9E3779B1 + stream.to(tl.uint32)))
+    if MODE == 4:
+        _, inverse_step = compensation_step(stored)
+        y = (delta - (stored - p)) * inverse_step
+        y = tl.where(y == y, y, 0.0)
+        code = tl.floor(y + (fmix32(hashed) & 0xFFFF).to(tl.float32) * (1.0 / 65536.0))
+        code = tl.minimum(tl.maximum(code, -128.0), 127.0)
+        tl.store(extra_ptr + offsets, code.to(tl.int8), mask=mask)
     if MOMENTS_FP8:
         # Each QBLOCK's scale: the power of two at or above its largest magnitude / 448, so products and
         # quotients by it are exact. Codes are rounded stochastically, by hand, so every one is an exact
         # E4M3 value and the cast cannot round: the same codes on the GPU and under the interpreter.
-        # Random bits from a hash of (element, step, stream), `moment_bits`: a few integer operations an
-        # element, where Philox's ten rounds take about a hundred in an update already bound by arithmetic.
-        step32 = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint32)
-        hashed = fmix32(offsets.to(tl.uint32) ^ fmix32(step32 * 0x9E3779B1 + stream.to(tl.uint32)))
         rows = tl.program_id(0).to(tl.int64) * (BLOCK // QBLOCK) + tl.arange(0, BLOCK // QBLOCK)
         row_mask = rows < n // QBLOCK
         for which in tl.static_range(2):

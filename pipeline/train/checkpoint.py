@@ -6,7 +6,8 @@ A checkpoint is one directory, written whole by rank 0 and uploaded (through Ray
     model.safetensors          parameters by TE-style name (the unwrapped module's `named_parameters`),
                                in the training dtype
     optimizer.safetensors      AdamW state by parameter name: `{name}.exp_avg`, `{name}.exp_avg_sq`, `{name}.step`,
-                               and `{name}.master` (fp32) or `{name}.compensation` per `train.master_weights`;
+                               and `{name}.master` (fp32), `{name}.compensation` or `{name}.compensation_codes`
+                               (int8) per `train.master_weights`;
                                with `train.moments_fp8`, a matrix's moments as `{name}.exp_avg_fp8`,
                                `{name}.exp_avg_sq_root_fp8` (E4M3) and their `..._scale` (fp32) instead
     optimizer.json             param_groups: hyper-parameters and the parameter NAMES of each group
@@ -210,7 +211,7 @@ def optimizer_entries(module: torch.nn.Module,
 
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+                      torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
                       torch.float8_e4m3fn: "F8_E4M3"}
 
 

@@ -30,9 +30,10 @@ FP8_BLOCK, FP8_WARPS = 1024, 4
 # cost the host more than the update costs the GPU.
 SMALL = 1 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-MASTER_WEIGHTS = ("fp32", "bf16_sr", "bf16_kahan", "bf16")
-KERNEL_MODE = {"bf16": 0, "fp32": 1, "bf16_sr": 2, "bf16_kahan": 3}
-EXTRA_STATE = {"fp32": "master", "bf16_kahan": "compensation"}  # optimizer state each option adds
+MASTER_WEIGHTS = ("fp32", "bf16_sr", "bf16_kahan", "bf16_kahan8", "bf16")
+KERNEL_MODE = {"bf16": 0, "fp32": 1, "bf16_sr": 2, "bf16_kahan": 3, "bf16_kahan8": 4}
+# optimizer state each option adds
+EXTRA_STATE = {"fp32": "master", "bf16_kahan": "compensation", "bf16_kahan8": "compensation_codes"}
 PHILOX_ROUNDS = 10  # tl.randint's default
 # FP8 moments (`moments_fp8`): E4M3 codes, one power-of-two scale per QBLOCK consecutive elements of a row
 QBLOCK = 256
@@ -87,15 +88,50 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def moment_bits(step: torch.Tensor, stream: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The random bits FP8 moments are rounded with, as the kernel draws them: for element i of a parameter at
-    optimizer step `step` (its count after the step) in `stream`, h = fmix32(i ^ fmix32(step * 0x9E3779B1 +
-    stream)); m's rounding takes its low 16 bits, sqrt(v)'s its high 16 (each as the top of the 20 bits
-    `quantize_moment` reads). Distinct elements of one step hash distinct inputs; a cheap hash, since the
-    update with FP8 moments is bound by its arithmetic already."""
+def element_hash(step: torch.Tensor, stream: int, numel: int) -> torch.Tensor:
+    """The kernel's random bits, as it draws them: for element i of a parameter at optimizer step `step` (its
+    count after the step) in `stream`, h = fmix32(i ^ fmix32(step * 0x9E3779B1 + stream)), uint32 in int64.
+    Distinct elements of one step hash distinct inputs; a cheap hash, since the update with FP8 moments is
+    bound by its arithmetic already."""
     key = _fmix32(((step.to(torch.int64) * 0x9E3779B1) + stream) & _MASK32)
-    hashed = _fmix32(torch.arange(numel, device=step.device, dtype=torch.int64) ^ key)
+    return _fmix32(torch.arange(numel, device=step.device, dtype=torch.int64) ^ key)
+
+
+def moment_bits(step: torch.Tensor, stream: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random bits FP8 moments are rounded with: m's rounding takes the low 16 bits of `element_hash`,
+    sqrt(v)'s its high 16 (each as the top of the 20 bits `quantize_moment` reads)."""
+    hashed = element_hash(step, stream, numel)
     return (hashed & 0xFFFF) << 4, (hashed >> 16) << 4
+
+
+def compensation_bits(step: torch.Tensor, stream: int, numel: int) -> torch.Tensor:
+    """The 16 random bits `bf16_kahan8` rounds its codes with: fmix32 once more over `element_hash`, so they
+    are not the moments' bits."""
+    return _fmix32(element_hash(step, stream, numel)) & 0xFFFF
+
+
+def _compensation_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a code's value, its inverse) for bf16 values `x`: 1/256 of the bf16 step at |x|, both powers of two.
+    With x's biased exponent e, the bf16 step is 2^(e - 127 - 7) and a code's value 2^(e - 142): biased, e - 15;
+    its inverse's, 269 - e. e is held at 16 or more, so both stay normal fp32 numbers (weights under 2^-111
+    share the step of 2^-111)."""
+    exponent = ((_as_bits(x.float()) >> 23) & 0xFF).clamp(min=16)
+    return _as_float((exponent - 15) << 23), _as_float((269 - exponent) << 23)
+
+
+def encode_compensation(lost: torch.Tensor, stored: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor:
+    """fp32 `lost` (what rounding the weight to bf16 `stored` left out, at most half its bf16 step) as int8
+    codes in steps of 1/256 of that bf16 step: lost / step, rounded stochastically (unbiased) with the low 16
+    bits of `random_bits`, held in [-128, 127]. The Triton kernel computes the same codes."""
+    y = lost * _compensation_step(stored)[1]
+    y = torch.where(y == y, y, 0.0)
+    codes = torch.floor(y + (random_bits & 0xFFFF).to(torch.float32) * (1.0 / 65536.0))
+    return codes.clamp(-128, 127).to(torch.int8)
+
+
+def decode_compensation(codes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """fp32 values of `encode_compensation`'s codes, made against the bf16 `weights` they belong to."""
+    return codes.float() * _compensation_step(weights)[0]
 
 
 def round_stochastic(x: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor:
@@ -166,6 +202,8 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
     delta = -(torch.tensor(lr, dtype=f32) * weight_decay) * old - (lr / bias1) * m32 / (root / bias2_sqrt + eps)
     if mode == "bf16_kahan":
         delta = delta + extra.float()
+    elif mode == "bf16_kahan8":
+        delta = delta + decode_compensation(extra, old)
     new = old + delta
     if mode == "bf16_sr":
         key = (step.to(torch.int64) << 32) | stream
@@ -179,6 +217,10 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
         extra.copy_(keep(new, extra))
     elif mode == "bf16_kahan":
         extra.copy_(keep((delta - (stored.float() - old)).to(extra.dtype), extra))
+    elif mode == "bf16_kahan8":
+        codes = encode_compensation(delta - (stored.float() - old), stored.float(),
+                                    compensation_bits(step, stream, new.numel()).view(new.shape))
+        extra.copy_(keep(codes, extra))
     p.copy_(keep(stored, p))
     if scales is None:
         m.copy_(keep(m32.to(m.dtype), m))
@@ -227,6 +269,10 @@ class AdamW(torch.optim.AdamW):
       the device, so the kernel never waits for the host, and a resumed run draws the same bits.
     - `bf16_kahan`: a bf16 compensation buffer (state `compensation`) carries what each rounding lost
       into the next step's update (Kahan summation). 2 more bytes a parameter.
+    - `bf16_kahan8`: the same compensation in one byte a parameter (state `compensation_codes`, int8):
+      what rounding lost, which is at most half the weight's bf16 step, in steps of 1/256 of that bf16
+      step, rounded stochastically (`encode_compensation`, bits from `compensation_bits`). Its finest step
+      is what bounds `bf16_kahan` too: a bf16 compensation near half a weight step keeps 8 bits.
     - `bf16`: rounded to nearest, nothing kept.
     fp32 parameters are their own master: every option updates them as `bf16` does. Moments are kept in
     the parameter's dtype in every option, or, with `moments_fp8`, as FP8 (below).
@@ -309,6 +355,8 @@ class AdamW(torch.optim.AdamW):
             state["master"] = p.detach().to(torch.float32, copy=True)
         elif extra == "compensation" and extra not in state:
             state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif extra == "compensation_codes" and extra not in state:
+            state["compensation_codes"] = torch.zeros_like(p, dtype=torch.int8)
         return state
 
     @torch.no_grad()
@@ -413,8 +461,9 @@ class AdamW(torch.optim.AdamW):
             self._announce([p])
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's, keeping `master` in fp32 and FP8 moments as they are (torch casts every floating state to
-        the parameter's dtype), dropping extra state this `master_weights` option does not keep, and
+        """torch's, keeping `master` in fp32 and FP8 moments and compensation codes as they are (torch casts
+        every floating state to the parameter's dtype), dropping extra state this `master_weights` option does
+        not keep, converting a Kahan compensation saved by `bf16_kahan` or `bf16_kahan8` to the other's, and
         converting moments saved with or without `moments_fp8` to what this optimizer keeps."""
         wanted = set(EXTRA_STATE.values()) & {EXTRA_STATE.get(self.master_weights)}
         own = set(EXTRA_STATE.values()) | {key for pair in FP8_STATE.values() for key in pair}
@@ -427,10 +476,12 @@ class AdamW(torch.optim.AdamW):
             p = params[index]
             for key, value in fields.items():
                 if key in wanted and self.keeps_updates(p):
-                    dtype = torch.float32 if key == "master" else p.dtype
+                    dtype = {"master": torch.float32, "compensation_codes": torch.int8}.get(key, p.dtype)
                     self.state[p][key] = value.to(device=p.device, dtype=dtype)
                 elif key not in EXTRA_STATE.values():
                     self.state[p][key] = value.to(device=p.device)
+            if self.keeps_updates(p):
+                _convert_compensation(self.state[p], fields, EXTRA_STATE.get(self.master_weights), p)
         for p in params:
             if p in self.state:
                 _convert_moments(self.state[p], self.quantizes_moments(p), p)
@@ -477,6 +528,21 @@ def _convert_moments(state: dict, fp8: bool, p: torch.Tensor) -> None:
             state[key] = torch.zeros_like(p)
             _local(state[key]).copy_(value)
             del state[codes], state[scale]
+
+
+def _convert_compensation(state: dict, saved: dict, wanted: str | None, p: torch.Tensor) -> None:
+    """A Kahan compensation saved by the other of `bf16_kahan` (bf16 values) and `bf16_kahan8` (int8 codes),
+    converted into `state` as the one `wanted`. Codes are rounded to nearest here (the random bits' middle),
+    as nothing draws bits outside a step."""
+    if wanted == "compensation_codes" and "compensation" in saved and wanted not in state:
+        lost, weights = _local(saved["compensation"]).to(_local(p).device).float(), _local(p).float()
+        half = torch.full(lost.shape, 0x8000, dtype=torch.int64, device=lost.device)
+        state[wanted] = torch.zeros_like(p, dtype=torch.int8)
+        _local(state[wanted]).copy_(encode_compensation(lost, weights, half))
+    elif wanted == "compensation" and "compensation_codes" in saved and wanted not in state:
+        codes = _local(saved["compensation_codes"]).to(_local(p).device)
+        state[wanted] = torch.zeros_like(p)
+        _local(state[wanted]).copy_(decode_compensation(codes, _local(p)))
 
 
 def _scale_grads(params: list[torch.Tensor], factor: torch.Tensor) -> None:

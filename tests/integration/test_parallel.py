@@ -215,7 +215,7 @@ def test_fp8_moments_under_fsdp_as_without_it(tmp_path):
         assert torch.equal(seen[True][1][key], value), key
 
 
-def _fp8_moments_on_two_ranks(rank: int, port: int, out: str) -> None:
+def _fp8_moments_on_two_ranks(rank: int, port: int, out: str, master_weights: str) -> None:
     """One of two gloo ranks: a 7-row matrix sharded 4 + 3 by FSDP2, three steps with FP8 moments, the state
     written through the checkpoint's files and read back into a fresh optimizer; rank 0 saves what it saw."""
     from torch.distributed.fsdp import fully_shard
@@ -228,7 +228,7 @@ def _fp8_moments_on_two_ranks(rank: int, port: int, out: str) -> None:
         module = torch.nn.Sequential(torch.nn.Linear(512, 7, bias=False)).to(torch.bfloat16)
         fully_shard(module)
         weight = module[0].weight
-        opt = optim.AdamW(module.parameters(), lr=1e-3, moments_fp8=True, master_weights="bf16_kahan")
+        opt = optim.AdamW(module.parameters(), lr=1e-3, moments_fp8=True, master_weights=master_weights)
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):
             x = torch.randn(5, 512, generator=gen).bfloat16()  # the same rows on both ranks
@@ -245,7 +245,7 @@ def _fp8_moments_on_two_ranks(rank: int, port: int, out: str) -> None:
             for _, tensor in entries:  # the gathers are collectives: rank 1 takes part in them too
                 parallel.full_tensor(tensor)
         dist.barrier()
-        fresh = optim.AdamW(module.parameters(), lr=1e-3, moments_fp8=True, master_weights="bf16_kahan")
+        fresh = optim.AdamW(module.parameters(), lr=1e-3, moments_fp8=True, master_weights=master_weights)
         ckpt.load_optimizer_state(module, fresh, path, groups)
         same = all(torch.equal(fresh.state[weight][k].to_local().float(), v.to_local().float())
                    for k, v in state.items() if isinstance(v, DTensor))
@@ -257,10 +257,12 @@ def _fp8_moments_on_two_ranks(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_fp8_moments_shard_unevenly_over_two_ranks(tmp_path):
+@pytest.mark.parametrize("master_weights", ["bf16_kahan", "bf16_kahan8"])
+def test_fp8_moments_shard_unevenly_over_two_ranks(master_weights, tmp_path):
     """Two processes, 7 rows over 2 ranks: each rank's scales cover its own rows; the checkpoint gathers and
-    re-shards codes and scales bit for bit; and the sharded run's moments are the unsharded run's on rank 0's
-    rows and within the rounding on rank 1's (each shard draws its own random bits)."""
+    re-shards codes and scales (and `bf16_kahan8`'s compensation codes) bit for bit; and the sharded run's
+    moments are the unsharded run's on rank 0's rows and within the rounding on rank 1's (each shard draws its
+    own random bits)."""
     import torch.multiprocessing as mp
 
     from pipeline.train import optim
@@ -269,13 +271,13 @@ def test_fp8_moments_shard_unevenly_over_two_ranks(tmp_path):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     out = str(tmp_path / "seen.pt")
-    mp.start_processes(_fp8_moments_on_two_ranks, args=(port, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_fp8_moments_on_two_ranks, args=(port, out, master_weights), nprocs=2, start_method="spawn")
     seen = torch.load(out, weights_only=True)
     assert seen["local_rows"] == (4, 4) and seen["same"]
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(512, 7, bias=False)).to(torch.bfloat16)
-    opt = optim.AdamW(module.parameters(), lr=1e-3, moments_fp8=True, master_weights="bf16_kahan")
+    opt = optim.AdamW(module.parameters(), lr=1e-3, moments_fp8=True, master_weights=master_weights)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         module(torch.randn(5, 512, generator=gen).bfloat16()).float().square().sum().backward()
@@ -294,3 +296,7 @@ def test_fp8_moments_shard_unevenly_over_two_ranks(tmp_path):
         unsharded = optim.dequantize_moment(codes, scale)[4:]
         assert 0 < float((decoded - unsharded).abs().mean() / unsharded.abs().mean()) < 0.1
     torch.testing.assert_close(whole["weight"], module[0].weight.float(), rtol=0, atol=2**-12)
+    if master_weights == "bf16_kahan8":  # rank 0's rows: the unsharded run's compensation codes
+        codes = opt.state[module[0].weight]["compensation_codes"]
+        assert whole["compensation_codes"].shape == (7, 512) and whole["compensation_codes"][:4].any()
+        assert torch.equal(whole["compensation_codes"][:4], codes[:4].float())
