@@ -29,7 +29,8 @@ from bench import common  # noqa: E402
 from pipeline.train import optim  # noqa: E402
 
 # bytes an element of a bf16 parameter moves in one update: parameter, gradient, optimizer state
-PARAM_BYTES = {"bf16": 2 + 2 + 2, "bf16_sr": 2 + 2 + 2, "bf16_kahan": 2 + 2 + 2 + 2 + 2, "fp32": 2 + 2 + 4 + 4}
+PARAM_BYTES = {"bf16": 2 + 2 + 2, "bf16_sr": 2 + 2 + 2, "bf16_kahan": 2 + 2 + 2 + 2 + 2, "bf16_kahan8": 2 + 2 + 2 + 1 + 1,
+               "fp32": 2 + 2 + 4 + 4}
 MOMENT_BYTES = {"bf16": 2 * (2 + 2), "fp8": 2 * (1 + 1)}
 
 

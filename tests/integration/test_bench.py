@@ -481,13 +481,14 @@ def test_update_kernel_times_each_update_and_counts_the_bytes_the_state_has(monk
     monkeypatch.setitem(common.SHAPES, "blocks", BLOCKS_SHAPE)
     launch = optim.FP8_BLOCK, optim.FP8_WARPS
     out = tmp_path / "update.json"
-    update_kernel.main(["--shape", "blocks", "--device", "cpu", "--master-weights", "bf16_kahan,fp32",
+    update_kernel.main(["--shape", "blocks", "--device", "cpu", "--master-weights", "bf16_kahan,fp32,bf16_kahan8",
                         "--fp8-launch", "1024x4,512x4", "--steps", "2", "--warmup", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["variants"]
     assert [row["name"] for row in rows] == [
         "torch fused AdamW", "ours bf16_kahan, bf16 moments", "ours bf16_kahan, FP8 moments (1024x4)",
         "ours bf16_kahan, FP8 moments (512x4)", "ours fp32, bf16 moments", "ours fp32, FP8 moments (1024x4)",
-        "ours fp32, FP8 moments (512x4)"]
+        "ours fp32, FP8 moments (512x4)", "ours bf16_kahan8, bf16 moments", "ours bf16_kahan8, FP8 moments (1024x4)",
+        "ours bf16_kahan8, FP8 moments (512x4)"]
     for row in rows:
         finite_positive(row, "ms", "gb_per_s", "vs_torch")
     assert (optim.FP8_BLOCK, optim.FP8_WARPS) == launch  # the sweep leaves the pipeline's launch as it was
