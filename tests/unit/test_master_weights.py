@@ -21,6 +21,7 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train import optim
 from pipeline import demo
 from pipeline.config import Config
+from tests.support.optimizer_files import through_checkpoint_files
 from tests.support.triton_interpreted import run_interpreted
 
 LR, STEPS, SPREAD = 1e-5, 100, 0.02
@@ -289,12 +290,7 @@ def test_a_kahan_compensation_loads_across_its_two_kinds(tmp_path):
         return optim.AdamW(module.parameters(), lr=1e-4, master_weights=mode)
 
     def save_and_load(saved: optim.AdamW, mode: str) -> optim.AdamW:
-        entries, groups = ckpt.optimizer_entries(module, saved)
-        path = tmp_path / f"optimizer-{len(list(tmp_path.iterdir()))}.safetensors"
-        ckpt.save_streamed(entries, path)
-        loaded = optimizer(mode)
-        ckpt.load_optimizer_state(module, loaded, path, groups)
-        return loaded
+        return through_checkpoint_files(module, saved, optimizer(mode), tmp_path)
 
     two_bytes = optimizer("bf16_kahan")
     for _ in range(3):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.train import checkpoint as ckpt
 from pipeline.train import optim
+from tests.support.optimizer_files import through_checkpoint_files
 
 REPO = Path(__file__).resolve().parents[2]
 FP8_KEYS = {key for pair in optim.FP8_STATE.values() for key in pair}
@@ -230,12 +230,7 @@ def test_checkpoints_of_either_moment_kind_load_into_either(tmp_path):
         opt.step()
 
     def save_and_load(saved: optim.AdamW, fp8: bool) -> optim.AdamW:
-        entries, groups = ckpt.optimizer_entries(module, saved)
-        path = tmp_path / f"optimizer-{len(list(tmp_path.iterdir()))}.safetensors"
-        ckpt.save_streamed(entries, path)
-        loaded = optimizer(fp8)
-        ckpt.load_optimizer_state(module, loaded, path, groups)
-        return loaded
+        return through_checkpoint_files(module, saved, optimizer(fp8), tmp_path)
 
     fp8 = optimizer(True)
     for _ in range(3):
