@@ -10,11 +10,11 @@ import triton.language as tl
 
 @triton.jit
 def bf16_nearest(x):
-    """fp32 `x` rounded to the nearest bf16 value (ties to even), kept in fp32; NaN stays NaN. By hand, as
-    the GPU converts: Triton's interpreter would truncate."""
+    """fp32 `x` rounded to the nearest bf16 value (ties to even), kept in fp32. By hand, as the GPU converts:
+    Triton's interpreter would truncate. A NaN whose mantissa's top bits are all set would carry into the
+    exponent: the weights, which must stay NaN for the step's checks to see it, are guarded where stored."""
     bits = x.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, rounded)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
         new = ((carried >> 16) << 16).to(tl.float32, bitcast=True)
     stored = new
     if BF16:
-        stored = bf16_nearest(new)
+        stored = tl.where(new != new, new, bf16_nearest(new))
     if BF16 and not MOMENTS_FP8:
         m = bf16_nearest(m)
         v = bf16_nearest(v)
@@ -101,7 +101,7 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
         _, inverse_step = compensation_step(stored)
         y = (delta - (stored - p)) * inverse_step
         y = tl.where(y == y, y, 0.0)
-        code = tl.floor(y + (fmix32(hashed) & 0xFFFF).to(tl.float32) * (1.0 / 65536.0))
+        code = tl.floor(y + ((hashed * 0x9E3779B1) >> 16).to(tl.float32) * (1.0 / 65536.0))
         code = tl.minimum(tl.maximum(code, -128.0), 127.0)
         tl.store(extra_ptr + offsets, code.to(tl.int8), mask=mask)
     if MOMENTS_FP8:

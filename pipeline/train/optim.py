@@ -105,9 +105,9 @@ def moment_bits(step: torch.Tensor, stream: int, numel: int) -> tuple[torch.Tens
 
 
 def compensation_bits(step: torch.Tensor, stream: int, numel: int) -> torch.Tensor:
-    """The 16 random bits `bf16_kahan8` rounds its codes with: fmix32 once more over `element_hash`, so they
-    are not the moments' bits."""
-    return _fmix32(element_hash(step, stream, numel)) & 0xFFFF
+    """The 16 random bits `bf16_kahan8` rounds its codes with: the top half of `element_hash` times an odd
+    constant (modulo 2^32), which mixes both halves the moments take their bits from, in two operations."""
+    return ((element_hash(step, stream, numel) * 0x9E3779B1) & _MASK32) >> 16
 
 
 def _compensation_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
