@@ -1,0 +1,117 @@
+"""The update kernel's machine code for Hopper, counted on any machine: no GPU needed.
+
+Triton compiles `pipeline/train/adamw_kernel.py` for sm_90 down to a cubin (through the ptxas its wheel
+bundles), specialized as a launch on the 8B model's parameters is (16-byte aligned pointers, element
+counts that are multiples of 16), and the cubin's SASS instructions are counted with the wheel's
+cuobjdump. The kernel's code has no loops, so each thread runs each instruction once: instructions a
+thread / elements a thread is what the GPU issues per element. Where the update is bound by its arithmetic
+(FP8 moments) that count, not its bytes, sets its time; it is a way to compare kernel variants before a
+GPU run, never a timing (`bench/update_kernel.py` times the update).
+
+    python bench/kernel_sass.py                    # every master-weight option, bf16 and FP8 moments
+    python bench/kernel_sass.py --ops              # and the ten commonest instructions of each
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # fused multiply-adds, as Triton compiles on the GPU host
+
+from pipeline.train import optim  # noqa: E402
+
+ARCH = 90  # Hopper
+EXTRA = {"fp32": "fp32", "bf16_kahan": "bf16", "bf16_kahan8": "i8"}  # else the launch passes the parameter
+
+
+def compile_update(mode: str, moments_fp8: bool, param: str = "bf16"):
+    """The update kernel compiled for sm_90 as `optim.AdamW` launches it for a `param` weight matrix: found_inf
+    and a clipping factor given, the pipeline's program sizes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from pipeline.train import adamw_kernel
+
+    fn = adamw_kernel.adamw_update
+    block, warps = (optim.FP8_BLOCK, optim.FP8_WARPS) if moments_fp8 else (optim.BLOCK, 8)
+    moment = "fp8e4nv" if moments_fp8 else param
+    pointers = {"p_ptr": param, "g_ptr": param, "m_ptr": moment, "v_ptr": moment,
+                "extra_ptr": EXTRA.get(mode, param), "m_scale_ptr": "fp32", "v_scale_ptr": "fp32",
+                "corrections_ptr": "fp32", "found_inf_ptr": "fp32", "factor_ptr": "fp32"}
+    signature = {name: f"*{dtype}" for name, dtype in pointers.items()}
+    signature |= {"n": "i64", "index": "i32", "stream": "i32", "lr": "fp32", "weight_decay": "fp32",
+                  "beta1": "fp32", "beta2": "fp32", "eps": "fp32"}
+    constants = {"MODE": optim.KERNEL_MODE[mode], "HAS_FOUND_INF": True, "HAS_FACTOR": True,
+                 "BF16": param == "bf16", "MOMENTS_FP8": moments_fp8, "BLOCK": block, "QBLOCK": optim.QBLOCK}
+    signature |= {name: "constexpr" for name in constants}
+    index = {name: (fn.arg_names.index(name),) for name in signature}
+    # what the JIT specializes at such a launch: aligned pointers, n a multiple of 16
+    attrs = {index[name]: [["tt.divisibility", 16]] for name in [*pointers, "n"]}
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, attrs=attrs,
+                                       constexprs={index[name]: value for name, value in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", ARCH, 32), options={"num_warps": warps}), block // (32 * warps)
+
+
+def tool(name: str) -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def sass(cubin: bytes) -> list[str]:
+    """The cubin's instructions, one string each (predicate and operands included)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        listing = subprocess.run([str(tool("cuobjdump")), "-sass", f.name], capture_output=True, text=True,
+                                 check=True).stdout
+    return [re.sub(r"^\s*/\*[0-9a-f]{4}\*/\s*", "", line).split(";")[0].strip()
+            for line in listing.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+
+
+def opcode(instruction: str) -> str:
+    return re.sub(r"^@!?U?P[T\d]+\s+", "", instruction).split()[0].split(".")[0]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--master-weights", default=",".join(m for m in optim.MASTER_WEIGHTS),
+                   help="comma-separated options to compile")
+    p.add_argument("--ops", action="store_true", help="also the ten commonest instructions of each")
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        p.error("TRITON_INTERPRET=1 runs kernels in Python: unset it to compile them")
+    rows = []
+    for mode in args.master_weights.split(","):
+        if mode not in optim.KERNEL_MODE:
+            p.error(f"--master-weights: {mode!r} is not one of {', '.join(optim.MASTER_WEIGHTS)}")
+        for moments_fp8 in (False, True):
+            compiled, per_thread = compile_update(mode, moments_fp8)
+            instructions = sass(compiled.asm["cubin"])
+            rows.append({"master_weights": mode, "moments_fp8": moments_fp8, "instructions": len(instructions),
+                         "elements_a_thread": per_thread, "per_element": len(instructions) / per_thread,
+                         "ops": collections.Counter(map(opcode, instructions)).most_common(10)})
+    print(f"update kernel, sm_{ARCH} SASS (bf16 weights)")
+    print(f"{'master weights':16s} {'moments':8s} {'instructions':>12s} {'a thread':>9s} {'per element':>12s}")
+    for row in rows:
+        print(f"{row['master_weights']:16s} {'FP8' if row['moments_fp8'] else 'bf16':8s} {row['instructions']:12d} "
+              f"{row['elements_a_thread']:9d} {row['per_element']:12.1f}")
+        if args.ops:
+            print("    " + ", ".join(f"{op} {n}" for op, n in row["ops"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
