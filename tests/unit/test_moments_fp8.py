@@ -81,7 +81,8 @@ def check(results: dict, same_at_least: float) -> None:
         assert r["skipped"], mode  # found_inf: codes, scales and count unchanged
         assert len(r["same"]) == 5 and min(r["same"].values()) >= same_at_least, (mode, r["same"])
         # `bf16_kahan8`'s codes hold the last bits of the update's fp32 math, which the two may round apart
-        assert r["compensation_codes_same"] >= 0.99, (mode, r["compensation_codes_same"])
+        # (compiled, with fused multiply-adds): for a weight far smaller than its update, by several codes
+        assert r["compensation_codes_same"] >= 0.98, (mode, r["compensation_codes_same"])
         assert r["nonzero_codes"] > 10_000, mode
         # the weights are computed from the same moments; the two round the update's fp32 math apart
         assert r["weight_error"] <= (4e-7 if mode == "bf16" else 2**-7), (mode, r["weight_error"])
