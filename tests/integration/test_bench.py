@@ -532,3 +532,29 @@ def test_check_pins_names_each_pin_the_host_does_not_match(tmp_path, capsys):
     pins.write_text("pytest>=8\n")
     with pytest.raises(SystemExit, match=r"host-requirements.txt:1: not a name==version pin: 'pytest>=8'"):
         check_pins.main([str(pins)])
+
+
+def test_every_variant_the_gpu_parts_name_exists():
+    """`bench/gpu/run.sh` names variants and master-weight options by hand; a misspelt one would only fail on
+    the GPU host, after the install. Each `--variants` list names what its script knows, each
+    `--master-weights` list the optimizer's options."""
+    import re
+    from pathlib import Path
+
+    from bench import finetune_quality
+    from pipeline.train import optim
+
+    text = (Path(__file__).resolve().parents[2] / "bench" / "gpu" / "run.sh").read_text().replace("\\\n", " ")
+    known = {"train_step": set(train_step.VARIANTS), "finetune_quality": set(finetune_quality.variants())}
+    checked = 0
+    for line in text.splitlines():
+        script = re.search(r"bench/(\w+)\.py", line)
+        if not script:
+            continue
+        for names in re.findall(r"--variants (\S+)", line):
+            assert set(names.split(",")) <= known[script.group(1)], (script.group(1), names)
+            checked += 1
+        for names in re.findall(r"--master-weights ([\w,]+)", line):
+            assert set(names.split(",")) <= set(optim.MASTER_WEIGHTS), names
+            checked += 1
+    assert checked >= 6
