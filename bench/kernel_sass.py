@@ -3,8 +3,8 @@
 Triton compiles `pipeline/train/adamw_kernel.py` for sm_90 down to a cubin (through the ptxas its wheel
 bundles), specialized as a launch on the 8B model's parameters is (16-byte aligned pointers, element
 counts that are multiples of 16), and the cubin's SASS instructions are counted with the wheel's
-cuobjdump. The kernel's code has no loops, so each thread runs each instruction once: instructions a
-thread / elements a thread is what the GPU issues per element. Where the update is bound by its arithmetic
+cuobjdump. The kernel has no loops, so each thread issues each instruction at most once (a skipped step
+returns early): instructions a thread / elements a thread is what the GPU issues per element. Where the update is bound by its arithmetic
 (FP8 moments) that count, not its bytes, sets its time; it is a way to compare kernel variants before a
 GPU run, never a timing (`bench/update_kernel.py` times the update).
 
