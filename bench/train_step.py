@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from bench import common, kernels, peers, trace_gaps  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train import optim, overlap  # noqa: E402
 
-DEFAULT_MASTER_WEIGHTS = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "master_weights")
+DEFAULT_MASTER_WEIGHTS = TrainConfig().master_weights
 
 VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "hf": ("hf", False, None),
