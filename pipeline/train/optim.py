@@ -100,14 +100,21 @@ def element_hash(step: torch.Tensor, stream: int, numel: int) -> torch.Tensor:
 def moment_bits(step: torch.Tensor, stream: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The random bits FP8 moments are rounded with: m's rounding takes the low 16 bits of `element_hash`,
     sqrt(v)'s its high 16 (each as the top of the 20 bits `quantize_moment` reads)."""
-    hashed = element_hash(step, stream, numel)
-    return (hashed & 0xFFFF) << 4, (hashed >> 16) << 4
+    return _moment_bits(element_hash(step, stream, numel))
 
 
 def compensation_bits(step: torch.Tensor, stream: int, numel: int) -> torch.Tensor:
     """The 16 random bits `bf16_kahan8` rounds its codes with: the top half of `element_hash` times an odd
     constant (modulo 2^32), which mixes both halves the moments take their bits from, in two operations."""
-    return ((element_hash(step, stream, numel) * 0x9E3779B1) & _MASK32) >> 16
+    return _compensation_bits(element_hash(step, stream, numel))
+
+
+def _moment_bits(hashed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (hashed & 0xFFFF) << 4, (hashed >> 16) << 4
+
+
+def _compensation_bits(hashed: torch.Tensor) -> torch.Tensor:
+    return ((hashed * 0x9E3779B1) & _MASK32) >> 16
 
 
 def _compensation_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,16 +224,18 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
         extra.copy_(keep(new, extra))
     elif mode == "bf16_kahan":
         extra.copy_(keep((delta - (stored.float() - old)).to(extra.dtype), extra))
-    elif mode == "bf16_kahan8":
-        codes = encode_compensation(delta - (stored.float() - old), stored.float(),
-                                    compensation_bits(step, stream, new.numel()).view(new.shape))
+    # the random bits of FP8 moments and of one-byte compensation codes, hashed once as the kernel does
+    hashed = element_hash(step, stream, new.numel()).view(new.shape) \
+        if scales is not None or mode == "bf16_kahan8" else None
+    if mode == "bf16_kahan8":
+        codes = encode_compensation(delta - (stored.float() - old), stored.float(), _compensation_bits(hashed))
         extra.copy_(keep(codes, extra))
     p.copy_(keep(stored, p))
     if scales is None:
         m.copy_(keep(m32.to(m.dtype), m))
         v.copy_(keep(v32.to(v.dtype), v))
         return
-    m_bits, v_bits = (b.view(new.shape) for b in moment_bits(step, stream, new.numel()))
+    m_bits, v_bits = _moment_bits(hashed)
     for codes, scale, value, bits in ((m, scales[0], m32, m_bits), (v, scales[1], root, v_bits)):
         new_codes, new_scale = quantize_moment(value, bits)
         codes.copy_(new_codes if skip is None else torch.where(skip, codes.float(), new_codes.float()))
