@@ -56,9 +56,14 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
     if HAS_FACTOR:  # the gradient clipping's factor, applied here instead of in a pass of its own
         g = g * tl.load(factor_ptr)
     if MOMENTS_FP8:
-        m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32) * tl.load(m_scale_ptr + offsets // QBLOCK, mask=mask)
-        root = tl.load(v_ptr + offsets, mask=mask).to(tl.float32) * tl.load(v_scale_ptr + offsets // QBLOCK,
-                                                                            mask=mask)
+        rows = tl.program_id(0).to(tl.int64) * (BLOCK // QBLOCK) + tl.arange(0, BLOCK // QBLOCK)
+        row_mask = rows < n // QBLOCK
+        m_scale = tl.load(m_scale_ptr + rows, mask=row_mask)
+        v_scale = tl.load(v_scale_ptr + rows, mask=row_mask)
+        m = tl.reshape(tl.reshape(tl.load(m_ptr + offsets, mask=mask).to(tl.float32), (BLOCK // QBLOCK, QBLOCK))
+                       * m_scale[:, None], (BLOCK,))
+        root = tl.reshape(tl.reshape(tl.load(v_ptr + offsets, mask=mask).to(tl.float32), (BLOCK // QBLOCK, QBLOCK))
+                          * v_scale[:, None], (BLOCK,))
         v = root * root
     else:
         m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
@@ -68,7 +73,9 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
     root = tl.sqrt(v)
-    delta = -(lr * weight_decay) * p - (lr / bias1) * m / (root / bias2_sqrt + eps)
+    # torch's AdamW, m / bias1 / (root / bias2_sqrt + eps), with the bias corrections moved onto the scalars:
+    # one division an element instead of two
+    delta = -(lr * weight_decay) * p - (lr / bias1 * bias2_sqrt) * m / (root + eps * bias2_sqrt)
     if MODE == 3:
         delta += tl.load(extra_ptr + offsets, mask=mask).to(tl.float32)
     if MODE == 4:
@@ -108,8 +115,6 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
         # Each QBLOCK's scale: the power of two at or above its largest magnitude / 448, so products and
         # quotients by it are exact. Codes are rounded stochastically, by hand, so every one is an exact
         # E4M3 value and the cast cannot round: the same codes on the GPU and under the interpreter.
-        rows = tl.program_id(0).to(tl.int64) * (BLOCK // QBLOCK) + tl.arange(0, BLOCK // QBLOCK)
-        row_mask = rows < n // QBLOCK
         for which in tl.static_range(2):
             if which == 0:
                 x, fraction = m, (hashed & 0xFFFF) << 4

@@ -206,7 +206,8 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
     v32 = beta2 * v_old + (1 - beta2) * g * g
     root = v32.sqrt()
     bias1, bias2_sqrt = 1 - torch.pow(beta1, step), (1 - torch.pow(beta2, step)).sqrt()
-    delta = -(torch.tensor(lr, dtype=f32) * weight_decay) * old - (lr / bias1) * m32 / (root / bias2_sqrt + eps)
+    delta = -(torch.tensor(lr, dtype=f32) * weight_decay) * old \
+        - (lr / bias1 * bias2_sqrt) * m32 / (root + eps * bias2_sqrt)
     if mode == "bf16_kahan":
         delta = delta + extra.float()
     elif mode == "bf16_kahan8":
