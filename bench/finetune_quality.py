@@ -49,6 +49,8 @@ def variants() -> dict[str, tuple[str, str | None, str, bool, bool]]:
     table |= {f"fp8_delayed_{m}": ("ours", "delayed", m, False, False) for m in optim.MASTER_WEIGHTS}
     table[f"fp8_current_{DEFAULT_MASTER}"] = ("ours", "current", DEFAULT_MASTER, False, False)
     table[f"fp8_delayed_{DEFAULT_MASTER}_fp8head"] = ("ours", "delayed", DEFAULT_MASTER, True, False)
+    # the gradients' FP8 GEMMs with fast accumulation (`te_model.fp8.make_recipe`'s `fast_accumulation`)
+    table[f"fp8_delayed_{DEFAULT_MASTER}_fp8head_fastacc"] = ("ours", "delayed", DEFAULT_MASTER, True, False)
     for master in dict.fromkeys((DEFAULT_MASTER, "bf16_kahan8")):  # the default, and the leanest that keeps updates
         table[f"ours_bf16_{master}_moments_fp8"] = ("ours", None, master, False, True)
         table[f"fp8_delayed_{master}_fp8head_moments_fp8"] = ("ours", "delayed", master, True, True)
@@ -173,8 +175,9 @@ def build(kind: str, config, state: dict, device, backend: str, fp8_head: bool =
     return model.train()
 
 
-def loss_of(kind: str, model, ids: torch.Tensor, device, recipe: str | None = None) -> torch.Tensor:
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=kind == "hf"), te_model.fp8_autocast(recipe):
+def loss_of(kind: str, model, ids: torch.Tensor, device, recipe: str | None = None, fast: bool = False) -> torch.Tensor:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=kind == "hf"), \
+            te_model.fp8_autocast(recipe, fast_accumulation=fast):
         return model(**common.step_inputs(kind, ids, device)).loss
 
 
@@ -247,7 +250,7 @@ def finetune(name: str, lr: float, args, config, state, device, backend, batches
         if step == warm:
             sync(device)
             started = time.perf_counter()
-        loss_of(kind, model, ids, device, recipe).backward()
+        loss_of(kind, model, ids, device, recipe, name.endswith("_fastacc")).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -268,7 +271,7 @@ def skip_reason(name: str, backend: str) -> str | None:
     if backend != "te":
         return "FP8 needs Transformer Engine on a GPU"
     try:
-        te_model.fp8.make_recipe(recipe)
+        te_model.fp8.make_recipe(recipe, fast_accumulation=name.endswith("_fastacc"))
     except te_model.FP8UnsupportedError as exc:
         return str(exc)
     return None
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
        HF Trainer does). Ours in bf16 with each `master_weights` option (`bf16` is the behaviour without
        master weights), and under FP8 delayed scaling with each. FP8 current scaling and FP8 delayed with
        the FP8 LM head, both with the default option. `_moments_fp8`: AdamW's moments kept in FP8
-       (`train.moments_fp8`).
+       (`train.moments_fp8`). `_fastacc`: the gradients' FP8 GEMMs with fast accumulation.
 
     Printed: variant, lr, held-out loss on B, its difference from the reference in percent, the weights'
     relative movement |w - w_base| / |w_base|, and the step time. Without TE the FP8 variants are

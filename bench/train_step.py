@@ -64,6 +64,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     # ... and the Kahan compensation in a byte a parameter (`bf16_kahan8`, whatever --master-weights says)
     "fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_kahan8": ("ours", False, "delayed"),
+    # ... the gradients' FP8 GEMMs with fast accumulation (no fp32 promotion of partial sums), as the forward's
+    "fp8_delayed_fp8head_fastacc": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -153,9 +155,9 @@ def setup_variant(name: str, args, config, state, device, backend: str) -> peers
     dtype = common.DTYPES[args.dtype]
     if kind == "peer":
         return peers.build(name, config, state, dtype, device, args.lr)
-    fp8_attention = "_attn" in name
-    if recipe:
-        te_model.fp8.make_recipe(recipe, fp8_attention=fp8_attention)  # raises FP8UnsupportedError: TE's reason
+    fp8_attention, fast = "_attn" in name, "_fastacc" in name
+    if recipe:  # raises FP8UnsupportedError: TE's reason
+        te_model.fp8.make_recipe(recipe, fp8_attention=fp8_attention, fast_accumulation=fast)
     model = build_variant(name, config, state, dtype, device, backend)
     if kind == "hf" or name.endswith("_torch_adamw"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
@@ -164,7 +166,8 @@ def setup_variant(name: str, args, config, state, device, backend: str) -> peers
         optimizer = optim.AdamW(model.parameters(), lr=args.lr, master_weights=master_weights,
                                 moments_fp8="_moments_fp8" in name)
     forward = torch.compile(model, backend=args.compile_backend) if compiled else model
-    return peers.Peer(forward, optimizer, lambda: te_model.fp8_autocast(recipe, fp8_attention=fp8_attention))
+    return peers.Peer(forward, optimizer, lambda: te_model.fp8_autocast(recipe, fp8_attention=fp8_attention,
+                                                                      fast_accumulation=fast))
 
 
 def capture_graphs(name: str, model, ids: torch.Tensor, device, micro_batches: int) -> bool:
@@ -317,6 +320,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", clipped by torch's clip_grad_norm_" if "_torch_clip" in name else "")
             + (", FP8 moments" if "_moments_fp8" in name else "")
             + (", 1-byte Kahan compensation" if name.endswith("_kahan8") else "")
+            + (", gradients' GEMMs fast-accumulated" if "_fastacc" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

@@ -29,7 +29,7 @@ FP8_THD_ATTENTION_TRAINING_SM = (10, 0)
 
 
 def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "hybrid",
-                fp8_attention: bool = False, attention_layout: str = "thd"):
+                fp8_attention: bool = False, attention_layout: str = "thd", fast_accumulation: bool = False):
     """TE recipe object for a recipe name, after checking this GPU supports it.
 
     - `delayed`: DelayedScaling, scales from an amax history of `amax_history_len` steps. Cheapest;
@@ -46,11 +46,18 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
     "e4m3" (both); the block recipes are E4M3 by construction. `attention_layout` is the layout the
     attention will be called in. The limits checked here are THD's: TE's batch- and sequence-major
     layouts ("bshd", "sbhd") train FP8 attention on Hopper with cuDNN 9.2.1+, which TE checks itself.
+
+    `fast_accumulation` (`delayed` and `current` only) runs the backward's FP8 GEMMs (data and weight
+    gradients) with Hopper's fast accumulation, as TE runs the forward's, instead of promoting their partial
+    sums to fp32 every few blocks (TE's default for gradients, `use_split_accumulator`).
     """
     if name not in RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is unknown (choose from {', '.join(RECIPES)})")
     if attention_layout not in ATTENTION_LAYOUTS:
         raise ValueError(f"attention_layout {attention_layout!r} is unknown (choose from {', '.join(ATTENTION_LAYOUTS)})")
+    if fast_accumulation and name not in ATTENTION_RECIPES:
+        raise FP8UnsupportedError(f"fp8 recipe {name!r} cannot run its gradients' GEMMs with fast accumulation "
+                                  f"(only {' and '.join(ATTENTION_RECIPES)} can)")
     if fp8_attention and name not in ATTENTION_RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} cannot run attention in FP8 "
                                   f"(only {' and '.join(ATTENTION_RECIPES)} can)")
@@ -86,18 +93,25 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
     if name in ATTENTION_RECIPES:
         try:
             if name == "delayed":
-                return r.DelayedScaling(fp8_format=fmt, amax_history_len=amax_history_len,
+                made = r.DelayedScaling(fp8_format=fmt, amax_history_len=amax_history_len,
                                         amax_compute_algo="max", fp8_dpa=fp8_attention)
-            return r.Float8CurrentScaling(fp8_format=fmt, fp8_dpa=fp8_attention)
+            else:
+                made = r.Float8CurrentScaling(fp8_format=fmt, fp8_dpa=fp8_attention)
         except AssertionError as exc:  # this TE version refuses FP8 attention with the recipe
             raise FP8UnsupportedError(f"fp8 recipe {name!r} with FP8 attention: {exc}") from exc
+        if fast_accumulation:
+            # TE's modules read these from the recipe where it has them (DelayedScaling has the fields'
+            # defaults only in the modules); the forward's GEMMs already accumulate fast
+            made.fp8_gemm_dgrad = made.fp8_gemm_wgrad = r.MMParams(use_split_accumulator=False)
+        return made
     if name == "block":
         return r.Float8BlockScaling(fp8_format=r.Format.E4M3)
     return r.MXFP8BlockScaling(fp8_format=r.Format.E4M3)
 
 
 def fp8_autocast(recipe: str | None, *, amax_history_len: int = 1024, fp8_format: str = "hybrid",
-                 fp8_attention: bool = False, attention_layout: str = "thd", group=None):
+                 fp8_attention: bool = False, attention_layout: str = "thd", fast_accumulation: bool = False,
+                 group=None):
     """Context for the forward pass: FP8 with the named recipe, or nothing when `recipe` is None.
 
     Token counts must be divisible by 16 (TE's FP8 GEMM constraint); `pad_to_multiple` pads a batch.
@@ -108,7 +122,8 @@ def fp8_autocast(recipe: str | None, *, amax_history_len: int = 1024, fp8_format
     import transformer_engine.pytorch as te
 
     made = make_recipe(recipe, amax_history_len=amax_history_len, fp8_format=fp8_format,
-                       fp8_attention=fp8_attention, attention_layout=attention_layout)
+                       fp8_attention=fp8_attention, attention_layout=attention_layout,
+                       fast_accumulation=fast_accumulation)
     return te.autocast(enabled=True, recipe=made, amax_reduction_group=group)
 
 

@@ -41,11 +41,14 @@
 #   bash bench/gpu/run.sh moments-fp8         FP8 moments (train.moments_fp8): their GPU tests; the update alone over the
 #                                             8B model's parameters beside torch's fused AdamW; fine-tuning quality
 #                                             against HF's fp32-master training (136M, bytes)
+#   bash bench/gpu/run.sh fast-accum          the gradients' FP8 GEMMs with fast accumulation: the Llama-3.1-8B step (32
+#                                             layers, 2 x 4096) beside HF and the default, then fine-tuning quality
+#                                             against HF's fp32-master training (136M, bytes)
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
 #                                             both, the MLP recomputed; then the GPU tests of the first two
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|moments-fp8|memory-8b [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|moments-fp8|fast-accum|memory-8b [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -155,6 +158,16 @@ case $part in
     python3 bench/finetune_quality.py --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
       --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head,fp8_delayed_bf16_kahan_fp8head_moments_fp8,fp8_delayed_bf16_kahan8_fp8head_moments_fp8 2>&1 | quiet \
       | tee $R/quality-moments-fp8.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
+  fast-accum)
+    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 \
+      --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_fastacc --out $R/8b-fast-accum.json 2>&1 | quiet \
+      | tee $R/8b-fast-accum.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    python3 bench/finetune_quality.py --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
+      --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head,fp8_delayed_bf16_kahan_fp8head_fastacc 2>&1 | quiet \
+      | tee $R/quality-fast-accum.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0]))
+    python3 -m pytest tests/gpu/test_te.py -m gpu -s -q -p no:cacheprovider -o addopts="" -k fast_accumulation 2>&1 \
+      | quiet | tee $R/fast-accum-tests.log | grep "fast accumulation:\|passed\|failed\|Error\|^FAILED" | tail -4
+    rc=$((rc | PIPESTATUS[0])) ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \

@@ -321,9 +321,9 @@ def test_fp8_is_really_active(training_runs):
 # FP8 attention (train.fp8_attention): cuDNN's FP8 fused attention under the delayed recipe
 
 
-def _loss_and_grads(model, ids, kwargs, recipe="delayed", fp8_attention=False):
+def _loss_and_grads(model, ids, kwargs, recipe="delayed", fp8_attention=False, fast_accumulation=False):
     model.zero_grad(set_to_none=True)
-    with te_model.fp8_autocast(recipe, fp8_attention=fp8_attention):
+    with te_model.fp8_autocast(recipe, fp8_attention=fp8_attention, fast_accumulation=fast_accumulation):
         loss = model(input_ids=ids, labels=ids, **kwargs).loss
     loss.backward()
     return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
@@ -351,6 +351,24 @@ def test_fp8_attention_tracks_bf16_attention(layout):
     assert loss_fp8_attn != loss_bf16_attn  # a different kernel ran (identical would mean no FP8 attention)
     assert abs(float(loss_fp8_attn - loss_bf16_attn)) < 0.01 * float(loss_bf16_attn)
     assert cosine > 0.98
+
+
+def test_fast_accumulation_reaches_the_gradients_gemms_and_only_rounds_them():
+    """The recipe's fast accumulation for the gradients' GEMMs: the forward is the same (its GEMMs accumulate
+    fast either way), the gradients differ (TE read the setting) by accumulation rounding alone."""
+    torch.manual_seed(0)
+    config = llama_config("llama3", **GPU_SHAPES, num_hidden_layers=2)
+    model = te_model.build_model(config, backend="te", dtype=torch.bfloat16, device="cuda")
+    ids, kwargs, _ = layout_inputs("packed", config.vocab_size)
+    ids, kwargs = ids.cuda(), {k: v.cuda() for k, v in kwargs.items()}
+    for _ in range(3):  # let the delayed scales settle from their initial value of 1
+        _loss_and_grads(model, ids, kwargs)
+    loss_split, grad_split = _loss_and_grads(model, ids, kwargs)
+    loss_fast, grad_fast = _loss_and_grads(model, ids, kwargs, fast_accumulation=True)
+    rel = float((grad_fast - grad_split).norm() / grad_split.norm())
+    print(f"\nfast accumulation: loss {loss_fast:.6f} vs {loss_split:.6f}, gradient relative difference {rel:.2e}")
+    assert loss_fast == loss_split
+    assert 0 < rel < 1e-2
 
 
 @pytest.mark.parametrize("call", ["prepared training step", "the same with the FP8 head", "token ids alone"])

@@ -167,6 +167,11 @@ def test_fp8_attention_needs_a_per_tensor_recipe():
         te_model.fp8.make_recipe("block", fp8_attention=True)
 
 
+def test_fast_accumulation_needs_a_per_tensor_recipe():
+    with pytest.raises(te_model.FP8UnsupportedError, match="'block' cannot run its gradients' GEMMs with fast"):
+        te_model.fp8.make_recipe("block", fast_accumulation=True)
+
+
 def test_pad_to_multiple_keeps_outputs(hf_and_te):
     _, te = hf_and_te
     ids = torch.randint(0, 320, (2, 37))
