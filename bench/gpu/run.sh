@@ -41,7 +41,7 @@
 #   bash bench/gpu/run.sh moments-fp8         FP8 moments (train.moments_fp8): their GPU tests; the update alone over the
 #                                             8B model's parameters beside torch's fused AdamW; fine-tuning quality
 #                                             against HF's fp32-master training (136M, bytes)
-#   bash bench/gpu/run.sh fast-accum          the gradients' FP8 GEMMs with fast accumulation: the Llama-3.1-8B step (32
+#   bash bench/gpu/run.sh fast-accum [args]   the gradients' FP8 GEMMs with fast accumulation: the Llama-3.1-8B step (32
 #                                             layers, 2 x 4096) beside HF and the default, then fine-tuning quality
 #                                             against HF's fp32-master training (136M, bytes)
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
@@ -160,7 +160,7 @@ case $part in
       | tee $R/quality-moments-fp8.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   fast-accum)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 \
-      --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_fastacc --profile-steps 2 --out $R/8b-fast-accum.json 2>&1 | quiet \
+      --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_fastacc --profile-steps 2 --out $R/8b-fast-accum.json "$@" 2>&1 | quiet \
       | tee $R/8b-fast-accum.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 bench/finetune_quality.py --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
       --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head,fp8_delayed_bf16_kahan_fp8head_fastacc 2>&1 | quiet \
