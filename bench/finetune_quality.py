@@ -48,7 +48,8 @@ def variants() -> dict[str, tuple[str, str | None, str, bool, bool]]:
     table |= {f"ours_bf16_{m}": ("ours", None, m, False, False) for m in optim.MASTER_WEIGHTS}
     table |= {f"fp8_delayed_{m}": ("ours", "delayed", m, False, False) for m in optim.MASTER_WEIGHTS}
     table[f"fp8_current_{DEFAULT_MASTER}"] = ("ours", "current", DEFAULT_MASTER, False, False)
-    table[f"fp8_delayed_{DEFAULT_MASTER}_fp8head"] = ("ours", "delayed", DEFAULT_MASTER, True, False)
+    for master in dict.fromkeys((DEFAULT_MASTER, "bf16_kahan8")):
+        table[f"fp8_delayed_{master}_fp8head"] = ("ours", "delayed", master, True, False)
     # the gradients' FP8 GEMMs with fast accumulation (`te_model.fp8.make_recipe`'s `fast_accumulation`)
     table[f"fp8_delayed_{DEFAULT_MASTER}_fp8head_fastacc"] = ("ours", "delayed", DEFAULT_MASTER, True, False)
     for master in dict.fromkeys((DEFAULT_MASTER, "bf16_kahan8")):  # the default, and the leanest that keeps updates

@@ -40,10 +40,11 @@
 #                                             delayed, once per master-weight option; then the optimizer's GPU tests
 #   bash bench/gpu/run.sh moments-fp8         FP8 moments (train.moments_fp8): their GPU tests; the update alone over the
 #                                             8B model's parameters beside torch's fused AdamW; fine-tuning quality
-#                                             against HF's fp32-master training (136M, bytes)
-#   bash bench/gpu/run.sh fast-accum [args]   the gradients' FP8 GEMMs with fast accumulation: the Llama-3.1-8B step (32
-#                                             layers, 2 x 4096) beside HF and the default, then fine-tuning quality
-#                                             against HF's fp32-master training (136M, bytes)
+#                                             against HF's fp32-master training (136M, bytes), also of bf16_kahan8 and
+#                                             of fast accumulation
+#   bash bench/gpu/run.sh fast-accum [args]   the gradients' FP8 GEMMs with fast accumulation, and bf16_kahan8: the
+#                                             Llama-3.1-8B step (32 layers, 2 x 4096) beside HF and the default, kernel
+#                                             time by kind; then the GPU test of fast accumulation (quality: moments-fp8)
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
 #                                             both, the MLP recomputed; then the GPU tests of the first two
@@ -156,15 +157,13 @@ case $part in
     python3 bench/update_kernel.py --master-weights bf16_kahan,bf16_kahan8 --out $R/update-kernel.json 2>&1 | quiet \
       | tee $R/update-kernel.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 bench/finetune_quality.py --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
-      --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head,fp8_delayed_bf16_kahan_fp8head_moments_fp8,fp8_delayed_bf16_kahan8_fp8head_moments_fp8 2>&1 | quiet \
+      --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head,fp8_delayed_bf16_kahan8_fp8head,fp8_delayed_bf16_kahan_fp8head_moments_fp8,fp8_delayed_bf16_kahan8_fp8head_moments_fp8,fp8_delayed_bf16_kahan_fp8head_fastacc 2>&1 | quiet \
       | tee $R/quality-moments-fp8.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   fast-accum)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 \
-      --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_fastacc --profile-steps 2 --out $R/8b-fast-accum.json "$@" 2>&1 | quiet \
-      | tee $R/8b-fast-accum.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
-    python3 bench/finetune_quality.py --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
-      --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head,fp8_delayed_bf16_kahan_fp8head_fastacc 2>&1 | quiet \
-      | tee $R/quality-fast-accum.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0]))
+      --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8 \
+      --profile-steps 2 \
+      --out $R/8b-fast-accum.json "$@" 2>&1 | quiet | tee $R/8b-fast-accum.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 -m pytest tests/gpu/test_te.py -m gpu -s -q -p no:cacheprovider -o addopts="" -k fast_accumulation 2>&1 \
       | quiet | tee $R/fast-accum-tests.log | grep "fast accumulation:\|passed\|failed\|Error\|^FAILED" | tail -4
     rc=$((rc | PIPESTATUS[0])) ;;
