@@ -47,9 +47,10 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
     attention will be called in. The limits checked here are THD's: TE's batch- and sequence-major
     layouts ("bshd", "sbhd") train FP8 attention on Hopper with cuDNN 9.2.1+, which TE checks itself.
 
-    `fast_accumulation` (`delayed` and `current` only) runs the backward's FP8 GEMMs (data and weight
-    gradients) with Hopper's fast accumulation, as TE runs the forward's, instead of promoting their partial
-    sums to fp32 every few blocks (TE's default for gradients, `use_split_accumulator`).
+    `fast_accumulation` (`delayed` and `current` only) runs the backward FP8 GEMMs of TE's layers (data and
+    weight gradients) with Hopper's fast accumulation, as TE runs their forward ones, instead of promoting
+    partial sums to fp32 every few blocks (TE's default for gradients, `use_split_accumulator`). The FP8
+    LM head's GEMMs (`fp8_head`) are not TE's and keep their accumulation.
     """
     if name not in RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is unknown (choose from {', '.join(RECIPES)})")
@@ -100,8 +101,8 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
         except AssertionError as exc:  # this TE version refuses FP8 attention with the recipe
             raise FP8UnsupportedError(f"fp8 recipe {name!r} with FP8 attention: {exc}") from exc
         if fast_accumulation:
-            # TE's modules read these from the recipe where it has them (DelayedScaling has the fields'
-            # defaults only in the modules); the forward's GEMMs already accumulate fast
+            # TE's layers take dgrad's and wgrad's accumulation from the recipe where it has these fields,
+            # else from their module defaults (split); DelayedScaling does not declare them
             made.fp8_gemm_dgrad = made.fp8_gemm_wgrad = r.MMParams(use_split_accumulator=False)
         return made
     if name == "block":
