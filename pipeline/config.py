@@ -250,6 +250,10 @@ class TrainConfig(_Section):
     # Run the attention itself in FP8 too (cuDNN's FP8 fused attention; delayed or current only; trains on
     # Blackwell with cuDNN 9.23+). Off: attention stays bf16 between the FP8 projections.
     fp8_attention: bool = False
+    # The gradients' FP8 GEMMs (data and weight gradients of the decoder's layers) with Hopper's fast
+    # accumulation, as the forward's run, instead of TE's default of promoting their partial sums to fp32
+    # every few blocks (delayed or current only). Off: TE's default.
+    fp8_fast_accumulation: bool = False
     # How bf16 parameters keep updates smaller than their rounding step (pipeline/train/optim.py).
     # bf16_kahan: a bf16 compensation buffer, 2 more bytes a parameter; it fine-tunes to the held-out loss
     # of fp32 master weights (docs/performance.md). bf16_kahan8: the same compensation in one byte a
@@ -332,6 +336,8 @@ class TrainConfig(_Section):
                       "needs GPU workers: set train.use_gpu=true, or train.fp8=none (or "
                       "train.fp8_fallback=true) to train on CPU without FP8")
         self._require(not self.fp8_attention or self.fp8 in ("delayed", "current"), "fp8_attention",
+                      f"needs train.fp8 set to delayed or current, not {self.fp8!r}")
+        self._require(not self.fp8_fast_accumulation or self.fp8 in ("delayed", "current"), "fp8_fast_accumulation",
                       f"needs train.fp8 set to delayed or current, not {self.fp8!r}")
         self._require(not self.fp8_head or self.fp8 != "none", "fp8_head",
                       "true needs train.fp8 set to a recipe (the head runs in FP8 beside FP8 layers); "

@@ -52,9 +52,11 @@ class Fp8Decision:
         """`cfg` with this decision's FP8 settings; `cfg` itself when they are its own."""
         if (cfg.train.fp8, cfg.train.fp8_attention) == (self.recipe, self.attention):
             return cfg
-        # without FP8 there is no FP8 head to ask for: a fallback turns it off with the rest
-        head = cfg.train.fp8_head if self.recipe != "none" else None
-        train = dataclasses.replace(cfg.train, fp8=self.recipe, fp8_attention=self.attention, fp8_head=head)
+        # without FP8 there is no FP8 head or FP8 GEMM to ask for: a fallback turns them off with the rest
+        fp8 = self.recipe != "none"
+        train = dataclasses.replace(cfg.train, fp8=self.recipe, fp8_attention=self.attention,
+                                    fp8_head=cfg.train.fp8_head if fp8 else None,
+                                    fp8_fast_accumulation=cfg.train.fp8_fast_accumulation and fp8)
         return dataclasses.replace(cfg, train=train)
 
 

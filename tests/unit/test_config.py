@@ -218,6 +218,8 @@ def test_wrong_types_name_key_and_expected_type(override, message):
     ("train.warmup_steps=100", "train.warmup_steps must be <= train.max_steps"),
     ("train.fp8=delayed", "train.fp8 needs GPU workers: set train.use_gpu=true, or train.fp8=none"),
     ("train.fp8_attention=true", "train.fp8_attention needs train.fp8 set to delayed or current, not 'none'"),
+    ("train.fp8_fast_accumulation=true", "train.fp8_fast_accumulation needs train.fp8 set to delayed or current, "
+                                         "not 'none'"),
     ("train.fp8_head=true", "train.fp8_head true needs train.fp8 set to a recipe (the head runs in FP8 beside FP8 "
                             "layers); leave it null or set it false"),
     ("train.recast_fp8_weights=true", "train.recast_fp8_weights true needs train.fp8 set to a recipe (without FP8 "

@@ -72,13 +72,15 @@ def test_the_fp8_decision_is_what_training_runs_with():
     assert settled.fp8.requested == "delayed" and settled.fp8.fallback == "no CUDA"
 
 
-def test_a_fallback_without_fp8_drops_an_fp8_head_asked_for():
-    cfg = load_config(None, ["train.fp8=delayed", "train.fp8_fallback=true", "train.fp8_head=true"])
+def test_a_fallback_without_fp8_drops_an_fp8_head_and_fast_accumulation_asked_for():
+    cfg = load_config(None, ["train.fp8=delayed", "train.fp8_fallback=true", "train.fp8_head=true",
+                             "train.fp8_fast_accumulation=true"])
     job = resolve_job(cfg)
-    assert job.train_config.train.fp8_head is True
+    assert (job.train_config.train.fp8_head, job.train_config.train.fp8_fast_accumulation) == (True, True)
     settled = job.with_fp8(dataclasses.replace(job.fp8, recipe="none", fallback="no CUDA", checked=True))
-    assert (settled.train_config.train.fp8, settled.train_config.train.fp8_head) == ("none", None)
-    assert settled.config.train.fp8_head is True  # what was asked stays
+    train = settled.train_config.train
+    assert (train.fp8, train.fp8_head, train.fp8_fast_accumulation) == ("none", None, False)
+    assert settled.config.train.fp8_head is True and settled.config.train.fp8_fast_accumulation  # asked stays
 
 
 def test_a_head_the_fp8_gemms_cannot_take_stays_bf16_unless_asked_for(caplog):
