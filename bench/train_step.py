@@ -66,6 +66,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_kahan8": ("ours", False, "delayed"),
     # ... the gradients' FP8 GEMMs with fast accumulation (no fp32 promotion of partial sums), as the forward's
     "fp8_delayed_fp8head_fastacc": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_fastacc_graphs": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -175,7 +177,8 @@ def capture_graphs(name: str, model, ids: torch.Tensor, device, micro_batches: i
     the weight gradients kept in the graphs' buffers unless micro-batches accumulate them. With micro-batches
     under FP8 the FP8 weights are cast once a step, as the pipeline does, but by the `_recast` variants."""
     recipe = VARIANTS[name][2]
-    made = te_model.fp8.make_recipe(recipe, fp8_attention="_attn" in name) if recipe else None
+    made = te_model.fp8.make_recipe(recipe, fp8_attention="_attn" in name,
+                                    fast_accumulation="_fastacc" in name) if recipe else None
     graphs = te_model.graphs.capture_decoder_graphs(
         model, common.step_inputs("ours", ids, device), recipe=made, accumulate=micro_batches > 1,
         cache_fp8_weights=made is not None and micro_batches > 1 and "_recast" not in name)

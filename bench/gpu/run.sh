@@ -161,7 +161,7 @@ case $part in
       | tee $R/quality-moments-fp8.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   fast-accum)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 \
-      --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8 \
+      --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8 \
       --profile-steps 2 \
       --out $R/8b-fast-accum.json "$@" 2>&1 | quiet | tee $R/8b-fast-accum.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 -m pytest tests/gpu/test_te.py -m gpu -s -q -p no:cacheprovider -o addopts="" -k fast_accumulation 2>&1 \

@@ -56,7 +56,7 @@ class Fp8Decision:
         fp8 = self.recipe != "none"
         train = dataclasses.replace(cfg.train, fp8=self.recipe, fp8_attention=self.attention,
                                     fp8_head=cfg.train.fp8_head if fp8 else None,
-                                    fp8_fast_accumulation=cfg.train.fp8_fast_accumulation and fp8)
+                                    fp8_fast_accumulation=cfg.train.fp8_fast_accumulation if fp8 else None)
         return dataclasses.replace(cfg, train=train)
 
 

@@ -254,7 +254,7 @@ def forward_backward(state: TrainState, position: tuple[int, int], step: int, fa
         with parallel.gradient_sync(state.wrapped, enabled=micro == accum - 1):
             with phase("train.forward"), te_model.fp8_autocast(
                     recipe, amax_history_len=train.fp8_amax_history_len, fp8_attention=train.fp8_attention,
-                    fast_accumulation=train.fp8_fast_accumulation, group=group):
+                    fast_accumulation=train.fast_accumulation, group=group):
                 loss = state.wrapped(**batch).loss
             loss = faults.loss(loss, rank, step)
             with phase("train.backward"):
@@ -270,7 +270,7 @@ def capture_graphs(state: TrainState, batch: dict, group) -> None:
     train = state.train
     if state.graphs is None:
         recipe = None if train.fp8 == "none" else te_model.fp8.make_recipe(
-            train.fp8, amax_history_len=train.fp8_amax_history_len, fast_accumulation=train.fp8_fast_accumulation)
+            train.fp8, amax_history_len=train.fp8_amax_history_len, fast_accumulation=train.fast_accumulation)
         accumulate = train.grad_accum_steps > 1
         state.graphs = te_model.capture_decoder_graphs(state.model, batch, recipe=recipe, group=group,
                                                        accumulate=accumulate,

@@ -218,8 +218,8 @@ def test_wrong_types_name_key_and_expected_type(override, message):
     ("train.warmup_steps=100", "train.warmup_steps must be <= train.max_steps"),
     ("train.fp8=delayed", "train.fp8 needs GPU workers: set train.use_gpu=true, or train.fp8=none"),
     ("train.fp8_attention=true", "train.fp8_attention needs train.fp8 set to delayed or current, not 'none'"),
-    ("train.fp8_fast_accumulation=true", "train.fp8_fast_accumulation needs train.fp8 set to delayed or current, "
-                                         "not 'none'"),
+    ("train.fp8_fast_accumulation=true", "train.fp8_fast_accumulation true needs train.fp8 set to delayed or "
+                                         "current, not 'none'; leave it null or set it false"),
     ("train.fp8_head=true", "train.fp8_head true needs train.fp8 set to a recipe (the head runs in FP8 beside FP8 "
                             "layers); leave it null or set it false"),
     ("train.recast_fp8_weights=true", "train.recast_fp8_weights true needs train.fp8 set to a recipe (without FP8 "
@@ -234,6 +234,19 @@ def test_wrong_types_name_key_and_expected_type(override, message):
 def test_out_of_range_values_name_the_key(override, message):
     with pytest.raises(PipelineError, match=re.escape(message)):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("recipe, on", [("none", False), ("delayed", True), ("current", True), ("block", False),
+                                        ("mxfp8", False)])
+def test_fast_accumulation_is_on_where_the_recipe_allows_it_unless_turned_off(recipe, on):
+    gpu = ["train.use_gpu=true", f"train.fp8={recipe}"]
+    assert load_config(None, gpu).train.fast_accumulation is on
+    assert load_config(None, [*gpu, "train.fp8_fast_accumulation=false"]).train.fast_accumulation is False
+    if on:
+        assert load_config(None, [*gpu, "train.fp8_fast_accumulation=true"]).train.fast_accumulation is True
+    else:
+        with pytest.raises(PipelineError, match="train.fp8_fast_accumulation true needs train.fp8 set to delayed"):
+            load_config(None, [*gpu, "train.fp8_fast_accumulation=true"])
 
 
 def test_mlp_recompute_inside_whole_layer_recompute_is_refused():

@@ -79,7 +79,8 @@ def test_a_fallback_without_fp8_drops_an_fp8_head_and_fast_accumulation_asked_fo
     assert (job.train_config.train.fp8_head, job.train_config.train.fp8_fast_accumulation) == (True, True)
     settled = job.with_fp8(dataclasses.replace(job.fp8, recipe="none", fallback="no CUDA", checked=True))
     train = settled.train_config.train
-    assert (train.fp8, train.fp8_head, train.fp8_fast_accumulation) == ("none", None, False)
+    assert (train.fp8, train.fp8_head, train.fp8_fast_accumulation, train.fast_accumulation) == (
+        "none", None, None, False)
     assert settled.config.train.fp8_head is True and settled.config.train.fp8_fast_accumulation  # asked stays
 
 
