@@ -21,6 +21,7 @@ from pipeline.job.resolved import fp8_head_on
 
 PRECISION_TAG = "precision"
 LM_HEAD_TAG = "lm_head"
+FP8_ACCUMULATION_TAG = "fp8_gradient_accumulation"
 FINGERPRINT_TAG = "data_fingerprint"
 # data settings that do not change which rows are trained on
 _NOT_FINGERPRINTED = {"train_files", "validation_files", "num_proc"}
@@ -130,6 +131,10 @@ def hardware_tags(cfg: Config) -> dict[str, str]:
 
 def comparison_tags(cfg: Config, options: storage.StorageOptions, train: TrainConfig | None = None) -> dict[str, str]:
     """Precision, model and data tags for the job's parent run (hardware: `hardware_tags`). `train`: the
-    settings training runs with, after the FP8 decision (default `cfg.train`)."""
+    settings training runs with, after the FP8 decision (default `cfg.train`). Under FP8, how the gradients'
+    GEMMs accumulate: `fast` or TE's `split` default (`train.fp8_fast_accumulation`)."""
     tags = {PRECISION_TAG: precision(cfg), "fp8_recipe": cfg.train.fp8, "dtype": cfg.model.dtype}
+    runs = train or cfg.train
+    if runs.fp8 != "none":
+        tags[FP8_ACCUMULATION_TAG] = "fast" if runs.fast_accumulation else "split"
     return {**tags, **model_tags(cfg, options, train), FINGERPRINT_TAG: data_fingerprint(cfg, options)}

@@ -47,6 +47,7 @@ def test_fp8_job_on_gpu(tmp_path_factory, s3_server, mlflow_server, ray_cluster)
     assert set(stages) == {"data", "train", "eval", "export"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
     assert stages["train"].data.tags["lm_head"] == "fp8"  # the default with FP8 on a head that fits
+    assert stages["train"].data.tags["fp8_gradient_accumulation"] == "fast"  # the default under delayed scaling
     train_id = stages["train"].info.run_id
     losses = [m.value for m in sorted(client.get_metric_history(train_id, "loss"), key=lambda m: m.step)]
     tokens_per_s = [m.value for m in client.get_metric_history(train_id, "tokens_per_s")]

@@ -117,6 +117,21 @@ def test_the_lm_head_tag_says_what_the_head_trains_in(tmp_path):
     assert tag(fits, "model.dtype=fp32") == "fp32"
 
 
+def test_the_accumulation_tag_says_how_the_fp8_gradient_gemms_accumulate(tmp_path):
+    from pipeline.tracking.run_tags import comparison_tags
+
+    base = make_tiny_checkpoint(tmp_path / "base")
+    tags = lambda *sets, train=None: comparison_tags(load_config(None, [f"model.base_uri={base}", *sets]),
+                                                     storage.StorageOptions(), train)
+    fp8 = ("train.fp8=delayed", "train.use_gpu=true", "model.dtype=bf16")
+    assert tags(*fp8)["fp8_gradient_accumulation"] == "fast"
+    assert tags(*fp8, "train.fp8_fast_accumulation=false")["fp8_gradient_accumulation"] == "split"
+    assert tags("train.use_gpu=true", "train.fp8=block")["fp8_gradient_accumulation"] == "split"
+    assert "fp8_gradient_accumulation" not in tags()
+    fell_back = load_config(None, ["train.fp8=none"]).train  # what a fallback trains with
+    assert "fp8_gradient_accumulation" not in tags(*fp8, "train.fp8_fallback=true", train=fell_back)
+
+
 # The layout that the state file had when it was a plain dict: every key, in the order it was written.
 OLD_STATE = {
     "identity": {"run.seed": 0, "model.base_uri": "s3://b/base", "data.train_files": ["s3://b/t.jsonl"],
