@@ -21,7 +21,8 @@ from pipeline import tracking
 from pipeline.errors import PipelineError
 
 PARENT_TAG = "mlflow.parentRunId"
-COMPARED_TAGS = ("precision", "lm_head", "model_name", "model_size", "data_fingerprint", "hardware", "code.commit")
+COMPARED_TAGS = ("precision", "lm_head", "fp8_gradient_accumulation", "model_name", "model_size", "data_fingerprint",
+                 "hardware", "code.commit")
 EVAL_METRICS = ("base/val_loss", "finetuned/val_loss", "base/perplexity", "finetuned/perplexity")
 THROUGHPUT_METRICS = ("tokens_per_s", "mfu")
 
