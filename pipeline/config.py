@@ -38,8 +38,9 @@ LOCAL_TRACKING_URI = "sqlite:///.cache/mlflow.db"
 SHIPPED_TEXT = "data/tiny_text.jsonl"
 # train.warmup_steps when unset: this percentage of train.max_steps, rounded up.
 WARMUP_PERCENT = 3
-# The FP8 recipes whose gradient GEMMs may accumulate fast (the block recipes need fp32 promotion).
-FAST_ACCUMULATION_RECIPES = ("delayed", "current")
+# te_model.fp8.PER_TENSOR_RECIPES, named here so the config imports no torch: the FP8 recipes that can run
+# attention in FP8 and accumulate the gradients' GEMMs fast.
+PER_TENSOR_RECIPES = ("delayed", "current")
 
 # Names other trainers use for our keys; difflib alone cannot see that `learning_rate` means `lr`.
 _ALIASES = {
@@ -322,7 +323,7 @@ class TrainConfig(_Section):
     @property
     def fast_accumulation(self) -> bool:
         """Whether training runs the gradients' FP8 GEMMs with fast accumulation (`fp8_fast_accumulation`)."""
-        return self.fp8 in FAST_ACCUMULATION_RECIPES and self.fp8_fast_accumulation is not False
+        return self.fp8 in PER_TENSOR_RECIPES and self.fp8_fast_accumulation is not False
 
     def _validate(self) -> None:
         for name in ("workers", "micro_batch_size", "grad_accum_steps", "log_every", "fp8_amax_history_len"):
@@ -344,9 +345,9 @@ class TrainConfig(_Section):
         self._require(self.fp8 == "none" or self.use_gpu or self.fp8_fallback, "fp8",
                       "needs GPU workers: set train.use_gpu=true, or train.fp8=none (or "
                       "train.fp8_fallback=true) to train on CPU without FP8")
-        self._require(not self.fp8_attention or self.fp8 in ("delayed", "current"), "fp8_attention",
+        self._require(not self.fp8_attention or self.fp8 in PER_TENSOR_RECIPES, "fp8_attention",
                       f"needs train.fp8 set to delayed or current, not {self.fp8!r}")
-        self._require(not self.fp8_fast_accumulation or self.fp8 in FAST_ACCUMULATION_RECIPES, "fp8_fast_accumulation",
+        self._require(not self.fp8_fast_accumulation or self.fp8 in PER_TENSOR_RECIPES, "fp8_fast_accumulation",
                       f"true needs train.fp8 set to delayed or current, not {self.fp8!r}; leave it null or set it false")
         self._require(not self.fp8_head or self.fp8 != "none", "fp8_head",
                       "true needs train.fp8 set to a recipe (the head runs in FP8 beside FP8 layers); "

@@ -19,7 +19,9 @@ class FP8UnsupportedError(RuntimeError):
     """The recipe is unknown or this GPU / TE build cannot run it."""
 
 
-ATTENTION_RECIPES = ("delayed", "current")  # the recipes whose attention can run in FP8 too
+# the per-tensor recipes: the only ones whose attention can run in FP8 too, or whose gradients' GEMMs may
+# accumulate fast (the block recipes need fp32 promotion)
+PER_TENSOR_RECIPES = ("delayed", "current")
 ATTENTION_LAYOUTS = ("thd", "bshd", "sbhd")  # TE's names: packed tokens, batch-major, sequence-major
 # TE's FP8 fused attention in the THD layout (ours): cuDNN 9.23+, and its backward only on compute
 # capability 10.0+ (Transformer Engine 2.20: "FP8 fused attention with THD format supports backward on sm100+
@@ -56,12 +58,12 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is unknown (choose from {', '.join(RECIPES)})")
     if attention_layout not in ATTENTION_LAYOUTS:
         raise ValueError(f"attention_layout {attention_layout!r} is unknown (choose from {', '.join(ATTENTION_LAYOUTS)})")
-    if fast_accumulation and name not in ATTENTION_RECIPES:
+    if fast_accumulation and name not in PER_TENSOR_RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} cannot run its gradients' GEMMs with fast accumulation "
-                                  f"(only {' and '.join(ATTENTION_RECIPES)} can)")
-    if fp8_attention and name not in ATTENTION_RECIPES:
+                                  f"(only {' and '.join(PER_TENSOR_RECIPES)} can)")
+    if fp8_attention and name not in PER_TENSOR_RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} cannot run attention in FP8 "
-                                  f"(only {' and '.join(ATTENTION_RECIPES)} can)")
+                                  f"(only {' and '.join(PER_TENSOR_RECIPES)} can)")
     try:
         import transformer_engine.common.recipe as r
         import transformer_engine.pytorch as te
@@ -91,7 +93,7 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
             raise FP8UnsupportedError("FP8 attention in the THD layout needs cuDNN >= 9.23; Transformer Engine "
                                       f"runs on {'.'.join(map(str, cudnn))}")
     fmt = {"hybrid": r.Format.HYBRID, "e4m3": r.Format.E4M3}[fp8_format]
-    if name in ATTENTION_RECIPES:
+    if name in PER_TENSOR_RECIPES:
         try:
             if name == "delayed":
                 made = r.DelayedScaling(fp8_format=fmt, amax_history_len=amax_history_len,

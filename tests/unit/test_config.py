@@ -249,6 +249,13 @@ def test_fast_accumulation_is_on_where_the_recipe_allows_it_unless_turned_off(re
             load_config(None, [*gpu, "train.fp8_fast_accumulation=true"])
 
 
+def test_the_config_knows_the_per_tensor_recipes_te_model_knows():
+    from pipeline import config
+    from te_model import fp8
+
+    assert config.PER_TENSOR_RECIPES == fp8.PER_TENSOR_RECIPES
+
+
 def test_mlp_recompute_inside_whole_layer_recompute_is_refused():
     assert load_config(None, ["train.recompute_mlp=true"]).train.recompute_mlp is True
     with pytest.raises(PipelineError) as caught:
