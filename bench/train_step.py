@@ -104,8 +104,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--matmul-size", type=int, help="side of the bf16 peak matmul (default 8192; 512 on CPU)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of hf_compile")
+    p.add_argument("--memory-cap-gib", type=float,
+                   help="hold the CUDA allocator to this many GiB (torch.cuda.set_per_process_memory_fraction): "
+                        "whether the step fits a smaller GPU, e.g. 78.5 for an 80 GB H100 on a larger one")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.memory_cap_gib is not None and (not args.device.startswith("cuda") or args.memory_cap_gib <= 0):
+        p.error("--memory-cap-gib needs --device cuda and a positive size")
     if args.steps < 1 or args.micro_batches < 1 or args.warmup < 0 or args.profile_steps < 0:
         p.error("--steps and --micro-batches must be >= 1, --warmup and --profile-steps >= 0")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -357,6 +362,9 @@ def measure(args, device) -> dict:
            "datasheet_peak_tflops": common.DATASHEET_BF16_FLOPS / 1e12, "ours_backend": backend,
            "ours_backend_reason": backend_reason, "master_weights": args.master_weights}
     result = {"environment": common.environment(device), "run": run, "variants": []}
+    if args.memory_cap_gib is not None:
+        cap_memory(device, args.memory_cap_gib)
+        run["memory_cap_gib"] = args.memory_cap_gib
     for name in args.variants:
         print(f"[train_step] {name} ...", file=sys.stderr, flush=True)
         result["variants"].append(variant_row(name, args, config, state, batches, device, backend, backend_reason))
@@ -419,6 +427,8 @@ def print_table(result: dict) -> None:
           f"(matmul peak {run['matmul_peak_tflops']:.0f} TFLOP/s)")
     if env.get("host_cpu"):
         print(f"host: {env['host_cpu']}")
+    if run.get("memory_cap_gib"):
+        print(f"the allocator held to {run['memory_cap_gib']} GiB")
     peer = fastest_peer(result["variants"])
     if peer:
         print(f"vs peer: against the fastest peer, {peer['label']} ({peer['step_ms']:.1f} ms)")
@@ -470,6 +480,14 @@ def print_profiles(rows: list[dict]) -> None:
     for r in rows:
         if "gaps" in r["profile"]:
             print(trace_gaps.format_report(r["label"], r["profile"]["gaps"]))
+
+
+def cap_memory(device: torch.device, gib: float) -> None:
+    """Hold the allocator to `gib` GiB of this GPU from here on: a variant that needs more is an out-of-memory row."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gib * 2**30 > total:
+        raise SystemExit(f"--memory-cap-gib {gib}: the GPU has only {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Progress lines an operator can watch: one line per event, flushed, on stdout.
+r"""Progress lines an operator can watch: one line per event, flushed, on stdout.
 
 A stage's one-line summary comes at its end, so an hours-long training run would say nothing until it
 is over. So training prints from rank 0 the same metrics MLflow gets, every `train.log_every` steps and

@@ -47,7 +47,8 @@
 #                                             time by kind; then the GPU test of fast accumulation (quality: moments-fp8)
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
-#                                             both, the MLP recomputed; then the GPU tests of the first two
+#                                             both, the MLP recomputed; the 80 GB preset's step held to 78.5 GiB;
+#                                             then the GPU tests of the first two
 set -uo pipefail
 part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|moments-fp8|fast-accum|memory-8b [args]}; shift
 R=/tmp/results; mkdir -p $R
@@ -171,6 +172,10 @@ case $part in
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \
       --out $R/8b-memory.json "$@" 2>&1 | quiet | tee $R/8b-memory.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    # the 80 GB preset's step (configs/llama3.1-8b-fp8-h100.yaml) with the allocator held to an H100's memory
+    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 4 --warmup 2 \
+      --master-weights bf16_kahan --variants fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8 --memory-cap-gib 78.5 \
+      --out $R/8b-memory-h100-cap.json 2>&1 | quiet | tee $R/8b-memory-h100-cap.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 -m pytest tests/gpu/test_te.py tests/unit/test_moments_fp8.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
       -k "cast_again or recompute or moments" 2>&1 | quiet | tee $R/memory-tests.log \
       | grep "FP8 weights cast again\|MLP recompute,\|share of equal\|passed\|failed\|Error\|^FAILED" | tail -10; rc=$((rc | PIPESTATUS[0])) ;;

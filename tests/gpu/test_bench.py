@@ -46,6 +46,23 @@ def test_train_step_on_te(tmp_path):
     assert not rows["fp8_delayed"].get("skipped")
 
 
+def test_a_memory_cap_stops_a_step_that_needs_more(tmp_path):
+    """--memory-cap-gib holds the allocator (a smaller GPU on a larger one): a step that needs more is an
+    out-of-memory row; the same step under a roomy cap runs."""
+    out = tmp_path / "capped.json"
+    args = TINY_GPU + ["--seq", "128", "--batch", "2", "--steps", "2", "--warmup", "1", "--matmul-size", "512",
+                       "--variants", "ours_bf16"]
+    try:
+        train_step.main(args + ["--memory-cap-gib", "0.001", "--out", str(out)])
+        row = json.loads(out.read_text())["variants"][0]
+        assert row.get("error", "").startswith("out of memory"), row
+        train_step.main(args + ["--memory-cap-gib", "8", "--out", str(out)])
+        row = json.loads(out.read_text())["variants"][0]
+        assert "error" not in row and row["peak_mem_gib"] < 8, row
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
 def test_peers_train_from_the_reference_weights(tmp_path):
     """Each peer installed here runs a few steps and starts from HF's loss; one not installed is skipped."""
     from bench import peers

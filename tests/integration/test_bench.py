@@ -106,6 +106,12 @@ def test_ratios_are_against_hf_and_the_fastest_peer():
     assert by["fp8_delayed"]["model_tflops"] == pytest.approx(25.0)
 
 
+def test_a_memory_cap_needs_a_cuda_device(capsys):
+    with pytest.raises(SystemExit):
+        train_step.parse_args(TINY + ["--memory-cap-gib", "78.5"])
+    assert "--memory-cap-gib needs --device cuda" in capsys.readouterr().err
+
+
 def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     # Let the swap run on CPU: building it imports Transformer Engine, which is not installed here.
     monkeypatch.setattr(peers, "unavailable_reason", lambda name, device: None)

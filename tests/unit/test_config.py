@@ -132,8 +132,10 @@ def test_gpu_presets_are_fp8_on_gpu():
     assert big.model.base_uri.startswith("s3://")
     assert big.train.parallelism == "ddp" and load_config("llama3.1-8b-fp8-fsdp").train.parallelism == "fsdp"
     one, h100 = load_config("llama3.1-8b-fp8-1gpu"), load_config("llama3.1-8b-fp8-h100")
-    assert (h100.train.moments_fp8, h100.train.recompute_mlp) == (True, True)  # what holds it under 80 GB
-    assert dataclasses.replace(h100.train, moments_fp8=False, recompute_mlp=False) == one.train
+    lean = (h100.train.moments_fp8, h100.train.master_weights, h100.train.recast_fp8_weights)
+    assert lean == (True, "bf16_kahan8", True)  # what holds it under 80 GB
+    assert dataclasses.replace(h100.train, moments_fp8=False, master_weights="bf16_kahan",
+                               recast_fp8_weights=False) == one.train
     small = load_config("gpu-small-fp8")
     assert (small.train.fp8, small.train.use_gpu, small.train.workers) == ("delayed", True, 1)
 
