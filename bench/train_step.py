@@ -484,10 +484,11 @@ def print_profiles(rows: list[dict]) -> None:
 
 def cap_memory(device: torch.device, gib: float) -> None:
     """Hold the allocator to `gib` GiB of this GPU from here on: a variant that needs more is an out-of-memory row."""
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = torch.cuda.current_device() if device.index is None else device.index  # torch wants an index here
+    total = torch.cuda.get_device_properties(index).total_memory
     if gib * 2**30 > total:
         raise SystemExit(f"--memory-cap-gib {gib}: the GPU has only {total / 2**30:.1f} GiB")
-    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -112,6 +112,22 @@ def test_a_memory_cap_needs_a_cuda_device(capsys):
     assert "--memory-cap-gib needs --device cuda" in capsys.readouterr().err
 
 
+def test_a_memory_cap_is_a_fraction_of_the_device_it_names(monkeypatch):
+    """torch takes the fraction for a device index; `--device cuda` names none, so the current one is meant."""
+    from torch.cuda._utils import _get_device_index
+
+    set_fractions = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 80 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device: set_fractions.append((fraction, _get_device_index(device))))
+    train_step.cap_memory(torch.device("cuda"), 60.0)
+    train_step.cap_memory(torch.device("cuda:0"), 20.0)
+    assert set_fractions == [(0.75, 1), (0.25, 0)]
+    with pytest.raises(SystemExit, match="the GPU has only 80.0 GiB"):
+        train_step.cap_memory(torch.device("cuda"), 81.0)
+
+
 def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     # Let the swap run on CPU: building it imports Transformer Engine, which is not installed here.
     monkeypatch.setattr(peers, "unavailable_reason", lambda name, device: None)
