@@ -52,6 +52,8 @@ def variants() -> dict[str, tuple[str, str | None, str, bool, bool]]:
         table[f"fp8_delayed_{master}_fp8head"] = ("ours", "delayed", master, True, False)
     # the gradients' FP8 GEMMs with fast accumulation (`te_model.fp8.make_recipe`'s `fast_accumulation`)
     table[f"fp8_delayed_{DEFAULT_MASTER}_fp8head_fastacc"] = ("ours", "delayed", DEFAULT_MASTER, True, False)
+    # ... and the FP8 head's logits and weight-gradient GEMMs too (`fp8_head_fast_accumulation`)
+    table[f"fp8_delayed_{DEFAULT_MASTER}_fp8head_fastacc_headfast"] = ("ours", "delayed", DEFAULT_MASTER, True, False)
     for master in dict.fromkeys((DEFAULT_MASTER, "bf16_kahan8")):  # the default, and the leanest that keeps updates
         table[f"ours_bf16_{master}_moments_fp8"] = ("ours", None, master, False, True)
         table[f"fp8_delayed_{master}_fp8head_moments_fp8"] = ("ours", "delayed", master, True, True)
@@ -166,7 +168,8 @@ def llama_config(shape: str, vocab: int = BYTES) -> LlamaConfig:
                        rope_parameters={"rope_type": "default", "rope_theta": 1e4})
 
 
-def build(kind: str, config, state: dict, device, backend: str, fp8_head: bool = False) -> torch.nn.Module:
+def build(kind: str, config, state: dict, device, backend: str, fp8_head: bool = False,
+          head_fast: bool = False) -> torch.nn.Module:
     """HF with fp32 parameters (autocast does the bf16), or ours with bf16 parameters; the base weights."""
     if kind == "hf":
         model = common.build_hf(config, torch.float32, device)
@@ -175,6 +178,7 @@ def build(kind: str, config, state: dict, device, backend: str, fp8_head: bool =
         model = te_model.build_model(config, backend=backend, dtype=torch.bfloat16, device=device)
         common.load_hf_state(model, state)
         model.fp8_head = fp8_head
+        model.fp8_head_fast_accumulation = head_fast
     return model.train()
 
 
@@ -239,7 +243,7 @@ def relative_movement(model, start: list[torch.Tensor]) -> float:
 
 def finetune(name: str, lr: float, args, config, state, device, backend, batches, held) -> dict:
     kind, recipe, master, fp8_head, moments_fp8 = variants()[name]
-    model = build(kind, config, state, device, backend, fp8_head)
+    model = build(kind, config, state, device, backend, fp8_head, "_headfast" in name)
     start = [p.detach().clone() for p in model.parameters()]
     if kind == "hf":
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
@@ -253,7 +257,7 @@ def finetune(name: str, lr: float, args, config, state, device, backend, batches
         if step == warm:
             sync(device)
             started = time.perf_counter()
-        loss_of(kind, model, ids, device, recipe, name.endswith("_fastacc")).backward()
+        loss_of(kind, model, ids, device, recipe, "_fastacc" in name).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -274,7 +278,7 @@ def skip_reason(name: str, backend: str) -> str | None:
     if backend != "te":
         return "FP8 needs Transformer Engine on a GPU"
     try:
-        te_model.fp8.make_recipe(recipe, fast_accumulation=name.endswith("_fastacc"))
+        te_model.fp8.make_recipe(recipe, fast_accumulation="_fastacc" in name)
     except te_model.FP8UnsupportedError as exc:
         return str(exc)
     return None
@@ -308,7 +312,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
        HF Trainer does). Ours in bf16 with each `master_weights` option (`bf16` is the behaviour without
        master weights), and under FP8 delayed scaling with each. FP8 current scaling and FP8 delayed with
        the FP8 LM head, both with the default option. `_moments_fp8`: AdamW's moments kept in FP8
-       (`train.moments_fp8`). `_fastacc`: the gradients' FP8 GEMMs with fast accumulation.
+       (`train.moments_fp8`). `_fastacc`: the gradients' FP8 GEMMs with fast accumulation; `_headfast`: the
+       FP8 head's logits and weight-gradient GEMMs too.
 
     Printed: variant, lr, held-out loss on B, its difference from the reference in percent, the weights'
     relative movement |w - w_base| / |w_base|, and the step time. Without TE the FP8 variants are

@@ -68,6 +68,9 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_fastacc": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_fastacc_graphs": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8": ("ours", False, "delayed"),
+    # ... and the FP8 head's logits and weight-gradient GEMMs too (`fp8_head_fast_accumulation`)
+    "fp8_delayed_fp8head_fastacc_headfast": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_fastacc_headfast_graphs": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -146,6 +149,7 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
         common.load_hf_state(model, state)
         model.fused_loss = not name.endswith("_logits")
         model.fp8_head = "_fp8head" in name
+        model.fp8_head_fast_accumulation = "_headfast" in name
         model.mlp_recompute_enable("_recompute_mlp" in name)
         model.fp8_weight_recast_enable("_bwdcast" in name)
         for layer in model.model.layers if backend == "te" else ():
@@ -329,6 +333,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", FP8 moments" if "_moments_fp8" in name else "")
             + (", 1-byte Kahan compensation" if name.endswith("_kahan8") else "")
             + (", gradients' GEMMs fast-accumulated" if "_fastacc" in name else "")
+            + (", the head's too" if "_headfast" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

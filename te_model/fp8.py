@@ -52,7 +52,7 @@ def make_recipe(name: str, *, amax_history_len: int = 1024, fp8_format: str = "h
     `fast_accumulation` (`delayed` and `current` only) runs the backward FP8 GEMMs of TE's layers (data and
     weight gradients) with Hopper's fast accumulation, as TE runs their forward ones, instead of promoting
     partial sums to fp32 every few blocks (TE's default for gradients, `use_split_accumulator`). The FP8
-    LM head's GEMMs (`fp8_head`) are not TE's and keep their accumulation.
+    LM head's GEMMs (`fp8_head`) are not TE's: the model's `fp8_head_fast_accumulation` sets theirs.
     """
     if name not in RECIPES:
         raise FP8UnsupportedError(f"fp8 recipe {name!r} is unknown (choose from {', '.join(RECIPES)})")

@@ -52,9 +52,15 @@ class FP8HeadGemms:
     GEMMs undo `divisor * 2**15`. Logits come out in bf16, and the loss itself runs in fp32 as on the
     bf16 path. `_scaled_mm` needs every GEMM dimension divisible by 16, so a chunk's rows are
     zero-padded to 16; padding rows carry no gradient.
+
+    The GEMMs promote their partial sums to fp32 every few blocks, as TE's gradient GEMMs do by default.
+    `fast_accumulation` runs two of them with Hopper's fast accumulation instead: the logits (a reduction
+    over the hidden size, like TE's forward GEMMs) and the weight gradient (over a chunk's tokens, like
+    TE's weight-gradient GEMMs under `train.fp8_fast_accumulation`). The input gradient's reduction runs
+    over the whole vocabulary, 128k terms for Llama 3, and keeps the promotion.
     """
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, divisor: float):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, divisor: float, fast_accumulation: bool = False):
         reason = unfit_reason(weight.shape[1], weight.shape[0])
         if reason:
             raise ValueError(f"fp8 head: {reason}")
@@ -66,11 +72,12 @@ class FP8HeadGemms:
         # made on the device (a fill): a tensor copied from a host float would wait for the GPU to catch up
         self.grad_scale = torch.full((), 1.0 / (divisor * GRAD_SHIFT), dtype=torch.float32, device=weight.device)
         self.hq = self.h_scale = None
+        self.fast_accumulation = fast_accumulation
 
     def logits(self, start: int, stop: int) -> torch.Tensor:
         self.hq, self.h_scale = quantize(_padded_rows(self.hidden[start:stop]))  # (c', H), c' = c rounded up
         return torch._scaled_mm(self.hq, self.wq.t(), scale_a=self.h_scale, scale_b=self.w_scale,
-                                out_dtype=self.dtype)
+                                out_dtype=self.dtype, use_fast_accum=self.fast_accumulation)
 
     @staticmethod
     def grad_buffer(logits: torch.Tensor, rows: int) -> torch.Tensor:
@@ -83,11 +90,12 @@ class FP8HeadGemms:
         if self.wq_t is None:
             self.wq_t = transpose(self.wq)
         return torch._scaled_mm(dq, self.wq_t.t(), scale_a=self.grad_scale, scale_b=self.w_scale,
-                                out_dtype=self.dtype)
+                                out_dtype=self.dtype, use_fast_accum=False)
 
     def grad_weight(self, dq, start: int, stop: int, acc: torch.Tensor | None, final: bool) -> torch.Tensor:
         product = torch._scaled_mm(transpose(dq), transpose(self.hq).t(), scale_a=self.grad_scale,
-                                   scale_b=self.h_scale, out_dtype=self.dtype if final else torch.float32)
+                                   scale_b=self.h_scale, out_dtype=self.dtype if final else torch.float32,
+                                   use_fast_accum=self.fast_accumulation)
         if acc is None:
             return product
         return acc.add_(product)

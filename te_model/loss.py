@@ -27,10 +27,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets`, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, divisor, chunk_tokens, fp8_head):  # (N, H), (V, H), (N,)
+    def forward(ctx, hidden, weight, targets, divisor, chunk_tokens, fp8_head, fast_accumulation):
+        # hidden (N, H), weight (V, H), targets (N,)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
-        gemms = FP8HeadGemms(hidden, weight, divisor) if fp8_head else HeadGemms(hidden, weight, divisor)
+        gemms = (FP8HeadGemms(hidden, weight, divisor, fast_accumulation) if fp8_head
+                 else HeadGemms(hidden, weight, divisor))
         grad_hidden = torch.empty_like(hidden) if want_h else None
         # written by the first chunk's GEMM and accumulated into by the others in fp32; where one chunk holds
         # every token there is nothing to accumulate, and the GEMM writes it in the weight's dtype at once
@@ -66,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = grad_weight * grad_output.to(grad_weight.dtype)  # the saved gradient stays as it was
         else:  # cast first, then scale in place: one fp32 read instead of an fp32 product written and read again
             grad_w = grad_weight.to(ctx.weight_dtype).mul_(grad_output)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 class HeadGemms:
@@ -155,13 +157,14 @@ def scored_tokens(labels: torch.Tensor) -> ScoredTokens:
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                    num_items_in_batch: int | torch.Tensor | None = None,
-                   reduction: str = "mean", fp8_head: bool = False,
+                   reduction: str = "mean", fp8_head: bool = False, fp8_head_fast_accumulation: bool = False,
                    scored: ScoredTokens | None = None) -> torch.Tensor:
     """Cross-entropy of the LM head `weight` (vocab, hidden) over `hidden` (batch, seq, hidden).
 
     `labels` (batch, seq) are aligned with the inputs, as HF takes them. `reduction="sum"` returns the
     summed token losses (the eval stage adds them up over batches). `fp8_head` runs the head's three GEMMs
-    in FP8 (`te_model.fp8_head`); off by default, the head stays in the weight's dtype. `scored`: the
+    in FP8 (`te_model.fp8_head`); off by default, the head stays in the weight's dtype.
+    `fp8_head_fast_accumulation`: two of them with fast accumulation (`FP8HeadGemms`). `scored`: the
     labels' `scored_tokens`, found beforehand (the training loop finds them on the host); None finds them
     here.
 
@@ -192,4 +195,4 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     else:
         divisor = float(max(1, targets.numel()))
     chunk = _chunk_tokens(weight.shape[0], weight.device)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk, fp8_head)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk, fp8_head, fp8_head_fast_accumulation)

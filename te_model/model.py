@@ -117,6 +117,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
 
     fused_loss = True
     fp8_head = False  # the fused loss's head GEMMs in FP8 (te_model.fp8_head); the pipeline sets it
+    fp8_head_fast_accumulation = False  # two of those GEMMs with fast accumulation (FP8HeadGemms)
 
     def mlp_recompute_enable(self, on: bool = True) -> None:
         """Recompute each decoder layer's MLP in backward instead of keeping its activations (and, under FP8,
@@ -147,7 +148,8 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch=num_items,
-                              fp8_head=self.fp8_head, scored=scored)
+                              fp8_head=self.fp8_head, fp8_head_fast_accumulation=self.fp8_head_fast_accumulation,
+                              scored=scored)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                       attentions=outputs.attentions)
 

@@ -42,9 +42,10 @@
 #                                             8B model's parameters beside torch's fused AdamW; fine-tuning quality
 #                                             against HF's fp32-master training (136M, bytes), also of bf16_kahan8 and
 #                                             of fast accumulation
-#   bash bench/gpu/run.sh fast-accum [args]   the gradients' FP8 GEMMs with fast accumulation, and bf16_kahan8: the
-#                                             Llama-3.1-8B step (32 layers, 2 x 4096) beside HF and the default, kernel
-#                                             time by kind; then the GPU test of fast accumulation (quality: moments-fp8)
+#   bash bench/gpu/run.sh fast-accum [args]   fast accumulation in the FP8 head's GEMMs too (logits, weight gradient): the
+#                                             Llama-3.1-8B step (32 layers, 2 x 4096) and the 1B step (4 x 2048) beside HF
+#                                             and the default; the GPU tests of fast accumulation; fine-tuning quality at
+#                                             a 128k vocabulary against HF's fp32-master training
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
 #                                             both, the MLP recomputed; the 80 GB preset's step held to 78.5 GiB;
@@ -161,13 +162,18 @@ case $part in
       --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head,fp8_delayed_bf16_kahan8_fp8head,fp8_delayed_bf16_kahan_fp8head_moments_fp8,fp8_delayed_bf16_kahan8_fp8head_moments_fp8,fp8_delayed_bf16_kahan_fp8head_fastacc 2>&1 | quiet \
       | tee $R/quality-moments-fp8.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   fast-accum)
-    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 \
-      --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8 \
-      --profile-steps 2 \
-      --out $R/8b-fast-accum.json "$@" 2>&1 | quiet | tee $R/8b-fast-accum.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
-    python3 -m pytest tests/gpu/test_te.py -m gpu -s -q -p no:cacheprovider -o addopts="" -k fast_accumulation 2>&1 \
-      | quiet | tee $R/fast-accum-tests.log | grep "fast accumulation:\|passed\|failed\|Error\|^FAILED" | tail -4
-    rc=$((rc | PIPESTATUS[0])) ;;
+    for shape in "llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8" "llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15"; do
+      python3 bench/train_step.py --shape $shape --master-weights bf16_kahan \
+        --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_headfast \
+        --out $R/fast-accum-${shape%% *}.json "$@" 2>&1 | quiet | tee $R/fast-accum-${shape%% *}.log | sed -n '/^NVIDIA/,$p'
+      rc=$((rc | PIPESTATUS[0]))
+    done
+    python3 -m pytest tests/gpu/test_te.py tests/unit/test_ce_kernel.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
+      -k fast_accumulation 2>&1 | quiet | tee $R/fast-accum-tests.log | grep "fast accumulation:\|passed\|failed\|Error\|^FAILED" | tail -4
+    rc=$((rc | PIPESTATUS[0]))
+    python3 bench/finetune_quality.py --vocab 128256 --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
+      --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head_fastacc,fp8_delayed_bf16_kahan_fp8head_fastacc_headfast 2>&1 \
+      | quiet | tee $R/quality-head-fast.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \

@@ -224,3 +224,50 @@ def test_fp8_head_on_gpu_at_llama3_vocab():
     cosine = lambda a, b: float((a * b).sum() / a.norm() / b.norm())  # noqa: E731
     assert loss == pytest.approx(ref_loss, rel=5e-3)
     assert cosine(dh, ref_dh) > 0.99 and cosine(dw, ref_dw) > 0.99, (cosine(dh, ref_dh), cosine(dw, ref_dw))
+
+
+def test_fp8_head_fast_accumulation_reaches_the_logits_and_weight_gradient_gemms_only(monkeypatch):
+    """The input gradient's GEMM reduces over the whole vocabulary and keeps the promoted accumulation."""
+    calls, scaled_mm = [], torch._scaled_mm
+
+    def spy(a, b, **kwargs):
+        out = scaled_mm(a, b, **kwargs)
+        calls.append((tuple(out.shape), kwargs["use_fast_accum"]))
+        return out
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 80, 64, generator=gen).bfloat16().requires_grad_()
+    weight = (torch.randn(320, 64, generator=gen) * 0.05).bfloat16().requires_grad_()
+    labels = torch.randint(0, 320, (1, 80), generator=gen)
+    for fast in (True, False):
+        calls.clear()
+        causal_lm_loss(hidden, weight, labels, fp8_head=True, fp8_head_fast_accumulation=fast).backward()
+        # 79 scored rows padded to 80: logits (80, V), input gradient (80, H), weight gradient (V, H)
+        assert calls == [((80, 320), fast), ((80, 64), False), ((320, 64), fast)]
+
+
+@pytest.mark.gpu
+@gpu
+def test_fp8_head_fast_accumulation_on_gpu_at_llama3_vocab():
+    """Against the bf16 head, the gradients with fast accumulation are as close as with the promotion."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(2, 2048, 4096, generator=gen, device="cuda").bfloat16()
+    weight = (torch.randn(128256, 4096, generator=gen, device="cuda") * 0.02).bfloat16()
+    labels = torch.randint(0, 128256, (2, 2048), generator=gen, device="cuda")
+    ref_loss, ref_dh, ref_dw = _loss_and_grads(False, hidden, weight, labels)
+    split_loss, split_dh, split_dw = _loss_and_grads(True, hidden, weight, labels)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    fast_loss = causal_lm_loss(h, w, labels, fp8_head=True, fp8_head_fast_accumulation=True)
+    fast_loss.backward()
+    fast_dh, fast_dw = h.grad.float(), w.grad.float()
+
+    def error(a, b):
+        return float((a - b).norm() / b.norm())
+
+    print(f"\nFP8 head, fast accumulation: loss {fast_loss.item():.6f} (split {split_loss:.6f}, bf16 {ref_loss:.6f}); "
+          f"dh error vs bf16 {error(fast_dh, ref_dh):.3e} (split {error(split_dh, ref_dh):.3e}); "
+          f"dW {error(fast_dw, ref_dw):.3e} (split {error(split_dw, ref_dw):.3e})")
+    assert fast_loss.item() == pytest.approx(split_loss, rel=1e-3)
+    assert error(fast_dh, ref_dh) <= 1.05 * error(split_dh, ref_dh)
+    assert error(fast_dw, ref_dw) <= 1.05 * error(split_dw, ref_dw)
