@@ -212,13 +212,18 @@ def test_fp8_head_refuses_shapes_the_fp8_gemm_cannot_take():
         causal_lm_loss(hidden.requires_grad_(), torch.randn(320, 60).bfloat16(), labels, fp8_head=True)
 
 
+def _llama3_head_batch(rows: int, seq: int, hidden_size: int):
+    """Hidden states, a head of Llama 3's 128,256 rows and labels, on the GPU."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(rows, seq, hidden_size, generator=gen, device="cuda").bfloat16()
+    weight = (torch.randn(128256, hidden_size, generator=gen, device="cuda") * 0.02).bfloat16()
+    return hidden, weight, torch.randint(0, 128256, (rows, seq), generator=gen, device="cuda")
+
+
 @pytest.mark.gpu
 @gpu
 def test_fp8_head_on_gpu_at_llama3_vocab():
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(2, 1024, 2048, generator=gen, device="cuda").bfloat16()
-    weight = (torch.randn(128256, 2048, generator=gen, device="cuda") * 0.02).bfloat16()
-    labels = torch.randint(0, 128256, (2, 1024), generator=gen, device="cuda")
+    hidden, weight, labels = _llama3_head_batch(rows=2, seq=1024, hidden_size=2048)
     ref_loss, ref_dh, ref_dw = _loss_and_grads(False, hidden, weight, labels)
     loss, dh, dw = _loss_and_grads(True, hidden, weight, labels)
     cosine = lambda a, b: float((a * b).sum() / a.norm() / b.norm())  # noqa: E731
@@ -251,10 +256,7 @@ def test_fp8_head_fast_accumulation_reaches_the_logits_and_weight_gradient_gemms
 @gpu
 def test_fp8_head_fast_accumulation_on_gpu_at_llama3_vocab():
     """Against the bf16 head, the gradients with fast accumulation are as close as with the promotion."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(2, 2048, 4096, generator=gen, device="cuda").bfloat16()
-    weight = (torch.randn(128256, 4096, generator=gen, device="cuda") * 0.02).bfloat16()
-    labels = torch.randint(0, 128256, (2, 2048), generator=gen, device="cuda")
+    hidden, weight, labels = _llama3_head_batch(rows=2, seq=2048, hidden_size=4096)
     ref_loss, ref_dh, ref_dw = _loss_and_grads(False, hidden, weight, labels)
     split_loss, split_dh, split_dw = _loss_and_grads(True, hidden, weight, labels)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
