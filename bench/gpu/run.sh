@@ -169,7 +169,7 @@ case $part in
       rc=$((rc | PIPESTATUS[0]))
     done
     python3 -m pytest tests/gpu/test_te.py tests/unit/test_ce_kernel.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
-      -k fast_accumulation 2>&1 | quiet | tee $R/fast-accum-tests.log | grep "fast accumulation:\|passed\|failed\|Error\|^FAILED" | tail -4
+      -k "fast_accumulation or fp8_head_on_gpu" 2>&1 | quiet | tee $R/fast-accum-tests.log | grep "fast accumulation:\|passed\|failed\|Error\|^FAILED" | tail -4
     rc=$((rc | PIPESTATUS[0]))
     python3 bench/finetune_quality.py --vocab 128256 --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
       --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head_fastacc,fp8_delayed_bf16_kahan_fp8head_fastacc_headfast 2>&1 \
