@@ -29,23 +29,29 @@ pytestmark = [
 BUCKET = "gpu-job"
 
 
-def run_gpu_small_job(tmp_path_factory, s3_server, mlflow_server, *overrides: str):
-    """Run the `gpu-small-fp8` preset (with `overrides`) through the job: (MLflow client, parent run, the
-    stage runs by stage name)."""
-    options = storage.StorageOptions(endpoint_url=s3_server.endpoint_url)
-    if not storage.exists(f"s3://{BUCKET}/base/gpu-small/config.json", options):
-        s3_server.create_bucket(BUCKET)
-        base = make_tiny_checkpoint(tmp_path_factory.mktemp("base"), layers=8, hidden=2048, heads=16, kv_heads=8,
-                                    intermediate=5632, max_shard_size="500MB")
-        storage.publish(base, f"s3://{BUCKET}/base/gpu-small", options)
+@pytest.fixture(scope="module")
+def gpu_small_base(tmp_path_factory, s3_server) -> str:
+    """A random-weight 380M Llama published to the test's bucket, for every job test here."""
+    s3_server.create_bucket(BUCKET)
+    base = make_tiny_checkpoint(tmp_path_factory.mktemp("base"), layers=8, hidden=2048, heads=16, kv_heads=8,
+                                intermediate=5632, max_shard_size="500MB")
+    uri = f"s3://{BUCKET}/base/gpu-small"
+    storage.publish(base, uri, storage.StorageOptions(endpoint_url=s3_server.endpoint_url))
+    return uri
+
+
+def run_gpu_small_job(tmp_path_factory, s3_server, mlflow_server, base_uri: str, run_name: str = "gpu-small-fp8",
+                      overrides: tuple[str, ...] = ()):
+    """Run the `gpu-small-fp8` preset as `run_name` (with `overrides`) through the job: (MLflow client, parent
+    run, the stage runs by stage name)."""
     given = [
-        f"run.output_uri=s3://{BUCKET}/runs", f"run.cache_dir={tmp_path_factory.mktemp('node')}",
-        f"storage.endpoint_url={s3_server.endpoint_url}", f"model.base_uri=s3://{BUCKET}/base/gpu-small",
+        f"run.name={run_name}", f"run.output_uri=s3://{BUCKET}/runs",
+        f"run.cache_dir={tmp_path_factory.mktemp('node')}", f"storage.endpoint_url={s3_server.endpoint_url}",
+        f"model.base_uri={base_uri}",
         f"tracking.uri={mlflow_server.uri}", "train.log_every=1", *overrides,
     ]
     args = ["--config", "configs/gpu-small-fp8.yaml", *[a for o in given for a in ("--set", o)]]
     assert finetune.main(args) == 0
-    run_name = next((o.split("=", 1)[1] for o in overrides if o.startswith("run.name=")), "gpu-small-fp8")
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name("gpu-small-fp8")
     runs = client.search_runs([experiment.experiment_id])
@@ -57,8 +63,8 @@ def run_gpu_small_job(tmp_path_factory, s3_server, mlflow_server, *overrides: st
     return client, parent, stages
 
 
-def test_fp8_job_on_gpu(tmp_path_factory, s3_server, mlflow_server, ray_cluster):
-    client, _, stages = run_gpu_small_job(tmp_path_factory, s3_server, mlflow_server)
+def test_fp8_job_on_gpu(tmp_path_factory, s3_server, mlflow_server, ray_cluster, gpu_small_base):
+    client, _, stages = run_gpu_small_job(tmp_path_factory, s3_server, mlflow_server, gpu_small_base)
     assert stages["train"].data.tags["lm_head"] == "fp8"  # the default with FP8 on a head that fits
     assert stages["train"].data.tags["fp8_gradient_accumulation"] == "fast"  # the default under delayed scaling
     train_id = stages["train"].info.run_id
@@ -87,7 +93,8 @@ def test_fp8_job_on_gpu(tmp_path_factory, s3_server, mlflow_server, ray_cluster)
     assert versions
 
 
-def test_fp8_job_with_the_80_gb_presets_memory_options(tmp_path_factory, s3_server, mlflow_server, ray_cluster):
+def test_fp8_job_with_the_80_gb_presets_memory_options(tmp_path_factory, s3_server, mlflow_server, ray_cluster,
+                                                       gpu_small_base):
     """The train settings that hold `llama3.1-8b-fp8-h100` under 80 GB (FP8 moments, a 1-byte compensation,
     FP8 weights cast again in backward), through the whole job: it trains, evaluates better than the base
     and registers the model."""
@@ -97,8 +104,9 @@ def test_fp8_job_with_the_80_gb_presets_memory_options(tmp_path_factory, s3_serv
     assert (settings["train.moments_fp8"], settings["train.recast_fp8_weights"]) == (True, True)
     overrides = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
     client, parent, stages = run_gpu_small_job(
-        tmp_path_factory, s3_server, mlflow_server, *overrides, "run.name=gpu-small-fp8-lean",
-        "export.registered_model_name=gpu-small-fp8-lean", "train.max_steps=100", "train.checkpoint_every=50")
+        tmp_path_factory, s3_server, mlflow_server, gpu_small_base, "gpu-small-fp8-lean",
+        (*overrides, "export.registered_model_name=gpu-small-fp8-lean", "train.max_steps=100",
+         "train.checkpoint_every=50"))
     assert {k: parent.data.params[k] for k in settings} == {k: str(v) for k, v in settings.items()}
     assert stages["train"].data.tags["fp8_gradient_accumulation"] == "fast"
     history = client.get_metric_history(stages["train"].info.run_id, "loss")
