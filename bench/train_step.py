@@ -368,13 +368,14 @@ def measure(args, device) -> dict:
            "ours_backend_reason": backend_reason, "master_weights": args.master_weights}
     result = {"environment": common.environment(device), "run": run, "variants": []}
     if args.memory_cap_gib is not None:
-        cap_memory(device, args.memory_cap_gib)
         run["memory_cap_gib"] = args.memory_cap_gib
-    for name in args.variants:
-        print(f"[train_step] {name} ...", file=sys.stderr, flush=True)
-        result["variants"].append(variant_row(name, args, config, state, batches, device, backend, backend_reason))
-        add_rates(result["variants"], flops, tokens, matmul_peak)
-        common.write_json(args.out, result)  # after every variant: a run cut short keeps what it measured
+    with capped_memory(device, args.memory_cap_gib):
+        for name in args.variants:
+            print(f"[train_step] {name} ...", file=sys.stderr, flush=True)
+            result["variants"].append(variant_row(name, args, config, state, batches, device, backend,
+                                                  backend_reason))
+            add_rates(result["variants"], flops, tokens, matmul_peak)
+            common.write_json(args.out, result)  # after every variant: a run cut short keeps what it measured
     return result
 
 
@@ -487,13 +488,23 @@ def print_profiles(rows: list[dict]) -> None:
             print(trace_gaps.format_report(r["label"], r["profile"]["gaps"]))
 
 
-def cap_memory(device: torch.device, gib: float) -> None:
-    """Hold the allocator to `gib` GiB of this GPU from here on: a variant that needs more is an out-of-memory row."""
+@contextlib.contextmanager
+def capped_memory(device: torch.device, gib: float | None):
+    """Hold the allocator to `gib` GiB of this GPU inside the block (a variant that needs more is an
+    out-of-memory row), and to the whole GPU again after it: the cap is the process's, not the run's. None:
+    no cap."""
+    if gib is None:
+        yield
+        return
     index = torch.cuda.current_device() if device.index is None else device.index  # torch wants an index here
     total = torch.cuda.get_device_properties(index).total_memory
     if gib * 2**30 > total:
         raise SystemExit(f"--memory-cap-gib {gib}: the GPU has only {total / 2**30:.1f} GiB")
     torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -112,8 +112,10 @@ def test_a_memory_cap_needs_a_cuda_device(capsys):
     assert "--memory-cap-gib needs --device cuda" in capsys.readouterr().err
 
 
-def test_a_memory_cap_is_a_fraction_of_the_device_it_names(monkeypatch):
-    """torch takes the fraction for a device index; `--device cuda` names none, so the current one is meant."""
+def test_a_memory_cap_is_a_fraction_of_the_device_it_names_and_is_lifted_after(monkeypatch):
+    """torch takes the fraction for a device index; `--device cuda` names none, so the current one is meant.
+    The cap is the process's: lifted when the run ends, or the next run in the process (a test's second
+    `main`) would start under it."""
     from torch.cuda._utils import _get_device_index
 
     set_fractions = []
@@ -121,11 +123,18 @@ def test_a_memory_cap_is_a_fraction_of_the_device_it_names(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 80 * 2**30}))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
                         lambda fraction, device: set_fractions.append((fraction, _get_device_index(device))))
-    train_step.cap_memory(torch.device("cuda"), 60.0)
-    train_step.cap_memory(torch.device("cuda:0"), 20.0)
-    assert set_fractions == [(0.75, 1), (0.25, 0)]
+    with train_step.capped_memory(torch.device("cuda"), 60.0):
+        assert set_fractions == [(0.75, 1)]
+    with pytest.raises(RuntimeError, match="a variant failed"):
+        with train_step.capped_memory(torch.device("cuda:0"), 20.0):
+            raise RuntimeError("a variant failed")
+    assert set_fractions == [(0.75, 1), (1.0, 1), (0.25, 0), (1.0, 0)]
     with pytest.raises(SystemExit, match="the GPU has only 80.0 GiB"):
-        train_step.cap_memory(torch.device("cuda"), 81.0)
+        with train_step.capped_memory(torch.device("cuda"), 81.0):
+            pass
+    with train_step.capped_memory(torch.device("cuda"), None):
+        pass
+    assert len(set_fractions) == 4
 
 
 def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
