@@ -52,12 +52,11 @@ JOBS = {
 # bench/peers.py's peers, named here because this launcher imports no torch
 PEERS = ("hf_liger", "hf_torchao_fp8", "accelerate_te_fp8", "te_llama_swap")
 # `_fastacc`: the gradients' FP8 GEMMs fast-accumulated, as the pipeline runs them (`train.fp8_fast_accumulation`)
-OURS = ["ours_bf16", "fp8_delayed", "fp8_delayed_fp8head", "fp8_delayed_fp8head_fastacc",
-        "fp8_delayed_fp8head_fastacc_headfast", "fp8_delayed_fp8head_inline",
+OURS = ["ours_bf16", "fp8_delayed", "fp8_delayed_fp8head", "fp8_delayed_fp8head_fastacc", "fp8_delayed_fp8head_inline",
         "fp8_delayed_recompute_mlp", "fp8_delayed_fp8head_recompute_mlp"]
 # At short steps the host launches TE's kernels barely as fast as the GPU runs them: CUDA graphs there
 GRAPHS = ["ours_bf16_graphs", "fp8_delayed_graphs", "fp8_delayed_fp8head_graphs", "fp8_delayed_fp8head_fastacc_graphs",
-          "fp8_delayed_fp8head_fastacc_headfast_graphs", "fp8_delayed_fp8head_inline_graphs"]
+          "fp8_delayed_fp8head_inline_graphs"]
 # Also with the three ways to hold less for about 1% more time: against the leanest peer's memory
 LEAN = ["fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8", "fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8"]
 
@@ -90,7 +89,6 @@ OURS_AGAINST_PEERS = (("fp8_delayed", "FP8 delayed"), ("fp8_delayed_fp8head", "F
                       ("fp8_delayed_recompute_mlp", "FP8 delayed, MLP recomputed"),
                       ("fp8_delayed_fp8head_recompute_mlp", "FP8 delayed + FP8 head, MLP recomputed"),
                       ("fp8_delayed_fp8head_fastacc", "FP8 delayed + FP8 head, fast accumulation"),
-                      ("fp8_delayed_fp8head_fastacc_headfast", "FP8 delayed + FP8 head, fast accumulation, the head's too"),
                       ("fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8",
                        "FP8 delayed + FP8 head, FP8 weights cast again in backward, FP8 moments, 1-byte Kahan"),
                       ("fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8",

@@ -335,12 +335,10 @@ def test_peer_jobs_run_hf_the_peers_and_ours_at_the_three_shapes_only_when_named
         args = train_step.parse_args(job_args)  # refuses an unknown variant or shape
         assert script == "train_step" and args.master_weights == "bf16_kahan", name
         ours = ["ours_bf16", "fp8_delayed", "fp8_delayed_fp8head", "fp8_delayed_fp8head_fastacc",
-                "fp8_delayed_fp8head_fastacc_headfast", "fp8_delayed_fp8head_inline", "fp8_delayed_recompute_mlp",
-                "fp8_delayed_fp8head_recompute_mlp"]
+                "fp8_delayed_fp8head_inline", "fp8_delayed_recompute_mlp", "fp8_delayed_fp8head_recompute_mlp"]
         if name != "peers-8b-4096":  # the short steps: also with CUDA graphs
             ours += ["ours_bf16_graphs", "fp8_delayed_graphs", "fp8_delayed_fp8head_graphs",
-                     "fp8_delayed_fp8head_fastacc_graphs", "fp8_delayed_fp8head_fastacc_headfast_graphs",
-                     "fp8_delayed_fp8head_inline_graphs"]
+                     "fp8_delayed_fp8head_fastacc_graphs", "fp8_delayed_fp8head_inline_graphs"]
         if name != "peers-8b-256":  # also holding less (FP8 weights cast again in backward, FP8 moments, 1-byte Kahan)
             ours += ["fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8",
                      "fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8"]
