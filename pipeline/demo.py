@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.errors import PipelineError
+from pipeline.progress import no_progress_bars
 from pipeline.storage.manifest import write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +115,8 @@ def make_tiny_checkpoint(
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
     model.generation_config.pad_token_id = None
-    model.save_pretrained(str(out), max_shard_size=max_shard_size)
+    with no_progress_bars():
+        model.save_pretrained(str(out), max_shard_size=max_shard_size)
     return out
 
 

@@ -9,9 +9,10 @@ with the stage in brackets (`[train] step 12/300 ...`), so `grep '^\S*\[train\]'
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 
 def echo(stage: str, text: str) -> None:
@@ -22,6 +23,21 @@ def echo(stage: str, text: str) -> None:
     """
     sys.stdout.write(f"[{stage}] {text}\n")
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' tqdm bars (writing shards, loading weights) off inside the block, as they were after it:
+    in a job's log each bar is a line of carriage returns among the progress lines."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def duration(seconds: float) -> str:

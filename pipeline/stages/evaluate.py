@@ -256,7 +256,8 @@ def generate_samples(
         return []
     device = torch.device(device or default_device())
     tokenizer = AutoTokenizer.from_pretrained(str(export_dir), trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(str(export_dir), trust_remote_code=False).to(device).eval()
+    with progress.no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(str(export_dir), trust_remote_code=False).to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     samples = []
     for prompt in chosen:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from dataclasses import asdict, dataclass
 
 import ray.train
@@ -37,6 +38,8 @@ from pipeline.train.faults import NO_FAULTS, FaultInjector
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The Ray Train module that logs each report; loaded on a worker before the loop runs
+RAY_REPORT_MODULE = "ray.train.v2._internal.execution.context"
 
 
 def train_loop_per_worker(spec: WorkerSpec) -> dict:
@@ -48,6 +51,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict:
     no restart can fix; such an error is recorded before it is raised. Otherwise {"checkpoints": [...]}:
     the step, training stall, upload time and size of each checkpoint of this attempt.
     """
+    _quiet_ray_reports()
     context = ray.train.get_context()
     place = loop.Placement(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
     reason = permanent.agreed_reason(spec.run_uri, spec.attempt, place.rank, spec.options, place.device)
@@ -61,6 +65,14 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict:
             permanent.write(spec.run_uri, spec.attempt, place.rank, exc, spec.options)
         raise
     return {"stopped": stopped} if stopped else {"checkpoints": checkpoints}
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train logs each report at INFO, every metric of it, from every rank, through a logger named by
+    its source file; the progress lines already say it once. Nothing to do if Ray moved it."""
+    module = sys.modules.get(RAY_REPORT_MODULE)
+    if module is not None:
+        logging.getLogger(module.__file__).setLevel(logging.WARNING)
 
 
 def _train(spec: WorkerSpec, place: loop.Placement) -> tuple[str | None, list[dict]]:

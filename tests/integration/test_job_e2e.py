@@ -151,6 +151,8 @@ def test_ray_job_submit_to_a_head_node(tmp_path, ray_head):
         lines = [line for line in done.stdout.splitlines() if f"[train] step {step}/2 loss " in line]
         assert len(lines) == 1, lines  # printed once, not also through Ray Train's print patch
         assert " tokens/s " in lines[0] and " eta " in lines[0]
+    assert "[train] checkpoint of step 2 committed" in done.stdout
+    assert "Reporting training result" not in done.stdout + done.stderr  # Ray Train's copy of each report
     assert "[data] train: " in done.stdout and "[eval] finetuned: loss " in done.stdout
 
 

@@ -57,3 +57,24 @@ def test_mfu_reads_n_a_where_the_devices_peak_is_unknown():
 
     line = step_line({**metrics(3), "mfu": 0.0}, 10, elapsed_s=6.0, eta_s=14.0)
     assert " mfu n/a " in line and "%" not in line
+
+
+def test_no_progress_bars_turns_transformers_bars_off_inside_the_block_only(capsys):
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.progress import no_progress_bars
+
+    assert hf_logging.is_progress_bar_enabled()
+    with no_progress_bars():
+        assert not hf_logging.is_progress_bar_enabled()
+        for _ in hf_logging.tqdm(range(3), desc="Writing model shards"):
+            pass
+    assert "Writing model shards" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a caller that turned them off keeps them off
+    try:
+        with no_progress_bars():
+            pass
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
