@@ -27,8 +27,8 @@ def echo(stage: str, text: str) -> None:
 
 @contextlib.contextmanager
 def no_progress_bars() -> Iterator[None]:
-    """transformers' tqdm bars (writing shards, loading weights) off inside the block, as they were after it:
-    in a job's log each bar is a line of carriage returns among the progress lines."""
+    """transformers' tqdm bars (writing shards, loading weights) off inside the block and back as they were
+    after it: in a job's log each bar is a line of carriage returns among the progress lines."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
