@@ -182,6 +182,10 @@ class Steps:
         self.state, self.faults, self.ahead = state, faults, ahead
         self.queued: Passes | None = None
         self.last_done = time.perf_counter()
+        # On a CPU the queued passes run when queued, inside the step before: their seconds are carried
+        # over to their own step, or the first step would count two steps' passes and the last none.
+        self.passes_run_when_queued = state.place.device.type == "cpu"
+        self.carried_s = 0.0
         self.flops_per_token = flops_per_token(state.model, state.shard.seq_len)
         self.peak_flops = peak_flops(state.place.device)
 
@@ -197,14 +201,19 @@ class Steps:
         # 2. clip, agree across ranks, update: all queued on the device
         flags, lr = clip_agree_update(state, passes.loss)
         # 3. the next step's passes, queued before this step's outcome is read
+        queued_s = 0.0
         if self.ahead and progress.step + 1 < state.train.max_steps:
+            started = time.perf_counter()
             self.queued = forward_backward(state, passes.position, progress.step + 2, self.faults)
+            if self.passes_run_when_queued:
+                queued_s = time.perf_counter() - started
         state.join_update()  # what comes after this step (a checkpoint, a rollback) sees the update
         # 4. the outcome: the host's one wait on the device
         agreed = agreement.read_agreement(flags, world)
         progress.epoch, progress.offset = passes.position
         now = time.perf_counter()
-        elapsed, self.last_done = now - self.last_done, now
+        elapsed = now - self.last_done - queued_s + self.carried_s
+        self.last_done, self.carried_s = now, queued_s
         if agreed.nonfinite:
             self.drop_queued()
             return None, agreed
@@ -221,7 +230,7 @@ class Steps:
     def drop_queued(self) -> None:
         """Forget the queued passes: gradients zeroed; their micro-batches are read again."""
         if self.queued is not None:
-            self.queued = None
+            self.queued, self.carried_s = None, 0.0
             self.state.optimizer.zero_grad(set_to_none=True)
 
     def _metrics(self, progress: Progress, agreed: agreement.StepAgreement, lr: float, tokens: int,

@@ -103,6 +103,33 @@ def test_running_ahead_changes_no_number(worker_for):
     assert all(torch.equal(runs[0][1][name], runs[1][1][name]) for name in runs[0][1])
 
 
+@pytest.mark.parametrize("ahead", [True, False])
+def test_each_step_is_timed_with_its_own_passes_on_a_cpu(worker_for, monkeypatch, ahead):
+    """On a CPU the queued passes run when queued, inside the step before: a step's tokens/s still covers its
+    own passes and update, the first and last steps' too (a clock that moves only in them: 10 s a step's
+    passes, 1 s its update)."""
+    w = worker_for(3)
+    clock = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    passes, update = loop.forward_backward, loop.clip_agree_update
+
+    def timed(seconds, fn):
+        def run(*args, **kwargs):
+            clock[0] += seconds
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(loop, "forward_backward", timed(10.0, passes))
+    monkeypatch.setattr(loop, "clip_agree_update", timed(1.0, update))
+    steps, progress = loop.Steps(w, ahead=ahead), loop.Progress()
+    seconds = []
+    for _ in range(3):
+        seen = progress.tokens_seen
+        metrics, _ = steps.next(progress)
+        seconds.append((progress.tokens_seen - seen) / metrics["tokens_per_s"])
+    assert seconds == pytest.approx([11.0, 11.0, 11.0]) and clock[0] == 33.0
+
+
 def test_the_update_clips_the_gradients_as_torchs_clip_grad_norm_does(worker_for):
     """`train.max_grad_norm`: the step hands the clipping factor to the update (`grad_factor`) instead of
     scaling the gradients itself; the weights come out as after torch's `clip_grad_norm_`, the same norms
