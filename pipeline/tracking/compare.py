@@ -10,6 +10,7 @@ shown in a review can be found again.
 from __future__ import annotations
 
 import statistics
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,17 @@ def _parent_by_ref(client: MlflowClient, ref: str, experiment_id: str | None) ->
     return run
 
 
+def _existing_store(tracking_uri: str) -> str:
+    """The resolved uri of a store that exists: reading from a local path with no store would make an empty
+    one there (a relative uri from another folder, a typo)."""
+    uri = tracking.resolve_tracking_uri(tracking_uri, create=False)
+    local = (Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///")
+             else Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path)) if uri.startswith("file:") else None)
+    if local is not None and not local.exists():
+        raise PipelineError(f"tracking uri {tracking_uri!r}: no MLflow store at {local}")
+    return uri
+
+
 def load_jobs(tracking_uri: str, refs: list[str] | None = None, experiment: str | None = None,
               last: int = 10) -> list[JobRecord]:
     """The jobs named or run-id'd in `refs`, else the newest `last` jobs of `experiment`.
@@ -120,7 +132,7 @@ def load_jobs(tracking_uri: str, refs: list[str] | None = None, experiment: str 
     - Loss curve: a resumed job has several train runs. Their histories are joined by step, the newer
       run winning where two logged the same step.
     """
-    client = MlflowClient(tracking_uri=tracking.resolve_tracking_uri(tracking_uri))
+    client = MlflowClient(tracking_uri=_existing_store(tracking_uri))
     experiment_id = None
     if experiment is not None:
         found = client.get_experiment_by_name(experiment)
@@ -151,6 +163,18 @@ def _setting(job: JobRecord, key: str) -> str:
     return "-" if value is None else value[:12] if key in ("data_fingerprint", "code.commit") else value
 
 
+def _metric(name: str, value: float | None) -> str:
+    """As the progress lines show it: tokens/s whole with thousands separators, MFU in percent (n/a where no
+    peak is known: CPU), the rest to four significant digits."""
+    if value is None:
+        return "-"
+    if name == "tokens_per_s":
+        return f"{value:,.0f}"
+    if name == "mfu":
+        return f"{100 * value:.1f}%" if value else "n/a"
+    return f"{value:.4g}"
+
+
 def format_table(jobs: list[JobRecord], sort_by: str = "finetuned/val_loss") -> str:
     """A plain-text table: one row per job, the differing settings, then the results."""
     jobs = sorted(jobs, key=lambda j: j.metrics.get(sort_by, float("inf")))
@@ -158,8 +182,8 @@ def format_table(jobs: list[JobRecord], sort_by: str = "finetuned/val_loss") -> 
     wanted = ("final_loss", *EVAL_METRICS, *THROUGHPUT_METRICS)
     metrics = [m for m in wanted if any(m in j.metrics for j in jobs)]
     header = ["job", *settings, *metrics]
-    rows = [[job.name, *(_setting(job, s) for s in settings),
-             *(f"{job.metrics[m]:.4g}" if m in job.metrics else "-" for m in metrics)] for job in jobs]
+    rows = [[job.name, *(_setting(job, s) for s in settings), *(_metric(m, job.metrics.get(m)) for m in metrics)]
+            for job in jobs]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from jobs import compare as compare_job
 from pipeline import tracking
-from pipeline.tracking.compare import load_jobs, plot_losses
+from pipeline.tracking.compare import JobRecord, format_table, load_jobs, plot_losses
 
 
 def _record_job(uri, experiment, name, precision, curves, tokens_per_s, val_loss):
@@ -66,7 +66,8 @@ def test_compare_prints_the_table_and_logs_the_curves(jobs, tmp_path, capsys):
     assert "model_name" not in header and "train.lr" not in header
     assert [r[0] for r in rows] == ["job-bf16", "job-fp8"]  # lowest finetuned/val_loss first
     assert rows[1][header.index("final_loss")] == "0.3"
-    assert rows[1][header.index("tokens_per_s")] == "9000"
+    assert rows[1][header.index("tokens_per_s")] == "9,000"  # as the progress lines show them
+    assert rows[1][header.index("mfu")] == "40.0%"
     png = tmp_path / "loss_curves.png"
     assert matplotlib.image.imread(png).shape[0] > 100
     comparison_id = out[-1].split()[4]  # "logged as MLflow run <id> ..."
@@ -90,3 +91,19 @@ def test_unknown_run_is_one_line(jobs, capsys):
     assert compare_job.main(["--experiment", jobs["experiment"], "--tracking-uri", jobs["uri"], "nope"]) == 1
     assert capsys.readouterr().err.strip() == (
         "compare: error: run 'nope' is not a job name in the experiment nor a run id")
+
+
+def test_compare_shows_throughput_as_the_progress_lines_do():
+    jobs = [JobRecord("gpu", "a", "0", {}, {}, {"final_loss": 1.23456, "tokens_per_s": 183220.4, "mfu": 0.4131}),
+            JobRecord("cpu", "b", "0", {}, {}, {"final_loss": 2.5, "tokens_per_s": 45090.0, "mfu": 0.0})]
+    rows = [line.split() for line in format_table(jobs, sort_by="final_loss").splitlines()]
+    assert rows[0] == ["job", "final_loss", "tokens_per_s", "mfu"]
+    assert rows[2:] == [["gpu", "1.235", "183,220", "41.3%"], ["cpu", "2.5", "45,090", "n/a"]]
+
+
+def test_a_local_store_that_is_not_there_is_one_line_and_nothing_is_made(tmp_path, capsys):
+    missing = tmp_path / "elsewhere" / "mlflow.db"
+    assert compare_job.main(["--tracking-uri", f"sqlite:///{missing}", "--experiment", "tiny-demo", "--no-log"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"compare: error: tracking uri 'sqlite:///{missing}': no MLflow store at {missing}")
+    assert not (tmp_path / "elsewhere").exists()
