@@ -27,6 +27,7 @@ from pipeline.config import Config, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.job.resolved import ResolvedJob, fp8_head_on
 from pipeline.job.state import load_state
+from pipeline.progress import megabytes
 from pipeline.storage.manifest import MANIFEST_NAME, parse_manifest
 from pipeline.storage.redact import error_line, redact_text
 
@@ -224,8 +225,9 @@ def check_base_checkpoint(uri: str, options: storage.StorageOptions, train: Trai
     headers = {name: _safetensors_header(ckpt, name) for name in shards}
     _check_index_tensors(ckpt, headers)
     _check_tensors(ckpt, headers, config)
-    size = sum(files[n] for n in shards) / 2**30
-    return f"llama, {len(shards)} shard(s), {size:.2f} GiB, {'manifest' if has_manifest else 'no manifest'}"
+    size = sum(files[n] for n in shards)
+    shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else megabytes(size)  # the demo's is 0.6 MB, not 0.00 GiB
+    return f"llama, {len(shards)} shard(s), {shown}, {'manifest' if has_manifest else 'no manifest'}"
 
 
 def _llama_config(ckpt: _Checkpoint):

@@ -159,7 +159,9 @@ def test_ray_job_submit_to_a_head_node(tmp_path, ray_head):
 def test_dry_run_checks_everything_and_names_what_is_missing(job, capsys):
     assert finetune.main([*job["args"], "--dry-run"]) == 0
     ok = capsys.readouterr().out
-    assert "ok   base checkpoint s3://e2e-job/base/tiny-llama: llama" in ok
+    base = "ok   base checkpoint s3://e2e-job/base/tiny-llama: llama"
+    (base_line,) = [line for line in ok.splitlines() if line.startswith(base)]
+    assert base_line.endswith(" MB, manifest"), base_line  # a sub-GiB checkpoint in MB, not "0.00 GiB"
     missing = f"s3://{job['bucket']}/data/missing.jsonl"
     assert finetune.main([*job["args"], "--set", f"data.train_files=[{missing}]", "--dry-run"]) == 1
     assert f"FAIL data {missing}: not found: {missing}" in capsys.readouterr().out
