@@ -51,12 +51,21 @@ def duration(seconds: float) -> str:
 def step_line(metrics: Mapping[str, float], max_steps: int, elapsed_s: float, eta_s: float | None) -> str:
     """`step 12/300 loss 2.3141 lr 1.9e-05 grad_norm 0.87 tokens/s 41,200 mfu 38.2% elapsed 4:01 eta 1:36:10`."""
     eta = duration(eta_s) if eta_s is not None else "?"
-    mfu = f"{100 * metrics['mfu']:.1f}%" if metrics["mfu"] else "n/a"  # 0 where the device's peak is unknown (CPU)
     # A checkpoint's step shows how long it blocked training; its upload gets a line of its own when committed.
     stall = f" checkpoint_stall {metrics['checkpoint_stall_s']:.2f}s" if "checkpoint_stall_s" in metrics else ""
     return (f"step {int(metrics['step'])}/{max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
-            f"grad_norm {metrics['grad_norm']:.3g} tokens/s {metrics['tokens_per_s']:,.0f} "
-            f"mfu {mfu}{stall} elapsed {duration(elapsed_s)} eta {eta}")
+            f"grad_norm {metrics['grad_norm']:.3g} tokens/s {tokens_per_s_text(metrics['tokens_per_s'])} "
+            f"mfu {mfu_text(metrics['mfu'])}{stall} elapsed {duration(elapsed_s)} eta {eta}")
+
+
+def tokens_per_s_text(value: float) -> str:
+    """`41,200`."""
+    return f"{value:,.0f}"
+
+
+def mfu_text(value: float) -> str:
+    """`38.2%`; `n/a` for 0, logged where the device's peak is unknown (CPU)."""
+    return f"{100 * value:.1f}%" if value else "n/a"
 
 
 class StepProgress:

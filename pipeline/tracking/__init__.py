@@ -134,6 +134,15 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | Path | None = None, 
     return uri.rstrip("/")
 
 
+def local_store_path(uri: str) -> Path | None:
+    """The SQLite file or folder of a resolved local tracking uri (`resolve_tracking_uri`); None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:"):
+        return Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path))
+    return None
+
+
 def make_local_store(uri: str) -> None:
     """Create the folder of a resolved local tracking uri (`resolve_tracking_uri(..., create=False)`)."""
     resolve_tracking_uri(uri)

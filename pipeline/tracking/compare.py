@@ -10,7 +10,6 @@ shown in a review can be found again.
 from __future__ import annotations
 
 import statistics
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from pipeline import tracking
+from pipeline import progress, tracking
 from pipeline.errors import PipelineError
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -112,8 +111,7 @@ def _existing_store(tracking_uri: str) -> str:
     """The resolved uri of a store that exists: reading from a local path with no store would make an empty
     one there (a relative uri from another folder, a typo)."""
     uri = tracking.resolve_tracking_uri(tracking_uri, create=False)
-    local = (Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///")
-             else Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path)) if uri.startswith("file:") else None)
+    local = tracking.local_store_path(uri)
     if local is not None and not local.exists():
         raise PipelineError(f"tracking uri {tracking_uri!r}: no MLflow store at {local}")
     return uri
@@ -164,14 +162,14 @@ def _setting(job: JobRecord, key: str) -> str:
 
 
 def _metric(name: str, value: float | None) -> str:
-    """As the progress lines show it: tokens/s whole with thousands separators, MFU in percent (n/a where no
-    peak is known: CPU), the rest to four significant digits."""
+    """Throughput as the progress lines show it (`progress.tokens_per_s_text`, `progress.mfu_text`), the rest
+    to four significant digits."""
     if value is None:
         return "-"
     if name == "tokens_per_s":
-        return f"{value:,.0f}"
+        return progress.tokens_per_s_text(value)
     if name == "mfu":
-        return f"{100 * value:.1f}%" if value else "n/a"
+        return progress.mfu_text(value)
     return f"{value:.4g}"
 
 
