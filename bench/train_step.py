@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after the timed steps, profile this many more: kernel ms per step by kind, GPU idle")
+    p.add_argument("--kernels-top", type=int, default=10,
+                   help="with --profile-steps: how many of each variant's largest kernels to keep and print")
     p.add_argument("--gaps", action="store_true",
                    help="with --profile-steps: when the GPU idled in them and what the host did meanwhile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -276,11 +278,12 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
     if gpu is not None:  # energy a step: the median power over the timed steps, times the median step
         result["gpu"] = {**gpu, "joules_per_step": gpu["power_w"] * result["step_ms"] / 1e3}
     if args.profile_steps:
-        result["profile"] = profile_steps(train_step, batches[len(timed):], device, gaps=args.gaps)
+        result["profile"] = profile_steps(train_step, batches[len(timed):], device, gaps=args.gaps,
+                                          top=args.kernels_top)
     return result
 
 
-def profile_steps(train_step, batches, device, gaps: bool = False) -> dict:
+def profile_steps(train_step, batches, device, gaps: bool = False, top: int = 10) -> dict:
     """`kernels.breakdown` of these steps, profiled back to back, with their mean wall time and the GPU's
     idle time in it (wall less busy): where a variant's step goes, beside its timing. With `gaps`, also
     `trace_gaps.analyse` of them: each idle gap put down to the step's phase and the host's operator."""
@@ -298,7 +301,7 @@ def profile_steps(train_step, batches, device, gaps: bool = False) -> dict:
                 train_step(micro_batches)
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3 / len(batches)
-    found = kernels.breakdown(prof, len(batches))
+    found = kernels.breakdown(prof, len(batches), top=top)
     result = {"steps": len(batches), "wall_ms": wall_ms, "idle_ms": max(0.0, wall_ms - found["busy_ms"]), **found}
     if gaps and device.type == "cuda":
         result["gaps"] = trace_gaps.analyse(trace_gaps.chrome_trace(prof), trace_gaps.STEP_RANGE)
@@ -481,7 +484,7 @@ def print_profiles(rows: list[dict]) -> None:
               + " ".join(f"{p['kernel_ms'].get(k, 0.0):9.2f}" for k in PROFILE_COLUMNS))
     for r in rows:
         print(f"{r['label']} largest kernels (ms per step, calls per step):")
-        for name, ms, calls in r["profile"]["kernels_top"][:10]:
+        for name, ms, calls in r["profile"]["kernels_top"]:
             print(f"  {ms:7.2f} {calls:4d}  {name}")
     for r in rows:
         if "gaps" in r["profile"]:

@@ -49,7 +49,7 @@ def train_step_result(tmp_path_factory):
     argv = TINY + ["--seq", "64", "--batch", "2", "--steps", "2", "--warmup", "1", "--matmul-size", "128",
                    "--variants", "hf,hf_compile,ours_bf16,fp8_delayed,fp8_block," + ",".join(peers.PEERS),
                    "--compile-backend", "aot_eager",
-                   "--profile-steps", "2", "--out", str(out)]
+                   "--profile-steps", "2", "--kernels-top", "4", "--out", str(out)]
     train_step.main(argv)
     return json.loads(out.read_text())
 
@@ -191,6 +191,8 @@ def test_train_step_profiles_say_where_each_step_goes(train_step_result, capsys)
         for kind in ("gemm", "attention", "optimizer", "loss", "embedding"):
             assert by_kind.get(kind, 0) > 0, (name, kind, by_kind)
         assert "gemm fp8" not in by_kind  # no FP8 on this path
+        top = [ms for _, ms, _ in profile["kernels_top"]]
+        assert len(top) == 4 and top == sorted(top, reverse=True)  # --kernels-top: the 4 largest, largest first
     assert "profile" not in rows["fp8_delayed"]  # skipped variants have nothing to profile
 
 
