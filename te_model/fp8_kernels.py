@@ -44,20 +44,20 @@ def _usable(t: torch.Tensor) -> bool:
     return runs_on(t) and t.is_contiguous() and _kernels() is not None
 
 
-def transpose(t: torch.Tensor) -> torch.Tensor:
+def transpose(t: torch.Tensor, *, tile: int = TILE, warps: int = 4) -> torch.Tensor:
     """`t.t().contiguous()` of a 2-D tensor of 1-byte elements (FP8).
 
     The head needs the weight as (V, H) for the logits and as (H, V) for the input gradient. It needs
     the loss's gradient (N, V) as (V, N) for the weight gradient. Each program copies one square tile,
-    reading and writing whole lines of it.
+    reading and writing whole lines of it. `tile` and `warps` size the programs (`bench/fp8_transpose.py`).
     """
     if t.dim() != 2 or t.element_size() != 1 or not _usable(t):
         return t.t().contiguous()
     rows, cols = t.shape
     out = torch.empty((cols, rows), dtype=t.dtype, device=t.device)
     if t.numel():
-        grid = (cdiv(rows, TILE), cdiv(cols, TILE))
-        _kernels()[0][grid](t.view(torch.uint8), out.view(torch.uint8), rows, cols, TILE=TILE, num_warps=4)
+        grid = (cdiv(rows, tile), cdiv(cols, tile))
+        _kernels()[0][grid](t.view(torch.uint8), out.view(torch.uint8), rows, cols, TILE=tile, num_warps=warps)
     return out
 
 

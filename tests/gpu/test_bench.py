@@ -149,3 +149,15 @@ def test_layer_kernels_fp8_attention_runs_other_attention_kernels(tmp_path):
         assert set(r["attention_kernels"]) - set(bf16_attn["attention_kernels"]), r
         assert set(bf16_attn["attention_kernels"]) - set(r["attention_kernels"]), r
         assert 0 < r["max_abs_diff_vs_first"] < float("inf"), r  # another kernel, a finite output
+
+
+def test_fp8_transpose_times_every_way_on_every_tensor(tmp_path):
+    from bench import fp8_transpose
+
+    out = tmp_path / "transpose.json"
+    fp8_transpose.main(["--shape", "tiny", "--tokens", "300", "--tiles", "64x4,32x2", "--reps", "2",
+                        "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]  # each way's output was checked against torch's before timing
+    ways = {"triton 64x4", "triton 32x2", "TE fp8_transpose", "torch .t().contiguous()"}
+    assert {(r["tensor"], r["way"]) for r in rows} == {(t, w) for t in fp8_transpose.tensors("tiny", 300) for w in ways}
+    assert all(r["ms"] > 0 and r["tb_per_s"] > 0 for r in rows)
