@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import te_model  # noqa: E402
 from bench import common, kernels, peers, trace_gaps  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.train import optim, overlap  # noqa: E402
+from pipeline.train import grad_norm, optim, overlap  # noqa: E402
 
 DEFAULT_MASTER_WEIGHTS = TrainConfig().master_weights
 
@@ -67,6 +67,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     # ... the gradients' FP8 GEMMs with fast accumulation (no fp32 promotion of partial sums), as the forward's
     "fp8_delayed_fp8head_fastacc": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_fastacc_graphs": ("ours", False, "delayed"),
+    # ... the clipping norm by torch's `get_total_norm` (`_foreach_norm`), not `pipeline.train.grad_norm`'s kernel
+    "fp8_delayed_fp8head_fastacc_foreach_norm": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8": ("ours", False, "delayed"),
     # ... and the FP8 head's logits and weight-gradient GEMMs too (`fp8_head_fast_accumulation`)
     "fp8_delayed_fp8head_fastacc_headfast": ("ours", False, "delayed"),
@@ -229,7 +231,8 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
         if not args.max_grad_norm:
             return
         if folded:
-            optim.clip_in_update(optimizer, params, args.max_grad_norm)
+            optim.clip_in_update(optimizer, params, args.max_grad_norm,
+                                 norm_of=torch.nn.utils.get_total_norm if "_foreach_norm" in name else grad_norm.total_norm)
         else:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
 
@@ -337,6 +340,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", 1-byte Kahan compensation" if name.endswith("_kahan8") else "")
             + (", gradients' GEMMs fast-accumulated" if "_fastacc" in name else "")
             + (", the head's too" if "_headfast" in name else "")
+            + (", norm by torch's _foreach_norm" if "_foreach_norm" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 
