@@ -67,8 +67,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     # ... the gradients' FP8 GEMMs with fast accumulation (no fp32 promotion of partial sums), as the forward's
     "fp8_delayed_fp8head_fastacc": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_fastacc_graphs": ("ours", False, "delayed"),
-    # ... the clipping norm by torch's `get_total_norm` (`_foreach_norm`), not `pipeline.train.grad_norm`'s kernel
-    "fp8_delayed_fp8head_fastacc_foreach_norm": ("ours", False, "delayed"),
+    # ... the clipping norm by `pipeline.train.grad_norm`'s kernel, not torch's `get_total_norm`
+    "fp8_delayed_fp8head_fastacc_kernel_norm": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8": ("ours", False, "delayed"),
     # ... and the FP8 head's logits and weight-gradient GEMMs too (`fp8_head_fast_accumulation`)
     "fp8_delayed_fp8head_fastacc_headfast": ("ours", False, "delayed"),
@@ -232,7 +232,7 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
             return
         if folded:
             optim.clip_in_update(optimizer, params, args.max_grad_norm,
-                                 norm_of=torch.nn.utils.get_total_norm if "_foreach_norm" in name else grad_norm.total_norm)
+                                 norm_of=grad_norm.total_norm if "_kernel_norm" in name else torch.nn.utils.get_total_norm)
         else:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
 
@@ -340,7 +340,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", 1-byte Kahan compensation" if name.endswith("_kahan8") else "")
             + (", gradients' GEMMs fast-accumulated" if "_fastacc" in name else "")
             + (", the head's too" if "_headfast" in name else "")
-            + (", norm by torch's _foreach_norm" if "_foreach_norm" in name else "")
+            + (", clipping norm in one kernel" if "_kernel_norm" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

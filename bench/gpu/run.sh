@@ -46,12 +46,16 @@
 #                                             Llama-3.1-8B step (32 layers, 2 x 4096) and the 1B step (4 x 2048) beside HF
 #                                             and the default; the GPU tests of fast accumulation; fine-tuning quality at
 #                                             a 128k vocabulary against HF's fp32-master training
+#   bash bench/gpu/run.sh kernel-norm [args]  the clipping norm in one kernel (pipeline.train.grad_norm) against torch's: its GPU
+#                                             test; the 1B step (4 x 2048; twice, each order) and the Llama-3.1-8B step
+#                                             (32 layers, 2 x 4096) beside HF, profiled (70 largest kernels in the JSON);
+#                                             the step's FP8 transposes timed on their own (bench/fp8_transpose.py)
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
 #                                             both, the MLP recomputed; the 80 GB preset's step held to 78.5 GiB;
 #                                             then the GPU tests of the first two
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|moments-fp8|fast-accum|memory-8b [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|moments-fp8|fast-accum|kernel-norm|memory-8b [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -174,6 +178,23 @@ case $part in
     python3 bench/finetune_quality.py --vocab 128256 --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
       --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head_fastacc,fp8_delayed_bf16_kahan_fp8head_fastacc_headfast 2>&1 \
       | quiet | tee $R/quality-head-fast.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
+  kernel-norm)
+    python3 -m pytest tests/unit/test_grad_norm.py tests/gpu/test_bench.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
+      -k "gpu_at_llama or fp8_transpose" 2>&1 | quiet | tee $R/kernel-norm-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -4
+    rc=$((rc | PIPESTATUS[0]))
+    a=fp8_delayed_fp8head_fastacc b=fp8_delayed_fp8head_fastacc_kernel_norm
+    one="--shape llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2"
+    eight="--shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1"
+    for run in "1b-a|$one|$a,$b" "1b-b|$one|$b,$a" "8b|$eight|$a,$b"; do
+      IFS='|' read -r name shape variants <<< "$run"
+      python3 bench/train_step.py $shape --master-weights bf16_kahan --kernels-top 70 --variants hf,$variants \
+        --out $R/kernel-norm-$name.json "$@" 2>&1 | quiet | tee $R/kernel-norm-$name.log | sed -n '/^NVIDIA/,/largest kernels/p'
+      rc=$((rc | PIPESTATUS[0]))
+    done
+    for shape in llama3.2-1b llama3.1-8b; do
+      python3 bench/fp8_transpose.py --shape $shape --out $R/fp8-transpose-$shape.json 2>&1 | quiet | sed -n '/^NVIDIA/,$p'
+      rc=$((rc | PIPESTATUS[0]))
+    done ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \

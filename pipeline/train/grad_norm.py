@@ -9,7 +9,9 @@ are copied to the device each step. Each program writes its sum of squares; thei
 the norm's square, in fp32. The norm is the same from run to run, as torch's is.
 
 Where the kernel cannot run (CPU tensors, FSDP2's sharded gradients, no Triton) `total_norm` is torch's,
-in fp32. `TRITON_INTERPRET=1` runs the kernel on CPU tensors for the tests.
+in fp32. `TRITON_INTERPRET=1` runs the kernel on CPU tensors for the tests. The pipeline still clips with
+torch's norm: `bench/train_step.py`'s `_kernel_norm` variant times this one against it
+(docs/performance.md, Open).
 """
 
 from __future__ import annotations

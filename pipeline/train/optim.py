@@ -20,8 +20,6 @@ from torch.optim.adamw import adamw as torch_fused_adamw  # the functional form 
 
 from te_model.triton_kernels import cdiv, lazy_kernel, runs_on
 
-from . import grad_norm
-
 if TYPE_CHECKING:
     from pipeline.config import TrainConfig
 
@@ -573,11 +571,11 @@ def clip_factor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor | None
 
 def clip_in_update(optimizer: AdamW, params, max_norm: float,
                    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda norm: norm,
-                   norm_of: Callable[[list[torch.Tensor]], torch.Tensor] = grad_norm.total_norm) -> torch.Tensor:
+                   norm_of: Callable[[list[torch.Tensor]], torch.Tensor] = torch.nn.utils.get_total_norm) -> torch.Tensor:
     """torch's `clip_grad_norm_`, with the scaling left to `optimizer`'s next step: the total norm of the
-    gradients of `params` (`grad_norm.total_norm`, in fp32; through `reduce`: a sharded norm made whole),
-    returned, and its clipping factor set as `optimizer.grad_factor` (None for `max_norm` 0). The gradients
-    are not touched here. `norm_of`: another norm function (the benchmarks time torch's)."""
+    gradients of `params` (through `reduce`: a sharded norm made whole), returned, and its clipping factor
+    set as `optimizer.grad_factor` (None for `max_norm` 0). The gradients are not touched here. `norm_of`
+    finds the norm: torch's `get_total_norm`, or `grad_norm.total_norm` (the benchmarks' `_kernel_norm`)."""
     norm = reduce(norm_of([p.grad for p in params if p.grad is not None]))
     optimizer.grad_factor = clip_factor(norm, max_norm)
     return norm
