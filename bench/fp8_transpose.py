@@ -13,6 +13,7 @@ TILExWARPS), with Transformer Engine's `fp8_transpose` where TE imports, and wit
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type != "cuda":
         raise SystemExit("bench/fp8_transpose.py times GPU kernels: run it on a CUDA device")
-    ways = {f"triton {tile}x{warps}": (lambda t, tile=tile, warps=warps: fp8_kernels.transpose(t, tile=tile, warps=warps))
+    ways = {f"triton {tile}x{warps}": functools.partial(fp8_kernels.transpose, tile=tile, warps=warps)
             for tile, warps in args.tiles}
     te = te_transpose()
     if te is not None:

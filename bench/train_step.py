@@ -231,8 +231,8 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
         if not args.max_grad_norm:
             return
         if folded:
-            optim.clip_in_update(optimizer, params, args.max_grad_norm,
-                                 norm_of=grad_norm.total_norm if "_kernel_norm" in name else torch.nn.utils.get_total_norm)
+            norm_of = grad_norm.total_norm if "_kernel_norm" in name else torch.nn.utils.get_total_norm
+            optim.clip_in_update(optimizer, params, args.max_grad_norm, norm_of=norm_of)
         else:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
 

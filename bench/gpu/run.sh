@@ -182,15 +182,18 @@ case $part in
     python3 -m pytest tests/unit/test_grad_norm.py tests/gpu/test_bench.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
       -k "gpu_at_llama or fp8_transpose" 2>&1 | quiet | tee $R/kernel-norm-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -4
     rc=$((rc | PIPESTATUS[0]))
-    a=fp8_delayed_fp8head_fastacc b=fp8_delayed_fp8head_fastacc_kernel_norm
     one="--shape llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2"
     eight="--shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1"
-    for run in "1b-a|$one|$a,$b" "1b-b|$one|$b,$a" "8b|$eight|$a,$b"; do
-      IFS='|' read -r name shape variants <<< "$run"
-      python3 bench/train_step.py $shape --master-weights bf16_kahan --kernels-top 70 --variants hf,$variants \
-        --out $R/kernel-norm-$name.json "$@" 2>&1 | quiet | tee $R/kernel-norm-$name.log | sed -n '/^NVIDIA/,/largest kernels/p'
-      rc=$((rc | PIPESTATUS[0]))
-    done
+    show() { quiet | tee $R/kernel-norm-$1.log | sed -n '/^NVIDIA/,/largest kernels/p'; }
+    python3 bench/train_step.py $one --master-weights bf16_kahan --kernels-top 70 --out $R/kernel-norm-1b-a.json \
+      --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_kernel_norm "$@" 2>&1 | show 1b-a
+    rc=$((rc | PIPESTATUS[0]))
+    python3 bench/train_step.py $one --master-weights bf16_kahan --kernels-top 70 --out $R/kernel-norm-1b-b.json \
+      --variants hf,fp8_delayed_fp8head_fastacc_kernel_norm,fp8_delayed_fp8head_fastacc "$@" 2>&1 | show 1b-b
+    rc=$((rc | PIPESTATUS[0]))
+    python3 bench/train_step.py $eight --master-weights bf16_kahan --kernels-top 70 --out $R/kernel-norm-8b.json \
+      --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_kernel_norm "$@" 2>&1 | show 8b
+    rc=$((rc | PIPESTATUS[0]))
     for shape in llama3.2-1b llama3.1-8b; do
       python3 bench/fp8_transpose.py --shape $shape --out $R/fp8-transpose-$shape.json 2>&1 | quiet | sed -n '/^NVIDIA/,$p'
       rc=$((rc | PIPESTATUS[0]))

@@ -571,7 +571,8 @@ def clip_factor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor | None
 
 def clip_in_update(optimizer: AdamW, params, max_norm: float,
                    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda norm: norm,
-                   norm_of: Callable[[list[torch.Tensor]], torch.Tensor] = torch.nn.utils.get_total_norm) -> torch.Tensor:
+                   norm_of: Callable[[list[torch.Tensor]], torch.Tensor] = torch.nn.utils.get_total_norm,
+                   ) -> torch.Tensor:
     """torch's `clip_grad_norm_`, with the scaling left to `optimizer`'s next step: the total norm of the
     gradients of `params` (through `reduce`: a sharded norm made whole), returned, and its clipping factor
     set as `optimizer.grad_factor` (None for `max_norm` 0). The gradients are not touched here. `norm_of`
