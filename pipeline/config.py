@@ -26,7 +26,8 @@ import yaml
 from pipeline.errors import PipelineError
 from pipeline.storage.uris import check_storage_uri, split_uri
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PRESET_DIR = PROJECT_ROOT / "configs"
 # The job's stages, in pipeline order (`pipeline.job.driver` runs them).
 STAGES = ("data", "train", "eval", "export")
 DEMO_BASE_URI = ".cache/demo-store/tiny-llama"
@@ -35,7 +36,6 @@ DEMO_PRESET = PRESET_DIR / "tiny-cpu.yaml"
 # registers its result under a name it did not choose (null there means: do not register).
 REQUIRED_KEYS = ("model.base_uri", "data.train_files", "train.max_steps", "export.registered_model_name")
 LOCAL_TRACKING_URI = "sqlite:///.cache/mlflow.db"
-SHIPPED_TEXT = "data/tiny_text.jsonl"
 # train.warmup_steps when unset: this percentage of train.max_steps, rounded up.
 WARMUP_PERCENT = 3
 # te_model.fp8.PER_TENSOR_RECIPES, named here so the config imports no torch: the FP8 recipes that can run
@@ -556,6 +556,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     """
     file = DEMO_PRESET if path is None else _preset_file(path)
     raw = _read_preset(str(file))  # absent sections and keys take the defaults
+    demo = file.resolve() == DEMO_PRESET.resolve()
+    if demo:  # before the overrides: only the preset's own inputs are the project's shipped files
+        _find_shipped_inputs(raw)
     for override in overrides or []:
         key, value = _parse_override(override)
         section, name = key.split(".", 1)
@@ -566,7 +569,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     if raw["run"].get("name") is None:
         raw["run"]["name"] = file.stem
     cfg = Config.from_dict(raw)  # unknown keys and bad values first: they are the likelier typo
-    if file.resolve() != DEMO_PRESET.resolve():
+    if not demo:
         for key in REQUIRED_KEYS:
             section, name = key.split(".")
             if name not in (raw.get(section) or {}):
@@ -575,6 +578,17 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     if not cfg.data.train_files:
         raise PipelineError("data.train_files must list at least one uri (got [])")
     return cfg
+
+
+def _find_shipped_inputs(raw: dict) -> None:
+    """The demo's data files are the project's own (`data/`), named relative to its root. Run from another
+    folder, each that is not there is taken from the project's root instead, so the demo runs anywhere."""
+    data = raw.get("data") or {}
+    files = data.get("train_files")
+    if isinstance(files, list):
+        data["train_files"] = [str(PROJECT_ROOT / f) if isinstance(f, str) and "://" not in f
+                               and not Path(f).is_absolute() and not Path(f).exists()
+                               and (PROJECT_ROOT / f).exists() else f for f in files]
 
 
 def require_max_steps(cfg: Config) -> int:

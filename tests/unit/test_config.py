@@ -38,6 +38,22 @@ def test_no_config_is_the_tiny_demo_preset():
     assert load_config("tiny-cpu") == load_config(None)  # a bare name resolves to configs/<name>.yaml
 
 
+def test_the_demo_finds_its_shipped_text_from_any_folder(tmp_path, monkeypatch):
+    shipped = PRESET_DIR.parent / "data" / "tiny_text.jsonl"
+    monkeypatch.chdir(PRESET_DIR.parent)
+    assert load_config(None).data.train_files == ["data/tiny_text.jsonl"]  # as the preset names it
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None).data.train_files == [str(shipped)]  # not here: the project's own
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tiny_text.jsonl").write_text('{"text": "mine"}\n')
+    assert load_config(None).data.train_files == ["data/tiny_text.jsonl"]  # a file of that name here is used
+    overridden = load_config(None, ["data.train_files=[other.jsonl]"]).data.train_files
+    assert overridden == ["other.jsonl"]  # overrides and other configs are taken as written
+    (tmp_path / "data" / "tiny_text.jsonl").unlink()
+    named = write_yaml(tmp_path, {**NAMED, "data": {"train_files": ["data/tiny_text.jsonl"]}})
+    assert load_config(named).data.train_files == ["data/tiny_text.jsonl"]
+
+
 def test_demo_settings_never_leak_into_other_configs(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
