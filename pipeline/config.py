@@ -30,7 +30,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = PROJECT_ROOT / "configs"
 # The job's stages, in pipeline order (`pipeline.job.driver` runs them).
 STAGES = ("data", "train", "eval", "export")
-DEMO_BASE_URI = ".cache/demo-store/tiny-llama"
+# Random-weight bases the job builds itself (`pipeline.demo`) the first time a config names one that is not
+# there: the demo's, and `configs/gpu-small-fp8.yaml`'s 380M model.
+DEMO_STORE = ".cache/demo-store"
+BUILT_BASES = ("tiny-llama", "gpu-small-llama")
 DEMO_PRESET = PRESET_DIR / "tiny-cpu.yaml"
 # What a config other than the demo must set: a real job never trains some default model, and never
 # registers its result under a name it did not choose (null there means: do not register).
@@ -589,6 +592,12 @@ def _find_shipped_inputs(raw: dict) -> None:
         data["train_files"] = [str(PROJECT_ROOT / f) if isinstance(f, str) and "://" not in f
                                and not Path(f).is_absolute() and not Path(f).exists()
                                and (PROJECT_ROOT / f).exists() else f for f in files]
+
+
+def built_base(base_uri: str) -> str | None:
+    """The name of the base the job builds itself that `base_uri` (as a config gives it) names, else None."""
+    store, _, name = base_uri.rstrip("/").rpartition("/")
+    return name if store == DEMO_STORE and name in BUILT_BASES else None
 
 
 def require_max_steps(cfg: Config) -> int:

@@ -25,6 +25,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CORPUS = [str(REPO_ROOT / "data" / name)
                   for name in ("tiny_text.jsonl", "tiny_instruct.jsonl", "tiny_chat.jsonl")]
 DEMO_MODEL_NAME = "tiny-llama"
+# the shapes of the bases a config may name under `pipeline.config.DEMO_STORE` (`make_tiny_checkpoint`'s args)
+BUILT_SHAPES = {
+    DEMO_MODEL_NAME: {},
+    "gpu-small-llama": dict(layers=8, hidden=2048, heads=16, kv_heads=8, intermediate=5632, max_shard_size="2GB"),
+}
 COMPLETE_MARKER = ".complete"
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 HEADER_START, HEADER_END, END_OF_TURN = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
@@ -120,21 +125,22 @@ def make_tiny_checkpoint(
     return out
 
 
-def ensure_demo_base(store_dir: str | Path) -> Path:
-    """The demo base checkpoint `{store_dir}/tiny-llama`, built once (a complete marker skips rebuilds)."""
-    target = Path(store_dir) / DEMO_MODEL_NAME
+def ensure_demo_base(store_dir: str | Path, name: str = DEMO_MODEL_NAME) -> Path:
+    """The base checkpoint `{store_dir}/{name}` of `BUILT_SHAPES`, built once (a complete marker skips
+    rebuilds): the demo's tiny Llama by default."""
+    target = Path(store_dir) / name
     if (target / COMPLETE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so a crash never leaves a half-written checkpoint behind.
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        make_tiny_checkpoint(staging)
+        make_tiny_checkpoint(staging, **BUILT_SHAPES[name])
         write_manifest(staging)
         (staging / COMPLETE_MARKER).write_text("ok\n")
         if target.exists() and not (target / COMPLETE_MARKER).exists():
             # staging is renamed only once marked, so an unmarked folder here is not ours: never delete it
-            raise PipelineError(f"{target} exists but is not the demo base checkpoint this job builds; "
+            raise PipelineError(f"{target} exists but is not the base checkpoint this job builds there; "
                                 "move it away")
         if not (target / COMPLETE_MARKER).exists():  # else a concurrent caller finished first: keep theirs
             staging.rename(target)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -23,7 +24,7 @@ from pipeline.job.resolved import Fp8Decision, ResolvedJob, resolve_job
 from pipeline.job.state import ExportRecord, JobState, load_state, save_state
 from pipeline.tracking import run_tags
 from pipeline import storage, tracking
-from pipeline.config import DEMO_BASE_URI, STAGES, Config  # noqa: F401 - STAGES is re-exported
+from pipeline.config import STAGES, Config, built_base  # noqa: F401 - STAGES is re-exported
 from pipeline.errors import JobError, PipelineError  # noqa: F401 - JobError is re-exported
 
 if TYPE_CHECKING:
@@ -105,11 +106,13 @@ def _interrupted_run(ctx: JobContext, stage: str) -> str | None:
 
 
 def ensure_demo_base(job: ResolvedJob) -> None:
-    """The embedded default trains a tiny model that the job builds itself, once."""
-    if job.given.model.base_uri == DEMO_BASE_URI:
+    """The embedded default (and `configs/gpu-small-fp8.yaml`) train a random-weight model that the job
+    builds itself, once (`pipeline.config.built_base`)."""
+    name = built_base(job.given.model.base_uri)
+    if name:
         from pipeline.demo import ensure_demo_base as build
 
-        build(Path(job.config.model.base_uri).parent)
+        build(Path(job.config.model.base_uri).parent, name)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -322,8 +325,8 @@ def dry_run(job: ResolvedJob) -> list[tuple[str, bool, str]]:
               _check("storage buckets", lambda: preflight.check_buckets(cfg, options) or "reachable")]
     for uri in [*cfg.data.train_files, *(cfg.data.validation_files or [])]:
         checks.append(_check(f"data {uri}", lambda u=uri: _exists(u, options)))
-    if job.given.model.base_uri == DEMO_BASE_URI and not storage.exists(cfg.model.base_uri, options):
-        checks.append(("base checkpoint", True, "demo base will be built on first run"))
+    if built_base(job.given.model.base_uri) and not storage.exists(cfg.model.base_uri, options):
+        checks.append((f"base checkpoint {cfg.model.base_uri}", True, "a random-weight base, built on first run"))
     else:
         checks.append(_check(f"base checkpoint {cfg.model.base_uri}", lambda: _check_base(cfg, options)))
     checks.append(_check(f"output {cfg.run.output_uri}", lambda: _check_writable(cfg.run.output_uri, options)))
@@ -348,7 +351,19 @@ def _check_base(cfg: Config, options) -> str:
     return preflight.check_base_checkpoint(cfg.model.base_uri, options, cfg.train)
 
 
+def _creatable(path: Path) -> str:
+    """A local folder or file that is not there yet: its nearest existing parent must be writable (checked
+    without making anything, as a dry run writes nothing)."""
+    parent = next(p for p in path.parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"cannot create {path}: {parent} is not writable")
+    return f"created on first run ({parent} is writable)"
+
+
 def _check_writable(uri: str, options) -> str:
+    local = storage.writable_local_path(uri)
+    if local is not None and not local.exists():
+        return _creatable(local)
     probe = storage.join(uri, ".dry-run-probe")
     storage.write_bytes(probe, b"ok", options)
     fs, path = storage.filesystem(probe, options)
@@ -359,6 +374,8 @@ def _check_writable(uri: str, options) -> str:
 def _check_tracking(uri: str) -> str:
     from mlflow import MlflowClient
 
-    tracking.make_local_store(uri)
+    local = tracking.local_store_path(uri)
+    if local is not None and not local.exists():
+        return f"local store {local}, {_creatable(local)}"
     MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     return "reachable"

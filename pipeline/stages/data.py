@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline import progress, storage
-from pipeline.config import DEMO_BASE_URI, Config, DataConfig, load_config
+from pipeline.config import Config, DataConfig, built_base, load_config
 from pipeline.errors import PipelineError
 from pipeline.job.resolved import storage_options
 from pipeline.storage.manifest import MANIFEST_NAME
@@ -448,9 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         tokenizer_uri = args.tokenizer or cfg.model.base_uri
-        if tokenizer_uri == DEMO_BASE_URI:
+        if built_base(tokenizer_uri):
             from pipeline.demo import ensure_demo_base
-            ensure_demo_base(Path(DEMO_BASE_URI).parent)
+            ensure_demo_base(Path(tokenizer_uri).parent, built_base(tokenizer_uri))
         with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout is the stats JSON alone
             prepared = prepare(cfg, tokenizer_uri)
     except PipelineError as exc:

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from jobs import finetune
 from pipeline import storage
 from pipeline.config import load_config
-from pipeline.demo import make_tiny_checkpoint
+from pipeline.demo import BUILT_SHAPES, make_tiny_checkpoint
 from te_model.backend import te_unavailable_reason
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,8 +33,8 @@ BUCKET = "gpu-job"
 def gpu_small_base(tmp_path_factory, s3_server) -> str:
     """A random-weight 380M Llama published to the test's bucket, for every job test here."""
     s3_server.create_bucket(BUCKET)
-    base = make_tiny_checkpoint(tmp_path_factory.mktemp("base"), layers=8, hidden=2048, heads=16, kv_heads=8,
-                                intermediate=5632, max_shard_size="500MB")
+    shape = {**BUILT_SHAPES["gpu-small-llama"], "max_shard_size": "500MB"}  # the preset's model, in 4 shards
+    base = make_tiny_checkpoint(tmp_path_factory.mktemp("base"), **shape)
     uri = f"s3://{BUCKET}/base/gpu-small"
     storage.publish(base, uri, storage.StorageOptions(endpoint_url=s3_server.endpoint_url))
     return uri

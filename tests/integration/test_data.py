@@ -120,6 +120,19 @@ def test_ensure_demo_base_builds_once(tmp_path):
     assert [p.name for p in (tmp_path / "store").iterdir()] == ["tiny-llama"]  # no staging left behind
 
 
+def test_every_base_a_config_may_leave_to_the_job_has_a_shape(tmp_path, monkeypatch):
+    from pipeline.config import BUILT_BASES, built_base, load_config
+
+    assert set(BUILT_BASES) == set(demo.BUILT_SHAPES)
+    assert built_base(load_config(None).model.base_uri) == "tiny-llama"
+    assert built_base(load_config("gpu-small-fp8").model.base_uri) == "gpu-small-llama"
+    assert built_base(".cache/demo-store/other") is None and built_base("s3://b/.cache/demo-store/tiny-llama") is None
+    monkeypatch.setitem(demo.BUILT_SHAPES, "gpu-small-llama", {"layers": 1})  # its plumbing, not its 380M weights
+    base = demo.ensure_demo_base(tmp_path / "store", "gpu-small-llama")
+    assert base == tmp_path / "store" / "gpu-small-llama" and (base / ".complete").exists()
+    assert json.loads((base / "config.json").read_text())["num_hidden_layers"] == 1
+
+
 # ---------------------------------------------------------------- formats and special tokens
 
 def test_text_documents_get_bos_eos_and_eos_padding(tmp_path, tokenizer_dir, tokenizer):

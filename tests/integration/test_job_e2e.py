@@ -167,6 +167,27 @@ def test_dry_run_checks_everything_and_names_what_is_missing(job, capsys):
     assert f"FAIL data {missing}: not found: {missing}" in capsys.readouterr().out
 
 
+def test_dry_run_of_the_gpu_preset_leaves_its_base_to_the_job(tmp_path, monkeypatch, capsys):
+    """`configs/gpu-small-fp8.yaml` names a base the job builds on its first run: the dry run says so (and
+    builds nothing) instead of asking for a checkpoint to be published there."""
+    monkeypatch.chdir(tmp_path)
+    given = [f"data.train_files=[{REPO / 'data/tiny_text.jsonl'}]", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    args = ["--config", "gpu-small-fp8", "--dry-run", *[a for o in given for a in ("--set", o)]]
+    assert finetune.main(args) == 0, capsys.readouterr()
+    base = tmp_path / ".cache/demo-store/gpu-small-llama"
+    out = capsys.readouterr().out
+    assert f"ok   base checkpoint {base}: a random-weight base, built on first run" in out
+    assert f"ok   output {tmp_path}/.cache/runs: created on first run ({tmp_path} is writable)" in out
+    assert f"ok   tracking: local store {tmp_path}/mlflow.db, created on first run ({tmp_path} is writable)" in out
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing: no base, output folder or MLflow store
+    assert finetune.main([*args, "--set", "model.base_uri=.cache/demo-store/other"]) == 1
+    assert "FAIL base checkpoint" in capsys.readouterr().out
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # tests run as root, who may write anywhere
+    assert finetune.main(args) == 1
+    assert f"FAIL output {tmp_path}/.cache/runs: cannot create {tmp_path}/.cache/runs: {tmp_path} is not writable" \
+        in capsys.readouterr().out
+
+
 def test_compare_shows_the_job_with_its_tags_and_real_loss_history(job, tmp_path):
     from pipeline.tracking.compare import format_table, load_jobs, plot_losses
 
