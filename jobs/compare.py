@@ -4,6 +4,7 @@
     python jobs/compare.py --experiment llama3.2-3b-fp8 job-fp8 job-bf16  # jobs by name
     python jobs/compare.py 3f2a9c... 81be04...                          # jobs by parent run id
     python jobs/compare.py --config my.yaml --last 5                    # experiment and uri of a preset
+    python jobs/compare.py --config my.yaml run-a run-b                 # jobs by name in the preset's experiment
 
 Prints the table and writes loss_curves.png (--out); the table and the PNG are also logged to a new
 run tagged pipeline.role=comparison in the first job's experiment (--no-log to skip).
@@ -21,8 +22,9 @@ from pipeline.errors import PipelineError
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="*", metavar="RUN", help="job names (with an experiment) or parent run ids")
-    parser.add_argument("--experiment", help="MLflow experiment (default: the config's when no RUN is given)")
+    parser.add_argument("runs", nargs="*", metavar="RUN",
+                        help="job names (in --experiment, else the config's experiment) or parent run ids")
+    parser.add_argument("--experiment", help="MLflow experiment (default: the config's)")
     parser.add_argument("--tracking-uri", help="MLflow tracking uri (default: the config's)")
     parser.add_argument("--config", help="preset whose tracking.uri and experiment to use")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.set)
         experiment = args.experiment or (None if args.runs else cfg.tracking.experiment)
         uri = args.tracking_uri or cfg.tracking.uri
-        jobs = load_jobs(uri, args.runs, experiment, last=args.last)
+        jobs = load_jobs(uri, args.runs, experiment, last=args.last, names_in=cfg.tracking.experiment)
         if not jobs:
             print(f"no jobs in experiment {experiment!r}")
             return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Run
+from mlflow.entities import Experiment, Run
 from mlflow.exceptions import MlflowException
 
 from pipeline import progress, tracking
@@ -89,16 +89,16 @@ def _job_record(client: MlflowClient, parent: Run) -> JobRecord:
     return job
 
 
-def _parent_by_ref(client: MlflowClient, ref: str, experiment_id: str | None) -> Run:
-    """A parent run by run id, or by job name within the experiment."""
-    if experiment_id is not None:
-        found = find_parent(client, experiment_id, ref)
+def _parent_by_ref(client: MlflowClient, ref: str, experiment: Experiment | None) -> Run:
+    """A parent run by job name within the experiment, or by run id."""
+    if experiment is not None:
+        found = find_parent(client, experiment.experiment_id, ref)
         if found is not None:
             return found
     try:
         run = client.get_run(ref)
     except MlflowException:  # not a run id either: say what was looked for
-        where = ("is not a job name in the experiment nor a run id" if experiment_id
+        where = (f"is not a job name in experiment {experiment.name!r} nor a run id" if experiment
                  else "is not a run id; pass --experiment to look jobs up by name")
         raise PipelineError(f"run {ref!r} {where}") from None
     if run.data.tags.get(tracking.ROLE_TAG) != "parent":
@@ -118,8 +118,9 @@ def _existing_store(tracking_uri: str) -> str:
 
 
 def load_jobs(tracking_uri: str, refs: list[str] | None = None, experiment: str | None = None,
-              last: int = 10) -> list[JobRecord]:
-    """The jobs named or run-id'd in `refs`, else the newest `last` jobs of `experiment`.
+              last: int = 10, names_in: str | None = None) -> list[JobRecord]:
+    """The jobs named or run-id'd in `refs`, else the newest `last` jobs of `experiment`. Job names in `refs`
+    are looked up in `experiment`, or where it is None in `names_in` if that experiment exists.
 
     - Settings: the comparison tags (`pipeline.tracking.run_tags`) and the code commit first, then the parent's
       params.
@@ -131,16 +132,17 @@ def load_jobs(tracking_uri: str, refs: list[str] | None = None, experiment: str 
       run winning where two logged the same step.
     """
     client = MlflowClient(tracking_uri=_existing_store(tracking_uri))
-    experiment_id = None
+    found = None
     if experiment is not None:
         found = client.get_experiment_by_name(experiment)
         if found is None:
             raise PipelineError(f"no MLflow experiment {experiment!r} at {tracking.tracking_uri_label(tracking_uri)}")
-        experiment_id = found.experiment_id
+    elif refs and names_in is not None:
+        found = client.get_experiment_by_name(names_in)  # None: the refs can still be run ids
     if refs:
-        parents = [_parent_by_ref(client, ref, experiment_id) for ref in refs]
-    elif experiment_id is not None:
-        parents = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.ROLE_TAG}` = 'parent'",
+        parents = [_parent_by_ref(client, ref, found) for ref in refs]
+    elif found is not None:
+        parents = client.search_runs([found.experiment_id], filter_string=f"tags.`{tracking.ROLE_TAG}` = 'parent'",
                                      order_by=["attributes.start_time DESC"], max_results=last)
     else:
         raise PipelineError("nothing to compare: name runs (ids or job names) or an --experiment")

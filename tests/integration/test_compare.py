@@ -90,7 +90,19 @@ def test_plot_overlays_one_curve_per_job(jobs, tmp_path):
 def test_unknown_run_is_one_line(jobs, capsys):
     assert compare_job.main(["--experiment", jobs["experiment"], "--tracking-uri", jobs["uri"], "nope"]) == 1
     assert capsys.readouterr().err.strip() == (
-        "compare: error: run 'nope' is not a job name in the experiment nor a run id")
+        f"compare: error: run 'nope' is not a job name in experiment {jobs['experiment']!r} nor a run id")
+
+
+def test_job_names_are_looked_up_in_the_configs_experiment(jobs, tmp_path, capsys):
+    args = ["--tracking-uri", jobs["uri"], "--set", f"tracking.experiment={jobs['experiment']}", "--no-log",
+            "--out", str(tmp_path)]
+    assert compare_job.main([*args, "job-fp8", "job-bf16"]) == 0  # no --experiment: the config's
+    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()[2:4]} == {"job-fp8", "job-bf16"}
+    other = ["--tracking-uri", jobs["uri"], "--set", "tracking.experiment=not-there", "--no-log", "--out", str(tmp_path)]
+    assert compare_job.main([*other, jobs["fp8"]]) == 0  # an experiment that does not exist: ids still work
+    assert compare_job.main([*other, "job-fp8"]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "run 'job-fp8' is not a run id; pass --experiment to look jobs up by name")
 
 
 def test_compare_shows_throughput_as_the_progress_lines_do():
