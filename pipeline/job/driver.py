@@ -161,10 +161,30 @@ def run_eval(ctx: JobContext, run_id: str) -> str:
 
 def run_export(ctx: JobContext, run_id: str) -> str:
     checkpoint_uri = ctx.need("checkpoint_uri", "export")
+    name, settings = ctx.cfg.export.registered_model_name, dataclasses.asdict(ctx.cfg.export)
+    done = ctx.state.export
+    if _export_stands(ctx, done, checkpoint_uri, settings):
+        # the job run again with nothing new to export: the registry gets no second copy of the same model
+        tags = {"export.uri": done.uri, "export.reused": "true",
+                **({"export.registered_version": done.version} if done.version else {})}
+        tracking.set_tags(run_id, tags, tracking_uri=ctx.tracking_uri)
+        version = f", already registered {name} v{done.version}" if done.version else ""
+        return f"{done.uri}{version} (exported from the same checkpoint by an earlier run)"
     result = _on_worker(ctx, _export_task, ctx.job, checkpoint_uri, run_id)
-    ctx.state.export = result
-    version = f", registered {ctx.cfg.export.registered_model_name} v{result.version}" if result.version else ""
+    ctx.state.export = dataclasses.replace(result, checkpoint_uri=checkpoint_uri, settings=settings)
+    version = f", registered {name} v{result.version}" if result.version else ""
     return f"{result.uri}{version}"
+
+
+def _export_stands(ctx: JobContext, done: ExportRecord | None, checkpoint_uri: str, settings: dict) -> bool:
+    """Whether an earlier export of this job is of this checkpoint, with these settings, and still there:
+    its files, and its registered version if it has one."""
+    if done is None or done.checkpoint_uri != checkpoint_uri or done.settings != settings:
+        return False
+    if not storage.exists(storage.join(done.uri, "config.json"), ctx.job.storage):
+        return False
+    name = settings["registered_model_name"]
+    return done.version is None or tracking.model_version_exists(name, done.version, tracking_uri=ctx.tracking_uri)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[JobContext, str], str]] = {

@@ -29,6 +29,12 @@ class ExportRecord:
     version: str | None = None
     """The registered model version; None when no model name was set."""
 
+    checkpoint_uri: str | None = None
+    """The training checkpoint it was converted from."""
+
+    settings: dict[str, Any] | None = None
+    """The `export` section it was made with (registered model name, shard size)."""
+
 
 @dataclasses.dataclass
 class JobState:

@@ -25,10 +25,12 @@ from pipeline.stages.data import TOKENIZER_FILES
 from pipeline.errors import PipelineError
 from pipeline.job.resolved import storage_options
 from pipeline.stages.evaluate import load_trained_model, local_base, model_dtype, trained_weights
-from pipeline.tracking.mlflow_model import write_mlflow_model
+from pipeline.tracking.mlflow_model import MLMODEL_FILE, write_mlflow_model
 from pipeline.storage.manifest import MANIFEST_NAME, FileEntry, parse_manifest, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
+# what MLflow writes into every MLmodel anew: a random id and the time of writing
+MLMODEL_STAMPS = ("model_uuid", "utc_time_created")
 
 MODEL_ARTIFACT_PATH = "model"
 _CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -154,12 +156,27 @@ def _published_manifest(uri: str, options: storage.StorageOptions | None) -> dic
     return parse_manifest(storage.read_bytes(manifest_uri, options), manifest_uri)
 
 
+def _same_mlmodel(local_dir: Path, uri: str, options: storage.StorageOptions | None) -> bool:
+    """Whether the MLmodel at `uri` is the one in `local_dir` but for the id and time MLflow stamps each
+    description it writes with: the same checkpoint converted again (on another node, or after its
+    cached conversion was cleared) is the same export."""
+    import yaml
+
+    def content(text: bytes | str) -> dict:
+        described = yaml.safe_load(text) or {}
+        return {k: v for k, v in described.items() if k not in MLMODEL_STAMPS}
+
+    published = storage.read_bytes(storage.join(uri, MLMODEL_FILE), options)
+    return content(published) == content((local_dir / MLMODEL_FILE).read_text())
+
+
 def publish_export(local_dir: Path, uri: str, options: storage.StorageOptions | None = None) -> bool:
     """Publish `local_dir` at `uri` unless an export is there already; True when an identical one was.
 
     A different export at `uri` is a PipelineError naming the uri and a file that differs: publishing
-    never silently replaces an export. A re-run of the same job converts to the same bytes, so its
-    manifest is identical and nothing is uploaded. Files under the uri without a manifest are a publish
+    never silently replaces an export. A re-run of the same job converts to the same bytes, but for the
+    id and time in the MLflow description (`_same_mlmodel`), so it counts as identical and nothing is
+    uploaded. Files under the uri without a manifest are a publish
     that died midway. They are overwritten, with a warning, and the manifest, uploaded last, completes
     the export.
     """
@@ -170,6 +187,10 @@ def publish_export(local_dir: Path, uri: str, options: storage.StorageOptions | 
         return True
     if existing is not None:
         differing = sorted(n for n in set(entries) | set(existing) if entries.get(n) != existing.get(n))
+        if differing == [MLMODEL_FILE] and _same_mlmodel(local_dir, uri, options):
+            log.info("export at %s is %s converted again (only MLflow's stamps differ): nothing to upload",
+                     uri, local_dir)
+            return True
         raise PipelineError(
             f"a different export already exists at {uri} ({len(differing)} file(s) differ, e.g. {differing[0]}); "
             "refusing to overwrite it: choose another run.name or delete it first")

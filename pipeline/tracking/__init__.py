@@ -416,6 +416,19 @@ def register_model(
         raise PipelineError(f"cannot register {where}: {error_line(exc)}") from exc
 
 
+def model_version_exists(name: str, version: str, *, tracking_uri: str | None = None) -> bool:
+    """Whether the registry holds `name` version `version` (deleted versions and models do not count)."""
+    client, uri = _client(tracking_uri)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise PipelineError(f"cannot read model {name!r} version {version} at {tracking_uri_label(uri)}: "
+                            f"{error_line(exc)}") from exc
+    return True
+
+
 def download_model_version(name: str, version: str, dst_dir: str | Path, *, tracking_uri: str | None = None) -> Path:
     """Download a registered version's files into `dst_dir`; returns the checkpoint folder to load."""
     client, uri = _client(tracking_uri)

@@ -193,6 +193,11 @@ def test_export_publishes_a_loadable_checkpoint_and_never_overwrites_a_different
 
     again = export(cfg, base_dir, trained[0], options=options)  # a re-run with the same weights
     assert again.reused and again.uri == result.uri
+    # ... on another node, whose conversion is made anew: MLflow stamps its MLmodel with another id and time
+    elsewhere = make_cfg(tmp_path / "node-b", run={"output_uri": f"s3://{s3_bucket}/runs"})
+    converted = export(elsewhere, base_dir, trained[0], options=options)
+    assert converted.local_dir != result.local_dir and converted.reused
+    assert (converted.local_dir / "MLmodel").read_text() != (result.local_dir / "MLmodel").read_text()
 
     other = tmp_path / "checkpoint-b"
     write_trained_checkpoint(base_dir, other, seed=2)

@@ -88,6 +88,24 @@ def test_mlflow_record(job):
     assert versions and versions[0].run_id == stages[3].info.run_id
 
 
+def test_exporting_the_same_checkpoint_again_registers_nothing_new(job, capsys):
+    """Before any test trains the job further: its export is of the newest checkpoint."""
+    client, args = job["client"], [*job["args"], "--stages", "export"]
+    versions = client.search_model_versions("name='e2e-tiny'")
+    (version,) = [v.version for v in versions]
+    assert finetune.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"already registered e2e-tiny v{version} (exported from the same checkpoint by an earlier run)" in out
+    assert len(client.search_model_versions("name='e2e-tiny'")) == 1
+    exports = [r for r in _stage_runs(client, _parent(client)) if r.data.tags["pipeline.stage"] == "export"]
+    assert len(exports) == 2 and exports[-1].data.tags["export.reused"] == "true"
+    assert exports[-1].data.tags["export.registered_version"] == version
+    # other export settings are exported anew, which the different export already there refuses
+    assert finetune.main([*args, "--set", "export.max_shard_size=100KB"]) == 1
+    assert "a different export already exists at" in capsys.readouterr().err
+    assert len(client.search_model_versions("name='e2e-tiny'")) == 1
+
+
 def test_bucket_holds_checkpoints_and_export(job):
     keys = _keys(job["bucket"], "runs/", job["endpoint"])
     checkpoint_manifests = [k for k in keys if k.startswith("runs/ray/") and k.endswith("/manifest.json")]
