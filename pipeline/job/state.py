@@ -36,6 +36,9 @@ class ExportRecord:
     """The `export` section it was made with (registered model name, shard size)."""
 
 
+LATER_EXPORT_FIELDS = ("checkpoint_uri", "settings")  # added to ExportRecord after its first layout
+
+
 @dataclasses.dataclass
 class JobState:
     """The job's state file, field by field."""
@@ -65,6 +68,8 @@ class JobState:
         raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         raw = {key: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
                for key, value in raw.items() if value is not None}
+        if "export" in raw:  # its later fields are written once set: a state file keeps the layout it had
+            raw["export"] = {k: v for k, v in raw["export"].items() if v is not None or k not in LATER_EXPORT_FIELDS}
         return json.dumps(raw, indent=2).encode()
 
     @classmethod

@@ -150,6 +150,9 @@ def test_the_state_file_reads_and_writes_the_layout_it_always_had(tmp_path):
     assert state.to_json() == json.dumps(OLD_STATE, indent=2).encode()
     partial = {"parent_run_id": "p1", "export": {"uri": "s3://b/x", "version": "1"}}  # fields never set are left out
     assert json.loads(JobState.from_json(json.dumps(partial), "s").to_json()) == partial
+    recorded = {"export": {"uri": "s3://b/x", "version": None, "checkpoint_uri": "s3://b/c",
+                           "settings": {"max_shard_size": "5GB", "registered_model_name": None}}}
+    assert json.loads(JobState.from_json(json.dumps(recorded), "s").to_json()) == recorded  # what an export records
     assert load_state(str(tmp_path / "none.json"), storage.StorageOptions()) == JobState()
     with pytest.raises(PipelineError, match=r"^s3://b/state.json: unknown key 'checkpoint' in the job's state file"):
         JobState.from_json(json.dumps({**OLD_STATE, "checkpoint": "x"}), "s3://b/state.json")
