@@ -17,12 +17,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pipeline.config import PROJECT_ROOT
 from pipeline.errors import PipelineError
 from pipeline.progress import no_progress_bars
 from pipeline.storage.manifest import write_manifest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_CORPUS = [str(REPO_ROOT / "data" / name)
+SHIPPED_CORPUS = [str(PROJECT_ROOT / "data" / name)
                   for name in ("tiny_text.jsonl", "tiny_instruct.jsonl", "tiny_chat.jsonl")]
 DEMO_MODEL_NAME = "tiny-llama"
 # the shapes of the bases a config may name under `pipeline.config.DEMO_STORE` (`make_tiny_checkpoint`'s args)
@@ -125,7 +125,7 @@ def make_tiny_checkpoint(
     return out
 
 
-def ensure_demo_base(store_dir: str | Path, name: str = DEMO_MODEL_NAME) -> Path:
+def ensure_built_base(store_dir: str | Path, name: str = DEMO_MODEL_NAME) -> Path:
     """The base checkpoint `{store_dir}/{name}` of `BUILT_SHAPES`, built once (a complete marker skips
     rebuilds): the demo's tiny Llama by default."""
     target = Path(store_dir) / name

@@ -22,6 +22,7 @@ import ray
 from pipeline.job import precision, preflight
 from pipeline.job.resolved import Fp8Decision, ResolvedJob, resolve_job
 from pipeline.job.state import ExportRecord, JobState, load_state, save_state
+from pipeline.storage.manifest import MANIFEST_NAME
 from pipeline.tracking import run_tags
 from pipeline import storage, tracking
 from pipeline.config import STAGES, Config, built_base  # noqa: F401 - STAGES is re-exported
@@ -105,12 +106,12 @@ def _interrupted_run(ctx: JobContext, stage: str) -> str | None:
     return run_id if run_id and tracking.run_status(run_id, tracking_uri=ctx.tracking_uri) == "RUNNING" else None
 
 
-def ensure_demo_base(job: ResolvedJob) -> None:
+def ensure_built_base(job: ResolvedJob) -> None:
     """The embedded default (and `configs/gpu-small-fp8.yaml`) train a random-weight model that the job
     builds itself, once (`pipeline.config.built_base`)."""
     name = built_base(job.given.model.base_uri)
     if name:
-        from pipeline.demo import ensure_demo_base as build
+        from pipeline.demo import ensure_built_base as build
 
         build(Path(job.config.model.base_uri).parent, name)
 
@@ -165,8 +166,9 @@ def run_export(ctx: JobContext, run_id: str) -> str:
     done = ctx.state.export
     if _export_stands(ctx, done, checkpoint_uri, settings):
         # the job run again with nothing new to export: the registry gets no second copy of the same model
-        tags = {"export.uri": done.uri, "export.reused": "true",
-                **({"export.registered_version": done.version} if done.version else {})}
+        from pipeline.stages.export import export_tags
+
+        tags = {**export_tags(done.uri, done.version), "export.reused": "true"}
         tracking.set_tags(run_id, tags, tracking_uri=ctx.tracking_uri)
         version = f", already registered {name} v{done.version}" if done.version else ""
         return f"{done.uri}{version} (exported from the same checkpoint by an earlier run)"
@@ -181,7 +183,7 @@ def _export_stands(ctx: JobContext, done: ExportRecord | None, checkpoint_uri: s
     its files, and its registered version if it has one."""
     if done is None or done.checkpoint_uri != checkpoint_uri or done.settings != settings:
         return False
-    if not storage.exists(storage.join(done.uri, "config.json"), ctx.job.storage):
+    if not storage.exists(storage.join(done.uri, MANIFEST_NAME), ctx.job.storage):  # uploaded last: complete
         return False
     name = settings["registered_model_name"]
     return done.version is None or tracking.model_version_exists(name, done.version, tracking_uri=ctx.tracking_uri)
@@ -258,7 +260,7 @@ def run_job(job: ResolvedJob | Config, stages: list[str], code_version: dict, ec
       (`IDENTITY_KEYS`) is refused rather than resuming that run's checkpoints.
     """
     job = resolve_job(job) if isinstance(job, Config) else job  # stages and workers get this `job`
-    ensure_demo_base(job)
+    ensure_built_base(job)
     preflight.check_inputs(job, stages)
     started = {"data": time.time()}
     prepared = _prepare_data(job, train="train" in stages) if "data" in stages else None

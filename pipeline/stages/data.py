@@ -448,9 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         tokenizer_uri = args.tokenizer or cfg.model.base_uri
-        if built_base(tokenizer_uri):
-            from pipeline.demo import ensure_demo_base
-            ensure_demo_base(Path(tokenizer_uri).parent, built_base(tokenizer_uri))
+        built = built_base(tokenizer_uri)
+        if built:
+            from pipeline.demo import ensure_built_base
+            ensure_built_base(Path(tokenizer_uri).parent, built)
         with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout is the stats JSON alone
             prepared = prepare(cfg, tokenizer_uri)
     except PipelineError as exc:

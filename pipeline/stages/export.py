@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 import te_model
 from pipeline import progress, storage, tracking
 from pipeline.config import Config
@@ -160,8 +162,6 @@ def _same_mlmodel(local_dir: Path, uri: str, options: storage.StorageOptions | N
     """Whether the MLmodel at `uri` is the one in `local_dir` but for the id and time MLflow stamps each
     description it writes with: the same checkpoint converted again (on another node, or after its
     cached conversion was cleared) is the same export."""
-    import yaml
-
     def content(text: bytes | str) -> dict:
         described = yaml.safe_load(text) or {}
         return {k: v for k, v in described.items() if k not in MLMODEL_STAMPS}
@@ -225,9 +225,13 @@ def register_export(
         log.info("export.registered_model_name is not set: the export is not registered")
     else:
         version = tracking.register_model(run_id, MODEL_ARTIFACT_PATH, model_name, tracking_uri=tracking_uri)
-    tags = {"export.uri": export_location, **({"export.registered_version": version} if version else {})}
-    tracking.set_tags(run_id, tags, tracking_uri=tracking_uri)
+    tracking.set_tags(run_id, export_tags(export_location, version), tracking_uri=tracking_uri)
     return version
+
+
+def export_tags(export_location: str, version: str | None) -> dict[str, str]:
+    """The export stage run's tags: where the export is, and its registered version if it has one."""
+    return {"export.uri": export_location, **({"export.registered_version": version} if version else {})}
 
 
 def export(

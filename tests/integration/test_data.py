@@ -111,11 +111,11 @@ def test_tiny_checkpoint_is_a_deterministic_sharded_llama(tmp_path):
 
 
 def test_ensure_demo_base_builds_once(tmp_path):
-    base = demo.ensure_demo_base(tmp_path / "store")
+    base = demo.ensure_built_base(tmp_path / "store")
     assert base == tmp_path / "store" / "tiny-llama"
     assert (base / ".complete").exists() and (base / "manifest.json").exists()
     stamp = (base / "config.json").stat().st_mtime_ns
-    assert demo.ensure_demo_base(tmp_path / "store") == base
+    assert demo.ensure_built_base(tmp_path / "store") == base
     assert (base / "config.json").stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "store").iterdir()] == ["tiny-llama"]  # no staging left behind
 
@@ -128,7 +128,7 @@ def test_every_base_a_config_may_leave_to_the_job_has_a_shape(tmp_path, monkeypa
     assert built_base(load_config("gpu-small-fp8").model.base_uri) == "gpu-small-llama"
     assert built_base(".cache/demo-store/other") is None and built_base("s3://b/.cache/demo-store/tiny-llama") is None
     monkeypatch.setitem(demo.BUILT_SHAPES, "gpu-small-llama", {"layers": 1})  # its plumbing, not its 380M weights
-    base = demo.ensure_demo_base(tmp_path / "store", "gpu-small-llama")
+    base = demo.ensure_built_base(tmp_path / "store", "gpu-small-llama")
     assert base == tmp_path / "store" / "gpu-small-llama" and (base / ".complete").exists()
     assert json.loads((base / "config.json").read_text())["num_hidden_layers"] == 1
 
