@@ -47,9 +47,9 @@
 #                                             and the default; the GPU tests of fast accumulation; fine-tuning quality at
 #                                             a 128k vocabulary against HF's fp32-master training
 #   bash bench/gpu/run.sh kernel-norm [args]  the clipping norm in one kernel (pipeline.train.grad_norm) against torch's: its GPU
-#                                             test; the 1B step (4 x 2048; twice, each order) and the Llama-3.1-8B step
-#                                             (32 layers, 2 x 4096) beside HF, profiled (70 largest kernels in the JSON);
-#                                             the step's FP8 transposes timed on their own (bench/fp8_transpose.py)
+#                                             test; the 1B step (4 x 2048; twice, each order) beside HF, profiled (70
+#                                             largest kernels in the JSON); the step's FP8 transposes timed on their own
+#                                             (bench/fp8_transpose.py); the Llama-3.1-8B step (32 layers, 2 x 4096), the same
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
 #                                             both, the MLP recomputed; the 80 GB preset's step held to 78.5 GiB;
@@ -191,13 +191,14 @@ case $part in
     python3 bench/train_step.py $one --master-weights bf16_kahan --kernels-top 70 --out $R/kernel-norm-1b-b.json \
       --variants hf,fp8_delayed_fp8head_fastacc_kernel_norm,fp8_delayed_fp8head_fastacc "$@" 2>&1 | show 1b-b
     rc=$((rc | PIPESTATUS[0]))
-    python3 bench/train_step.py $eight --master-weights bf16_kahan --kernels-top 70 --out $R/kernel-norm-8b.json \
-      --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_kernel_norm "$@" 2>&1 | show 8b
-    rc=$((rc | PIPESTATUS[0]))
+    # the short parts first: a call cut off by its time limit still brings them back
     for shape in llama3.2-1b llama3.1-8b; do
       python3 bench/fp8_transpose.py --shape $shape --out $R/fp8-transpose-$shape.json 2>&1 | quiet | sed -n '/^NVIDIA/,$p'
       rc=$((rc | PIPESTATUS[0]))
-    done ;;
+    done
+    python3 bench/train_step.py $eight --master-weights bf16_kahan --kernels-top 70 --out $R/kernel-norm-8b.json \
+      --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_kernel_norm "$@" 2>&1 | show 8b
+    rc=$((rc | PIPESTATUS[0])) ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \
