@@ -2,7 +2,7 @@
 gradient) and the one-kernel SwiGLU gradient's, at a model shape's sizes.
 
 Hopper's FP8 GEMMs take both operands K-major, so the step copies these tensors into their transposed
-layout. Each is timed with `te_model.fp8_kernels.transpose` at several program sizes (`--tiles`,
+layout. Each is timed with `te_model.fp8_kernels.transpose_tiles` at several program sizes (`--tiles`,
 TILExWARPS), with Transformer Engine's `fp8_transpose` where TE imports, and with torch's
 `.t().contiguous()`. Reported: the median ms and the bytes moved (read and written) over that time.
 
@@ -50,26 +50,6 @@ def tensors(shape: str, tokens: int) -> dict[str, tuple[int, int]]:
             "head loss gradient": (tokens, c.vocab_size)}
 
 
-def te_transpose(device: torch.device):
-    """TE's FP8 transpose as a function of a uint8 tensor, or None without TE (or where this TE's
-    `fp8_transpose` takes other arguments: the rest of the bench still runs)."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401 - loads the extension module
-        import transformer_engine_torch as tex
-    except ImportError:
-        return None
-
-    def fn(t):
-        return tex.fp8_transpose(t, tex.DType.kFloat8E4M3, out=None)
-
-    try:
-        fn(torch.zeros((16, 32), dtype=torch.uint8, device=device))
-    except (TypeError, RuntimeError) as exc:
-        print(f"TE's fp8_transpose left out: {exc}")
-        return None
-    return fn
-
-
 def time_ms(fn, x: torch.Tensor, reps: int) -> float:
     fn(x)
     times = []
@@ -88,9 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type != "cuda":
         raise SystemExit("bench/fp8_transpose.py times GPU kernels: run it on a CUDA device")
-    ways = {f"triton {tile}x{warps}": functools.partial(fp8_kernels.transpose, tile=tile, warps=warps)
+    ways = {f"triton {tile}x{warps}": functools.partial(fp8_kernels.transpose_tiles, tile=tile, warps=warps)
             for tile, warps in args.tiles}
-    te = te_transpose(device)
+    te = fp8_kernels.te_transpose()
     if te is not None:
         ways["TE fp8_transpose"] = te
     ways["torch .t().contiguous()"] = lambda t: t.t().contiguous()

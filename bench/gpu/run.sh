@@ -47,8 +47,9 @@
 #                                             and the default; the GPU tests of fast accumulation; fine-tuning quality at
 #                                             a 128k vocabulary against HF's fp32-master training
 #   bash bench/gpu/run.sh kernel-norm [args]  the clipping norm in one kernel (pipeline.train.grad_norm) against torch's: its GPU
-#                                             test; the 1B step (4 x 2048; twice, each order) beside HF, profiled (70
-#                                             largest kernels in the JSON); the step's FP8 transposes timed on their own
+#                                             test; the norm alone at several program sizes (bench/grad_norm.py); the 1B
+#                                             step (4 x 2048; twice, each order) beside HF, profiled (70 largest kernels
+#                                             in the JSON); the step's FP8 transposes timed on their own
 #                                             (bench/fp8_transpose.py); the Llama-3.1-8B step (32 layers, 2 x 4096), the same
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
@@ -180,8 +181,12 @@ case $part in
       | quiet | tee $R/quality-head-fast.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   kernel-norm)
     python3 -m pytest tests/unit/test_grad_norm.py tests/gpu/test_bench.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
-      -k "gpu_at_llama or fp8_transpose" 2>&1 | quiet | tee $R/kernel-norm-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -4
+      -k "gpu_at_llama or fp8_transpose or grad_norm_bench" 2>&1 | quiet | tee $R/kernel-norm-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -4
     rc=$((rc | PIPESTATUS[0]))
+    for shape in llama3.2-1b llama3.1-8b; do
+      python3 bench/grad_norm.py --shape $shape --out $R/grad-norm-$shape.json 2>&1 | quiet | sed -n '/^NVIDIA/,$p'
+      rc=$((rc | PIPESTATUS[0]))
+    done
     one="--shape llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2"
     eight="--shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1"
     show() { quiet | tee $R/kernel-norm-$1.log | sed -n '/^NVIDIA/,/largest kernels/p'; }

@@ -161,3 +161,14 @@ def test_fp8_transpose_times_every_way_on_every_tensor(tmp_path):
     ways = {"triton 64x4", "triton 32x2", "TE fp8_transpose", "torch .t().contiguous()"}
     assert {(r["tensor"], r["way"]) for r in rows} == {(t, w) for t in fp8_transpose.tensors("tiny", 300) for w in ways}
     assert all(r["ms"] > 0 and r["tb_per_s"] > 0 for r in rows)
+
+
+def test_grad_norm_bench_checks_and_times_every_way(tmp_path):
+    from bench import grad_norm as bench_grad_norm
+
+    out = tmp_path / "norm.json"
+    bench_grad_norm.main(["--shape", "tiny", "--programs", "8192x1x8,1024x3x2", "--reps", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]  # each way's norm was checked against float64's before timing
+    assert [r["way"] for r in rows] == ["torch get_total_norm", "kernel 8192x1x8", "kernel 1024x3x2"]
+    assert all(r["ms"] > 0 and r["tb_per_s"] > 0 for r in rows)
+    assert all(r["relative_error"] < 1e-5 for r in rows[1:])

@@ -24,7 +24,7 @@ INTERPRETED = textwrap.dedent("""
     for shape in SHAPES:
         t = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).view(torch.float8_e4m3fn)
         assert k._usable(t)
-        y = k.transpose(t)
+        y = k.transpose_tiles(t)
         out[str(shape)] = [list(y.shape), torch.equal(y.view(torch.uint8), t.t().contiguous().view(torch.uint8))]
     x = (torch.randn(9000, generator=gen) * 3).bfloat16()
     scale = torch.tensor(0.37)
@@ -61,6 +61,10 @@ def test_kernels_match_torch_on_gpu_at_llama3_head_shapes():
         got = fp8_kernels.scaled_cast(w, scale, dtype)
         want = (w.float() / scale).to(dtype)  # one rounding from fp32, to nearest even
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), dtype
-        assert torch.equal(fp8_kernels.transpose(got).view(torch.uint8), want.t().contiguous().view(torch.uint8))
+        for transpose in (fp8_kernels.transpose, fp8_kernels.transpose_tiles):
+            got_t = transpose(got)
+            assert got_t.dtype == dtype
+            assert torch.equal(got_t.view(torch.uint8), want.t().contiguous().view(torch.uint8))
     odd = torch.randint(0, 256, (8191, 130), generator=gen, device="cuda", dtype=torch.uint8)
     assert torch.equal(fp8_kernels.transpose(odd), odd.t().contiguous())
+    assert torch.equal(fp8_kernels.transpose_tiles(odd), odd.t().contiguous())

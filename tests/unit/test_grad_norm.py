@@ -19,7 +19,8 @@ INTERPRETED = textwrap.dedent("""
     import json, math, torch
     from pipeline.train import grad_norm as g
     gen = torch.Generator().manual_seed(0)
-    sizes = [1, 5, g.BLOCK, g.BLOCK + 1, 2 * g.BLOCK + 77, 300]
+    span = g.BLOCK * g.ITERS  # a program's elements
+    sizes = [1, 5, g.BLOCK + 3, span, span + 1, 2 * span + g.BLOCK + 77, 300]
     def grads():
         out = [(torch.randn(n, generator=gen) * (i + 1)).bfloat16() for i, n in enumerate(sizes)]
         return out + [torch.randn(7, 9, generator=gen), torch.randn(0).bfloat16()]  # fp32, and an empty one
@@ -29,7 +30,7 @@ INTERPRETED = textwrap.dedent("""
     result = {"usable": g.usable([t for t in first if t.numel()])}
     result["norms"] = [[float(g.total_norm(gs)), exact(gs)] for gs in (first, second)]
     result["dtype"] = str(g.total_norm(first).dtype)
-    first[3][5] = float("inf")
+    first[4][span - 2] = float("inf")  # in a program's last block
     result["inf"] = float(g.total_norm(first))
     first[0][0] = float("nan")
     result["nan"] = float(g.total_norm(first))
@@ -56,11 +57,13 @@ def test_without_the_kernel_the_norm_is_torchs_in_fp32():
 
 
 def test_program_table_covers_every_element_once():
-    numels = (1, grad_norm.BLOCK, grad_norm.BLOCK + 1, 3 * grad_norm.BLOCK)
+    span = grad_norm.BLOCK * grad_norm.ITERS
+    numels = (1, span, span + 1, 3 * span)
     sizes, tensor_of, start_of = grad_norm._programs(numels, torch.device("cpu"))
     assert sizes.tolist() == list(numels)
     assert tensor_of.tolist() == [0, 1, 2, 2, 3, 3, 3]
-    assert start_of.tolist() == [0, 0, 0, grad_norm.BLOCK, 0, grad_norm.BLOCK, 2 * grad_norm.BLOCK]
+    assert start_of.tolist() == [0, 0, 0, span, 0, span, 2 * span]
+    assert grad_norm._programs((10, 10), torch.device("cpu"), 4)[2].tolist() == [0, 4, 8, 0, 4, 8]
 
 
 @pytest.mark.gpu
@@ -76,6 +79,8 @@ def test_kernel_norm_on_gpu_at_llama_gradient_sizes():
     want = math.sqrt(sum(float(t.double().pow(2).sum()) for t in grads))
     for _ in range(2):  # the second call with the tables already made
         assert float(grad_norm.total_norm(grads)) == pytest.approx(want, rel=1e-5)
+    for block, iters, warps in ((8192, 1, 8), (2048, 8, 4), (1024, 3, 2)):  # other program sizes
+        assert float(grad_norm.total_norm(grads, block=block, iters=iters, warps=warps)) == pytest.approx(want, rel=1e-5)
     torch_norm = float(torch.nn.utils.get_total_norm(grads[:-1]))  # bf16 only: torch's norm, rounded to bf16
     mine = float(grad_norm.total_norm(grads[:-1]))
     assert mine == pytest.approx(torch_norm, rel=2**-8)
