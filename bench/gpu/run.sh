@@ -180,8 +180,9 @@ case $part in
       --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head_fastacc,fp8_delayed_bf16_kahan_fp8head_fastacc_headfast 2>&1 \
       | quiet | tee $R/quality-head-fast.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   kernel-norm)
-    python3 -m pytest tests/unit/test_grad_norm.py tests/gpu/test_bench.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
-      -k "gpu_at_llama or fp8_transpose or grad_norm_bench" 2>&1 | quiet | tee $R/kernel-norm-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -4
+    python3 -m pytest tests/unit/test_grad_norm.py tests/unit/test_fp8_kernels.py tests/unit/test_ce_kernel.py \
+      tests/gpu/test_swiglu.py tests/gpu/test_bench.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
+      -k "gpu_at_llama or test_fp8_kernels or fp8_head or test_swiglu or fp8_transpose or grad_norm_bench" 2>&1 | quiet | tee $R/kernel-norm-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -4
     rc=$((rc | PIPESTATUS[0]))
     for shape in llama3.2-1b llama3.1-8b; do
       python3 bench/grad_norm.py --shape $shape --out $R/grad-norm-$shape.json 2>&1 | quiet | sed -n '/^NVIDIA/,$p'
