@@ -58,7 +58,7 @@ def te_transpose():
     import transformer_engine.pytorch  # noqa: F401 - loads the extension module
     import transformer_engine_torch as tex
 
-    return lambda t: tex.fp8_transpose(t, tex.DType.kFloat8E4M3, out=None)
+    return lambda t: tex.fp8_transpose(t, tex.DType.kFloat8E4M3, out=None)  # a byte copy: any FP8 type does
 
 
 def transpose(t: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,8 @@ def transpose(t: torch.Tensor) -> torch.Tensor:
     the loss's gradient (N, V) as (V, N) for the weight gradient; the SwiGLU gradient's cast wants both
     layouts too.
     """
-    te = te_transpose() if t.is_cuda and t.dim() == 2 and t.element_size() == 1 and t.is_contiguous() else None
+    te = (te_transpose() if t.is_cuda and t.dim() == 2 and t.element_size() == 1 and t.is_contiguous() and t.numel()
+          else None)
     if te is None:
         return transpose_tiles(t)
     return te(t.view(torch.uint8)).view(t.dtype)
