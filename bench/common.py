@@ -239,6 +239,20 @@ def matmul_peak_flops(device: torch.device, size: int, reps: int = 10) -> float:
     return 2 * size**3 / (statistics.median(timer.step_ms()) / 1e3)
 
 
+def kernel_median_ms(fn, reps: int) -> float:
+    """The median GPU time of `fn()` over `reps` calls after one warm-up call, by CUDA events around each."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
 def write_json(path: str | None, result: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

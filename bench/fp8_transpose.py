@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
 from pathlib import Path
 
@@ -50,19 +49,6 @@ def tensors(shape: str, tokens: int) -> dict[str, tuple[int, int]]:
             "head loss gradient": (tokens, c.vocab_size)}
 
 
-def time_ms(fn, x: torch.Tensor, reps: int) -> float:
-    fn(x)
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x)
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -81,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         for way, fn in ways.items():
             if not torch.equal(fn(x), want):
                 raise SystemExit(f"{way} transposed the {name} wrongly")
-            ms = time_ms(fn, x, args.reps)
+            ms = common.kernel_median_ms(functools.partial(fn, x), args.reps)
             rows.append({"tensor": name, "shape": [r, c], "way": way, "ms": ms, "tb_per_s": 2 * x.numel() / ms / 1e9})
         del x, want
     print(f"{torch.cuda.get_device_name(device)}, {args.shape}, {args.tokens} tokens; median of {args.reps}")

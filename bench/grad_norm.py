@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -56,19 +55,6 @@ def gradient_shapes(shape: str, layers: int | None) -> list[torch.Size]:
     return [p.shape for p in model.parameters()]
 
 
-def time_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -90,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         tolerance = 2**-8 if way.startswith("torch") else 1e-5  # torch rounds each tensor's norm to bf16
         if error > tolerance:
             raise SystemExit(f"{way}: norm off by {error:.2e} relative to the float64 norm")
-        ms = time_ms(fn, args.reps)
+        ms = common.kernel_median_ms(fn, args.reps)
         rows.append({"way": way, "ms": ms, "tb_per_s": nbytes / ms / 1e9, "relative_error": error})
     print(f"{torch.cuda.get_device_name(device)}, {args.shape} ({args.layers or 'all'} layers): {len(grads)} bf16 "
           f"gradients, {nbytes / 1e9:.2f} GB; median of {args.reps}")

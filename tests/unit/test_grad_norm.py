@@ -84,3 +84,20 @@ def test_kernel_norm_on_gpu_at_llama_gradient_sizes():
     torch_norm = float(torch.nn.utils.get_total_norm(grads[:-1]))  # bf16 only: torch's norm, rounded to bf16
     mine = float(grad_norm.total_norm(grads[:-1]))
     assert mine == pytest.approx(torch_norm, rel=2**-8)
+
+
+def test_bench_takes_a_models_gradient_sizes_and_refuses_bad_program_sizes(capsys):
+    from transformers import LlamaForCausalLM
+
+    from bench import common
+    from bench import grad_norm as bench_grad_norm
+
+    shapes = bench_grad_norm.gradient_shapes("tiny", 3)
+    model = LlamaForCausalLM(common.llama_config("tiny", 3))
+    assert shapes == [p.shape for p in model.parameters()]
+    assert bench_grad_norm.parse_args(["--programs", "4096x8x8,1024x3x2"]).programs == [(4096, 8, 8), (1024, 3, 2)]
+    with pytest.raises(SystemExit):
+        bench_grad_norm.parse_args(["--programs", "4096x8"])
+    assert "--programs '4096x8': expected BLOCKxITERSxWARPS" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="run it on a CUDA device"):
+        bench_grad_norm.main(["--device", "cpu"])
