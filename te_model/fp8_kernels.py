@@ -3,10 +3,9 @@
 Hopper's FP8 GEMMs take both operands K-major, so each of the head's three GEMMs wants its own layout of
 the same FP8 tensor. torch's `.t().contiguous()` on 1-byte elements is a slow generic strided copy;
 `transpose` uses Transformer Engine's FP8 transpose where TE runs, else `transpose_tiles`, which copies
-square tiles (`bench/fp8_transpose.py` times both: on the H200 TE's moved 9-28% more bytes a second than the best program size).
-`scaled_cast` divides and casts in one kernel, rounding once from fp32 where torch rounds twice. Both
-fall back to torch where Triton cannot run (CPU tensors, no Triton); `TRITON_INTERPRET=1` runs the
-kernels on the CPU for the tests.
+square tiles (`bench/fp8_transpose.py` times both; TE's is the faster). `scaled_cast` divides and casts in
+one kernel, rounding once from fp32 where torch rounds twice. Both fall back to torch where Triton cannot
+run (CPU tensors, no Triton); `TRITON_INTERPRET=1` runs the kernels on the CPU for the tests.
 """
 
 from __future__ import annotations
