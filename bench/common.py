@@ -229,28 +229,20 @@ def matmul_peak_flops(device: torch.device, size: int, reps: int = 10) -> float:
     """Measured bf16 matmul FLOP/s: the median of `reps` (size x size) @ (size x size) products."""
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
+    for _ in range(2):
         a @ b
+    return 2 * size**3 / (kernel_median_ms(lambda: a @ b, reps, device) / 1e3)
+
+
+def kernel_median_ms(fn, reps: int, device: torch.device = torch.device("cuda")) -> float:
+    """The median time of `fn()` over `reps` calls back to back after one warm-up call (`StepTimer`)."""
+    fn()
     timer = StepTimer(device)
     timer.mark()
     for _ in range(reps):
-        a @ b
-        timer.mark()
-    return 2 * size**3 / (statistics.median(timer.step_ms()) / 1e3)
-
-
-def kernel_median_ms(fn, reps: int) -> float:
-    """The median GPU time of `fn()` over `reps` calls after one warm-up call, by CUDA events around each."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+        timer.mark()
+    return statistics.median(timer.step_ms())
 
 
 def write_json(path: str | None, result: dict) -> None:
