@@ -65,9 +65,10 @@ class _LayerCall(torch.nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, rope_angles: torch.Tensor) -> torch.Tensor:
         import transformer_engine.pytorch as te
 
-        return te.TransformerLayer.forward(self.layer, x, rotary_pos_emb=rope_angles, cu_seqlens_q=cu_seqlens,
-                                           cu_seqlens_kv=cu_seqlens, max_seqlen_q=self.max_seqlen,
-                                           max_seqlen_kv=self.max_seqlen)
+        with self.layer.rope(rope_angles, cu_seqlens):
+            return te.TransformerLayer.forward(self.layer, x, rotary_pos_emb=rope_angles, cu_seqlens_q=cu_seqlens,
+                                               cu_seqlens_kv=cu_seqlens, max_seqlen_q=self.max_seqlen,
+                                               max_seqlen_kv=self.max_seqlen)
 
 
 class DecoderGraphs:

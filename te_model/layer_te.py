@@ -6,11 +6,13 @@ tensor by tensor. Attention runs in TE's THD layout, the one layout in which pla
 rows are the same call to TE's fused attention.
 """
 
+import contextlib
+
 import torch
 import transformer_engine.pytorch as te
 from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
 
-from . import residual, residual_te, swiglu_te
+from . import residual, residual_te, rope_te, swiglu_te
 from .layer import DecoderCall, head_dim
 from .segments import AttentionPlan
 
@@ -65,6 +67,7 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
         if swiglu_te.install():  # the MLP's backward: the SwiGLU gradient and its FP8 cast in one kernel
             self.layernorm_mlp.__class__ = swiglu_te.LlamaLayerNormMLP
         self.fuse_residual_grad = residual_te.install()
+        self.fused_rope = rope_te.install()
 
     @property
     def fuse_residual_grad(self) -> bool:
@@ -79,6 +82,24 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
             raise RuntimeError("this Transformer Engine's norm backward cannot take the residual gradient "
                                "(te_model.residual_te.install)")
         self.__dict__["_fuse_residual_grad"] = bool(on)
+
+    @property
+    def fused_rope(self) -> bool:
+        """Attention's Q/K/V split and RoPE in one kernel each way (`te_model.rope_kernels`), not TE's split,
+        two RoPE kernels and, in backward, a concatenation of the three gradients. On by default; the
+        benchmarks turn it off to measure TE's path."""
+        return self.__dict__["_fused_rope"]
+
+    @fused_rope.setter
+    def fused_rope(self, on: bool) -> None:
+        if on and not rope_te.install():
+            raise RuntimeError("this Transformer Engine's attention cannot take the fused RoPE "
+                               "(te_model.rope_te.install)")
+        self.__dict__["_fused_rope"] = bool(on)
+
+    def rope(self, angles: torch.Tensor, cu_seqlens: torch.Tensor):
+        """The context TE's forward runs in: the fused split and RoPE with these, where they are on."""
+        return rope_te.fused(angles, cu_seqlens) if self.fused_rope else contextlib.nullcontext()
 
     def _bias_dropout_add(self, hidden_state, bias, residual_input, drop_path=None):
         # TE's residual connection (its only caller is TransformerLayer.forward): our layers have no bias,
@@ -152,16 +173,17 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
             # graphs that keep FP8 weights cast them on a first (or unmarked) micro-batch, reuse them on the others
             marks = {"is_first_microbatch": is_first_microbatch is not False} if call.cache_fp8_weights else {}
             return call(x.reshape(b * s, h), plan.cu_seqlens, plan.rope_angles, **marks).view(b, s, h)
-        out = te.TransformerLayer.forward(
-            self,
-            x.reshape(b * s, h),
-            rotary_pos_emb=plan.rope_angles,
-            cu_seqlens_q=plan.cu_seqlens,
-            cu_seqlens_kv=plan.cu_seqlens,
-            max_seqlen_q=plan.max_seqlen,
-            max_seqlen_kv=plan.max_seqlen,
-            is_first_microbatch=is_first_microbatch,
-        )
+        with self.rope(plan.rope_angles, plan.cu_seqlens):
+            out = te.TransformerLayer.forward(
+                self,
+                x.reshape(b * s, h),
+                rotary_pos_emb=plan.rope_angles,
+                cu_seqlens_q=plan.cu_seqlens,
+                cu_seqlens_kv=plan.cu_seqlens,
+                max_seqlen_q=plan.max_seqlen,
+                max_seqlen_kv=plan.max_seqlen,
+                is_first_microbatch=is_first_microbatch,
+            )
         return out.view(b, s, h)
 
     @staticmethod

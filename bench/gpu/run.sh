@@ -51,12 +51,15 @@
 #                                             step (4 x 2048; twice, each order) beside HF, profiled (70 largest kernels
 #                                             in the JSON); the step's FP8 transposes timed on their own
 #                                             (bench/fp8_transpose.py); the Llama-3.1-8B step (32 layers, 2 x 4096), the same
+#   bash bench/gpu/run.sh fused-rope [args]   attention's split and RoPE in one kernel each way (te_model.rope_kernels): its GPU
+#                                             tests (against torch and TE's RoPE, in layers, CUDA graphs); the 1B step
+#                                             (4 x 2048) with it and with TE's, profiled; the 8B step (32 layers, 2 x 4096)
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
 #                                             both, the MLP recomputed; the 80 GB preset's step held to 78.5 GiB;
 #                                             then the GPU tests of the first two
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|moments-fp8|fast-accum|kernel-norm|memory-8b [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|memory-8b [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -204,6 +207,19 @@ case $part in
     done
     python3 bench/train_step.py $eight --master-weights bf16_kahan --kernels-top 70 --out $R/kernel-norm-8b.json \
       --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_kernel_norm "$@" 2>&1 | show 8b
+    rc=$((rc | PIPESTATUS[0])) ;;
+  fused-rope)
+    python3 -m pytest tests/unit/test_rope_kernels.py tests/gpu/test_te.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
+      -k "rope or decoder_graphs" 2>&1 | quiet | tee $R/fused-rope-tests.log | grep "RoPE\|passed\|failed\|Error\|^FAILED" | tail -12
+    rc=$((rc | PIPESTATUS[0]))
+    show() { quiet | tee $R/fused-rope-$1.log | sed -n '/^NVIDIA/,/largest kernels/p'; }
+    python3 bench/train_step.py --shape llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2 \
+      --master-weights bf16_kahan --kernels-top 70 --out $R/fused-rope-1b.json \
+      --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_te_rope,fp8_delayed_fp8head_fastacc_graphs,fp8_delayed_fp8head_fastacc_te_rope_graphs \
+      2>&1 | show 1b; rc=$((rc | PIPESTATUS[0]))
+    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1 \
+      --master-weights bf16_kahan --kernels-top 70 --out $R/fused-rope-8b.json \
+      --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_te_rope "$@" 2>&1 | show 8b
     rc=$((rc | PIPESTATUS[0])) ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \

@@ -660,3 +660,71 @@ def test_residual_gradients_added_by_the_norm_backward_match_autograds_add(recip
           f"against {float(loss_p):.5f}, gradients rel_err {err:.1e}")
     assert float(loss_f) == float(loss_p)
     assert err <= (0.3 if recipe else 2e-2)
+
+
+@pytest.mark.parametrize("recompute", [None, "layers"])
+@pytest.mark.parametrize("recipe", [None, "delayed"])
+def test_fused_rope_matches_tes_split_and_rope(recipe, recompute, monkeypatch):
+    """`fused_rope` (the default): attention's Q/K/V split and RoPE in one kernel each way
+    (`te_model.rope_kernels`), against TE's split, its two fused RoPE kernels and its concatenation of the
+    gradients. The same forward over packed rows (positions restart in each document); one call a layer,
+    again in a recomputed layer; losses and gradients equal but for rounding (both rotate in fp32 and
+    round once, so they differ only where fp32 rounds the sum differently, by a bf16 ulp)."""
+    from te_model import rope_kernels
+
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        config = llama_config("llama3", num_hidden_layers=3, **GPU_SHAPES)
+        fused = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
+        plain = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    plain.load_state_dict(fused.state_dict())
+    assert all(layer.fused_rope for layer in fused.model.layers)
+    for layer in plain.model.layers:
+        layer.fused_rope = False
+    if recompute == "layers":
+        fused.gradient_checkpointing_enable()
+        plain.gradient_checkpointing_enable()
+    calls, qkv_rope = [], rope_kernels.qkv_rope
+    monkeypatch.setattr(rope_kernels, "qkv_rope", lambda *a: calls.append(1) or qkv_rope(*a))
+    batch = packed_batch(config.vocab_size, [[100, 100, 56], [256], [16, 200, 40], [128, 128]], 0)
+    ids, kwargs = batch["input_ids"], {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    for step in range(2):
+        calls.clear()
+        loss_f, grads_f = _loss_and_grads(fused, ids, kwargs, recipe=recipe)
+        assert len(calls) == config.num_hidden_layers * (2 if recompute else 1)
+        loss_p, grads_p = _loss_and_grads(plain, ids, kwargs, recipe=recipe)
+        assert len(calls) == config.num_hidden_layers * (2 if recompute else 1)
+    err = rel_err(grads_f, grads_p)
+    print(f"\nfused RoPE, recipe {recipe}, recompute {recompute}: loss {float(loss_f):.5f} against "
+          f"{float(loss_p):.5f}, gradients rel_err {err:.1e}")
+    assert abs(float(loss_f) - float(loss_p)) <= 1e-3 * abs(float(loss_p))
+    assert err <= (0.3 if recipe else 2e-2)
+
+
+def test_fused_rope_rotates_as_tes_rope():
+    """The kernel's query and key against TE's `apply_rotary_pos_emb` (fused, THD) on the same views of a
+    projection output at the 8B model's head counts, packed segments with an empty one: at most a bf16 ulp
+    apart, and nearly all equal."""
+    from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
+
+    from te_model import rope_kernels
+    from te_model.rope import angles_table
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tokens, q_groups, groups, size = 8192, 4, 8, 128
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, size, 2, device="cuda").float() / size))
+    angles = angles_table(inv_freq, tokens)
+    cu = torch.tensor([0, 1000, 1000, 4096, 8192], dtype=torch.int32, device="cuda")
+    x = torch.randn(tokens, q_groups + 2, groups, size, generator=g, device="cuda").bfloat16()
+    q, k, _ = rope_kernels.qkv_rope(x, angles, cu)
+    want_q = apply_rotary_pos_emb(x[:, :q_groups].reshape(tokens, -1, size), angles, "thd", fused=True, cu_seqlens=cu)
+    want_k = apply_rotary_pos_emb(x[:, q_groups].reshape(tokens, -1, size), angles, "thd", fused=True, cu_seqlens=cu)
+    for got, want in ((q.reshape(want_q.shape), want_q), (k.reshape(want_k.shape), want_k)):
+        diff = (got.float() - want.float()).abs()
+        ulp = want.float().abs().clamp_min(2 ** -126) * 2 ** -7
+        equal = float((diff == 0).float().mean())
+        print(f"\nfused RoPE against TE's: {equal:.4%} equal, largest difference {float((diff / ulp).max()):.2f} ulp")
+        assert bool((diff <= ulp).all()) and equal >= 0.99

@@ -1,0 +1,102 @@
+"""The Q/K/V split with RoPE in one kernel (`te_model.rope_kernels`) against the same rotation in torch.
+
+The kernels run through Triton's interpreter in a fresh process: grouped-query shapes, packed segments
+with empty ones among them (as padded plans and CUDA graphs' layouts have), a token count that is not a
+multiple of a program's; the backward against autograd through the torch reference. The `gpu` test runs
+them compiled, and beside TE's own split and RoPE in a decoder layer (`tests/gpu/test_te.py`).
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from te_model import rope_kernels
+from te_model.rope import angles_table
+from tests.support.triton_interpreted import run_interpreted
+
+CASE = textwrap.dedent("""
+    import json, torch
+    from te_model import rope_kernels as r
+    from te_model.rope import angles_table
+
+    def case(tokens, q_groups, groups, size, cu, dtype=torch.bfloat16, seed=0, device="cpu"):
+        gen = torch.Generator().manual_seed(seed)
+        inv_freq = 1.0 / (500000.0 ** (torch.arange(0, size, 2).float() / size))
+        angles = angles_table(inv_freq, tokens).to(device)
+        cu = torch.tensor(cu, dtype=torch.int32, device=device)
+        x = torch.randn(tokens, q_groups + 2, groups, size, generator=gen).to(device, dtype).requires_grad_()
+        q, k, v = r.qkv_rope(x, angles, cu)
+        want = r.qkv_rope_reference(x.detach(), angles, cu)
+        grads = [torch.randn(t.shape, generator=gen).to(device, dtype) for t in (q, k, v)]
+        torch.autograd.backward((q, k, v), grads)
+        ref_x = x.detach().clone().requires_grad_()
+        torch.autograd.backward(r.qkv_rope_reference(ref_x, angles, cu), grads)
+        ulp = lambda a, b: float(((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-3)).max())
+        return {"q": ulp(q, want[0]), "k": ulp(k, want[1]), "v_is_view": v.data_ptr() == x[:, -1:].data_ptr(),
+                "v": float((v - want[2]).abs().max()), "dx": ulp(x.grad, ref_x.grad),
+                "shapes": [list(q.shape), list(k.shape), list(x.grad.shape)]}
+""")
+
+INTERPRETED = CASE + textwrap.dedent("""
+    out = {
+        "gqa": case(45, 4, 2, 16, [0, 13, 13, 40, 45, 45]),  # an empty segment inside and at the end
+        "one_segment": case(33, 1, 3, 8, [0, 33]),
+        "one_token_rows": case(5, 2, 1, 32, [0, 1, 2, 3, 4, 5]),
+        "fp16": case(20, 2, 2, 16, [0, 7, 20], dtype=torch.float16),
+    }
+    print(json.dumps(out))
+""")
+
+
+def test_qkv_rope_matches_the_torch_rotation_interpreted():
+    result = run_interpreted(INTERPRETED)
+    for name, got in result.items():
+        # the kernel and the reference round the same fp32 value once: equal, or one ulp apart where the
+        # kernel's fused multiply-add rounds the fp32 sum differently (2**-7 relative in bf16)
+        assert got["q"] <= 2 ** -7 and got["k"] <= 2 ** -7 and got["dx"] <= 2 ** -7, (name, got)
+        assert got["v"] == 0 and got["v_is_view"], (name, got)
+    assert result["gqa"]["shapes"] == [[45, 4, 2, 16], [45, 1, 2, 16], [45, 6, 2, 16]]
+
+
+def test_reference_is_hf_rotate_half_at_each_segment_position():
+    """The reference's positions restart at each segment, and its rotation is HF's `apply_rotary_pos_emb`."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(3)
+    size, groups = 8, 2
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, size, 2).float() / size))
+    angles = angles_table(inv_freq, 16)
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    x = torch.randn(12, 3, groups, size, generator=gen, dtype=torch.float64)
+    q, k, v = rope_kernels.qkv_rope_reference(x, angles, cu)
+    pos = torch.tensor(list(range(5)) + list(range(7)))
+    cos, sin = angles.reshape(16, size)[pos].double().cos(), angles.reshape(16, size)[pos].double().sin()
+    # HF: (batch, heads, seq, dim) with cos/sin (batch, seq, dim)
+    hq, hk = apply_rotary_pos_emb(x[:, :1].reshape(12, -1, size).transpose(0, 1)[None],
+                                  x[:, 1:2].reshape(12, -1, size).transpose(0, 1)[None], cos[None], sin[None])
+    # the reference rotates in fp32, as the kernels do
+    torch.testing.assert_close(q.reshape(12, -1, size), hq[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k.reshape(12, -1, size), hk[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(v, x[:, 2:])
+
+
+def test_kernels_refuse_what_they_cannot_take():
+    angles = angles_table(torch.ones(8), 4)
+    x = torch.zeros(4, 3, 2, 16, dtype=torch.bfloat16)
+    assert not rope_kernels.usable(x, angles, 1)  # a CPU tensor without the interpreter
+    assert not rope_kernels.usable(x.float(), angles, 1)
+
+
+@pytest.mark.gpu
+def test_qkv_rope_matches_the_torch_rotation_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    namespace: dict = {}
+    exec(CASE, namespace)
+    for args in ((8192, 4, 8, 128, [0, 1000, 1000, 4096, 8192]), (4096, 1, 32, 64, [0, 4096])):
+        got = namespace["case"](*args, device="cuda")
+        assert got["q"] <= 2 ** -7 and got["k"] <= 2 ** -7 and got["dx"] <= 2 ** -7, got
+        assert got["v"] == 0 and got["v_is_view"], got
