@@ -463,17 +463,21 @@ def packed_batch(vocab: int, rows: list[list[int]], seed: int) -> dict:
     return te_model.prepare_batch({"input_ids": ids, "labels": ids, "position_ids": positions}, torch.device("cuda"))
 
 
+@pytest.mark.parametrize("fused_rope", [False, True])
 @pytest.mark.parametrize("recipe", [None, "delayed"])
-def test_decoder_graphs_train_as_the_eager_layers_do(recipe, monkeypatch):
+def test_decoder_graphs_train_as_the_eager_layers_do(recipe, fused_rope, monkeypatch):
     """The layers replayed as CUDA graphs: the same losses and gradients as launched one by one, for the
     captured batch and for a later one with other segments (widened to the captured layout); a batch with
-    more segments than captured runs eagerly, counted. No TE layer forward runs during a replayed step."""
+    more segments than captured runs eagerly, counted. No TE layer forward runs during a replayed step.
+    With TE's split and RoPE, and with the fused ones (`fused_rope`) in both models."""
     import transformer_engine.pytorch as te
 
     config = llama_config("llama3", num_hidden_layers=4, **GPU_SHAPES)
     eager = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
     graphed = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
     graphed.load_state_dict(eager.state_dict())
+    for layer in [*eager.model.layers, *graphed.model.layers]:
+        layer.fused_rope = fused_rope
     vocab = config.vocab_size
     batches = [packed_batch(vocab, [[100, 100, 56], [256], [16, 200, 40], [128, 128]], 0),  # 10 segments
                packed_batch(vocab, [[64] * 4, [32] * 8, [256], [200, 56]], 1),  # 15
@@ -503,7 +507,7 @@ def test_decoder_graphs_train_as_the_eager_layers_do(recipe, monkeypatch):
     losses_g, grads_g = train(graphed, batches)
     assert eager_calls == [] and graphs.eager_batches == 0
     worst = max(rel_err(g, e) for g, e in zip(grads_g, grads))
-    print(f"\nCUDA graphs, recipe {recipe}: losses {losses_g}, eager {losses}; largest gradient rel_err {worst:.1e}")
+    print(f"\nCUDA graphs, recipe {recipe}, fused RoPE {fused_rope}: losses {losses_g}, eager {losses}; largest gradient rel_err {worst:.1e}")
     assert losses_g == pytest.approx(losses, rel=1e-3)
     assert worst <= 1e-2
 
@@ -665,7 +669,7 @@ def test_residual_gradients_added_by_the_norm_backward_match_autograds_add(recip
 @pytest.mark.parametrize("recompute", [None, "layers"])
 @pytest.mark.parametrize("recipe", [None, "delayed"])
 def test_fused_rope_matches_tes_split_and_rope(recipe, recompute, monkeypatch):
-    """`fused_rope` (the default): attention's Q/K/V split and RoPE in one kernel each way
+    """`fused_rope`: attention's Q/K/V split and RoPE in one kernel each way
     (`te_model.rope_kernels`), against TE's split, its two fused RoPE kernels and its concatenation of the
     gradients. The same forward over packed rows (positions restart in each document); one call a layer,
     again in a recomputed layer; losses and gradients equal but for rounding (both rotate in fp32 and
@@ -681,9 +685,9 @@ def test_fused_rope_matches_tes_split_and_rope(recipe, recompute, monkeypatch):
     finally:
         torch.use_deterministic_algorithms(was)
     plain.load_state_dict(fused.state_dict())
-    assert all(layer.fused_rope for layer in fused.model.layers)
-    for layer in plain.model.layers:
-        layer.fused_rope = False
+    assert not any(layer.fused_rope for layer in plain.model.layers)  # off by default
+    for layer in fused.model.layers:
+        layer.fused_rope = True
     if recompute == "layers":
         fused.gradient_checkpointing_enable()
         plain.gradient_checkpointing_enable()
