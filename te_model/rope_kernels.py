@@ -18,26 +18,27 @@ import torch
 
 from .triton_kernels import cdiv, lazy_kernel, runs_on
 
-TOKENS = 32  # a program's tokens (one head each)
+TOKENS, HEADS = 32, 4  # a program's tokens, and the heads it rotates with one look-up of their angles
 
 
 def _build(triton, tl):
     @triton.jit
     def rope_qkv(packed_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cu_ptr, tokens, segments, q_heads, kv_heads,
-                 v_token_stride, v_head_stride,
-                 HALF: tl.constexpr, TOKENS: tl.constexpr, SEARCH: tl.constexpr, BACKWARD: tl.constexpr):
+                 v_token_stride, v_head_stride, HALF: tl.constexpr, TOKENS: tl.constexpr, HEADS: tl.constexpr,
+                 SEARCH: tl.constexpr, BACKWARD: tl.constexpr):
         # packed [T, q_heads + 2 kv_heads, 2 HALF] (the projection's output, or in backward its gradient);
         # q [T, q_heads, 2 HALF] and k [T, kv_heads, 2 HALF] (the rotated tensors, or their gradients).
-        # Forward rotates packed -> q, k; backward rotates q, k -> packed by the opposite angle and copies
-        # the value's gradient v into packed's last kv_heads heads.
-        head = tl.program_id(1)
+        # Forward rotates packed -> q, k; backward rotates q, k -> packed by the opposite angle, and its
+        # programs past the rotating ones copy the value's gradient v into packed's last kv_heads heads.
         t = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
         inside = t < tokens
         d = tl.arange(0, HALF)
         at = inside[:, None]
         t64 = t.to(tl.int64)[:, None]
-        packed = packed_ptr + t64 * ((q_heads + 2 * kv_heads) * 2 * HALF) + head * 2 * HALF + d[None, :]
-        if head < q_heads + kv_heads:
+        rotated = q_heads + kv_heads
+        first = tl.program_id(1) * HEADS
+        packed = packed_ptr + t64 * ((rotated + kv_heads) * 2 * HALF) + d[None, :]
+        if first < rotated:
             # each token's position in its segment: the last segment start at or before it (empty segments
             # repeat a start, and the last of the equal starts is the one holding the token)
             tc = tl.where(inside, t, 0)
@@ -51,25 +52,33 @@ def _build(triton, tl):
             table = (tc - tl.load(cu_ptr + lo)).to(tl.int64)[:, None] * HALF + d[None, :]
             c = tl.load(cos_ptr + table, mask=at, other=0.0)
             s = tl.load(sin_ptr + table, mask=at, other=0.0)
-            if head < q_heads:
-                split = q_ptr + t64 * (q_heads * 2 * HALF) + head * 2 * HALF + d[None, :]
-            else:
-                split = k_ptr + t64 * (kv_heads * 2 * HALF) + (head - q_heads) * 2 * HALF + d[None, :]
             if BACKWARD:
                 s = -s
-                src = split
-                dst = packed
-            else:
-                src = packed
-                dst = split
-            x1 = tl.load(src, mask=at, other=0.0).to(tl.float32)
-            x2 = tl.load(src + HALF, mask=at, other=0.0).to(tl.float32)
-            tl.store(dst, (x1 * c - x2 * s).to(dst.dtype.element_ty), mask=at)
-            tl.store(dst + HALF, (x2 * c + x1 * s).to(dst.dtype.element_ty), mask=at)
+            for i in tl.static_range(HEADS):
+                head = first + i
+                if head < rotated:
+                    if head < q_heads:
+                        split = q_ptr + t64 * (q_heads * 2 * HALF) + head * 2 * HALF + d[None, :]
+                    else:
+                        split = k_ptr + t64 * (kv_heads * 2 * HALF) + (head - q_heads) * 2 * HALF + d[None, :]
+                    if BACKWARD:
+                        src = split
+                        dst = packed + head * 2 * HALF
+                    else:
+                        src = packed + head * 2 * HALF
+                        dst = split
+                    x1 = tl.load(src, mask=at, other=0.0).to(tl.float32)
+                    x2 = tl.load(src + HALF, mask=at, other=0.0).to(tl.float32)
+                    tl.store(dst, (x1 * c - x2 * s).to(dst.dtype.element_ty), mask=at)
+                    tl.store(dst + HALF, (x2 * c + x1 * s).to(dst.dtype.element_ty), mask=at)
         else:  # backward only: the value's gradient
-            v = v_ptr + t64 * v_token_stride + (head - q_heads - kv_heads) * v_head_stride + d[None, :]
-            tl.store(packed, tl.load(v, mask=at, other=0.0), mask=at)
-            tl.store(packed + HALF, tl.load(v + HALF, mask=at, other=0.0), mask=at)
+            for i in tl.static_range(HEADS):
+                head = first - tl.cdiv(rotated, HEADS) * HEADS + i  # the value's head
+                if head < kv_heads:
+                    v = v_ptr + t64 * v_token_stride + head * v_head_stride + d[None, :]
+                    dst = packed + (rotated + head) * 2 * HALF
+                    tl.store(dst, tl.load(v, mask=at, other=0.0), mask=at)
+                    tl.store(dst + HALF, tl.load(v + HALF, mask=at, other=0.0), mask=at)
 
     return rope_qkv
 
@@ -113,9 +122,9 @@ class QKVRope(torch.autograd.Function):
         k = torch.empty((tokens, 1, groups, size), dtype=x.dtype, device=x.device)
         segments = cu_seqlens.numel() - 1
         if tokens:
-            _kernels()[(cdiv(tokens, TOKENS), q_heads + kv_heads)](
-                x, q, k, x, cos, sin, cu_seqlens, tokens, segments, q_heads, kv_heads, 0, 0,
-                HALF=size // 2, TOKENS=TOKENS, SEARCH=_search_steps(segments), BACKWARD=False)
+            _kernels()[(cdiv(tokens, TOKENS), cdiv(q_heads + kv_heads, HEADS))](
+                x, q, k, x, cos, sin, cu_seqlens, tokens, segments, q_heads, kv_heads, 0, 0, HALF=size // 2,
+                TOKENS=TOKENS, HEADS=HEADS, SEARCH=_search_steps(segments), BACKWARD=False)
         ctx.save_for_backward(cos, sin, cu_seqlens)
         ctx.shape = x.shape
         return q, k, x[:, -1:]
@@ -137,9 +146,10 @@ class QKVRope(torch.autograd.Function):
         dx = torch.empty(ctx.shape, dtype=like.dtype, device=like.device)
         segments = cu_seqlens.numel() - 1
         if tokens:
-            _kernels()[(cdiv(tokens, TOKENS), q_heads + 2 * kv_heads)](
+            _kernels()[(cdiv(tokens, TOKENS), cdiv(q_heads + kv_heads, HEADS) + cdiv(kv_heads, HEADS))](
                 dx, dq, dk, dv, cos, sin, cu_seqlens, tokens, segments, q_heads, kv_heads, dv.stride(0),
-                dv.stride(1), HALF=size // 2, TOKENS=TOKENS, SEARCH=_search_steps(segments), BACKWARD=True)
+                dv.stride(1), HALF=size // 2, TOKENS=TOKENS, HEADS=HEADS, SEARCH=_search_steps(segments),
+                BACKWARD=True)
         return dx, None, None
 
 

@@ -1,9 +1,9 @@
 """The Q/K/V split with RoPE in one kernel (`te_model.rope_kernels`) against the same rotation in torch.
 
 The kernels run through Triton's interpreter in a fresh process: grouped-query shapes, packed segments
-with empty ones among them (as padded plans and CUDA graphs' layouts have), a token count that is not a
-multiple of a program's; the backward against autograd through the torch reference. The `gpu` test runs
-them compiled, and beside TE's own split and RoPE in a decoder layer (`tests/gpu/test_te.py`).
+with empty ones among them (as padded plans and CUDA graphs' layouts have), token and head counts that
+are not multiples of a program's; the backward against autograd through the torch reference. The `gpu`
+test runs them compiled; `tests/gpu/test_te.py` runs them beside TE's own split and RoPE.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ INTERPRETED = CASE + textwrap.dedent("""
         "gqa": case(45, 4, 2, 16, [0, 13, 13, 40, 45, 45]),  # an empty segment inside and at the end
         "one_segment": case(33, 1, 3, 8, [0, 33]),
         "one_token_rows": case(5, 2, 1, 32, [0, 1, 2, 3, 4, 5]),
+        "more_groups_than_a_program": case(40, 1, 5, 8, [0, 17, 40]),  # the values' heads over two programs
         "fp16": case(20, 2, 2, 16, [0, 7, 20], dtype=torch.float16),
     }
     print(json.dumps(out))
