@@ -619,6 +619,21 @@ def test_the_norm_backward_adds_the_residual_gradient_in_one_rounding():
     assert torch.equal(residual_te.rmsnorm_bwd(dz, x, rsigma, gamma, 0, False)[0], dx_plain)  # nothing kept: TE's
 
 
+def deterministic_pair(layers: int = 3):
+    """Two TE models of `layers` layers with the same weights, built with deterministic kernels (TE picks
+    its attention kernels by the setting when it builds), so that only what a test changes moves results."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        config = llama_config("llama3", num_hidden_layers=layers, **GPU_SHAPES)
+        first = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
+        second = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    second.load_state_dict(first.state_dict())
+    return config, first, second
+
+
 @pytest.mark.parametrize("recompute", [None, "mlp", "layers"])
 @pytest.mark.parametrize("recipe", [None, "delayed"])
 def test_residual_gradients_added_by_the_norm_backward_match_autograds_add(recipe, recompute, monkeypatch):
@@ -632,15 +647,7 @@ def test_residual_gradients_added_by_the_norm_backward_match_autograds_add(recip
     of each input's gradient."""
     from te_model import residual
 
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)  # TE picks its attention kernels by it at build
-    try:
-        config = llama_config("llama3", num_hidden_layers=3, **GPU_SHAPES)
-        fused = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
-        plain = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
-    finally:
-        torch.use_deterministic_algorithms(was)
-    plain.load_state_dict(fused.state_dict())
+    config, fused, plain = deterministic_pair()
     assert all(layer.fuse_residual_grad for layer in fused.model.layers)
     for layer in plain.model.layers:
         layer.fuse_residual_grad = False
@@ -676,15 +683,7 @@ def test_fused_rope_matches_tes_split_and_rope(recipe, recompute, monkeypatch):
     round once, so they differ only where fp32 rounds the sum differently, by a bf16 ulp)."""
     from te_model import rope_kernels
 
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        config = llama_config("llama3", num_hidden_layers=3, **GPU_SHAPES)
-        fused = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
-        plain = te_model.build_model(config, backend="te", dtype=torch.bfloat16).train()
-    finally:
-        torch.use_deterministic_algorithms(was)
-    plain.load_state_dict(fused.state_dict())
+    config, fused, plain = deterministic_pair()
     assert not any(layer.fused_rope for layer in plain.model.layers)  # off by default
     for layer in fused.model.layers:
         layer.fused_rope = True
