@@ -7,7 +7,7 @@ returns the query and key already rotated, and a RoPE that passes those two thro
 that context, or for a tensor the kernels do not take, both are TE's own: every other attention in the
 process (a peer's, in the benchmarks) runs as before, bit for bit.
 
-Importing this module imports Transformer Engine.
+Transformer Engine is imported by `install`, not by importing this module.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import inspect
 import threading
 
 import torch
-from transformer_engine.pytorch.attention import multi_head_attention as te_mha
 
 from . import rope_kernels
 
@@ -55,41 +54,39 @@ class _Split:
         return self.te_split.apply(mixed, split_dim, sections, *args)
 
 
-def _rotated_by(t: torch.Tensor):
-    base = t._base if t._base is not None else t
-    return base.__dict__.get(MARK)
+class _Rope:
+    """`apply_rotary_pos_emb` for TE's attention module: TE's, except for a query or key the fused split
+    rotated already, which it passes through once it has checked it was asked for the same rotation."""
+
+    def __init__(self, te_rope) -> None:
+        self.te_rope = te_rope
+
+    def __call__(self, t, freqs, tensor_format="sbhd", start_positions=None, interleaved=False, fused=False,
+                 cu_seqlens=None, cp_size=1, cp_rank=0):
+        done = (t._base if t._base is not None else t).__dict__.get(MARK)
+        if done is None:
+            return self.te_rope(t, freqs, tensor_format, start_positions=start_positions, interleaved=interleaved,
+                                fused=fused, cu_seqlens=cu_seqlens, cp_size=cp_size, cp_rank=cp_rank)
+        if not (freqs is done[0] and cu_seqlens is done[1] and tensor_format == "thd" and start_positions is None
+                and not interleaved and cp_size == 1):
+            raise RuntimeError("TE's attention asked to rotate a query or key the fused split rotated already, "
+                               "with other arguments (te_model.rope_te was written against TE 2.20)")
+        return t
 
 
-def apply_rotary_pos_emb(t, freqs, tensor_format="sbhd", start_positions=None, interleaved=False, fused=False,
-                         cu_seqlens=None, cp_size=1, cp_rank=0):
-    """TE's RoPE, except for a query or key the fused split rotated already with these same arguments."""
-    done = _rotated_by(t)
-    if done is None:
-        return _te_rope(t, freqs, tensor_format, start_positions=start_positions, interleaved=interleaved,
-                        fused=fused, cu_seqlens=cu_seqlens, cp_size=cp_size, cp_rank=cp_rank)
-    if not (freqs is done[0] and cu_seqlens is done[1] and tensor_format == "thd" and start_positions is None
-            and not interleaved and cp_size == 1):
-        raise RuntimeError("TE's attention asked to rotate a query or key the fused split rotated already, "
-                           "with other arguments (te_model.rope_te was written against TE 2.20)")
-    return t
-
-
-_te_rope = te_mha.apply_rotary_pos_emb
-
-
-def install() -> bool:
-    """Give TE's attention module the fused split and RoPE (once per process). False, with TE left alone,
-    where the module does not call the two as this was written against."""
-    global _te_rope
-    if isinstance(te_mha.SplitAlongDim, _Split):
+def install(module=None) -> bool:
+    """Give TE's attention module (or `module`, laid out as it is) the fused split and RoPE, once per
+    process. False, with the module left alone, where it does not call the two as this was written against."""
+    if module is None:
+        from transformer_engine.pytorch.attention import multi_head_attention as module
+    if isinstance(module.SplitAlongDim, _Split):
         return True
     try:
-        source = inspect.getsource(te_mha.MultiheadAttention.forward)
+        source = inspect.getsource(module.MultiheadAttention.forward)
     except (OSError, TypeError):  # no source to read: not the TE this was written against
         return False
     if not all(call in source for call in CALLS) or "rotary_pos_interleaved" not in source:
         return False
-    _te_rope = te_mha.apply_rotary_pos_emb
-    te_mha.SplitAlongDim = _Split(te_mha.SplitAlongDim)
-    te_mha.apply_rotary_pos_emb = apply_rotary_pos_emb
+    module.SplitAlongDim = _Split(module.SplitAlongDim)
+    module.apply_rotary_pos_emb = _Rope(module.apply_rotary_pos_emb)
     return True

@@ -101,3 +101,65 @@ def test_qkv_rope_matches_the_torch_rotation_on_gpu():
         got = namespace["case"](*args, device="cuda")
         assert got["q"] <= 2 ** -7 and got["k"] <= 2 ** -7 and got["dx"] <= 2 ** -7, got
         assert got["v"] == 0 and got["v_is_view"], got
+
+
+GLUE = textwrap.dedent("""
+    import contextlib, json, types, torch
+    from te_model import rope_kernels, rope_te
+    from te_model.rope import angles_table
+    from tests.support import fake_te_attention as te
+
+    other = types.SimpleNamespace(SplitAlongDim=te.SplitAlongDim, MultiheadAttention=te.OtherAttention,
+                                  apply_rotary_pos_emb=te.apply_rotary_pos_emb)
+    result = {"other": rope_te.install(other), "other_left_alone": other.SplitAlongDim is te.SplitAlongDim}
+    result["install"] = [rope_te.install(te), rope_te.install(te)]  # the second finds it installed
+    gen = torch.Generator().manual_seed(0)
+    q_groups, groups, size, tokens = 2, 2, 16, 24
+    angles = angles_table(1.0 / (10000.0 ** (torch.arange(0, size, 2).float() / size)), tokens)
+    cu = torch.tensor([0, 9, 9, 24], dtype=torch.int32)
+    x = torch.randn(tokens, q_groups + 2, groups, size, generator=gen).bfloat16()
+    grads = [torch.randn(tokens, h * groups, size, generator=gen).bfloat16() for h in (q_groups, 1, 1)]
+    attention = te.MultiheadAttention(q_groups, size)
+    calls, qkv_rope = [], rope_kernels.qkv_rope
+    rope_kernels.qkv_rope = lambda *a: calls.append(1) or qkv_rope(*a)
+
+    def run(fused):
+        mixed = x.clone().requires_grad_()
+        te.rope_calls.clear()
+        with rope_te.fused(angles, cu) if fused else contextlib.nullcontext():
+            out = attention.forward(mixed, angles, cu)
+        torch.autograd.backward(out, grads)
+        return out, mixed.grad, len(te.rope_calls)
+
+    (q0, k0, v0), dx0, ropes0 = run(False)
+    (q1, k1, v1), dx1, ropes1 = run(True)
+    (q2, k2, v2), dx2, ropes2 = run(False)  # the context left nothing behind
+    rel = lambda a, b: float(((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-3)).max())
+    result.update(te_path_ropes=[ropes0, ropes2], fused_ropes=ropes1, kernel_calls=len(calls),
+                  q=rel(q1, q0), k=rel(k1, k0), v=float((v1 - v0).abs().max()), dx=rel(dx1, dx0),
+                  again=float((q2 - q0).abs().max()) + float((dx2 - dx0).abs().max()))
+    mixed = x.clone()
+    with rope_te.fused(angles, cu):
+        q, _, _ = te.SplitAlongDim.apply(mixed, -3, (q_groups, 1, 1))
+    try:
+        te.apply_rotary_pos_emb(q.reshape(tokens, -1, size), angles.clone(), "thd", fused=True, cu_seqlens=cu)
+        result["other_angles"] = "passed through"
+    except RuntimeError as error:
+        result["other_angles"] = str(error)
+    print(json.dumps(result))
+""")
+
+
+def test_fused_split_and_rope_replace_tes_only_inside_the_context_interpreted():
+    """`rope_te` on an attention module laid out as TE's (`tests/support/fake_te_attention.py`): installed
+    once, and not on a module whose attention calls neither name; inside `fused(...)` the split rotates
+    the query and key in one kernel call and the RoPE calls pass them through, giving TE's path's outputs
+    and projection gradient (within a bf16 ulp); outside it, and after it, TE's own calls; a RoPE call with
+    other angles than the split's is refused."""
+    result = run_interpreted(GLUE)
+    assert result["other"] is False and result["other_left_alone"] is True
+    assert result["install"] == [True, True]
+    assert result["te_path_ropes"] == [2, 2] and result["fused_ropes"] == 0 and result["kernel_calls"] == 1
+    assert result["q"] <= 2 ** -7 and result["k"] <= 2 ** -7 and result["dx"] <= 2 ** -7, result
+    assert result["v"] == 0 and result["again"] == 0
+    assert "other arguments" in result["other_angles"]
