@@ -1,7 +1,8 @@
 """The clipping norm alone: torch's `get_total_norm` against `pipeline.train.grad_norm.total_norm` at several
 program sizes, over bf16 gradients of a model shape's parameter sizes (the HF model's, on the meta device).
 
-Each way is checked against the float64 norm first, then timed (median of `--reps` calls, CUDA events).
+Each way is checked against the float64 norm first, then timed: the median of `--reps` calls back to back
+(`common.kernel_median_ms`).
 Reported: ms per call and the gradients' bytes over that time.
 
     python bench/grad_norm.py --shape llama3.1-8b
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type != "cuda":
         raise SystemExit("bench/grad_norm.py times GPU kernels: run it on a CUDA device")
     gen = torch.Generator(device=device).manual_seed(0)
-    grads = [torch.randn(s, generator=gen, device=device, dtype=torch.bfloat16) for s in gradient_shapes(args.shape, args.layers)]
+    grads = [torch.randn(s, generator=gen, device=device, dtype=torch.bfloat16)
+             for s in gradient_shapes(args.shape, args.layers)]
     if not grad_norm.usable(grads):
         raise SystemExit("pipeline.train.grad_norm cannot run here (no Triton?)")
     exact = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))

@@ -89,8 +89,7 @@ _kernels = lazy_kernel(_build)
 def cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of TE's angle table `[L, 1, 1, D]` as `[L, D / 2]` fp32 tables (its halves are equal).
 
-    Kept on the table, which the model makes once a forward for all its layers (and a CUDA graph's
-    capture holds for its replays), so each layer reads the same two small tables."""
+    Kept on the table, which the model makes once a forward for all its layers, so the layers share them."""
     kept = angles.__dict__.get("_rope_cos_sin")
     if kept is None:
         half = angles.reshape(angles.shape[0], -1)[:, : angles.shape[-1] // 2].float()

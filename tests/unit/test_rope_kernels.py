@@ -48,12 +48,19 @@ INTERPRETED = CASE + textwrap.dedent("""
         "more_groups_than_a_program": case(40, 1, 5, 8, [0, 17, 40]),  # the values' heads over two programs
         "fp16": case(20, 2, 2, 16, [0, 7, 20], dtype=torch.float16),
     }
+    angles = angles_table(torch.ones(8), 4)
+    x = torch.zeros(4, 3, 2, 16, dtype=torch.bfloat16)
+    out["usable"] = [r.usable(x, angles, 1), r.usable(x.float(), angles, 1), r.usable(x, angles, 2),
+                     r.usable(x.transpose(0, 2), angles, 1),
+                     r.usable(x[..., :12].contiguous(), angles_table(torch.ones(6), 4), 1)]
     print(json.dumps(out))
 """)
 
 
 def test_qkv_rope_matches_the_torch_rotation_interpreted():
     result = run_interpreted(INTERPRETED)
+    # taken; then refused: fp32, the wrong query groups, not contiguous, a half head that is no power of two
+    assert result.pop("usable") == [True, False, False, False, False]
     for name, got in result.items():
         # the kernel and the reference round the same fp32 value once: equal, or one ulp apart where the
         # kernel's fused multiply-add rounds the fp32 sum differently (2**-7 relative in bf16)
@@ -84,11 +91,9 @@ def test_reference_is_hf_rotate_half_at_each_segment_position():
     assert torch.equal(v, x[:, 2:])
 
 
-def test_kernels_refuse_what_they_cannot_take():
+def test_kernels_refuse_cpu_tensors_without_the_interpreter():
     angles = angles_table(torch.ones(8), 4)
-    x = torch.zeros(4, 3, 2, 16, dtype=torch.bfloat16)
-    assert not rope_kernels.usable(x, angles, 1)  # a CPU tensor without the interpreter
-    assert not rope_kernels.usable(x.float(), angles, 1)
+    assert not rope_kernels.usable(torch.zeros(4, 3, 2, 16, dtype=torch.bfloat16), angles, 1)
 
 
 @pytest.mark.gpu
