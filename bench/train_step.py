@@ -69,9 +69,9 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_fastacc_graphs": ("ours", False, "delayed"),
     # ... the clipping norm by `pipeline.train.grad_norm`'s kernel, not torch's `get_total_norm`
     "fp8_delayed_fp8head_fastacc_kernel_norm": ("ours", False, "delayed"),
-    # ... attention's Q/K/V split and RoPE by `te_model.rope_kernels`' one kernel each way, not TE's kernels
-    "fp8_delayed_fp8head_fastacc_fused_rope": ("ours", False, "delayed"),
-    "fp8_delayed_fp8head_fastacc_fused_rope_graphs": ("ours", False, "delayed"),
+    # ... attention's Q/K/V split and RoPE by TE's split and kernels, not `te_model.rope_kernels`' one kernel each way
+    "fp8_delayed_fp8head_fastacc_tes_rope": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_fastacc_tes_rope_graphs": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8": ("ours", False, "delayed"),
     # ... and the FP8 head's logits and weight-gradient GEMMs too (`fp8_head_fast_accumulation`)
     "fp8_delayed_fp8head_fastacc_headfast": ("ours", False, "delayed"),
@@ -164,8 +164,8 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
                 layer.one_pass_dswiglu = False
             if "_autograd_residual" in name:
                 layer.fuse_residual_grad = False
-            if "_fused_rope" in name:
-                layer.fused_rope = True
+            if "_tes_rope" in name:
+                layer.fused_rope = False
     return model.train()
 
 
@@ -346,7 +346,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", gradients' GEMMs fast-accumulated" if "_fastacc" in name else "")
             + (", the head's too" if "_headfast" in name else "")
             + (", clipping norm in one kernel" if "_kernel_norm" in name else "")
-            + (", split and RoPE in one kernel" if "_fused_rope" in name else "")
+            + (", TE's split and RoPE" if "_tes_rope" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

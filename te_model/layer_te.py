@@ -67,7 +67,7 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
         if swiglu_te.install():  # the MLP's backward: the SwiGLU gradient and its FP8 cast in one kernel
             self.layernorm_mlp.__class__ = swiglu_te.LlamaLayerNormMLP
         self.fuse_residual_grad = residual_te.install()
-        self.fused_rope = False
+        self.fused_rope = rope_te.install()
 
     @property
     def fuse_residual_grad(self) -> bool:
@@ -86,8 +86,8 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
     @property
     def fused_rope(self) -> bool:
         """Attention's Q/K/V split and RoPE in one kernel each way (`te_model.rope_kernels`), not TE's split,
-        two RoPE kernels and, in backward, a concatenation of the three gradients. Off by default until its
-        step time is measured against TE's (`bash bench/gpu/run.sh fused-rope`)."""
+        two RoPE kernels and, in backward, a concatenation of the three gradients. On by default where TE's
+        attention calls the two as `te_model.rope_te` expects; the benchmarks turn it off to measure TE's."""
         return self.__dict__["_fused_rope"]
 
     @fused_rope.setter

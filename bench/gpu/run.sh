@@ -215,11 +215,11 @@ case $part in
     show() { quiet | tee $R/fused-rope-$1.log | sed -n '/^NVIDIA/,/largest kernels/p'; }
     python3 bench/train_step.py --shape llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2 \
       --master-weights bf16_kahan --kernels-top 70 --out $R/fused-rope-1b.json \
-      --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fused_rope,fp8_delayed_fp8head_fastacc_graphs,fp8_delayed_fp8head_fastacc_fused_rope_graphs \
+      --variants hf,fp8_delayed_fp8head_fastacc_tes_rope,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_tes_rope_graphs,fp8_delayed_fp8head_fastacc_graphs \
       2>&1 | show 1b; rc=$((rc | PIPESTATUS[0]))
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1 \
       --master-weights bf16_kahan --kernels-top 70 --out $R/fused-rope-8b.json \
-      --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fused_rope "$@" 2>&1 | show 8b
+      --variants hf,fp8_delayed_fp8head_fastacc_tes_rope,fp8_delayed_fp8head_fastacc "$@" 2>&1 | show 8b
     rc=$((rc | PIPESTATUS[0])) ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
