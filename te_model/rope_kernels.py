@@ -157,13 +157,18 @@ def qkv_rope(x: torch.Tensor, angles: torch.Tensor, cu_seqlens: torch.Tensor):
     return QKVRope.apply(x, angles, cu_seqlens)
 
 
+def segment_positions(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each of `tokens` packed tokens' position within its segment of `cu_seqlens` (empty segments allowed):
+    what the kernels find by their binary search."""
+    starts = cu_seqlens.long()
+    t = torch.arange(tokens, device=cu_seqlens.device)
+    return t - starts[torch.searchsorted(starts, t, right=True) - 1]
+
+
 def qkv_rope_reference(x: torch.Tensor, angles: torch.Tensor, cu_seqlens: torch.Tensor):
     """The same in torch, in fp32 and rounded once: what the kernels compute."""
     tokens, size = x.shape[0], x.shape[-1]
-    starts = cu_seqlens.long()
-    t = torch.arange(tokens, device=x.device)
-    segment = torch.searchsorted(starts, t, right=True) - 1
-    pos = t - starts[segment]
+    pos = segment_positions(cu_seqlens, tokens)
     ang = angles.reshape(angles.shape[0], size)[pos].float()[:, None, None, :]  # [T, 1, 1, D]
     cos, sin = ang.cos(), ang.sin()
     qk = x[:, :-1].float()

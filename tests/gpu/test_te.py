@@ -735,9 +735,7 @@ def test_fused_rope_rotates_as_tes_rope():
     want_q = apply_rotary_pos_emb(x[:, :q_groups].reshape(tokens, -1, size), angles, "thd", fused=True, cu_seqlens=cu)
     want_k = apply_rotary_pos_emb(x[:, q_groups].reshape(tokens, -1, size), angles, "thd", fused=True, cu_seqlens=cu)
     # float64 rotation of the same bf16 inputs by the same fp32 angles, positions restarting per segment
-    t = torch.arange(tokens, device="cuda")
-    pos = t - cu.long()[torch.searchsorted(cu.long(), t, right=True) - 1]
-    ang = angles.reshape(-1, size)[pos].double()[:, None, :]
+    ang = angles.reshape(-1, size)[rope_kernels.segment_positions(cu, tokens)].double()[:, None, :]
     for got, want, part in ((q, want_q, x[:, :q_groups]), (k, want_k, x[:, q_groups])):
         got, inp = got.reshape(want.shape), part.reshape(want.shape).double()
         swapped = torch.cat((-inp[..., size // 2:], inp[..., : size // 2]), dim=-1)

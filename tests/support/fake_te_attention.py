@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from te_model.rope_kernels import segment_positions
+
 
 class SplitAlongDim(torch.autograd.Function):
     """TE's split: views of the projection's output; backward concatenates the gradients."""
@@ -28,10 +30,8 @@ def apply_rotary_pos_emb(t, freqs, tensor_format="sbhd", start_positions=None, i
     """TE's RoPE for THD `t` [T, heads, D]: rotate-half in fp32, rounded once, positions from each segment's
     start."""
     rope_calls.append(tuple(t.shape))
-    tokens, size = t.shape[0], t.shape[-1]
-    starts = cu_seqlens.long()
-    index = torch.arange(tokens)
-    pos = index - starts[torch.searchsorted(starts, index, right=True) - 1]
+    size = t.shape[-1]
+    pos = segment_positions(cu_seqlens, t.shape[0])
     angle = freqs.reshape(freqs.shape[0], size)[pos].float()[:, None, :]
     x = t.float()
     rotated = torch.cat((-x[..., size // 2:], x[..., : size // 2]), dim=-1)
