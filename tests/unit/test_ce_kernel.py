@@ -255,3 +255,17 @@ def test_fp8_head_fast_accumulation_reaches_the_logits_and_weight_gradient_gemms
         causal_lm_loss(hidden, weight, labels, fp8_head=True, fp8_head_fast_accumulation=fast).backward()
         # 79 scored rows padded to 80: logits (80, V), input gradient (80, H), weight gradient (V, H)
         assert calls == [((80, 320), fast), ((80, 64), False), ((320, 64), fast)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_backward_scales_as_the_plain_product(dtype):
+    """The loss backward's scaling by the incoming gradient (a foreach kernel) rounds as `t * scale` in `t`'s
+    dtype, out of place or in place."""
+    gen = torch.Generator().manual_seed(2)
+    t = torch.randn(300, 37, generator=gen).to(dtype)
+    for scale in (torch.tensor(3.3), torch.tensor(1.0), torch.tensor(1 / 7, dtype=torch.float64)):
+        want = t * scale.to(dtype)
+        got = loss_module._times(t, scale)
+        assert got.data_ptr() != t.data_ptr() and got.dtype == dtype and torch.equal(got, want)
+        copy = t.clone()
+        assert loss_module._times(copy, scale, in_place=True) is copy and torch.equal(copy, want)
