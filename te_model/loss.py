@@ -67,19 +67,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         elif grad_weight.dtype == ctx.weight_dtype:
             grad_w = _times(grad_weight, grad_output)  # the saved gradient stays as it was
         else:  # cast first, then scale in place: one fp32 read instead of an fp32 product written and read again
-            grad_w = _times(grad_weight.to(ctx.weight_dtype), grad_output, in_place=True)
+            grad_w = grad_weight.to(ctx.weight_dtype).mul_(grad_output)
         return grad_h, grad_w, None, None, None, None, None
 
 
-def _times(t: torch.Tensor, scale: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """`t * scale` for a 0-dim `scale`, rounded as that product. The foreach kernel reads `scale` on the device
-    and runs vectorized; the plain product broadcasts `scale` and does not (the head's weight gradient is 1 GB
-    at Llama 3's vocabulary)."""
-    scale = scale.to(t.dtype)
-    if in_place:
-        torch._foreach_mul_([t], scale)
-        return t
-    return torch._foreach_mul([t], scale)[0]
+def _times(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`t * scale.to(t.dtype)` for a 0-dim `scale`, as a foreach kernel: it reads `scale` on the device and runs
+    vectorized, where the plain product broadcasts `scale` and does not (the head's weight gradient is 1 GB at
+    Llama 3's vocabulary). Its fast path takes a scale of `t`'s dtype only."""
+    return torch._foreach_mul([t], scale.to(t.dtype))[0]
 
 
 class HeadGemms:
