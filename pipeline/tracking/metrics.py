@@ -40,14 +40,17 @@ class AsyncMetricLogger:
       succeed.
     - Closing waits a bounded time, retrying failed sends every second until then. Steps not sent by
       then count as dropped.
-    - Losses are never silent: a warning when the queue first overflows, and one with the count of lost
+    - Losses are never silent: a warning when the queue first overflows, and one with the count of dropped
       steps at close.
+    - A request that timed out may still have reached the server. Resent, it does no harm (MLflow's SQL
+      store keeps one copy of a metric logged twice with the same step, time and value); dropped from a full
+      queue, its steps count as dropped though they arrived, so `dropped` bounds the steps lost from above.
     """
 
     def __init__(self, run_id: str, tracking_uri: str | None = None, *, max_pending_steps: int = 10_000,
                  flush_every_s: float = 1.0, batch_steps: int = 100) -> None:
         self.run_id = run_id
-        self.dropped = 0  # steps lost: queue overflow, rejected by the server, or unsent at close
+        self.dropped = 0  # steps given up on: queue overflow, rejected by the server, or unsent at close
         self.failures = 0  # failed log_batch calls
         self.sent = 0  # steps the server accepted
         import mlflow
@@ -114,8 +117,9 @@ class AsyncMetricLogger:
             self.dropped += lost
             self._pending.clear()
         if self.dropped:
-            log.warning("MLflow: %d steps of metrics were lost for run %s (queue overflow during an outage, "
-                        "rejected, or unsent at close); %d steps arrived", self.dropped, self.run_id, self.sent)
+            log.warning("MLflow: %d steps of metrics were dropped for run %s (queue overflow during an outage, "
+                        "rejected, or unsent at close; a request that timed out may have arrived all the same); "
+                        "%d steps confirmed", self.dropped, self.run_id, self.sent)
         return lost == 0
 
     def __enter__(self) -> "AsyncMetricLogger":

@@ -93,9 +93,10 @@ def test_metrics_logged_while_mlflow_hangs_arrive_once_it_is_back(server, monkey
     assert loggers[0].dropped == 0 and loggers[0].failures >= 1 and loggers[0].sent == total
 
     kept = [m.step for m in client.get_metric_history(small, "loss")]
-    assert len(set(kept)) == len(kept) and loggers[1].dropped == total - len(kept) > 0
+    # every step not kept was counted dropped; a dropped step whose request timed out may have arrived too
+    assert len(set(kept)) == len(kept) and loggers[1].dropped >= total - len(kept) > 0
     assert set(range(logged)) <= set(kept)  # only steps queued in the outage were lost
-    assert f"{loggers[1].dropped} steps of metrics were lost for run {small}" in caplog.text
+    assert f"{loggers[1].dropped} steps of metrics were dropped for run {small}" in caplog.text
     assert "still does not take them; dropping the oldest" in caplog.text
 
 
