@@ -74,7 +74,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _times(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`t * scale.to(t.dtype)` for a 0-dim `scale`, as a foreach kernel: it reads `scale` on the device and runs
     vectorized, where the plain product broadcasts `scale` and does not (the head's weight gradient is 1 GB at
-    Llama 3's vocabulary). Its fast path takes a scale of `t`'s dtype only."""
+    Llama 3.1 8B's shape). Its fast path takes a scale of `t`'s dtype only."""
     return torch._foreach_mul([t], scale.to(t.dtype))[0]
 
 
