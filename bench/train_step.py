@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm  # HF's own, before any peer patches it
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,6 +73,9 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     # ... attention's Q/K/V split and RoPE by TE's split and kernels, not `te_model.rope_kernels`' one kernel each way
     "fp8_delayed_fp8head_fastacc_tes_rope": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_fastacc_tes_rope_graphs": ("ours", False, "delayed"),
+    # ... the final norm as HF's LlamaRMSNorm (torch's kernels), not on TE's RMSNorm kernels (`te_model.norm_te`)
+    "fp8_delayed_fp8head_fastacc_hf_norm": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_fastacc_hf_norm_graphs": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8": ("ours", False, "delayed"),
     # ... and the FP8 head's logits and weight-gradient GEMMs too (`fp8_head_fast_accumulation`)
     "fp8_delayed_fp8head_fastacc_headfast": ("ours", False, "delayed"),
@@ -159,6 +163,8 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
         model.fp8_head_fast_accumulation = "_headfast" in name
         model.mlp_recompute_enable("_recompute_mlp" in name)
         model.fp8_weight_recast_enable("_bwdcast" in name)
+        if "_hf_norm" in name:
+            model.model.norm.__class__ = LlamaRMSNorm  # the same parameter and epsilon
         for layer in model.model.layers if backend == "te" else ():
             if "_te_dswiglu" in name:
                 layer.one_pass_dswiglu = False
@@ -347,6 +353,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", the head's too" if "_headfast" in name else "")
             + (", clipping norm in one kernel" if "_kernel_norm" in name else "")
             + (", TE's split and RoPE" if "_tes_rope" in name else "")
+            + (", HF's final norm" if "_hf_norm" in name else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

@@ -14,6 +14,7 @@ from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
 
 from . import residual, residual_te, rope_te, swiglu_te
 from .layer import DecoderCall, head_dim
+from .norm_te import LlamaTERMSNorm
 from .segments import AttentionPlan
 
 
@@ -52,6 +53,7 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
     """
 
     wants_rope_angles = True  # SegmentedLlamaModel adds TE's angle table to the plan
+    final_norm_class = LlamaTERMSNorm  # the model's final norm, which `replace_decoder` swaps in beside the layers
 
     def __init__(self, config, layer_idx: int = 0):
         std = config.initializer_range

@@ -1,9 +1,9 @@
 """Building HF's `LlamaForCausalLM` with TE-style decoder layers.
 
-`replace_decoder` swaps, inside a `with` block, the two classes transformers' Llama module instantiates
-by name: the decoder layer (for the chosen backend's) and `LlamaModel` (for `SegmentedLlamaModel`,
-which plans attention once per forward). Everything else (embeddings, final norm, LM head, Trainer
-integration) is HF's own. `build_model` makes a `TELlamaForCausalLM`, whose training forward pass
+`replace_decoder` swaps, inside a `with` block, the classes transformers' Llama module instantiates by
+name: the decoder layer (for the chosen backend's), `LlamaModel` (for `SegmentedLlamaModel`, which plans
+attention once per forward) and, on the TE backend, the final norm's `LlamaRMSNorm` (for one on TE's
+kernels, with the same parameter). Everything else (embeddings, LM head, Trainer integration) is HF's own. `build_model` makes a `TELlamaForCausalLM`, whose training forward pass
 computes the loss without logits (`te_model.loss`).
 """
 
@@ -156,18 +156,20 @@ class TELlamaForCausalLM(LlamaForCausalLM):
 
 @contextlib.contextmanager
 def replace_decoder(backend: str = "auto"):
-    """Within the block, `LlamaForCausalLM(config)` builds TE-style layers of `backend`.
+    """Within the block, `LlamaForCausalLM(config)` builds TE-style layers of `backend` (and, on the TE
+    backend, its final norm on TE's kernels).
 
     The originals are restored on exit, also when the body raises.
     """
     layer_cls = decoder_layer_class(backend)
-    saved = modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaModel
+    saved = modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaModel, modeling_llama.LlamaRMSNorm
     modeling_llama.LlamaDecoderLayer = layer_cls
     modeling_llama.LlamaModel = SegmentedLlamaModel
+    modeling_llama.LlamaRMSNorm = getattr(layer_cls, "final_norm_class", saved[2])
     try:
         yield layer_cls
     finally:
-        modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaModel = saved
+        modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaModel, modeling_llama.LlamaRMSNorm = saved
 
 
 def check_llama_config(config, where: str = "config") -> None:

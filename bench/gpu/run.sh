@@ -54,12 +54,15 @@
 #   bash bench/gpu/run.sh fused-rope [args]   attention's split and RoPE in one kernel each way (te_model.rope_kernels): its GPU
 #                                             tests (against torch and TE's RoPE, in layers, CUDA graphs); the 1B step
 #                                             (4 x 2048) with it and with TE's, profiled; the 8B step (32 layers, 2 x 4096)
+#   bash bench/gpu/run.sh final-norm [args]  the model's final RMSNorm on TE's kernels (te_model.norm_te) against HF's: its GPU
+#                                             tests; the 1B step (4 x 2048) with each, eager and graphed, profiled; the 8B
+#                                             step (32 layers, 2 x 4096; args to it, e.g. --layers 16 on an H100)
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
 #                                             both, the MLP recomputed; the 80 GB preset's step held to 78.5 GiB;
 #                                             then the GPU tests of the first two
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|memory-8b [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -220,6 +223,19 @@ case $part in
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1 \
       --master-weights bf16_kahan --kernels-top 70 --out $R/fused-rope-8b.json \
       --variants hf,fp8_delayed_fp8head_fastacc_tes_rope,fp8_delayed_fp8head_fastacc "$@" 2>&1 | show 8b
+    rc=$((rc | PIPESTATUS[0])) ;;
+  final-norm)
+    python3 -m pytest tests/gpu/test_te.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
+      -k "final_norm or never_waits or matches_hf_in_bf16" 2>&1 | quiet | tee $R/final-norm-tests.log \
+      | grep "final norm,\|passed\|failed\|Error\|^FAILED" | tail -12; rc=$((rc | PIPESTATUS[0]))
+    show() { quiet | tee $R/final-norm-$1.log | sed -n '/^NVIDIA/,/largest kernels/p'; }
+    python3 bench/train_step.py --shape llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2 \
+      --master-weights bf16_kahan --kernels-top 70 --out $R/final-norm-1b.json \
+      --variants hf,fp8_delayed_fp8head_fastacc_hf_norm,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_graphs,fp8_delayed_fp8head_fastacc_hf_norm_graphs \
+      2>&1 | show 1b; rc=$((rc | PIPESTATUS[0]))
+    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1 \
+      --master-weights bf16_kahan --kernels-top 70 --out $R/final-norm-8b.json \
+      --variants hf,fp8_delayed_fp8head_fastacc_hf_norm,fp8_delayed_fp8head_fastacc "$@" 2>&1 | show 8b
     rc=$((rc | PIPESTATUS[0])) ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \

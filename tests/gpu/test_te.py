@@ -627,6 +627,38 @@ def test_the_norm_backward_adds_the_residual_gradient_in_one_rounding():
     assert torch.equal(residual_te.rmsnorm_bwd(dz, x, rsigma, gamma, 0, False)[0], dx_plain)  # nothing kept: TE's
 
 
+def test_the_final_norm_runs_on_tes_kernels_at_least_as_close_to_exact_as_hfs():
+    """On the TE backend the model's final norm is `LlamaTERMSNorm` (TE's RMSNorm kernels, HF's parameter):
+    its output and both gradients at least as close to the fp64 norm as HF's `LlamaRMSNorm`, which rounds the
+    normalised value before scaling it; a model's step with it makes no host sync (test above)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from te_model.norm_te import LlamaTERMSNorm
+
+    model = te_model.build_model(llama_config("llama3", **GPU_SHAPES, num_hidden_layers=1), backend="te")
+    assert type(model.model.norm) is LlamaTERMSNorm and "model.norm.weight" in model.state_dict()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(2, 2048, 4096, device="cuda", generator=g) * 3).bfloat16()
+    dy = (torch.randn(2, 2048, 4096, device="cuda", generator=g) * 1e-3).bfloat16()
+    w = (torch.rand(4096, device="cuda", generator=g) + 0.5).bfloat16()
+
+    def run(norm, dtype=torch.bfloat16):
+        norm.weight.data.copy_(w)
+        xi = x.to(dtype).requires_grad_()
+        y = norm(xi)
+        y.backward(dy.to(dtype))
+        return y, xi.grad, norm.weight.grad
+
+    exact = run(LlamaRMSNorm(4096, eps=1e-5).cuda().double(), torch.float64)
+    hf = run(LlamaRMSNorm(4096, eps=1e-5).cuda().bfloat16())
+    ours = run(LlamaTERMSNorm(4096, eps=1e-5).cuda().bfloat16())
+    rows = []
+    for name, o, h, e in zip(("output", "input gradient", "weight gradient"), ours, hf, exact):
+        rows.append((name, rel_err(o.double(), e), rel_err(h.double(), e)))
+        print(f"\nfinal norm, {name} against fp64: TE's kernels {rows[-1][1]:.2e}, HF's {rows[-1][2]:.2e}")
+    assert all(o <= h and o < 4e-3 for _, o, h in rows), rows
+
+
 def deterministic_pair(layers: int = 3):
     """Two TE models of `layers` layers with the same weights, built with deterministic kernels (TE picks
     its attention kernels by the setting when it builds), so that only what a test changes moves results."""

@@ -47,6 +47,40 @@ def test_replace_decoder_restores_after_exception():
     assert (modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaModel) == original
 
 
+def test_a_layer_with_a_final_norm_class_brings_it_into_the_model_and_its_checkpoint_is_hfs(monkeypatch):
+    """The TE layer's `final_norm_class` (`LlamaTERMSNorm`) becomes the model's final norm within
+    `replace_decoder`, and HF's `LlamaRMSNorm` is back after it, also when the body raises. Off CUDA the norm runs
+    HF's math: the same loss, and the same checkpoint keys and values, as the torch backend's HF norm."""
+    from te_model.norm_te import LlamaTERMSNorm
+
+    class WithTENorm(te_model.TorchLlamaDecoderLayer):
+        final_norm_class = LlamaTERMSNorm
+
+    monkeypatch.setattr(te_model.model, "decoder_layer_class", lambda backend: WithTENorm)
+    config = llama_config("llama3")
+    hf_norm = modeling_llama.LlamaRMSNorm
+    with pytest.raises(RuntimeError, match="boom"):
+        with te_model.replace_decoder("torch"):
+            raise RuntimeError("boom")
+    assert modeling_llama.LlamaRMSNorm is hf_norm
+    torch.manual_seed(0)
+    ours = te_model.build_model(config, backend="torch", dtype=torch.float32).train()
+    assert modeling_llama.LlamaRMSNorm is hf_norm
+    assert type(ours.model.norm) is LlamaTERMSNorm and ours.model.norm.variance_epsilon == config.rms_norm_eps
+    monkeypatch.undo()
+    plain = te_model.build_model(config, backend="torch", dtype=torch.float32).train()
+    assert type(plain.model.norm) is hf_norm
+    with torch.no_grad():  # HF's initialisation knows it by name: ones, as HF's own norm
+        ours.model.norm.weight.mul_(0)
+    ours._init_weights(ours.model.norm)
+    assert torch.equal(ours.model.norm.weight, torch.ones_like(ours.model.norm.weight))
+    with torch.no_grad():
+        ours.model.norm.weight.uniform_(0.5, 1.5)
+    plain.load_state_dict(ours.state_dict(), strict=True)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    assert torch.equal(ours(input_ids=ids, labels=ids).loss, plain(input_ids=ids, labels=ids).loss)
+
+
 def test_parameter_names_are_transformer_engines():
     model = te_model.build_model(llama_config("llama3"), backend="torch", dtype=torch.float32)
     names = {n.split("layers.0.", 1)[1] for n, _ in model.named_parameters() if "layers.0." in n}
