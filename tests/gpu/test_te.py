@@ -644,10 +644,10 @@ def test_the_final_norm_runs_on_tes_kernels_at_least_as_close_to_exact_as_hfs():
 
     def run(norm, dtype=torch.bfloat16):
         norm.weight.data.copy_(w)
-        xi = x.to(dtype).requires_grad_()
+        xi = x.to(dtype).clone().requires_grad_()  # a leaf of its own: x.to(x.dtype) is x
         y = norm(xi)
         y.backward(dy.to(dtype))
-        return y, xi.grad, norm.weight.grad
+        return y.detach(), xi.grad, norm.weight.grad
 
     exact = run(LlamaRMSNorm(4096, eps=1e-5).cuda().double(), torch.float64)
     hf = run(LlamaRMSNorm(4096, eps=1e-5).cuda().bfloat16())
