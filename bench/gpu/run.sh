@@ -89,6 +89,15 @@ fi
   LD_LIBRARY_PATH=/tmp/cudnn/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the checkout, not installed here
 quiet() { grep -v "it/s\]\|Warning\|warn(" ; }
+# The A/B parts' two steps, profiled: 1B (16 layers, 4 x 2048) and 8B (32 layers, 2 x 4096), as the pipeline
+# runs them (bf16_kahan); `show NAME` keeps a step's log as $R/$part-NAME.log and prints its tables
+one="bench/train_step.py --shape llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2 --master-weights bf16_kahan --kernels-top 70"
+eight="bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1 --master-weights bf16_kahan --kernels-top 70"
+show() { quiet | tee $R/$part-$1.log | sed -n '/^NVIDIA/,/largest kernels/p'; }
+ab() {  # ab --variants 1B-VARIANTS --variants 8B-VARIANTS [args to the 8B step]: a part's A/B at both shapes
+  python3 $one --out $R/$part-1b.json "$1" "$2" 2>&1 | show 1b; rc=$((rc | PIPESTATUS[0]))
+  python3 $eight --out $R/$part-8b.json "$3" "$4" "${@:5}" 2>&1 | show 8b; rc=$((rc | PIPESTATUS[0]))
+}
 rc=0  # the Python commands' exit statuses, not those of the filters after them
 case $part in
   smoke)
@@ -194,13 +203,10 @@ case $part in
       python3 bench/grad_norm.py --shape $shape --out $R/grad-norm-$shape.json 2>&1 | quiet | sed -n '/^NVIDIA/,$p'
       rc=$((rc | PIPESTATUS[0]))
     done
-    one="--shape llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2"
-    eight="--shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1"
-    show() { quiet | tee $R/kernel-norm-$1.log | sed -n '/^NVIDIA/,/largest kernels/p'; }
-    python3 bench/train_step.py $one --master-weights bf16_kahan --kernels-top 70 --out $R/kernel-norm-1b-a.json \
+    python3 $one --out $R/kernel-norm-1b-a.json \
       --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_kernel_norm "$@" 2>&1 | show 1b-a
     rc=$((rc | PIPESTATUS[0]))
-    python3 bench/train_step.py $one --master-weights bf16_kahan --kernels-top 70 --out $R/kernel-norm-1b-b.json \
+    python3 $one --out $R/kernel-norm-1b-b.json \
       --variants hf,fp8_delayed_fp8head_fastacc_kernel_norm,fp8_delayed_fp8head_fastacc "$@" 2>&1 | show 1b-b
     rc=$((rc | PIPESTATUS[0]))
     # the short parts first: a call cut off by its time limit still brings them back
@@ -208,35 +214,21 @@ case $part in
       python3 bench/fp8_transpose.py --shape $shape --out $R/fp8-transpose-$shape.json 2>&1 | quiet | sed -n '/^NVIDIA/,$p'
       rc=$((rc | PIPESTATUS[0]))
     done
-    python3 bench/train_step.py $eight --master-weights bf16_kahan --kernels-top 70 --out $R/kernel-norm-8b.json \
+    python3 $eight --out $R/kernel-norm-8b.json \
       --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_kernel_norm "$@" 2>&1 | show 8b
     rc=$((rc | PIPESTATUS[0])) ;;
   fused-rope)
     python3 -m pytest tests/unit/test_rope_kernels.py tests/gpu/test_te.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
       -k "rope or decoder_graphs" 2>&1 | quiet | tee $R/fused-rope-tests.log | grep "RoPE\|passed\|failed\|Error\|^FAILED" | tail -12
     rc=$((rc | PIPESTATUS[0]))
-    show() { quiet | tee $R/fused-rope-$1.log | sed -n '/^NVIDIA/,/largest kernels/p'; }
-    python3 bench/train_step.py --shape llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2 \
-      --master-weights bf16_kahan --kernels-top 70 --out $R/fused-rope-1b.json \
-      --variants hf,fp8_delayed_fp8head_fastacc_tes_rope,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_tes_rope_graphs,fp8_delayed_fp8head_fastacc_graphs \
-      2>&1 | show 1b; rc=$((rc | PIPESTATUS[0]))
-    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1 \
-      --master-weights bf16_kahan --kernels-top 70 --out $R/fused-rope-8b.json \
-      --variants hf,fp8_delayed_fp8head_fastacc_tes_rope,fp8_delayed_fp8head_fastacc "$@" 2>&1 | show 8b
-    rc=$((rc | PIPESTATUS[0])) ;;
+    ab --variants hf,fp8_delayed_fp8head_fastacc_tes_rope,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_tes_rope_graphs,fp8_delayed_fp8head_fastacc_graphs \
+      --variants hf,fp8_delayed_fp8head_fastacc_tes_rope,fp8_delayed_fp8head_fastacc "$@" ;;
   final-norm)
     python3 -m pytest tests/gpu/test_te.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
       -k "final_norm or never_waits or matches_hf_in_bf16" 2>&1 | quiet | tee $R/final-norm-tests.log \
       | grep "final norm,\|passed\|failed\|Error\|^FAILED" | tail -12; rc=$((rc | PIPESTATUS[0]))
-    show() { quiet | tee $R/final-norm-$1.log | sed -n '/^NVIDIA/,/largest kernels/p'; }
-    python3 bench/train_step.py --shape llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2 \
-      --master-weights bf16_kahan --kernels-top 70 --out $R/final-norm-1b.json \
-      --variants hf,fp8_delayed_fp8head_fastacc_hf_norm,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_graphs,fp8_delayed_fp8head_fastacc_hf_norm_graphs \
-      2>&1 | show 1b; rc=$((rc | PIPESTATUS[0]))
-    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1 \
-      --master-weights bf16_kahan --kernels-top 70 --out $R/final-norm-8b.json \
-      --variants hf,fp8_delayed_fp8head_fastacc_hf_norm,fp8_delayed_fp8head_fastacc "$@" 2>&1 | show 8b
-    rc=$((rc | PIPESTATUS[0])) ;;
+    ab --variants hf,fp8_delayed_fp8head_fastacc_hf_norm,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_graphs,fp8_delayed_fp8head_fastacc_hf_norm_graphs \
+      --variants hf,fp8_delayed_fp8head_fastacc_hf_norm,fp8_delayed_fp8head_fastacc "$@" ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \
