@@ -512,7 +512,8 @@ def print_profiles(rows: list[dict]) -> None:
 def capped_memory(device: torch.device, gib: float | None):
     """Hold the allocator to `gib` GiB of this GPU inside the block (a variant that needs more is an
     out-of-memory row), and to the whole GPU again after it: the cap is the process's, not the run's. None:
-    no cap."""
+    no cap. The allocator's cache is emptied first: torch checks the cap only when it asks CUDA for memory,
+    so blocks cached from before would serve the step beyond it."""
     if gib is None:
         yield
         return
@@ -520,6 +521,7 @@ def capped_memory(device: torch.device, gib: float | None):
     total = torch.cuda.get_device_properties(index).total_memory
     if gib * 2**30 > total:
         raise SystemExit(f"--memory-cap-gib {gib}: the GPU has only {total / 2**30:.1f} GiB")
+    common.free_memory()
     torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
     try:
         yield
