@@ -111,8 +111,10 @@ case $part in
       "tests/gpu/test_te.py::test_fp8_attention_is_refused_on_hopper_because_te_cannot_train_it" \
       -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/smoke.log | grep "FP8 attention\|passed\|failed\|Error" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
   gpu-tests)
+    log=$R/gpu-tests.log  # a second call on the same start keeps the first's log
+    [ -e $log ] && log=$R/gpu-tests-$(date +%H%M%S).log
     python3 -m pytest tests -m gpu --ignore tests/gpu/test_scaling.py -s -q -p no:cacheprovider -o addopts="" "$@" 2>&1 | quiet \
-      | tee $R/gpu-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
+      | tee $log | grep "passed\|failed\|Error\|^FAILED" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
   scaling)
     python3 -m pytest tests/gpu/test_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" "$@" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error"; rc=$((rc | PIPESTATUS[0])) ;;
   profile)
