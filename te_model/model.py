@@ -3,8 +3,9 @@
 `replace_decoder` swaps, inside a `with` block, the classes transformers' Llama module instantiates by
 name: the decoder layer (for the chosen backend's), `LlamaModel` (for `SegmentedLlamaModel`, which plans
 attention once per forward) and, on the TE backend, the final norm's `LlamaRMSNorm` (for one on TE's
-kernels, with the same parameter). Everything else (embeddings, LM head, Trainer integration) is HF's own. `build_model` makes a `TELlamaForCausalLM`, whose training forward pass
-computes the loss without logits (`te_model.loss`).
+kernels, with the same parameter). Everything else (embeddings, LM head, Trainer integration) is HF's own.
+`build_model` makes a `TELlamaForCausalLM`, whose training forward pass computes the loss without logits
+(`te_model.loss`).
 """
 
 import contextlib
