@@ -115,26 +115,28 @@ def test_a_memory_cap_needs_a_cuda_device(capsys):
 def test_a_memory_cap_is_a_fraction_of_the_device_it_names_and_is_lifted_after(monkeypatch):
     """torch takes the fraction for a device index; `--device cuda` names none, so the current one is meant.
     The cap is the process's: lifted when the run ends, or the next run in the process (a test's second
-    `main`) would start under it."""
+    `main`) would start under it. The allocator's cache is emptied before the cap is set: torch checks the cap
+    only when it asks CUDA for memory, so blocks it had cached would serve the run beyond it."""
     from torch.cuda._utils import _get_device_index
 
     set_fractions = []
+    monkeypatch.setattr(train_step.common, "free_memory", lambda: set_fractions.append("emptied"))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 80 * 2**30}))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
                         lambda fraction, device: set_fractions.append((fraction, _get_device_index(device))))
     with train_step.capped_memory(torch.device("cuda"), 60.0):
-        assert set_fractions == [(0.75, 1)]
+        assert set_fractions == ["emptied", (0.75, 1)]
     with pytest.raises(RuntimeError, match="a variant failed"):
         with train_step.capped_memory(torch.device("cuda:0"), 20.0):
             raise RuntimeError("a variant failed")
-    assert set_fractions == [(0.75, 1), (1.0, 1), (0.25, 0), (1.0, 0)]
+    assert set_fractions == ["emptied", (0.75, 1), (1.0, 1), "emptied", (0.25, 0), (1.0, 0)]
     with pytest.raises(SystemExit, match="the GPU has only 80.0 GiB"):
         with train_step.capped_memory(torch.device("cuda"), 81.0):
             pass
     with train_step.capped_memory(torch.device("cuda"), None):
         pass
-    assert len(set_fractions) == 4
+    assert len(set_fractions) == 6
 
 
 def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
