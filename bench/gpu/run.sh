@@ -27,9 +27,10 @@
 #   bash bench/gpu/run.sh step-kernels [args] bench/train_step.py at 8B shapes (8 layers, 2 x 4096): HF, FP8, FP8 head,
 #                                             timed, then two profiled steps each: kernel time by kind, GPU idle
 #   bash bench/gpu/run.sh matrix [args...]    bench/matrix.py with these arguments
-#   bash bench/gpu/run.sh peers SHAPE [args]  bench/matrix.py's job peers-SHAPE (8b-4096, 1b-2048 or 8b-256): HF, the
-#                                             peers (Liger, torchao FP8, Accelerate TE FP8, TE's te_llama swap) and
-#                                             ours in one process; one shape per call (2-3 minutes each on an H200)
+#   bash bench/gpu/run.sh peers SHAPES [args] bench/matrix.py's jobs peers-SHAPE for each of SHAPES (8b-4096, 1b-2048,
+#                                             8b-256, comma-separated): HF, the peers (Liger, torchao FP8, Accelerate TE
+#                                             FP8, TE's te_llama swap) and ours in one process a shape, one shape after
+#                                             another (2-3 minutes each on an H200: 8b-4096,1b-2048 fit one 10-minute call)
 #   bash bench/gpu/run.sh quality [args]      bench/finetune_quality.py: fine-tuning quality of each master-weight option
 #                                             against HF's fp32-master training, on real text (--vocab 128256:
 #                                             a Llama-sized head, for the FP8 head)
@@ -158,9 +159,17 @@ case $part in
   matrix)
     python3 bench/matrix.py --out $R/matrix "$@"; rc=$? ;;
   peers)
-    shape=${1:?usage: run.sh peers 8b-4096|1b-2048|8b-256 [matrix args]}; shift
-    python3 -c "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in ('liger-kernel', 'torchao', 'accelerate', 'transformer-engine')))"
-    python3 bench/matrix.py --only peers-$shape --budget-s 560 --out $R/matrix "$@"; rc=$? ;;
+    shapes=${1:?usage: run.sh peers 8b-4096|1b-2048|8b-256[,...] [matrix args]}; shift
+    python3 - <<'PY'
+import importlib.metadata as m
+def version(p):
+    try:
+        return m.version(p)
+    except m.PackageNotFoundError:
+        return "not installed"
+print(*(f"{p} {version(p)}" for p in ("liger-kernel", "torchao", "accelerate", "transformer-engine")))
+PY
+    python3 bench/matrix.py --only "peers-${shapes//,/,peers-}" --budget-s 560 --out $R/matrix "$@"; rc=$? ;;
   quality)
     python3 bench/finetune_quality.py "$@" 2>&1 | quiet | tee $R/quality.log; rc=$((rc | PIPESTATUS[0])) ;;
   job-8b)

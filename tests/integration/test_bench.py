@@ -594,3 +594,17 @@ def test_every_variant_the_gpu_parts_name_exists():
             assert set(names.split(",")) <= set(optim.MASTER_WEIGHTS), names
             checked += 1
     assert checked >= 6
+
+
+def test_the_peers_part_runs_each_shape_it_is_given():
+    """`run.sh peers 8b-4096,1b-2048` asks the matrix for both shapes' jobs, one call for the two goals' runs:
+    a shape it does not know is named as the job it would be, the known one beside it is taken."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(["bash", "bench/gpu/run.sh", "peers", "8b-4096,no-such-shape"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "--only: unknown job peers-no-such-shape;" in done.stderr, done.stderr
+    assert "transformer-engine " in done.stdout  # the versions line, also where a package is missing
