@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from jobs import finetune
 from pipeline import storage
-from tests.fixtures.job_traces import World
+from tests.fixtures.job_traces import World, job_stderr_lines
 
 REPO = Path(__file__).resolve().parents[2]
 INDEX = "model.safetensors.index.json"
@@ -423,7 +423,7 @@ def test_bad_input_is_refused_in_one_line_and_leaves_no_trace(case, world, tmp_p
     assert ray.is_initialized() == ray_was_up
 
     assert code == 1, out + err
-    lines = err.strip().splitlines()
+    lines = job_stderr_lines(err)
     assert len(lines) == 1, err
     assert lines[0].startswith("finetune: error: ")
     for part in expected:

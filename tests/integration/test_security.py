@@ -32,7 +32,7 @@ from pipeline.stages.data import load_tokenizer
 from pipeline.config import DataConfig
 from pipeline.job.preflight import check_base_checkpoint
 from te_model.weights import load_config
-from tests.fixtures.job_traces import folder_files
+from tests.fixtures.job_traces import folder_files, job_stderr_lines
 
 REPO = Path(__file__).resolve().parents[2]
 PRODUCT_CODE = [p for d in ("pipeline", "te_model", "jobs", "bench") for p in sorted((REPO / d).rglob("*.py"))]
@@ -45,14 +45,10 @@ SECRETS = {
 }
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
 def _one_line(code: int, out: str, err: str, secret: str | None = None) -> str:
     """The single stderr line of a failed job (which never repeats `secret`)."""
     assert code == 1 and (secret is None or secret not in out + err)
-    # Ray's raylet forwards its own warnings (a test machine's full disk) to the driver's stderr: not the job's.
-    lines = [line for line in err.strip().splitlines() if not _ANSI.sub("", line).startswith("(raylet)")]
+    lines = job_stderr_lines(err)
     assert len(lines) == 1 and "Traceback" not in out + err, err
     return lines[0]
 
