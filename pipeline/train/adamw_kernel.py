@@ -82,10 +82,13 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
         code_value, _ = compensation_step(p)
         delta += tl.load(extra_ptr + offsets, mask=mask).to(tl.float32) * code_value
     new = p + delta
-    if MODE == 2:
-        step = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint64)
-        bits = tl.randint((step << 32) | stream, offsets.to(tl.uint32), n_rounds=10)
-        carried = new.to(tl.uint32, bitcast=True) + (bits & 0xFFFF)
+    if MOMENTS_FP8 or MODE == 2 or MODE == 4:
+        # Random bits from a hash of (element, step, stream), `optim.element_hash`: a few integer operations an
+        # element, where Philox's ten rounds take about a hundred.
+        step32 = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint32)
+        hashed = fmix32(offsets.to(tl.uint32) ^ fmix32(step32 * 0x9E3779B1 + stream.to(tl.uint32)))
+    if MODE == 2:  # `optim.round_stochastic` with `optim.rounding_bits`
+        carried = new.to(tl.uint32, bitcast=True) + ((hashed * 0x9E3779B1) >> 16)
         new = ((carried >> 16) << 16).to(tl.float32, bitcast=True)
     stored = new
     if BF16:
@@ -99,11 +102,6 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
     if MODE == 3:
         lost = bf16_nearest(delta - (stored - p))
         tl.store(extra_ptr + offsets, lost.to(extra_ptr.dtype.element_ty), mask=mask)
-    if MOMENTS_FP8 or MODE == 4:
-        # Random bits from a hash of (element, step, stream), `optim.element_hash`: a few integer operations an
-        # element, where Philox's ten rounds take about a hundred in an update already bound by arithmetic.
-        step32 = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint32)
-        hashed = fmix32(offsets.to(tl.uint32) ^ fmix32(step32 * 0x9E3779B1 + stream.to(tl.uint32)))
     if MODE == 4:
         _, inverse_step = compensation_step(stored)
         y = (delta - (stored - p)) * inverse_step

@@ -34,7 +34,6 @@ MASTER_WEIGHTS = ("fp32", "bf16_sr", "bf16_kahan", "bf16_kahan8", "bf16")
 KERNEL_MODE = {"bf16": 0, "fp32": 1, "bf16_sr": 2, "bf16_kahan": 3, "bf16_kahan8": 4}
 # optimizer state each option adds
 EXTRA_STATE = {"fp32": "master", "bf16_kahan": "compensation", "bf16_kahan8": "compensation_codes"}
-PHILOX_ROUNDS = 10  # tl.randint's default
 # FP8 moments (`moments_fp8`): E4M3 codes, one power-of-two scale per QBLOCK consecutive elements of a row
 QBLOCK = 256
 E4M3_MAX = 448.0
@@ -65,19 +64,6 @@ def _umulhi(a: int, b: torch.Tensor) -> torch.Tensor:
     return ((b * a) >> 32) & _MASK32
 
 
-def philox_randint(key: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`tl.randint(key, offsets)` in torch: Philox-4x32, 10 rounds, counter (offset, 0, 0, 0), key = the
-    low and high words of the 64-bit `key`; the first word, as uint32 values held in int64."""
-    c0, c1 = offsets.to(torch.int64) & _MASK32, torch.zeros_like(offsets, dtype=torch.int64)
-    c2, c3 = c1.clone(), c1.clone()
-    k0, k1 = key & _MASK32, (key >> 32) & _MASK32
-    for _ in range(PHILOX_ROUNDS):
-        c0, c1, c2, c3 = (_umulhi(0xCD9E8D57, c2) ^ c1 ^ k0, (c2 * 0xCD9E8D57) & _MASK32,
-                          _umulhi(0xD2511F53, c0) ^ c3 ^ k1, (c0 * 0xD2511F53) & _MASK32)
-        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
-    return c0
-
-
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
     """MurmurHash3's 32-bit finalizer on uint32 values held in int64: a bijection whose every output bit
     depends on every input bit."""
@@ -91,8 +77,8 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
 def element_hash(step: torch.Tensor, stream: int, numel: int) -> torch.Tensor:
     """The kernel's random bits, as it draws them: for element i of a parameter at optimizer step `step` (its
     count after the step) in `stream`, h = fmix32(i ^ fmix32(step * 0x9E3779B1 + stream)), uint32 in int64.
-    Distinct elements of one step hash distinct inputs; a cheap hash, since the update with FP8 moments is
-    bound by its arithmetic already."""
+    Distinct elements of one step hash distinct inputs; a cheap hash, a few integer operations an element,
+    where a counter-based generator such as Philox spends about a hundred."""
     key = _fmix32(((step.to(torch.int64) * 0x9E3779B1) + stream) & _MASK32)
     return _fmix32(torch.arange(numel, device=step.device, dtype=torch.int64) ^ key)
 
@@ -103,17 +89,18 @@ def moment_bits(step: torch.Tensor, stream: int, numel: int) -> tuple[torch.Tens
     return _moment_bits(element_hash(step, stream, numel))
 
 
-def compensation_bits(step: torch.Tensor, stream: int, numel: int) -> torch.Tensor:
-    """The 16 random bits `bf16_kahan8` rounds its codes with: the top half of `element_hash` times an odd
-    constant (modulo 2^32), which mixes both halves the moments take their bits from, in two operations."""
-    return _compensation_bits(element_hash(step, stream, numel))
+def rounding_bits(step: torch.Tensor, stream: int, numel: int) -> torch.Tensor:
+    """The 16 random bits `bf16_sr` rounds its weights with and `bf16_kahan8` its codes: the top half of
+    `element_hash` times an odd constant (modulo 2^32), which mixes both halves the moments take their bits
+    from, in two operations."""
+    return _rounding_bits(element_hash(step, stream, numel))
 
 
 def _moment_bits(hashed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (hashed & 0xFFFF) << 4, (hashed >> 16) << 4
 
 
-def _compensation_bits(hashed: torch.Tensor) -> torch.Tensor:
+def _rounding_bits(hashed: torch.Tensor) -> torch.Tensor:
     return ((hashed * 0x9E3779B1) & _MASK32) >> 16
 
 
@@ -213,23 +200,18 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
     elif mode == "bf16_kahan8":
         delta = delta + decode_compensation(extra, old)
     new = old + delta
-    if mode == "bf16_sr":
-        key = (step.to(torch.int64) << 32) | stream
-        bits = philox_randint(key, torch.arange(new.numel(), device=new.device)).view(new.shape)
-        stored = round_stochastic(new, bits)
-    else:
-        stored = new.to(p.dtype)
+    # the random bits of stochastic rounding, FP8 moments and one-byte compensation codes, hashed as the kernel does
+    hashed = element_hash(step, stream, new.numel()).view(new.shape) \
+        if scales is not None or mode in ("bf16_sr", "bf16_kahan8") else None
+    stored = round_stochastic(new, _rounding_bits(hashed)) if mode == "bf16_sr" else new.to(p.dtype)
     skip = None if found_inf is None else found_inf != 0
     keep = (lambda new_value, target: torch.where(skip, target, new_value)) if skip is not None else (lambda x, _: x)
     if mode == "fp32":
         extra.copy_(keep(new, extra))
     elif mode == "bf16_kahan":
         extra.copy_(keep((delta - (stored.float() - old)).to(extra.dtype), extra))
-    # the random bits of FP8 moments and of one-byte compensation codes, hashed once as the kernel does
-    hashed = element_hash(step, stream, new.numel()).view(new.shape) \
-        if scales is not None or mode == "bf16_kahan8" else None
     if mode == "bf16_kahan8":
-        codes = encode_compensation(delta - (stored.float() - old), stored.float(), _compensation_bits(hashed))
+        codes = encode_compensation(delta - (stored.float() - old), stored.float(), _rounding_bits(hashed))
         extra.copy_(keep(codes, extra))
     p.copy_(keep(stored, p))
     if scales is None:
@@ -266,7 +248,7 @@ class AdamW(torch.optim.AdamW):
 
     The kernel applies to CUDA tensors (or any under `TRITON_INTERPRET=1`) in bf16, fp16 or fp32, without
     amsgrad, maximize or grad scaling. Elsewhere (CPU) `bf16` runs torch's own fused kernel, and the other
-    options run `adamw_reference`, Philox included.
+    options run `adamw_reference`, its random bits included.
 
     Master weights (`master_weights`, the config's `train.master_weights`). A bf16 weight near 0.02 moves
     only in steps of 2^-13. An update rounded to nearest vanishes when it is under half of that, which
@@ -275,13 +257,13 @@ class AdamW(torch.optim.AdamW):
       computed from it and written to it, and to the bf16 parameter rounded to nearest, in one kernel.
       4 more bytes a parameter.
     - `bf16_sr`: the fp32 result is rounded stochastically to bf16: unbiased, no more memory. The random
-      bits are Philox's (`tl.randint`), keyed by the step count and the parameter's index. Both are on
-      the device, so the kernel never waits for the host, and a resumed run draws the same bits.
+      bits are hashed from the element, the step count and the parameter's index (`rounding_bits`). Both
+      are on the device, so the kernel never waits for the host, and a resumed run draws the same bits.
     - `bf16_kahan`: a bf16 compensation buffer (state `compensation`) carries what each rounding lost
       into the next step's update (Kahan summation). 2 more bytes a parameter.
     - `bf16_kahan8`: the same compensation in one byte a parameter (state `compensation_codes`, int8):
       what rounding lost, which is at most half the weight's bf16 step, in steps of 1/256 of that bf16
-      step, rounded stochastically (`encode_compensation`, bits from `compensation_bits`). Its finest step
+      step, rounded stochastically (`encode_compensation`, bits from `rounding_bits`). Its finest step
       is what bounds `bf16_kahan` too: a bf16 compensation near half a weight step keeps 8 bits.
     - `bf16`: rounded to nearest, nothing kept.
     fp32 parameters are their own master: every option updates them as `bf16` does. Moments are kept in

@@ -72,7 +72,7 @@ def check_fidelity(results: dict) -> None:
 
 
 def test_update_fidelity_plain_torch():
-    """1M weights for the default; the other options on fewer (plain torch, Philox above all, is slow on a CPU)."""
+    """1M weights for the default; the other options on fewer (plain torch is slow on a CPU)."""
     results = {mode: fidelity(mode, 1_000_000 if mode == DEFAULT else 100_000) for mode in optim.MASTER_WEIGHTS}
     print(f"\nupdate fidelity at lr {LR}, plain torch: {results}")
     assert not any(r["triton"] for r in results.values())
@@ -123,8 +123,8 @@ print(json.dumps(out))
 
 
 def test_triton_kernel_and_plain_torch_agree_roundings_included():
-    """Same state after the same steps, stochastic roundings included: the plain-torch Philox draws the bits
-    `tl.randint` draws. (The fp32 arithmetic may round differently in a rare element of the state.)"""
+    """Same state after the same steps, stochastic roundings included: plain torch hashes the bits the kernel
+    hashes. (The fp32 arithmetic may round differently in a rare element of the state.)"""
     results = run_interpreted(AGREE)
     print(f"\nTriton kernel vs plain torch: {results}")
     for mode, r in results.items():
@@ -136,26 +136,24 @@ def test_triton_kernel_and_plain_torch_agree_roundings_included():
 
 def test_stochastic_rounding_is_unbiased():
     """The mean of many roundings of a value between two bf16 neighbours is the value, within 5 standard
-    errors; and each rounding is one of the two neighbours."""
+    errors, over the elements of one step and over the steps of one element (what a weight sees while it
+    trains); and each rounding is one of the two neighbours."""
     low = torch.tensor(1.0 + 2**-7 * 37)  # a bf16 value
     high = low + 2**-7  # and the next one up
+    n, steps = 200_000, 2_000
+    over_elements = optim.rounding_bits(torch.tensor(7.0), 3, n)  # the bits `bf16_sr` draws at step 7, parameter 3
+    # element 12 of parameter 3 at steps 1..steps
+    over_steps = torch.cat([optim.rounding_bits(torch.tensor(float(step)), 3, 13)[12:] for step in range(1, steps + 1)])
     for fraction in (0.01, 0.3, 0.5, 0.93):
         value = low + fraction * 2**-7
-        n = 200_000
-        x = value.expand(n).contiguous()
-        bits = optim.philox_randint(torch.tensor(7 << 32 | 3), torch.arange(n))
-        rounded = optim.round_stochastic(x, bits).double()
-        assert set(rounded.unique().tolist()) <= {float(low), float(high)}, fraction
-        bound = 5 * 2**-7 * math.sqrt(fraction * (1 - fraction) / n)
-        assert abs(rounded.mean() - float(value)) <= bound, (fraction, float(rounded.mean()), float(value), bound)
-        negative = optim.round_stochastic(-x, bits).double()  # rounds in magnitude alike: the same mean
-        assert abs(negative.mean() + float(value)) <= bound, fraction
-
-
-def test_philox_matches_its_reference_vectors():
-    """Philox-4x32-10 (Salmon et al., Random123's known-answer test: counter 0, key 0 -> 0x6627e8d5 first
-    word), as `tl.randint` computes it."""
-    assert int(optim.philox_randint(torch.tensor(0), torch.zeros(1, dtype=torch.int64))) == 0x6627E8D5
+        for bits in (over_elements, over_steps):
+            x = value.expand(len(bits)).contiguous()
+            rounded = optim.round_stochastic(x, bits).double()
+            assert set(rounded.unique().tolist()) <= {float(low), float(high)}, fraction
+            bound = 5 * 2**-7 * math.sqrt(fraction * (1 - fraction) / len(bits))
+            assert abs(rounded.mean() - float(value)) <= bound, (fraction, len(bits), float(rounded.mean()), bound)
+            negative = optim.round_stochastic(-x, bits).double()  # rounds in magnitude alike: the same mean
+            assert abs(negative.mean() + float(value)) <= bound, fraction
 
 
 def test_fp32_parameters_are_their_own_master():
@@ -244,7 +242,7 @@ def test_one_byte_compensation_codes_are_unbiased_steps_of_the_weights_bf16_step
     the two neighbours of the exact quotient, their mean the quotient; codes stay in int8, a NaN codes 0,
     and a zero weight gets a step that is a normal fp32 number."""
     n = 200_000
-    bits = optim.compensation_bits(torch.tensor(3.0), 5, n)
+    bits = optim.rounding_bits(torch.tensor(3.0), 5, n)
     for stored, fraction in ((0.02, 0.3), (-1.5, 0.71), (3e-5, 0.05)):
         weight = torch.tensor(stored).bfloat16().float()
         step = 2.0 ** (math.floor(math.log2(abs(float(weight)))) - 7)  # the bf16 step at |weight|
