@@ -77,12 +77,17 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_fastacc_hf_norm": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_fastacc_hf_norm_graphs": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_bwdcast_moments_fp8_fastacc_kahan8": ("ours", False, "delayed"),
+    # ... with stochastic rounding (`bf16_sr`) and rounding to nearest (`bf16`), whatever --master-weights says
+    "fp8_delayed_fp8head_fastacc_sr": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_fastacc_nearest": ("ours", False, "delayed"),
     # ... and the FP8 head's logits and weight-gradient GEMMs too (`fp8_head_fast_accumulation`)
     "fp8_delayed_fp8head_fastacc_headfast": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_fastacc_headfast_graphs": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
+# variants whose master weights are their own, not --master-weights'
+MASTER_WEIGHTS_SUFFIX = {"_kahan8": "bf16_kahan8", "_sr": "bf16_sr", "_nearest": "bf16"}
 # Rows per step that fit the HF bf16 baseline in 80 GB (8192 tokens a step); raise with --batch.
 DEFAULT_BATCH = {("llama3.2-1b", 2048): 4, ("llama3.2-1b", 4096): 2,
                  ("llama3.1-8b", 2048): 4, ("llama3.1-8b", 4096): 2}
@@ -188,7 +193,8 @@ def setup_variant(name: str, args, config, state, device, backend: str) -> peers
     if kind == "hf" or name.endswith("_torch_adamw"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     else:  # the pipeline's: the same defaults (weight decay 0.01 on every parameter, as torch's)
-        master_weights = "bf16_kahan8" if name.endswith("_kahan8") else args.master_weights
+        master_weights = next((option for suffix, option in MASTER_WEIGHTS_SUFFIX.items() if name.endswith(suffix)),
+                              args.master_weights)
         optimizer = optim.AdamW(model.parameters(), lr=args.lr, master_weights=master_weights,
                                 moments_fp8="_moments_fp8" in name)
     forward = torch.compile(model, backend=args.compile_backend) if compiled else model
@@ -349,6 +355,8 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", clipped by torch's clip_grad_norm_" if "_torch_clip" in name else "")
             + (", FP8 moments" if "_moments_fp8" in name else "")
             + (", 1-byte Kahan compensation" if name.endswith("_kahan8") else "")
+            + (", stochastic rounding" if name.endswith("_sr") else "")
+            + (", rounded to nearest" if name.endswith("_nearest") else "")
             + (", gradients' GEMMs fast-accumulated" if "_fastacc" in name else "")
             + (", the head's too" if "_headfast" in name else "")
             + (", clipping norm in one kernel" if "_kernel_norm" in name else "")

@@ -43,6 +43,9 @@
 #                                             8B model's parameters beside torch's fused AdamW; fine-tuning quality
 #                                             against HF's fp32-master training (136M, bytes), also of bf16_kahan8 and
 #                                             of fast accumulation
+#   bash bench/gpu/run.sh sr-cost [args]     what stochastic rounding (bf16_sr) costs: the optimizer's GPU tests; the update
+#                                             alone over the 8B model's parameters (bf16, bf16_sr, bf16_kahan); the
+#                                             Llama-3.1-8B step (32 layers, 2 x 4096) beside HF with each of the three
 #   bash bench/gpu/run.sh fast-accum [args]   fast accumulation in the FP8 head's GEMMs too (logits, weight gradient): the
 #                                             Llama-3.1-8B step (32 layers, 2 x 4096) and the 1B step (4 x 2048) beside HF
 #                                             and the default; the GPU tests of fast accumulation; fine-tuning quality at
@@ -63,7 +66,7 @@
 #                                             both, the MLP recomputed; the 80 GB preset's step held to 78.5 GiB;
 #                                             then the GPU tests of the first two
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -192,6 +195,15 @@ PY
     python3 bench/finetune_quality.py --pretrain-steps 300 --finetune-steps 150 --max-mb 16 --lrs 1e-5,2e-5,1e-4 \
       --variants hf_fp32_master,fp8_delayed_bf16_kahan_fp8head,fp8_delayed_bf16_kahan8_fp8head,fp8_delayed_bf16_kahan_fp8head_moments_fp8,fp8_delayed_bf16_kahan8_fp8head_moments_fp8,fp8_delayed_bf16_kahan_fp8head_fastacc 2>&1 | quiet \
       | tee $R/quality-moments-fp8.log | sed -n '/^held-out loss on B/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
+  sr-cost)
+    python3 -m pytest tests/unit/test_optim.py tests/unit/test_master_weights.py tests/unit/test_moments_fp8.py -m gpu -s -q \
+      -p no:cacheprovider -o addopts="" 2>&1 | quiet | tee $R/sr-tests.log | grep "passed\|failed\|Error\|^FAILED" | tail -6
+    rc=$((rc | PIPESTATUS[0]))
+    python3 bench/update_kernel.py --master-weights bf16,bf16_sr,bf16_kahan --out $R/update-kernel.json 2>&1 | quiet \
+      | tee $R/update-kernel.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
+      --variants hf,fp8_delayed_fp8head_fastacc_nearest,fp8_delayed_fp8head_fastacc_sr,fp8_delayed_fp8head_fastacc \
+      --out $R/8b-sr.json "$@" 2>&1 | quiet | tee $R/8b-sr.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   fast-accum)
     for shape in "llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8" "llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15"; do
       python3 bench/train_step.py --shape $shape --master-weights bf16_kahan \
