@@ -28,6 +28,14 @@ def fmix32(x):
 
 
 @triton.jit
+def element_hash(offsets, corrections_ptr, index, stream):
+    """The random bits of `optim.element_hash` for these elements at the parameter's step: a few integer
+    operations an element, where Philox's ten rounds take about a hundred."""
+    step32 = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint32)
+    return fmix32(offsets.to(tl.uint32) ^ fmix32(step32 * 0x9E3779B1 + stream.to(tl.uint32)))
+
+
+@triton.jit
 def compensation_step(x):
     """(a code's value, its inverse) for fp32 `x` holding bf16 values (`optim._compensation_step`)."""
     exponent = tl.maximum((x.to(tl.uint32, bitcast=True) >> 23) & 0xFF, 16)
@@ -82,12 +90,8 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
         code_value, _ = compensation_step(p)
         delta += tl.load(extra_ptr + offsets, mask=mask).to(tl.float32) * code_value
     new = p + delta
-    if MOMENTS_FP8 or MODE == 2 or MODE == 4:
-        # Random bits from a hash of (element, step, stream), `optim.element_hash`: a few integer operations an
-        # element, where Philox's ten rounds take about a hundred.
-        step32 = tl.load(corrections_ptr + 3 * index + 2).to(tl.uint32)
-        hashed = fmix32(offsets.to(tl.uint32) ^ fmix32(step32 * 0x9E3779B1 + stream.to(tl.uint32)))
     if MODE == 2:  # `optim.round_stochastic` with `optim.rounding_bits`
+        hashed = element_hash(offsets, corrections_ptr, index, stream)
         carried = new.to(tl.uint32, bitcast=True) + ((hashed * 0x9E3779B1) >> 16)
         new = ((carried >> 16) << 16).to(tl.float32, bitcast=True)
     stored = new
@@ -97,6 +101,8 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
         m = bf16_nearest(m)
         v = bf16_nearest(v)
     tl.store(p_ptr + offsets, stored.to(p_ptr.dtype.element_ty), mask=mask)
+    if (MOMENTS_FP8 or MODE == 4) and MODE != 2:  # (hashed after the weight's store: fewer instructions)
+        hashed = element_hash(offsets, corrections_ptr, index, stream)
     if MODE == 1:
         tl.store(extra_ptr + offsets, new, mask=mask)
     if MODE == 3:
