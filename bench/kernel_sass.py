@@ -42,7 +42,7 @@ def compile_update(mode: str, moments_fp8: bool, param: str = "bf16"):
     from pipeline.train import adamw_kernel
 
     fn = adamw_kernel.adamw_update
-    block, warps = (optim.FP8_BLOCK, optim.FP8_WARPS) if moments_fp8 else (optim.BLOCK, 8)
+    block, warps = (optim.FP8_BLOCK, optim.FP8_WARPS) if moments_fp8 else (optim.BLOCK, optim.WARPS)
     moment = "fp8e4nv" if moments_fp8 else param
     pointers = {"p_ptr": param, "g_ptr": param, "m_ptr": moment, "v_ptr": moment,
                 "extra_ptr": EXTRA.get(mode, param), "m_scale_ptr": "fp32", "v_scale_ptr": "fp32",

@@ -5,12 +5,12 @@ AdamW on bf16 parameters (what HF and the peers run). The parameters have the mo
 
 Reported per update: the median time, the bytes the update must move over that time (parameters,
 gradients and optimizer state read and written; FP8 moments' scales, 1/32 of a byte an element, not
-counted) and the time against torch's fused AdamW. `--fp8-launch` times FP8 moments' update with other
-program sizes (elements x warps) than the pipeline's, to tune them.
+counted) and the time against torch's fused AdamW. `--launch` and `--fp8-launch` time the update with bf16
+and with FP8 moments at other program sizes (elements x warps) than the pipeline's, to tune them.
 
     python bench/update_kernel.py                                   # Llama-3.1-8B, bf16_kahan
     python bench/update_kernel.py --master-weights bf16,bf16_kahan,fp32
-    python bench/update_kernel.py --fp8-launch 4096x8,2048x8,1024x4
+    python bench/update_kernel.py --launch 4096x8,8192x8,2048x4 --fp8-launch 4096x8,2048x8,1024x4
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--master-weights", default="bf16_kahan",
                    help=f"comma-separated, from {', '.join(optim.MASTER_WEIGHTS)}")
+    p.add_argument("--launch", default=f"{optim.BLOCK}x{optim.WARPS}",
+                   help="comma-separated ELEMENTSxWARPS per program for the update with bf16 moments")
     p.add_argument("--fp8-launch", default=f"{optim.FP8_BLOCK}x{optim.FP8_WARPS}",
                    help="comma-separated ELEMENTSxWARPS per program for FP8 moments' update")
     p.add_argument("--steps", type=int, default=10)
@@ -51,15 +53,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for mode in args.master_weights:
         if mode not in optim.MASTER_WEIGHTS:
             p.error(f"--master-weights: {mode!r} is not one of {', '.join(optim.MASTER_WEIGHTS)}")
-    try:
-        args.fp8_launch = [tuple(int(x) for x in item.split("x")) for item in args.fp8_launch.split(",")]
-    except ValueError:
-        p.error(f"--fp8-launch {args.fp8_launch!r}: expected ELEMENTSxWARPS[,...], e.g. 1024x4")
-    for block, warps in args.fp8_launch:
-        if block % optim.QBLOCK or block & (block - 1) or warps & (warps - 1):
-            p.error(f"--fp8-launch {block}x{warps}: elements must be a power of two and a multiple of "
-                    f"{optim.QBLOCK}, warps a power of two")
+    args.launch = launches(p, "--launch", args.launch, 1)
+    args.fp8_launch = launches(p, "--fp8-launch", args.fp8_launch, optim.QBLOCK)
     return args
+
+
+def launches(p: argparse.ArgumentParser, flag: str, text: str, multiple: int) -> list[tuple[int, int]]:
+    """`flag`'s ELEMENTSxWARPS[,...] as (elements, warps) pairs; elements a power of two and a multiple of
+    `multiple`, warps a power of two."""
+    try:
+        pairs = [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        p.error(f"{flag} {text!r}: expected ELEMENTSxWARPS[,...], e.g. 1024x4")
+    for pair in pairs:
+        if len(pair) != 2 or min(pair) < 1 or pair[0] % multiple or pair[0] & (pair[0] - 1) or pair[1] & (pair[1] - 1):
+            p.error(f"{flag} {'x'.join(map(str, pair))}: elements must be a power of two and a multiple of "
+                    f"{multiple}, warps a power of two")
+    return pairs
 
 
 def parameters(config, device: torch.device) -> list[torch.nn.Parameter]:
@@ -91,12 +101,12 @@ def variants(args) -> list[dict]:
     """What to time: torch's fused AdamW, then ours for each master-weight option, bf16 then FP8 moments."""
     rows = [dict(name="torch fused AdamW", optimizer="torch", bytes=PARAM_BYTES["bf16"] + MOMENT_BYTES["bf16"])]
     for mode in args.master_weights:
-        rows.append(dict(name=f"ours {mode}, bf16 moments", optimizer="ours", master_weights=mode, moments_fp8=False,
-                         bytes=PARAM_BYTES[mode] + MOMENT_BYTES["bf16"]))
-        for block, warps in args.fp8_launch:
-            rows.append(dict(name=f"ours {mode}, FP8 moments ({block}x{warps})", optimizer="ours",
-                             master_weights=mode, moments_fp8=True, launch=(block, warps),
-                             bytes=PARAM_BYTES[mode] + MOMENT_BYTES["fp8"]))
+        for moments, launch_list in (("bf16", args.launch), ("fp8", args.fp8_launch)):
+            for block, warps in launch_list:
+                rows.append(dict(name=f"ours {mode}, {moments.upper() if moments == 'fp8' else moments} moments "
+                                      f"({block}x{warps})", optimizer="ours", master_weights=mode,
+                                 moments_fp8=moments == "fp8", launch=(block, warps),
+                                 bytes=PARAM_BYTES[mode] + MOMENT_BYTES[moments]))
     return rows
 
 
@@ -106,12 +116,15 @@ def measure(row: dict, params: list[torch.nn.Parameter], args, device: torch.dev
         optimizer = torch.optim.AdamW(params, lr=2e-5, fused=True)
     else:
         optimizer = optim.AdamW(params, lr=2e-5, master_weights=row["master_weights"], moments_fp8=row["moments_fp8"])
-    launch = optim.FP8_BLOCK, optim.FP8_WARPS
-    optim.FP8_BLOCK, optim.FP8_WARPS = row.get("launch", launch)
+    names = ("FP8_BLOCK", "FP8_WARPS") if row.get("moments_fp8") else ("BLOCK", "WARPS")
+    pipeline_launch = tuple(getattr(optim, name) for name in names)
+    for name, value in zip(names, row.get("launch", pipeline_launch)):
+        setattr(optim, name, value)
     try:
         row["ms"] = time_updates(optimizer, args, device)
     finally:
-        optim.FP8_BLOCK, optim.FP8_WARPS = launch
+        for name, value in zip(names, pipeline_launch):
+            setattr(optim, name, value)
     row["gb_per_s"] = row["bytes"] * sum(p.numel() for p in params) / row["ms"] / 1e6
     del optimizer
     common.free_memory()

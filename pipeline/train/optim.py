@@ -23,7 +23,7 @@ from te_model.triton_kernels import cdiv, lazy_kernel, runs_on
 if TYPE_CHECKING:
     from pipeline.config import TrainConfig
 
-BLOCK = 4096  # elements per program: 16 per thread at 8 warps
+BLOCK, WARPS = 4096, 8  # elements and warps per program: 16 elements a thread
 # With FP8 moments the update is bound by its arithmetic, not memory, and ran faster in smaller programs
 FP8_BLOCK, FP8_WARPS = 1024, 4
 # Smaller parameters (norm weights) go to torch's fused kernel, several to a launch: one launch each would
@@ -439,7 +439,7 @@ class AdamW(torch.optim.AdamW):
             mode = self.master_weights if self.keeps_updates(p) else "bf16"
             extra = state.get(EXTRA_STATE.get(mode, ""))
             m, v, scales = _moments(state)
-            block, warps = (FP8_BLOCK, FP8_WARPS) if scales else (BLOCK, 8)
+            block, warps = (FP8_BLOCK, FP8_WARPS) if scales else (BLOCK, WARPS)
             if n:
                 kernel[(cdiv(n, block),)](
                     local, _local(p.grad), m, v, local if extra is None else _local(extra),

@@ -515,19 +515,20 @@ def test_update_kernel_times_each_update_and_counts_the_bytes_the_state_has(monk
     from pipeline.train import optim
 
     monkeypatch.setitem(common.SHAPES, "blocks", BLOCKS_SHAPE)
-    launch = optim.FP8_BLOCK, optim.FP8_WARPS
+    launch = optim.BLOCK, optim.WARPS, optim.FP8_BLOCK, optim.FP8_WARPS
     out = tmp_path / "update.json"
     update_kernel.main(["--shape", "blocks", "--device", "cpu", "--master-weights", "bf16_kahan,fp32,bf16_kahan8",
                         "--fp8-launch", "1024x4,512x4", "--steps", "2", "--warmup", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["variants"]
     assert [row["name"] for row in rows] == [
-        "torch fused AdamW", "ours bf16_kahan, bf16 moments", "ours bf16_kahan, FP8 moments (1024x4)",
-        "ours bf16_kahan, FP8 moments (512x4)", "ours fp32, bf16 moments", "ours fp32, FP8 moments (1024x4)",
-        "ours fp32, FP8 moments (512x4)", "ours bf16_kahan8, bf16 moments", "ours bf16_kahan8, FP8 moments (1024x4)",
-        "ours bf16_kahan8, FP8 moments (512x4)"]
+        "torch fused AdamW", "ours bf16_kahan, bf16 moments (4096x8)", "ours bf16_kahan, FP8 moments (1024x4)",
+        "ours bf16_kahan, FP8 moments (512x4)", "ours fp32, bf16 moments (4096x8)", "ours fp32, FP8 moments (1024x4)",
+        "ours fp32, FP8 moments (512x4)", "ours bf16_kahan8, bf16 moments (4096x8)",
+        "ours bf16_kahan8, FP8 moments (1024x4)", "ours bf16_kahan8, FP8 moments (512x4)"]
     for row in rows:
         finite_positive(row, "ms", "gb_per_s", "vs_torch")
-    assert (optim.FP8_BLOCK, optim.FP8_WARPS) == launch  # the sweep leaves the pipeline's launch as it was
+    # the sweep leaves the pipeline's launches as they were
+    assert (optim.BLOCK, optim.WARPS, optim.FP8_BLOCK, optim.FP8_WARPS) == launch
 
     # the bytes each row says an update moves: its state read and written, the gradient read, the bf16
     # parameter read and written (only written with an fp32 master, which the update reads instead)
@@ -551,6 +552,9 @@ def test_update_kernel_refuses_a_launch_shape_the_kernel_cannot_take(capsys):
     with pytest.raises(SystemExit):
         update_kernel.main(["--shape", "tiny", "--device", "cpu", "--fp8-launch", "768x4"])
     assert "--fp8-launch 768x4: elements must be a power of two" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        update_kernel.main(["--shape", "tiny", "--device", "cpu", "--launch", "4096x6"])
+    assert "--launch 4096x6: elements must be a power of two" in capsys.readouterr().err
 
 
 def test_check_pins_names_each_pin_the_host_does_not_match(tmp_path, capsys):
