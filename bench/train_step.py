@@ -86,8 +86,14 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
-# variants whose master weights are their own, not --master-weights'
-MASTER_WEIGHTS_SUFFIX = {"_kahan8": "bf16_kahan8", "_sr": "bf16_sr", "_nearest": "bf16"}
+# variants whose master weights are their own, not --master-weights': suffix -> (option, label)
+MASTER_WEIGHTS_SUFFIX = {"_kahan8": ("bf16_kahan8", "1-byte Kahan compensation"),
+                         "_sr": ("bf16_sr", "stochastic rounding"), "_nearest": ("bf16", "rounded to nearest")}
+
+
+def own_master_weights(name: str) -> tuple[str, str] | None:
+    """(option, label) of a variant that names its master weights, else None."""
+    return next((own for suffix, own in MASTER_WEIGHTS_SUFFIX.items() if name.endswith(suffix)), None)
 # Rows per step that fit the HF bf16 baseline in 80 GB (8192 tokens a step); raise with --batch.
 DEFAULT_BATCH = {("llama3.2-1b", 2048): 4, ("llama3.2-1b", 4096): 2,
                  ("llama3.1-8b", 2048): 4, ("llama3.1-8b", 4096): 2}
@@ -193,8 +199,7 @@ def setup_variant(name: str, args, config, state, device, backend: str) -> peers
     if kind == "hf" or name.endswith("_torch_adamw"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     else:  # the pipeline's: the same defaults (weight decay 0.01 on every parameter, as torch's)
-        master_weights = next((option for suffix, option in MASTER_WEIGHTS_SUFFIX.items() if name.endswith(suffix)),
-                              args.master_weights)
+        master_weights = (own_master_weights(name) or (args.master_weights,))[0]
         optimizer = optim.AdamW(model.parameters(), lr=args.lr, master_weights=master_weights,
                                 moments_fp8="_moments_fp8" in name)
     forward = torch.compile(model, backend=args.compile_backend) if compiled else model
@@ -354,9 +359,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", residual gradients added by autograd" if "_autograd_residual" in name else "")
             + (", clipped by torch's clip_grad_norm_" if "_torch_clip" in name else "")
             + (", FP8 moments" if "_moments_fp8" in name else "")
-            + (", 1-byte Kahan compensation" if name.endswith("_kahan8") else "")
-            + (", stochastic rounding" if name.endswith("_sr") else "")
-            + (", rounded to nearest" if name.endswith("_nearest") else "")
+            + (f", {own_master_weights(name)[1]}" if own_master_weights(name) else "")
             + (", gradients' GEMMs fast-accumulated" if "_fastacc" in name else "")
             + (", the head's too" if "_headfast" in name else "")
             + (", clipping norm in one kernel" if "_kernel_norm" in name else "")

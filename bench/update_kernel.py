@@ -101,11 +101,10 @@ def variants(args) -> list[dict]:
     """What to time: torch's fused AdamW, then ours for each master-weight option, bf16 then FP8 moments."""
     rows = [dict(name="torch fused AdamW", optimizer="torch", bytes=PARAM_BYTES["bf16"] + MOMENT_BYTES["bf16"])]
     for mode in args.master_weights:
-        for moments, launch_list in (("bf16", args.launch), ("fp8", args.fp8_launch)):
+        for moments, shown, launch_list in (("bf16", "bf16", args.launch), ("fp8", "FP8", args.fp8_launch)):
             for block, warps in launch_list:
-                rows.append(dict(name=f"ours {mode}, {moments.upper() if moments == 'fp8' else moments} moments "
-                                      f"({block}x{warps})", optimizer="ours", master_weights=mode,
-                                 moments_fp8=moments == "fp8", launch=(block, warps),
+                rows.append(dict(name=f"ours {mode}, {shown} moments ({block}x{warps})", optimizer="ours",
+                                 master_weights=mode, moments_fp8=moments == "fp8", launch=(block, warps),
                                  bytes=PARAM_BYTES[mode] + MOMENT_BYTES[moments]))
     return rows
 

@@ -36,6 +36,12 @@ def element_hash(offsets, corrections_ptr, index, stream):
 
 
 @triton.jit
+def rounding_bits(hashed):
+    """The 16 random bits `bf16_sr` and `bf16_kahan8` round with (`optim._rounding_bits`)."""
+    return (hashed * 0x9E3779B1) >> 16
+
+
+@triton.jit
 def compensation_step(x):
     """(a code's value, its inverse) for fp32 `x` holding bf16 values (`optim._compensation_step`)."""
     exponent = tl.maximum((x.to(tl.uint32, bitcast=True) >> 23) & 0xFF, 16)
@@ -90,9 +96,9 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
         code_value, _ = compensation_step(p)
         delta += tl.load(extra_ptr + offsets, mask=mask).to(tl.float32) * code_value
     new = p + delta
-    if MODE == 2:  # `optim.round_stochastic` with `optim.rounding_bits`
+    if MODE == 2:  # `optim.round_stochastic`
         hashed = element_hash(offsets, corrections_ptr, index, stream)
-        carried = new.to(tl.uint32, bitcast=True) + ((hashed * 0x9E3779B1) >> 16)
+        carried = new.to(tl.uint32, bitcast=True) + rounding_bits(hashed)
         new = ((carried >> 16) << 16).to(tl.float32, bitcast=True)
     stored = new
     if BF16:
@@ -112,7 +118,7 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
         _, inverse_step = compensation_step(stored)
         y = (delta - (stored - p)) * inverse_step
         y = tl.where(y == y, y, 0.0)
-        code = tl.floor(y + ((hashed * 0x9E3779B1) >> 16).to(tl.float32) * (1.0 / 65536.0))
+        code = tl.floor(y + rounding_bits(hashed).to(tl.float32) * (1.0 / 65536.0))
         code = tl.minimum(tl.maximum(code, -128.0), 127.0)
         tl.store(extra_ptr + offsets, code.to(tl.int8), mask=mask)
     if MOMENTS_FP8:

@@ -59,11 +59,6 @@ _triton_kernel = lazy_kernel(_build)  # the kernel, compiled on first use, or No
 _MASK32 = 0xFFFFFFFF
 
 
-def _umulhi(a: int, b: torch.Tensor) -> torch.Tensor:
-    # int64 products wrap modulo 2^64, the unsigned product's bits: the high word survives the shift
-    return ((b * a) >> 32) & _MASK32
-
-
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
     """MurmurHash3's 32-bit finalizer on uint32 values held in int64: a bijection whose every output bit
     depends on every input bit."""
