@@ -5,7 +5,8 @@ AdamW on bf16 parameters (what HF and the peers run). The parameters have the mo
 
 Reported per update: the median time, the bytes the update must move over that time (parameters,
 gradients and optimizer state read and written; FP8 moments' scales, 1/32 of a byte an element, not
-counted) and the time against torch's fused AdamW. `--launch` and `--fp8-launch` time the update with bf16
+counted), the time against torch's fused AdamW, and the SM clock and board power over the timed updates
+(medians of NVML's readings every 50 ms; `--steps` sets how many updates they span). `--launch` and `--fp8-launch` time the update with bf16
 and with FP8 moments at other program sizes (elements x warps) than the pipeline's, to tune them.
 
     python bench/update_kernel.py                                   # Llama-3.1-8B, bf16_kahan
@@ -119,12 +120,16 @@ def measure(row: dict, params: list[torch.nn.Parameter], args, device: torch.dev
     pipeline_launch = tuple(getattr(optim, name) for name in names)
     for name, value in zip(names, row.get("launch", pipeline_launch)):
         setattr(optim, name, value)
+    sampler = common.GpuSampler(device)
+    sampler.start()
     try:
         row["ms"] = time_updates(optimizer, args, device)
     finally:
+        sampler.stop()
         for name, value in zip(names, pipeline_launch):
             setattr(optim, name, value)
     row["gb_per_s"] = row["bytes"] * sum(p.numel() for p in params) / row["ms"] / 1e6
+    row.update(sampler.summary() or {})
     del optimizer
     common.free_memory()
 
@@ -145,9 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
     env = common.environment(device)
     print(f"{env['device']}, {args.shape} ({config.num_hidden_layers} layers), {len(params)} parameters, "
           f"{elements / 1e9:.2f}B elements, bf16; median of {args.steps} updates")
-    print(f"{'update':48s} {'ms':>8s} {'bytes/el':>9s} {'GB/s':>7s} {'vs torch':>9s}")
+    print(f"{'update':48s} {'ms':>8s} {'bytes/el':>9s} {'GB/s':>7s} {'vs torch':>9s} {'SM MHz':>7s} {'watts':>6s}")
     for row in rows:
-        print(f"{row['name']:48s} {row['ms']:8.2f} {row['bytes']:9d} {row['gb_per_s']:7.0f} {row['vs_torch']:8.2f}x")
+        print(f"{row['name']:48s} {row['ms']:8.2f} {row['bytes']:9d} {row['gb_per_s']:7.0f} {row['vs_torch']:8.2f}x "
+              f"{common.fmt(row.get('sm_clock_mhz'), '7.0f')} {common.fmt(row.get('power_w'), '6.0f')}")
     result = dict(environment=env, run=dict(shape=args.shape, layers=config.num_hidden_layers, elements=elements,
                                             steps=args.steps, warmup=args.warmup), variants=rows)
     common.write_json(args.out, result)
