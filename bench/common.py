@@ -9,6 +9,8 @@ since on some hosts loading it after torch's own cuDNN fails with an undefined s
 
 from __future__ import annotations
 
+import argparse
+
 import gc
 import json
 import math
@@ -223,6 +225,20 @@ class GpuSampler:
             return None
         return {"sm_clock_mhz": statistics.median(self.clocks), "power_w": statistics.median(self.watts),
                 "samples": len(self.clocks)}
+
+
+def launches(p: argparse.ArgumentParser, flag: str, text: str, multiple: int) -> list[tuple[int, int]]:
+    """`flag`'s ELEMENTSxWARPS[,...] as (elements, warps) pairs; elements a power of two and a multiple of
+    `multiple`, warps a power of two."""
+    try:
+        pairs = [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        p.error(f"{flag} {text!r}: expected ELEMENTSxWARPS[,...], e.g. 1024x4")
+    for pair in pairs:
+        if len(pair) != 2 or min(pair) < 1 or pair[0] % multiple or pair[0] & (pair[0] - 1) or pair[1] & (pair[1] - 1):
+            p.error(f"{flag} {'x'.join(map(str, pair))}: elements must be a power of two and a multiple of "
+                    f"{multiple}, warps a power of two")
+    return pairs
 
 
 def matmul_peak_flops(device: torch.device, size: int, reps: int = 10) -> float:

@@ -126,6 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "clips (inside the update), the others with torch's clip_grad_norm_")
     p.add_argument("--master-weights", default=DEFAULT_MASTER_WEIGHTS, choices=optim.MASTER_WEIGHTS,
                    help="how our optimizer keeps bf16 updates (train.master_weights; default: the pipeline's)")
+    p.add_argument("--update-launch", default=f"{optim.BLOCK}x{optim.WARPS}",
+                   help="ELEMENTSxWARPS per program of our update with bf16 moments (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--matmul-size", type=int, help="side of the bf16 peak matmul (default 8192; 512 on CPU)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of hf_compile")
@@ -142,6 +144,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    launch = common.launches(p, "--update-launch", args.update_launch, 1)
+    if len(launch) != 1:
+        p.error(f"--update-launch {args.update_launch!r}: one ELEMENTSxWARPS, e.g. 4096x8")
+    args.update_launch = launch[0]
     args.layers = args.layers or DEFAULT_LAYERS.get(args.shape)
     args.batch = args.batch or DEFAULT_BATCH.get((args.shape, args.seq), 2)
     return args
@@ -396,7 +402,8 @@ def measure(args, device) -> dict:
            "warmup": args.warmup,
            "model_flops_per_step": flops, "matmul_peak_tflops": matmul_peak / 1e12, "matmul_size": size,
            "datasheet_peak_tflops": common.DATASHEET_BF16_FLOPS / 1e12, "ours_backend": backend,
-           "ours_backend_reason": backend_reason, "master_weights": args.master_weights}
+           "ours_backend_reason": backend_reason, "master_weights": args.master_weights,
+           "update_launch": "x".join(map(str, args.update_launch))}
     result = {"environment": common.environment(device), "run": run, "variants": []}
     if args.memory_cap_gib is not None:
         run["memory_cap_gib"] = args.memory_cap_gib
@@ -457,9 +464,11 @@ def add_rates(rows: list[dict], flops: float, tokens: int, matmul_peak: float) -
 
 def print_table(result: dict) -> None:
     run, env = result["run"], result["environment"]
+    default_launch = f"{optim.BLOCK}x{optim.WARPS}"
     print(f"\n{env['device']}, {run['shape']} ({run['layers']} layers), {run['batch']}x{run['seq']} tokens"
           f"{' x ' + str(run['micro_batches']) + ' micro-batches' if run.get('micro_batches', 1) > 1 else ''}, "
-          f"{run['dtype']} params, full step incl. AdamW (ours: master_weights={run['master_weights']}), "
+          f"{run['dtype']} params, full step incl. AdamW (ours: master_weights={run['master_weights']}"
+          f"{', update programs ' + run['update_launch'] if run.get('update_launch', default_launch) != default_launch else ''}), "
           f"median of {run['steps']} "
           f"(matmul peak {run['matmul_peak_tflops']:.0f} TFLOP/s)")
     if env.get("host_cpu"):
@@ -543,7 +552,12 @@ def capped_memory(device: torch.device, gib: float | None):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = common.setup_device(args.device)
-    result = measure(args, device)
+    pipeline_launch = optim.BLOCK, optim.WARPS
+    optim.BLOCK, optim.WARPS = args.update_launch  # every variant's update in this run
+    try:
+        result = measure(args, device)
+    finally:
+        optim.BLOCK, optim.WARPS = pipeline_launch
     print_table(result)
     return result
 

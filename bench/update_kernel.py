@@ -54,23 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for mode in args.master_weights:
         if mode not in optim.MASTER_WEIGHTS:
             p.error(f"--master-weights: {mode!r} is not one of {', '.join(optim.MASTER_WEIGHTS)}")
-    args.launch = launches(p, "--launch", args.launch, 1)
-    args.fp8_launch = launches(p, "--fp8-launch", args.fp8_launch, optim.QBLOCK)
+    args.launch = common.launches(p, "--launch", args.launch, 1)
+    args.fp8_launch = common.launches(p, "--fp8-launch", args.fp8_launch, optim.QBLOCK)
     return args
-
-
-def launches(p: argparse.ArgumentParser, flag: str, text: str, multiple: int) -> list[tuple[int, int]]:
-    """`flag`'s ELEMENTSxWARPS[,...] as (elements, warps) pairs; elements a power of two and a multiple of
-    `multiple`, warps a power of two."""
-    try:
-        pairs = [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
-    except ValueError:
-        p.error(f"{flag} {text!r}: expected ELEMENTSxWARPS[,...], e.g. 1024x4")
-    for pair in pairs:
-        if len(pair) != 2 or min(pair) < 1 or pair[0] % multiple or pair[0] & (pair[0] - 1) or pair[1] & (pair[1] - 1):
-            p.error(f"{flag} {'x'.join(map(str, pair))}: elements must be a power of two and a multiple of "
-                    f"{multiple}, warps a power of two")
-    return pairs
 
 
 def parameters(config, device: torch.device) -> list[torch.nn.Parameter]:

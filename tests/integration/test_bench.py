@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bench import common, kernels, packing, peers, ray_overhead, train_step
+from pipeline.train import optim
 from te_model.layer import TorchLlamaDecoderLayer
 from transformers.models.llama import modeling_llama
 
@@ -48,7 +49,7 @@ def train_step_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "train_step.json"
     argv = TINY + ["--seq", "64", "--batch", "2", "--steps", "2", "--warmup", "1", "--matmul-size", "128",
                    "--variants", "hf,hf_compile,ours_bf16,fp8_delayed,fp8_block," + ",".join(peers.PEERS),
-                   "--compile-backend", "aot_eager",
+                   "--compile-backend", "aot_eager", "--update-launch", "8192x16",
                    "--profile-steps", "2", "--kernels-top", "4", "--out", str(out)]
     train_step.main(argv)
     return json.loads(out.read_text())
@@ -57,6 +58,8 @@ def train_step_result(tmp_path_factory):
 def test_train_step_reports_every_variant(train_step_result):
     run, rows = train_step_result["run"], {r["variant"]: r for r in train_step_result["variants"]}
     assert run["ours_backend"] == "torch" and run["ours_backend_reason"]
+    # the run's update program size is recorded, and the pipeline's is left as it was
+    assert run["update_launch"] == "8192x16" and (optim.BLOCK, optim.WARPS) == (4096, 8)
     finite_positive(run, "model_flops_per_step", "matmul_peak_tflops", "tokens_per_step")
     for name in ("hf", "hf_compile", "ours_bf16"):
         finite_positive(rows[name], "step_ms", "wall_ms_mean", "tokens_per_s", "model_tflops", "mfu_datasheet",
@@ -555,6 +558,9 @@ def test_update_kernel_refuses_a_launch_shape_the_kernel_cannot_take(capsys):
     with pytest.raises(SystemExit):
         update_kernel.main(["--shape", "tiny", "--device", "cpu", "--launch", "4096x6"])
     assert "--launch 4096x6: elements must be a power of two" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_step.main(TINY + ["--update-launch", "4096x8,8192x8"])
+    assert "--update-launch '4096x8,8192x8': one ELEMENTSxWARPS" in capsys.readouterr().err
 
 
 def test_check_pins_names_each_pin_the_host_does_not_match(tmp_path, capsys):
