@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'update':48s} {'ms':>8s} {'bytes/el':>9s} {'GB/s':>7s} {'vs torch':>9s} {'SM MHz':>7s} {'watts':>6s}")
     for row in rows:
         print(f"{row['name']:48s} {row['ms']:8.2f} {row['bytes']:9d} {row['gb_per_s']:7.0f} {row['vs_torch']:8.2f}x "
-              f"{common.fmt(row.get('sm_clock_mhz'), '7.0f')} {common.fmt(row.get('power_w'), '6.0f')}")
+              f"{common.fmt(row.get('sm_clock_mhz'), '.0f'):>7s} {common.fmt(row.get('power_w'), '.0f'):>6s}")
     result = dict(environment=env, run=dict(shape=args.shape, layers=config.num_hidden_layers, elements=elements,
                                             steps=args.steps, warmup=args.warmup), variants=rows)
     common.write_json(args.out, result)

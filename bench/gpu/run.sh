@@ -65,8 +65,12 @@
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
 #                                             both, the MLP recomputed; the 80 GB preset's step held to 78.5 GiB;
 #                                             then the GPU tests of the first two
+#   bash bench/gpu/run.sh update-launch [args] the bf16-moment update (bf16_kahan, bf16_sr) at several program sizes
+#                                             (bench/update_kernel.py --launch); then, if a size beats the pipeline's
+#                                             for bf16_kahan, the Llama-3.1-8B step (32 layers, 2 x 4096) with it and
+#                                             with the pipeline's, twice each, alternating, one process each
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b|update-launch [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -263,6 +267,32 @@ PY
     python3 -m pytest tests/gpu/test_te.py tests/unit/test_moments_fp8.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
       -k "cast_again or recompute or moments" 2>&1 | quiet | tee $R/memory-tests.log \
       | grep "FP8 weights cast again\|MLP recompute,\|share of equal\|passed\|failed\|Error\|^FAILED" | tail -10; rc=$((rc | PIPESTATUS[0])) ;;
+  update-launch)
+    python3 bench/update_kernel.py --master-weights bf16_kahan,bf16_sr --steps 40 --fp8-launch 1024x4,2048x8 \
+      --launch 4096x8,8192x8,8192x16,16384x16,2048x4,4096x4,2048x8,1024x4 --out $R/update-launch.json 2>&1 | quiet \
+      | tee $R/update-launch.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    pipeline=$(python3 -c "from pipeline.train import optim; print(f'{optim.BLOCK}x{optim.WARPS}')")
+    best=$(python3 -c "
+import json
+rows = [r for r in json.load(open('$R/update-launch.json'))['variants']
+        if r.get('master_weights') == 'bf16_kahan' and not r['moments_fp8']]
+print('x'.join(map(str, min(rows, key=lambda r: r['ms'])['launch'])))")
+    if [ "$best" = "$pipeline" ]; then
+      echo "the pipeline's $pipeline is the fastest bf16_kahan update: no step to compare"
+    else
+      for i in 1 2; do
+        for launch in $pipeline $best; do
+          python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 10 \
+            --master-weights bf16_kahan --variants fp8_delayed_fp8head_fastacc --update-launch $launch \
+            --out $R/8b-launch-$launch-$i.json "$@" 2>&1 | quiet > $R/8b-launch-$launch-$i.log; rc=$((rc | PIPESTATUS[0]))
+          python3 -c "
+import json
+r = json.load(open('$R/8b-launch-$launch-$i.json'))['variants'][0]
+g = r.get('gpu') or dict(power_w=0, sm_clock_mhz=0, joules_per_step=0)
+print(f\"8B step, update programs $launch, run $i: {r['step_ms']:.1f} ms, {g['power_w']:.0f} W, {g['sm_clock_mhz']:.0f} MHz, {g['joules_per_step']:.1f} J\")"
+        done
+      done
+    fi ;;
 esac
 status=$rc
 [ -n "${OUT:-}" ] && tar czf "$OUT/results-$part.tgz" -C /tmp results
