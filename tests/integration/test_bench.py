@@ -506,6 +506,53 @@ def test_peer_goals_compare_ours_with_hf_the_fastest_and_the_leanest_peer(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------------
+# step_floor
+
+
+def test_step_floor_runs_the_models_gemms_and_attention_and_nothing_else(monkeypatch, tmp_path):
+    from bench import step_floor
+
+    config = common.llama_config("tiny")
+    batch, seq = 2, 64
+    tokens = batch * seq
+    products = []
+    real_mm = step_floor.Floor.mm
+
+    def counted(self, a, b_t):
+        out = real_mm(self, a, b_t)
+        assert torch.allclose(out, a @ b_t.t())
+        products.append((a.shape[0], b_t.shape[0], a.shape[1]))  # (rows, columns, inner)
+        return out
+
+    monkeypatch.setattr(step_floor.Floor, "mm", counted)
+    out = tmp_path / "floor.json"
+    result = step_floor.main(["--shape", "tiny", "--device", "cpu", "--batch", str(batch), "--seq", str(seq),
+                              "--steps", "2", "--warmup", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"].keys() == {"gemms", "attention", "both"}
+    for row in result["rows"].values():
+        finite_positive(row, "ms", "tflops")
+
+    # one step's products are the forward, data-gradient and weight-gradient GEMMs of every linear layer
+    # of HF's model (Q, K, V as one, gate and up as one), the head's included
+    model = common.build_hf(config, torch.float32, torch.device("cpu"))
+    weights = {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    layer0 = {k.split("layers.0.")[1]: v for k, v in weights.items() if "layers.0." in k}
+    fused = {"qkv": (sum(layer0[f"self_attn.{p}_proj"][0] for p in "qkv"), config.hidden_size),
+             "proj": layer0["self_attn.o_proj"], "fc1": (2 * layer0["mlp.up_proj"][0], config.hidden_size),
+             "fc2": layer0["mlp.down_proj"]}
+    expected = []
+    for out_f, in_f in [*fused.values()] * config.num_hidden_layers + [weights["lm_head"]]:
+        expected += [(tokens, out_f, in_f), (tokens, in_f, out_f), (out_f, in_f, tokens)]
+    per_step = len(expected)
+    steps = 1 + 2  # warm-up and timed steps, in each of the two rows with GEMMs
+    assert len(products) == 2 * steps * per_step
+    assert sorted(products[:per_step]) == sorted(expected)
+    linear = sum(o * i for o, i in fused.values()) * config.num_hidden_layers + config.vocab_size * config.hidden_size
+    assert result["run"]["flops"]["gemms"] == 6 * tokens * linear
+    assert result["run"]["flops"]["attention"] == 6 * config.num_hidden_layers * batch * seq**2 * config.hidden_size
+
+
+# ---------------------------------------------------------------------------------------------------
 # update_kernel
 
 # a shape whose every matrix has rows of whole 256-element blocks, so FP8 moments apply on the CPU too
