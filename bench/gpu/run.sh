@@ -69,8 +69,9 @@
 #                                             (bench/update_kernel.py --launch); then, if a size beats the pipeline's
 #                                             for bf16_kahan, the Llama-3.1-8B step (32 layers, 2 x 4096) with it and
 #                                             with the pipeline's, twice each, alternating, one process each
-#   bash bench/gpu/run.sh floor [args]        the Llama-3.1-8B step's GEMMs and attention alone (32 layers, 2 x 4096;
-#                                             bench/step_floor.py), FP8 GEMMs then bf16: the least the same math takes
+#   bash bench/gpu/run.sh floor [args]        tests/gpu/test_step_floor.py, then the Llama-3.1-8B step's GEMMs and attention
+#                                             alone (32 layers, 2 x 4096; bench/step_floor.py), FP8 GEMMs then bf16: the
+#                                             least the same math takes
 set -uo pipefail
 part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b|update-launch|floor [args]}; shift
 R=/tmp/results; mkdir -p $R
@@ -296,6 +297,8 @@ print(f\"8B step, update programs $launch, run $i: {r['step_ms']:.1f} ms, {g['po
       done
     fi ;;
   floor)
+    python3 -m pytest tests/gpu/test_step_floor.py -m gpu -q -p no:cacheprovider -o addopts="" 2>&1 | quiet \
+      | tee $R/floor-tests.log | grep "passed\|failed\|skipped\|Error\|^FAILED" | tail -4; rc=$((rc | PIPESTATUS[0]))
     for gemms in fp8 bf16; do
       python3 bench/step_floor.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --gemms $gemms \
         --out $R/floor-$gemms.json "$@" 2>&1 | quiet | tee $R/floor-$gemms.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))

@@ -173,24 +173,3 @@ def test_grad_norm_bench_checks_and_times_every_way(tmp_path):
     assert all(r["ms"] > 0 and r["tb_per_s"] > 0 for r in rows)
     assert all(r["relative_error"] < 1e-5 for r in rows[1:])
 
-
-def test_step_floor_multiplies_the_operands_it_says_and_times_every_row(monkeypatch, tmp_path):
-    from bench import step_floor
-
-    # head dimension 64, which every SDPA kernel takes; every GEMM dimension a multiple of 16, as FP8 needs
-    monkeypatch.setitem(common.SHAPES, "floor", dict(common.SHAPES["tiny"], hidden_size=256, intermediate_size=512,
-                                                     num_attention_heads=4, num_key_value_heads=2))
-    floor = step_floor.Floor(common.llama_config("floor"), 2, 128, "fp8", "cudnn", torch.device("cuda"))
-    assert floor.fp8
-    for ops in (*floor.layers[0], floor.head_operands):
-        # forward, data gradient, weight gradient: FP8 in, bf16 out, the product of the FP8 values
-        for a, b_t in ((ops.x, ops.w), (ops.dy, ops.wt), (ops.dyt, ops.xt)):
-            got, want = floor.mm(a, b_t), a.float() @ b_t.float().t()
-            assert got.dtype == torch.bfloat16 and got.shape == want.shape
-            assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
-    out = tmp_path / "floor.json"
-    result = step_floor.main(["--shape", "floor", "--device", "cuda", "--batch", "2", "--seq", "128",
-                              "--steps", "3", "--warmup", "1", "--out", str(out)])
-    assert result["run"]["gemms"].startswith("FP8") and result["run"]["attention"].startswith("cudnn")
-    for row in result["rows"].values():
-        assert row["ms"] > 0 and row["tflops"] > 0 and row["gpu"]["power_w"] > 0
