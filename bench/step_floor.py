@@ -175,8 +175,7 @@ class Floor:
         if gemms:
             self.forward_gemms(self.head_operands)
             self.backward_gemms(self.head_operands)
-        for i in reversed(range(len(self.layers))):
-            ops = self.layers[i]
+        for ops in reversed(self.layers):
             if gemms:
                 for o in reversed(ops[1:]):
                     self.backward_gemms(o)
