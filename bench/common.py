@@ -10,7 +10,6 @@ since on some hosts loading it after torch's own cuDNN fails with an undefined s
 from __future__ import annotations
 
 import argparse
-
 import gc
 import json
 import math

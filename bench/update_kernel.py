@@ -6,8 +6,9 @@ AdamW on bf16 parameters (what HF and the peers run). The parameters have the mo
 Reported per update: the median time, the bytes the update must move over that time (parameters,
 gradients and optimizer state read and written; FP8 moments' scales, 1/32 of a byte an element, not
 counted), the time against torch's fused AdamW, and the SM clock and board power over the timed updates
-(medians of NVML's readings every 50 ms; `--steps` sets how many updates they span). `--launch` and `--fp8-launch` time the update with bf16
-and with FP8 moments at other program sizes (elements x warps) than the pipeline's, to tune them.
+(medians of NVML's readings every 50 ms; `--steps` sets how many updates they span). `--launch` and
+`--fp8-launch` time the update with bf16 and with FP8 moments at other program sizes (elements x warps)
+than the pipeline's, to tune them.
 
     python bench/update_kernel.py                                   # Llama-3.1-8B, bf16_kahan
     python bench/update_kernel.py --master-weights bf16,bf16_kahan,fp32
