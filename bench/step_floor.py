@@ -91,8 +91,8 @@ class Operands:
         forward, backward = dtypes
 
         def made(rows: int, cols: int, dtype: torch.dtype, std: float) -> tuple[torch.Tensor, torch.Tensor]:
-            x = torch.randn(rows, cols, device=device, generator=generator) * std
-            return x.to(dtype), x.t().contiguous().to(dtype)
+            x = (torch.randn(rows, cols, device=device, generator=generator) * std).to(dtype)
+            return x, x.t().contiguous()
 
         self.w, self.wt = made(gemm.out_features, gemm.in_features, forward, 0.02)
         self.x, self.xt = made(tokens, gemm.in_features, forward, 1.0)
