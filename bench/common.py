@@ -218,12 +218,22 @@ class GpuSampler:
             self._thread.join()
             self._thread = None
 
-    def summary(self) -> dict | None:
-        """Median SM MHz and watts over the samples, and their count; None when nothing was sampled."""
+    def summary(self, step_ms: float | None = None) -> dict | None:
+        """Median SM MHz and watts over the samples, and their count; with `step_ms`, also the energy of a
+        step (the median watts times it). None when nothing was sampled."""
         if not self.clocks:
             return None
-        return {"sm_clock_mhz": statistics.median(self.clocks), "power_w": statistics.median(self.watts),
-                "samples": len(self.clocks)}
+        summary = {"sm_clock_mhz": statistics.median(self.clocks), "power_w": statistics.median(self.watts),
+                   "samples": len(self.clocks)}
+        if step_ms is not None:
+            summary["joules_per_step"] = summary["power_w"] * step_ms / 1e3
+        return summary
+
+
+def attention_flops(layers: int, batch: int, seq: int, hidden: int) -> float:
+    """Causal attention's FLOPs in a training step (forward and backward): 6 x layers x batch x seq^2 x hidden,
+    the count every bench adds to its GEMMs'."""
+    return 6 * layers * batch * seq**2 * hidden
 
 
 def launches(p: argparse.ArgumentParser, flag: str, text: str, multiple: int) -> list[tuple[int, int]]:

@@ -71,7 +71,7 @@ def layer_flops(config, batch: int, seq: int) -> float:
     h, kv = config.hidden_size, config.num_key_value_heads * config.hidden_size // config.num_attention_heads
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size + 2 * h
     layers = config.num_hidden_layers
-    return 6 * per_layer * layers * batch * seq + 6 * layers * batch * seq**2 * h
+    return 6 * per_layer * layers * batch * seq + common.attention_flops(layers, batch, seq, h)
 
 
 def build(kind: str, config, state, device) -> torch.nn.Module:

@@ -41,7 +41,6 @@ ATTENTION = ("cudnn", "flash", "efficient", "math")
 @dataclass(frozen=True)
 class Gemm:
     """One linear layer of the step: `tokens` rows through a weight of `out_features` x `in_features`."""
-    name: str
     out_features: int
     in_features: int
 
@@ -50,18 +49,15 @@ def linear_layers(config) -> list[Gemm]:
     """A decoder layer's linear layers, as the model runs them (Q/K/V as one, gate and up as one)."""
     h, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     d = h // heads
-    return [Gemm("qkv", (heads + 2 * kv) * d, h), Gemm("proj", h, heads * d),
-            Gemm("fc1", 2 * config.intermediate_size, h), Gemm("fc2", h, config.intermediate_size)]
+    return [Gemm((heads + 2 * kv) * d, h),  # Q/K/V
+            Gemm(h, heads * d),  # attention output
+            Gemm(2 * config.intermediate_size, h),  # gate and up
+            Gemm(h, config.intermediate_size)]  # down
 
 
 def gemm_flops(gemms: list[Gemm], tokens: int) -> float:
     """Forward, data-gradient and weight-gradient GEMMs: 3 x 2 x tokens x out x in each."""
     return sum(6 * tokens * g.out_features * g.in_features for g in gemms)
-
-
-def attention_flops(config, batch: int, seq: int) -> float:
-    """Causal attention, forward and backward: the count `bench/train_step.py` uses (6 x batch x seq^2 x hidden)."""
-    return 6 * config.num_hidden_layers * batch * seq**2 * config.hidden_size
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,7 +99,7 @@ class Floor:
     """The step's GEMMs and attention over `config`'s layers and head."""
 
     def __init__(self, config, batch: int, seq: int, gemms: str, attention: str, device: torch.device):
-        self.device, self.batch, self.seq = device, batch, seq
+        self.device = device
         self.fp8 = device.type == "cuda" and gemms == "fp8"
         if self.fp8 and torch.cuda.get_device_capability(device) < (8, 9):
             raise SystemExit(f"--gemms fp8 needs compute capability 8.9 or later; {torch.cuda.get_device_name(device)} "
@@ -116,7 +112,7 @@ class Floor:
         tokens = batch * seq
         generator = torch.Generator(device=device).manual_seed(0)
         self.layer_gemms = linear_layers(config)
-        self.head = Gemm("head", config.vocab_size, config.hidden_size)
+        self.head = Gemm(config.vocab_size, config.hidden_size)
         self.layers = [[Operands(g, tokens, dtypes, device, generator) for g in self.layer_gemms]
                        for _ in range(config.num_hidden_layers)]
         self.head_operands = Operands(self.head, tokens, dtypes, device, generator)
@@ -138,7 +134,7 @@ class Floor:
                 self.attention_label += ", K/V repeated to the query heads"
         self.flops = {"gemms": gemm_flops(self.layer_gemms, tokens) * config.num_hidden_layers
                       + gemm_flops([self.head], tokens),
-                      "attention": attention_flops(config, batch, seq)}
+                      "attention": common.attention_flops(config.num_hidden_layers, batch, seq, config.hidden_size)}
         self.flops["both"] = self.flops["gemms"] + self.flops["attention"]
         self.one = torch.ones((), device=device)
 
@@ -201,9 +197,9 @@ def measure(floor: Floor, gemms: bool, attention: bool, args) -> dict:
     finally:
         sampler.stop()
     row = {"ms": ms}
-    gpu = sampler.summary()
+    gpu = sampler.summary(ms)
     if gpu:
-        row["gpu"] = {**gpu, "joules_per_step": gpu["power_w"] * ms / 1e3}
+        row["gpu"] = gpu
     return row
 
 

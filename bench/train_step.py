@@ -164,7 +164,7 @@ def model_flops(state: dict, config, batch: int, seq: int) -> float:
     body = sum(t.numel() for k, t in state.items() if k.startswith("model.layers.") or k == "model.norm.weight")
     head = config.vocab_size * config.hidden_size
     layers, hidden = config.num_hidden_layers, config.hidden_size
-    return 6 * (body + head) * batch * seq + 6 * layers * batch * seq**2 * hidden
+    return 6 * (body + head) * batch * seq + common.attention_flops(layers, batch, seq, hidden)
 
 
 def build_variant(name: str, config, state: dict, dtype, device, backend: str) -> torch.nn.Module:
@@ -305,9 +305,9 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
     result = {"step_ms": statistics.median(step_ms), "step_ms_min": min(step_ms), "step_ms_max": max(step_ms),
               "wall_ms_mean": wall_ms, "peak_mem_gib": peak,
               "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
-    gpu = sampler.summary()
-    if gpu is not None:  # energy a step: the median power over the timed steps, times the median step
-        result["gpu"] = {**gpu, "joules_per_step": gpu["power_w"] * result["step_ms"] / 1e3}
+    gpu = sampler.summary(result["step_ms"])
+    if gpu is not None:
+        result["gpu"] = gpu
     if args.profile_steps:
         result["profile"] = profile_steps(train_step, batches[len(timed):], device, gaps=args.gaps,
                                           top=args.kernels_top)
