@@ -535,7 +535,9 @@ def load_registered(places: Places, tracking: str) -> float:
 def stage_times(places: Places) -> dict[str, float]:
     times = {}
     for line in places.log.read_text().splitlines() if places.log.exists() else []:
-        if m := re.match(r"^\[(data|train|eval|export)\] .* \((\d+)s\)$", line):
+        # The driver's stage line, its time last. Ray's log thread may have printed part of a worker's line
+        # just before it, on the same line: search for the last stage mark, not only at the start.
+        if m := re.search(r".*\[(data|train|eval|export)\] .* \((\d+)s\)$", line):
             times[m.group(1)] = times.get(m.group(1), 0) + float(m.group(2))
     return times
 

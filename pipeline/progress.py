@@ -21,7 +21,13 @@ def echo(stage: str, text: str) -> None:
     Written to the stream, not with `print`: Ray Train patches `print` in its workers to send each line
     to its logger as well as to stdout, and the job's log would show every line twice.
     """
-    sys.stdout.write(f"[{stage}] {text}\n")
+    write_line(f"[{stage}] {text}")
+
+
+def write_line(line: str) -> None:
+    """`line` and its newline in one write, flushed. `print` writes them apart, and on a driver Ray's log
+    thread prints workers' lines to the same stdout: one could land between a line and its newline."""
+    sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 

@@ -27,6 +27,7 @@ from pipeline.tracking import run_tags
 from pipeline import storage, tracking
 from pipeline.config import STAGES, Config, built_base  # noqa: F401 - STAGES is re-exported
 from pipeline.errors import JobError, PipelineError  # noqa: F401 - JobError is re-exported
+from pipeline.progress import write_line
 
 if TYPE_CHECKING:
     from pipeline.stages.data import PreparedData
@@ -232,7 +233,7 @@ def _export_task(job: ResolvedJob, checkpoint_uri: str, run_id: str) -> ExportRe
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_job(job: ResolvedJob | Config, stages: list[str], code_version: dict, echo=print,
+def run_job(job: ResolvedJob | Config, stages: list[str], code_version: dict, echo=write_line,
             connect: Callable[[], None] | None = None) -> JobContext:
     """Run `stages` in pipeline order; raises JobError naming the stage that failed.
 

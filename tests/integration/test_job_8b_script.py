@@ -30,6 +30,17 @@ def test_plan_counts_the_llama_3_1_8b_parameters_and_sizes_a_checkpoint_at_8_byt
     assert ok == all(needed <= free for _, needed, free in rows)
 
 
+def test_stage_times_are_read_from_the_driver_lines_even_behind_a_worker_line(tmp_path):
+    places = job_8b.Places(tmp_path / "work", tmp_path / "out")
+    places.work.mkdir(parents=True)
+    places.log.write_text(
+        "[data] 12 train rows (9s)\n"
+        "\x1b[36m(_export_task pid=1)\x1b[0m [export] uploaded 0.6 MB in 0:00 (72.9 MB/s)\n"
+        "[train] 8 steps, final loss 6.2296 -> /out/checkpoint_000008 (46s)\n"
+        "\x1b[36m(_export_task pid=1)\x1b[0m 2026/12/07 INFO waiting[export] /out/exports, registered v1 (1s)\n")
+    assert job_8b.stage_times(places) == {"data": 9.0, "train": 46.0, "export": 1.0}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

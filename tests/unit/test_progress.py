@@ -4,8 +4,9 @@ one-line writer that Ray Train's patched `print` would otherwise double."""
 from __future__ import annotations
 
 import builtins
+import sys
 
-from pipeline.progress import NullProgress, StepProgress, duration, echo, step_progress
+from pipeline.progress import NullProgress, StepProgress, duration, echo, step_progress, write_line
 
 
 def metrics(step: int) -> dict[str, float]:
@@ -50,6 +51,23 @@ def test_lines_bypass_a_patched_print(capsys, monkeypatch):
     monkeypatch.setattr(builtins, "print", lambda *a, **k: calls.append(a))
     echo("train", "step 1/2")
     assert calls == [] and capsys.readouterr().out == "[train] step 1/2\n"
+
+
+def test_a_line_and_its_newline_go_out_in_one_write(monkeypatch):
+    # On a driver Ray's log thread prints workers' lines to the same stdout, between any two writes.
+    writes = []
+
+    class Stream:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            writes.append("<flush>")
+
+    monkeypatch.setattr(sys, "stdout", Stream())
+    write_line("[export] /out/exports, registered v1 (1s)")
+    echo("train", "step 1/2")
+    assert writes == ["[export] /out/exports, registered v1 (1s)\n", "<flush>", "[train] step 1/2\n", "<flush>"]
 
 
 def test_mfu_reads_n_a_where_the_devices_peak_is_unknown():
