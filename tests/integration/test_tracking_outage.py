@@ -2,9 +2,9 @@
 meanwhile arrive once the server is back (exactly one value per step), and a logger whose queue is too
 small for the outage reports what it lost, with a count, in a warning.
 
-A dedicated `mlflow server` (same port, same SQLite store) is replaced by a listener that takes
-connections and never answers, for a fixed number of steps, then started again. Every request sent
-meanwhile waits for its timeout, so a `log()` that touched the network on the training thread would
+A dedicated `mlflow server` behind a relay: the relay cuts its connections and then takes new ones and
+never answers them, for a fixed number of steps, then forwards again. Every request sent meanwhile waits
+for its timeout, so a `log()` that touched the network on the training thread would
 stall the steps for good; the tests bound nothing but the whole outage, by a deadline far beyond any
 machine's load. The "training" is a loop of steps on a thread of its own, logging to two runs: one
 through a queue large enough for the outage, one through a queue of SMALL_QUEUE steps.
@@ -23,7 +23,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.tracking.metrics import AsyncMetricLogger
-from tests.fixtures.mlflow_server import RestartableMlflowServer
+from tests.fixtures.mlflow_server import HangingMlflowServer
 
 STEP_S = 0.02  # one "training step": a sleep
 OUTAGE_STEPS = 250  # steps taken while the server hangs
@@ -55,7 +55,7 @@ def wait_for(condition, what: str, timeout: float = STALL_DEADLINE_S) -> None:
 
 @pytest.fixture
 def server(tmp_path):
-    server = RestartableMlflowServer(tmp_path)
+    server = HangingMlflowServer(tmp_path)
     server.start()
     yield server
     server.stop()
@@ -82,7 +82,7 @@ def test_metrics_logged_while_mlflow_hangs_arrive_once_it_is_back(server, monkey
         wait_for(lambda: training.steps >= hung_at + OUTAGE_STEPS, "training stalled while MLflow hung:"
                  f" {OUTAGE_STEPS} steps")
         server.resume()
-        wait_for(lambda: not loggers[0].pending, "the queue draining after the restart")
+        wait_for(lambda: not loggers[0].pending, "the queue draining once the server answers again")
         training.done.set()
         training.join()
         assert all(logger.close(timeout=30) for logger in loggers)
@@ -101,7 +101,7 @@ def test_metrics_logged_while_mlflow_hangs_arrive_once_it_is_back(server, monkey
 
 
 # ---------------------------------------------------------------------------------------------------
-# the same outage during a real training run: 2 Ray Train workers, rank 0 logging to the stopped server
+# the same outage during a real training run: 2 Ray Train workers, rank 0 logging to the hung server
 # ---------------------------------------------------------------------------------------------------
 # The server hangs from rank 0's first metrics until training reaches 80% of its steps, so steps are also
 # logged after it is back; the recorded run in docs/reliability.md sets 6000 steps.
