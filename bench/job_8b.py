@@ -261,12 +261,27 @@ def start_servers(places: Places, s3_port: int, mlflow_port: int) -> tuple[str, 
     return s3, tracking
 
 
+SPAWNED: dict[int, subprocess.Popen] = {}  # the processes this command started, by pid: whether and how they ended
+
+
 def spawn(command: list[str], env: dict, log: Path) -> int:
     """A process in its own session (it outlives this command if the host lets it); returns its pid."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                                 start_new_session=True)
+    SPAWNED[proc.pid] = proc
     return proc.pid
+
+
+def servers_gone(places: Places) -> list[str]:
+    """The servers this command started that have exited since, with their exit codes (-N: signal N)."""
+    gone = []
+    for name in ("s3", "mlflow"):
+        pid_file = places.work / f"{name}.pid"
+        proc = SPAWNED.get(int(pid_file.read_text())) if pid_file.exists() else None
+        if proc is not None and proc.poll() is not None:
+            gone.append(f"{name} server (pid {proc.pid}) exited with {proc.returncode}")
+    return gone
 
 
 def stop_servers(places: Places) -> None:
@@ -358,12 +373,24 @@ def job_env(shape: Shape, places: Places, s3: str, tracking: str) -> dict[str, s
             "PYTHONUNBUFFERED": "1", "PYTHONPATH": worker_pythonpath(), **dict(shape.hooks)}
 
 
+def start_driver(places: Places, command: list[str], env: dict[str, str]) -> int:
+    """The job's driver in its own session, its output appended to the driver log; returns its pid."""
+    with open(places.log, "ab") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    SPAWNED[proc.pid] = proc
+    record(places, "driver_start", pid=proc.pid)
+    return proc.pid
+
+
 def driver_state(places: Places) -> tuple[int | None, bool]:
     """(pid of a live driver or None, whether the job finished)."""
     done = places.log.exists() and any(l.startswith("done: job") for l in places.log.read_text().splitlines())
     starts = events(places, "driver_start")
     pid = starts[-1]["pid"] if starts else None
-    alive = pid is not None and Path(f"/proc/{pid}").exists() and "finetune" in _cmdline(pid)
+    if pid in SPAWNED:  # started by this command: ask the child itself (its cmdline reads empty until exec is done)
+        alive = SPAWNED[pid].poll() is None
+    else:  # started by an earlier command: that pid, if it is still that driver and not a reused number
+        alive = pid is not None and Path(f"/proc/{pid}").exists() and "finetune" in _cmdline(pid)
     return (pid if alive else None), done
 
 
@@ -460,6 +487,8 @@ def watch(places: Places, budget_s: float, kill: bool) -> None:
     sampler.join()
     record(places, "peaks", rss=sampler.rss, gpu_mib=sampler.gpu_mib)
     _, done = driver_state(places)
+    for line in servers_gone(places):
+        say(line)
     say(f"job {'finished' if done else ('still running' if alive else 'stopped before the end')}; "
         f"peak GPU memory in use {sampler.gpu_mib} MiB; peak RSS: "
         + ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in sorted(sampler.rss.items(), key=lambda kv: -kv[1])[:6]))
@@ -497,11 +526,8 @@ def run_job_phase(shape: Shape, places: Places, args) -> None:
     if pid is None:
         if not print_plan(shape, places) and not args.force:
             raise SystemExit("job_8b: the run does not fit the free space above (docs/scale.md); --force to try")
-        with open(places.log, "ab") as out:
-            proc = subprocess.Popen(job_command(shape, places, s3), cwd=REPO, env=job_env(shape, places, s3, tracking),
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        record(places, "driver_start", pid=proc.pid)
-        say(f"job started (driver pid {proc.pid}); log {places.log}")
+        pid = start_driver(places, job_command(shape, places, s3), job_env(shape, places, s3, tracking))
+        say(f"job started (driver pid {pid}); log {places.log}")
     watch(places, args.budget_s, kill=not args.no_kill)
 
 

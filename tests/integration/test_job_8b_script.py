@@ -41,6 +41,19 @@ def test_stage_times_are_read_from_the_driver_lines_even_behind_a_worker_line(tm
     assert job_8b.stage_times(places) == {"data": 9.0, "train": 46.0, "export": 1.0}
 
 
+def test_a_driver_counts_as_running_from_the_moment_it_is_started_until_it_exits(tmp_path):
+    # Right after a start, /proc/PID/cmdline can still read empty: a watcher that took that for a dead driver
+    # ended the job phase at once, and the servers were stopped under a driver still starting.
+    places = job_8b.Places(tmp_path / "work", tmp_path / "out")
+    places.work.mkdir(parents=True)
+    for _ in range(20):
+        pid = job_8b.start_driver(places, [sys.executable, "-c", "import time; time.sleep(60)", "finetune"], dict(os.environ))
+        assert job_8b.driver_state(places) == (pid, False)
+        os.kill(pid, 9)
+        job_8b.SPAWNED[pid].wait()
+        assert job_8b.driver_state(places) == (None, False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
