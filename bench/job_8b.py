@@ -384,7 +384,8 @@ def start_driver(places: Places, command: list[str], env: dict[str, str]) -> int
 
 def driver_state(places: Places) -> tuple[int | None, bool]:
     """(pid of a live driver or None, whether the job finished)."""
-    done = places.log.exists() and any(l.startswith("done: job") for l in places.log.read_text().splitlines())
+    # searched, not matched at the start: a worker's partial line may precede it (see stage_times)
+    done = places.log.exists() and any("done: job " in line for line in places.log.read_text().splitlines())
     starts = events(places, "driver_start")
     pid = starts[-1]["pid"] if starts else None
     if pid in SPAWNED:  # started by this command: ask the child itself (its cmdline reads empty until exec is done)

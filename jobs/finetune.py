@@ -114,12 +114,14 @@ def main(argv=None) -> int:
         ctx = run_job(job, args.stages, code_version(REPO), connect=start_ray)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one line and exit code 1
         return fail(exc, args.debug)
+    from pipeline.progress import write_line
     from pipeline.storage.redact import redact_text
 
     tracking_uri = redact_text(ctx.tracking_uri)
-    print(f"done: job {cfg.run.name!r}, MLflow parent run {ctx.state.parent_run_id} at {tracking_uri}")
+    # Ray is still connected: its log thread may yet print workers' lines, so each line goes out in one write.
+    write_line(f"done: job {cfg.run.name!r}, MLflow parent run {ctx.state.parent_run_id} at {tracking_uri}")
     if ctx.tracking_uri.startswith("sqlite:"):
-        print(f"open it with: mlflow ui --backend-store-uri {tracking_uri}")
+        write_line(f"open it with: mlflow ui --backend-store-uri {tracking_uri}")
     return 0
 
 
