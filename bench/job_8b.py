@@ -375,11 +375,9 @@ def job_env(shape: Shape, places: Places, s3: str, tracking: str) -> dict[str, s
 
 def start_driver(places: Places, command: list[str], env: dict[str, str]) -> int:
     """The job's driver in its own session, its output appended to the driver log; returns its pid."""
-    with open(places.log, "ab") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    SPAWNED[proc.pid] = proc
-    record(places, "driver_start", pid=proc.pid)
-    return proc.pid
+    pid = spawn(command, env, places.log)
+    record(places, "driver_start", pid=pid)
+    return pid
 
 
 def driver_state(places: Places) -> tuple[int | None, bool]:
