@@ -72,8 +72,12 @@
 #   bash bench/gpu/run.sh floor [args]        tests/gpu/test_step_floor.py, then the Llama-3.1-8B step's GEMMs and attention
 #                                             alone (32 layers, 2 x 4096; bench/step_floor.py), FP8 GEMMs then bf16: the
 #                                             least the same math takes
+#   bash bench/gpu/run.sh norm-cudnn [args]   TE's RMSNorm kernels against cuDNN's (NVTE_NORM_FWD_USE_CUDNN and
+#                                             NVTE_NORM_BWD_USE_CUDNN, read once a process): the default step at 1B (16 layers,
+#                                             4 x 2048) and 8B (32 layers, 2 x 4096), one process per backend, twice each,
+#                                             alternating, each profiled one step (the norms' kernel time)
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b|update-launch|floor [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b|update-launch|floor|norm-cudnn [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -296,6 +300,25 @@ print(f\"8B step, update programs $launch, run $i: {r['step_ms']:.1f} ms, {g['po
         done
       done
     fi ;;
+  norm-cudnn)
+    for shape in 1b 8b; do
+      [ $shape = 1b ] && cmd=$one || cmd=$eight
+      for i in 1 2; do
+        for norms in te cudnn; do
+          flag=0; [ $norms = cudnn ] && flag=1
+          NVTE_NORM_FWD_USE_CUDNN=$flag NVTE_NORM_BWD_USE_CUDNN=$flag python3 $cmd --variants fp8_delayed_fp8head_fastacc \
+            --out $R/norm-$shape-$norms-$i.json "$@" 2>&1 | quiet > $R/norm-$shape-$norms-$i.log; rc=$((rc | PIPESTATUS[0]))
+          python3 - $R/norm-$shape-$norms-$i.json "$shape, $norms norms, run $i" <<'PY' || tail -5 $R/norm-$shape-$norms-$i.log
+import json, sys
+r = json.load(open(sys.argv[1]))["variants"][0]
+g = r.get("gpu") or dict(power_w=0, sm_clock_mhz=0, joules_per_step=0)
+kinds = (r.get("profile") or {}).get("kernel_ms", {})
+print(f"{sys.argv[2]}: {r['step_ms']:.1f} ms, {g['power_w']:.0f} W, {g['sm_clock_mhz']:.0f} MHz, "
+      f"{g['joules_per_step']:.1f} J; kernel ms " + ", ".join(f"{k} {kinds[k]:.1f}" for k in ("norm", "cast/transpose/amax", "gemm fp8", "attention") if k in kinds))
+PY
+        done
+      done
+    done ;;
   floor)
     python3 -m pytest tests/gpu/test_step_floor.py -m gpu -q -p no:cacheprovider -o addopts="" 2>&1 | quiet \
       | tee $R/floor-tests.log | grep "passed\|failed\|skipped\|Error\|^FAILED" | tail -4; rc=$((rc | PIPESTATUS[0]))
