@@ -72,10 +72,11 @@
 #   bash bench/gpu/run.sh floor [args]        tests/gpu/test_step_floor.py, then the Llama-3.1-8B step's GEMMs and attention
 #                                             alone (32 layers, 2 x 4096; bench/step_floor.py), FP8 GEMMs then bf16: the
 #                                             least the same math takes
-#   bash bench/gpu/run.sh norm-cudnn [args]   TE's RMSNorm kernels against cuDNN's (NVTE_NORM_FWD_USE_CUDNN and
-#                                             NVTE_NORM_BWD_USE_CUDNN, read once a process): the default step at 1B (16 layers,
-#                                             4 x 2048) and 8B (32 layers, 2 x 4096), one process per backend, twice each,
-#                                             alternating, each profiled one step (the norms' kernel time)
+#   bash bench/gpu/run.sh norm-cudnn [args]   TE's RMSNorm forward kernels against cuDNN's (NVTE_NORM_FWD_USE_CUDNN, read
+#                                             once a process): the default step at 1B (16 layers, 4 x 2048) and 8B (32 layers,
+#                                             2 x 4096), one process per backend, twice each, alternating, each profiled one
+#                                             step (the norms' kernel time). The backward stays on TE's kernels: cuDNN's
+#                                             norm backward with the residual gradient added needs cuDNN 9.21 or later
 set -uo pipefail
 part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b|update-launch|floor|norm-cudnn [args]}; shift
 R=/tmp/results; mkdir -p $R
@@ -306,7 +307,7 @@ print(f\"8B step, update programs $launch, run $i: {r['step_ms']:.1f} ms, {g['po
       for i in 1 2; do
         for norms in te cudnn; do
           flag=0; [ $norms = cudnn ] && flag=1
-          NVTE_NORM_FWD_USE_CUDNN=$flag NVTE_NORM_BWD_USE_CUDNN=$flag python3 $cmd --variants fp8_delayed_fp8head_fastacc \
+          NVTE_NORM_FWD_USE_CUDNN=$flag python3 $cmd --variants fp8_delayed_fp8head_fastacc \
             --out $R/norm-$shape-$norms-$i.json "$@" 2>&1 | quiet > $R/norm-$shape-$norms-$i.log; rc=$((rc | PIPESTATUS[0]))
           python3 - $R/norm-$shape-$norms-$i.json "$shape, $norms norms, run $i" <<'PY' || tail -5 $R/norm-$shape-$norms-$i.log
 import json, sys
