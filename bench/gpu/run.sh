@@ -302,14 +302,14 @@ print(f\"8B step, update programs $launch, run $i: {r['step_ms']:.1f} ms, {g['po
       done
     fi ;;
   norm-cudnn)
-    for shape in 1b 8b; do
-      [ $shape = 1b ] && cmd=$one || cmd=$eight
+    for shape in "llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2" \
+                 "llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1"; do
       for i in 1 2; do
         for norms in te cudnn; do
-          flag=0; [ $norms = cudnn ] && flag=1
-          NVTE_NORM_FWD_USE_CUDNN=$flag python3 $cmd --variants fp8_delayed_fp8head_fastacc \
-            --out $R/norm-$shape-$norms-$i.json "$@" 2>&1 | quiet > $R/norm-$shape-$norms-$i.log; rc=$((rc | PIPESTATUS[0]))
-          python3 - $R/norm-$shape-$norms-$i.json "$shape, $norms norms, run $i" <<'PY' || tail -5 $R/norm-$shape-$norms-$i.log
+          flag=0; [ $norms = cudnn ] && flag=1; name=norm-${shape%% *}-$norms-$i
+          NVTE_NORM_FWD_USE_CUDNN=$flag python3 bench/train_step.py --shape $shape --master-weights bf16_kahan \
+            --variants fp8_delayed_fp8head_fastacc --out $R/$name.json "$@" 2>&1 | quiet > $R/$name.log; rc=$((rc | PIPESTATUS[0]))
+          python3 - $R/$name.json "${shape%% *}, $norms norms, run $i" <<'PY' || tail -5 $R/$name.log
 import json, sys
 r = json.load(open(sys.argv[1]))["variants"][0]
 g = r.get("gpu") or dict(power_w=0, sm_clock_mhz=0, joules_per_step=0)
