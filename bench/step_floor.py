@@ -78,6 +78,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def operand_bytes(config, batch: int, seq: int, itemsize: int) -> int:
+    """What the floor holds before its first step: every linear layer's operands with their transposes
+    (weight, input, output gradient; the head's too) and attention's Q, K, V and output gradient, at
+    `itemsize` bytes an element."""
+    tokens = batch * seq
+    gemms = linear_layers(config) * config.num_hidden_layers + [Gemm(config.vocab_size, config.hidden_size)]
+    linear = sum(2 * (g.out_features * g.in_features + tokens * (g.in_features + g.out_features)) for g in gemms)
+    d = config.hidden_size // config.num_attention_heads
+    attention = batch * seq * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    return linear * itemsize + attention * (2 if itemsize < 4 else 4)
+
+
+def check_fits(need: int, free: int, layers: int, device: str) -> None:
+    """Stop with one line, before anything is allocated, when the operands alone cannot fit."""
+    if need > free:
+        raise SystemExit(f"step_floor: the operands of {layers} layers need {need / 2**30:.1f} GiB and {device} has "
+                         f"{free / 2**30:.1f} GiB free; pass fewer --layers (each holds its own)")
+
+
 class Operands:
     """One linear layer's operands, cast and laid out before the timed steps: the weight and its transpose,
     the input and its transpose, the output's gradient and its transpose."""
@@ -110,6 +129,9 @@ class Floor:
         self.backend = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                         "math": "MATH"}[self.attention_label]
         tokens = batch * seq
+        if device.type == "cuda":
+            check_fits(operand_bytes(config, batch, seq, dtypes[0].itemsize), torch.cuda.mem_get_info(device)[0],
+                       config.num_hidden_layers, torch.cuda.get_device_name(device))
         generator = torch.Generator(device=device).manual_seed(0)
         self.layer_gemms = linear_layers(config)
         self.head = Gemm(config.vocab_size, config.hidden_size)
