@@ -78,16 +78,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def operand_bytes(config, batch: int, seq: int, itemsize: int) -> int:
+def operand_bytes(config, batch: int, seq: int, gemm_itemsize: int, attention_itemsize: int) -> int:
     """What the floor holds before its first step: every linear layer's operands with their transposes
-    (weight, input, output gradient; the head's too) and attention's Q, K, V and output gradient, at
-    `itemsize` bytes an element."""
+    (weight, input, output gradient; the head's too) and attention's Q, K, V and output gradient."""
     tokens = batch * seq
     gemms = linear_layers(config) * config.num_hidden_layers + [Gemm(config.vocab_size, config.hidden_size)]
     linear = sum(2 * (g.out_features * g.in_features + tokens * (g.in_features + g.out_features)) for g in gemms)
     d = config.hidden_size // config.num_attention_heads
     attention = batch * seq * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    return linear * itemsize + attention * (2 if itemsize < 4 else 4)
+    return linear * gemm_itemsize + attention * attention_itemsize
 
 
 def check_fits(need: int, free: int, layers: int, device: str) -> None:
@@ -129,9 +128,10 @@ class Floor:
         self.backend = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                         "math": "MATH"}[self.attention_label]
         tokens = batch * seq
+        attn_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if device.type == "cuda":
-            check_fits(operand_bytes(config, batch, seq, dtypes[0].itemsize), torch.cuda.mem_get_info(device)[0],
-                       config.num_hidden_layers, torch.cuda.get_device_name(device))
+            check_fits(operand_bytes(config, batch, seq, dtypes[0].itemsize, attn_dtype.itemsize),
+                       torch.cuda.mem_get_info(device)[0], config.num_hidden_layers, torch.cuda.get_device_name(device))
         generator = torch.Generator(device=device).manual_seed(0)
         self.layer_gemms = linear_layers(config)
         self.head = Gemm(config.vocab_size, config.hidden_size)
@@ -139,7 +139,6 @@ class Floor:
                        for _ in range(config.num_hidden_layers)]
         self.head_operands = Operands(self.head, tokens, dtypes, device, generator)
         heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-        attn_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
         def made(count: int) -> torch.Tensor:
             return torch.randn(batch, count, seq, d, device=device, dtype=attn_dtype, generator=generator)
