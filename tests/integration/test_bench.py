@@ -568,7 +568,8 @@ def test_step_floor_counts_the_memory_its_operands_take_and_stops_in_one_line_wh
     step_floor.check_fits(int(fp8 * 2**30), 78 * 2**30, 32, "H100")
     with pytest.raises(SystemExit) as stop:
         step_floor.check_fits(int(bf16 * 2**30), 78 * 2**30, 32, "H100")
-    assert str(stop.value).startswith("step_floor: the operands of 32 layers need 10") and "78.0 GiB free" in str(stop.value)
+    message = str(stop.value)
+    assert message.startswith("step_floor: the operands of 32 layers need 10") and "78.0 GiB free" in message
 
 
 # ---------------------------------------------------------------------------------------------------
