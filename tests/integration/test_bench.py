@@ -561,7 +561,7 @@ def test_step_floor_counts_the_memory_its_operands_take_and_stops_in_one_line_wh
             for t in (ops.w, ops.wt, ops.x, ops.xt, ops.dy, ops.dyt)] + [*floor.qkv, floor.grad_out]
     assert step_floor.operand_bytes(config, 2, 64, 4, 4) == sum(t.numel() * t.element_size() for t in held)
 
-    # the 8B model's 32 layers at 2 x 4096: about 101 GiB in bf16 (more than an 80 GB GPU), half that in FP8
+    # the 8B model's 32 layers at 2 x 4096: about 100 GiB in bf16 (more than an 80 GB GPU), half that in FP8
     eight = common.llama_config("llama3.1-8b", 32)
     bf16, fp8 = (step_floor.operand_bytes(eight, 2, 4096, size, 2) / 2**30 for size in (2, 1))
     assert 95 < bf16 < 110 and 45 < fp8 < 55
