@@ -110,6 +110,19 @@ quiet() { grep -v "it/s\]\|Warning\|warn(" ; }
 one="bench/train_step.py --shape llama3.2-1b --layers 16 --batch 4 --seq 2048 --steps 15 --profile-steps 2 --master-weights bf16_kahan --kernels-top 70"
 eight="bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --profile-steps 1 --master-weights bf16_kahan --kernels-top 70"
 show() { quiet | tee $R/$part-$1.log | sed -n '/^NVIDIA/,/largest kernels/p'; }
+# step_line JSON LABEL [KIND...]: one line for a train_step run's first variant: ms, watts, MHz and joules a
+# step, then the profiled kernel ms of each KIND it has
+step_line() {
+  python3 - "$@" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["variants"][0]
+g = r.get("gpu") or dict(power_w=0, sm_clock_mhz=0, joules_per_step=0)
+kinds = (r.get("profile") or {}).get("kernel_ms", {})
+picked = [f"{k} {kinds[k]:.1f}" for k in sys.argv[3:] if k in kinds]
+print(f"{sys.argv[2]}: {r['step_ms']:.1f} ms, {g['power_w']:.0f} W, {g['sm_clock_mhz']:.0f} MHz, "
+      f"{g['joules_per_step']:.1f} J" + ("; kernel ms " + ", ".join(picked) if picked else ""))
+PY
+}
 ab() {  # ab --variants 1B-VARIANTS --variants 8B-VARIANTS [args to the 8B step]: a part's A/B at both shapes
   python3 $one --out $R/$part-1b.json "$1" "$2" 2>&1 | show 1b; rc=$((rc | PIPESTATUS[0]))
   python3 $eight --out $R/$part-8b.json "$3" "$4" "${@:5}" 2>&1 | show 8b; rc=$((rc | PIPESTATUS[0]))
@@ -293,11 +306,7 @@ print('x'.join(map(str, min(rows, key=lambda r: r['ms'])['launch'])))")
           python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 10 \
             --master-weights bf16_kahan --variants fp8_delayed_fp8head_fastacc --update-launch $launch \
             --out $R/8b-launch-$launch-$i.json "$@" 2>&1 | quiet > $R/8b-launch-$launch-$i.log; rc=$((rc | PIPESTATUS[0]))
-          python3 -c "
-import json
-r = json.load(open('$R/8b-launch-$launch-$i.json'))['variants'][0]
-g = r.get('gpu') or dict(power_w=0, sm_clock_mhz=0, joules_per_step=0)
-print(f\"8B step, update programs $launch, run $i: {r['step_ms']:.1f} ms, {g['power_w']:.0f} W, {g['sm_clock_mhz']:.0f} MHz, {g['joules_per_step']:.1f} J\")"
+          step_line $R/8b-launch-$launch-$i.json "8B step, update programs $launch, run $i"
         done
       done
     fi ;;
@@ -309,14 +318,8 @@ print(f\"8B step, update programs $launch, run $i: {r['step_ms']:.1f} ms, {g['po
           flag=0; [ $norms = cudnn ] && flag=1; name=norm-${shape%% *}-$norms-$i
           NVTE_NORM_FWD_USE_CUDNN=$flag python3 bench/train_step.py --shape $shape --master-weights bf16_kahan \
             --variants fp8_delayed_fp8head_fastacc --out $R/$name.json "$@" 2>&1 | quiet > $R/$name.log; rc=$((rc | PIPESTATUS[0]))
-          python3 - $R/$name.json "${shape%% *}, $norms norms, run $i" <<'PY' || tail -5 $R/$name.log
-import json, sys
-r = json.load(open(sys.argv[1]))["variants"][0]
-g = r.get("gpu") or dict(power_w=0, sm_clock_mhz=0, joules_per_step=0)
-kinds = (r.get("profile") or {}).get("kernel_ms", {})
-print(f"{sys.argv[2]}: {r['step_ms']:.1f} ms, {g['power_w']:.0f} W, {g['sm_clock_mhz']:.0f} MHz, "
-      f"{g['joules_per_step']:.1f} J; kernel ms " + ", ".join(f"{k} {kinds[k]:.1f}" for k in ("norm", "cast/transpose/amax", "gemm fp8", "attention") if k in kinds))
-PY
+          step_line $R/$name.json "${shape%% *}, $norms norms, run $i" norm cast/transpose/amax "gemm fp8" attention \
+            || tail -5 $R/$name.log
         done
       done
     done ;;
