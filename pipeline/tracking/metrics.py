@@ -72,8 +72,9 @@ class AsyncMetricLogger:
 
     @property
     def pending(self) -> int:
-        """Steps queued and not yet accepted by the server."""
-        return len(self._pending)
+        """Steps not yet accepted by the server: queued, or in the request being sent."""
+        with self._lock:
+            return len(self._pending) + self._in_flight
 
     def log(self, step: int, metrics: Mapping[str, Any], timestamp_ms: int | None = None) -> None:
         """Queue one step's metrics. Pass Python numbers: a CUDA tensor would sync the GPU in `float()`.

@@ -7,6 +7,7 @@ import inspect
 import logging
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -234,6 +235,31 @@ def test_close_keeps_trying_until_its_deadline_whatever_the_outage_backoff():
     time.sleep(max(0.0, start + 3.2 - time.monotonic()))  # three failed sends: the next backoff is 4 s, then 8
     assert logger.close(timeout=2.5), "steps were dropped though the server was back before the deadline"
     assert logger._client.steps == set(range(1, 51)) and logger.dropped == 0
+
+
+class _HeldRequest:
+    """A tracking client whose log_batch waits until released, as a request to a slow server does."""
+
+    def __init__(self) -> None:
+        self.started, self.release, self.steps = threading.Event(), threading.Event(), set()
+
+    def log_batch(self, run_id, metrics, synchronous=True) -> None:
+        self.started.set()
+        self.release.wait(30)
+        self.steps.update(m.step for m in metrics)
+
+
+def test_steps_in_a_request_still_being_sent_count_as_pending():
+    """A caller that waits for `pending == 0` before it relies on delivery (a drained queue) must not be
+    told "done" while the last batch is still on the wire: that batch may yet fail and be requeued."""
+    logger = tracking.AsyncMetricLogger(uuid.uuid4().hex, _dead_uri(), flush_every_s=0.05)
+    logger._client = held = _HeldRequest()
+    for step in range(3):
+        logger.log(step, {"loss": 1.0})
+    assert held.started.wait(10)
+    assert logger.pending == 3
+    held.release.set()
+    assert logger.close(timeout=10) and logger.pending == 0 and held.steps == {0, 1, 2}
 
 
 def test_null_logger_has_the_async_logger_interface(mlflow_server, parent_id):
