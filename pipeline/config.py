@@ -560,8 +560,8 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     file = DEMO_PRESET if path is None else _preset_file(path)
     raw = _read_preset(str(file))  # absent sections and keys take the defaults
     demo = file.resolve() == DEMO_PRESET.resolve()
-    if demo:  # before the overrides: only the preset's own inputs are the project's shipped files
-        _find_shipped_inputs(raw)
+    if file.resolve().parent == PRESET_DIR.resolve():  # before the overrides: only a shipped preset's own
+        _find_shipped_inputs(raw)                      # inputs are the project's shipped files
     for override in overrides or []:
         key, value = _parse_override(override)
         section, name = key.split(".", 1)
@@ -584,8 +584,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
 
 
 def _find_shipped_inputs(raw: dict) -> None:
-    """The demo's data files are the project's own (`data/`), named relative to its root. Run from another
-    folder, each that is not there is taken from the project's root instead, so the demo runs anywhere."""
+    """A shipped preset's data files are the project's own (`data/`), named relative to its root. Run from
+    another folder, each that is not there is taken from the project's root instead, so the demo (and
+    `gpu-small-fp8`) runs anywhere."""
     data = raw.get("data") or {}
     files = data.get("train_files")
     if isinstance(files, list):

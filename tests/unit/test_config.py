@@ -51,7 +51,17 @@ def test_the_demo_finds_its_shipped_text_from_any_folder(tmp_path, monkeypatch):
     assert overridden == ["other.jsonl"]  # overrides and other configs are taken as written
     (tmp_path / "data" / "tiny_text.jsonl").unlink()
     named = write_yaml(tmp_path, {**NAMED, "data": {"train_files": ["data/tiny_text.jsonl"]}})
-    assert load_config(named).data.train_files == ["data/tiny_text.jsonl"]
+    assert load_config(named).data.train_files == ["data/tiny_text.jsonl"]  # a user's config: as written
+
+
+def test_every_shipped_preset_finds_its_shipped_text_from_any_folder(tmp_path, monkeypatch):
+    shipped = str(PRESET_DIR.parent / "data" / "tiny_text.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("gpu-small-fp8").data.train_files == [shipped]
+    assert load_config(str(PRESET_DIR / "gpu-small-fp8.yaml")).data.train_files == [shipped]
+    copy = tmp_path / "gpu-small-fp8.yaml"  # the same file outside configs/ is a user's config
+    copy.write_text((PRESET_DIR / "gpu-small-fp8.yaml").read_text())
+    assert load_config(str(copy)).data.train_files == ["data/tiny_text.jsonl"]
 
 
 def test_demo_settings_never_leak_into_other_configs(tmp_path, monkeypatch):
