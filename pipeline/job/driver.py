@@ -27,7 +27,7 @@ from pipeline.tracking import run_tags
 from pipeline import storage, tracking
 from pipeline.config import STAGES, Config, built_base  # noqa: F401 - STAGES is re-exported
 from pipeline.errors import JobError, PipelineError  # noqa: F401 - JobError is re-exported
-from pipeline.progress import write_line
+from pipeline.progress import megabytes, write_line
 
 if TYPE_CHECKING:
     from pipeline.stages.data import PreparedData
@@ -347,7 +347,7 @@ def dry_run(job: ResolvedJob) -> list[tuple[str, bool, str]]:
     checks = [("config", True, f"{len(cfg.flat_params())} settings valid"),
               _check("storage buckets", lambda: preflight.check_buckets(cfg, options) or "reachable")]
     for uri in [*cfg.data.train_files, *(cfg.data.validation_files or [])]:
-        checks.append(_check(f"data {uri}", lambda u=uri: _exists(u, options)))
+        checks.append(_check(f"data {uri}", lambda u=uri: _check_records(u, cfg, options)))
     if built_base(job.given.model.base_uri) and not storage.exists(cfg.model.base_uri, options):
         checks.append((f"base checkpoint {cfg.model.base_uri}", True, "a random-weight base, built on first run"))
     else:
@@ -364,10 +364,15 @@ def _check(name: str, fn) -> tuple[str, bool, str]:
         return name, False, _one_line(exc)
 
 
-def _exists(uri: str, options) -> str:
-    if not storage.exists(uri, options):
-        raise PipelineError(f"not found: {uri}")
-    return "found"
+def _check_records(uri: str, cfg: Config, options) -> str:
+    """Every record of one input read and turned into a document as data preparation does it, so a bad
+    line fails here with the same message. The whole input is read, as the data stage reads it."""
+    from pipeline.stages import sources
+
+    source = sources.read_source(uri, options)
+    docs = sources.documents([source], dataclasses.replace(cfg.data, max_documents=None))
+    size = sum(map(len, source.blobs.values()))
+    return f"{len(docs):,} records, each a valid {cfg.data.format} record ({megabytes(size)})"
 
 
 def _check_base(cfg: Config, options) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -430,6 +431,29 @@ def test_bad_input_is_refused_in_one_line_and_leaves_no_trace(case, world, tmp_p
         assert part in lines[0]
     assert "Traceback" not in out + err
     assert before.changes(after) == []
+
+
+# What a bad record does to the job, a dry run finds too: it reads each input as data preparation does.
+RECORD_CASES = [case for case in CASES if case.id in {
+    "data-missing-file", "data-missing-object", "data-empty-file", "data-malformed-json-line",
+    "data-missing-column", "data-wrong-format", "data-wrong-chat-role", "data-not-utf8"}]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", RECORD_CASES, ids=[case.id for case in RECORD_CASES])
+def test_a_dry_run_names_the_same_bad_input_and_checks_the_rest(case, world, tmp_path, capfd):
+    extra, expected = case.arrange(world, tmp_path)
+    before = world.snapshot()
+    capfd.readouterr()
+    code, out, err = run_job([*world.settings(), *extra, "--dry-run"], case.subprocess, tmp_path, capfd)
+    assert code == 1, out + err
+    failed = [line for line in out.splitlines() if line.startswith("FAIL ")]
+    assert len(failed) == 1 and failed[0].startswith("FAIL data "), out
+    for part in expected:  # the job's line names the config key before the input; the dry run's, the input
+        assert re.sub(r"^data\.\w+\[\d+\]: ", "", part) in failed[0]
+    assert [line for line in out.splitlines() if line.startswith("ok   base checkpoint ")], out
+    assert "Traceback" not in out + err
+    assert before.changes(world.snapshot()) == []
 
 
 @pytest.mark.parametrize("flag", ["--debug", "--traceback"])

@@ -7,6 +7,7 @@ A separate test submits the job with `ray job submit` to a `ray start --head` cl
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,9 +181,11 @@ def test_dry_run_checks_everything_and_names_what_is_missing(job, capsys):
     base = "ok   base checkpoint s3://e2e-job/base/tiny-llama: llama"
     (base_line,) = [line for line in ok.splitlines() if line.startswith(base)]
     assert base_line.endswith(" MB, manifest"), base_line  # a sub-GiB checkpoint in MB, not "0.00 GiB"
+    (data_line,) = [line for line in ok.splitlines() if line.startswith("ok   data ")]
+    assert re.search(r": \d+ records, each a valid text record \(\d+\.\d MB\)$", data_line), data_line
     missing = f"s3://{job['bucket']}/data/missing.jsonl"
     assert finetune.main([*job["args"], "--set", f"data.train_files=[{missing}]", "--dry-run"]) == 1
-    assert f"FAIL data {missing}: not found: {missing}" in capsys.readouterr().out
+    assert f"FAIL data {missing}: input not found: {missing}" in capsys.readouterr().out
 
 
 def test_dry_run_of_the_gpu_preset_leaves_its_base_to_the_job(tmp_path, monkeypatch, capsys):
