@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 # typo in the config fails at once.
 from pipeline.config import STAGES, describe_keys, load_config
 from pipeline.job.locations import BASE_DIR_ENV, lasting_locations
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, PipelineError
 
 
 def parse_args(argv):
@@ -91,6 +91,17 @@ def fail(exc: BaseException, debug: bool) -> int:
     return 1
 
 
+def stopped(exc: KeyboardInterrupt, debug: bool) -> int:
+    """Report a stop as one line on stderr: which signal, in which stage, and how to go on."""
+    if debug:
+        traceback.print_exception(exc)
+    how, stage = (exc.signal, exc.stage) if isinstance(exc, Interrupted) else ("Ctrl-C", None)
+    where = f" during {stage}" if stage else ""
+    print(f"finetune: stopped by {how}{where}; the same command resumes the job (training from its newest "
+          "committed checkpoint)", file=sys.stderr)
+    return exc.exit_code if isinstance(exc, Interrupted) else 130
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -114,6 +125,8 @@ def main(argv=None) -> int:
         ctx = run_job(job, args.stages, code_version(REPO), connect=start_ray)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one line and exit code 1
         return fail(exc, args.debug)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`ray job stop`) once the job has begun
+        return stopped(exc, args.debug)
     from pipeline.progress import write_line
     from pipeline.storage.redact import redact_text
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -26,7 +27,7 @@ from pipeline.storage.manifest import MANIFEST_NAME
 from pipeline.tracking import run_tags
 from pipeline import storage, tracking
 from pipeline.config import STAGES, Config, built_base  # noqa: F401 - STAGES is re-exported
-from pipeline.errors import JobError, PipelineError  # noqa: F401 - JobError is re-exported
+from pipeline.errors import Interrupted, JobError, PipelineError  # noqa: F401 - JobError is re-exported
 from pipeline.progress import megabytes, write_line
 
 if TYPE_CHECKING:
@@ -102,9 +103,10 @@ def _check_same_run(ctx: JobContext) -> None:
 
 
 def _interrupted_run(ctx: JobContext, stage: str) -> str | None:
-    """The MLflow run of `stage` that a killed driver left RUNNING, to carry on in."""
+    """The MLflow run of `stage` that a killed driver left RUNNING, or a stopped one KILLED, to carry on in."""
     run_id = (ctx.state.running or {}).get(stage)
-    return run_id if run_id and tracking.run_status(run_id, tracking_uri=ctx.tracking_uri) == "RUNNING" else None
+    status = tracking.run_status(run_id, tracking_uri=ctx.tracking_uri) if run_id else None
+    return run_id if status in ("RUNNING", "KILLED") else None
 
 
 def ensure_built_base(job: ResolvedJob) -> None:
@@ -254,6 +256,8 @@ def run_job(job: ResolvedJob | Config, stages: list[str], code_version: dict, ec
       nodes are up by then), on the parent, the train run and the stage runs after it.
     - Every failure is one line naming the stage and the reason (`JobError`), or the bad input
       (`PipelineError`); `jobs/finetune.py` turns it into an exit code.
+    - A driver told to stop (Ctrl-C, SIGTERM) during a stage raises `Interrupted` naming the stage, with
+      that stage's run and the parent KILLED; running the job again carries on in that stage's run.
     - Submitting a job again under the same `run.name` resumes it: same parent run, training from its
       latest checkpoint. A stage whose driver was killed mid-way (its MLflow run left RUNNING, recorded in
       the state file) carries on in that same run, so the train stage keeps one metric history.
@@ -286,6 +290,14 @@ def run_job(job: ResolvedJob | Config, stages: list[str], code_version: dict, ec
         except (PipelineError, ValueError, RuntimeError, OSError) as exc:
             tracking.end_run(ctx.state.parent_run_id, "FAILED", tracking_uri=ctx.tracking_uri)
             raise JobError(f"{stage}: {_one_line(exc)}") from exc
+        except (KeyboardInterrupt, SystemExit) as exc:
+            if isinstance(exc, SystemExit) and exc.code != signal.SIGTERM:  # Ray's driver handler: sys.exit(15)
+                raise
+            # the stage's run stays in the state file: running the job again carries on in it
+            tracking.end_run(ctx.state.parent_run_id, "KILLED", tracking_uri=ctx.tracking_uri)
+            how = exc.signal if isinstance(exc, Interrupted) else "Ctrl-C" if isinstance(exc, KeyboardInterrupt) \
+                else "SIGTERM"
+            raise Interrupted(how, stage) from None
         ctx.state.running.pop(stage)
         ctx.save_state()
         if stage == "train":

@@ -237,9 +237,9 @@ def stage_run(
 ) -> Iterator[str]:
     """A new nested run for one execution of `stage` under the parent; yields its id.
 
-    The run ends FINISHED, FAILED when the block raises, KILLED on Ctrl-C. Running a stage again
-    later makes another nested run under the same parent. `run_id`: an unfinished run of this stage
-    (its driver died) to carry on in instead of a new one.
+    The run ends FINISHED, FAILED when the block raises, KILLED on Ctrl-C or an exit (SIGTERM). Running
+    a stage again later makes another nested run under the same parent. `run_id`: an unfinished run of
+    this stage (its driver died or was stopped) to carry on in instead of a new one.
     """
     client, uri = _client(tracking_uri)
     run_tags = {**(tags or {}), _PARENT_TAG: parent_id, STAGE_TAG: stage, ROLE_TAG: "stage"}
@@ -256,7 +256,7 @@ def stage_run(
     try:
         yield run_id
         status = RunStatus.to_string(RunStatus.FINISHED)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         status = RunStatus.to_string(RunStatus.KILLED)
         raise
     finally:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyarrow.fs
@@ -19,7 +23,7 @@ import ray.train.torch
 
 from pipeline import storage
 from pipeline.config import Config, require_max_steps
-from pipeline.errors import PermanentError, PipelineError
+from pipeline.errors import Interrupted, PermanentError, PipelineError
 from pipeline.job.resolved import ResolvedJob, absolute_path, resolve_job
 from pipeline.stages.data import PreparedData
 from pipeline.train import checkpoint as ckpt
@@ -71,7 +75,8 @@ def train(job: ResolvedJob | Config, prepared: PreparedData, *, run_id: str | No
         ),
     )
     try:
-        result = trainer.fit()
+        with _stops_as_interrupted():
+            result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         reason = permanent.read(run_uri, attempt, options)
         if reason:  # Ray ran out of restarts (or had none) before a restarted group could read the record
@@ -86,6 +91,33 @@ def train(job: ResolvedJob | Config, prepared: PreparedData, *, run_id: str | No
         raise PipelineError(f"training run {cfg.run.name!r} stopped: {stopped}; lower train.lr or check the data, "
                             "or set train.on_nonfinite=skip or rollback")
     return train_result(cfg, ray_uri, options, checkpoints=(result.return_value or {}).get("checkpoints", []))
+
+
+@contextmanager
+def _stops_as_interrupted() -> Iterator[None]:
+    """Ray Train's `fit` answers Ctrl-C by aborting the run (its workers stopped), then exits the driver
+    from inside `ray.get` with a SystemExit, as it also does on SIGTERM; that SystemExit becomes
+    `Interrupted` naming the signal, so the job can record the stop and say how to resume. `fit` leaves its
+    Ctrl-C handler installed, which would abort a run that has ended: the driver's own comes back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; elsewhere Ray installs none either
+        return
+    sigterm = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_sigterm(signum, frame):
+        sigterm.append(signum)
+        raise SystemExit(128 + signum)
+
+    if previous[signal.SIGTERM] is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except SystemExit:
+        raise Interrupted("SIGTERM" if sigterm else "Ctrl-C") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train_result(cfg: Config, ray_uri: str, options: storage.StorageOptions,

@@ -5,11 +5,13 @@ run, training from the latest checkpoint, one metric history) and not start over
 start a new run, and reusing a run name with other training data is refused. An error no restart can
 fix ends the job at its first occurrence in one line; the same job, fixed, then survives a killed worker.
 A driver killed after a commit Ray never registered: the resumed job's later stages use the newest
-checkpoint training committed, and report its step.
+checkpoint training committed, and report its step. A driver stopped by Ctrl-C or SIGTERM says so in one
+line and records the stop; the same command carries on.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -159,6 +161,44 @@ def test_a_killed_driver_resumes_when_submitted_again_and_exports_the_newest_com
         assert steps == list(range(1, STEPS + 1)), (key, steps)  # one value per step across the three drivers
 
 
+def test_a_stopped_driver_records_the_stop_in_one_line_and_the_same_command_carries_on(job, tmp_path):
+    """Ctrl-C (Ray Train's graceful abort) and SIGTERM (`ray job stop`) each while a checkpoint upload is
+    held: the driver exits with the shell's code for the signal and one line, the train run and the parent
+    are KILLED, and the same command then resumes training in that train run."""
+    name = "driver-stop"
+    args = [*job["args"], "--set", f"run.name={name}"]
+    client = job["client"]
+    for sig, code, how, held in ((signal.SIGINT, 130, "Ctrl-C", 4), (signal.SIGTERM, 143, "SIGTERM", 8)):
+        driver = finetune_subprocess(args, tmp_path, **{PAUSE_UPLOAD_ENV: f"after_commit:{held}"})
+        try:
+            wait_for(lambda: any(e["event"] == "after_commit" and e["step"] == held for e in events(tmp_path)),
+                     f"step {held}'s checkpoint to be committed")
+            driver.send_signal(sig)
+            output = driver.communicate(timeout=120)[0]
+        finally:
+            driver.kill()
+        assert driver.returncode == code, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        lines = [line for line in output.splitlines() if line.startswith("finetune: ")]
+        assert lines == [f"finetune: stopped by {how} during train; the same command resumes the job (training "
+                         "from its newest committed checkpoint)"], output[-3000:]
+        (parent,) = parents(client, name)
+        (train_run,) = train_runs(client, parent.info.run_id)
+        assert (parent.info.status, train_run.info.status) == ("KILLED", "KILLED")
+        workers = {e["pid"] for rank in (0, 1) for e in events(tmp_path, rank)}
+        wait_for(lambda: all(gone(pid) for pid in workers), "Ray to stop the stopped driver's workers", 60)
+
+    again = finetune_subprocess(args, tmp_path)
+    output = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, output[-3000:]
+    assert [e["step"] for e in events(tmp_path) if e["event"] == "start"] == [0, 4, 8]
+    (parent,) = parents(client, name)
+    (train_run,) = train_runs(client, parent.info.run_id)  # the stopped drivers' train run, carried on
+    assert (parent.info.status, train_run.info.status) == ("FINISHED", "FINISHED")
+    steps = sorted(m.step for m in client.get_metric_history(train_run.info.run_id, "loss"))
+    assert steps == list(range(1, STEPS + 1))  # one value per step across the three drivers
+
+
 def test_a_new_run_name_starts_a_new_run_and_a_reused_name_keeps_its_data(job, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
     args = [*job["args"], "--set", "run.name=driver-new", "--set", "train.max_steps=2"]
@@ -180,8 +220,6 @@ def test_a_new_run_name_starts_a_new_run_and_a_reused_name_keeps_its_data(job, t
 
 def test_bad_input_on_a_worker_fails_the_job_once_in_one_line_and_the_fixed_job_survives_a_killed_worker(
         job, tmp_path, capsys, monkeypatch):
-    import signal
-
     from tests.integration.test_train_faults import Signaller, starts
 
     args = [*job["args"], "--set", "run.name=bad-input", "--set", "train.max_failures=3"]

@@ -75,11 +75,16 @@ def test_stages_nest_under_one_parent_that_a_rerun_finds_again(mlflow_server, cl
             raise RuntimeError("boom")
     with tracking.stage_run(parent, "train", tracking_uri=mlflow_server.uri) as train_rerun:
         pass
+    for stop in (KeyboardInterrupt(), SystemExit(15)):  # Ctrl-C; SIGTERM through Ray's driver handler
+        with pytest.raises(type(stop)):
+            with tracking.stage_run(parent, "eval", tracking_uri=mlflow_server.uri):
+                raise stop
 
     experiment_id = client.get_run(parent).info.experiment_id
     children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     by_status = sorted((r.data.tags["pipeline.stage"], r.info.status) for r in children)
-    assert by_status == [("data-prep", "FINISHED"), ("train", "FAILED"), ("train", "FINISHED")]
+    assert by_status == [("data-prep", "FINISHED"), ("eval", "KILLED"), ("eval", "KILLED"), ("train", "FAILED"),
+                         ("train", "FINISHED")]
     assert client.get_run(train_rerun).data.tags["mlflow.runName"] == "train"
     assert client.get_run(parent).data.tags["owner"] == "ml"
 
