@@ -54,8 +54,19 @@ def make_retrainer(args) -> Retrainer:
     )
 
 
+STOPPED = ("retrain: stopped by Ctrl-C; a job it submitted runs on, and the next tick (this command again) "
+           "waits for it instead of submitting another")
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return schedule(parse_args(argv))
+    except KeyboardInterrupt:  # all state is in MLflow and Ray: nothing to save, only say so
+        print(STOPPED, file=sys.stderr)
+        return 130
+
+
+def schedule(args) -> int:
     try:
         cron = Cron.parse(args.cron) if args.cron else None
         every = parse_interval(args.every) if args.every else None

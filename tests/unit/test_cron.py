@@ -129,3 +129,17 @@ def test_retrain_cli_refuses_a_bad_schedule_in_one_line(capsys, tmp_path):
                        "train: {max_steps: 100}\nexport: {registered_model_name: x}\n")
     assert retrain.main(["--config", str(outside)]) == 1
     assert "put the preset inside it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule", [[], ["--every", "1h"]])
+def test_retrain_cli_stopped_by_ctrl_c_says_what_goes_on_in_one_line(schedule, capsys, monkeypatch):
+    """Ctrl-C in a tick's wait for its job, alone or in a loop: the job runs on, the next tick waits for it."""
+    from jobs import retrain
+
+    class Waiting:
+        def tick(self):
+            raise KeyboardInterrupt  # as Ctrl-C arrives while the tick polls Ray for its job
+
+    monkeypatch.setattr(retrain, "make_retrainer", lambda args: Waiting())
+    assert retrain.main(schedule) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [retrain.STOPPED]
