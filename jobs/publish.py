@@ -3,7 +3,7 @@
     python jobs/publish.py LOCAL_DIR s3://bucket/prefix [--endpoint-url URL] [--region REGION]
 
 Credentials come from the standard AWS chain (env vars, ~/.aws, instance role). Failures print one line
-to stderr and exit with status 1, without a traceback.
+to stderr and exit with status 1, without a traceback; Ctrl-C, with 130.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"publish: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the manifest goes first and comes back last: a cut upload has none
+        print(f"publish: stopped by Ctrl-C; {args.uri} has no manifest.json until the same command runs "
+              "again to the end", file=sys.stderr)
+        return 130
     total = sum(entry.size for entry in entries.values())
     print(f"published {len(entries)} files ({total} bytes) and manifest.json to {args.uri}")
     return 0

@@ -254,6 +254,29 @@ def test_publish_cli(s3_server, s3_bucket, tiny_checkpoint, tmp_path):
         assert "Traceback" not in failed.stderr
 
 
+def test_publish_stopped_by_ctrl_c_leaves_no_manifest_to_vouch_for_a_cut_upload(tiny_checkpoint, tmp_path,
+                                                                                  monkeypatch, capsys):
+    from jobs import publish as publish_job
+    from pipeline import storage
+
+    dest = tmp_path / "published"
+    publish(tiny_checkpoint, str(dest))  # an earlier, complete upload with its manifest
+    real_upload = storage.upload_dir
+
+    def cut(local_dir, uri, options=None, names=None):
+        real_upload(local_dir, uri, options, names=names[:1])
+        raise KeyboardInterrupt  # Ctrl-C after the first file
+
+    monkeypatch.setattr(storage, "upload_dir", cut)
+    assert publish_job.main([str(tiny_checkpoint), str(dest)]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"publish: stopped by Ctrl-C; {dest} has no manifest.json until the same command runs again to the end"]
+    assert not (dest / MANIFEST_NAME).exists()
+    monkeypatch.undo()
+    assert publish_job.main([str(tiny_checkpoint), str(dest)]) == 0
+    assert_same_checkpoint(tiny_checkpoint, pull_checkpoint(str(dest), tmp_path / "cache", StorageOptions()))
+
+
 def _hf_cache_snapshot(cache: Path, source: Path) -> Path:
     """The layout `huggingface_hub` downloads into: snapshots/<rev>/<file> are symlinks into blobs/."""
     repo = cache / "models--org--tiny"
