@@ -95,11 +95,11 @@ def stopped(exc: KeyboardInterrupt, debug: bool) -> int:
     """Report a stop as one line on stderr: which signal, in which stage, and how to go on."""
     if debug:
         traceback.print_exception(exc)
-    how, stage = (exc.signal, exc.stage) if isinstance(exc, Interrupted) else ("Ctrl-C", None)
-    where = f" during {stage}" if stage else ""
-    print(f"finetune: stopped by {how}{where}; the same command resumes the job (training from its newest "
-          "committed checkpoint)", file=sys.stderr)
-    return exc.exit_code if isinstance(exc, Interrupted) else 130
+    stop = exc if isinstance(exc, Interrupted) else Interrupted("Ctrl-C")  # before the job's stages began
+    where = f" during {stop.stage}" if stop.stage else ""
+    print(f"finetune: stopped by {stop.signal}{where}; the same command resumes the job (training from its "
+          "newest committed checkpoint)", file=sys.stderr)
+    return stop.exit_code
 
 
 def main(argv=None) -> int:

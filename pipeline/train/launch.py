@@ -96,9 +96,10 @@ def train(job: ResolvedJob | Config, prepared: PreparedData, *, run_id: str | No
 @contextmanager
 def _stops_as_interrupted() -> Iterator[None]:
     """Ray Train's `fit` answers Ctrl-C by aborting the run (its workers stopped), then exits the driver
-    from inside `ray.get` with a SystemExit, as it also does on SIGTERM; that SystemExit becomes
-    `Interrupted` naming the signal, so the job can record the stop and say how to resume. `fit` leaves its
-    Ctrl-C handler installed, which would abort a run that has ended: the driver's own comes back."""
+    from inside `ray.get` with a SystemExit; a SIGTERM's SystemExit (raised here) comes out of `ray.get`
+    the same way. Either becomes `Interrupted` naming the signal, so the job can record the stop and say
+    how to resume. `fit` leaves its Ctrl-C handler installed, which would abort a run that has ended: the
+    driver's own handlers come back (those Python can set again: a handler set outside Python reads None)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers belong to the main thread; elsewhere Ray installs none either
         return
@@ -117,7 +118,8 @@ def _stops_as_interrupted() -> Iterator[None]:
         raise Interrupted("SIGTERM" if sigterm else "Ctrl-C") from None
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def train_result(cfg: Config, ray_uri: str, options: storage.StorageOptions,
