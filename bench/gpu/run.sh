@@ -146,7 +146,7 @@ case $part in
     where=tests; prev=
     for a in "$@"; do case "$prev:$a" in --ignore:*|--deselect:*) ;; *:tests/*) where= ;; esac; prev=$a; done
     python3 -m pytest $where -m gpu --ignore tests/gpu/test_scaling.py -s -q -p no:cacheprovider -o addopts="" "$@" 2>&1 | quiet \
-      | tee $log | grep "passed\|failed\|Error\|^FAILED" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
+      | tee $log | grep "passed\|failed\|skipped\|Error\|^FAILED" | tail -15; rc=$((rc | PIPESTATUS[0])) ;;
   scaling)
     python3 -m pytest tests/gpu/test_scaling.py -m gpu -s -q -p no:cacheprovider -o addopts="" "$@" 2>&1 | quiet | tee $R/scaling.log | grep -A8 "^| run\|passed\|failed\|Error"; rc=$((rc | PIPESTATUS[0])) ;;
   profile)
