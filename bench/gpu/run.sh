@@ -72,13 +72,17 @@
 #   bash bench/gpu/run.sh floor [args]        tests/gpu/test_step_floor.py, then the Llama-3.1-8B step's GEMMs and attention
 #                                             alone (32 layers, 2 x 4096; bench/step_floor.py), FP8 GEMMs then bf16: the
 #                                             least the same math takes
+#   bash bench/gpu/run.sh goals [args]       what the 8B goals leave beyond the floor, one start: the floor of the Llama-3.1-8B
+#                                             step (32 layers, 2 x 4096, FP8 GEMMs), then HF, the peers and the default
+#                                             step (bench/train_step.py), then bench/goal_budget.py over the two
+#                                             (about 6 minutes on an H200; the HF step needs more than 80 GB)
 #   bash bench/gpu/run.sh norm-cudnn [args]   TE's RMSNorm forward kernels against cuDNN's (NVTE_NORM_FWD_USE_CUDNN, read
 #                                             once a process): the default step at 1B (16 layers, 4 x 2048) and 8B (32 layers,
 #                                             2 x 4096), one process per backend, twice each, alternating, each profiled one
 #                                             step (the norms' kernel time). The backward stays on TE's kernels: cuDNN's
 #                                             norm backward with the residual gradient added needs cuDNN 9.21 or later
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b|update-launch|floor|norm-cudnn [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b|update-launch|floor|goals|norm-cudnn [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -326,6 +330,14 @@ print('x'.join(map(str, min(rows, key=lambda r: r['ms'])['launch'])))")
         done
       done
     done ;;
+  goals)
+    eight_shape="--shape llama3.1-8b --layers 32 --batch 2 --seq 4096"
+    python3 bench/step_floor.py $eight_shape --gemms fp8 --out $R/goals-floor.json 2>&1 | quiet \
+      | tee $R/goals-floor.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    python3 bench/train_step.py $eight_shape --steps 8 --warmup 3 --master-weights bf16_kahan \
+      --variants hf,hf_liger,hf_torchao_fp8,accelerate_te_fp8,te_llama_swap,fp8_delayed_fp8head_fastacc \
+      --out $R/goals-steps.json "$@" 2>&1 | quiet | tee $R/goals-steps.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    echo; python3 bench/goal_budget.py --floor $R/goals-floor.json --steps $R/goals-steps.json; rc=$((rc | $?)) ;;
   floor)
     python3 -m pytest tests/gpu/test_step_floor.py -m gpu -q -p no:cacheprovider -o addopts="" 2>&1 | quiet \
       | tee $R/floor-tests.log | grep "passed\|failed\|skipped\|Error\|^FAILED" | tail -4; rc=$((rc | PIPESTATUS[0]))

@@ -572,6 +572,66 @@ def test_step_floor_counts_the_memory_its_operands_take_and_stops_in_one_line_wh
     assert message.startswith("step_floor: the operands of 32 layers need 10") and "78.0 GiB free" in message
 
 
+def test_goal_budget_says_what_each_goal_leaves_beyond_the_floor(train_step_result, tmp_path, capsys):
+    from bench import goal_budget, step_floor
+
+    run = train_step_result["run"]
+    floor_out, steps_out = tmp_path / "floor.json", tmp_path / "steps.json"
+    step_floor.main(["--shape", "tiny", "--device", "cpu", "--batch", str(run["batch"]), "--seq", str(run["seq"]),
+                     "--steps", "1", "--warmup", "0", "--out", str(floor_out)])
+    floor = json.loads(floor_out.read_text())
+    floor_ms = floor["rows"]["both"]["ms"]
+    # the peers skip on the CPU: two of them are given the times of a GPU run's order (the swap the faster)
+    steps = json.loads(json.dumps(train_step_result))
+    rows = {r["variant"]: r for r in steps["variants"]}
+    hf_ms = rows["hf"]["step_ms"]
+    for name, share in (("hf_liger", 0.9), ("te_llama_swap", 0.6)):
+        rows[name].update(step_ms=hf_ms * share, skipped=None)
+    steps_out.write_text(json.dumps(steps))
+    capsys.readouterr()
+
+    argv = ["--floor", str(floor_out), "--steps", str(steps_out), "--ours", "ours_bf16"]
+    account = goal_budget.main(argv)
+    printed = capsys.readouterr().out
+    assert account["rows"]["peer"]["label"] == rows["te_llama_swap"]["label"]
+    assert account["rows"]["ours"]["beyond_ms"] == pytest.approx(rows["ours_bf16"]["step_ms"] - floor_ms)
+    goals = {g["goal"]: g for g in account["goals"]}
+    assert goals[">= 2.0x HF bf16"]["ms"] == pytest.approx(hf_ms / 2.0)
+    assert goals[">= 1.35x the fastest peer"]["left_ms"] == pytest.approx(hf_ms * 0.6 / 1.35 - floor_ms)
+    # 900 TFLOP/s: the step that does the model's FLOPs at that rate
+    assert goals[">= 900 model TFLOP/s"]["ms"] == pytest.approx(run["model_flops_per_step"] / 900e12 * 1e3)
+    # no power readings on the CPU: the energy columns say so instead of a number
+    assert all(g["joules"] is None for g in goals.values())
+    assert f"{floor_ms:.1f} ms, - J" in printed and ">= 1.35x the fastest peer" in printed
+
+    # with readings (a GPU run's fields), each goal's energy is its step at the power ours ran at
+    floor["rows"]["both"]["gpu"] = {"power_w": 700.0, "joules_per_step": 0.7 * floor_ms}
+    for r in steps["variants"]:
+        if r.get("step_ms"):
+            r["gpu"] = {"power_w": 690.0, "joules_per_step": 0.69 * r["step_ms"]}
+    floor_out.write_text(json.dumps(floor))
+    steps_out.write_text(json.dumps(steps))
+    account = goal_budget.main(argv)
+    goal = account["goals"][0]
+    assert goal["joules"] == pytest.approx(0.69 * hf_ms / 2.0)
+    assert goal["left_joules"] == pytest.approx(goal["joules"] - 0.7 * floor_ms)
+    assert account["rows"]["ours"]["beyond_joules"] == pytest.approx(0.69 * rows["ours_bf16"]["step_ms"]
+                                                                     - 0.7 * floor_ms)
+
+    # runs of two shapes, a variant that did not run, a file of another script: one line each
+    floor["run"]["seq"] = run["seq"] * 2
+    floor_out.write_text(json.dumps(floor))
+    with pytest.raises(SystemExit, match=r"^goal_budget: the runs differ in seq: "):
+        goal_budget.main(argv)
+    floor["run"]["seq"] = run["seq"]
+    floor_out.write_text(json.dumps(floor))
+    with pytest.raises(SystemExit, match=r"^goal_budget: variant 'fp8_delayed' has no timed step"):
+        goal_budget.main(argv[:-1] + ["fp8_delayed"])
+    with pytest.raises(SystemExit, match=r"^goal_budget: --floor .*steps.json: no 'rows' key; is it "
+                                         r"bench/step_floor.py's --out\?$"):
+        goal_budget.main(["--floor", str(steps_out), "--steps", str(steps_out)])
+
+
 # ---------------------------------------------------------------------------------------------------
 # update_kernel
 
