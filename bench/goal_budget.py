@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common, peers  # noqa: E402
+from bench import common, train_step  # noqa: E402
 
 DEFAULT_OURS = "fp8_delayed_fp8head_fastacc"  # the pipeline's default FP8 step
 SAME_RUN = ("shape", "layers", "batch", "seq")
@@ -76,8 +76,7 @@ def budget(floor: dict, steps: dict, ours: str, vs_hf: float, vs_peer: float, tf
                     beyond_joules=None if j is None or floor_j is None else j - floor_j)
 
     rows = {"hf": row(timed["hf"]) if "hf" in timed else None}
-    peer_rows = [r for name, r in timed.items() if name in peers.PEERS]
-    peer = min(peer_rows, key=lambda r: r["step_ms"], default=None)
+    peer = train_step.fastest_peer(steps["variants"])
     rows["peer"] = row(peer) if peer else None
     rows["ours"] = row(mine)
     goals = []

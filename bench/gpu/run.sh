@@ -75,7 +75,7 @@
 #   bash bench/gpu/run.sh goals [args]       what the 8B goals leave beyond the floor, one start: the floor of the Llama-3.1-8B
 #                                             step (32 layers, 2 x 4096, FP8 GEMMs), then HF, the peers and the default
 #                                             step (bench/train_step.py), then bench/goal_budget.py over the two
-#                                             (about 6 minutes on an H200; the HF step needs more than 80 GB)
+#                                             (about 4 minutes on an H200, the install included; HF's step needs more than 80 GB)
 #   bash bench/gpu/run.sh norm-cudnn [args]   TE's RMSNorm forward kernels against cuDNN's (NVTE_NORM_FWD_USE_CUDNN, read
 #                                             once a process): the default step at 1B (16 layers, 4 x 2048) and 8B (32 layers,
 #                                             2 x 4096), one process per backend, twice each, alternating, each profiled one
