@@ -33,9 +33,9 @@ ARCH = 90  # Hopper
 EXTRA = {"fp32": "fp32", "bf16_kahan": "bf16", "bf16_kahan8": "i8"}  # else the launch passes the parameter
 
 
-def compile_update(mode: str, moments_fp8: bool, param: str = "bf16"):
+def compile_update(mode: str, moments_fp8: bool, param: str = "bf16", fp8_weight: bool = False):
     """The update kernel compiled for sm_90 as `optim.AdamW` launches it for a `param` weight matrix: found_inf
-    and a clipping factor given, the pipeline's program sizes."""
+    and a clipping factor given, the pipeline's program sizes; with `fp8_weight`, writing its FP8 copy too."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -46,12 +46,14 @@ def compile_update(mode: str, moments_fp8: bool, param: str = "bf16"):
     moment = "fp8e4nv" if moments_fp8 else param
     pointers = {"p_ptr": param, "g_ptr": param, "m_ptr": moment, "v_ptr": moment,
                 "extra_ptr": EXTRA.get(mode, param), "m_scale_ptr": "fp32", "v_scale_ptr": "fp32",
-                "corrections_ptr": "fp32", "found_inf_ptr": "fp32", "factor_ptr": "fp32"}
+                "corrections_ptr": "fp32", "found_inf_ptr": "fp32", "factor_ptr": "fp32",
+                "w8_ptr": "fp8e4nv" if fp8_weight else "fp32", "w8_scale_ptr": "fp32", "w8_amax_ptr": "fp32",
+                "w8_scale_inv_ptr": "fp32"}
     signature = {name: f"*{dtype}" for name, dtype in pointers.items()}
     signature |= {"n": "i64", "index": "i32", "stream": "i32", "lr": "fp32", "weight_decay": "fp32",
                   "beta1": "fp32", "beta2": "fp32", "eps": "fp32"}
     constants = {"MODE": optim.KERNEL_MODE[mode], "HAS_FOUND_INF": True, "HAS_FACTOR": True,
-                 "BF16": param == "bf16", "MOMENTS_FP8": moments_fp8, "BLOCK": block, "QBLOCK": optim.QBLOCK}
+                 "BF16": param == "bf16", "MOMENTS_FP8": moments_fp8, "FP8_WEIGHT": fp8_weight, "BLOCK": block, "QBLOCK": optim.QBLOCK}
     signature |= {name: "constexpr" for name in constants}
     index = {name: (fn.arg_names.index(name),) for name in signature}
     # what the JIT specializes at such a launch: aligned pointers, n a multiple of 16

@@ -83,6 +83,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     # ... and the FP8 head's logits and weight-gradient GEMMs too (`fp8_head_fast_accumulation`)
     "fp8_delayed_fp8head_fastacc_headfast": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_fastacc_headfast_graphs": ("ours", False, "delayed"),
+    # ... the decoder's FP8 weights written by the update, not cast in forward (`train.fp8_weights_from_update`)
+    "fp8_delayed_fp8head_fastacc_fp8_from_update": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -208,6 +210,8 @@ def setup_variant(name: str, args, config, state, device, backend: str) -> peers
         master_weights = (own_master_weights(name) or (args.master_weights,))[0]
         optimizer = optim.AdamW(model.parameters(), lr=args.lr, master_weights=master_weights,
                                 moments_fp8="_moments_fp8" in name)
+        if name.endswith("_fp8_from_update"):
+            optimizer.fp8_weights = model.fp8_weights_from_update()
     forward = torch.compile(model, backend=args.compile_backend) if compiled else model
     return peers.Peer(forward, optimizer, lambda: te_model.fp8_autocast(recipe, fp8_attention=fp8_attention,
                                                                       fast_accumulation=fast))
@@ -271,6 +275,8 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
                 inputs = common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))
             if cache_weights or cached_graphs:  # FP8 weights cast on the first micro-batch, reused after
                 inputs["is_first_microbatch"] = i == 0
+            if getattr(optimizer, "fp8_weights", None) is not None:  # the update wrote them
+                inputs["is_first_microbatch"] = False
             with phase("train.forward"), variant.autocast():
                 loss = forward(**inputs).loss
             with phase("train.backward"):  # outside the autocast: TE runs the FP8 backward

@@ -285,6 +285,12 @@ class TrainConfig(_Section):
     # one more cast of each weight a step (docs/performance.md, "Memory"). With cuda_graphs and
     # grad_accum_steps > 1 the FP8 weights are then cast on every micro-batch, not once a step.
     recast_fp8_weights: bool = False
+    # Under FP8 delayed scaling, the optimizer's update writes each decoder weight's FP8 copy (the codes TE's
+    # cast would make, under the same scale) as it writes the weight, and the forward uses it instead of
+    # casting the bf16 weight again (te_model/fp8_weights.py): a read of every decoder weight less a step, and
+    # no cast at all on the micro-batches of gradient accumulation. The same training, bit for bit. One GPU
+    # or ddp; not with fsdp, cuda_graphs, recast_fp8_weights or recomputation.
+    fp8_weights_from_update: bool = False
     # Replay each decoder layer's forward and backward as CUDA graphs (te_model/graphs.py), captured at the
     # first step: short steps, whose host cannot launch TE's kernels as fast as the GPU runs them, run at
     # the GPU's pace. With grad_accum_steps > 1 under FP8 they cast the FP8 weights once per optimizer step.
@@ -357,6 +363,14 @@ class TrainConfig(_Section):
                       "leave it null or set it false")
         self._require(not self.recast_fp8_weights or self.fp8 != "none", "recast_fp8_weights",
                       "true needs train.fp8 set to a recipe (without FP8 there are no FP8 weights to cast)")
+        if self.fp8_weights_from_update:
+            self._require(self.fp8 == "delayed", "fp8_weights_from_update",
+                          f"needs train.fp8=delayed (the scale it casts with is delayed scaling's), not {self.fp8!r}")
+            for other in ("cuda_graphs", "recast_fp8_weights", "activation_checkpointing", "recompute_mlp"):
+                self._require(not getattr(self, other), "fp8_weights_from_update",
+                              f"cannot be combined with train.{other}")
+            self._require(self.parallelism == "ddp", "fp8_weights_from_update",
+                          "needs train.parallelism=ddp (fsdp shards the weights it would write whole)")
         if self.cuda_graphs:
             self._require(self.use_gpu, "cuda_graphs", "needs GPU workers (train.use_gpu=true)")
             self._require(self.workers == 1, "cuda_graphs", "runs on one worker; set train.workers=1 or turn it off")

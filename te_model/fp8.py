@@ -8,6 +8,7 @@ runs the matching backward itself. `fp8_evidence` reads TE's scaling state, so a
 """
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
@@ -128,6 +129,18 @@ def fp8_autocast(recipe: str | None, *, amax_history_len: int = 1024, fp8_format
                        fp8_attention=fp8_attention, attention_layout=attention_layout,
                        fast_accumulation=fast_accumulation)
     return te.autocast(enabled=True, recipe=made, amax_reduction_group=group)
+
+
+class FP8Target(NamedTuple):
+    """Where an optimizer's update writes a weight's FP8 copy for the next forward (`te_model.fp8_weights`):
+    E4M3 codes of the parameter's elements (`data`, float8_e4m3fn, as many elements as the parameter,
+    contiguous), the per-tensor `scale` they are cast under, the `amax` the weight's largest magnitude is
+    folded into, and the `scale_inv` the GEMMs read. Each a 1-element fp32 tensor, shared by every parameter
+    of one FP8 tensor."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    amax: torch.Tensor
+    scale_inv: torch.Tensor
 
 
 def check_fp8_tokens(num_tokens: int, where: str = "batch") -> None:

@@ -16,9 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama import modeling_llama
 
-from .backend import decoder_layer_class, resolve_backend
+from .backend import BackendUnavailableError, decoder_layer_class, resolve_backend
 from .fp8 import check_fp8_tokens, fp8_active
-from .layer import KV_CACHE_MESSAGE, DecoderCall, KVCacheUnsupportedError
+from .layer import KV_CACHE_MESSAGE, DecoderCall, KVCacheUnsupportedError, TorchLlamaDecoderLayer
 from .loss import causal_lm_loss, scored_tokens
 from .rope import angles_table, rope_type
 from .segments import MaskError, plan_attention, to_device
@@ -135,6 +135,17 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         torch backend, which keeps no FP8 weights."""
         for layer in self.model.layers:
             layer.recast_fp8_weights = on
+
+    def fp8_weights_from_update(self):
+        """The decoder's FP8 weights, for the optimizer's update to write (`te_model.fp8_weights`; set it as
+        `pipeline.train.optim.AdamW.fp8_weights`): train with `is_first_microbatch=False` in every forward, under
+        delayed scaling. Needs the TE backend, whose layers keep FP8 weights."""
+        if any(isinstance(layer, TorchLlamaDecoderLayer) for layer in self.model.layers):
+            raise BackendUnavailableError("FP8 weights written by the update need the te backend; this model's "
+                                          "decoder layers are the torch backend's, which keep no FP8 weights")
+        from .fp8_weights import FP8WeightsFromUpdate
+
+        return FP8WeightsFromUpdate(self.model.layers)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):

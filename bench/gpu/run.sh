@@ -61,6 +61,10 @@
 #   bash bench/gpu/run.sh final-norm [args]  the model's final RMSNorm on TE's kernels (te_model.norm_te) against HF's: its GPU
 #                                             tests; the 1B step (4 x 2048) with each, eager and graphed, profiled; the 8B
 #                                             step (32 layers, 2 x 4096; args to it, e.g. --layers 16 on an H100)
+#   bash bench/gpu/run.sh fp8-from-update [args] the decoder's FP8 weights written by the update
+#                                             (train.fp8_weights_from_update): its GPU tests (bit for bit TE's cast); the
+#                                             Llama-3.1-8B step (32 layers) with it and with the default, at 2 x 4096 beside
+#                                             HF (profiled), at 8 x 256 with 4 micro-batches a step, and at 8 x 256 beside HF
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
 #                                             both, the MLP recomputed; the 80 GB preset's step held to 78.5 GiB;
@@ -82,7 +86,7 @@
 #                                             step (the norms' kernel time). The backward stays on TE's kernels: cuDNN's
 #                                             norm backward with the residual gradient added needs cuDNN 9.21 or later
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|memory-8b|update-launch|floor|goals|norm-cudnn [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|fp8-from-update|memory-8b|update-launch|floor|goals|norm-cudnn [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -284,6 +288,21 @@ PY
       | grep "final norm,\|passed\|failed\|Error\|^FAILED" | tail -12; rc=$((rc | PIPESTATUS[0]))
     ab --variants hf,fp8_delayed_fp8head_fastacc_hf_norm,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_graphs,fp8_delayed_fp8head_fastacc_hf_norm_graphs \
       --variants hf,fp8_delayed_fp8head_fastacc_hf_norm,fp8_delayed_fp8head_fastacc "$@" ;;
+  fp8-from-update)
+    python3 -m pytest tests/gpu/test_te.py -m gpu -s -q -p no:cacheprovider -o addopts="" -k "fp8_weights_written" \
+      2>&1 | quiet | tee $R/fp8-from-update-tests.log | grep "written by the update,\|passed\|failed\|Error\|^FAILED" \
+      | tail -8; rc=$((rc | PIPESTATUS[0]))
+    python3 $eight --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
+      --out $R/fp8-from-update-8b.json "$@" 2>&1 | show 8b; rc=$((rc | PIPESTATUS[0]))
+    # short rows, with gradient accumulation (4 micro-batches a step), then without beside HF
+    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --micro-batches 4 --steps 10 \
+      --master-weights bf16_kahan --variants fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
+      --out $R/fp8-from-update-8x256-m4.json "$@" 2>&1 | quiet | tee $R/fp8-from-update-8x256-m4.log \
+      | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --steps 10 --master-weights bf16_kahan \
+      --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
+      --out $R/fp8-from-update-8x256.json "$@" 2>&1 | quiet | tee $R/fp8-from-update-8x256.log \
+      | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \

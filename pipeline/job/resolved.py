@@ -52,11 +52,13 @@ class Fp8Decision:
         """`cfg` with this decision's FP8 settings; `cfg` itself when they are its own."""
         if (cfg.train.fp8, cfg.train.fp8_attention) == (self.recipe, self.attention):
             return cfg
-        # without FP8 there is no FP8 head or FP8 GEMM to ask for: a fallback turns them off with the rest
+        # without FP8 there is no FP8 head, FP8 GEMM or FP8 weight to ask for: a fallback turns them off with the rest
         fp8 = self.recipe != "none"
         train = dataclasses.replace(cfg.train, fp8=self.recipe, fp8_attention=self.attention,
                                     fp8_head=cfg.train.fp8_head if fp8 else None,
-                                    fp8_fast_accumulation=cfg.train.fp8_fast_accumulation if fp8 else None)
+                                    fp8_fast_accumulation=cfg.train.fp8_fast_accumulation if fp8 else None,
+                                    recast_fp8_weights=cfg.train.recast_fp8_weights and fp8,
+                                    fp8_weights_from_update=cfg.train.fp8_weights_from_update and fp8)
         return dataclasses.replace(cfg, train=train)
 
 

@@ -260,6 +260,8 @@ def forward_backward(state: TrainState, position: tuple[int, int], step: int, fa
             capture_graphs(state, batch, group)
         if state.graphs is not None and state.graphs.cache_fp8_weights:  # FP8 weights cast once a step
             batch["is_first_microbatch"] = micro == 0
+        if state.optimizer.fp8_weights is not None:  # the update wrote them (`train.fp8_weights_from_update`)
+            batch["is_first_microbatch"] = False
         with parallel.gradient_sync(state.wrapped, enabled=micro == accum - 1):
             with phase("train.forward"), te_model.fp8_autocast(
                     recipe, amax_history_len=train.fp8_amax_history_len, fp8_attention=train.fp8_attention,
@@ -366,6 +368,8 @@ def restore(state: TrainState, spec: WorkerSpec, checkpoint: ray.train.Checkpoin
     trainer_state, position = ckpt.load_checkpoint(local, module=state.model, optimizer=state.optimizer,
                                                    scheduler=state.scheduler, rank=rank, world_size=state.place.world,
                                                    micro_batch_size=state.train.micro_batch_size)
+    if state.optimizer.fp8_weights is not None:  # FP8 copies of the weights before the load: cast again
+        state.optimizer.fp8_weights.drop()
     if position["offset"] >= state.shard.batches_per_epoch:  # another worker count cuts epochs differently
         position = {"epoch": position["epoch"] + 1, "offset": 0}
     log.info("rank %d resumes run %s at step %d from %s", rank, cfg.run.name, trainer_state["step"], uri)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch.optim.adamw import adamw as torch_fused_adamw  # the functional form of torch.optim.AdamW
 
+from te_model.fp8 import FP8Target
 from te_model.triton_kernels import cdiv, lazy_kernel, runs_on
 
 if TYPE_CHECKING:
@@ -167,6 +168,37 @@ def dequantize_moment(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (blocks * scale[..., None]).reshape(codes.shape)
 
 
+class FP8Weights(Protocol):
+    """The FP8 weights an update writes (`te_model.fp8_weights.FP8WeightsFromUpdate`)."""
+
+    def covers(self, p: torch.Tensor) -> bool:
+        """Whether `p` has an FP8 copy the update must keep current (once it exists)."""
+
+    def target(self, p: torch.Tensor) -> FP8Target | None:
+        """Where `p`'s update writes its FP8 copy now; None while there is none to write."""
+
+    def written(self, p: torch.Tensor) -> None:
+        """`p`'s update, and its FP8 copy, are queued."""
+
+
+def cast_fp8_weight(w: torch.Tensor, target: FP8Target, found_inf: torch.Tensor | None = None) -> None:
+    """Transformer Engine's delayed-scaling cast of weight `w` into `target`, as the kernel's FP8_WEIGHT does it:
+    E4M3 codes of w * scale (saturated at +-448, rounded to nearest even), max|w| folded into amax, scale_inv =
+    1 / scale. A non-zero `found_inf` leaves all three as they were."""
+    w32 = w.detach().float().reshape(-1)
+    scale = target.scale.float().reshape(())
+    codes = (w32 * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    amax = torch.maximum(target.amax, w32.abs().amax().reshape(target.amax.shape))
+    scale_inv = (1.0 / scale).reshape(target.scale_inv.shape)
+    if found_inf is not None:
+        skip = found_inf != 0
+        codes = torch.where(skip, target.data.reshape(-1).float(), codes.float()).to(torch.float8_e4m3fn)
+        amax, scale_inv = torch.where(skip, target.amax, amax), torch.where(skip, target.scale_inv, scale_inv)
+    target.data.view(-1).copy_(codes)
+    target.amax.copy_(amax)
+    target.scale_inv.copy_(scale_inv)
+
+
 def adamw_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, extra: torch.Tensor | None,
                     step: torch.Tensor, stream: int, found_inf: torch.Tensor | None, *, mode: str, lr: float,
                     weight_decay: float, beta1: float, beta2: float, eps: float,
@@ -300,6 +332,7 @@ class AdamW(torch.optim.AdamW):
         self.moments_fp8 = moments_fp8
         self.triton_min_numel = triton_min_numel  # smaller parameters: torch's fused kernel
         self.launched: Callable[[torch.Tensor], None] | None = None  # called as each update is queued
+        self.fp8_weights: FP8Weights | None = None  # FP8 copies of weights the update writes too
 
     def keeps_updates(self, p: torch.Tensor) -> bool:
         """Whether `p` is updated through `master_weights` (bf16 parameters, an option other than `bf16`)."""
@@ -350,7 +383,7 @@ class AdamW(torch.optim.AdamW):
     def step(self, closure=None):
         triton = self.triton_applies()
         factor = getattr(self, "grad_factor", None)
-        if not triton and self.master_weights == "bf16" and not self.moments_fp8:
+        if not triton and self.master_weights == "bf16" and not self.moments_fp8 and self.fp8_weights is None:
             if factor is not None:
                 _scale_grads([p for group in self.param_groups for p in group["params"]], factor)
             return super().step(closure)
@@ -380,7 +413,7 @@ class AdamW(torch.optim.AdamW):
         small (or all, without Triton). Returns the others, with their state."""
         beta1, beta2 = group["betas"]
         states = [self._init_state(p) for p in params]
-        fused = [not (self.keeps_updates(p) or self.quantizes_moments(p))
+        fused = [not (self.keeps_updates(p) or self.quantizes_moments(p) or self._writes_fp8(p))
                  and (not triton or p.numel() < self.triton_min_numel) for p in params]
         if any(fused):
             small = [(p, s) for p, s, f in zip(params, states, fused) if f]
@@ -393,6 +426,21 @@ class AdamW(torch.optim.AdamW):
                 weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), maximize=False)
             self._announce(p for p, _ in small)
         return [(p, s) for p, s, f in zip(params, states, fused) if not f]
+
+    def _writes_fp8(self, p: torch.Tensor) -> bool:
+        return self.fp8_weights is not None and self.fp8_weights.covers(p)
+
+    def _fp8_target(self, p: torch.Tensor) -> FP8Target | None:
+        target = self.fp8_weights.target(p) if self._writes_fp8(p) else None
+        if target is not None and (target.data.numel() != _local(p).numel() or not target.data.is_contiguous()
+                                   or target.data.dtype != torch.float8_e4m3fn):
+            raise ValueError(f"the FP8 copy of a {tuple(p.shape)} parameter is {target.data.dtype} "
+                             f"{tuple(target.data.shape)}: it must be contiguous float8_e4m3fn of as many elements")
+        return target
+
+    def _written(self, p: torch.Tensor, target: FP8Target | None) -> None:
+        if target is not None:
+            self.fp8_weights.written(p)
 
     def _announce(self, params) -> None:
         """Tells `launched` (when set) of each parameter whose update is now queued."""
@@ -416,6 +464,10 @@ class AdamW(torch.optim.AdamW):
                 m, v, scales = _moments(s)
                 adamw_reference(_local(p), _local(p.grad), m, v, None if extra is None else _local(extra), s["step"],
                                 streams[id(p)], found_inf, mode=mode, factor=factor, scales=scales, **hyper)
+                target = self._fp8_target(p)
+                if target is not None:
+                    cast_fp8_weight(_local(p), target, found_inf)
+                self._written(p, target)
                 self._announce([p])
         if found_inf is not None:  # a skipped update leaves the count where it was, as torch's does
             torch._foreach_sub_(steps, [found_inf] * len(steps))
@@ -435,16 +487,18 @@ class AdamW(torch.optim.AdamW):
             extra = state.get(EXTRA_STATE.get(mode, ""))
             m, v, scales = _moments(state)
             block, warps = (FP8_BLOCK, FP8_WARPS) if scales else (BLOCK, WARPS)
+            target = self._fp8_target(p)
             if n:
                 kernel[(cdiv(n, block),)](
                     local, _local(p.grad), m, v, local if extra is None else _local(extra),
                     *(scales or (corrections, corrections)), n, corrections, i, streams[id(p)],
                     found_inf if found_inf is not None else corrections,
-                    factor if factor is not None else corrections, hyper["lr"], hyper["weight_decay"],
-                    hyper["beta1"], hyper["beta2"], hyper["eps"], MODE=KERNEL_MODE[mode],
+                    factor if factor is not None else corrections, *(target or (corrections,) * 4), hyper["lr"],
+                    hyper["weight_decay"], hyper["beta1"], hyper["beta2"], hyper["eps"], MODE=KERNEL_MODE[mode],
                     HAS_FOUND_INF=found_inf is not None, HAS_FACTOR=factor is not None,
-                    BF16=local.dtype == torch.bfloat16, MOMENTS_FP8=scales is not None, BLOCK=block,
-                    QBLOCK=QBLOCK, num_warps=warps)
+                    BF16=local.dtype == torch.bfloat16, MOMENTS_FP8=scales is not None,
+                    FP8_WEIGHT=target is not None, BLOCK=block, QBLOCK=QBLOCK, num_warps=warps)
+            self._written(p, target)
             self._announce([p])
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -147,6 +147,8 @@ def build(cfg: Config, train_uri: str, rank: int = 0, world: int = 1, device: to
         wrapped = parallel.wrap(model, cfg.train.parallelism,
                                 reshard_after_forward=cfg.train.fsdp_reshard_after_forward)
     optimizer = optim.make_optimizer(model, cfg.train)
+    if cfg.train.fp8_weights_from_update and cfg.train.fp8 == "delayed":  # (fp8 is "none" after a fallback)
+        optimizer.fp8_weights = model.fp8_weights_from_update()
     shard = RankShard(read_rows(train_uri, options), cfg.run.seed, rank, world, cfg.train.micro_batch_size)
     if cfg.train.fp8 != "none":
         te_model.check_fp8_tokens(cfg.train.micro_batch_size * shard.seq_len, where="a micro-batch")

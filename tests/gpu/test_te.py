@@ -185,6 +185,78 @@ def test_fp8_weights_cast_again_in_backward_keep_less_and_train_the_same():
     assert peak_back == pytest.approx(peak, abs=1.0)
 
 
+def train_adamw_fp8(model, batches, from_update: bool, overlapped: bool, fp8_head: bool = False):
+    """AdamW steps as the pipeline takes them (bf16_kahan, clipping in the update, FP8 delayed): `batches` is
+    one list of micro-batches a step. With `from_update` the update writes the FP8 weights and every forward
+    reuses them; without, TE casts them (once a step, on the first micro-batch, when there are several)."""
+    from pipeline.train import optim, overlap
+
+    model.fp8_head = fp8_head
+    params = list(model.parameters())
+    opt = optim.AdamW(params, lr=2e-3, master_weights="bf16_kahan")
+    written = []
+    if from_update:
+        opt.fp8_weights = model.fp8_weights_from_update()
+        target = opt.fp8_weights.target
+        opt.fp8_weights.target = lambda p: written.append(target(p)) or written[-1]
+    update = overlap.UpdateOverlap(model, opt, torch.device("cuda")).step if overlapped else opt.step
+    losses = []
+    for micro_batches in batches:
+        for i, ids in enumerate(micro_batches):
+            marks = {"is_first_microbatch": False} if from_update else \
+                {"is_first_microbatch": i == 0} if len(micro_batches) > 1 else {}
+            with te_model.fp8_autocast("delayed"):
+                loss = model(ids, labels=ids, **marks).loss
+            (loss / len(micro_batches)).backward()
+        optim.clip_in_update(opt, params, 1.0)
+        update()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    torch.cuda.synchronize()
+    return losses, opt, sum(t is not None for t in written)
+
+
+@pytest.mark.parametrize("overlapped, micro_batches, fp8_head", [(False, 1, False), (True, 1, True), (True, 2, False)])
+def test_fp8_weights_written_by_the_update_train_bit_for_bit_as_tes_cast(overlapped, micro_batches, fp8_head):
+    """`train.fp8_weights_from_update`: the update writes each decoder weight's FP8 codes, amax and scale_inv,
+    the forward reuses them (`is_first_microbatch=False`), and training is TE's own, bit for bit: the same
+    losses, weights and scaling state as TE casting the weights in forward (with several micro-batches, as
+    TE's first-micro-batch cache casts them). The cached FP8 weights are then the current weights' cast, row-wise
+    and transposed; `drop` forgets them and the next forward casts them again."""
+    config = llama_config("llama3", num_hidden_layers=3, **GPU_SHAPES)
+    cast, written = model_pair(config)
+    gen = torch.Generator().manual_seed(1)
+    batches = [[torch.randint(0, config.vocab_size, (4, 256), generator=gen).cuda() for _ in range(micro_batches)]
+               for _ in range(6)]
+    losses, _, _ = train_adamw_fp8(cast, batches, from_update=False, overlapped=overlapped, fp8_head=fp8_head)
+    losses_w, opt, targets = train_adamw_fp8(written, batches, from_update=True, overlapped=overlapped,
+                                             fp8_head=fp8_head)
+    weights = dict(written.model.layers.named_parameters())
+    linear = [n for n, p in weights.items() if p.dim() == 2]
+    print(f"\nFP8 weights written by the update, 3 layers, {micro_batches} x 4 x 256 tokens a step, overlapped "
+          f"{overlapped}, FP8 head {fp8_head}: losses {losses_w} vs TE's cast {losses}; {targets} weights written")
+    assert targets == 6 * len(linear)  # every decoder matrix at every update: the first forward cached them
+    assert losses_w == losses
+    for name, p in cast.state_dict().items():
+        assert torch.equal(p, written.state_dict()[name]), name
+    assert delayed_scaling_state(written.model) == delayed_scaling_state(cast.model)
+    fp8_weights = opt.fp8_weights
+    for p in (weights[n] for n in linear):
+        slot = fp8_weights.slots[id(p)]
+        ws = slot.module._fp8_workspaces[slot.cache_name]
+        rows = ws._data.view(torch.float8_e4m3fn)[slot.row:slot.row + slot.rows]
+        scale = ws._quantizer.scale.float()
+        expected = (p.detach().float() * scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert torch.equal(rows.view(torch.uint8), expected.view(torch.uint8))
+        assert torch.equal(ws._transpose, ws._data.t().contiguous())
+        assert float(ws._scale_inv) == float(1 / scale)
+    fp8_weights.drop()
+    assert not any(m._fp8_workspaces for m in fp8_weights.modules)
+    with te_model.fp8_autocast("delayed"):
+        written(batches[0][0], labels=batches[0][0], is_first_microbatch=False).loss.backward()
+    assert all(m._fp8_workspaces for m in fp8_weights.modules)
+
+
 def test_fp8_refuses_token_counts_not_divisible_by_16():
     model = te_model.build_model(llama_config("llama3", **GPU_SHAPES), backend="te", dtype=torch.bfloat16)
     ids = torch.randint(0, 1024, (3, 37), device="cuda")

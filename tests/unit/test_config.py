@@ -252,6 +252,8 @@ def test_wrong_types_name_key_and_expected_type(override, message):
                             "layers); leave it null or set it false"),
     ("train.recast_fp8_weights=true", "train.recast_fp8_weights true needs train.fp8 set to a recipe (without FP8 "
                                       "there are no FP8 weights to cast)"),
+    ("train.fp8_weights_from_update=true", "train.fp8_weights_from_update needs train.fp8=delayed (the scale it "
+                                           "casts with is delayed scaling's), not 'none'"),
     ("storage.max_attempts=0", "storage.max_attempts must be >= 1"),
     ("storage.read_timeout_s=0", "storage.read_timeout_s must be > 0"),
     ("train.global_batch_size=12", "train.global_batch_size must be a multiple of train.workers x "
@@ -262,6 +264,20 @@ def test_wrong_types_name_key_and_expected_type(override, message):
 def test_out_of_range_values_name_the_key(override, message):
     with pytest.raises(PipelineError, match=re.escape(message)):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("other, message", [
+    ("train.cuda_graphs=true", "cannot be combined with train.cuda_graphs"),
+    ("train.recast_fp8_weights=true", "cannot be combined with train.recast_fp8_weights"),
+    ("train.recompute_mlp=true", "cannot be combined with train.recompute_mlp"),
+    ("train.parallelism=fsdp", "needs train.parallelism=ddp (fsdp shards the weights it would write whole)"),
+    ("train.fp8=current", "needs train.fp8=delayed (the scale it casts with is delayed scaling's), not 'current'"),
+])
+def test_fp8_weights_from_update_refuses_what_it_cannot_serve(other, message):
+    gpu = ["train.use_gpu=true", "train.fp8=delayed", "train.fp8_weights_from_update=true"]
+    assert load_config(None, gpu).train.fp8_weights_from_update is True
+    with pytest.raises(PipelineError, match=re.escape(f"train.fp8_weights_from_update {message}")):
+        load_config(None, [*gpu, other])
 
 
 @pytest.mark.parametrize("recipe, on", [("none", False), ("delayed", True), ("current", True), ("block", False),

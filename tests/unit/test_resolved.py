@@ -84,6 +84,15 @@ def test_a_fallback_without_fp8_drops_an_fp8_head_and_fast_accumulation_asked_fo
     assert settled.config.train.fp8_head is True and settled.config.train.fp8_fast_accumulation  # asked stays
 
 
+@pytest.mark.parametrize("key", ["recast_fp8_weights", "fp8_weights_from_update"])
+def test_a_fallback_without_fp8_drops_the_fp8_weight_options_asked_for(key):
+    cfg = load_config(None, ["train.fp8=delayed", "train.fp8_fallback=true", f"train.{key}=true"])
+    job = resolve_job(cfg)
+    settled = job.with_fp8(dataclasses.replace(job.fp8, recipe="none", fallback="no CUDA", checked=True))
+    assert getattr(settled.train_config.train, key) is False and settled.train_config.train.fp8 == "none"
+    assert getattr(settled.config.train, key) is True  # asked stays
+
+
 def test_a_head_the_fp8_gemms_cannot_take_stays_bf16_unless_asked_for(caplog):
     from pipeline.config import TrainConfig
     from pipeline.train.permanent import is_permanent

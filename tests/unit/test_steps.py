@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import te_model
 from pipeline import demo
 from pipeline.config import Config
 from pipeline.stages.data import prepare
@@ -189,6 +191,52 @@ def test_recast_fp8_weights_reaches_every_layer(worker_for):
     for on in (False, True):
         w = worker_for(2, fp8="delayed", use_gpu=True, recast_fp8_weights=on)
         assert [layer.recast_fp8_weights for layer in w.model.model.layers] == [on] * len(w.model.model.layers)
+
+
+def test_fp8_weights_from_update_need_the_te_backend(worker_for):
+    with pytest.raises(te_model.BackendUnavailableError, match="FP8 weights written by the update need the te "
+                                                               "backend; this model's decoder layers are the torch"):
+        worker_for(2, fp8="delayed", use_gpu=True, fp8_weights_from_update=True)
+    assert worker_for(2, fp8="delayed", use_gpu=True).optimizer.fp8_weights is None
+
+
+class _RecordedFP8Weights:
+    """`optim.FP8Weights` that covers no parameter and counts `drop`."""
+
+    def __init__(self) -> None:
+        self.drops = 0
+
+    def covers(self, p):
+        return False
+
+    def target(self, p):
+        return None
+
+    def written(self, p):
+        pass
+
+    def drop(self):
+        self.drops += 1
+
+
+def test_with_fp8_weights_from_the_update_every_forward_reuses_them_and_a_restore_drops_them(worker_for, monkeypatch):
+    """The loop's part in `train.fp8_weights_from_update`: every micro-batch's forward is told to reuse the FP8
+    weights (`is_first_microbatch=False`), and weights loaded from a checkpoint make the copies stale."""
+    w = worker_for(2)
+    w.optimizer.fp8_weights = recorded = _RecordedFP8Weights()
+    marks = []
+    w.model.register_forward_pre_hook(lambda m, args, kwargs: marks.append(kwargs.get("is_first_microbatch", "unset")),
+                                      with_kwargs=True)
+    steps, progress = loop.Steps(w), loop.Progress()
+    assert [steps.next(progress)[0]["step"] for _ in range(2)] == [1, 2]
+    assert marks == [False] * 4  # two steps of two micro-batches
+    monkeypatch.setattr(loop.storage, "checkpoint_dir", lambda *args: "unused")
+    monkeypatch.setattr(loop.ckpt, "load_checkpoint", lambda *args, **kwargs: (
+        {"step": 1, "tokens_seen": 0, "metrics": []}, {"epoch": 0, "offset": 0}))
+    spec = SimpleNamespace(config=SimpleNamespace(run=SimpleNamespace(cache_dir="unused", name="steps")),
+                           run_uri="file:///unused", options=None)
+    assert loop.restore(w, spec, SimpleNamespace(path="/unused/checkpoint_000001")).step == 1
+    assert recorded.drops == 1
 
 
 def test_the_fp8_head_comes_with_fp8_training_unless_turned_off(worker_for):
