@@ -10,6 +10,7 @@ GPU run, never a timing (`bench/update_kernel.py` times the update).
 
     python bench/kernel_sass.py                    # every master-weight option, bf16 and FP8 moments
     python bench/kernel_sass.py --ops              # and the ten commonest instructions of each
+    python bench/kernel_sass.py --fp8-weight       # and each writing the weight's FP8 copy too
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--master-weights", default=",".join(m for m in optim.MASTER_WEIGHTS),
                    help="comma-separated options to compile")
     p.add_argument("--ops", action="store_true", help="also the ten commonest instructions of each")
+    p.add_argument("--fp8-weight", action="store_true",
+                   help="also each kernel writing the weight's FP8 copy (train.fp8_weights_from_update)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -98,15 +101,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if mode not in optim.KERNEL_MODE:
             p.error(f"--master-weights: {mode!r} is not one of {', '.join(optim.MASTER_WEIGHTS)}")
         for moments_fp8 in (False, True):
-            compiled, per_thread = compile_update(mode, moments_fp8)
-            instructions = sass(compiled.asm["cubin"])
-            rows.append({"master_weights": mode, "moments_fp8": moments_fp8, "instructions": len(instructions),
-                         "elements_a_thread": per_thread, "per_element": len(instructions) / per_thread,
-                         "ops": collections.Counter(map(opcode, instructions)).most_common(10)})
+            for fp8_weight in (False, True) if args.fp8_weight else (False,):
+                compiled, per_thread = compile_update(mode, moments_fp8, fp8_weight=fp8_weight)
+                instructions = sass(compiled.asm["cubin"])
+                rows.append({"master_weights": mode, "moments_fp8": moments_fp8, "fp8_weight": fp8_weight,
+                             "instructions": len(instructions), "elements_a_thread": per_thread,
+                             "per_element": len(instructions) / per_thread,
+                             "ops": collections.Counter(map(opcode, instructions)).most_common(10)})
     print(f"update kernel, sm_{ARCH} SASS (bf16 weights)")
-    print(f"{'master weights':16s} {'moments':8s} {'instructions':>12s} {'a thread':>9s} {'per element':>12s}")
+    print(f"{'master weights':16s} {'moments':8s} {'FP8 copy':8s} {'instructions':>12s} {'a thread':>9s} "
+          f"{'per element':>12s}")
     for row in rows:
-        print(f"{row['master_weights']:16s} {'FP8' if row['moments_fp8'] else 'bf16':8s} {row['instructions']:12d} "
+        print(f"{row['master_weights']:16s} {'FP8' if row['moments_fp8'] else 'bf16':8s} "
+              f"{'yes' if row['fp8_weight'] else 'no':8s} {row['instructions']:12d} "
               f"{row['elements_a_thread']:9d} {row['per_element']:12.1f}")
         if args.ops:
             print("    " + ", ".join(f"{op} {n}" for op, n in row["ops"]))

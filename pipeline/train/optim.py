@@ -304,6 +304,13 @@ class AdamW(torch.optim.AdamW):
     checkpoint of either kind loads into either (the moments are converted). Norm weights and other vectors
     keep theirs in their dtype.
 
+    FP8 copies of weights (`fp8_weights`, set as an attribute: an `FP8Weights`, the config's
+    `train.fp8_weights_from_update`): for each parameter it covers whose `target` is not None, the update also
+    writes the new weight's E4M3 codes under the target's per-tensor scale, folds the weight's largest
+    magnitude into the target's amax and writes 1 / scale (Transformer Engine's delayed-scaling cast, done as
+    the weight is written; `cast_fp8_weight` is the same in torch), then calls `written`. Covered parameters
+    never go to torch's fused kernel, which writes no copy.
+
     State is torch's (`step` per parameter as a float32 tensor on its device; `exp_avg`, `exp_avg_sq` in
     its dtype) plus `master` or `compensation`, so checkpoints load either way. `found_inf` works as in
     torch: set as an attribute (as a GradScaler or `Steps` does), a non-zero value skips the update on
