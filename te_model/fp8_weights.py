@@ -15,6 +15,8 @@ first forward, and the first after `drop` (weights loaded from elsewhere), casts
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import transformer_engine.pytorch as te
 import transformer_engine_torch as tex
@@ -23,19 +25,25 @@ from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer, Flo
 
 from .fp8 import FP8Target
 
-# TE's cached FP8 weight of each module kind, and the parameters whose rows it holds, in order
-_CACHED = {
-    te.LayerNormMLP: lambda m: {"fc1_weight": ["fc1_weight"], "fc2_weight": ["fc2_weight"]},
-    te.LayerNormLinear: lambda m: {"weight": list(m.weight_names)},
-    te.Linear: lambda m: {"weight": list(m.weight_names)},
-}
+def cached_weights(module) -> dict[str, list[str]]:
+    """The FP8 weights a TE module caches (by TE's cache name) and the parameters whose rows each holds, in
+    order (Q, K and V share one); empty for a module that keeps none."""
+    if isinstance(module, te.LayerNormMLP):
+        return {"fc1_weight": ["fc1_weight"], "fc2_weight": ["fc2_weight"]}
+    if isinstance(module, (te.LayerNormLinear, te.Linear)):
+        return {"weight": list(module.weight_names)}
+    return {}
 
 
+@dataclass(frozen=True)
 class _Slot:
-    """One parameter's rows in one cached FP8 weight."""
+    """One parameter's rows in one cached FP8 weight, and the parameters that share it."""
 
-    def __init__(self, module, cache_name: str, row: int, rows: int, group: list[int]) -> None:
-        self.module, self.cache_name, self.row, self.rows, self.group = module, cache_name, row, rows, group
+    module: TransformerEngineBaseModule
+    cache_name: str
+    row: int
+    rows: int
+    group: tuple[int, ...]
 
 
 class FP8WeightsFromUpdate:
@@ -45,13 +53,12 @@ class FP8WeightsFromUpdate:
         self.slots: dict[int, _Slot] = {}
         self.modules: list[TransformerEngineBaseModule] = []
         for module in model.modules():
-            kind = next((k for k in _CACHED if type(module) is k or isinstance(module, k)), None)
-            if kind is None:
-                continue
-            self.modules.append(module)
-            for cache_name, names in _CACHED[kind](module).items():
+            cached = cached_weights(module)
+            if cached:
+                self.modules.append(module)
+            for cache_name, names in cached.items():
                 params = [getattr(module, name) for name in names]
-                group, row = [id(p) for p in params], 0
+                group, row = tuple(id(p) for p in params), 0
                 for p in params:
                     self.slots[id(p)] = _Slot(module, cache_name, row, p.shape[0], group)
                     row += p.shape[0]
