@@ -88,7 +88,8 @@ class FP8WeightsFromUpdate:
                              f"{tuple(ws._data.shape)} do not hold a {tuple(p.shape)} parameter")
         quantizer = ws._quantizer
         key = (id(slot.module), slot.cache_name)
-        self._pending.setdefault(key, set(slot.group))
+        if id(p) not in self._pending.get(key, ()):  # the first of its cached weight this step (or a new round)
+            self._pending[key] = set(slot.group)
         return FP8Target(rows, quantizer.scale.view(1), quantizer.amax.view(1), ws._scale_inv.view(1))
 
     def written(self, p: torch.Tensor) -> None:
