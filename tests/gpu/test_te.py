@@ -237,8 +237,9 @@ def test_fp8_weights_written_by_the_update_train_bit_for_bit_as_tes_cast(overlap
           f"{overlapped}, FP8 head {fp8_head}: losses {losses_w} vs TE's cast {losses}; {targets} weights written")
     assert targets == 6 * len(linear)  # every decoder matrix at every update: the first forward cached them
     assert losses_w == losses
-    for name, p in cast.state_dict().items():
-        assert torch.equal(p, written.state_dict()[name]), name
+    written_params = dict(written.named_parameters())
+    for name, p in cast.named_parameters():
+        assert torch.equal(p, written_params[name]), name
     assert delayed_scaling_state(written.model) == delayed_scaling_state(cast.model)
     fp8_weights = opt.fp8_weights
     for p in (weights[n] for n in linear):
