@@ -21,12 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
-from bench import common, kernels, layer_speed, packing  # noqa: E402
+from bench import common, kernel_kinds, layer_speed, packing  # noqa: E402
 from te_model.rope import angles_table  # noqa: E402
 
 LAYOUTS = ("thd", "bshd", "sbhd", "bshd-fp8attn", "sbhd-fp8attn")
 FP8_ATTENTION = "-fp8attn"
-COLUMNS = kernels.LAYER_KINDS + ("other",)
+COLUMNS = kernel_kinds.LAYER_KINDS + ("other",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,10 +99,10 @@ def measure(stack: Stack, x, grad, angles, recipe, args, device) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step(stack, x, grad, angles, recipe)
         torch.cuda.synchronize()
-    found = kernels.breakdown(prof, steps=1)
+    found = kernel_kinds.breakdown(prof, steps=1)
     by_kind = found["kernel_ms"]
     by_kind["gemm"] = by_kind.get("gemm", 0.0) + by_kind.pop("gemm fp8", 0.0)  # bf16 and FP8 GEMMs, one column
-    attention = {name for name, _, _ in kernels.work(prof) if kernels.kind_of(name) == "attention"}
+    attention = {name for name, _, _ in kernel_kinds.work(prof) if kernel_kinds.kind_of(name) == "attention"}
     return {"step_ms": ms, "kernel_ms": by_kind, "output": out.detach().float(),
             "other_top": found["other_top"], "kernels_top": found["kernels_top"],
             "attention_kernels": sorted(attention)}

@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm  # HF's own, b
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import te_model  # noqa: E402
-from bench import common, kernels, peers, trace_gaps  # noqa: E402
+from bench import common, kernel_kinds, peers, trace_gaps  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train import grad_norm, optim, overlap  # noqa: E402
 
@@ -321,7 +321,7 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
 
 
 def profile_steps(train_step, batches, device, gaps: bool = False, top: int = 10) -> dict:
-    """`kernels.breakdown` of these steps, profiled back to back, with their mean wall time and the GPU's
+    """`kernel_kinds.breakdown` of these steps, profiled back to back, with their mean wall time and the GPU's
     idle time in it (wall less busy): where a variant's step goes, beside its timing. With `gaps`, also
     `trace_gaps.analyse` of them: each idle gap put down to the step's phase and the host's operator."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -338,7 +338,7 @@ def profile_steps(train_step, batches, device, gaps: bool = False, top: int = 10
                 train_step(micro_batches)
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3 / len(batches)
-    found = kernels.breakdown(prof, len(batches), top=top)
+    found = kernel_kinds.breakdown(prof, len(batches), top=top)
     result = {"steps": len(batches), "wall_ms": wall_ms, "idle_ms": max(0.0, wall_ms - found["busy_ms"]), **found}
     if gaps and device.type == "cuda":
         result["gaps"] = trace_gaps.analyse(trace_gaps.chrome_trace(prof), trace_gaps.STEP_RANGE)
@@ -377,6 +377,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", clipping norm in one kernel" if "_kernel_norm" in name else "")
             + (", TE's split and RoPE" if "_tes_rope" in name else "")
             + (", HF's final norm" if "_hf_norm" in name else "")
+            + (", FP8 weights written by the update" if name.endswith("_fp8_from_update") else "")
             + (", CUDA graphs" if name.endswith("_graphs") else ""))
 
 

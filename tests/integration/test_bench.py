@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import common, kernels, packing, peers, ray_overhead, train_step
+from bench import common, kernel_kinds, packing, peers, ray_overhead, train_step
 from pipeline.train import optim
 from te_model.layer import TorchLlamaDecoderLayer
 from transformers.models.llama import modeling_llama
@@ -42,6 +42,21 @@ def finite_positive(row: dict, *keys: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # train_step
+
+
+def test_the_bench_scripts_run_as_their_docstrings_say_from_the_repository_root():
+    """`python bench/X.py` puts bench/ first on the path: no module there may take the name of a package
+    transformers looks for (a bench module named `kernels` is taken for HF's kernels hub, and fails)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for script in ("train_step.py", "layer_kernels.py"):
+        done = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.startswith("usage:"), (script, done.stderr[-2000:])
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +230,7 @@ def test_train_step_profiles_say_where_each_step_goes(train_step_result, capsys)
     ("void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<float>>", "other"),
 ])
 def test_kernels_are_sorted_into_kinds_by_name(name, kind):
-    assert kernels.kind_of(name) == kind
+    assert kernel_kinds.kind_of(name) == kind
 
 
 def test_micro_batches_accumulate_to_the_whole_batch(tmp_path):
