@@ -65,6 +65,7 @@
 #                                             (train.fp8_weights_from_update): its GPU tests (bit for bit TE's cast); the
 #                                             Llama-3.1-8B step (32 layers) with it and with the default, at 2 x 4096 beside
 #                                             HF (profiled), at 8 x 256 with 4 micro-batches a step, and at 8 x 256 beside HF
+#                                             (HF's 32 layers need more than 80 GB: on an H100, --layers 16)
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
 #                                             both, the MLP recomputed; the 80 GB preset's step held to 78.5 GiB;
