@@ -54,7 +54,7 @@ def compile_update(mode: str, moments_fp8: bool, param: str = "bf16", fp8_weight
     signature |= {"n": "i64", "index": "i32", "stream": "i32", "lr": "fp32", "weight_decay": "fp32",
                   "beta1": "fp32", "beta2": "fp32", "eps": "fp32"}
     constants = {"MODE": optim.KERNEL_MODE[mode], "HAS_FOUND_INF": True, "HAS_FACTOR": True,
-                 "BF16": param == "bf16", "MOMENTS_FP8": moments_fp8, "FP8_WEIGHT": fp8_weight, "BLOCK": block, "QBLOCK": optim.QBLOCK}
+                 "BF16": param == "bf16", "MOMENTS_FP8": moments_fp8, "FP8_WEIGHT": fp8_weight, "INTERPRETED": False, "BLOCK": block, "QBLOCK": optim.QBLOCK}
     signature |= {name: "constexpr" for name in constants}
     index = {name: (fn.arg_names.index(name),) for name in signature}
     # what the JIT specializes at such a launch: aligned pointers, n a multiple of 16

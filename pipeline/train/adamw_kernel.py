@@ -49,18 +49,20 @@ def compensation_step(x):
 
 
 @triton.jit
-def fp8_weight_store(w, w8_ptr, scale_ptr, amax_ptr, scale_inv_ptr, offsets, mask):
+def fp8_weight_store(w, w8_ptr, scale_ptr, amax_ptr, scale_inv_ptr, offsets, mask, BY_HAND: tl.constexpr):
     """Transformer Engine's delayed-scaling cast of weights `w` (fp32): w * scale, saturated to E4M3's +-448 and
-    rounded to nearest even, by hand, so the value is an exact E4M3 one (Triton's interpreter would not round
-    the cast as the GPU does); their largest magnitude folded into amax; 1 / scale as the tensor's scale_inv."""
+    rounded to nearest even; their largest magnitude folded into amax; 1 / scale as the tensor's scale_inv.
+    Compiled, the conversion is the GPU's own (`cvt.rn.satfinite`, as TE's cast); under Triton's interpreter,
+    whose conversion rounds otherwise, the rounding is done by hand (BY_HAND) so the value is an exact E4M3 one."""
     scale = tl.load(scale_ptr)
     y = tl.minimum(tl.maximum(w * scale, -448.0), 448.0)
-    bits = y.to(tl.uint32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20 << 20).to(tl.float32, bitcast=True)
-    # below 2^-6 E4M3 steps by 2^-9: y * 512 rounded to an integer by fp32 addition of 1.5 * 2^23
-    subnormal = ((y * 512.0 + 12582912.0) - 12582912.0) * (1.0 / 512.0)
-    code = tl.where(tl.abs(y) < 0.015625, subnormal, normal)
-    tl.store(w8_ptr + offsets, code.to(w8_ptr.dtype.element_ty), mask=mask)
+    if BY_HAND:
+        bits = y.to(tl.uint32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20 << 20).to(tl.float32, bitcast=True)
+        # below 2^-6 E4M3 steps by 2^-9: y * 512 rounded to an integer by fp32 addition of 1.5 * 2^23
+        subnormal = ((y * 512.0 + 12582912.0) - 12582912.0) * (1.0 / 512.0)
+        y = tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+    tl.store(w8_ptr + offsets, y.to(w8_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
     tl.atomic_max(amax_ptr, tl.max(tl.where(mask, tl.abs(w), 0.0), axis=0))
     if tl.program_id(0) == 0:
         tl.store(scale_inv_ptr, tl.math.div_rn(1.0, scale))
@@ -71,7 +73,7 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
                  stream, found_inf_ptr, factor_ptr, w8_ptr, w8_scale_ptr, w8_amax_ptr, w8_scale_inv_ptr, lr,
                  weight_decay, beta1, beta2, eps, MODE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                  HAS_FACTOR: tl.constexpr, BF16: tl.constexpr, MOMENTS_FP8: tl.constexpr, FP8_WEIGHT: tl.constexpr,
-                 BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, QBLOCK: tl.constexpr, INTERPRETED: tl.constexpr = False):
     # MODE: 0 round to nearest; 1 fp32 master in extra_ptr; 2 stochastic rounding; 3 Kahan, extra_ptr
     # holding the compensation; 4 Kahan, extra_ptr holding it as int8 codes (`optim.encode_compensation`).
     # MOMENTS_FP8: m_ptr holds m and v_ptr sqrt(v) as E4M3 codes, each QBLOCK of them times a power of two in
@@ -129,7 +131,7 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, extra_ptr, m_scale_ptr, v_scale_ptr
         v = bf16_nearest(v)
     tl.store(p_ptr + offsets, stored.to(p_ptr.dtype.element_ty), mask=mask)
     if FP8_WEIGHT:
-        fp8_weight_store(stored, w8_ptr, w8_scale_ptr, w8_amax_ptr, w8_scale_inv_ptr, offsets, mask)
+        fp8_weight_store(stored, w8_ptr, w8_scale_ptr, w8_amax_ptr, w8_scale_inv_ptr, offsets, mask, INTERPRETED)
     if (MOMENTS_FP8 or MODE == 4) and MODE != 2:  # (hashed after the weight's store: fewer instructions)
         hashed = element_hash(offsets, corrections_ptr, index, stream)
     if MODE == 1:

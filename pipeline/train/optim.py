@@ -12,6 +12,7 @@ its math in plain torch, so a CPU run trains as a GPU run does. Speed: docs/perf
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -52,6 +53,8 @@ def _build(triton, tl):
 
 
 _triton_kernel = lazy_kernel(_build)  # the kernel, compiled on first use, or None without Triton
+# Triton's interpreter (TRITON_INTERPRET=1, read when Triton is imported) converts to FP8 with rounding of its own
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -504,7 +507,8 @@ class AdamW(torch.optim.AdamW):
                     hyper["weight_decay"], hyper["beta1"], hyper["beta2"], hyper["eps"], MODE=KERNEL_MODE[mode],
                     HAS_FOUND_INF=found_inf is not None, HAS_FACTOR=factor is not None,
                     BF16=local.dtype == torch.bfloat16, MOMENTS_FP8=scales is not None,
-                    FP8_WEIGHT=target is not None, BLOCK=block, QBLOCK=QBLOCK, num_warps=warps)
+                    FP8_WEIGHT=target is not None, BLOCK=block, QBLOCK=QBLOCK, INTERPRETED=_INTERPRETED,
+                    num_warps=warps)
             self._written(p, target)
             self._announce([p])
 
