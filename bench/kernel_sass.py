@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # fused multiply-adds, as Triton compiles on the GPU host
 
 from pipeline.train import optim  # noqa: E402
+from te_model.triton_kernels import interpreted  # noqa: E402
 
 ARCH = 90  # Hopper
 EXTRA = {"fp32": "fp32", "bf16_kahan": "bf16", "bf16_kahan8": "i8"}  # else the launch passes the parameter
@@ -54,7 +55,8 @@ def compile_update(mode: str, moments_fp8: bool, param: str = "bf16", fp8_weight
     signature |= {"n": "i64", "index": "i32", "stream": "i32", "lr": "fp32", "weight_decay": "fp32",
                   "beta1": "fp32", "beta2": "fp32", "eps": "fp32"}
     constants = {"MODE": optim.KERNEL_MODE[mode], "HAS_FOUND_INF": True, "HAS_FACTOR": True,
-                 "BF16": param == "bf16", "MOMENTS_FP8": moments_fp8, "FP8_WEIGHT": fp8_weight, "INTERPRETED": False, "BLOCK": block, "QBLOCK": optim.QBLOCK}
+                 "BF16": param == "bf16", "MOMENTS_FP8": moments_fp8, "FP8_WEIGHT": fp8_weight, "INTERPRETED": False,
+                 "BLOCK": block, "QBLOCK": optim.QBLOCK}
     signature |= {name: "constexpr" for name in constants}
     index = {name: (fn.arg_names.index(name),) for name in signature}
     # what the JIT specializes at such a launch: aligned pointers, n a multiple of 16
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="also each kernel writing the weight's FP8 copy (train.fp8_weights_from_update)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreted():
         p.error("TRITON_INTERPRET=1 runs kernels in Python: unset it to compile them")
     rows = []
     for mode in args.master_weights.split(","):

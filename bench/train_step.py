@@ -246,6 +246,7 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
     forward, optimizer = variant.model, variant.optimizer
     timer, losses, wall_start = common.StepTimer(device), [], None
     cache_weights = name.endswith("_weight_cache")
+    from_update = getattr(optimizer, "fp8_weights", None) is not None  # the update writes the FP8 weights
     capture_peak, cached_graphs = None, False
     if name.endswith("_graphs"):
         cached_graphs = capture_graphs(name, forward, batches[0][0], device, len(batches[0]))
@@ -275,7 +276,7 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
                 inputs = common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))
             if cache_weights or cached_graphs:  # FP8 weights cast on the first micro-batch, reused after
                 inputs["is_first_microbatch"] = i == 0
-            if getattr(optimizer, "fp8_weights", None) is not None:  # the update wrote them
+            if from_update:  # every forward reuses them
                 inputs["is_first_microbatch"] = False
             with phase("train.forward"), variant.autocast():
                 loss = forward(**inputs).loss

@@ -34,6 +34,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def interpreted() -> bool:
+    """Whether Triton's kernels run in its interpreter (`TRITON_INTERPRET=1`, read when Triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def runs_on(tensor: torch.Tensor) -> bool:
     """Whether a Triton kernel can run on `tensor`: on a GPU, or on any device under the interpreter."""
-    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return tensor.is_cuda or interpreted()

@@ -52,7 +52,7 @@ def compensation_step(x):
 def fp8_weight_store(w, w8_ptr, scale_ptr, amax_ptr, scale_inv_ptr, offsets, mask, BY_HAND: tl.constexpr):
     """Transformer Engine's delayed-scaling cast of weights `w` (fp32): w * scale, saturated to E4M3's +-448 and
     rounded to nearest even; their largest magnitude folded into amax; 1 / scale as the tensor's scale_inv.
-    Compiled, the conversion is the GPU's own (`cvt.rn.satfinite`, as TE's cast); under Triton's interpreter,
+    Compiled, the conversion is the GPU's own (`cvt.rn.satfinite`, saturating, to nearest even); under Triton's interpreter,
     whose conversion rounds otherwise, the rounding is done by hand (BY_HAND) so the value is an exact E4M3 one."""
     scale = tl.load(scale_ptr)
     y = tl.minimum(tl.maximum(w * scale, -448.0), 448.0)

@@ -12,7 +12,6 @@ its math in plain torch, so a CPU run trains as a GPU run does. Speed: docs/perf
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,7 +19,7 @@ import torch
 from torch.optim.adamw import adamw as torch_fused_adamw  # the functional form of torch.optim.AdamW
 
 from te_model.fp8 import FP8Target
-from te_model.triton_kernels import cdiv, lazy_kernel, runs_on
+from te_model.triton_kernels import cdiv, interpreted, lazy_kernel, runs_on
 
 if TYPE_CHECKING:
     from pipeline.config import TrainConfig
@@ -53,8 +52,6 @@ def _build(triton, tl):
 
 
 _triton_kernel = lazy_kernel(_build)  # the kernel, compiled on first use, or None without Triton
-# Triton's interpreter (TRITON_INTERPRET=1, read when Triton is imported) converts to FP8 with rounding of its own
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,6 +179,9 @@ class FP8Weights(Protocol):
 
     def written(self, p: torch.Tensor) -> None:
         """`p`'s update, and its FP8 copy, are queued."""
+
+    def drop(self) -> None:
+        """Forget every FP8 copy (the weights were loaded from elsewhere): the next forward makes them again."""
 
 
 def cast_fp8_weight(w: torch.Tensor, target: FP8Target, found_inf: torch.Tensor | None = None) -> None:
@@ -486,6 +486,7 @@ class AdamW(torch.optim.AdamW):
                 factor: torch.Tensor | None, streams: dict[int, int], hyper: dict) -> None:
         """One Triton launch per parameter."""
         kernel = _triton_kernel()
+        by_hand = interpreted()  # the interpreter's FP8 conversion rounds otherwise than the GPU's
         step = torch.stack([s["step"] for _, s in own])
         # (1 - beta1^t, sqrt(1 - beta2^t), t) per parameter, made on the device: the host never reads a step
         corrections = torch.stack([1 - torch.pow(hyper["beta1"], step), (1 - torch.pow(hyper["beta2"], step)).sqrt(),
@@ -507,7 +508,7 @@ class AdamW(torch.optim.AdamW):
                     hyper["weight_decay"], hyper["beta1"], hyper["beta2"], hyper["eps"], MODE=KERNEL_MODE[mode],
                     HAS_FOUND_INF=found_inf is not None, HAS_FACTOR=factor is not None,
                     BF16=local.dtype == torch.bfloat16, MOMENTS_FP8=scales is not None,
-                    FP8_WEIGHT=target is not None, BLOCK=block, QBLOCK=QBLOCK, INTERPRETED=_INTERPRETED,
+                    FP8_WEIGHT=target is not None, BLOCK=block, QBLOCK=QBLOCK, INTERPRETED=by_hand,
                     num_warps=warps)
             self._written(p, target)
             self._announce([p])
