@@ -85,6 +85,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_fastacc_headfast_graphs": ("ours", False, "delayed"),
     # ... the decoder's FP8 weights written by the update, not cast in forward (`train.fp8_weights_from_update`)
     "fp8_delayed_fp8head_fastacc_fp8_from_update": ("ours", False, "delayed"),
+    # ... TE's first-micro-batch cache of the FP8 weights, eagerly (as fp8_delayed_weight_cache)
+    "fp8_delayed_fp8head_fastacc_weight_cache": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]

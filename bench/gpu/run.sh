@@ -62,9 +62,11 @@
 #                                             tests; the 1B step (4 x 2048) with each, eager and graphed, profiled; the 8B
 #                                             step (32 layers, 2 x 4096; args to it, e.g. --layers 16 on an H100)
 #   bash bench/gpu/run.sh fp8-from-update [args] the decoder's FP8 weights written by the update
-#                                             (train.fp8_weights_from_update): its GPU tests (bit for bit TE's cast); the
-#                                             Llama-3.1-8B step (32 layers) with it and with the default, at 2 x 4096 beside
-#                                             HF (profiled), at 8 x 256 with 4 micro-batches a step, and at 8 x 256 beside HF
+#                                             (train.fp8_weights_from_update) and TE's cached FP8 weights: their GPU
+#                                             tests (bit for bit TE's cast; the cache held as storage as TE's own); the
+#                                             host's cost of the cache (bench/fp8_cache_host.py); the Llama-3.1-8B step
+#                                             (32 layers) at 8 x 256 beside HF, at 8 x 256 with 4 micro-batches a step
+#                                             (also TE's cache), at 2 x 4096 beside HF, profiled (SKIP_LONG=1: not)
 #                                             (HF's 32 layers need more than 80 GB: on an H100, --layers 16)
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
@@ -290,20 +292,24 @@ PY
     ab --variants hf,fp8_delayed_fp8head_fastacc_hf_norm,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_graphs,fp8_delayed_fp8head_fastacc_hf_norm_graphs \
       --variants hf,fp8_delayed_fp8head_fastacc_hf_norm,fp8_delayed_fp8head_fastacc "$@" ;;
   fp8-from-update)
-    python3 -m pytest tests/gpu/test_te.py -m gpu -s -q -p no:cacheprovider -o addopts="" -k "fp8_weights_written" \
-      2>&1 | quiet | tee $R/fp8-from-update-tests.log | grep "written by the update,\|passed\|failed\|Error\|^FAILED" \
-      | tail -8; rc=$((rc | PIPESTATUS[0]))
-    python3 $eight --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
-      --out $R/fp8-from-update-8b.json "$@" 2>&1 | show 8b; rc=$((rc | PIPESTATUS[0]))
-    # short rows, with gradient accumulation (4 micro-batches a step), then without beside HF
-    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --micro-batches 4 --steps 10 \
-      --master-weights bf16_kahan --variants fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
-      --out $R/fp8-from-update-8x256-m4.json "$@" 2>&1 | quiet | tee $R/fp8-from-update-8x256-m4.log \
-      | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    python3 -m pytest tests/gpu/test_te.py -m gpu -s -q -p no:cacheprovider -o addopts="" \
+      -k "fp8_weights_written or cached_as_storage" 2>&1 | quiet | tee $R/fp8-from-update-tests.log \
+      | grep "written by the update,\|as storage,\|passed\|failed\|Error\|^FAILED" | tail -8; rc=$((rc | PIPESTATUS[0]))
+    # the host's cost of TE's cached FP8 weights, as TE keeps them and as our layer holds them
+    python3 bench/fp8_cache_host.py --cprofile 12 --out $R/fp8-cache-host.json 2>&1 | quiet \
+      | tee $R/fp8-cache-host.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    # short rows without accumulation beside HF, then with 4 micro-batches a step (TE's cache too)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --steps 10 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
       --out $R/fp8-from-update-8x256.json "$@" 2>&1 | quiet | tee $R/fp8-from-update-8x256.log \
-      | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0])) ;;
+      | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --micro-batches 4 --steps 10 \
+      --master-weights bf16_kahan --variants \
+      fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache,fp8_delayed_fp8head_fastacc_fp8_from_update \
+      --out $R/fp8-from-update-8x256-m4.json "$@" 2>&1 | quiet | tee $R/fp8-from-update-8x256-m4.log \
+      | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    [ -n "${SKIP_LONG:-}" ] || { python3 $eight --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
+      --out $R/fp8-from-update-8b.json "$@" 2>&1 | show 8b; rc=$((rc | PIPESTATUS[0])); } ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \

@@ -53,7 +53,7 @@ def test_the_bench_scripts_run_as_their_docstrings_say_from_the_repository_root(
 
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for script in ("train_step.py", "layer_kernels.py"):
+    for script in ("train_step.py", "layer_kernels.py", "fp8_cache_host.py"):
         done = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=root, env=env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0 and done.stdout.startswith("usage:"), (script, done.stderr[-2000:])
