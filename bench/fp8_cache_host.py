@@ -6,9 +6,8 @@ and keeps, False reuses): the pipeline's CUDA graphs with gradient accumulation 
 model (embedding, decoder, head, loss; no optimizer) at a short-row shape, where the host sets the pace:
 
 - `cast`: `is_first_microbatch=None`, every call casts its weights (the eager default);
-- `cached`: TE's cache as TE keeps it, a `Float8Tensor` (a torch tensor subclass);
-- `cached_storage`: the same cache held as TE's plain `Float8TensorStorage` (no tensor subclass), as our
-  layer holds it (`TELlamaDecoderLayer.cache_fp8_weights_as_storage`).
+- `cached`: the first step casts and keeps them (`is_first_microbatch=True`), every later one reuses them
+  (`False`), as a step's micro-batches after the first do.
 
 Printed per mode: median host ms per forward and per backward call (the GPU is idle before each step, so
 a call that waits on the GPU shows here), median wall ms per step (synchronised), and with `--cprofile`
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import te_model  # noqa: E402
 from bench import common  # noqa: E402
 
-MODES = ("cast", "cached", "cached_storage")
+MODES = ("cast", "cached")
 
 
 def parse_args(argv):
@@ -60,8 +59,6 @@ def parse_args(argv):
 
 def run_mode(mode: str, model, batches: list[dict], warmup: int, profile: int) -> dict:
     model.model.apply(lambda m: getattr(m, "_fp8_workspaces", {}).clear())
-    for layer in model.model.layers:
-        layer.cache_fp8_weights_as_storage = mode == "cached_storage"
 
     def step(i: int, inputs: dict) -> tuple[float, float, float]:
         if mode != "cast":

@@ -23,7 +23,6 @@ import transformer_engine.pytorch as te
 import transformer_engine_torch as tex
 from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
 from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer, Float8Tensor
-from transformer_engine.pytorch.tensor.storage.float8_tensor_storage import Float8TensorStorage
 
 from .fp8 import FP8Target
 
@@ -35,25 +34,6 @@ def cached_weights(module) -> dict[str, list[str]]:
     if isinstance(module, (te.LayerNormLinear, te.Linear)):
         return {"weight": list(module.weight_names)}
     return {}
-
-
-def hold_cached_weights_as_storage(modules) -> int:
-    """Holds each FP8 weight TE has cached in `modules` (TE modules) as TE's plain `Float8TensorStorage`: the
-    same codes, transpose, scale_inv and quantizer, without the `Float8Tensor` tensor subclass TE caches.
-    Returns how many it changed.
-
-    TE gives its GEMMs and saves for backward a weight it casts on the call as storage; a cached subclass
-    goes through torch's tensor-subclass handling at each use instead, which costs the host more."""
-    held = 0
-    for module in modules:
-        workspaces = module._fp8_workspaces
-        for name, ws in workspaces.items():
-            if type(ws) is Float8Tensor:
-                workspaces[name] = Float8TensorStorage(
-                    data=ws._data, fp8_scale_inv=ws._scale_inv, fp8_dtype=ws._fp8_dtype, fake_dtype=ws.dtype,
-                    data_transpose=ws._transpose, quantizer=ws._quantizer, transpose_invalid=ws._transpose_invalid)
-                held += 1
-    return held
 
 
 @dataclass(frozen=True)
@@ -90,9 +70,9 @@ class FP8WeightsFromUpdate:
     def covers(self, p: torch.Tensor) -> bool:
         return id(p) in self.slots
 
-    def _workspace(self, slot: _Slot) -> Float8TensorStorage | None:
+    def _workspace(self, slot: _Slot) -> Float8Tensor | None:
         ws = slot.module._fp8_workspaces.get(slot.cache_name)
-        if not isinstance(ws, Float8TensorStorage) or not isinstance(ws._quantizer, Float8Quantizer) or ws._data is None:
+        if not isinstance(ws, Float8Tensor) or not isinstance(ws._quantizer, Float8Quantizer) or ws._data is None:
             return None  # none cached yet (or not by delayed scaling): the next forward casts and caches one
         return ws
 

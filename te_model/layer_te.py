@@ -13,7 +13,6 @@ import transformer_engine.pytorch as te
 from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
 
 from . import residual, residual_te, rope_te, swiglu_te
-from .fp8_weights import hold_cached_weights_as_storage
 from .layer import DecoderCall, head_dim
 from .norm_te import LlamaTERMSNorm
 from .segments import AttentionPlan
@@ -54,9 +53,6 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
     """
 
     wants_rope_angles = True  # SegmentedLlamaModel adds TE's angle table to the plan
-    # FP8 weights TE caches (`is_first_microbatch` given) are held as TE's plain storage, not its tensor subclass
-    # (`fp8_weights.hold_cached_weights_as_storage`): the same bits, less host time a call
-    cache_fp8_weights_as_storage = True
     final_norm_class = LlamaTERMSNorm  # the model's final norm, which `replace_decoder` swaps in beside the layers
 
     def __init__(self, config, layer_idx: int = 0):
@@ -190,11 +186,6 @@ class TELlamaDecoderLayer(DecoderCall, te.TransformerLayer):
                 max_seqlen_kv=plan.max_seqlen,
                 is_first_microbatch=is_first_microbatch,
             )
-        if is_first_microbatch is not None and self.cache_fp8_weights_as_storage:
-            modules = self.__dict__.get("_caching_modules")
-            if modules is None:
-                modules = self.__dict__["_caching_modules"] = self._te_modules()
-            hold_cached_weights_as_storage(modules)
         return out.view(b, s, h)
 
     @staticmethod

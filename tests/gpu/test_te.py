@@ -263,50 +263,6 @@ def test_fp8_weights_written_by_the_update_train_bit_for_bit_as_tes_cast(overlap
     assert all(m._fp8_workspaces for m in fp8_weights.modules)
 
 
-def test_fp8_weights_cached_as_storage_train_bit_for_bit_as_tes_cached_tensors():
-    """TE's first-micro-batch cache (`is_first_microbatch`), held as TE's plain storage by our layer: the same
-    losses, gradients and scaling state as the `Float8Tensor` TE caches, over steps of two micro-batches
-    with an update between them (the cache cast again on each first micro-batch); every cached weight is
-    storage after the first forward."""
-    from transformer_engine.pytorch.tensor.float8_tensor import Float8Tensor
-    from transformer_engine.pytorch.tensor.storage.float8_tensor_storage import Float8TensorStorage
-
-    config = llama_config("llama3", num_hidden_layers=3, **GPU_SHAPES)
-    subclass, storage = model_pair(config)
-    for layer in subclass.model.layers:
-        layer.cache_fp8_weights_as_storage = False
-    gen = torch.Generator().manual_seed(2)
-    batches = [[torch.randint(0, config.vocab_size, (4, 256), generator=gen).cuda() for _ in range(2)]
-               for _ in range(4)]
-    runs = []
-    for model in (subclass, storage):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        losses, grads = [], []
-        for micro_batches in batches:
-            for i, ids in enumerate(micro_batches):
-                with te_model.fp8_autocast("delayed"):
-                    loss = model(ids, labels=ids, is_first_microbatch=i == 0).loss
-                (loss / 2).backward()
-                losses.append(loss.item())
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        cached = [ws for m in model.model.layers.modules() for ws in getattr(m, "_fp8_workspaces", {}).values()]
-        runs.append((losses, grads, delayed_scaling_state(model.model), cached))
-    (losses_t, grads_t, state_t, cached_t), (losses_s, grads_s, state_s, cached_s) = runs
-    print(f"\nTE's cached FP8 weights as tensors / as storage, 3 layers, 2 x 4 x 256 tokens a step: losses {losses_t} "
-          f"/ {losses_s}; {len(cached_s)} cached weights")
-    assert losses_s == losses_t
-    for step_t, step_s in zip(grads_t, grads_s):
-        for name, g in step_t.items():
-            assert torch.equal(g, step_s[name]), name
-    assert state_s == state_t
-    assert len(cached_s) == len(cached_t) == 4 * config.num_hidden_layers  # QKV, proj, fc1, fc2 a layer
-    assert all(type(ws) is Float8Tensor for ws in cached_t)
-    assert all(type(ws) is Float8TensorStorage and ws._data is not None and ws._transpose is not None
-               for ws in cached_s)
-
-
 def test_fp8_refuses_token_counts_not_divisible_by_16():
     model = te_model.build_model(llama_config("llama3", **GPU_SHAPES), backend="te", dtype=torch.bfloat16)
     ids = torch.randint(0, 1024, (3, 37), device="cuda")
