@@ -298,14 +298,15 @@ PY
     # the host's cost of TE's cached FP8 weights against casting them at every call
     python3 bench/fp8_cache_host.py --cprofile 12 --out $R/fp8-cache-host.json 2>&1 | quiet \
       | tee $R/fp8-cache-host.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
-    # short rows without accumulation beside HF, then with 4 micro-batches a step (TE's cache too)
+    # short rows without accumulation beside HF, then with 4 micro-batches a step (TE's cache too; the default
+    # first and last)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --steps 10 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
       --out $R/fp8-from-update-8x256.json "$@" 2>&1 | quiet | tee $R/fp8-from-update-8x256.log \
       | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --micro-batches 4 --steps 10 \
       --master-weights bf16_kahan --variants \
-      fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache,fp8_delayed_fp8head_fastacc_fp8_from_update \
+      fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache,fp8_delayed_fp8head_fastacc_fp8_from_update,fp8_delayed_fp8head_fastacc \
       --out $R/fp8-from-update-8x256-m4.json "$@" 2>&1 | quiet | tee $R/fp8-from-update-8x256-m4.log \
       | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     [ -n "${SKIP_LONG:-}" ] || { python3 $eight --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
