@@ -223,7 +223,8 @@ class TrainConfig(_Section):
     # Packed rows per worker per forward pass; 1 is the memory-safe choice for full fine-tunes of 3B-8B
     # models at data.seq_len 2048-4096; raise it for smaller models or shorter rows.
     micro_batch_size: int = 1
-    # Micro-batches accumulated per optimizer step.
+    # Micro-batches accumulated per optimizer step. Under FP8 the decoder's FP8 weights are then cast on a step's
+    # first micro-batch and kept for the others (TE's first-micro-batch cache), unless recast_fp8_weights.
     grad_accum_steps: int = 1
     # Packed rows per optimizer step over all workers; None = workers x micro_batch_size x grad_accum_steps.
     # When set, it pins the batch: it must split evenly into workers x micro_batch_size, and
@@ -282,15 +283,13 @@ class TrainConfig(_Section):
     recompute_mlp: bool = False
     # Under FP8, cast each decoder weight to FP8 again in backward instead of keeping the forward's FP8
     # copies (row-wise and transposed, 2 bytes a parameter) until then: less memory at a step's peak, for
-    # one more cast of each weight a step (docs/performance.md, "Memory"). With cuda_graphs and
-    # grad_accum_steps > 1 the FP8 weights are then cast on every micro-batch, not once a step.
+    # one more cast of each weight a step (docs/performance.md, "Memory"). With grad_accum_steps > 1 the FP8
+    # weights are then cast on every micro-batch, not once a step.
     recast_fp8_weights: bool = False
     # Under FP8 delayed scaling, the optimizer's update writes each decoder weight's FP8 copy (the codes TE's
-    # cast would make, under the same scale) as it writes the weight, and the forward uses it instead of
-    # casting the bf16 weight again (te_model/fp8_weights.py): a read of every decoder weight less a step, and
-    # no cast at all on the micro-batches of gradient accumulation: 11% shorter steps at 8 x 256 with 4
-    # micro-batches on an H100, 0.7% at 2 x 4096, but 32% longer at 8 x 256 without accumulation, where the host
-    # is slower on it (docs/performance.md). In its GPU test, 6 steps trained bit for bit as with TE's cast.
+    # cast would make, under the same scale) as it writes the weight, and every forward uses that copy instead
+    # of casting the bf16 weight (te_model/fp8_weights.py): one read of each decoder weight less a step, and no
+    # cast at all under gradient accumulation (docs/performance.md, "FP8 weights written by the update").
     # One GPU or ddp; not with fsdp, cuda_graphs, recast_fp8_weights or recomputation.
     fp8_weights_from_update: bool = False
     # Replay each decoder layer's forward and backward as CUDA graphs (te_model/graphs.py), captured at the

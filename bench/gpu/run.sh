@@ -68,6 +68,10 @@
 #                                             (32 layers) at 8 x 256 beside HF, at 8 x 256 with 4 micro-batches a step
 #                                             (also TE's cache), at 2 x 4096 beside HF, profiled (SKIP_LONG=1: not)
 #                                             (HF's 32 layers need more than 80 GB: on an H100, --layers 16)
+#   bash bench/gpu/run.sh fp8-cache [args]    TE's cache of the FP8 weights across micro-batches in the eager loop: the
+#                                             loop's GPU tests with accumulation; the step with micro-batches casting
+#                                             at every call against the cache, alternating: 8 layers, 4 x 2 x 1024,
+#                                             then 32 layers, 8 x 8 x 256 (args to it, e.g. --layers 16 on an H100)
 #   bash bench/gpu/run.sh memory-8b [args]    the Llama-3.1-8B step (32 layers, 2 x 4096, bf16_kahan) beside HF with
 #                                             each way to hold less: FP8 weights cast again in backward, FP8 moments,
 #                                             both, the MLP recomputed; the 80 GB preset's step held to 78.5 GiB;
@@ -89,7 +93,7 @@
 #                                             step (the norms' kernel time). The backward stays on TE's kernels: cuDNN's
 #                                             norm backward with the residual gradient added needs cuDNN 9.21 or later
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|fp8-from-update|memory-8b|update-launch|floor|goals|norm-cudnn [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|fp8-from-update|fp8-cache|memory-8b|update-launch|floor|goals|norm-cudnn [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -311,6 +315,22 @@ PY
       | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     [ -n "${SKIP_LONG:-}" ] || { python3 $eight --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
       --out $R/fp8-from-update-8b.json "$@" 2>&1 | show 8b; rc=$((rc | PIPESTATUS[0])); } ;;
+  fp8-cache)
+    # TE's first-micro-batch cache of the FP8 weights in the eager loop: the GPU tests of the loop with
+    # gradient accumulation (eager and graphed), then the step with micro-batches, casting at every call
+    # against the cache (and the update's copies), each twice, alternating: 8 layers of 4 x 2 x 1024, then
+    # 32 layers (args, e.g. --layers 16 on an H100) of 8 x 8 x 256
+    python3 -m pytest tests/gpu/test_graphs.py -m gpu -s -q -p no:cacheprovider -o addopts="" -k "eager_layers_do or once_a_step" \
+      2>&1 | quiet | tee $R/fp8-cache-tests.log | grep "micro-batch\|passed\|failed\|Error\|^FAILED" | tail -8
+    rc=$((rc | PIPESTATUS[0]))
+    cached=fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache
+    python3 bench/train_step.py --shape llama3.1-8b --layers 8 --batch 2 --seq 1024 --micro-batches 4 --steps 6 \
+      --master-weights bf16_kahan --variants $cached,$cached --out $R/fp8-cache-2x1024.json 2>&1 | quiet \
+      | tee $R/fp8-cache-2x1024.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
+    python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --micro-batches 8 --steps 6 \
+      --warmup 2 --master-weights bf16_kahan --variants $cached,fp8_delayed_fp8head_fastacc_fp8_from_update,$cached \
+      --out $R/fp8-cache-8x256-m8.json "$@" 2>&1 | quiet | tee $R/fp8-cache-8x256-m8.log | sed -n '/^NVIDIA/,$p'
+    rc=$((rc | PIPESTATUS[0])) ;;
   memory-8b)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 2 --seq 4096 --steps 8 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head,fp8_delayed_fp8head_kahan8,fp8_delayed_fp8head_bwdcast_moments_fp8,fp8_delayed_fp8head_bwdcast_moments_fp8_kahan8,fp8_delayed_fp8head_recompute_mlp_moments_fp8 \

@@ -244,6 +244,16 @@ class Steps:
                 "nonfinite_steps": progress.nonfinite_steps, exactly_once.TIME_KEY: int(time.time() * 1000)}
 
 
+def caches_fp8_weights(state: TrainState) -> bool:
+    """Whether a step's FP8 weights are cast on its first micro-batch only and kept for the others (TE's
+    `is_first_microbatch`): under FP8 with gradient accumulation, eagerly or in graphs that keep them, unless
+    `train.recast_fp8_weights` keeps none. FSDP2-sharded layers cast at every call all the same (TE's rule)."""
+    train = state.train
+    if state.graphs is not None:
+        return state.graphs.cache_fp8_weights
+    return train.fp8 != "none" and train.grad_accum_steps > 1 and not train.recast_fp8_weights
+
+
 def forward_backward(state: TrainState, position: tuple[int, int], step: int, faults: FaultInjector) -> Passes:
     """Forward and backward over `grad_accum_steps` micro-batches from `position`. `step` is the number the
     step gets if the one before it is finite (the test faults key on it)."""
@@ -258,7 +268,7 @@ def forward_backward(state: TrainState, position: tuple[int, int], step: int, fa
         tokens += batch["input_ids"].numel()
         if train.cuda_graphs:
             capture_graphs(state, batch, group)
-        if state.graphs is not None and state.graphs.cache_fp8_weights:  # FP8 weights cast once a step
+        if caches_fp8_weights(state):  # FP8 weights cast once a step, on its first micro-batch
             batch["is_first_microbatch"] = micro == 0
         if state.optimizer.fp8_weights is not None:  # the update wrote them (`train.fp8_weights_from_update`)
             batch["is_first_microbatch"] = False

@@ -53,11 +53,31 @@ def test_cuda_graphs_train_the_pipelines_steps_as_the_eager_layers_do(worker_for
     assert graphs is not None and graphs.eager_batches < STEPS * accum  # some passes replayed the graphs
     print(f"\ncuda_graphs, {accum} micro-batch(es) a step: losses {[m['loss'] for m in metrics[True]]}, eager "
           f"{[m['loss'] for m in metrics[False]]}; layout {graphs.layout}, {graphs.eager_batches} pass(es) eager")
-    # With 2 micro-batches the graphs keep the first one's FP8 weights for the second (the weights are the
-    # same; the eager layers cast them again, under the scale the first pass updated): the bf16 gradient norm
-    # may then be a unit of its last place (2**-7 relative) off
+    # the bf16 gradient norm may be a unit of its last place (2**-7 relative) off with 2 micro-batches
     for key, rel in (("loss", 1e-3), ("grad_norm", 1e-3 if accum == 1 else 1e-2)):
         assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=rel), key
+
+
+def test_eager_steps_with_accumulation_cast_their_fp8_weights_once_a_step(worker_for):
+    """Under FP8 with 2 micro-batches a step, the eager loop has TE keep the first micro-batch's FP8 weights for
+    the second (`loop.caches_fp8_weights`): every TE linear module then holds them, and training follows the
+    run that casts them at every call (`train.recast_fp8_weights`, which keeps none), whose second micro-batch
+    casts under the scale the first one updated."""
+    from te_model.fp8_weights import cached_weights
+
+    metrics, kept = {}, {}
+    for recast in (False, True):
+        state = worker_for(grad_accum_steps=2, recast_fp8_weights=recast)
+        steps, progress = loop.Steps(state), loop.Progress()
+        metrics[recast] = [steps.next(progress)[0] for _ in range(STEPS)]
+        kept[recast] = [set(m._fp8_workspaces) == set(cached_weights(m))
+                        for m in state.model.model.layers.modules() if cached_weights(m)]
+    print(f"\neager, 2 micro-batches a step, FP8 weights kept: losses {[m['loss'] for m in metrics[False]]}; "
+          f"cast at every call: {[m['loss'] for m in metrics[True]]}")
+    assert len(kept[False]) == 3 * len(state.model.model.layers)  # QKV, the projection, the MLP
+    assert all(kept[False]) and not any(kept[True])
+    for key, rel in (("loss", 1e-3), ("grad_norm", 1e-2)):
+        assert [m[key] for m in metrics[False]] == pytest.approx([m[key] for m in metrics[True]], rel=rel), key
 
 
 def _trained(state, steps: int, update_delay_cycles: int = 0) -> tuple[list[dict], dict[str, torch.Tensor]]:

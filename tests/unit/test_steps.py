@@ -239,6 +239,30 @@ def test_with_fp8_weights_from_the_update_every_forward_reuses_them_and_a_restor
     assert recorded.drops == 1
 
 
+@pytest.mark.parametrize("train, step_marks", [
+    ({"fp8": "delayed"}, [True, False]),  # two micro-batches a step: cast on the first, kept for the second
+    ({"fp8": "delayed", "recast_fp8_weights": True}, ["unset"] * 2),  # no FP8 weights kept: cast at every call
+    ({"fp8": "delayed", "grad_accum_steps": 1}, ["unset"]),  # nothing to keep them for
+    ({}, ["unset"] * 2),  # bf16: no FP8 weights
+])
+def test_under_fp8_with_accumulation_each_step_casts_its_fp8_weights_on_the_first_micro_batch(
+        worker_for, monkeypatch, train, step_marks):
+    """The eager loop's side of TE's first-micro-batch cache (what TE does with the marks is TE's own: the GPU
+    tests train with it, tests/gpu/test_te.py)."""
+    import contextlib
+
+    w = worker_for(2, use_gpu=True, **train)  # the model on the torch backend all the same
+    marks = []
+    w.model.register_forward_pre_hook(lambda m, args, kwargs: marks.append(kwargs.get("is_first_microbatch", "unset")),
+                                      with_kwargs=True)
+    # FP8 on this CPU model: the marks are the loop's; the autocast (TE's) is left out
+    monkeypatch.setattr(loop.te_model, "fp8_autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    steps, progress = loop.Steps(w), loop.Progress()
+    steps.next(progress)
+    steps.next(progress)
+    assert len(marks) >= 2 * len(step_marks) and marks == step_marks * (len(marks) // len(step_marks))
+
+
 def test_the_fp8_head_comes_with_fp8_training_unless_turned_off(worker_for):
     assert worker_for(2).model.fp8_head is False  # no FP8 layers, no FP8 head
     assert worker_for(2, fp8="delayed", use_gpu=True).model.fp8_head is True  # the default (null) with FP8
