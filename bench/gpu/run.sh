@@ -323,12 +323,14 @@ PY
     python3 -m pytest tests/gpu/test_graphs.py -m gpu -s -q -p no:cacheprovider -o addopts="" -k "eager_layers_do or once_a_step" \
       2>&1 | quiet | tee $R/fp8-cache-tests.log | grep "micro-batch\|passed\|failed\|Error\|^FAILED" | tail -8
     rc=$((rc | PIPESTATUS[0]))
-    cached=fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache
     python3 bench/train_step.py --shape llama3.1-8b --layers 8 --batch 2 --seq 1024 --micro-batches 4 --steps 6 \
-      --master-weights bf16_kahan --variants $cached,$cached --out $R/fp8-cache-2x1024.json 2>&1 | quiet \
+      --master-weights bf16_kahan --out $R/fp8-cache-2x1024.json --variants \
+      fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache \
+      2>&1 | quiet \
       | tee $R/fp8-cache-2x1024.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --micro-batches 8 --steps 6 \
-      --warmup 2 --master-weights bf16_kahan --variants $cached,fp8_delayed_fp8head_fastacc_fp8_from_update,$cached \
+      --warmup 2 --master-weights bf16_kahan --variants \
+      fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache,fp8_delayed_fp8head_fastacc_fp8_from_update,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache \
       --out $R/fp8-cache-8x256-m8.json "$@" 2>&1 | quiet | tee $R/fp8-cache-8x256-m8.log | sed -n '/^NVIDIA/,$p'
     rc=$((rc | PIPESTATUS[0])) ;;
   memory-8b)
