@@ -1,11 +1,11 @@
 """Host time of our model's FP8 forward and backward with TE's cached FP8 weights, against casting them.
 
 TE keeps a layer's FP8 weight across calls when the forward is given `is_first_microbatch` (True casts
-and keeps, False reuses): the pipeline's CUDA graphs with gradient accumulation and
+and keeps, False reuses): the pipeline's steps with gradient accumulation under FP8 and
 `train.fp8_weights_from_update` run that way. Each mode runs the same forward and backward of the whole
 model (embedding, decoder, head, loss; no optimizer) at a short-row shape, where the host sets the pace:
 
-- `cast`: `is_first_microbatch=None`, every call casts its weights (the eager default);
+- `cast`: `is_first_microbatch=None`, every call casts its weights (a step without accumulation);
 - `cached`: the first step casts and keeps them (`is_first_microbatch=True`), every later one reuses them
   (`False`), as a step's micro-batches after the first do.
 
