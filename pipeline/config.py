@@ -224,7 +224,7 @@ class TrainConfig(_Section):
     # models at data.seq_len 2048-4096; raise it for smaller models or shorter rows.
     micro_batch_size: int = 1
     # Micro-batches accumulated per optimizer step. Under FP8 the decoder's FP8 weights are then cast on a step's
-    # first micro-batch and kept for the others (TE's first-micro-batch cache), unless recast_fp8_weights.
+    # first micro-batch and kept for the others (TE's first-micro-batch cache), unless recast_fp8_weights or fsdp.
     grad_accum_steps: int = 1
     # Packed rows per optimizer step over all workers; None = workers x micro_batch_size x grad_accum_steps.
     # When set, it pins the batch: it must split evenly into workers x micro_batch_size, and

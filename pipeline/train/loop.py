@@ -247,11 +247,12 @@ class Steps:
 def caches_fp8_weights(state: TrainState) -> bool:
     """Whether a step's FP8 weights are cast on its first micro-batch only and kept for the others (TE's
     `is_first_microbatch`): under FP8 with gradient accumulation, eagerly or in graphs that keep them, unless
-    `train.recast_fp8_weights` keeps none. FSDP2-sharded layers cast at every call all the same (TE's rule)."""
+    `train.recast_fp8_weights` keeps none. Not under fsdp, whose sharded layers TE casts at every call."""
     train = state.train
     if state.graphs is not None:
         return state.graphs.cache_fp8_weights
-    return train.fp8 != "none" and train.grad_accum_steps > 1 and not train.recast_fp8_weights
+    return (train.fp8 != "none" and train.grad_accum_steps > 1 and not train.recast_fp8_weights
+            and train.parallelism == "ddp")
 
 
 def forward_backward(state: TrainState, position: tuple[int, int], step: int, faults: FaultInjector) -> Passes:

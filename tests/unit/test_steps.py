@@ -243,6 +243,7 @@ def test_with_fp8_weights_from_the_update_every_forward_reuses_them_and_a_restor
     ({"fp8": "delayed"}, [True, False]),  # two micro-batches a step: cast on the first, kept for the second
     ({"fp8": "delayed", "recast_fp8_weights": True}, ["unset"] * 2),  # no FP8 weights kept: cast at every call
     ({"fp8": "delayed", "grad_accum_steps": 1}, ["unset"]),  # nothing to keep them for
+    ({"fp8": "delayed", "parallelism": "fsdp"}, ["unset"] * 2),  # TE casts sharded weights at every call
     ({}, ["unset"] * 2),  # bf16: no FP8 weights
 ])
 def test_under_fp8_with_accumulation_each_step_casts_its_fp8_weights_on_the_first_micro_batch(
