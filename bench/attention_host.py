@@ -167,11 +167,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    result = measure(args)
-    common.write_json(args.out, result)
-    print_table(result)
-    return result
+    return common.run_bench(argv, parse_args, measure, print_table)
 
 
 if __name__ == "__main__":

@@ -276,6 +276,16 @@ def write_json(path: str | None, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
+def run_bench(argv, parse_args, measure, print_table) -> dict:
+    """A bench script's main: parse `argv`, measure, write the result as JSON where `--out` says, print its
+    table; the result."""
+    args = parse_args(argv)
+    result = measure(args)
+    write_json(args.out, result)
+    print_table(result)
+    return result
+
+
 def fmt(value, spec: str) -> str:
     """A table cell: the number formatted, or '-' when missing."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
