@@ -6,9 +6,8 @@ the optimizer (`pipeline.train.optim.AdamW.fp8_weights`) each weight's place in 
 (the module's `_fp8_workspaces`, TE's first-micro-batch cache), so the update writes the FP8 codes as it
 writes the weight, under the scale the next forward casts with and with the weight's amax recorded as TE's
 cast records it. The transpose is then made from the FP8 codes. The model's forward passes
-`is_first_microbatch=False`, which makes TE use the cached weights as they are. Meant to give the bits of
-TE's own cast (docs/performance.md says what the GPU test showed): delayed scaling only, one GPU or DDP (not
-FSDP2, not CUDA graphs).
+`is_first_microbatch=False`, which makes TE use the cached weights as they are. The bits of TE's own cast
+(its GPU test, tests/gpu/test_te.py): delayed scaling only, one GPU or DDP (not FSDP2, not CUDA graphs).
 
 The bf16 weights stay the model's parameters: checkpoints, export and evaluation read them as before. The
 first forward, and the first after `drop` (weights loaded from elsewhere), casts and caches as TE does.

@@ -244,15 +244,17 @@ class Steps:
                 "nonfinite_steps": progress.nonfinite_steps, exactly_once.TIME_KEY: int(time.time() * 1000)}
 
 
-def caches_fp8_weights(state: TrainState) -> bool:
-    """Whether a step's FP8 weights are cast on its first micro-batch only and kept for the others (TE's
-    `is_first_microbatch`): under FP8 with gradient accumulation, eagerly or in graphs that keep them, unless
+def keeps_fp8_weights(train: TrainConfig) -> bool:
+    """Whether a step casts its FP8 weights on its first micro-batch only and keeps them for the others (TE's
+    `is_first_microbatch`), eagerly and in CUDA graphs: under FP8 with gradient accumulation, unless
     `train.recast_fp8_weights` keeps none. Not under fsdp, whose sharded layers TE casts at every call."""
-    train = state.train
-    if state.graphs is not None:
-        return state.graphs.cache_fp8_weights
     return (train.fp8 != "none" and train.grad_accum_steps > 1 and not train.recast_fp8_weights
             and train.parallelism == "ddp")
+
+
+def caches_fp8_weights(state: TrainState) -> bool:
+    """`keeps_fp8_weights` for this worker: its graphs' choice once they are captured."""
+    return state.graphs.cache_fp8_weights if state.graphs is not None else keeps_fp8_weights(state.train)
 
 
 def forward_backward(state: TrainState, position: tuple[int, int], step: int, faults: FaultInjector) -> Passes:
@@ -287,16 +289,15 @@ def forward_backward(state: TrainState, position: tuple[int, int], step: int, fa
 
 def capture_graphs(state: TrainState, batch: dict, group) -> None:
     """`train.cuda_graphs`: the decoder layers captured for the first batch's layout, outside the FP8 autocast
-    (as TE's capture wants). Under FP8 with gradient accumulation they cast the FP8 weights on a step's first
-    micro-batch only, unless `train.recast_fp8_weights` keeps none."""
+    (as TE's capture wants). They cast the FP8 weights on a step's first micro-batch only where
+    `keeps_fp8_weights` says so."""
     train = state.train
     if state.graphs is None:
         recipe = None if train.fp8 == "none" else te_model.fp8.make_recipe(
             train.fp8, amax_history_len=train.fp8_amax_history_len, fast_accumulation=train.fast_accumulation)
-        accumulate = train.grad_accum_steps > 1
         state.graphs = te_model.capture_decoder_graphs(state.model, batch, recipe=recipe, group=group,
-                                                       accumulate=accumulate,
-                                                       cache_fp8_weights=accumulate and recipe is not None)
+                                                       accumulate=train.grad_accum_steps > 1,
+                                                       cache_fp8_weights=keeps_fp8_weights(train))
         layout = state.graphs.layout
         log.info("decoder layers captured as CUDA graphs: %d tokens, up to %d segments, max_seqlen %d",
                  layout.tokens, layout.offsets - 1, layout.max_seqlen)

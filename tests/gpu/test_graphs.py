@@ -53,14 +53,14 @@ def test_cuda_graphs_train_the_pipelines_steps_as_the_eager_layers_do(worker_for
     assert graphs is not None and graphs.eager_batches < STEPS * accum  # some passes replayed the graphs
     print(f"\ncuda_graphs, {accum} micro-batch(es) a step: losses {[m['loss'] for m in metrics[True]]}, eager "
           f"{[m['loss'] for m in metrics[False]]}; layout {graphs.layout}, {graphs.eager_batches} pass(es) eager")
-    # the bf16 gradient norm may be a unit of its last place (2**-7 relative) off with 2 micro-batches
+    # with 2 micro-batches the bf16 gradient norm is held to a unit of its last place (2**-7 relative)
     for key, rel in (("loss", 1e-3), ("grad_norm", 1e-3 if accum == 1 else 1e-2)):
         assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=rel), key
 
 
 def test_eager_steps_with_accumulation_cast_their_fp8_weights_once_a_step(worker_for):
     """Under FP8 with 2 micro-batches a step, the eager loop has TE keep the first micro-batch's FP8 weights for
-    the second (`loop.caches_fp8_weights`): every TE linear module then holds them, and training follows the
+    the second (`loop.keeps_fp8_weights`): every TE linear module then holds them, and training follows the
     run that casts them at every call (`train.recast_fp8_weights`, which keeps none), whose second micro-batch
     casts under the scale the first one updated."""
     from te_model.fp8_weights import cached_weights
