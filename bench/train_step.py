@@ -87,6 +87,10 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_fastacc_fp8_from_update": ("ours", False, "delayed"),
     # ... TE's first-micro-batch cache of the FP8 weights, eagerly (as fp8_delayed_weight_cache)
     "fp8_delayed_fp8head_fastacc_weight_cache": ("ours", False, "delayed"),
+    # ... the SwiGLU gradient's transpose written by its one-pass kernel, not copied after it
+    "fp8_delayed_fp8head_fastacc_dswiglu_t": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_fastacc_dswiglu_t_graphs": ("ours", False, "delayed"),
+    "fp8_delayed_fp8head_fastacc_dswiglu_t_fp8_from_update": ("ours", False, "delayed"),
     **{name: ("peer", False, None) for name in peers.PEERS},  # their FP8, if any, is their own
 }
 DEFAULT_VARIANTS = [name for name, (kind, _, _) in VARIANTS.items() if kind != "peer"]
@@ -189,6 +193,10 @@ def build_variant(name: str, config, state: dict, dtype, device, backend: str) -
         for layer in model.model.layers if backend == "te" else ():
             if "_te_dswiglu" in name:
                 layer.one_pass_dswiglu = False
+            if "_dswiglu_t" in name:
+                if not layer.one_pass_dswiglu:
+                    raise RuntimeError(f"{name}: this Transformer Engine's MLP has no one-pass SwiGLU backward")
+                layer.layernorm_mlp.dswiglu_transpose_in_kernel = True
             if "_autograd_residual" in name:
                 layer.fuse_residual_grad = False
             if "_tes_rope" in name:
@@ -370,6 +378,7 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else "")
             + (", update in line" if "_inline" in name else "")
             + (", SwiGLU gradient cast by TE" if "_te_dswiglu" in name else "")
+            + (", its transpose written by the cast's kernel" if "_dswiglu_t" in name else "")
             + (", FP8 weights cast every micro-batch" if "_recast" in name else "")
             + (", residual gradients added by autograd" if "_autograd_residual" in name else "")
             + (", clipped by torch's clip_grad_norm_" if "_torch_clip" in name else "")

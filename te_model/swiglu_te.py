@@ -27,19 +27,23 @@ from transformer_engine.pytorch.tensor.storage.float8_tensor_storage import Floa
 from . import swiglu_kernels
 
 MARK = "llama_one_pass_dswiglu"  # set on a quantizer whose module asked for the one-pass kernel
+MARK_TRANSPOSE = "llama_dswiglu_transpose_in_kernel"  # ... and for the transpose written by that kernel
 
 
 class LlamaLayerNormMLP(te.LayerNormMLP):
     """`te.LayerNormMLP` that marks its SwiGLU gradient's quantizer for the one-pass cast while
-    `one_pass_dswiglu` is set (TE remakes quantizers when the recipe changes, so every forward marks)."""
+    `one_pass_dswiglu` is set (TE remakes quantizers when the recipe changes, so every forward marks).
+    `dswiglu_transpose_in_kernel` has that kernel write the transpose too, instead of a copy after it."""
 
     one_pass_dswiglu = True
+    dswiglu_transpose_in_kernel = False
 
     def _get_quantizers(self, fp8_output, is_grad_enabled):
         quantizers = super()._get_quantizers(fp8_output, is_grad_enabled)
         if self.fp8 and is_grad_enabled:
-            setattr(self.quantizers["scaling_bwd"][FP8BwdTensorIdx.GRAD_OUTPUT1], MARK,
-                    self.one_pass_dswiglu and not self.use_bias)
+            quantizer = self.quantizers["scaling_bwd"][FP8BwdTensorIdx.GRAD_OUTPUT1]
+            setattr(quantizer, MARK, self.one_pass_dswiglu and not self.use_bias)
+            setattr(quantizer, MARK_TRANSPOSE, self.dswiglu_transpose_in_kernel)
         return quantizers
 
 
@@ -51,8 +55,9 @@ def dswiglu_cast(grad: torch.Tensor, fc1_out: torch.Tensor, quantizer, **params)
     """
     if (getattr(quantizer, MARK, False) and not params and isinstance(quantizer, Float8Quantizer)
             and swiglu_kernels.usable(grad, fc1_out)):
-        q, qt, scale_inv = swiglu_kernels.dswiglu_fp8(grad, fc1_out, quantizer.scale, quantizer.amax,
-                                                      TE_DType_To_Torch[quantizer.dtype])
+        q, qt, scale_inv = swiglu_kernels.dswiglu_fp8(
+            grad, fc1_out, quantizer.scale, quantizer.amax, TE_DType_To_Torch[quantizer.dtype],
+            transpose_in_kernel=getattr(quantizer, MARK_TRANSPOSE, False))
         return None, Float8TensorStorage(data=q.view(torch.uint8), fp8_scale_inv=scale_inv,
                                          fp8_dtype=quantizer.dtype, fake_dtype=grad.dtype,
                                          data_transpose=qt.view(torch.uint8), quantizer=quantizer)

@@ -93,7 +93,7 @@
 #                                             step (the norms' kernel time). The backward stays on TE's kernels: cuDNN's
 #                                             norm backward with the residual gradient added needs cuDNN 9.21 or later
 set -uo pipefail
-part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|fp8-from-update|fp8-cache|memory-8b|update-launch|floor|goals|norm-cudnn [args]}; shift
+part=${1:?usage: run.sh smoke|gpu-tests|scaling|profile|profile-attn|attention-host|profile-step|layer-kernels|step-kernels|matrix|peers|quality|job-8b|master-cost|sr-cost|moments-fp8|fast-accum|kernel-norm|fused-rope|final-norm|fp8-from-update|fp8-cache|dswiglu-t|memory-8b|update-launch|floor|goals|norm-cudnn [args]}; shift
 R=/tmp/results; mkdir -p $R
 if [ -f /tmp/gpu-stage/host-install.sh ] && [ ! -f /tmp/site/.ready ]; then
   OUT= bash /tmp/gpu-stage/host-install.sh > $R/install.log 2>&1 || { tail -20 $R/install.log; exit 1; }
@@ -315,6 +315,16 @@ PY
       | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     [ -n "${SKIP_LONG:-}" ] || { python3 $eight --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
       --out $R/fp8-from-update-8b.json "$@" 2>&1 | show 8b; rc=$((rc | PIPESTATUS[0])); } ;;
+  dswiglu-t)
+    # the SwiGLU gradient's transpose written by its one-pass kernel against copied after it: the kernel's GPU
+    # tests, the 1B step (eager and graphed), then the 8B step (args, e.g. --layers 16 on an H100) beside HF
+    # and the FP8 weights written by the update, the default first and last
+    python3 -m pytest tests/gpu/test_swiglu.py -m gpu -s -q -p no:cacheprovider -o addopts="" 2>&1 | quiet \
+      | tee $R/dswiglu-t-tests.log | grep "off a single\|passed\|failed\|Error\|^FAILED\|assert" | tail -8
+    rc=$((rc | PIPESTATUS[0]))
+    ab --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_dswiglu_t,fp8_delayed_fp8head_fastacc_graphs,fp8_delayed_fp8head_fastacc_dswiglu_t_graphs \
+      --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_dswiglu_t,fp8_delayed_fp8head_fastacc_fp8_from_update,fp8_delayed_fp8head_fastacc_dswiglu_t_fp8_from_update,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_dswiglu_t \
+      "$@" ;;
   fp8-cache)
     # TE's first-micro-batch cache of the FP8 weights in the eager loop: the GPU tests of the loop with
     # gradient accumulation (eager and graphed), then the step with micro-batches, casting at every call

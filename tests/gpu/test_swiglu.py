@@ -45,6 +45,11 @@ def test_kernel_rounds_once_to_fp8_at_llama_8b_mlp_width():
         # the kernel's exp is not torch's: a value next to a rounding boundary may land on the other side
         assert (apart == 0).float().mean().item() > 0.999 and apart.max().item() <= 1, dtype
         assert torch.equal(qt.view(torch.uint8), q.view(torch.uint8).t().contiguous()), dtype
+        # the transpose written by the kernel itself: the same bytes in both layouts
+        q2, qt2, _ = swiglu_kernels.dswiglu_fp8(grad, fc1_out, scale, amax.clone(), dtype, transpose_in_kernel=True)
+        wrong_rows = (qt2.view(torch.uint8) != qt.view(torch.uint8)).any(dim=1).nonzero().flatten()
+        assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)), dtype
+        assert wrong_rows.numel() == 0, (dtype, wrong_rows[:10].tolist())
         assert torch.allclose(amax, ref.abs().max(), rtol=1e-6)
         assert torch.equal(scale_inv, scale.reciprocal())
         te = te_two_pass(grad, fc1_out, dtype, scale)
@@ -95,7 +100,8 @@ def rel_err(a, b):
 def counted(monkeypatch) -> list:
     """The calls of the one-pass kernel, counted."""
     calls, kernel = [], swiglu_kernels.dswiglu_fp8
-    monkeypatch.setattr(swiglu_kernels, "dswiglu_fp8", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(swiglu_kernels, "dswiglu_fp8",
+                        lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
     return calls
 
 
@@ -112,6 +118,17 @@ def test_layernorm_mlp_trains_as_te_does_with_the_one_pass_cast(monkeypatch):
             # the same gradient, rounded to FP8 once from fp32 where TE rounds it to bf16 first: a few
             # percent of the FP8 values a step apart, a few percent of the norm (e5m2 steps are 25%)
             assert rel_err(a, b) < 5e-2, (step, name, rel_err(a, b))
+
+
+def test_the_transpose_written_by_the_kernel_trains_bit_for_bit_as_the_copied_one(monkeypatch):
+    copied, _ = mlp_pair()
+    written, _ = mlp_pair()
+    written.dswiglu_transpose_in_kernel = True
+    calls = counted(monkeypatch)
+    want, got = train_steps(copied), train_steps(written)
+    assert len(calls) == 8
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert all(torch.equal(a, b) for a, b in zip(g, w)), step
 
 
 def test_the_one_pass_cast_is_ours_alone_and_can_be_turned_off(monkeypatch):

@@ -26,12 +26,14 @@ INTERPRETED = textwrap.dedent("""
         scale, amax = torch.tensor([7.5]), torch.tensor([0.25])
         assert k.usable(g, x)
         q, qt, scale_inv = k.dswiglu_fp8(g, x, scale, amax, torch.float16)
+        q2, qt2, _ = k.dswiglu_fp8(g, x, scale.clone(), amax.clone(), torch.float16, transpose_in_kernel=True)
         ref = k.dswiglu_reference(g, x)
         want = (ref * 7.5).half()
         out[str((rows, cols))] = {
             "shapes": [list(q.shape), list(qt.shape)],
             "q_err": (q.float() - want.float()).abs().max().item() / want.float().abs().max().item(),
             "transpose": torch.equal(qt, q.t().contiguous()),
+            "in_kernel": [list(qt2.shape), torch.equal(q2, q), torch.equal(qt2, q.t().contiguous())],
             "amax": [amax.item(), max(ref.abs().max().item(), 0.25)],
             "scale_inv": scale_inv.item(),
         }
@@ -46,6 +48,7 @@ def test_kernel_matches_torch_interpreted():
         assert got["shapes"] == [[rows, 2 * cols], [2 * cols, rows]], (rows, cols)
         assert got["q_err"] < 2e-3, (rows, cols, got["q_err"])  # fp16's rounding, exp's last bits
         assert got["transpose"], (rows, cols)
+        assert got["in_kernel"] == [[2 * cols, rows], True, True], (rows, cols)  # written by the kernel itself
         amax, want = got["amax"]
         assert abs(amax - want) <= 1e-6 * want, (rows, cols, amax, want)  # raised, never lowered
         assert got["scale_inv"] == torch.tensor([7.5]).reciprocal().item()  # fp32, rounded once
