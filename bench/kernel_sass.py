@@ -11,6 +11,8 @@ GPU run, never a timing (`bench/update_kernel.py` times the update).
     python bench/kernel_sass.py                    # every master-weight option, bf16 and FP8 moments
     python bench/kernel_sass.py --ops              # and the ten commonest instructions of each
     python bench/kernel_sass.py --fp8-weight       # and each writing the weight's FP8 copy too
+    python bench/kernel_sass.py --dswiglu          # the SwiGLU gradient's FP8 cast, its transpose copied or
+                                                   # written by the kernel, instead of the update
 """
 
 from __future__ import annotations
@@ -38,9 +40,6 @@ EXTRA = {"fp32": "fp32", "bf16_kahan": "bf16", "bf16_kahan8": "i8"}  # else the 
 def compile_update(mode: str, moments_fp8: bool, param: str = "bf16", fp8_weight: bool = False):
     """The update kernel compiled for sm_90 as `optim.AdamW` launches it for a `param` weight matrix: found_inf
     and a clipping factor given, the pipeline's program sizes; with `fp8_weight`, writing its FP8 copy too."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from pipeline.train import adamw_kernel
 
     fn = adamw_kernel.adamw_update
@@ -51,19 +50,54 @@ def compile_update(mode: str, moments_fp8: bool, param: str = "bf16", fp8_weight
                 "corrections_ptr": "fp32", "found_inf_ptr": "fp32", "factor_ptr": "fp32",
                 "w8_ptr": "fp8e4nv" if fp8_weight else "fp32", "w8_scale_ptr": "fp32", "w8_amax_ptr": "fp32",
                 "w8_scale_inv_ptr": "fp32"}
-    signature = {name: f"*{dtype}" for name, dtype in pointers.items()}
-    signature |= {"n": "i64", "index": "i32", "stream": "i32", "lr": "fp32", "weight_decay": "fp32",
-                  "beta1": "fp32", "beta2": "fp32", "eps": "fp32"}
+    scalars = {"n": "i64", "index": "i32", "stream": "i32", "lr": "fp32", "weight_decay": "fp32",
+               "beta1": "fp32", "beta2": "fp32", "eps": "fp32"}
     constants = {"MODE": optim.KERNEL_MODE[mode], "HAS_FOUND_INF": True, "HAS_FACTOR": True,
                  "BF16": param == "bf16", "MOMENTS_FP8": moments_fp8, "FP8_WEIGHT": fp8_weight, "INTERPRETED": False,
                  "BLOCK": block, "QBLOCK": optim.QBLOCK}
+    return compile_kernel(fn, pointers, scalars, constants, ["n"], warps), block // (32 * warps)
+
+
+def compile_dswiglu(transpose: bool, dtype: str = "fp8e5"):
+    """`te_model.swiglu_kernels`' cast compiled for sm_90 as a launch at a Llama MLP's width specializes it (bf16
+    inputs, the E5M2 gradient), writing the transpose itself or not."""
+    from te_model import swiglu_kernels
+
+    pointers = {"g_ptr": "bf16", "x_ptr": "bf16", "q_ptr": dtype, "qt_ptr": dtype, "scale_ptr": "fp32",
+                "scale_inv_ptr": "fp32", "amax_ptr": "fp32"}
+    constants = {"ROWS": swiglu_kernels.ROWS, "COLS": swiglu_kernels.COLS, "TRANSPOSE": transpose}
+    return compile_kernel(swiglu_kernels._kernel(), pointers, {"rows": "i32", "cols": "i32"}, constants,
+                          ["rows", "cols"], 4)
+
+
+def compile_kernel(fn, pointers: dict, scalars: dict, constants: dict, divisible: list[str], warps: int):
+    """`fn` compiled for sm_90 as the JIT specializes a launch: aligned pointers, the `divisible` scalars
+    multiples of 16."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature = {name: f"*{dtype}" for name, dtype in pointers.items()} | scalars
     signature |= {name: "constexpr" for name in constants}
     index = {name: (fn.arg_names.index(name),) for name in signature}
-    # what the JIT specializes at such a launch: aligned pointers, n a multiple of 16
-    attrs = {index[name]: [["tt.divisibility", 16]] for name in [*pointers, "n"]}
+    attrs = {index[name]: [["tt.divisibility", 16]] for name in [*pointers, *divisible]}
     source = triton.compiler.ASTSource(fn=fn, signature=signature, attrs=attrs,
                                        constexprs={index[name]: value for name, value in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", ARCH, 32), options={"num_warps": warps}), block // (32 * warps)
+    return triton.compile(source, target=GPUTarget("cuda", ARCH, 32), options={"num_warps": warps})
+
+
+def reload_after_barrier(ptx: str) -> bool | None:
+    """Whether the first load that bypasses L1 (`ld.global.cg`: the kernel reading back what it stored) comes
+    after a `bar.sync` that comes after every store before it, which makes those stores visible to the whole
+    program; None where no load does."""
+    last_store = barrier = -1
+    for i, line in enumerate(ptx.splitlines()):
+        if "ld.global.cg" in line:
+            return last_store < barrier
+        if "st.global" in line:
+            last_store = i
+        elif "bar.sync" in line:
+            barrier = i
+    return None
 
 
 def tool(name: str) -> Path:
@@ -94,10 +128,45 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--ops", action="store_true", help="also the ten commonest instructions of each")
     p.add_argument("--fp8-weight", action="store_true",
                    help="also each kernel writing the weight's FP8 copy (train.fp8_weights_from_update)")
+    p.add_argument("--dswiglu", action="store_true",
+                   help="the SwiGLU gradient's FP8 cast instead, its transpose copied after it or written by it")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     if interpreted():
         p.error("TRITON_INTERPRET=1 runs kernels in Python: unset it to compile them")
+    rows = dswiglu_rows(args.ops) if args.dswiglu else update_rows(p, args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+READS_BACK = {None: "-", True: "yes", False: "NO"}
+
+
+def dswiglu_rows(ops: bool) -> list[dict]:
+    from te_model import swiglu_kernels
+
+    rows = []
+    outputs = 2 * swiglu_kernels.ROWS * swiglu_kernels.COLS // (32 * 4)  # FP8 gradient elements a thread
+    print(f"SwiGLU gradient cast, sm_{ARCH} SASS, a program of {swiglu_kernels.ROWS} x {swiglu_kernels.COLS}, "
+          "4 warps")
+    print(f"{'transpose':10s} {'instructions':>12s} {'per element':>12s} {'shared B':>9s} reloads after a barrier")
+    for transpose in (False, True):
+        compiled = compile_dswiglu(transpose)
+        instructions = sass(compiled.asm["cubin"])
+        row = {"transpose_in_kernel": transpose, "instructions": len(instructions),
+               "per_element": len(instructions) / outputs, "shared_bytes": compiled.metadata.shared,
+               "reloads_after_barrier": reload_after_barrier(compiled.asm["ptx"]),
+               "ops": collections.Counter(map(opcode, instructions)).most_common(10)}
+        rows.append(row)
+        print(f"{'kernel' if transpose else 'copied':10s} {row['instructions']:12d} {row['per_element']:12.1f} "
+              f"{row['shared_bytes']:9d} {READS_BACK[row['reloads_after_barrier']]}")
+        if ops:
+            print("    " + ", ".join(f"{op} {n}" for op, n in row["ops"]))
+    return rows
+
+
+def update_rows(p, args) -> list[dict]:
     rows = []
     for mode in args.master_weights.split(","):
         if mode not in optim.KERNEL_MODE:
@@ -119,8 +188,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{row['elements_a_thread']:9d} {row['per_element']:12.1f}")
         if args.ops:
             print("    " + ", ".join(f"{op} {n}" for op, n in row["ops"]))
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
     return rows
 
 

@@ -63,3 +63,30 @@ def test_the_instruction_count_bench_counts_each_option(capsys):
         assert "STG" in dict(row["ops"]) or "FMUL" in dict(row["ops"]), row  # SASS opcodes, counted
     assert rows[2]["per_element"] > rows[0]["per_element"] and rows[3]["per_element"] > rows[1]["per_element"]
     assert "bf16_kahan8      FP8" in capsys.readouterr().out
+
+
+def test_the_swiglu_cast_reads_back_its_own_tile_only_after_a_barrier(capsys):
+    """`bench/kernel_sass.py --dswiglu`: the SwiGLU gradient's FP8 cast compiles for sm_90 both ways, and the
+    kernel that writes the transpose itself reads its stored tile back after a barrier behind those stores."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton wheel bundles no cuobjdump")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels are interpreted in this process")
+    from bench import kernel_sass
+
+    copied, written = kernel_sass.main(["--dswiglu"])
+    assert (copied["transpose_in_kernel"], written["transpose_in_kernel"]) == (False, True)
+    assert copied["reloads_after_barrier"] is None and written["reloads_after_barrier"] is True
+    assert written["shared_bytes"] > copied["shared_bytes"]  # the transpose goes through shared memory
+    assert written["instructions"] > copied["instructions"] > 0
+    assert "kernel" in capsys.readouterr().out
+
+
+def test_the_barrier_check_finds_a_reload_that_races_its_stores():
+    from bench import kernel_sass
+
+    store, barrier, reload = "st.global.v4.b32 [%rd1], {%r1};", "bar.sync 0;", "ld.global.cg.v4.b32 {%r2}, [%rd1];"
+    assert kernel_sass.reload_after_barrier("\n".join([store, barrier, reload])) is True
+    assert kernel_sass.reload_after_barrier("\n".join([barrier, store, reload])) is False
+    assert kernel_sass.reload_after_barrier("\n".join([store, barrier])) is None
