@@ -67,7 +67,7 @@ def compile_dswiglu(transpose: bool, dtype: str = "fp8e5"):
                 "scale_inv_ptr": "fp32", "amax_ptr": "fp32"}
     constants = {"ROWS": swiglu_kernels.ROWS, "COLS": swiglu_kernels.COLS, "TRANSPOSE": transpose}
     return compile_kernel(swiglu_kernels._kernel(), pointers, {"rows": "i32", "cols": "i32"}, constants,
-                          ["rows", "cols"], 4)
+                          ["rows", "cols"], swiglu_kernels.WARPS)
 
 
 def compile_kernel(fn, pointers: dict, scalars: dict, constants: dict, divisible: list[str], warps: int):
@@ -147,9 +147,9 @@ def dswiglu_rows(ops: bool) -> list[dict]:
     from te_model import swiglu_kernels
 
     rows = []
-    outputs = 2 * swiglu_kernels.ROWS * swiglu_kernels.COLS // (32 * 4)  # FP8 gradient elements a thread
+    outputs = 2 * swiglu_kernels.ROWS * swiglu_kernels.COLS // (32 * swiglu_kernels.WARPS)  # FP8 elements a thread
     print(f"SwiGLU gradient cast, sm_{ARCH} SASS, a program of {swiglu_kernels.ROWS} x {swiglu_kernels.COLS}, "
-          "4 warps")
+          f"{swiglu_kernels.WARPS} warps")
     print(f"{'transpose':10s} {'instructions':>12s} {'per element':>12s} {'shared B':>9s} reloads after a barrier")
     for transpose in (False, True):
         compiled = compile_dswiglu(transpose)

@@ -17,7 +17,7 @@ import torch
 from . import fp8_kernels
 from .triton_kernels import cdiv, lazy_kernel, runs_on
 
-ROWS, COLS = 64, 64  # a program's tile of the gradient of the SwiGLU output
+ROWS, COLS, WARPS = 64, 64, 4  # a program's tile of the gradient of the SwiGLU output, and its warps
 
 
 def _build(triton, tl):
@@ -96,5 +96,5 @@ def dswiglu_fp8(grad: torch.Tensor, fc1_out: torch.Tensor, scale: torch.Tensor, 
     grid = (cdiv(rows, ROWS), cdiv(cols, COLS))
     qt = torch.empty((2 * cols, rows), dtype=dtype, device=grad.device) if transpose_in_kernel else q
     _kernel()[grid](grad, fc1_out, q, qt, scale, scale_inv, amax, rows, cols, ROWS=ROWS, COLS=COLS,
-                    TRANSPOSE=transpose_in_kernel, num_warps=4)
+                    TRANSPOSE=transpose_in_kernel, num_warps=WARPS)
     return q, qt if transpose_in_kernel else fp8_kernels.transpose(q), scale_inv

@@ -249,7 +249,7 @@ def test_with_fp8_weights_from_the_update_every_forward_reuses_them_and_a_restor
 def test_under_fp8_with_accumulation_each_step_casts_its_fp8_weights_on_the_first_micro_batch(
         worker_for, monkeypatch, train, step_marks):
     """The eager loop's side of TE's first-micro-batch cache (what TE does with the marks is TE's own: the GPU
-    tests train with it, tests/gpu/test_te.py)."""
+    tests train with it, tests/gpu/test_graphs.py)."""
     import contextlib
 
     w = worker_for(2, use_gpu=True, **train)  # the model on the torch backend all the same
