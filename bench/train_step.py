@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import te_model  # noqa: E402
 from bench import common, kernel_kinds, peers, trace_gaps  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.train import grad_norm, optim, overlap  # noqa: E402
+from pipeline.train import grad_norm, loop, optim, overlap  # noqa: E402
 
 DEFAULT_MASTER_WEIGHTS = TrainConfig().master_weights
 
@@ -44,7 +44,7 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_attn_fp8head": ("ours", False, "delayed"),  # ... both
     "fp8_delayed_device_plan": ("ours", False, "delayed"),  # ... its plan and loss positions found on the GPU
     "fp8_delayed_torch_adamw": ("ours", False, "delayed"),  # ... updated by torch's fused AdamW, as HF is
-    "fp8_delayed_weight_cache": ("ours", False, "delayed"),  # ... FP8 weights cast once per step
+    "fp8_delayed_recast": ("ours", False, "delayed"),  # ... FP8 weights cast at every micro-batch
     "fp8_delayed_recompute_mlp": ("ours", False, "delayed"),  # ... each layer's MLP recomputed in backward
     "fp8_delayed_fp8head_recompute_mlp": ("ours", False, "delayed"),  # ... with the FP8 head
     "ours_bf16_graphs": ("ours", False, None),  # ... decoder layers replayed as CUDA graphs
@@ -85,8 +85,8 @@ VARIANTS = {  # name: (model, torch.compile, FP8 recipe)
     "fp8_delayed_fp8head_fastacc_headfast_graphs": ("ours", False, "delayed"),
     # ... the decoder's FP8 weights written by the update, not cast in forward (`train.fp8_weights_from_update`)
     "fp8_delayed_fp8head_fastacc_fp8_from_update": ("ours", False, "delayed"),
-    # ... TE's first-micro-batch cache of the FP8 weights, eagerly (as fp8_delayed_weight_cache)
-    "fp8_delayed_fp8head_fastacc_weight_cache": ("ours", False, "delayed"),
+    # ... FP8 weights cast at every micro-batch, not kept from a step's first (as fp8_delayed_recast)
+    "fp8_delayed_fp8head_fastacc_recast": ("ours", False, "delayed"),
     # ... the SwiGLU gradient's transpose written by its one-pass kernel, not copied after it
     "fp8_delayed_fp8head_fastacc_dswiglu_t": ("ours", False, "delayed"),
     "fp8_delayed_fp8head_fastacc_dswiglu_t_graphs": ("ours", False, "delayed"),
@@ -227,16 +227,26 @@ def setup_variant(name: str, args, config, state, device, backend: str) -> peers
                                                                       fast_accumulation=fast))
 
 
+def keeps_fp8_weights(name: str, micro_batches: int) -> bool:
+    """Whether a variant of ours casts its FP8 weights on a step's first micro-batch only and reuses them for
+    the others, eagerly and in CUDA graphs: by the pipeline's rule (`loop.keeps_fp8_weights`), the `_recast`
+    variants casting at every micro-batch as with `train.recast_fp8_weights` (set by `_bwdcast` too)."""
+    kind, _, recipe = VARIANTS[name]
+    train = TrainConfig(fp8=recipe or "none", grad_accum_steps=micro_batches,
+                        recast_fp8_weights="_recast" in name or "_bwdcast" in name)
+    return kind == "ours" and loop.keeps_fp8_weights(train)
+
+
 def capture_graphs(name: str, model, ids: torch.Tensor, device, micro_batches: int) -> bool:
     """The `_graphs` variants: the decoder layers captured for the first batch's layout, before any step;
-    the weight gradients kept in the graphs' buffers unless micro-batches accumulate them. With micro-batches
-    under FP8 the FP8 weights are cast once a step, as the pipeline does, but by the `_recast` variants."""
+    the weight gradients kept in the graphs' buffers unless micro-batches accumulate them, the FP8 weights
+    kept across a step's micro-batches where `keeps_fp8_weights` says so."""
     recipe = VARIANTS[name][2]
     made = te_model.fp8.make_recipe(recipe, fp8_attention="_attn" in name,
                                     fast_accumulation="_fastacc" in name) if recipe else None
     graphs = te_model.graphs.capture_decoder_graphs(
         model, common.step_inputs("ours", ids, device), recipe=made, accumulate=micro_batches > 1,
-        cache_fp8_weights=made is not None and micro_batches > 1 and "_recast" not in name)
+        cache_fp8_weights=keeps_fp8_weights(name, micro_batches))
     return graphs.cache_fp8_weights  # the steps then mark each micro-batch
 
 
@@ -255,13 +265,14 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
     kind = VARIANTS[name][0]
     forward, optimizer = variant.model, variant.optimizer
     timer, losses, wall_start = common.StepTimer(device), [], None
-    cache_weights = name.endswith("_weight_cache")
     from_update = getattr(optimizer, "fp8_weights", None) is not None  # the update writes the FP8 weights
-    capture_peak, cached_graphs = None, False
-    if name.endswith("_graphs"):
-        cached_graphs = capture_graphs(name, forward, batches[0][0], device, len(batches[0]))
+    capture_peak = None
+    if name.endswith("_graphs"):  # the graphs' choice once captured, as the pipeline's step takes it
+        cache_weights = capture_graphs(name, forward, batches[0][0], device, len(batches[0]))
         capture_peak = common.peak_gib(device)
         common.reset_peak(device)
+    else:
+        cache_weights = keeps_fp8_weights(name, len(batches[0]))
 
     # ours on a GPU, as the pipeline runs it (`train.overlap_update`): each step's update on a side stream,
     # beside the next step's forward; the `_inline` variants without
@@ -284,7 +295,7 @@ def time_steps(name: str, variant: peers.Peer, args, batches, device) -> dict:
         for i, ids in enumerate(micro_batches):
             with phase("train.batch"):
                 inputs = common.step_inputs(kind, ids, device, planned_on_device=name.endswith("_device_plan"))
-            if cache_weights or cached_graphs:  # FP8 weights cast on the first micro-batch, reused after
+            if cache_weights:  # FP8 weights cast on the first micro-batch, reused after
                 inputs["is_first_microbatch"] = i == 0
             if from_update:  # every forward reuses them
                 inputs["is_first_microbatch"] = False
@@ -375,7 +386,6 @@ def label(name: str, backend: str, dtype: str) -> str:
             + (", FP8 weights cast again in backward" if "_bwdcast" in name else "")
             + (", planned on GPU" if name.endswith("_device_plan") else "")
             + (", torch AdamW" if name.endswith("_torch_adamw") else "")
-            + (", FP8 weights kept across micro-batches" if name.endswith("_weight_cache") else "")
             + (", update in line" if "_inline" in name else "")
             + (", SwiGLU gradient cast by TE" if "_te_dswiglu" in name else "")
             + (", its transpose written by the cast's kernel" if "_dswiglu_t" in name else "")

@@ -302,15 +302,15 @@ PY
     # the host's cost of TE's cached FP8 weights against casting them at every call
     python3 bench/fp8_cache_host.py --cprofile 12 --out $R/fp8-cache-host.json 2>&1 | quiet \
       | tee $R/fp8-cache-host.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
-    # short rows without accumulation beside HF, then with 4 micro-batches a step (TE's cache too; the default
-    # first and last)
+    # short rows without accumulation beside HF, then with 4 micro-batches a step (casting at every one too;
+    # the default, TE's cache, first and last)
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --steps 10 --master-weights bf16_kahan \
       --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
       --out $R/fp8-from-update-8x256.json "$@" 2>&1 | quiet | tee $R/fp8-from-update-8x256.log \
       | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --micro-batches 4 --steps 10 \
       --master-weights bf16_kahan --variants \
-      fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache,fp8_delayed_fp8head_fastacc_fp8_from_update,fp8_delayed_fp8head_fastacc \
+      fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_recast,fp8_delayed_fp8head_fastacc_fp8_from_update,fp8_delayed_fp8head_fastacc \
       --out $R/fp8-from-update-8x256-m4.json "$@" 2>&1 | quiet | tee $R/fp8-from-update-8x256-m4.log \
       | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     [ -n "${SKIP_LONG:-}" ] || { python3 $eight --variants hf,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update \
@@ -335,12 +335,12 @@ PY
     rc=$((rc | PIPESTATUS[0]))
     python3 bench/train_step.py --shape llama3.1-8b --layers 8 --batch 2 --seq 1024 --micro-batches 4 --steps 6 \
       --master-weights bf16_kahan --out $R/fp8-cache-2x1024.json --variants \
-      fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache \
+      fp8_delayed_fp8head_fastacc_recast,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_recast,fp8_delayed_fp8head_fastacc \
       2>&1 | quiet \
       | tee $R/fp8-cache-2x1024.log | sed -n '/^NVIDIA/,$p'; rc=$((rc | PIPESTATUS[0]))
     python3 bench/train_step.py --shape llama3.1-8b --layers 32 --batch 8 --seq 256 --micro-batches 8 --steps 6 \
       --warmup 2 --master-weights bf16_kahan --variants \
-      fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache,fp8_delayed_fp8head_fastacc_fp8_from_update,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_weight_cache \
+      fp8_delayed_fp8head_fastacc_recast,fp8_delayed_fp8head_fastacc,fp8_delayed_fp8head_fastacc_fp8_from_update,fp8_delayed_fp8head_fastacc_recast,fp8_delayed_fp8head_fastacc \
       --out $R/fp8-cache-8x256-m8.json "$@" 2>&1 | quiet | tee $R/fp8-cache-8x256-m8.log | sed -n '/^NVIDIA/,$p'
     rc=$((rc | PIPESTATUS[0])) ;;
   memory-8b)

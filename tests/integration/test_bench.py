@@ -251,6 +251,22 @@ def test_micro_batches_accumulate_to_the_whole_batch(tmp_path):
             assert accumulated[key] == pytest.approx(whole[key], abs=1e-5), (whole["variant"], key)
 
 
+@pytest.mark.parametrize("name,micro_batches,keeps", [
+    ("fp8_delayed_fp8head_fastacc", 4, True),  # the pipeline's default under accumulation
+    ("fp8_delayed_fp8head_fastacc_graphs", 4, True),
+    ("fp8_delayed_fp8head_fastacc_fp8_from_update", 4, True),  # (then every forward reuses the update's)
+    ("fp8_delayed_fp8head_fastacc", 1, False),  # no accumulation: nothing to reuse
+    ("fp8_delayed_fp8head_fastacc_recast", 4, False),
+    ("fp8_delayed_fp8head_recast_graphs", 4, False),
+    ("fp8_delayed_fp8head_bwdcast", 4, False),  # `train.recast_fp8_weights` keeps none
+    ("ours_bf16", 4, False),
+    ("hf", 4, False),
+])
+def test_train_step_keeps_fp8_weights_as_the_pipeline_does(name, micro_batches, keeps):
+    """The eager and graphed variants keep a step's FP8 weights across its micro-batches where the pipeline's
+    loop does, so a bench row with `--micro-batches` measures what a job with `train.grad_accum_steps` runs."""
+    assert train_step.keeps_fp8_weights(name, micro_batches) is keeps
+
 def test_model_flops_counts_the_real_parameters():
     config = common.llama_config("tiny")
     state = common.reference_state(config, torch.float32, torch.device("cpu"), seed=0)
