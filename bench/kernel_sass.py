@@ -13,6 +13,12 @@ GPU run, never a timing (`bench/update_kernel.py` times the update).
     python bench/kernel_sass.py --fp8-weight       # and each writing the weight's FP8 copy too
     python bench/kernel_sass.py --dswiglu          # the SwiGLU gradient's FP8 cast, its transpose copied or
                                                    # written by the kernel, instead of the update
+
+The counts depend on the Triton that compiles (the tables name it). To compile with another, e.g. the GPU
+host's, put its wheel ahead of the installed one:
+
+    pip install --no-deps --target /tmp/triton-3.6 triton==3.6.0
+    PYTHONPATH=/tmp/triton-3.6 python bench/kernel_sass.py --dswiglu
 """
 
 from __future__ import annotations
@@ -100,6 +106,13 @@ def reload_after_barrier(ptx: str) -> bool | None:
     return None
 
 
+def compiler() -> str:
+    """The Triton that compiles, which the counts depend on (the GPU host's may differ from this machine's)."""
+    import triton
+
+    return f"Triton {triton.__version__}"
+
+
 def tool(name: str) -> Path:
     import triton
 
@@ -136,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error("TRITON_INTERPRET=1 runs kernels in Python: unset it to compile them")
     rows = dswiglu_rows(args.ops) if args.dswiglu else update_rows(p, args)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        Path(args.out).write_text(json.dumps([row | {"compiler": compiler()} for row in rows], indent=1))
     return rows
 
 
@@ -148,7 +161,7 @@ def dswiglu_rows(ops: bool) -> list[dict]:
 
     rows = []
     outputs = 2 * swiglu_kernels.ROWS * swiglu_kernels.COLS // (32 * swiglu_kernels.WARPS)  # FP8 elements a thread
-    print(f"SwiGLU gradient cast, sm_{ARCH} SASS, a program of {swiglu_kernels.ROWS} x {swiglu_kernels.COLS}, "
+    print(f"SwiGLU gradient cast, sm_{ARCH} SASS ({compiler()}), a program of {swiglu_kernels.ROWS} x {swiglu_kernels.COLS}, "
           f"{swiglu_kernels.WARPS} warps")
     print(f"{'transpose':10s} {'instructions':>12s} {'per element':>12s} {'shared B':>9s} reloads after a barrier")
     for transpose in (False, True):
@@ -179,7 +192,7 @@ def update_rows(p, args) -> list[dict]:
                              "instructions": len(instructions), "elements_a_thread": per_thread,
                              "per_element": len(instructions) / per_thread,
                              "ops": collections.Counter(map(opcode, instructions)).most_common(10)})
-    print(f"update kernel, sm_{ARCH} SASS (bf16 weights)")
+    print(f"update kernel, sm_{ARCH} SASS ({compiler()}, bf16 weights)")
     print(f"{'master weights':16s} {'moments':8s} {'FP8 copy':8s} {'instructions':>12s} {'a thread':>9s} "
           f"{'per element':>12s}")
     for row in rows:

@@ -118,7 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated of {', '.join(VARIANTS)} (default: all but the peers)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--micro-batches", type=int, default=1,
-                   help="forward and backward passes of --batch rows per optimizer step (gradient accumulation)")
+                   help="forward and backward passes of --batch rows per optimizer step (gradient accumulation); "
+                        "under FP8 ours casts its FP8 weights on the first only, as the pipeline does, but the "
+                        "_recast variants")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after the timed steps, profile this many more: kernel ms per step by kind, GPU idle")
