@@ -267,6 +267,7 @@ def test_train_step_keeps_fp8_weights_as_the_pipeline_does(name, micro_batches, 
     loop does, so a bench row with `--micro-batches` measures what a job with `train.grad_accum_steps` runs."""
     assert train_step.keeps_fp8_weights(name, micro_batches) is keeps
 
+
 def test_model_flops_counts_the_real_parameters():
     config = common.llama_config("tiny")
     state = common.reference_state(config, torch.float32, torch.device("cpu"), seed=0)
